@@ -1,0 +1,1 @@
+// activation.wgsl: (being written)

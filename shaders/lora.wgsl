@@ -1,0 +1,1 @@
+// lora.wgsl: (being written)

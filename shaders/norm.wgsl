@@ -1,0 +1,198 @@
+// norm.wgsl: RMSNorm (Llama) and LayerNorm (GPT-2), forward and backward.
+// The norm weights are frozen in adapter training, so backward gives dinp only.
+// Geometry for all entries: one workgroup per row; WG threads stride over C,
+// then a fixed-order tree reduction in workgroup memory (deterministic).
+
+struct Params {
+    n: u32,    // rows (B*T)
+    c: u32,    // channels
+    eps: f32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+override WG: u32 = 64u;
+const MAX_WG: u32 = 256u;
+var<workgroup> red_a: array<f32, MAX_WG>;
+var<workgroup> red_b: array<f32, MAX_WG>;
+
+// Sum red_a[0..WG) and red_b[0..WG) into element 0; every thread must call it.
+fn reduce2(lid: u32) {
+    var s = WG / 2u;
+    loop {
+        if (s == 0u) { break; }
+        if (lid < s) {
+            red_a[lid] += red_a[lid + s];
+            red_b[lid] += red_b[lid + s];
+        }
+        workgroupBarrier();
+        s = s / 2u;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// rmsnorm_forward: out = weight * x * rstd, rstd = 1/sqrt(mean(x^2) + eps)
+// (HF LlamaRMSNorm). Saves rstd for backward.
+@group(0) @binding(1) var<storage, read_write> rms_out: array<f32>;  // (N, C)
+@group(0) @binding(2) var<storage, read_write> rms_rstd: array<f32>; // (N)
+@group(0) @binding(3) var<storage, read> rms_inp: array<f32>;        // (N, C)
+@group(0) @binding(4) var<storage, read> rms_weight: array<f32>;     // (C)
+
+@compute @workgroup_size(WG)
+fn rmsnorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let row = flat_wg(wg, nwg);
+    let live = row < p.n;
+    let base = row * p.c;
+    var ss = 0.0;
+    if (live) {
+        for (var i = lid; i < p.c; i += WG) {
+            let x = rms_inp[base + i];
+            ss += x * x;
+        }
+    }
+    red_a[lid] = ss;
+    red_b[lid] = 0.0;
+    workgroupBarrier();
+    reduce2(lid);
+    let rstd = inverseSqrt(red_a[0] / f32(p.c) + p.eps);
+    if (live) {
+        for (var i = lid; i < p.c; i += WG) {
+            rms_out[base + i] = rms_weight[i] * (rms_inp[base + i] * rstd);
+        }
+        if (lid == 0u) { rms_rstd[row] = rstd; }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// rmsnorm_backward: differentiates out = w * x * rstd.
+// g = w*dout; dinp += rstd * (g - x * rstd^2 * mean(g*x)).
+@group(0) @binding(1) var<storage, read_write> rmsb_dinp: array<f32>;  // (N, C)
+@group(0) @binding(2) var<storage, read> rmsb_dout: array<f32>;        // (N, C)
+@group(0) @binding(3) var<storage, read> rmsb_inp: array<f32>;         // (N, C)
+@group(0) @binding(4) var<storage, read> rmsb_weight: array<f32>;      // (C)
+@group(0) @binding(5) var<storage, read> rmsb_rstd: array<f32>;        // (N)
+
+@compute @workgroup_size(WG)
+fn rmsnorm_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let row = flat_wg(wg, nwg);
+    let live = row < p.n;
+    let base = row * p.c;
+    var dot = 0.0;
+    if (live) {
+        for (var i = lid; i < p.c; i += WG) {
+            dot += rmsb_weight[i] * rmsb_dout[base + i] * rmsb_inp[base + i];
+        }
+    }
+    red_a[lid] = dot;
+    red_b[lid] = 0.0;
+    workgroupBarrier();
+    reduce2(lid);
+    if (live) {
+        let rstd = rmsb_rstd[row];
+        let k = rstd * rstd * red_a[0] / f32(p.c);
+        for (var i = lid; i < p.c; i += WG) {
+            let g = rmsb_weight[i] * rmsb_dout[base + i];
+            rmsb_dinp[base + i] += rstd * (g - rmsb_inp[base + i] * k);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// layernorm_forward: out = (x - mean) * rstd * weight + bias (torch LayerNorm,
+// biased variance). Saves mean and rstd.
+@group(0) @binding(1) var<storage, read_write> ln_out: array<f32>;  // (N, C)
+@group(0) @binding(2) var<storage, read_write> ln_mean: array<f32>; // (N)
+@group(0) @binding(3) var<storage, read_write> ln_rstd: array<f32>; // (N)
+@group(0) @binding(4) var<storage, read> ln_inp: array<f32>;        // (N, C)
+@group(0) @binding(5) var<storage, read> ln_weight: array<f32>;     // (C)
+@group(0) @binding(6) var<storage, read> ln_bias: array<f32>;       // (C)
+
+@compute @workgroup_size(WG)
+fn layernorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let row = flat_wg(wg, nwg);
+    let live = row < p.n;
+    let base = row * p.c;
+    var s = 0.0;
+    if (live) {
+        for (var i = lid; i < p.c; i += WG) { s += ln_inp[base + i]; }
+    }
+    red_a[lid] = s;
+    red_b[lid] = 0.0;
+    workgroupBarrier();
+    reduce2(lid);
+    let mean = red_a[0] / f32(p.c);
+    workgroupBarrier();
+    // Two-pass variance: exact enough in f32 for large-mean rows.
+    var v = 0.0;
+    if (live) {
+        for (var i = lid; i < p.c; i += WG) {
+            let d = ln_inp[base + i] - mean;
+            v += d * d;
+        }
+    }
+    red_a[lid] = v;
+    red_b[lid] = 0.0;
+    workgroupBarrier();
+    reduce2(lid);
+    let rstd = inverseSqrt(red_a[0] / f32(p.c) + p.eps);
+    if (live) {
+        for (var i = lid; i < p.c; i += WG) {
+            ln_out[base + i] = (ln_inp[base + i] - mean) * rstd * ln_weight[i] + ln_bias[i];
+        }
+        if (lid == 0u) {
+            ln_mean[row] = mean;
+            ln_rstd[row] = rstd;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// layernorm_backward: differentiates out = xhat * weight + bias with
+// xhat = (x - mean) * rstd. g = w*dout;
+// dinp += rstd * (g - mean(g) - xhat * mean(g*xhat)).
+@group(0) @binding(1) var<storage, read_write> lnb_dinp: array<f32>; // (N, C)
+@group(0) @binding(2) var<storage, read> lnb_dout: array<f32>;       // (N, C)
+@group(0) @binding(3) var<storage, read> lnb_inp: array<f32>;        // (N, C)
+@group(0) @binding(4) var<storage, read> lnb_weight: array<f32>;     // (C)
+@group(0) @binding(5) var<storage, read> lnb_mean: array<f32>;       // (N)
+@group(0) @binding(6) var<storage, read> lnb_rstd: array<f32>;       // (N)
+
+@compute @workgroup_size(WG)
+fn layernorm_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    let row = flat_wg(wg, nwg);
+    let live = row < p.n;
+    let base = row * p.c;
+    var mean = 0.0;
+    var rstd = 0.0;
+    if (live) {
+        mean = lnb_mean[row];
+        rstd = lnb_rstd[row];
+    }
+    var sg = 0.0;
+    var sgx = 0.0;
+    if (live) {
+        for (var i = lid; i < p.c; i += WG) {
+            let g = lnb_weight[i] * lnb_dout[base + i];
+            sg += g;
+            sgx += g * (lnb_inp[base + i] - mean) * rstd;
+        }
+    }
+    red_a[lid] = sg;
+    red_b[lid] = sgx;
+    workgroupBarrier();
+    reduce2(lid);
+    let mg = red_a[0] / f32(p.c);
+    let mgx = red_b[0] / f32(p.c);
+    if (live) {
+        for (var i = lid; i < p.c; i += WG) {
+            let g = lnb_weight[i] * lnb_dout[base + i];
+            let xhat = (lnb_inp[base + i] - mean) * rstd;
+            lnb_dinp[base + i] += rstd * (g - mg - xhat * mgx);
+        }
+    }
+}

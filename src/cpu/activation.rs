@@ -1,0 +1,1 @@
+//! CPU twins of `shaders/activation.wgsl` (being written).

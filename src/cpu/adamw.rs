@@ -1,0 +1,1 @@
+//! CPU twins of `shaders/adamw.wgsl` (being written).

@@ -1,0 +1,1 @@
+//! CPU twins of `shaders/attention.wgsl` (being written).

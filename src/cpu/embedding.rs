@@ -1,0 +1,1 @@
+//! CPU twins of `shaders/embedding.wgsl` (being written).

@@ -1,0 +1,1 @@
+//! CPU twins of `shaders/lora.wgsl` (being written).

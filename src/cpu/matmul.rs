@@ -1,0 +1,1 @@
+//! CPU twins of `shaders/matmul.wgsl` (being written).

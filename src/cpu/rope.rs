@@ -1,0 +1,1 @@
+//! CPU twins of `shaders/rope.wgsl` (being written).

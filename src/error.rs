@@ -1,0 +1,42 @@
+//! The library's one error type. Every variant carries the tensor, kernel,
+//! file or limit it is about, so a message is actionable without a backtrace.
+
+use std::path::PathBuf;
+
+/// Errors of the wgtune library. `main` prints them with `{:#}`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No wgpu adapter matched the request (or none exists at all).
+    #[error("no GPU adapter found{0}\n---> HINT: on Linux without a GPU install Mesa's software Vulkan driver: apt-get install -y mesa-vulkan-drivers libvulkan1")]
+    NoAdapter(String),
+    /// `request_device` failed.
+    #[error("could not open the GPU device on adapter `{adapter}`: {message}")]
+    RequestDevice { adapter: String, message: String },
+    /// A WGSL module or pipeline failed to build.
+    #[error("kernel `{kernel}` failed to build: {message}")]
+    Shader { kernel: String, message: String },
+    /// wgpu reported a validation, out-of-memory or device-lost error.
+    #[error("GPU error{}: {message}", context.as_ref().map(|c| format!(" in {c}")).unwrap_or_default())]
+    Gpu { context: Option<String>, message: String },
+    /// A tensor does not have the shape an op needs.
+    #[error("{op}: tensor `{tensor}` has shape {got:?}, expected {expected}")]
+    Shape { op: String, tensor: String, expected: String, got: Vec<usize> },
+    /// A tensor (or chunk of one) is larger than a device limit allows.
+    #[error("{what}: needs {need} bytes but the device allows {have}\n---> HINT: this op cannot split the tensor further; use a smaller batch or sequence length")]
+    Limits { what: String, need: u64, have: u64 },
+    /// An argument is outside the range an op accepts.
+    #[error("{op}: {message}")]
+    Invalid { op: String, message: String },
+    /// Reading a file failed.
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// Shorthand used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn invalid(op: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Invalid { op: op.into(), message: message.into() }
+    }
+}

@@ -1,0 +1,252 @@
+//! The GPU context: adapter choice, device with the adapter's real limits and
+//! optional features, error capture, and the pipeline cache.
+//!
+//! Everything GPU-side takes `&Context`, so tests and the CLI share one device.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::gpu::kernels::{self, Kernel};
+
+/// How to pick and open the device. Empty fields fall back to the
+/// `WGPU_BACKEND` / `WGPU_ADAPTER_NAME` environment variables, then to the
+/// ranking discrete > integrated > virtual > software.
+#[derive(Clone, Debug, Default)]
+pub struct ContextOptions {
+    /// `vulkan`, `metal`, `dx12` or `gl` (a comma list is accepted).
+    pub backend: Option<String>,
+    /// Case-insensitive substring of the adapter name.
+    pub adapter: Option<String>,
+    /// Pretend storage bindings are capped at this many bytes. Tests use it to
+    /// prove that large tensors are processed in row chunks.
+    pub max_binding_bytes: Option<u64>,
+    /// Ignore `Features::SUBGROUP` even when present (portable kernel path).
+    pub disable_subgroups: bool,
+}
+
+/// One adapter as `wgtune devices` lists it.
+#[derive(Clone, Debug)]
+pub struct AdapterSummary {
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+}
+
+/// Device, queue and the kernels built on them.
+pub struct Context {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+    binding_limit: u64,
+    subgroup_size: Option<u32>,
+    pipelines: Mutex<HashMap<String, Arc<Kernel>>>,
+    /// Errors raised outside an error scope (validation, device lost); the
+    /// next `check()` turns them into `Error::Gpu`.
+    pending: Arc<Mutex<Vec<String>>>,
+}
+
+fn backends_from(opt: Option<&str>) -> Result<wgpu::Backends> {
+    let from_env = std::env::var("WGPU_BACKEND").ok();
+    match opt.or(from_env.as_deref()) {
+        None => Ok(wgpu::Backends::all()),
+        Some(list) => {
+            let mut b = wgpu::Backends::empty();
+            for name in list.split(',') {
+                b |= match name.trim().to_ascii_lowercase().as_str() {
+                    "vulkan" | "vk" => wgpu::Backends::VULKAN,
+                    "metal" | "mtl" => wgpu::Backends::METAL,
+                    "dx12" | "d3d12" => wgpu::Backends::DX12,
+                    "gl" | "gles" | "opengl" => wgpu::Backends::GL,
+                    other => {
+                        return Err(Error::invalid(
+                            "backend",
+                            format!("unknown backend `{other}`; expected vulkan, metal, dx12 or gl"),
+                        ))
+                    }
+                };
+            }
+            Ok(b)
+        }
+    }
+}
+
+fn rank(t: wgpu::DeviceType) -> u32 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    }
+}
+
+fn instance(backends: wgpu::Backends) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backends;
+    wgpu::Instance::new(desc)
+}
+
+/// Every adapter of the chosen backends, best first.
+pub fn list_adapters(backend: Option<&str>) -> Result<Vec<AdapterSummary>> {
+    let inst = instance(backends_from(backend)?);
+    let mut adapters = pollster::block_on(inst.enumerate_adapters(backends_from(backend)?));
+    adapters.sort_by_key(|a| rank(a.get_info().device_type));
+    Ok(adapters
+        .into_iter()
+        .map(|a| AdapterSummary { info: a.get_info(), limits: a.limits(), features: a.features() })
+        .collect())
+}
+
+impl Context {
+    /// Open the best adapter (see [`ContextOptions`]).
+    pub fn new(opts: &ContextOptions) -> Result<Context> {
+        let backends = backends_from(opts.backend.as_deref())?;
+        let inst = instance(backends);
+        let name_env = std::env::var("WGPU_ADAPTER_NAME").ok();
+        let want = opts.adapter.clone().or(name_env).map(|s| s.to_lowercase());
+        let mut adapters = pollster::block_on(inst.enumerate_adapters(backends));
+        if adapters.is_empty() {
+            return Err(Error::NoAdapter(String::new()));
+        }
+        let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+        if let Some(w) = &want {
+            adapters.retain(|a| a.get_info().name.to_lowercase().contains(w));
+            if adapters.is_empty() {
+                return Err(Error::NoAdapter(format!(
+                    " whose name contains `{w}`; available: {}",
+                    names.join(", ")
+                )));
+            }
+        }
+        // Stable sort: within a rank the backend order wgpu reports is kept.
+        adapters.sort_by_key(|a| rank(a.get_info().device_type));
+        let adapter = adapters.swap_remove(0);
+        let info = adapter.get_info();
+        log::info!(
+            "adapter: {} ({:?}, {:?}, driver {} {})",
+            info.name, info.backend, info.device_type, info.driver, info.driver_info
+        );
+        if info.device_type == wgpu::DeviceType::Cpu {
+            log::warn!(
+                "only a software adapter ({}) is in use: everything will work, but slowly",
+                info.name
+            );
+        }
+
+        let wanted = wgpu::Features::SUBGROUP
+            | wgpu::Features::SHADER_F16
+            | wgpu::Features::TIMESTAMP_QUERY
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+        let features = adapter.features() & wanted;
+        // The adapter's real limits, not wgpu's WebGPU defaults (128 MiB
+        // bindings, 8 storage buffers, 16 KiB workgroup memory).
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("wgtune"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::RequestDevice { adapter: info.name.clone(), message: e.to_string() })?;
+
+        let pending = Arc::new(Mutex::new(Vec::new()));
+        let sink = pending.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            log::error!("wgpu: {e}");
+            if let Ok(mut p) = sink.lock() {
+                p.push(e.to_string());
+            }
+        }));
+        let lost = pending.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            if reason != wgpu::DeviceLostReason::Destroyed {
+                if let Ok(mut p) = lost.lock() {
+                    p.push(format!("device lost ({reason:?}): {msg}"));
+                }
+            }
+        });
+
+        let mut binding_limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        if let Some(b) = opts.max_binding_bytes {
+            binding_limit = binding_limit.min(b);
+        }
+        let env_off = std::env::var("WGTUNE_NO_SUBGROUPS").is_ok_and(|v| v == "1");
+        let subgroup_size = (features.contains(wgpu::Features::SUBGROUP)
+            && !opts.disable_subgroups
+            && !env_off
+            && info.subgroup_min_size == info.subgroup_max_size
+            && info.subgroup_min_size >= 4
+            && info.subgroup_min_size <= 64)
+            .then_some(info.subgroup_min_size);
+        log::info!(
+            "limits: storage binding {} MiB (using {} B), buffer {} MiB, workgroup storage {} KiB, {} storage buffers/stage; subgroups: {}",
+            limits.max_storage_buffer_binding_size >> 20,
+            binding_limit,
+            limits.max_buffer_size >> 20,
+            limits.max_compute_workgroup_storage_size >> 10,
+            limits.max_storage_buffers_per_shader_stage,
+            subgroup_size.map(|s| format!("fixed size {s}")).unwrap_or_else(|| "off".into()),
+        );
+        Ok(Context {
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            binding_limit,
+            subgroup_size,
+            pipelines: Mutex::new(HashMap::new()),
+            pending,
+        })
+    }
+
+    /// Largest byte range one storage binding may cover on this context.
+    pub fn binding_limit(&self) -> u64 {
+        self.binding_limit
+    }
+
+    /// The fixed subgroup size when subgroup kernels may be used.
+    pub fn subgroup_size(&self) -> Option<u32> {
+        self.subgroup_size
+    }
+
+    /// Whether the adapter is a CPU implementation (lavapipe, WARP, SwiftShader).
+    pub fn is_software(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// Turn errors that wgpu raised outside a scope into an `Error`.
+    pub fn check(&self, context: &str) -> Result<()> {
+        let mut p = self.pending.lock().expect("invariant: error sink lock is never poisoned");
+        if p.is_empty() {
+            return Ok(());
+        }
+        let message = p.drain(..).collect::<Vec<_>>().join("; ");
+        Err(Error::Gpu { context: Some(context.to_string()), message })
+    }
+
+    /// Block until all submitted work is done, then report any GPU error.
+    pub fn sync(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu { context: Some("poll".into()), message: e.to_string() })?;
+        self.check("sync")
+    }
+
+    /// The cached pipeline for `spec`, built on first use.
+    pub fn kernel(&self, spec: &kernels::KernelSpec) -> Result<Arc<Kernel>> {
+        let key = spec.key();
+        if let Some(k) = self.pipelines.lock().expect("invariant: pipeline lock").get(&key) {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(kernels::build(self, spec)?);
+        self.pipelines.lock().expect("invariant: pipeline lock").insert(key, k.clone());
+        Ok(k)
+    }
+}

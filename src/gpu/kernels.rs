@@ -1,0 +1,145 @@
+//! Kernel specs and pipeline construction.
+//!
+//! A kernel is (WGSL module, entry point, override constants, binding layout).
+//! Layouts are explicit: binding 0 is the `Params` uniform, then one storage
+//! binding per tensor argument in the Rust wrapper's order (outputs first).
+//! Pipelines are built once per spec and cached in the `Context`.
+
+use std::borrow::Cow;
+
+use crate::error::{Error, Result};
+use crate::gpu::context::Context;
+
+/// `shaders/common.wgsl`, prepended to every op-family module.
+pub const COMMON: &str = include_str!("../../shaders/common.wgsl");
+
+/// The op-family sources, `(name, text)`. Each is used as `COMMON + text`.
+pub const FAMILIES: &[(&str, &str)] = &[
+    ("matmul", include_str!("../../shaders/matmul.wgsl")),
+    ("embedding", include_str!("../../shaders/embedding.wgsl")),
+    ("norm", include_str!("../../shaders/norm.wgsl")),
+    ("rope", include_str!("../../shaders/rope.wgsl")),
+    ("activation", include_str!("../../shaders/activation.wgsl")),
+    ("attention", include_str!("../../shaders/attention.wgsl")),
+    ("loss", include_str!("../../shaders/loss.wgsl")),
+    ("lora", include_str!("../../shaders/lora.wgsl")),
+    ("adamw", include_str!("../../shaders/adamw.wgsl")),
+];
+
+/// The full module text of an op family (common prelude included).
+pub fn family_source(family: &str) -> Option<String> {
+    FAMILIES.iter().find(|(n, _)| *n == family).map(|(_, s)| format!("{COMMON}\n{s}"))
+}
+
+/// How a tensor argument is bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Access {
+    Read,
+    ReadWrite,
+}
+
+/// Everything that identifies a pipeline.
+#[derive(Clone, Debug)]
+pub struct KernelSpec {
+    /// Module name for the cache key and labels (`"matmul"` or a generated variant name).
+    pub module: Cow<'static, str>,
+    /// Complete WGSL text.
+    pub source: Cow<'static, str>,
+    pub entry: &'static str,
+    pub constants: Vec<(&'static str, f64)>,
+    /// Access of bindings 1.. (binding 0 is always the uniform).
+    pub layout: Vec<Access>,
+}
+
+impl KernelSpec {
+    /// A kernel from one of the `shaders/` families.
+    pub fn family(family: &'static str, entry: &'static str, layout: &[Access]) -> Result<Self> {
+        let source = family_source(family)
+            .ok_or_else(|| Error::invalid("kernel", format!("unknown shader family `{family}`")))?;
+        Ok(KernelSpec {
+            module: Cow::Borrowed(family),
+            source: Cow::Owned(source),
+            entry,
+            constants: Vec::new(),
+            layout: layout.to_vec(),
+        })
+    }
+
+    /// Set an `override` constant.
+    pub fn with(mut self, name: &'static str, value: f64) -> Self {
+        self.constants.push((name, value));
+        self
+    }
+
+    pub(crate) fn key(&self) -> String {
+        let c: Vec<String> = self.constants.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        let l: String = self.layout.iter().map(|a| if *a == Access::Read { 'r' } else { 'w' }).collect();
+        format!("{}::{}[{}]{}", self.module, self.entry, c.join(","), l)
+    }
+}
+
+/// A built compute pipeline with its bind-group layout.
+pub struct Kernel {
+    pub name: String,
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+    pub num_bindings: usize,
+}
+
+pub(crate) fn build(ctx: &Context, spec: &KernelSpec) -> Result<Kernel> {
+    let name = format!("{}::{}", spec.module, spec.entry);
+    let dev = &ctx.device;
+    let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
+    let module = dev.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(&name),
+        source: wgpu::ShaderSource::Wgsl(spec.source.clone()),
+    });
+    let mut entries = vec![wgpu::BindGroupLayoutEntry {
+        binding: 0,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Uniform,
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    }];
+    for (i, a) in spec.layout.iter().enumerate() {
+        entries.push(wgpu::BindGroupLayoutEntry {
+            binding: i as u32 + 1,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only: *a == Access::Read },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        });
+    }
+    let layout = dev.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some(&name),
+        entries: &entries,
+    });
+    let pl = dev.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some(&name),
+        bind_group_layouts: &[Some(&layout)],
+        immediate_size: 0,
+    });
+    let pipeline = dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(&name),
+        layout: Some(&pl),
+        module: &module,
+        entry_point: Some(spec.entry),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants: &spec.constants,
+            // Every kernel writes its workgroup arrays before reading them.
+            zero_initialize_workgroup_memory: false,
+        },
+        cache: None,
+    });
+    if let Some(e) = pollster::block_on(scope.pop()) {
+        return Err(Error::Shader { kernel: name, message: e.to_string() });
+    }
+    log::debug!("built kernel {name}");
+    Ok(Kernel { name, pipeline, layout, num_bindings: spec.layout.len() + 1 })
+}

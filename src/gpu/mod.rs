@@ -1,0 +1,11 @@
+//! GPU runtime: context, tensors, kernels, plans and the typed op wrappers.
+
+pub mod context;
+pub mod kernels;
+pub mod ops;
+pub mod plan;
+pub mod tensor;
+
+pub use context::{Context, ContextOptions};
+pub use plan::{Params, Plan};
+pub use tensor::{DType, Tensor};

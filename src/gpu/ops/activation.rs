@@ -1,0 +1,1 @@
+//! Wrappers for `shaders/activation.wgsl` (being written).

@@ -1,0 +1,1 @@
+//! Wrappers for `shaders/adamw.wgsl` (being written).

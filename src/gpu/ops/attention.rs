@@ -1,0 +1,1 @@
+//! Wrappers for `shaders/attention.wgsl` (being written).

@@ -1,0 +1,1 @@
+//! Wrappers for `shaders/embedding.wgsl` (being written).

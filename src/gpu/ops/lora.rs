@@ -1,0 +1,1 @@
+//! Wrappers for `shaders/lora.wgsl` (being written).

@@ -1,0 +1,1 @@
+//! Wrappers for `shaders/loss.wgsl` (being written).

@@ -1,0 +1,1 @@
+//! Wrappers for `shaders/rope.wgsl` (being written).

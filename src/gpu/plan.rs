@@ -1,0 +1,214 @@
+//! A plan is a static list of GPU steps, built once and replayed.
+//!
+//! Bind groups and uniform blocks are created when a step is recorded, because
+//! shapes and buffers never change afterwards. `encode` puts consecutive
+//! dispatches in one compute pass (WebGPU orders them, so no barriers are
+//! needed) and closes the pass only for buffer clears.
+
+use std::sync::Arc;
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+use crate::gpu::context::Context;
+use crate::gpu::kernels::{Kernel, KernelSpec};
+use crate::gpu::tensor::Tensor;
+
+enum Step {
+    Dispatch { kernel: Arc<Kernel>, bind_group: wgpu::BindGroup, workgroups: [u32; 3] },
+    Clear { tensor: Tensor },
+    Group(String),
+    EndGroup,
+}
+
+/// Uniform parameters of one dispatch: 4-byte words (u32 or f32 bits).
+#[derive(Clone, Debug, Default)]
+pub struct Params(Vec<u32>);
+
+impl Params {
+    pub fn new() -> Self {
+        Params(Vec::new())
+    }
+    pub fn u(mut self, v: usize) -> Self {
+        self.0.push(v as u32);
+        self
+    }
+    pub fn f(mut self, v: f32) -> Self {
+        self.0.push(v.to_bits());
+        self
+    }
+    pub fn i(mut self, v: i32) -> Self {
+        self.0.push(v as u32);
+        self
+    }
+}
+
+/// A recorded sequence of dispatches and clears.
+pub struct Plan {
+    label: String,
+    steps: Vec<Step>,
+    flops: f64,
+}
+
+/// Split `n` workgroups into an x*y grid that respects the per-dimension cap.
+/// Kernels recover the flat index as `wg.x + wg.y * nwg.x` and skip ids >= n.
+pub fn grid_1d(ctx: &Context, n: u32) -> [u32; 3] {
+    let cap = ctx.limits.max_compute_workgroups_per_dimension.max(1);
+    if n <= cap {
+        [n.max(1), 1, 1]
+    } else {
+        let y = n.div_ceil(cap);
+        [n.div_ceil(y), y, 1]
+    }
+}
+
+impl Plan {
+    pub fn new(label: &str) -> Plan {
+        Plan { label: label.to_string(), steps: Vec::new(), flops: 0.0 }
+    }
+
+    /// Number of recorded dispatches.
+    pub fn dispatches(&self) -> usize {
+        self.steps.iter().filter(|s| matches!(s, Step::Dispatch { .. })).count()
+    }
+
+    /// Floating-point operations the ops reported, for benchmarks.
+    pub fn flops(&self) -> f64 {
+        self.flops
+    }
+    pub(crate) fn add_flops(&mut self, f: f64) {
+        self.flops += f;
+    }
+
+    /// Open a debug group (`"layer 3"`), shown by GPU debuggers.
+    pub fn push_group(&mut self, name: &str) {
+        self.steps.push(Step::Group(name.to_string()));
+    }
+    pub fn pop_group(&mut self) {
+        self.steps.push(Step::EndGroup);
+    }
+
+    /// Zero a tensor (a gradient buffer, say) at this point of the plan.
+    pub fn clear(&mut self, t: &Tensor) {
+        self.steps.push(Step::Clear { tensor: t.clone() });
+    }
+
+    /// Record one dispatch of `spec` over `bindings` (in layout order).
+    pub fn dispatch(
+        &mut self,
+        ctx: &Context,
+        spec: &KernelSpec,
+        params: &Params,
+        bindings: &[&Tensor],
+        workgroups: [u32; 3],
+    ) -> Result<()> {
+        let kernel = ctx.kernel(spec)?;
+        if bindings.len() + 1 != kernel.num_bindings {
+            return Err(Error::invalid(
+                kernel.name.clone(),
+                format!("expected {} tensor bindings, got {}", kernel.num_bindings - 1, bindings.len()),
+            ));
+        }
+        let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
+        for t in bindings {
+            if t.bytes() > ctx.binding_limit() {
+                return Err(Error::Limits {
+                    what: format!("{}: binding tensor `{}` {:?}", kernel.name, t.label(), t.shape()),
+                    need: t.bytes(),
+                    have: ctx.binding_limit(),
+                });
+            }
+            if t.offset() % align != 0 {
+                return Err(Error::invalid(
+                    kernel.name.clone(),
+                    format!("tensor `{}` starts at byte {} which is not {align}-aligned", t.label(), t.offset()),
+                ));
+            }
+        }
+        let mut words = params.0.clone();
+        words.resize(words.len().max(4).next_multiple_of(4), 0);
+        let uniform = ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(&kernel.name),
+            contents: bytemuck::cast_slice(&words),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+        for (i, t) in bindings.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: wgpu::BindingResource::Buffer(t.binding()),
+            });
+        }
+        let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&kernel.name),
+            layout: &kernel.layout,
+            entries: &entries,
+        });
+        let cap = ctx.limits.max_compute_workgroups_per_dimension;
+        if workgroups.iter().any(|&w| w > cap) {
+            return Err(Error::invalid(kernel.name.clone(), format!("grid {workgroups:?} exceeds {cap} per dimension")));
+        }
+        if workgroups.iter().all(|&w| w > 0) {
+            self.steps.push(Step::Dispatch { kernel, bind_group, workgroups });
+        }
+        Ok(())
+    }
+
+    /// Record the plan into `encoder`. Debug groups stay balanced across the
+    /// pass breaks that clears force.
+    pub fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
+        let mut open: Vec<&str> = Vec::new();
+        let mut i = 0;
+        while i < self.steps.len() {
+            if let Step::Clear { tensor } = &self.steps[i] {
+                encoder.clear_buffer(tensor.buffer(), tensor.offset(), Some(tensor.bytes()));
+                i += 1;
+                continue;
+            }
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(&self.label),
+                timestamp_writes: None,
+            });
+            for g in &open {
+                pass.push_debug_group(g);
+            }
+            while i < self.steps.len() {
+                match &self.steps[i] {
+                    Step::Clear { .. } => break,
+                    Step::Dispatch { kernel, bind_group, workgroups } => {
+                        pass.set_pipeline(&kernel.pipeline);
+                        pass.set_bind_group(0, bind_group, &[]);
+                        pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+                    }
+                    Step::Group(name) => {
+                        pass.push_debug_group(name);
+                        open.push(name);
+                    }
+                    Step::EndGroup => {
+                        if open.pop().is_some() {
+                            pass.pop_debug_group();
+                        }
+                    }
+                }
+                i += 1;
+            }
+            for _ in &open {
+                pass.pop_debug_group();
+            }
+        }
+    }
+
+    /// Encode and submit in one command buffer (does not wait).
+    pub fn submit(&self, ctx: &Context) -> Result<()> {
+        let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(&self.label) });
+        self.encode(&mut enc);
+        ctx.queue.submit([enc.finish()]);
+        ctx.check(&self.label)
+    }
+
+    /// Submit and wait for completion.
+    pub fn run(&self, ctx: &Context) -> Result<()> {
+        self.submit(ctx)?;
+        ctx.sync()
+    }
+}

@@ -1,0 +1,215 @@
+//! GPU tensors: a buffer (or a byte range of one) plus a shape and a label.
+//!
+//! Tensors are allocated once per plan. Views share the buffer, so slices of
+//! a flat parameter arena and row chunks of a large table cost nothing.
+
+use std::sync::Arc;
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+use crate::gpu::context::Context;
+
+/// Element type of a tensor (all 4 bytes wide).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    I32,
+    U32,
+}
+
+/// A buffer range with a shape.
+#[derive(Clone)]
+pub struct Tensor {
+    buffer: Arc<wgpu::Buffer>,
+    /// Byte offset of element 0 in `buffer`.
+    offset: u64,
+    shape: Vec<usize>,
+    label: Arc<str>,
+    dtype: DType,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({} {:?} {:?})", self.label, self.shape, self.dtype)
+    }
+}
+
+const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+fn check_size(ctx: &Context, label: &str, bytes: u64) -> Result<()> {
+    if bytes > ctx.limits.max_buffer_size {
+        return Err(Error::Limits {
+            what: format!("allocating tensor `{label}`"),
+            need: bytes,
+            have: ctx.limits.max_buffer_size,
+        });
+    }
+    Ok(())
+}
+
+impl Tensor {
+    /// A zero-filled tensor.
+    pub fn zeros(ctx: &Context, shape: &[usize], dtype: DType, label: &str) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        // wgpu rejects zero-sized bindings; keep at least one element.
+        let bytes = (n.max(1) * 4) as u64;
+        check_size(ctx, label, bytes)?;
+        let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.next_multiple_of(4),
+            usage: USAGE,
+            mapped_at_creation: false,
+        });
+        Ok(Tensor { buffer: Arc::new(buffer), offset: 0, shape: shape.to_vec(), label: label.into(), dtype })
+    }
+
+    fn from_bytes(ctx: &Context, bytes: &[u8], shape: &[usize], dtype: DType, label: &str) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if bytes.len() != n * 4 {
+            return Err(Error::Shape {
+                op: "upload".into(),
+                tensor: label.into(),
+                expected: format!("{} elements", bytes.len() / 4),
+                got: shape.to_vec(),
+            });
+        }
+        if n == 0 {
+            return Tensor::zeros(ctx, shape, dtype, label);
+        }
+        check_size(ctx, label, bytes.len() as u64)?;
+        let buffer = ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytes,
+            usage: USAGE,
+        });
+        Ok(Tensor { buffer: Arc::new(buffer), offset: 0, shape: shape.to_vec(), label: label.into(), dtype })
+    }
+
+    /// Upload f32 data.
+    pub fn from_f32(ctx: &Context, data: &[f32], shape: &[usize], label: &str) -> Result<Tensor> {
+        Self::from_bytes(ctx, bytemuck::cast_slice(data), shape, DType::F32, label)
+    }
+
+    /// Upload i32 data (token ids, targets with -100 for "ignore").
+    pub fn from_i32(ctx: &Context, data: &[i32], shape: &[usize], label: &str) -> Result<Tensor> {
+        Self::from_bytes(ctx, bytemuck::cast_slice(data), shape, DType::I32, label)
+    }
+
+    /// Upload u32 data.
+    pub fn from_u32(ctx: &Context, data: &[u32], shape: &[usize], label: &str) -> Result<Tensor> {
+        Self::from_bytes(ctx, bytemuck::cast_slice(data), shape, DType::U32, label)
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn bytes(&self) -> u64 {
+        self.numel() as u64 * 4
+    }
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// A view of `shape` starting `elem_offset` elements into this tensor.
+    /// The byte offset must meet the storage offset alignment (256 B).
+    pub fn view(&self, elem_offset: usize, shape: &[usize], label: &str) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if elem_offset + n > self.numel() {
+            return Err(Error::invalid(
+                "view",
+                format!("`{label}`: elements {elem_offset}..{} out of range for `{}` {:?}", elem_offset + n, self.label, self.shape),
+            ));
+        }
+        let offset = self.offset + elem_offset as u64 * 4;
+        Ok(Tensor { buffer: self.buffer.clone(), offset, shape: shape.to_vec(), label: label.into(), dtype: self.dtype })
+    }
+
+    /// Same data, another shape with the same element count.
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        if shape.iter().product::<usize>() != self.numel() {
+            return Err(Error::Shape {
+                op: "reshape".into(),
+                tensor: self.label.to_string(),
+                expected: format!("{} elements", shape.iter().product::<usize>()),
+                got: self.shape.clone(),
+            });
+        }
+        Ok(Tensor { shape: shape.to_vec(), ..self.clone() })
+    }
+
+    /// The binding that covers this tensor (at least 4 bytes).
+    pub fn binding(&self) -> wgpu::BufferBinding<'_> {
+        wgpu::BufferBinding {
+            buffer: &self.buffer,
+            offset: self.offset,
+            size: std::num::NonZeroU64::new(self.bytes().max(4)),
+        }
+    }
+
+    /// Overwrite the tensor's contents from the host.
+    pub fn write_f32(&self, ctx: &Context, data: &[f32]) -> Result<()> {
+        if data.len() != self.numel() {
+            return Err(Error::Shape {
+                op: "write".into(),
+                tensor: self.label.to_string(),
+                expected: format!("{} elements", data.len()),
+                got: self.shape.clone(),
+            });
+        }
+        ctx.queue.write_buffer(&self.buffer, self.offset, bytemuck::cast_slice(data));
+        Ok(())
+    }
+
+    fn read_bytes(&self, ctx: &Context) -> Result<Vec<u8>> {
+        let size = self.bytes().max(4);
+        let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+        enc.copy_buffer_to_buffer(&self.buffer, self.offset, &staging, 0, size);
+        ctx.queue.submit([enc.finish()]);
+        let slice = staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        ctx.sync()?;
+        rx.recv()
+            .map_err(|e| Error::Gpu { context: Some(format!("reading `{}`", self.label)), message: e.to_string() })?
+            .map_err(|e| Error::Gpu { context: Some(format!("reading `{}`", self.label)), message: e.to_string() })?;
+        let out = slice
+            .get_mapped_range()
+            .map_err(|e| Error::Gpu { context: Some(format!("mapping `{}`", self.label)), message: e.to_string() })?
+            .to_vec();
+        staging.unmap();
+        Ok(out[..self.bytes() as usize].to_vec())
+    }
+
+    /// Copy the tensor to the host as f32 (waits for queued work).
+    pub fn read_f32(&self, ctx: &Context) -> Result<Vec<f32>> {
+        Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(ctx)?))
+    }
+
+    /// Copy the tensor to the host as i32.
+    pub fn read_i32(&self, ctx: &Context) -> Result<Vec<i32>> {
+        Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(ctx)?))
+    }
+}

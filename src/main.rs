@@ -1,0 +1,17 @@
+//! The `wgtune` binary: parse, set up logging, run, map errors to exit codes.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = wgtune::cli::Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    match wgtune::cli::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {:#}", anyhow::Error::from(e));
+            ExitCode::from(2)
+        }
+    }
+}

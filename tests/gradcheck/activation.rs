@@ -1,0 +1,1 @@
+// activation gradient checks (being written)

@@ -1,0 +1,1 @@
+// attention gradient checks (being written)

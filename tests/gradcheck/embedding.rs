@@ -1,0 +1,1 @@
+// embedding gradient checks (being written)

@@ -1,0 +1,1 @@
+// lora gradient checks (being written)

@@ -1,0 +1,1 @@
+// loss gradient checks (being written)

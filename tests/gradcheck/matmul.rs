@@ -1,0 +1,1 @@
+// matmul gradient checks (being written)

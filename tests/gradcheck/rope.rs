@@ -1,0 +1,1 @@
+// rope gradient checks (being written)

@@ -1,0 +1,1 @@
+// activation kernel tests (being written)

@@ -1,0 +1,1 @@
+// adamw kernel tests (being written)

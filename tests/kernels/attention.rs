@@ -1,0 +1,1 @@
+// attention kernel tests (being written)

@@ -1,0 +1,1 @@
+// embedding kernel tests (being written)

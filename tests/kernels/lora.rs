@@ -1,0 +1,1 @@
+// lora kernel tests (being written)

@@ -1,0 +1,1 @@
+// loss kernel tests (being written)

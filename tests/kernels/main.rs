@@ -1,0 +1,16 @@
+//! Tier 1: every GPU kernel against its f64 CPU twin at odd shapes
+//! (never multiples of a tile), printing the max diff.
+
+#[path = "../common/mod.rs"]
+#[macro_use]
+mod common;
+
+mod activation;
+mod adamw;
+mod attention;
+mod embedding;
+mod lora;
+mod loss;
+mod matmul;
+mod norm;
+mod rope;

@@ -1,0 +1,1 @@
+// matmul kernel tests (being written)

@@ -1,0 +1,1 @@
+// rope kernel tests (being written)
