@@ -1,1 +1,240 @@
-// matmul.wgsl: (being written)
+// matmul.wgsl: the three matmul layouts that adapter training needs.
+//
+//   matmul_forward         out = alpha * inp . weight^T (+ bias)   NT, HF [out, in] weights
+//   matmul_backward_input  dinp += alpha * dout . weight           NN
+//   matmul_backward_weight dweight += alpha * dout^T . inp         token reduction, split-K
+//   matmul_backward_weight_reduce   sums the split-K partials in a fixed order
+//
+// This file is a template: src/gpu/ops/matmul.rs replaces the {{NAME}}
+// markers with a register tile size, the subgroup width and a fully unrolled
+// micro-kernel (naga does not unroll loops, and lavapipe keeps array
+// accumulators in memory), then builds one module per variant.
+//
+// Why this shape (see shared/docs/lavapipe.md): there is no workgroup memory.
+// On lavapipe every load is a per-lane loop, so the cost is loads per FMA.
+// Each invocation keeps a TM x TN tile of accumulators in registers and reads
+// operands as vec4. When the adapter has subgroups of a fixed size SG, the SG
+// lanes of a subgroup share the same A rows: each lane loads TM/SG of them and
+// subgroupBroadcast hands them out, so A costs SG times fewer loads. Without
+// subgroups (SG = 1) every invocation loads its own rows; that is the portable
+// path, and on real GPUs the caches absorb the repeated loads.
+//
+// Every operand is bound as array<vec4<f32>> (buffers are padded to 16 bytes).
+// ALIGNED variants need rows that start on a vec4 (K % 4 == 0 and so on);
+// the others assemble vec4s from scalars and zero-fill the reduction tail, so
+// any odd shape works, only slower.
+//
+// Geometry: 1-D workgroups of WG = RG * LC invocations. LC lanes (the
+// subgroup, or 8 plain invocations) sit side by side along the output
+// columns and RG row groups stack along the rows.
+
+struct Params {
+    m: u32,        // rows of out/dinp (tokens), or reduction length for backward_weight
+    k: u32,        // inner dim of forward; output columns of the backward kernels
+    n: u32,        // output columns of forward; reduction of backward_input; output rows of backward_weight
+    ld_out: u32,   // row stride of out (forward: the full N when weight is a row chunk)
+    col_off: u32,  // forward: first out column; backward: first dout column of this chunk
+    ld_dout: u32,  // row stride of dout (backward kernels)
+    alpha: f32,
+    flags: u32,    // bit 0: accumulate into out; bit 1: add bias
+    m_split: u32,  // backward_weight: tokens per split
+    splits: u32,   // backward_weight: number of splits
+    _p0: u32,
+    _p1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+const TM: u32 = {{TM}}u;     // register tile rows per invocation
+const TN: u32 = {{TN}}u;     // register tile columns per invocation (a multiple of 4 for the backward kernels)
+const LC: u32 = {{LC}}u;     // lanes side by side along columns
+const RG: u32 = {{RG}}u;     // row groups per workgroup
+const WG: u32 = {{WG}}u;     // = LC * RG
+const ALIGNED: bool = {{ALIGNED}};
+
+// ---------------------------------------------------------------------------
+// matmul_forward: out[m, col_off + n] (+)= alpha * sum_k inp[m, k] * weight[n, k] + bias[n]
+// One workgroup per (RG*TM) x (LC*TN) output tile.
+@group(0) @binding(1) var<storage, read_write> fw_out: array<f32>;      // (M, LD_OUT)
+@group(0) @binding(2) var<storage, read> fw_inp: array<vec4<f32>>;      // (M, K)
+@group(0) @binding(3) var<storage, read> fw_weight: array<vec4<f32>>;   // (N, K)
+@group(0) @binding(4) var<storage, read> fw_bias: array<f32>;           // (N), or 1 dummy element
+
+fn fw_inp4(row: u32, k: u32) -> vec4<f32> {
+    if (ALIGNED) { return fw_inp[(row * p.k + k) >> 2u]; }
+    var v = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        if (k + i < p.k) { let e = row * p.k + k + i; v[i] = fw_inp[e >> 2u][e & 3u]; }
+    }
+    return v;
+}
+
+fn fw_weight4(row: u32, k: u32) -> vec4<f32> {
+    if (ALIGNED) { return fw_weight[(row * p.k + k) >> 2u]; }
+    var v = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        if (k + i < p.k) { let e = row * p.k + k + i; v[i] = fw_weight[e >> 2u][e & 3u]; }
+    }
+    return v;
+}
+
+fn fw_store(row: u32, col: u32, acc: f32) {
+    if (row >= p.m || col >= p.n) { return; }
+    var v = p.alpha * acc;
+    if ((p.flags & 2u) != 0u) { v += fw_bias[col]; }
+    let o = row * p.ld_out + p.col_off + col;
+    if ((p.flags & 1u) != 0u) { v += fw_out[o]; }
+    fw_out[o] = v;
+}
+
+@compute @workgroup_size(WG)
+fn matmul_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+                  {{LANE_BUILTINS}}) {
+    {{LANE_SETUP}}
+    let row0 = wg.y * (RG * TM) + rg * TM;
+    let col0 = wg.x * (LC * TN) + lane * TN;
+    let mlast = p.m - 1u;
+    let nlast = p.n - 1u;
+{{FW_DECL}}
+    for (var k = 0u; k < p.k; k += 4u) {
+{{FW_BODY}}
+    }
+{{FW_STORE}}
+}
+
+// ---------------------------------------------------------------------------
+// matmul_backward_input: differentiates out = inp . weight^T:
+// dinp[m, k] += alpha * sum_n dout[m, col_off + n] * weight[n, k]
+// Tile: TM rows x TN columns (TN/4 vec4 accumulators per row).
+@group(0) @binding(1) var<storage, read_write> bi_dinp: array<vec4<f32>>; // (M, K)
+@group(0) @binding(2) var<storage, read> bi_dout: array<vec4<f32>>;       // (M, LD_DOUT)
+@group(0) @binding(3) var<storage, read> bi_weight: array<vec4<f32>>;     // (N, K)
+
+fn bi_dout4(row: u32, n: u32) -> vec4<f32> {
+    let base = row * p.ld_dout + p.col_off + n;
+    if (ALIGNED) { return bi_dout[base >> 2u]; }
+    var v = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        if (n + i < p.n) { let e = base + i; v[i] = bi_dout[e >> 2u][e & 3u]; }
+    }
+    return v;
+}
+
+// weight[n, col..col+4], zero when n is past the end.
+fn bi_weight4(n: u32, col: u32) -> vec4<f32> {
+    if (n >= p.n) { return vec4<f32>(0.0); }
+    if (ALIGNED) { return bi_weight[(n * p.k + min(col, p.k - 4u)) >> 2u]; }
+    var v = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        if (col + i < p.k) { let e = n * p.k + col + i; v[i] = bi_weight[e >> 2u][e & 3u]; }
+    }
+    return v;
+}
+
+fn bi_store(row: u32, col: u32, acc: vec4<f32>) {
+    if (row >= p.m) { return; }
+    if (ALIGNED) {
+        if (col < p.k) { let o = (row * p.k + col) >> 2u; bi_dinp[o] += p.alpha * acc; }
+        return;
+    }
+    for (var i = 0u; i < 4u; i++) {
+        if (col + i < p.k) { let e = row * p.k + col + i; bi_dinp[e >> 2u][e & 3u] += p.alpha * acc[i]; }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn matmul_backward_input(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+                         {{LANE_BUILTINS}}) {
+    {{LANE_SETUP}}
+    let row0 = wg.y * (RG * TM) + rg * TM;
+    let col0 = wg.x * (LC * TN) + lane * TN;
+    let mlast = p.m - 1u;
+{{BI_DECL}}
+    for (var n = 0u; n < p.n; n += 4u) {
+{{BI_BODY}}
+    }
+{{BI_STORE}}
+}
+
+// ---------------------------------------------------------------------------
+// matmul_backward_weight: differentiates out = inp . weight^T w.r.t. weight:
+// dweight[n, k] += alpha * sum_m dout[m, col_off + n] * inp[m, k]
+// Tile: TM weight rows x TN columns. Split-K over tokens: split z sums tokens
+// [z*m_split, (z+1)*m_split) and, when splits > 1, writes its own partial
+// (splits, N, K) slice; the reduce entry then adds them in index order, so
+// the result is bit-reproducible without atomics.
+@group(0) @binding(1) var<storage, read_write> bw_dweight: array<vec4<f32>>; // (N, K), or partials (SPLITS, N, K)
+@group(0) @binding(2) var<storage, read> bw_dout: array<vec4<f32>>;          // (M, LD_DOUT)
+@group(0) @binding(3) var<storage, read> bw_inp: array<vec4<f32>>;           // (M, K)
+
+// dout[m, n..n+4] (zero past the ends).
+fn bw_dout4(m: u32, n: u32) -> vec4<f32> {
+    let base = m * p.ld_dout + p.col_off + n;
+    if (ALIGNED) { if (n >= p.n) { return vec4<f32>(0.0); } return bw_dout[base >> 2u]; }
+    var v = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        if (n + i < p.n) { let e = base + i; v[i] = bw_dout[e >> 2u][e & 3u]; }
+    }
+    return v;
+}
+
+fn bw_inp4(m: u32, col: u32) -> vec4<f32> {
+    if (ALIGNED) { return bw_inp[(m * p.k + min(col, p.k - 4u)) >> 2u]; }
+    var v = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        if (col + i < p.k) { let e = m * p.k + col + i; v[i] = bw_inp[e >> 2u][e & 3u]; }
+    }
+    return v;
+}
+
+fn bw_store(z: u32, row: u32, col: u32, acc: vec4<f32>) {
+    if (row >= p.n) { return; }
+    // With splits, each split owns a plain (N, K) slice of the partials.
+    let base = z * p.n * p.k;
+    let scale = select(p.alpha, 1.0, p.splits > 1u);
+    if (ALIGNED) {
+        if (col >= p.k) { return; }
+        let o = (base + row * p.k + col) >> 2u;
+        if (p.splits > 1u) { bw_dweight[o] = acc; } else { bw_dweight[o] += scale * acc; }
+        return;
+    }
+    for (var i = 0u; i < 4u; i++) {
+        if (col + i < p.k) {
+            let e = base + row * p.k + col + i;
+            if (p.splits > 1u) { bw_dweight[e >> 2u][e & 3u] = acc[i]; }
+            else { bw_dweight[e >> 2u][e & 3u] += scale * acc[i]; }
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn matmul_backward_weight(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+                          {{LANE_BUILTINS}}) {
+    {{LANE_SETUP}}
+    let row0 = wg.y * (RG * TM) + rg * TM;
+    let col0 = wg.x * (LC * TN) + lane * TN;
+    let m0 = wg.z * p.m_split;
+    let m1 = min(p.m, m0 + p.m_split);
+{{BW_DECL}}
+    for (var m = m0; m < m1; m++) {
+{{BW_BODY}}
+    }
+{{BW_STORE}}
+}
+
+// ---------------------------------------------------------------------------
+// matmul_backward_weight_reduce: dweight[i] += alpha * sum_z partials[z, i],
+// z in increasing order. One invocation per element.
+@group(0) @binding(1) var<storage, read_write> rd_dweight: array<f32>; // (N, K)
+@group(0) @binding(2) var<storage, read> rd_partials: array<f32>;      // (SPLITS, N, K)
+
+@compute @workgroup_size(64)
+fn matmul_backward_weight_reduce(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                                 @builtin(local_invocation_index) lid: u32) {
+    let i = flat_wg(wg, nwg) * 64u + lid;
+    let total = p.n * p.k;
+    if (i >= total) { return; }
+    var s = 0.0;
+    for (var z = 0u; z < p.splits; z++) { s += rd_partials[z * total + i]; }
+    rd_dweight[i] += p.alpha * s;
+}

@@ -1,1 +1,113 @@
-//! CPU twins of `shaders/attention.wgsl` (being written).
+//! CPU twins of `shaders/attention.wgsl`, in f64. Same names and argument order.
+//!
+//! Causal multi-head attention with grouped-query KV heads and an optional
+//! learned key/value prefix. Layouts (row-major):
+//! q, out, dout, dq (B, T, NH, HD); k, v, dk, dv (B, S, KVH, HD) with
+//! S = P + T and the prefix in rows 0..P of every batch; lse (B, NH, T).
+//! Query head h reads KV head h / (NH / KVH). Query t sees keys s < P + t + 1.
+
+/// Index of element (b, t, h, 0) in a (B, T, H, HD) tensor.
+fn row(b: usize, t: usize, h: usize, nt: usize, nh: usize, hd: usize) -> usize {
+    ((b * nt + t) * nh + h) * hd
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// out[b,t,h] = sum_s softmax_s(scale * q.k_s) v_s over keys s < P + t + 1,
+/// scale = 1/sqrt(HD); lse[b,h,t] = log sum_s exp(scale * q.k_s).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    out: &mut [f64],
+    lse: &mut [f64],
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    b: usize,
+    t: usize,
+    nh: usize,
+    kvh: usize,
+    hd: usize,
+    p: usize,
+) {
+    let s = p + t;
+    let g = nh / kvh;
+    let scale = 1.0 / (hd as f64).sqrt();
+    for bi in 0..b {
+        for h in 0..nh {
+            let kh = h / g;
+            for ti in 0..t {
+                let qr = &q[row(bi, ti, h, t, nh, hd)..][..hd];
+                let nk = p + ti + 1;
+                // Scores, then a max-subtracted softmax.
+                let sc: Vec<f64> = (0..nk)
+                    .map(|j| scale * dot(qr, &k[row(bi, j, kh, s, kvh, hd)..][..hd]))
+                    .collect();
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                lse[(bi * nh + h) * t + ti] = m + z.ln();
+                let o = &mut out[row(bi, ti, h, t, nh, hd)..][..hd];
+                o.fill(0.0);
+                for (j, x) in sc.iter().enumerate() {
+                    let pj = (x - m).exp() / z;
+                    let vr = &v[row(bi, j, kh, s, kvh, hd)..][..hd];
+                    for d in 0..hd {
+                        o[d] += pj * vr[d];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Differentiates, for every (b, h, t) and visible key s,
+///     sc_s = scale * q.k_s;  p_s = exp(sc_s - lse);  out = sum_s p_s v_s
+/// with delta = dout.out, dp_s = dout.v_s, ds_s = p_s (dp_s - delta):
+///     dq += scale * sum_s ds_s k_s
+///     dk_s += scale * ds_s q;  dv_s += p_s dout   (summed over the group's heads)
+/// Prefix rows of dk/dv get the gradient of their own batch only.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dq: &mut [f64],
+    dk: &mut [f64],
+    dv: &mut [f64],
+    dout: &[f64],
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    out: &[f64],
+    lse: &[f64],
+    b: usize,
+    t: usize,
+    nh: usize,
+    kvh: usize,
+    hd: usize,
+    p: usize,
+) {
+    let s = p + t;
+    let g = nh / kvh;
+    let scale = 1.0 / (hd as f64).sqrt();
+    for bi in 0..b {
+        for h in 0..nh {
+            let kh = h / g;
+            for ti in 0..t {
+                let qi = row(bi, ti, h, t, nh, hd);
+                let (qr, go) = (&q[qi..][..hd], &dout[qi..][..hd]);
+                let l = lse[(bi * nh + h) * t + ti];
+                let delta = dot(go, &out[qi..][..hd]);
+                for j in 0..p + ti + 1 {
+                    let ki = row(bi, j, kh, s, kvh, hd);
+                    // Recompute the probability from lse, as the kernels do.
+                    let pj = (scale * dot(qr, &k[ki..][..hd]) - l).exp();
+                    let ds = pj * (dot(go, &v[ki..][..hd]) - delta);
+                    for d in 0..hd {
+                        dq[qi + d] += scale * ds * k[ki + d];
+                        dk[ki + d] += scale * ds * qr[d];
+                        dv[ki + d] += pj * go[d];
+                    }
+                }
+            }
+        }
+    }
+}

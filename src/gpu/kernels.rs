@@ -14,8 +14,9 @@ use crate::gpu::context::Context;
 pub const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 /// The op-family sources, `(name, text)`. Each is used as `COMMON + text`.
+/// `matmul.wgsl` is not listed: it is a template that `ops::matmul`
+/// instantiates per variant.
 pub const FAMILIES: &[(&str, &str)] = &[
-    ("matmul", include_str!("../../shaders/matmul.wgsl")),
     ("embedding", include_str!("../../shaders/embedding.wgsl")),
     ("norm", include_str!("../../shaders/norm.wgsl")),
     ("rope", include_str!("../../shaders/rope.wgsl")),

@@ -111,10 +111,10 @@ impl Plan {
         }
         let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
         for t in bindings {
-            if t.bytes() > ctx.binding_limit() {
+            if t.binding_bytes() > ctx.binding_limit() {
                 return Err(Error::Limits {
                     what: format!("{}: binding tensor `{}` {:?}", kernel.name, t.label(), t.shape()),
-                    need: t.bytes(),
+                    need: t.binding_bytes(),
                     have: ctx.binding_limit(),
                 });
             }

@@ -54,12 +54,13 @@ impl Tensor {
     /// A zero-filled tensor.
     pub fn zeros(ctx: &Context, shape: &[usize], dtype: DType, label: &str) -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        // wgpu rejects zero-sized bindings; keep at least one element.
-        let bytes = (n.max(1) * 4) as u64;
+        // wgpu rejects zero-sized bindings; keep at least one element. Round
+        // to 16 bytes so kernels may bind any tensor as array<vec4<f32>>.
+        let bytes = ((n.max(1) * 4) as u64).next_multiple_of(16);
         check_size(ctx, label, bytes)?;
         let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
-            size: bytes.next_multiple_of(4),
+            size: bytes,
             usage: USAGE,
             mapped_at_creation: false,
         });
@@ -80,9 +81,11 @@ impl Tensor {
             return Tensor::zeros(ctx, shape, dtype, label);
         }
         check_size(ctx, label, bytes.len() as u64)?;
+        let mut padded = bytes.to_vec();
+        padded.resize(bytes.len().next_multiple_of(16), 0);
         let buffer = ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some(label),
-            contents: bytes,
+            contents: &padded,
             usage: USAGE,
         });
         Ok(Tensor { buffer: Arc::new(buffer), offset: 0, shape: shape.to_vec(), label: label.into(), dtype })
@@ -152,12 +155,18 @@ impl Tensor {
         Ok(Tensor { shape: shape.to_vec(), ..self.clone() })
     }
 
-    /// The binding that covers this tensor (at least 4 bytes).
+    /// Bytes a binding of this tensor covers: rounded up to 16 so vec4
+    /// kernels see the last partial vec4 (buffers are padded to allow it).
+    pub fn binding_bytes(&self) -> u64 {
+        self.bytes().max(4).next_multiple_of(16).min(self.buffer.size() - self.offset)
+    }
+
+    /// The binding that covers this tensor.
     pub fn binding(&self) -> wgpu::BufferBinding<'_> {
         wgpu::BufferBinding {
             buffer: &self.buffer,
             offset: self.offset,
-            size: std::num::NonZeroU64::new(self.bytes().max(4)),
+            size: std::num::NonZeroU64::new(self.binding_bytes()),
         }
     }
 

@@ -134,3 +134,13 @@ pub fn fd_check(name: &str, x: &[f64], analytic: &[f64], mut loss: impl FnMut(&[
 pub fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
+
+/// A separate context with special options (small binding limit, no
+/// subgroups), following the same skip / WGTUNE_REQUIRE_GPU rule.
+pub fn ctx_with(opts: ContextOptions) -> Option<Context> {
+    ctx()?;
+    match Context::new(&opts) {
+        Ok(c) => Some(c),
+        Err(e) => panic!("second context failed although the first worked: {e}"),
+    }
+}

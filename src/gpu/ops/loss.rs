@@ -1,1 +1,76 @@
-//! Wrappers for `shaders/loss.wgsl` (being written).
+//! Softmax cross-entropy wrappers (`shaders/loss.wgsl`).
+//!
+//! Logits (N, V) are bound in row chunks when they exceed one storage binding
+//! (V = 151936 gives 0.6 MB per row); losses, targets and dlosses stay bound
+//! whole and each dispatch gets its first row in the uniform.
+
+use super::embedding::{expect_i32, row_chunks, row_view};
+use super::{dims, expect_shape, grid_1d, Params, Plan, R, W};
+use crate::error::{Error, Result};
+use crate::gpu::context::Context;
+use crate::gpu::kernels::{Access, KernelSpec};
+use crate::gpu::tensor::Tensor;
+
+/// Threads per row: V is large in practice, so usually the 256 maximum.
+fn wg_for(v: usize) -> u32 {
+    (v.next_power_of_two() as u32).clamp(32, 256)
+}
+
+fn spec(entry: &'static str, layout: &[Access], v: usize) -> Result<KernelSpec> {
+    Ok(KernelSpec::family("loss", entry, layout)?.with("WG", wg_for(v) as f64))
+}
+
+/// The (N, V) dims of `logits`, with `v` small enough for the kernels' i32 compare.
+fn logit_dims(op: &str, logits: &Tensor) -> Result<[usize; 2]> {
+    let [n, v] = dims(op, logits, "(N, V)")?;
+    if v > i32::MAX as usize {
+        return Err(Error::invalid(op, format!("`{}`: vocab {v} exceeds i32::MAX", logits.label())));
+    }
+    Ok([n, v])
+}
+
+/// losses (N) <- logsumexp(logits (N, V)) - logits[targets (N)]; 0 where the
+/// target is -100.
+pub fn crossentropy_forward(ctx: &Context, plan: &mut Plan, losses: &Tensor, logits: &Tensor, targets: &Tensor) -> Result<()> {
+    let op = "crossentropy_forward";
+    let [n, v] = logit_dims(op, logits)?;
+    expect_shape(op, losses, &[n])?;
+    expect_shape(op, targets, &[n])?;
+    expect_i32(op, targets)?;
+    let sp = spec(op, &[W, R, R], v)?;
+    for (r0, r1) in row_chunks(ctx, op, logits, n, v)? {
+        let chunk = row_view(logits, r0, r1, v)?;
+        let p = Params::new().u(r1 - r0).u(v).u(r0);
+        plan.dispatch(ctx, &sp, &p, &[losses, &chunk, targets], grid_1d(ctx, (r1 - r0) as u32))?;
+    }
+    Ok(())
+}
+
+/// dlogits (N, V) += dlosses (N) * (softmax(logits) - onehot(targets)), nothing
+/// for ignored rows. dlosses carries the mask and 1/num_targets
+/// ([`crate::cpu::loss::mean_loss_scale`]).
+pub fn crossentropy_softmax_backward(
+    ctx: &Context,
+    plan: &mut Plan,
+    dlogits: &Tensor,
+    dlosses: &Tensor,
+    logits: &Tensor,
+    targets: &Tensor,
+) -> Result<()> {
+    let op = "crossentropy_softmax_backward";
+    let [n, v] = logit_dims(op, logits)?;
+    expect_shape(op, dlogits, &[n, v])?;
+    expect_shape(op, dlosses, &[n])?;
+    expect_shape(op, targets, &[n])?;
+    expect_i32(op, targets)?;
+    let sp = spec(op, &[W, R, R, R], v)?;
+    // dlogits has the shape of logits; if both start aligned, the same ranges
+    // give aligned views of both.
+    for (r0, r1) in row_chunks(ctx, op, logits, n, v)? {
+        let dchunk = row_view(dlogits, r0, r1, v)?;
+        let chunk = row_view(logits, r0, r1, v)?;
+        let p = Params::new().u(r1 - r0).u(v).u(r0);
+        plan.dispatch(ctx, &sp, &p, &[&dchunk, dlosses, &chunk, targets], grid_1d(ctx, (r1 - r0) as u32))?;
+    }
+    Ok(())
+}
