@@ -19,7 +19,14 @@
 // subgroups (SG = 1) every invocation loads its own rows; that is the portable
 // path, and on real GPUs the caches absorb the repeated loads.
 //
-// Every operand is bound as array<vec4<f32>> (buffers are padded to 16 bytes).
+// Two operand sources. Storage entries bind every operand as
+// array<vec4<f32>>; `_tex` entries read both operands from matrices packed
+// into rgba32float textures by matmul_pack (TexMatrix): on llvmpipe a texel
+// fetch is a SIMD gather, about 10x cheaper than a checked storage load, and
+// GPUs serve it from the texture cache. The wrappers use textures whenever
+// the matrices fit the texture limits.
+//
+// Every storage operand is bound as array<vec4<f32>> (buffers are padded to 16 bytes).
 // ALIGNED variants need rows that start on a vec4 (K % 4 == 0 and so on);
 // the others assemble vec4s from scalars and zero-fill the reduction tail, so
 // any odd shape works, only slower.
@@ -39,8 +46,12 @@ struct Params {
     flags: u32,    // bit 0: accumulate into out; bit 1: add bias
     m_split: u32,  // backward_weight: tokens per split
     splits: u32,   // backward_weight: number of splits
+    a_shift: u32,  // texture path: log2 rows per layer of the A texture (31 = one layer)
+    b_shift: u32,  // same for the B texture
+    a_row0: u32,   // texture path: first A row of this token chunk; pack: first destination row
     _p0: u32,
     _p1: u32,
+    _p2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -237,4 +248,165 @@ fn matmul_backward_weight_reduce(@builtin(workgroup_id) wg: vec3<u32>, @builtin(
     var s = 0.0;
     for (var z = 0u; z < p.splits; z++) { s += rd_partials[z * total + i]; }
     rd_dweight[i] += p.alpha * s;
+}
+
+// ---------------------------------------------------------------------------
+// Texture-operand versions of the three layouts. Same math and tiles; A and
+// B come from packed textures (texel (c, y, layer) = row layer*2^shift + y,
+// columns 4c..4c+4, zero-padded), so no alignment is needed for loads.
+
+fn tex_row(row: u32, shift: u32) -> vec2<u32> {
+    return vec2<u32>(row & ((1u << shift) - 1u), row >> shift);
+}
+
+// matmul_forward_tex: out[m, col_off + n] (+)= alpha * sum_k a[a_row0 + m, k] * b[n, k] + bias[n]
+@group(0) @binding(1) var<storage, read_write> fwt_out: array<f32>;  // (M, LD_OUT)
+@group(0) @binding(2) var fwt_a: texture_2d_array<f32>;              // packed inp (rows >= a_row0 + M, K)
+@group(0) @binding(3) var fwt_b: texture_2d_array<f32>;              // packed weight (N, K)
+@group(0) @binding(4) var<storage, read> fwt_bias: array<f32>;       // (N), or 1 dummy element
+
+fn fwt_a4(row: u32, k: u32) -> vec4<f32> {
+    let r = tex_row(p.a_row0 + row, p.a_shift);
+    return textureLoad(fwt_a, vec2<u32>(k >> 2u, r.x), r.y, 0);
+}
+fn fwt_b4(row: u32, k: u32) -> vec4<f32> {
+    let r = tex_row(row, p.b_shift);
+    return textureLoad(fwt_b, vec2<u32>(k >> 2u, r.x), r.y, 0);
+}
+fn fwt_store(row: u32, col: u32, acc: f32) {
+    if (row >= p.m || col >= p.n) { return; }
+    var v = p.alpha * acc;
+    if ((p.flags & 2u) != 0u) { v += fwt_bias[col]; }
+    let o = row * p.ld_out + p.col_off + col;
+    if ((p.flags & 1u) != 0u) { v += fwt_out[o]; }
+    fwt_out[o] = v;
+}
+
+@compute @workgroup_size(WG)
+fn matmul_forward_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+                      {{LANE_BUILTINS}}) {
+    {{LANE_SETUP}}
+    let row0 = wg.y * (RG * TM) + rg * TM;
+    let col0 = wg.x * (LC * TN) + lane * TN;
+    let mlast = p.m - 1u;
+    let nlast = p.n - 1u;
+{{FWT_DECL}}
+    for (var k = 0u; k < p.k; k += 4u) {
+{{FWT_BODY}}
+    }
+{{FWT_STORE}}
+}
+
+// matmul_backward_input_tex: dinp[m, k] += alpha * sum_n a[a_row0 + m, n] * b[n, k]
+// (a = packed dout, b = packed weight).
+@group(0) @binding(1) var<storage, read_write> bit_dinp: array<vec4<f32>>; // (M, K)
+@group(0) @binding(2) var bit_a: texture_2d_array<f32>;                    // packed dout (rows >= a_row0 + M, N)
+@group(0) @binding(3) var bit_b: texture_2d_array<f32>;                    // packed weight (N, K)
+
+fn bit_a4(row: u32, n: u32) -> vec4<f32> {
+    let r = tex_row(p.a_row0 + row, p.a_shift);
+    return textureLoad(bit_a, vec2<u32>(n >> 2u, r.x), r.y, 0);
+}
+// weight[n, col..col+4]; zero past the last row (dout is zero there too, but
+// an out-of-range fetch may return any texel).
+fn bit_b4(n: u32, col: u32) -> vec4<f32> {
+    if (n >= p.n) { return vec4<f32>(0.0); }
+    let r = tex_row(n, p.b_shift);
+    return textureLoad(bit_b, vec2<u32>(col >> 2u, r.x), r.y, 0);
+}
+fn bit_store(row: u32, col: u32, acc: vec4<f32>) {
+    if (row >= p.m) { return; }
+    if (ALIGNED) {
+        if (col < p.k) { let o = (row * p.k + col) >> 2u; bit_dinp[o] += p.alpha * acc; }
+        return;
+    }
+    for (var i = 0u; i < 4u; i++) {
+        if (col + i < p.k) { let e = row * p.k + col + i; bit_dinp[e >> 2u][e & 3u] += p.alpha * acc[i]; }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn matmul_backward_input_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+                             {{LANE_BUILTINS}}) {
+    {{LANE_SETUP}}
+    let row0 = wg.y * (RG * TM) + rg * TM;
+    let col0 = wg.x * (LC * TN) + lane * TN;
+    let mlast = p.m - 1u;
+{{BIT_DECL}}
+    for (var n = 0u; n < p.n; n += 4u) {
+{{BIT_BODY}}
+    }
+{{BIT_STORE}}
+}
+
+// matmul_backward_weight_tex: dweight[n, k] += alpha * sum_m a[m, n] * b[m, k]
+// (a = packed dout, b = packed inp), split-K as in matmul_backward_weight.
+@group(0) @binding(1) var<storage, read_write> bwt_dweight: array<vec4<f32>>; // (N, K), or partials (SPLITS, N, K)
+@group(0) @binding(2) var bwt_a: texture_2d_array<f32>;                       // packed dout (M, N)
+@group(0) @binding(3) var bwt_b: texture_2d_array<f32>;                       // packed inp (M, K)
+
+fn bwt_a4(m: u32, n: u32) -> vec4<f32> {
+    let r = tex_row(m, p.a_shift);
+    return textureLoad(bwt_a, vec2<u32>(min(n, p.n - 1u) >> 2u, r.x), r.y, 0);
+}
+fn bwt_b4(m: u32, col: u32) -> vec4<f32> {
+    let r = tex_row(m, p.b_shift);
+    return textureLoad(bwt_b, vec2<u32>(min(col, p.k - 1u) >> 2u, r.x), r.y, 0);
+}
+fn bwt_store(z: u32, row: u32, col: u32, acc: vec4<f32>) {
+    if (row >= p.n) { return; }
+    let base = z * p.n * p.k;
+    let scale = select(p.alpha, 1.0, p.splits > 1u);
+    if (ALIGNED) {
+        if (col >= p.k) { return; }
+        let o = (base + row * p.k + col) >> 2u;
+        if (p.splits > 1u) { bwt_dweight[o] = acc; } else { bwt_dweight[o] += scale * acc; }
+        return;
+    }
+    for (var i = 0u; i < 4u; i++) {
+        if (col + i < p.k) {
+            let e = base + row * p.k + col + i;
+            if (p.splits > 1u) { bwt_dweight[e >> 2u][e & 3u] = acc[i]; }
+            else { bwt_dweight[e >> 2u][e & 3u] += scale * acc[i]; }
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn matmul_backward_weight_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+                              {{LANE_BUILTINS}}) {
+    {{LANE_SETUP}}
+    let row0 = wg.y * (RG * TM) + rg * TM;
+    let col0 = wg.x * (LC * TN) + lane * TN;
+    let m0 = wg.z * p.m_split;
+    let m1 = min(p.m, m0 + p.m_split);
+{{BWT_DECL}}
+    for (var m = m0; m < m1; m++) {
+{{BWT_BODY}}
+    }
+{{BWT_STORE}}
+}
+
+// ---------------------------------------------------------------------------
+// matmul_pack: dst texel (c, y, layer) of row r = a_row0 + i gets
+// src[i, 4c..4c+4] (zero past the last column). One invocation per texel;
+// p.m = rows of this chunk, p.k = columns, p.a_shift = layer shift of dst.
+@group(0) @binding(1) var pk_dst: texture_storage_2d_array<rgba32float, write>; // packed (ROWS, COLS)
+@group(0) @binding(2) var<storage, read> pk_src: array<f32>;                      // (M, K) chunk
+
+@compute @workgroup_size(64)
+fn matmul_pack(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let w4 = (p.k + 3u) / 4u;
+    let i = flat_wg(wg, nwg) * 64u + lid;
+    if (i >= w4 * p.m) { return; }
+    let row = i / w4;
+    let c = i - row * w4;
+    var v = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        let col = 4u * c + j;
+        if (col < p.k) { v[j] = pk_src[row * p.k + col]; }
+    }
+    let r = tex_row(p.a_row0 + row, p.a_shift);
+    textureStore(pk_dst, vec2<u32>(c, r.x), r.y, v);
 }

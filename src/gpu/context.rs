@@ -23,6 +23,8 @@ pub struct ContextOptions {
     pub max_binding_bytes: Option<u64>,
     /// Ignore `Features::SUBGROUP` even when present (portable kernel path).
     pub disable_subgroups: bool,
+    /// Read matmul operands from storage buffers instead of packed textures.
+    pub disable_textures: bool,
 }
 
 /// One adapter as `wgtune devices` lists it.
@@ -42,6 +44,7 @@ pub struct Context {
     pub features: wgpu::Features,
     binding_limit: u64,
     subgroup_size: Option<u32>,
+    textures: bool,
     pipelines: Mutex<HashMap<String, Arc<Kernel>>>,
     /// Errors raised outside an error scope (validation, device lost); the
     /// next `check()` turns them into `Error::Gpu`.
@@ -201,6 +204,7 @@ impl Context {
             features,
             binding_limit,
             subgroup_size,
+            textures: !opts.disable_textures && !std::env::var("WGTUNE_NO_TEXTURES").is_ok_and(|v| v == "1"),
             pipelines: Mutex::new(HashMap::new()),
             pending,
         })
@@ -214,6 +218,11 @@ impl Context {
     /// The fixed subgroup size when subgroup kernels may be used.
     pub fn subgroup_size(&self) -> Option<u32> {
         self.subgroup_size
+    }
+
+    /// Whether matmuls may read their operands from packed textures.
+    pub fn textures(&self) -> bool {
+        self.textures
     }
 
     /// Whether the adapter is a CPU implementation (lavapipe, WARP, SwiftShader).

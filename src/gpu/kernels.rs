@@ -32,11 +32,17 @@ pub fn family_source(family: &str) -> Option<String> {
     FAMILIES.iter().find(|(n, _)| *n == family).map(|(_, s)| format!("{COMMON}\n{s}"))
 }
 
-/// How a tensor argument is bound.
+/// How an argument is bound.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Access {
+    /// Read-only storage buffer.
     Read,
+    /// Read-write storage buffer.
     ReadWrite,
+    /// `texture_2d_array<f32>` read with `textureLoad` (a packed matrix).
+    Texture,
+    /// `texture_storage_2d_array<rgba32float, write>` (packing target).
+    StorageTexture,
 }
 
 /// Everything that identifies a pipeline.
@@ -74,7 +80,16 @@ impl KernelSpec {
 
     pub(crate) fn key(&self) -> String {
         let c: Vec<String> = self.constants.iter().map(|(n, v)| format!("{n}={v}")).collect();
-        let l: String = self.layout.iter().map(|a| if *a == Access::Read { 'r' } else { 'w' }).collect();
+        let l: String = self
+            .layout
+            .iter()
+            .map(|a| match a {
+                Access::Read => 'r',
+                Access::ReadWrite => 'w',
+                Access::Texture => 't',
+                Access::StorageTexture => 's',
+            })
+            .collect();
         format!("{}::{}[{}]{}", self.module, self.entry, c.join(","), l)
     }
 }
@@ -91,10 +106,8 @@ pub(crate) fn build(ctx: &Context, spec: &KernelSpec) -> Result<Kernel> {
     let name = format!("{}::{}", spec.module, spec.entry);
     let dev = &ctx.device;
     let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
-    let module = dev.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: Some(&name),
-        source: wgpu::ShaderSource::Wgsl(spec.source.clone()),
-    });
+    let desc = wgpu::ShaderModuleDescriptor { label: Some(&name), source: wgpu::ShaderSource::Wgsl(spec.source.clone()) };
+    let module = dev.create_shader_module(desc);
     let mut entries = vec![wgpu::BindGroupLayoutEntry {
         binding: 0,
         visibility: wgpu::ShaderStages::COMPUTE,
@@ -106,16 +119,24 @@ pub(crate) fn build(ctx: &Context, spec: &KernelSpec) -> Result<Kernel> {
         count: None,
     }];
     for (i, a) in spec.layout.iter().enumerate() {
-        entries.push(wgpu::BindGroupLayoutEntry {
-            binding: i as u32 + 1,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
+        let ty = match a {
+            Access::Read | Access::ReadWrite => wgpu::BindingType::Buffer {
                 ty: wgpu::BufferBindingType::Storage { read_only: *a == Access::Read },
                 has_dynamic_offset: false,
                 min_binding_size: None,
             },
-            count: None,
-        });
+            Access::Texture => wgpu::BindingType::Texture {
+                sample_type: wgpu::TextureSampleType::Float { filterable: false },
+                view_dimension: wgpu::TextureViewDimension::D2Array,
+                multisampled: false,
+            },
+            Access::StorageTexture => wgpu::BindingType::StorageTexture {
+                access: wgpu::StorageTextureAccess::WriteOnly,
+                format: wgpu::TextureFormat::Rgba32Float,
+                view_dimension: wgpu::TextureViewDimension::D2Array,
+            },
+        };
+        entries.push(wgpu::BindGroupLayoutEntry { binding: i as u32 + 1, visibility: wgpu::ShaderStages::COMPUTE, ty, count: None });
     }
     let layout = dev.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
         label: Some(&name),

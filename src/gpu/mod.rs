@@ -7,5 +7,5 @@ pub mod plan;
 pub mod tensor;
 
 pub use context::{Context, ContextOptions};
-pub use plan::{Params, Plan};
-pub use tensor::{DType, Tensor};
+pub use plan::{Bind, Params, Plan};
+pub use tensor::{DType, TexMatrix, Tensor};

@@ -12,13 +12,20 @@ use wgpu::util::DeviceExt;
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
 use crate::gpu::kernels::{Kernel, KernelSpec};
-use crate::gpu::tensor::Tensor;
+use crate::gpu::tensor::{TexMatrix, Tensor};
 
 enum Step {
     Dispatch { kernel: Arc<Kernel>, bind_group: wgpu::BindGroup, workgroups: [u32; 3] },
     Clear { tensor: Tensor },
     Group(String),
     EndGroup,
+}
+
+/// One bound argument: a buffer tensor or a packed texture matrix.
+#[derive(Clone, Copy)]
+pub enum Bind<'a> {
+    T(&'a Tensor),
+    X(&'a TexMatrix),
 }
 
 /// Uniform parameters of one dispatch: 4-byte words (u32 or f32 bits).
@@ -93,13 +100,26 @@ impl Plan {
         self.steps.push(Step::Clear { tensor: t.clone() });
     }
 
-    /// Record one dispatch of `spec` over `bindings` (in layout order).
+    /// Record one dispatch of `spec` over buffer `bindings` (in layout order).
     pub fn dispatch(
         &mut self,
         ctx: &Context,
         spec: &KernelSpec,
         params: &Params,
         bindings: &[&Tensor],
+        workgroups: [u32; 3],
+    ) -> Result<()> {
+        let b: Vec<Bind> = bindings.iter().map(|t| Bind::T(t)).collect();
+        self.dispatch_with(ctx, spec, params, &b, workgroups)
+    }
+
+    /// Record one dispatch whose arguments may include packed textures.
+    pub fn dispatch_with(
+        &mut self,
+        ctx: &Context,
+        spec: &KernelSpec,
+        params: &Params,
+        bindings: &[Bind],
         workgroups: [u32; 3],
     ) -> Result<()> {
         let kernel = ctx.kernel(spec)?;
@@ -110,7 +130,7 @@ impl Plan {
             ));
         }
         let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
-        for t in bindings {
+        for t in bindings.iter().filter_map(|b| if let Bind::T(t) = b { Some(*t) } else { None }) {
             if t.binding_bytes() > ctx.binding_limit() {
                 return Err(Error::Limits {
                     what: format!("{}: binding tensor `{}` {:?}", kernel.name, t.label(), t.shape()),
@@ -126,18 +146,20 @@ impl Plan {
             }
         }
         let mut words = params.0.clone();
-        words.resize(words.len().max(4).next_multiple_of(4), 0);
+        // At least 64 bytes: the largest Params block any kernel declares.
+        words.resize(words.len().max(16).next_multiple_of(4), 0);
         let uniform = ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some(&kernel.name),
             contents: bytemuck::cast_slice(&words),
             usage: wgpu::BufferUsages::UNIFORM,
         });
         let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
-        for (i, t) in bindings.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry {
-                binding: i as u32 + 1,
-                resource: wgpu::BindingResource::Buffer(t.binding()),
-            });
+        for (i, b) in bindings.iter().enumerate() {
+            let resource = match b {
+                Bind::T(t) => wgpu::BindingResource::Buffer(t.binding()),
+                Bind::X(x) => wgpu::BindingResource::TextureView(x.view()),
+            };
+            entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource });
         }
         let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(&kernel.name),

@@ -44,9 +44,23 @@ fn matmul_all_layouts_vs_cpu() {
 
 #[test]
 fn matmul_portable_path_vs_cpu() {
-    let Some(ctx) = common::ctx_with(ContextOptions { disable_subgroups: true, ..Default::default() }) else { return };
+    // No subgroups, operands from storage buffers: the path for adapters
+    // without SUBGROUP and for matrices beyond the texture limits.
+    let Some(ctx) = common::ctx_with(ContextOptions { disable_subgroups: true, disable_textures: true, ..Default::default() }) else { return };
     assert_eq!(matmul::pick_variant(&ctx, true).sg, 1);
-    check_all(&ctx, "no-subgroups", SHAPES);
+    check_all(&ctx, "no-subgroups/storage", SHAPES);
+}
+
+#[test]
+fn matmul_storage_operands_vs_cpu() {
+    let Some(ctx) = common::ctx_with(ContextOptions { disable_textures: true, ..Default::default() }) else { return };
+    check_all(&ctx, "storage", SHAPES);
+}
+
+#[test]
+fn matmul_textures_without_subgroups_vs_cpu() {
+    let Some(ctx) = common::ctx_with(ContextOptions { disable_subgroups: true, ..Default::default() }) else { return };
+    check_all(&ctx, "no-subgroups/textures", SHAPES);
 }
 
 #[test]
@@ -73,7 +87,8 @@ fn matmul_chunks_tensors_larger_than_a_binding() {
     // An 8 KiB binding limit: the weight (200 x 16 floats = 12.5 KiB), the
     // output (70 x 200 floats) and the output gradient are split into row
     // chunks; the input rows (70 x 16) fit whole.
-    let Some(ctx) = common::ctx_with(ContextOptions { max_binding_bytes: Some(8192), ..Default::default() }) else { return };
+    for textures in [false, true] {
+    let Some(ctx) = common::ctx_with(ContextOptions { max_binding_bytes: Some(8192), disable_textures: !textures, ..Default::default() }) else { return };
     for (m, k, n) in [(70, 16, 200), (23, 17, 192)] {
         let mut r = Rng::new(11);
         let (x, w, b, dy) = (r.vec(m * k, 1.0), r.vec(n * k, 1.0), r.vec(n, 1.0), r.vec(m * n, 1.0));
@@ -84,6 +99,7 @@ fn matmul_chunks_tensors_larger_than_a_binding() {
         matmul::matmul_forward(&ctx, &mut plan, &out, &tx, &tw, Some(&tb)).unwrap();
         matmul::matmul_backward_input(&ctx, &mut plan, &dx, &tdy, &tw).unwrap();
         assert!(plan.dispatches() >= 6, "expected chunked dispatches, got {}", plan.dispatches());
+        assert_eq!(matmul::use_textures(&ctx, &[(m, k), (n, k)]), textures);
         eprintln!("M={m} K={k} N={n}: chunked into {} dispatches", plan.dispatches());
         run(&ctx, &plan);
         let mut ro = vec![0.0; m * n];
@@ -92,6 +108,7 @@ fn matmul_chunks_tensors_larger_than_a_binding() {
         cpu::matmul::matmul_backward_input(&mut rdx, &to64(&dy), &to64(&w), m, k, n);
         assert_close(&format!("chunked forward M={m} K={k} N={n}"), &read(&ctx, &out), &ro, 1e-5, 1e-4);
         assert_close(&format!("chunked backward_input M={m} K={k} N={n}"), &read(&ctx, &dx), &rdx, 1e-5, 1e-4);
+    }
     }
 }
 

@@ -16,6 +16,9 @@ use std::borrow::Cow;
 use std::fmt::Write;
 
 use super::{dims, expect_shape, grid_1d, Params, Plan, R, W};
+use crate::gpu::kernels::Access::{StorageTexture as S, Texture as X};
+use crate::gpu::plan::Bind;
+use crate::gpu::tensor::TexMatrix;
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
 use crate::gpu::kernels::KernelSpec;
@@ -56,6 +59,16 @@ impl Variant {
 
 /// The default variant for this context and alignment.
 pub fn pick_variant(ctx: &Context, aligned: bool) -> Variant {
+    // WGTUNE_MATMUL_TILE=TMxTN overrides the tile (for tuning on new hardware).
+    if let Some((tm, tn)) = std::env::var("WGTUNE_MATMUL_TILE").ok().and_then(|s| {
+        let (a, b) = s.split_once('x')?;
+        Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?))
+    }) {
+        if tm % 4 == 0 && tn % 4 == 0 && tm > 0 && tn > 0 {
+            return Variant { tm, tn, sg: ctx.subgroup_size().unwrap_or(1), aligned };
+        }
+        log::warn!("WGTUNE_MATMUL_TILE={tm}x{tn} ignored: both must be positive multiples of 4");
+    }
     match ctx.subgroup_size() {
         // Narrow subgroups are CPU SIMD lanes (lavapipe, WARP): big register
         // tiles pay, since every load is expensive and registers are not.
@@ -83,10 +96,32 @@ pub fn generate(v: &Variant) -> String {
         ("", "let lane = lid % LC;\n    let rg = lid / LC;")
     };
 
-    // Forward (NT): scalar accumulators c_i_j.
-    let mut decl = String::new();
-    let mut body = String::new();
-    let mut store = String::new();
+    for (tag, fa, fb, fs) in [("FW", "fw_inp4", "fw_weight4", "fw_store"), ("FWT", "fwt_a4", "fwt_b4", "fwt_store")] {
+        let (d, b, st) = gen_nt(tm, tn, sg, fa, fb, fs);
+        s = s.replace(&format!("{{{{{tag}_DECL}}}}"), &d).replace(&format!("{{{{{tag}_BODY}}}}"), &b).replace(&format!("{{{{{tag}_STORE}}}}"), &st);
+    }
+    for (tag, fa, fb, fs) in [("BI", "bi_dout4", "bi_weight4", "bi_store"), ("BIT", "bit_a4", "bit_b4", "bit_store")] {
+        let (d, b, st) = gen_nn(tm, tv, sg, fa, fb, fs);
+        s = s.replace(&format!("{{{{{tag}_DECL}}}}"), &d).replace(&format!("{{{{{tag}_BODY}}}}"), &b).replace(&format!("{{{{{tag}_STORE}}}}"), &st);
+    }
+    for (tag, fa, fb, fs) in [("BW", "bw_dout4", "bw_inp4", "bw_store"), ("BWT", "bwt_a4", "bwt_b4", "bwt_store")] {
+        let (d, b, st) = gen_tn(tm, tv, sg, fa, fb, fs);
+        s = s.replace(&format!("{{{{{tag}_DECL}}}}"), &d).replace(&format!("{{{{{tag}_BODY}}}}"), &b).replace(&format!("{{{{{tag}_STORE}}}}"), &st);
+    }
+
+    s.replace("{{LANE_BUILTINS}}", builtins)
+        .replace("{{LANE_SETUP}}", setup)
+        .replace("{{TM}}", &v.tm.to_string())
+        .replace("{{TN}}", &v.tn.to_string())
+        .replace("{{LC}}", &lc.to_string())
+        .replace("{{RG}}", &rg.to_string())
+        .replace("{{WG}}", &(lc * rg).to_string())
+        .replace("{{ALIGNED}}", if v.aligned { "true" } else { "false" })
+}
+
+/// NT micro-kernel (forward): scalar accumulators c_i_j over a TM x TN tile.
+fn gen_nt(tm: usize, tn: usize, sg: usize, load_a: &str, load_b: &str, store_fn: &str) -> (String, String, String) {
+    let (mut decl, mut body, mut store) = (String::new(), String::new(), String::new());
     row_clamps(&mut decl, tm, sg);
     for j in 0..tn {
         writeln!(decl, "    let cb{j} = min(col0 + {j}u, nlast);").unwrap();
@@ -96,9 +131,9 @@ pub fn generate(v: &Variant) -> String {
             writeln!(decl, "    var c{i}_{j} = 0.0;").unwrap();
         }
     }
-    a_rows(&mut body, tm, sg, |r| format!("fw_inp4({r}, k)"));
+    a_rows(&mut body, tm, sg, |r| format!("{load_a}({r}, k)"));
     for j in 0..tn {
-        writeln!(body, "        let b{j} = fw_weight4(cb{j}, k);").unwrap();
+        writeln!(body, "        let b{j} = {load_b}(cb{j}, k);").unwrap();
     }
     for i in 0..tm {
         for j in 0..tn {
@@ -107,12 +142,14 @@ pub fn generate(v: &Variant) -> String {
     }
     for i in 0..tm {
         for j in 0..tn {
-            writeln!(store, "    fw_store(row0 + {i}u, col0 + {j}u, c{i}_{j});").unwrap();
+            writeln!(store, "    {store_fn}(row0 + {i}u, col0 + {j}u, c{i}_{j});").unwrap();
         }
     }
-    s = s.replace("{{FW_DECL}}", &decl).replace("{{FW_BODY}}", &body).replace("{{FW_STORE}}", &store);
+    (decl, body, store)
+}
 
-    // Backward input (NN): vec4 accumulators c_i_v over output columns.
+/// NN micro-kernel (backward_input): vec4 accumulators c_i_v over TV vec4 columns.
+fn gen_nn(tm: usize, tv: usize, sg: usize, load_a: &str, load_b: &str, store_fn: &str) -> (String, String, String) {
     let (mut decl, mut body, mut store) = (String::new(), String::new(), String::new());
     row_clamps(&mut decl, tm, sg);
     for c in 0..tv {
@@ -123,30 +160,28 @@ pub fn generate(v: &Variant) -> String {
             writeln!(decl, "    var c{i}_{c} = vec4<f32>(0.0);").unwrap();
         }
     }
-    a_rows(&mut body, tm, sg, |r| format!("bi_dout4({r}, n)"));
+    a_rows(&mut body, tm, sg, |r| format!("{load_a}({r}, n)"));
     for u in 0..4 {
         for c in 0..tv {
-            writeln!(body, "        let b{u}_{c} = bi_weight4(n + {u}u, cc{c});").unwrap();
+            writeln!(body, "        let b{u}_{c} = {load_b}(n + {u}u, cc{c});").unwrap();
         }
     }
     for i in 0..tm {
         for c in 0..tv {
-            writeln!(
-                body,
-                "        c{i}_{c} += a{i}.x * b0_{c} + a{i}.y * b1_{c} + a{i}.z * b2_{c} + a{i}.w * b3_{c};"
-            )
-            .unwrap();
+            writeln!(body, "        c{i}_{c} += a{i}.x * b0_{c} + a{i}.y * b1_{c} + a{i}.z * b2_{c} + a{i}.w * b3_{c};").unwrap();
         }
     }
     for i in 0..tm {
         for c in 0..tv {
-            writeln!(store, "    bi_store(row0 + {i}u, cc{c}, c{i}_{c});").unwrap();
+            writeln!(store, "    {store_fn}(row0 + {i}u, cc{c}, c{i}_{c});").unwrap();
         }
     }
-    s = s.replace("{{BI_DECL}}", &decl).replace("{{BI_BODY}}", &body).replace("{{BI_STORE}}", &store);
+    (decl, body, store)
+}
 
-    // Backward weight (token reduction): A = dout[m, row0..row0+TM] as TM/4
-    // vec4s, shared over the subgroup; B = inp[m, cols] as TN/4 vec4s.
+/// Token-reduction micro-kernel (backward_weight): A = dout[m, row0..row0+TM]
+/// as TM/4 vec4s shared over the subgroup; B = inp[m, cols] as TV vec4s.
+fn gen_tn(tm: usize, tv: usize, sg: usize, load_a: &str, load_b: &str, store_fn: &str) -> (String, String, String) {
     let (mut decl, mut body, mut store) = (String::new(), String::new(), String::new());
     let ta = tm.div_ceil(4);
     for c in 0..tv {
@@ -159,18 +194,18 @@ pub fn generate(v: &Variant) -> String {
     }
     if sg > 1 {
         for slot in 0..ta.div_ceil(sg) {
-            writeln!(body, "        let va{slot} = bw_dout4(m, row0 + 4u * ({}u + lane));", slot * sg).unwrap();
+            writeln!(body, "        let va{slot} = {load_a}(m, row0 + 4u * ({}u + lane));", slot * sg).unwrap();
         }
         for t in 0..ta {
             writeln!(body, "        let a{t} = subgroupBroadcast(va{}, {}u);", t / sg, t % sg).unwrap();
         }
     } else {
         for t in 0..ta {
-            writeln!(body, "        let a{t} = bw_dout4(m, row0 + {}u);", 4 * t).unwrap();
+            writeln!(body, "        let a{t} = {load_a}(m, row0 + {}u);", 4 * t).unwrap();
         }
     }
     for c in 0..tv {
-        writeln!(body, "        let b{c} = bw_inp4(m, cc{c});").unwrap();
+        writeln!(body, "        let b{c} = {load_b}(m, cc{c});").unwrap();
     }
     for i in 0..tm {
         for c in 0..tv {
@@ -179,19 +214,10 @@ pub fn generate(v: &Variant) -> String {
     }
     for i in 0..tm {
         for c in 0..tv {
-            writeln!(store, "    bw_store(wg.z, row0 + {i}u, cc{c}, c{i}_{c});").unwrap();
+            writeln!(store, "    {store_fn}(wg.z, row0 + {i}u, cc{c}, c{i}_{c});").unwrap();
         }
     }
-    s = s.replace("{{BW_DECL}}", &decl).replace("{{BW_BODY}}", &body).replace("{{BW_STORE}}", &store);
-
-    s.replace("{{LANE_BUILTINS}}", builtins)
-        .replace("{{LANE_SETUP}}", setup)
-        .replace("{{TM}}", &v.tm.to_string())
-        .replace("{{TN}}", &v.tn.to_string())
-        .replace("{{LC}}", &lc.to_string())
-        .replace("{{RG}}", &rg.to_string())
-        .replace("{{WG}}", &(lc * rg).to_string())
-        .replace("{{ALIGNED}}", if v.aligned { "true" } else { "false" })
+    (decl, body, store)
 }
 
 /// Row indices (clamped into range) for the A operand of one tile.
@@ -310,6 +336,10 @@ pub fn matmul_forward_ex(
     if m == 0 || n == 0 {
         return Ok(());
     }
+    if use_textures(ctx, &[(m, k), (n, k)]) {
+        let w = pack(ctx, plan, weight)?;
+        return matmul_forward_packed(ctx, plan, out, inp, &w, bias, alpha, accumulate);
+    }
     let v = pick_variant(ctx, k % 4 == 0);
     let (tile_m, tile_n) = v.tile();
     let kern = spec(&v, op, &[W, R, R, R]);
@@ -361,6 +391,10 @@ pub fn matmul_backward_input_ex(ctx: &Context, plan: &mut Plan, dinp: &Tensor, d
     expect_shape(op, dinp, &[m, k])?;
     if m == 0 || k == 0 {
         return Ok(());
+    }
+    if use_textures(ctx, &[(m, n), (n, k)]) {
+        let w = pack(ctx, plan, weight)?;
+        return matmul_backward_input_packed(ctx, plan, dinp, dout, &w, alpha);
     }
     let v = pick_variant(ctx, k % 4 == 0 && n % 4 == 0);
     let (tile_m, tile_k) = v.tile();
@@ -419,12 +453,23 @@ pub fn matmul_backward_weight_ex(ctx: &Context, plan: &mut Plan, dweight: &Tenso
     let m_split = m.div_ceil(splits);
     let splits = m.div_ceil(m_split);
     let grid = [(k as u32).div_ceil(tile_c), (n as u32).div_ceil(tile_r), splits as u32];
-    let p = Params::new().u(m).u(k).u(n).u(0).u(0).u(n).f(alpha).u(0).u(m_split).u(splits);
+    let tex = use_textures(ctx, &[(m, n), (m, k)]);
+    let (a, b) = if tex { (Some(pack(ctx, plan, dout)?), Some(pack(ctx, plan, inp)?)) } else { (None, None) };
+    let mut p = Params::new().u(m).u(k).u(n).u(0).u(0).u(n).f(alpha).u(0).u(m_split).u(splits);
+    if let (Some(a), Some(b)) = (&a, &b) {
+        p = p.u(a.layer_shift() as usize).u(b.layer_shift() as usize).u(0);
+    }
+    let main = |plan: &mut Plan, target: &Tensor| -> Result<()> {
+        match (&a, &b) {
+            (Some(a), Some(b)) => plan.dispatch_with(ctx, &spec(&v, "matmul_backward_weight_tex", &[W, X, X]), &p, &[Bind::T(target), Bind::X(a), Bind::X(b)], grid),
+            _ => plan.dispatch(ctx, &spec(&v, op, &[W, R, R]), &p, &[target, dout, inp], grid),
+        }
+    };
     if splits == 1 {
-        plan.dispatch(ctx, &spec(&v, op, &[W, R, R]), &p, &[dweight, dout, inp], grid)?;
+        main(plan, dweight)?;
     } else {
         let partials = Tensor::zeros(ctx, &[splits, n, k], DType::F32, &format!("{}.splitk", dweight.label()))?;
-        plan.dispatch(ctx, &spec(&v, op, &[W, R, R]), &p, &[&partials, dout, inp], grid)?;
+        main(plan, &partials)?;
         let total = (n * k) as u32;
         plan.dispatch(
             ctx,
@@ -433,6 +478,112 @@ pub fn matmul_backward_weight_ex(ctx: &Context, plan: &mut Plan, dweight: &Tenso
             &[dweight, &partials],
             grid_1d(ctx, total.div_ceil(64)),
         )?;
+    }
+    plan.add_flops(2.0 * m as f64 * n as f64 * k as f64);
+    Ok(())
+}
+
+/// Whether every `(rows, cols)` operand can be read from a packed texture.
+pub fn use_textures(ctx: &Context, mats: &[(usize, usize)]) -> bool {
+    ctx.textures() && mats.iter().all(|&(r, c)| TexMatrix::fits(ctx, r, c))
+}
+
+/// Record the packing of `src` (rows, cols) into `dst`. Source rows are read
+/// in chunks that fit a storage binding.
+pub fn matmul_pack(ctx: &Context, plan: &mut Plan, dst: &TexMatrix, src: &Tensor) -> Result<()> {
+    let op = "matmul_pack";
+    let [rows, cols] = dims(op, src, "(ROWS, COLS)")?;
+    if dst.rows() != rows || dst.cols() != cols {
+        return Err(Error::Shape { op: op.into(), tensor: src.label().into(), expected: format!("[{}, {}] like `{}`", dst.rows(), dst.cols(), dst.label()), got: src.shape().to_vec() });
+    }
+    let v = pick_variant(ctx, true);
+    let kern = spec(&v, op, &[S, R]);
+    let rc = chunk_rows(ctx, "matmul_pack source", rows, &[cols], 1)?;
+    for r0 in (0..rows).step_by(rc) {
+        let rr = rc.min(rows - r0);
+        let chunk = src.view(r0 * cols, &[rr, cols], src.label())?;
+        let p = Params::new().u(rr).u(cols).u(0).u(0).u(0).u(0).f(1.0).u(0).u(0).u(1).u(dst.layer_shift() as usize).u(0).u(r0);
+        let texels = (cols.div_ceil(4) * rr) as u32;
+        plan.dispatch_with(ctx, &kern, &p, &[Bind::X(dst), Bind::T(&chunk)], grid_1d(ctx, texels.div_ceil(64)))?;
+    }
+    Ok(())
+}
+
+/// Allocate a packed copy of `src` and record its packing.
+pub fn pack(ctx: &Context, plan: &mut Plan, src: &Tensor) -> Result<TexMatrix> {
+    let [rows, cols] = dims("matmul_pack", src, "(ROWS, COLS)")?;
+    let t = TexMatrix::new(ctx, rows, cols, &format!("{}.packed", src.label()))?;
+    matmul_pack(ctx, plan, &t, src)?;
+    Ok(t)
+}
+
+/// [`matmul_forward_ex`] with a weight packed once (frozen weights).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_forward_packed(
+    ctx: &Context,
+    plan: &mut Plan,
+    out: &Tensor,
+    inp: &Tensor,
+    weight: &TexMatrix,
+    bias: Option<&Tensor>,
+    alpha: f32,
+    accumulate: bool,
+) -> Result<()> {
+    let op = "matmul_forward";
+    let [m, k] = dims(op, inp, "(M, K)")?;
+    let n = weight.rows();
+    if weight.cols() != k {
+        return Err(Error::Shape { op: op.into(), tensor: weight.label().into(), expected: format!("[{n}, {k}]"), got: vec![weight.rows(), weight.cols()] });
+    }
+    expect_shape(op, out, &[m, n])?;
+    if let Some(b) = bias {
+        expect_shape(op, b, &[n])?;
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let a = pack(ctx, plan, inp)?;
+    let v = pick_variant(ctx, k % 4 == 0);
+    let (tile_m, tile_n) = v.tile();
+    let kern = spec(&v, "matmul_forward_tex", &[W, X, X, R]);
+    let dummy = Tensor::zeros(ctx, &[1], DType::F32, "no_bias")?;
+    let b = bias.unwrap_or(&dummy);
+    let flags = u32::from(accumulate) | (u32::from(bias.is_some()) << 1);
+    let mc = chunk_rows(ctx, "matmul_forward output", m, &[n], 1)?;
+    for m0 in (0..m).step_by(mc) {
+        let mr = mc.min(m - m0);
+        let o = out.view(m0 * n, &[mr, n], out.label())?;
+        let p = Params::new().u(mr).u(k).u(n).u(n).u(0).u(0).f(alpha).u(flags as usize).u(0).u(1).u(a.layer_shift() as usize).u(weight.layer_shift() as usize).u(m0);
+        let grid = [(n as u32).div_ceil(tile_n), (mr as u32).div_ceil(tile_m), 1];
+        plan.dispatch_with(ctx, &kern, &p, &[Bind::T(&o), Bind::X(&a), Bind::X(weight), Bind::T(b)], grid)?;
+    }
+    plan.add_flops(2.0 * m as f64 * n as f64 * k as f64);
+    Ok(())
+}
+
+/// [`matmul_backward_input_ex`] with a weight packed once (frozen weights).
+pub fn matmul_backward_input_packed(ctx: &Context, plan: &mut Plan, dinp: &Tensor, dout: &Tensor, weight: &TexMatrix, alpha: f32) -> Result<()> {
+    let op = "matmul_backward_input";
+    let [m, n] = dims(op, dout, "(M, N)")?;
+    let k = weight.cols();
+    if weight.rows() != n {
+        return Err(Error::Shape { op: op.into(), tensor: weight.label().into(), expected: format!("[{n}, {k}]"), got: vec![weight.rows(), weight.cols()] });
+    }
+    expect_shape(op, dinp, &[m, k])?;
+    if m == 0 || k == 0 {
+        return Ok(());
+    }
+    let a = pack(ctx, plan, dout)?;
+    let v = pick_variant(ctx, k % 4 == 0);
+    let (tile_m, tile_k) = v.tile();
+    let kern = spec(&v, "matmul_backward_input_tex", &[W, X, X]);
+    let mc = chunk_rows(ctx, "matmul_backward_input dinp", m, &[k], 1)?;
+    for m0 in (0..m).step_by(mc) {
+        let mr = mc.min(m - m0);
+        let dx = dinp.view(m0 * k, &[mr, k], dinp.label())?;
+        let p = Params::new().u(mr).u(k).u(n).u(0).u(0).u(n).f(alpha).u(1).u(0).u(1).u(a.layer_shift() as usize).u(weight.layer_shift() as usize).u(m0);
+        let grid = [(k as u32).div_ceil(tile_k), (mr as u32).div_ceil(tile_m), 1];
+        plan.dispatch_with(ctx, &kern, &p, &[Bind::T(&dx), Bind::X(&a), Bind::X(weight)], grid)?;
     }
     plan.add_flops(2.0 * m as f64 * n as f64 * k as f64);
     Ok(())
