@@ -259,19 +259,33 @@ fn tex_row(row: u32, shift: u32) -> vec2<u32> {
     return vec2<u32>(row & ((1u << shift) - 1u), row >> shift);
 }
 
+// Texel row and layer of A row `row` (after the chunk offset) and of B row
+// `row`. Only matrices taller than the texture limit are layered; for the
+// rest the split folds away at compile time. Kernels compute coordinates
+// outside the reduction loop where the row is fixed: per-load integer work
+// measured as costly as the fetch itself on llvmpipe.
+const A_LAYERED: bool = {{A_LAYERED}};
+const B_LAYERED: bool = {{B_LAYERED}};
+fn a_coord(row: u32) -> vec2<u32> {
+    if (A_LAYERED) { return tex_row(p.a_row0 + row, p.a_shift); }
+    return vec2<u32>(p.a_row0 + row, 0u);
+}
+fn b_coord(row: u32) -> vec2<u32> {
+    if (B_LAYERED) { return tex_row(row, p.b_shift); }
+    return vec2<u32>(row, 0u);
+}
+
 // matmul_forward_tex: out[m, col_off + n] (+)= alpha * sum_k a[a_row0 + m, k] * b[n, k] + bias[n]
 @group(0) @binding(1) var<storage, read_write> fwt_out: array<f32>;  // (M, LD_OUT)
 @group(0) @binding(2) var fwt_a: texture_2d_array<f32>;              // packed inp (rows >= a_row0 + M, K)
 @group(0) @binding(3) var fwt_b: texture_2d_array<f32>;              // packed weight (N, K)
 @group(0) @binding(4) var<storage, read> fwt_bias: array<f32>;       // (N), or 1 dummy element
 
-fn fwt_a4(row: u32, k: u32) -> vec4<f32> {
-    let r = tex_row(p.a_row0 + row, p.a_shift);
-    return textureLoad(fwt_a, vec2<u32>(k >> 2u, r.x), r.y, 0);
+fn fwt_a4(c: vec2<u32>, k: u32) -> vec4<f32> {
+    return textureLoad(fwt_a, vec2<u32>(k >> 2u, c.x), c.y, 0);
 }
-fn fwt_b4(row: u32, k: u32) -> vec4<f32> {
-    let r = tex_row(row, p.b_shift);
-    return textureLoad(fwt_b, vec2<u32>(k >> 2u, r.x), r.y, 0);
+fn fwt_b4(c: vec2<u32>, k: u32) -> vec4<f32> {
+    return textureLoad(fwt_b, vec2<u32>(k >> 2u, c.x), c.y, 0);
 }
 fn fwt_store(row: u32, col: u32, acc: f32) {
     if (row >= p.m || col >= p.n) { return; }
@@ -303,16 +317,15 @@ fn matmul_forward_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoc
 @group(0) @binding(2) var bit_a: texture_2d_array<f32>;                    // packed dout (rows >= a_row0 + M, N)
 @group(0) @binding(3) var bit_b: texture_2d_array<f32>;                    // packed weight (N, K)
 
-fn bit_a4(row: u32, n: u32) -> vec4<f32> {
-    let r = tex_row(p.a_row0 + row, p.a_shift);
-    return textureLoad(bit_a, vec2<u32>(n >> 2u, r.x), r.y, 0);
+fn bit_a4(c: vec2<u32>, n: u32) -> vec4<f32> {
+    return textureLoad(bit_a, vec2<u32>(n >> 2u, c.x), c.y, 0);
 }
 // weight[n, col..col+4]; zero past the last row (dout is zero there too, but
 // an out-of-range fetch may return any texel).
 fn bit_b4(n: u32, col: u32) -> vec4<f32> {
     if (n >= p.n) { return vec4<f32>(0.0); }
-    let r = tex_row(n, p.b_shift);
-    return textureLoad(bit_b, vec2<u32>(col >> 2u, r.x), r.y, 0);
+    let c = b_coord(n);
+    return textureLoad(bit_b, vec2<u32>(col >> 2u, c.x), c.y, 0);
 }
 fn bit_store(row: u32, col: u32, acc: vec4<f32>) {
     if (row >= p.m) { return; }
@@ -345,13 +358,12 @@ fn matmul_backward_input_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(loca
 @group(0) @binding(2) var bwt_a: texture_2d_array<f32>;                       // packed dout (M, N)
 @group(0) @binding(3) var bwt_b: texture_2d_array<f32>;                       // packed inp (M, K)
 
-fn bwt_a4(m: u32, n: u32) -> vec4<f32> {
-    let r = tex_row(m, p.a_shift);
-    return textureLoad(bwt_a, vec2<u32>(min(n, p.n - 1u) >> 2u, r.x), r.y, 0);
+// c = a_coord(m) / b_coord(m), computed once per token by the caller.
+fn bwt_a4(c: vec2<u32>, n: u32) -> vec4<f32> {
+    return textureLoad(bwt_a, vec2<u32>(min(n, p.n - 1u) >> 2u, c.x), c.y, 0);
 }
-fn bwt_b4(m: u32, col: u32) -> vec4<f32> {
-    let r = tex_row(m, p.b_shift);
-    return textureLoad(bwt_b, vec2<u32>(min(col, p.k - 1u) >> 2u, r.x), r.y, 0);
+fn bwt_b4(c: vec2<u32>, col: u32) -> vec4<f32> {
+    return textureLoad(bwt_b, vec2<u32>(min(col, p.k - 1u) >> 2u, c.x), c.y, 0);
 }
 fn bwt_store(z: u32, row: u32, col: u32, acc: vec4<f32>) {
     if (row >= p.n) { return; }

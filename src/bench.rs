@@ -73,6 +73,23 @@ pub fn kernels(opts: &ContextOptions, iters: usize) -> Result<()> {
     Ok(())
 }
 
-fn attention(_ctx: &Context, _iters: usize) -> Result<()> {
+/// Attention forward and backward for B=4, T=128, 9 query heads over 3 KV
+/// heads, head_dim 64 (SmolLM2-135M's attention at a training batch).
+pub fn attention(ctx: &Context, iters: usize) -> Result<()> {
+    use crate::gpu::ops::attention as att;
+    let (b, t, nh, kvh, hd) = (4, 128, 9, 3, 64);
+    let z = |shape: &[usize], l: &str| Tensor::zeros(ctx, shape, DType::F32, l);
+    let (q, k, v) = (filled(ctx, &[b, t, nh, hd], "q")?, filled(ctx, &[b, t, kvh, hd], "k")?, filled(ctx, &[b, t, kvh, hd], "v")?);
+    let (out, lse, dout) = (z(&[b, t, nh, hd], "out")?, z(&[b, nh, t], "lse")?, filled(ctx, &[b, t, nh, hd], "dout")?);
+    let (dq, dk, dv, delta) = (z(&[b, t, nh, hd], "dq")?, z(&[b, t, kvh, hd], "dk")?, z(&[b, t, kvh, hd], "dv")?, z(&[b, nh, t], "delta")?);
+    let mut fwd = Plan::new("attention_forward");
+    att::attention_forward(ctx, &mut fwd, &out, &lse, &q, &k, &v)?;
+    let mut bwd = Plan::new("attention_backward");
+    att::attention_backward(ctx, &mut bwd, &dq, &dk, &dv, &delta, &dout, &q, &k, &v, &out, &lse)?;
+    let tf = time_plan(ctx, &fwd, iters)?;
+    let tb = time_plan(ctx, &bwd, iters)?;
+    println!("attention B={b} T={t} heads {nh}/{kvh} kv, head_dim {hd}, causal:");
+    println!("  forward  {:>8.2} ms  {:>6.1} GFLOP/s", tf * 1e3, fwd.flops() / tf / 1e9);
+    println!("  backward {:>8.2} ms  {:>6.1} GFLOP/s", tb * 1e3, bwd.flops() / tb / 1e9);
     Ok(())
 }

@@ -37,6 +37,10 @@ pub struct Variant {
     pub sg: u32,
     /// Operand rows start on vec4 boundaries.
     pub aligned: bool,
+    /// Texture path: the A / B texture is split into layers (taller than
+    /// the texture limit), so row coordinates need a shift and a mask.
+    pub a_layered: bool,
+    pub b_layered: bool,
 }
 
 impl Variant {
@@ -53,7 +57,15 @@ impl Variant {
         (rg * self.tm, lc * self.tn)
     }
     fn name(&self) -> String {
-        format!("matmul_t{}x{}_sg{}_{}", self.tm, self.tn, self.sg, if self.aligned { "v4" } else { "s" })
+        format!(
+            "matmul_t{}x{}_sg{}_{}{}{}",
+            self.tm,
+            self.tn,
+            self.sg,
+            if self.aligned { "v4" } else { "s" },
+            if self.a_layered { "_la" } else { "" },
+            if self.b_layered { "_lb" } else { "" }
+        )
     }
 }
 
@@ -65,16 +77,16 @@ pub fn pick_variant(ctx: &Context, aligned: bool) -> Variant {
         Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?))
     }) {
         if tm % 4 == 0 && tn % 4 == 0 && tm > 0 && tn > 0 {
-            return Variant { tm, tn, sg: ctx.subgroup_size().unwrap_or(1), aligned };
+            return Variant { tm, tn, sg: ctx.subgroup_size().unwrap_or(1), aligned, a_layered: false, b_layered: false };
         }
         log::warn!("WGTUNE_MATMUL_TILE={tm}x{tn} ignored: both must be positive multiples of 4");
     }
     match ctx.subgroup_size() {
         // Narrow subgroups are CPU SIMD lanes (lavapipe, WARP): big register
         // tiles pay, since every load is expensive and registers are not.
-        Some(sg) if sg <= 8 => Variant { tm: 16, tn: 8, sg, aligned },
-        Some(sg) => Variant { tm: 8, tn: 8, sg, aligned },
-        None => Variant { tm: 8, tn: 8, sg: 1, aligned },
+        Some(sg) if sg <= 8 => Variant { tm: 16, tn: 8, sg, aligned, a_layered: false, b_layered: false },
+        Some(sg) => Variant { tm: 8, tn: 8, sg, aligned, a_layered: false, b_layered: false },
+        None => Variant { tm: 8, tn: 8, sg: 1, aligned, a_layered: false, b_layered: false },
     }
 }
 
@@ -96,16 +108,16 @@ pub fn generate(v: &Variant) -> String {
         ("", "let lane = lid % LC;\n    let rg = lid / LC;")
     };
 
-    for (tag, fa, fb, fs) in [("FW", "fw_inp4", "fw_weight4", "fw_store"), ("FWT", "fwt_a4", "fwt_b4", "fwt_store")] {
-        let (d, b, st) = gen_nt(tm, tn, sg, fa, fb, fs);
+    for (tag, fa, fb, fs, tex) in [("FW", "fw_inp4", "fw_weight4", "fw_store", false), ("FWT", "fwt_a4", "fwt_b4", "fwt_store", true)] {
+        let (d, b, st) = gen_nt(tm, tn, sg, fa, fb, fs, tex);
         s = s.replace(&format!("{{{{{tag}_DECL}}}}"), &d).replace(&format!("{{{{{tag}_BODY}}}}"), &b).replace(&format!("{{{{{tag}_STORE}}}}"), &st);
     }
-    for (tag, fa, fb, fs) in [("BI", "bi_dout4", "bi_weight4", "bi_store"), ("BIT", "bit_a4", "bit_b4", "bit_store")] {
-        let (d, b, st) = gen_nn(tm, tv, sg, fa, fb, fs);
+    for (tag, fa, fb, fs, tex) in [("BI", "bi_dout4", "bi_weight4", "bi_store", false), ("BIT", "bit_a4", "bit_b4", "bit_store", true)] {
+        let (d, b, st) = gen_nn(tm, tv, sg, fa, fb, fs, tex);
         s = s.replace(&format!("{{{{{tag}_DECL}}}}"), &d).replace(&format!("{{{{{tag}_BODY}}}}"), &b).replace(&format!("{{{{{tag}_STORE}}}}"), &st);
     }
-    for (tag, fa, fb, fs) in [("BW", "bw_dout4", "bw_inp4", "bw_store"), ("BWT", "bwt_a4", "bwt_b4", "bwt_store")] {
-        let (d, b, st) = gen_tn(tm, tv, sg, fa, fb, fs);
+    for (tag, fa, fb, fs, tex) in [("BW", "bw_dout4", "bw_inp4", "bw_store", false), ("BWT", "bwt_a4", "bwt_b4", "bwt_store", true)] {
+        let (d, b, st) = gen_tn(tm, tv, sg, fa, fb, fs, tex);
         s = s.replace(&format!("{{{{{tag}_DECL}}}}"), &d).replace(&format!("{{{{{tag}_BODY}}}}"), &b).replace(&format!("{{{{{tag}_STORE}}}}"), &st);
     }
 
@@ -117,23 +129,33 @@ pub fn generate(v: &Variant) -> String {
         .replace("{{RG}}", &rg.to_string())
         .replace("{{WG}}", &(lc * rg).to_string())
         .replace("{{ALIGNED}}", if v.aligned { "true" } else { "false" })
+        .replace("{{A_LAYERED}}", if v.a_layered { "true" } else { "false" })
+        .replace("{{B_LAYERED}}", if v.b_layered { "true" } else { "false" })
 }
 
 /// NT micro-kernel (forward): scalar accumulators c_i_j over a TM x TN tile.
-fn gen_nt(tm: usize, tn: usize, sg: usize, load_a: &str, load_b: &str, store_fn: &str) -> (String, String, String) {
+/// `tex`: loaders take texel coordinates, computed here once per row.
+fn gen_nt(tm: usize, tn: usize, sg: usize, load_a: &str, load_b: &str, store_fn: &str, tex: bool) -> (String, String, String) {
     let (mut decl, mut body, mut store) = (String::new(), String::new(), String::new());
     row_clamps(&mut decl, tm, sg);
+    if tex {
+        coords(&mut decl, tm, sg);
+    }
     for j in 0..tn {
         writeln!(decl, "    let cb{j} = min(col0 + {j}u, nlast);").unwrap();
+        if tex {
+            writeln!(decl, "    let cbc{j} = b_coord(cb{j});").unwrap();
+        }
     }
+    let (ra, cb) = if tex { ("ca", "cbc") } else { ("ra", "cb") };
     for i in 0..tm {
         for j in 0..tn {
             writeln!(decl, "    var c{i}_{j} = 0.0;").unwrap();
         }
     }
-    a_rows(&mut body, tm, sg, |r| format!("{load_a}({r}, k)"));
+    a_rows(&mut body, tm, sg, ra, |r| format!("{load_a}({r}, k)"));
     for j in 0..tn {
-        writeln!(body, "        let b{j} = {load_b}(cb{j}, k);").unwrap();
+        writeln!(body, "        let b{j} = {load_b}({cb}{j}, k);").unwrap();
     }
     for i in 0..tm {
         for j in 0..tn {
@@ -149,9 +171,12 @@ fn gen_nt(tm: usize, tn: usize, sg: usize, load_a: &str, load_b: &str, store_fn:
 }
 
 /// NN micro-kernel (backward_input): vec4 accumulators c_i_v over TV vec4 columns.
-fn gen_nn(tm: usize, tv: usize, sg: usize, load_a: &str, load_b: &str, store_fn: &str) -> (String, String, String) {
+fn gen_nn(tm: usize, tv: usize, sg: usize, load_a: &str, load_b: &str, store_fn: &str, tex: bool) -> (String, String, String) {
     let (mut decl, mut body, mut store) = (String::new(), String::new(), String::new());
     row_clamps(&mut decl, tm, sg);
+    if tex {
+        coords(&mut decl, tm, sg);
+    }
     for c in 0..tv {
         writeln!(decl, "    let cc{c} = col0 + {}u;", 4 * c).unwrap();
     }
@@ -160,7 +185,7 @@ fn gen_nn(tm: usize, tv: usize, sg: usize, load_a: &str, load_b: &str, store_fn:
             writeln!(decl, "    var c{i}_{c} = vec4<f32>(0.0);").unwrap();
         }
     }
-    a_rows(&mut body, tm, sg, |r| format!("{load_a}({r}, n)"));
+    a_rows(&mut body, tm, sg, if tex { "ca" } else { "ra" }, |r| format!("{load_a}({r}, n)"));
     for u in 0..4 {
         for c in 0..tv {
             writeln!(body, "        let b{u}_{c} = {load_b}(n + {u}u, cc{c});").unwrap();
@@ -181,8 +206,13 @@ fn gen_nn(tm: usize, tv: usize, sg: usize, load_a: &str, load_b: &str, store_fn:
 
 /// Token-reduction micro-kernel (backward_weight): A = dout[m, row0..row0+TM]
 /// as TM/4 vec4s shared over the subgroup; B = inp[m, cols] as TV vec4s.
-fn gen_tn(tm: usize, tv: usize, sg: usize, load_a: &str, load_b: &str, store_fn: &str) -> (String, String, String) {
+fn gen_tn(tm: usize, tv: usize, sg: usize, load_a: &str, load_b: &str, store_fn: &str, tex: bool) -> (String, String, String) {
     let (mut decl, mut body, mut store) = (String::new(), String::new(), String::new());
+    // Both operands are read at token m: one coordinate pair per iteration.
+    let (ma, mb) = if tex { ("cma", "cmb") } else { ("m", "m") };
+    if tex {
+        writeln!(body, "        let cma = a_coord(m);\n        let cmb = b_coord(m);").unwrap();
+    }
     let ta = tm.div_ceil(4);
     for c in 0..tv {
         writeln!(decl, "    let cc{c} = col0 + {}u;", 4 * c).unwrap();
@@ -194,18 +224,18 @@ fn gen_tn(tm: usize, tv: usize, sg: usize, load_a: &str, load_b: &str, store_fn:
     }
     if sg > 1 {
         for slot in 0..ta.div_ceil(sg) {
-            writeln!(body, "        let va{slot} = {load_a}(m, row0 + 4u * ({}u + lane));", slot * sg).unwrap();
+            writeln!(body, "        let va{slot} = {load_a}({ma}, row0 + 4u * ({}u + lane));", slot * sg).unwrap();
         }
         for t in 0..ta {
             writeln!(body, "        let a{t} = subgroupBroadcast(va{}, {}u);", t / sg, t % sg).unwrap();
         }
     } else {
         for t in 0..ta {
-            writeln!(body, "        let a{t} = {load_a}(m, row0 + {}u);", 4 * t).unwrap();
+            writeln!(body, "        let a{t} = {load_a}({ma}, row0 + {}u);", 4 * t).unwrap();
         }
     }
     for c in 0..tv {
-        writeln!(body, "        let b{c} = {load_b}(m, cc{c});").unwrap();
+        writeln!(body, "        let b{c} = {load_b}({mb}, cc{c});").unwrap();
     }
     for i in 0..tm {
         for c in 0..tv {
@@ -233,18 +263,27 @@ fn row_clamps(decl: &mut String, tm: usize, sg: usize) {
     }
 }
 
+/// Texel coordinates `ca*` of the A rows `ra*` (loop-invariant).
+fn coords(decl: &mut String, tm: usize, sg: usize) {
+    let n = if sg > 1 { tm.div_ceil(sg) } else { tm };
+    for i in 0..n {
+        writeln!(decl, "    let ca{i} = a_coord(ra{i});").unwrap();
+    }
+}
+
 /// Load the TM A rows `a0..`: directly, or one slot per lane then broadcast.
-fn a_rows(body: &mut String, tm: usize, sg: usize, load: impl Fn(String) -> String) {
+/// `rows` names the per-row index variables (`ra`) or coordinates (`ca`).
+fn a_rows(body: &mut String, tm: usize, sg: usize, rows: &str, load: impl Fn(String) -> String) {
     if sg > 1 {
         for slot in 0..tm.div_ceil(sg) {
-            writeln!(body, "        let va{slot} = {};", load(format!("ra{slot}"))).unwrap();
+            writeln!(body, "        let va{slot} = {};", load(format!("{rows}{slot}"))).unwrap();
         }
         for i in 0..tm {
             writeln!(body, "        let a{i} = subgroupBroadcast(va{}, {}u);", i / sg, i % sg).unwrap();
         }
     } else {
         for i in 0..tm {
-            writeln!(body, "        let a{i} = {};", load(format!("ra{i}"))).unwrap();
+            writeln!(body, "        let a{i} = {};", load(format!("{rows}{i}"))).unwrap();
         }
     }
 }
@@ -254,8 +293,10 @@ pub fn all_variant_sources() -> Vec<(String, String)> {
     let mut out = Vec::new();
     for (tm, tn, sg) in [(16, 8, 8), (8, 8, 32), (8, 8, 16), (8, 8, 64), (8, 8, 1), (16, 8, 4)] {
         for aligned in [true, false] {
-            let v = Variant { tm, tn, sg, aligned };
-            out.push((v.name(), generate(&v)));
+            for layered in [false, true] {
+                let v = Variant { tm, tn, sg, aligned, a_layered: layered, b_layered: layered };
+                out.push((v.name(), generate(&v)));
+            }
         }
     }
     out
@@ -456,8 +497,10 @@ pub fn matmul_backward_weight_ex(ctx: &Context, plan: &mut Plan, dweight: &Tenso
     let tex = use_textures(ctx, &[(m, n), (m, k)]);
     let (a, b) = if tex { (Some(pack(ctx, plan, dout)?), Some(pack(ctx, plan, inp)?)) } else { (None, None) };
     let mut p = Params::new().u(m).u(k).u(n).u(0).u(0).u(n).f(alpha).u(0).u(m_split).u(splits);
+    let mut v = v;
     if let (Some(a), Some(b)) = (&a, &b) {
         p = p.u(a.layer_shift() as usize).u(b.layer_shift() as usize).u(0);
+        v = layered(v, a, b);
     }
     let main = |plan: &mut Plan, target: &Tensor| -> Result<()> {
         match (&a, &b) {
@@ -543,7 +586,7 @@ pub fn matmul_forward_packed(
         return Ok(());
     }
     let a = pack(ctx, plan, inp)?;
-    let v = pick_variant(ctx, k % 4 == 0);
+    let v = layered(pick_variant(ctx, k % 4 == 0), &a, weight);
     let (tile_m, tile_n) = v.tile();
     let kern = spec(&v, "matmul_forward_tex", &[W, X, X, R]);
     let dummy = Tensor::zeros(ctx, &[1], DType::F32, "no_bias")?;
@@ -574,7 +617,7 @@ pub fn matmul_backward_input_packed(ctx: &Context, plan: &mut Plan, dinp: &Tenso
         return Ok(());
     }
     let a = pack(ctx, plan, dout)?;
-    let v = pick_variant(ctx, k % 4 == 0);
+    let v = layered(pick_variant(ctx, k % 4 == 0), &a, weight);
     let (tile_m, tile_k) = v.tile();
     let kern = spec(&v, "matmul_backward_input_tex", &[W, X, X]);
     let mc = chunk_rows(ctx, "matmul_backward_input dinp", m, &[k], 1)?;
@@ -587,4 +630,9 @@ pub fn matmul_backward_input_packed(ctx: &Context, plan: &mut Plan, dinp: &Tenso
     }
     plan.add_flops(2.0 * m as f64 * n as f64 * k as f64);
     Ok(())
+}
+
+/// Set the layered flags of `v` from the textures it will read.
+fn layered(v: Variant, a: &TexMatrix, b: &TexMatrix) -> Variant {
+    Variant { a_layered: a.layer_shift() < 31, b_layered: b.layer_shift() < 31, ..v }
 }
