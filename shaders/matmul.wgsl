@@ -422,3 +422,18 @@ fn matmul_pack(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
     let r = tex_row(p.a_row0 + row, p.a_shift);
     textureStore(pk_dst, vec2<u32>(c, r.x), r.y, v);
 }
+
+// matmul_pack4: matmul_pack for COLS % 4 == 0, one vec4 load per texel.
+@group(0) @binding(1) var pk4_dst: texture_storage_2d_array<rgba32float, write>; // packed (ROWS, COLS)
+@group(0) @binding(2) var<storage, read> pk4_src: array<vec4<f32>>;                // (M, K) chunk
+
+@compute @workgroup_size(64)
+fn matmul_pack4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let w4 = p.k / 4u;
+    let i = flat_wg(wg, nwg) * 64u + lid;
+    if (i >= w4 * p.m) { return; }
+    let row = i / w4;
+    let r = tex_row(p.a_row0 + row, p.a_shift);
+    textureStore(pk4_dst, vec2<u32>(i - row * w4, r.x), r.y, pk4_src[i]);
+}

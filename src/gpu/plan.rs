@@ -17,6 +17,8 @@ use crate::gpu::tensor::{TexMatrix, Tensor};
 enum Step {
     Dispatch { kernel: Arc<Kernel>, bind_group: wgpu::BindGroup, workgroups: [u32; 3] },
     Clear { tensor: Tensor },
+    /// Rows of `src` copied into texture rows starting at (y, layer).
+    Copy { src: Tensor, texture: wgpu::Texture, width: u32, rows: u32, y: u32, layer: u32 },
     Group(String),
     EndGroup,
 }
@@ -98,6 +100,18 @@ impl Plan {
     /// Zero a tensor (a gradient buffer, say) at this point of the plan.
     pub fn clear(&mut self, t: &Tensor) {
         self.steps.push(Step::Clear { tensor: t.clone() });
+    }
+
+    /// Copy the `[rows, 4*width]` rows of `src` into `dst` rows y.. of
+    /// `layer` (a memcpy; rows must be whole multiples of 256 bytes).
+    pub fn copy_to_texture(&mut self, src: &Tensor, dst: &TexMatrix, y: u32, layer: u32) -> Result<()> {
+        let cols = src.shape().last().copied().unwrap_or(0);
+        let rows = src.numel() / cols.max(1);
+        if cols % 64 != 0 || src.offset() % 16 != 0 || cols != dst.cols() {
+            return Err(Error::invalid("copy_to_texture", format!("`{}` rows cannot be copied into `{}`", src.label(), dst.label())));
+        }
+        self.steps.push(Step::Copy { src: src.clone(), texture: dst.texture().clone(), width: (cols / 4) as u32, rows: rows as u32, y, layer });
+        Ok(())
     }
 
     /// Record one dispatch of `spec` over buffer `bindings` (in layout order).
@@ -182,10 +196,25 @@ impl Plan {
         let mut open: Vec<&str> = Vec::new();
         let mut i = 0;
         while i < self.steps.len() {
-            if let Step::Clear { tensor } = &self.steps[i] {
-                encoder.clear_buffer(tensor.buffer(), tensor.offset(), Some(tensor.bytes()));
-                i += 1;
-                continue;
+            match &self.steps[i] {
+                Step::Clear { tensor } => {
+                    encoder.clear_buffer(tensor.buffer(), tensor.offset(), Some(tensor.bytes()));
+                    i += 1;
+                    continue;
+                }
+                Step::Copy { src, texture, width, rows, y, layer } => {
+                    encoder.copy_buffer_to_texture(
+                        wgpu::TexelCopyBufferInfo {
+                            buffer: src.buffer(),
+                            layout: wgpu::TexelCopyBufferLayout { offset: src.offset(), bytes_per_row: Some(width * 16), rows_per_image: Some(*rows) },
+                        },
+                        wgpu::TexelCopyTextureInfo { texture, mip_level: 0, origin: wgpu::Origin3d { x: 0, y: *y, z: *layer }, aspect: wgpu::TextureAspect::All },
+                        wgpu::Extent3d { width: *width, height: *rows, depth_or_array_layers: 1 },
+                    );
+                    i += 1;
+                    continue;
+                }
+                _ => {}
             }
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(&self.label),
@@ -196,7 +225,7 @@ impl Plan {
             }
             while i < self.steps.len() {
                 match &self.steps[i] {
-                    Step::Clear { .. } => break,
+                    Step::Clear { .. } | Step::Copy { .. } => break,
                     Step::Dispatch { kernel, bind_group, workgroups } => {
                         pass.set_pipeline(&kernel.pipeline);
                         pass.set_bind_group(0, bind_group, &[]);

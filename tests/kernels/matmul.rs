@@ -6,7 +6,7 @@ use wgtune::gpu::{Context, ContextOptions, Plan};
 // (M, K, N): odd sizes that are no multiple of any tile or of 4, sizes that
 // are multiples of 4 but not of a tile (vec4 path), M = 1, and one LLM-like
 // shape.
-const SHAPES: &[(usize, usize, usize)] = &[(1, 7, 5), (13, 33, 17), (7, 36, 20), (1, 64, 9), (45, 100, 132), (130, 96, 70)];
+const SHAPES: &[(usize, usize, usize)] = &[(1, 7, 5), (13, 33, 17), (7, 36, 20), (1, 64, 9), (45, 100, 132), (130, 96, 70), (37, 128, 64)];
 
 fn check_all(ctx: &Context, tag: &str, shapes: &[(usize, usize, usize)]) {
     for &(m, k, n) in shapes {
@@ -143,4 +143,17 @@ fn matmul_is_deterministic() {
     };
     let (a, b) = (go(), go());
     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "backward_weight differs between runs");
+}
+
+#[test]
+fn matmul_layered_textures_vs_cpu() {
+    // More rows than one texture layer holds (16384 on lavapipe): the packed
+    // matrices are split into layers, through the packing kernel (K = 12)
+    // and through the buffer-to-texture copy (K = 64).
+    let ctx = gpu!();
+    let rows = ctx.limits.max_texture_dimension_2d as usize + 37;
+    for k in [12, 64] {
+        assert!(matmul::use_textures(ctx, &[(rows, k)]), "texture path expected");
+        check_all(ctx, "layered", &[(rows, k, 5)]);
+    }
 }
