@@ -276,10 +276,9 @@ fn b_coord(row: u32) -> vec2<u32> {
 }
 
 // matmul_forward_tex: out[m, col_off + n] (+)= alpha * sum_k a[a_row0 + m, k] * b[n, k] + bias[n]
-@group(0) @binding(1) var<storage, read_write> fwt_out: array<f32>;  // (M, LD_OUT)
+// Output and bias bindings are the storage entry's own (fw_out, fw_bias).
 @group(0) @binding(2) var fwt_a: texture_2d_array<f32>;              // packed inp (rows >= a_row0 + M, K)
 @group(0) @binding(3) var fwt_b: texture_2d_array<f32>;              // packed weight (N, K)
-@group(0) @binding(4) var<storage, read> fwt_bias: array<f32>;       // (N), or 1 dummy element
 
 fn fwt_a4(c: vec2<u32>, k: u32) -> vec4<f32> {
     return textureLoad(fwt_a, vec2<u32>(k >> 2u, c.x), c.y, 0);
@@ -287,15 +286,6 @@ fn fwt_a4(c: vec2<u32>, k: u32) -> vec4<f32> {
 fn fwt_b4(c: vec2<u32>, k: u32) -> vec4<f32> {
     return textureLoad(fwt_b, vec2<u32>(k >> 2u, c.x), c.y, 0);
 }
-fn fwt_store(row: u32, col: u32, acc: f32) {
-    if (row >= p.m || col >= p.n) { return; }
-    var v = p.alpha * acc;
-    if ((p.flags & 2u) != 0u) { v += fwt_bias[col]; }
-    let o = row * p.ld_out + p.col_off + col;
-    if ((p.flags & 1u) != 0u) { v += fwt_out[o]; }
-    fwt_out[o] = v;
-}
-
 @compute @workgroup_size(WG)
 fn matmul_forward_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32,
                       {{LANE_BUILTINS}}) {
@@ -313,7 +303,7 @@ fn matmul_forward_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoc
 
 // matmul_backward_input_tex: dinp[m, k] += alpha * sum_n a[a_row0 + m, n] * b[n, k]
 // (a = packed dout, b = packed weight).
-@group(0) @binding(1) var<storage, read_write> bit_dinp: array<vec4<f32>>; // (M, K)
+// Output binding: bi_dinp, shared with the storage entry.
 @group(0) @binding(2) var bit_a: texture_2d_array<f32>;                    // packed dout (rows >= a_row0 + M, N)
 @group(0) @binding(3) var bit_b: texture_2d_array<f32>;                    // packed weight (N, K)
 
@@ -327,17 +317,6 @@ fn bit_b4(n: u32, col: u32) -> vec4<f32> {
     let c = b_coord(n);
     return textureLoad(bit_b, vec2<u32>(col >> 2u, c.x), c.y, 0);
 }
-fn bit_store(row: u32, col: u32, acc: vec4<f32>) {
-    if (row >= p.m) { return; }
-    if (ALIGNED) {
-        if (col < p.k) { let o = (row * p.k + col) >> 2u; bit_dinp[o] += p.alpha * acc; }
-        return;
-    }
-    for (var i = 0u; i < 4u; i++) {
-        if (col + i < p.k) { let e = row * p.k + col + i; bit_dinp[e >> 2u][e & 3u] += p.alpha * acc[i]; }
-    }
-}
-
 @compute @workgroup_size(WG)
 fn matmul_backward_input_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32,
                              {{LANE_BUILTINS}}) {
@@ -354,7 +333,7 @@ fn matmul_backward_input_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(loca
 
 // matmul_backward_weight_tex: dweight[n, k] += alpha * sum_m a[m, n] * b[m, k]
 // (a = packed dout, b = packed inp), split-K as in matmul_backward_weight.
-@group(0) @binding(1) var<storage, read_write> bwt_dweight: array<vec4<f32>>; // (N, K), or partials (SPLITS, N, K)
+// Output binding: bw_dweight, shared with the storage entry.
 @group(0) @binding(2) var bwt_a: texture_2d_array<f32>;                       // packed dout (M, N)
 @group(0) @binding(3) var bwt_b: texture_2d_array<f32>;                       // packed inp (M, K)
 
@@ -365,25 +344,6 @@ fn bwt_a4(c: vec2<u32>, n: u32) -> vec4<f32> {
 fn bwt_b4(c: vec2<u32>, col: u32) -> vec4<f32> {
     return textureLoad(bwt_b, vec2<u32>(min(col, p.k - 1u) >> 2u, c.x), c.y, 0);
 }
-fn bwt_store(z: u32, row: u32, col: u32, acc: vec4<f32>) {
-    if (row >= p.n) { return; }
-    let base = z * p.n * p.k;
-    let scale = select(p.alpha, 1.0, p.splits > 1u);
-    if (ALIGNED) {
-        if (col >= p.k) { return; }
-        let o = (base + row * p.k + col) >> 2u;
-        if (p.splits > 1u) { bwt_dweight[o] = acc; } else { bwt_dweight[o] += scale * acc; }
-        return;
-    }
-    for (var i = 0u; i < 4u; i++) {
-        if (col + i < p.k) {
-            let e = base + row * p.k + col + i;
-            if (p.splits > 1u) { bwt_dweight[e >> 2u][e & 3u] = acc[i]; }
-            else { bwt_dweight[e >> 2u][e & 3u] += scale * acc[i]; }
-        }
-    }
-}
-
 @compute @workgroup_size(WG)
 fn matmul_backward_weight_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32,
                               {{LANE_BUILTINS}}) {

@@ -27,7 +27,11 @@ pub struct DeviceArgs {
 
 impl DeviceArgs {
     pub fn options(&self) -> ContextOptions {
-        ContextOptions { backend: self.backend.clone(), adapter: self.adapter.clone(), ..Default::default() }
+        ContextOptions {
+            backend: self.backend.clone(),
+            adapter: self.adapter.clone(),
+            ..Default::default()
+        }
     }
 }
 
@@ -58,16 +62,18 @@ pub enum BenchCommand {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Devices(d) => devices(&d),
-        Command::Bench { what: BenchCommand::Kernels { device, iters } } => {
-            crate::bench::kernels(&device.options(), iters)
-        }
+        Command::Bench {
+            what: BenchCommand::Kernels { device, iters },
+        } => crate::bench::kernels(&device.options(), iters),
     }
 }
 
 fn devices(d: &DeviceArgs) -> Result<()> {
     let list = list_adapters(d.backend.as_deref())?;
     if list.is_empty() {
-        println!("no GPU adapters found (on Linux: apt-get install -y mesa-vulkan-drivers libvulkan1)");
+        println!(
+            "no GPU adapters found (on Linux: apt-get install -y mesa-vulkan-drivers libvulkan1)"
+        );
     }
     for (i, a) in list.iter().enumerate() {
         let sub = if a.features.contains(wgpu::Features::SUBGROUP) {
@@ -76,7 +82,10 @@ fn devices(d: &DeviceArgs) -> Result<()> {
             "none".to_string()
         };
         println!("[{i}] {}", a.info.name);
-        println!("    backend {:?}, type {:?}, driver {} {}", a.info.backend, a.info.device_type, a.info.driver, a.info.driver_info);
+        println!(
+            "    backend {:?}, type {:?}, driver {} {}",
+            a.info.backend, a.info.device_type, a.info.driver, a.info.driver_info
+        );
         println!(
             "    max storage binding {} MiB, max buffer {} MiB, workgroup storage {} KiB, storage buffers/stage {}",
             a.limits.max_storage_buffer_binding_size >> 20,

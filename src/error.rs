@@ -17,10 +17,18 @@ pub enum Error {
     Shader { kernel: String, message: String },
     /// wgpu reported a validation, out-of-memory or device-lost error.
     #[error("GPU error{}: {message}", context.as_ref().map(|c| format!(" in {c}")).unwrap_or_default())]
-    Gpu { context: Option<String>, message: String },
+    Gpu {
+        context: Option<String>,
+        message: String,
+    },
     /// A tensor does not have the shape an op needs.
     #[error("{op}: tensor `{tensor}` has shape {got:?}, expected {expected}")]
-    Shape { op: String, tensor: String, expected: String, got: Vec<usize> },
+    Shape {
+        op: String,
+        tensor: String,
+        expected: String,
+        got: Vec<usize>,
+    },
     /// A tensor (or chunk of one) is larger than a device limit allows.
     #[error("{what}: needs {need} bytes but the device allows {have}\n---> HINT: this op cannot split the tensor further; use a smaller batch or sequence length")]
     Limits { what: String, need: u64, have: u64 },
@@ -29,7 +37,10 @@ pub enum Error {
     Invalid { op: String, message: String },
     /// Reading a file failed.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Shorthand used throughout the library.
@@ -37,6 +48,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) fn invalid(op: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Invalid { op: op.into(), message: message.into() }
+        Error::Invalid {
+            op: op.into(),
+            message: message.into(),
+        }
     }
 }

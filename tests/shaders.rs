@@ -8,7 +8,10 @@ fn validate(name: &str, src: &str) {
     let mut v = Validator::new(ValidationFlags::all(), Capabilities::all());
     v.validate(&module)
         .unwrap_or_else(|e| panic!("{name}: validation error:\n{}", e.emit_to_string(src)));
-    assert!(!module.entry_points.is_empty() || name == "common", "{name}: no entry points");
+    assert!(
+        !module.entry_points.is_empty() || name == "common",
+        "{name}: no entry points"
+    );
     eprintln!("{name}: {} entry points ok", module.entry_points.len());
 }
 

@@ -26,7 +26,14 @@ pub fn swiglu_forward(out: &mut [f64], gate: &[f64], up: &[f64], n: usize) {
 
 /// Differentiates `out = gate * s(gate) * up`, s = sigmoid:
 /// dgate += dout * up * s * (1 + gate * (1 - s)); dup += dout * gate * s.
-pub fn swiglu_backward(dgate: &mut [f64], dup: &mut [f64], dout: &[f64], gate: &[f64], up: &[f64], n: usize) {
+pub fn swiglu_backward(
+    dgate: &mut [f64],
+    dup: &mut [f64],
+    dout: &[f64],
+    gate: &[f64],
+    up: &[f64],
+    n: usize,
+) {
     for i in 0..n {
         let (g, s) = (gate[i], sigmoid(gate[i]));
         dgate[i] += dout[i] * up[i] * s * (1.0 + g * (1.0 - s));
@@ -49,7 +56,8 @@ pub fn gelu_backward(dinp: &mut [f64], dout: &[f64], inp: &[f64], n: usize) {
     for i in 0..n {
         let x = inp[i];
         let t = (GELU_K0 * (x + GELU_K1 * x * x * x)).tanh();
-        let local = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_K0 * (1.0 + 3.0 * GELU_K1 * x * x);
+        let local =
+            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_K0 * (1.0 + 3.0 * GELU_K1 * x * x);
         dinp[i] += dout[i] * local;
     }
 }

@@ -18,12 +18,28 @@
 /// 1.3e-5 relative (cancellation), hence the separate slots.
 /// `t` counts steps from 1, as torch's `state["step"]` does after its
 /// increment; t = 0 (bias correction undefined) is treated as 1.
-pub fn adamw_step_scalars(lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64, t: u64) -> [f64; 8] {
+pub fn adamw_step_scalars(
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    t: u64,
+) -> [f64; 8] {
     let t = t.max(1) as f64;
     // powf matches Python's `beta ** step` (float ** int calls pow()).
     let bc1 = 1.0 - beta1.powf(t);
     let bc2 = 1.0 - beta2.powf(t);
-    [1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, lr / bc1, bc2.sqrt()]
+    [
+        1.0 - lr * weight_decay,
+        beta1,
+        1.0 - beta1,
+        beta2,
+        1.0 - beta2,
+        eps,
+        lr / bc1,
+        bc2.sqrt(),
+    ]
 }
 
 /// norm (4) <- grads (N): torch.nn.utils.clip_grad_norm_ without the scaling.
@@ -37,7 +53,11 @@ pub fn global_norm(norm: &mut [f64], grads: &[f64], max_norm: f64) {
     // A NaN or Inf anywhere makes the f64 sum NaN or Inf.
     let flagged = !sum.is_finite();
     let n = sum.sqrt();
-    let coef = if !flagged && max_norm > 0.0 { (max_norm / (n + 1e-6)).min(1.0) } else { 1.0 };
+    let coef = if !flagged && max_norm > 0.0 {
+        (max_norm / (n + 1e-6)).min(1.0)
+    } else {
+        1.0
+    };
     norm[0] = if flagged { f64::INFINITY } else { n };
     norm[1] = coef;
     norm[2] = if flagged { 1.0 } else { 0.0 };
@@ -54,12 +74,21 @@ pub fn global_norm(norm: &mut [f64], grads: &[f64], max_norm: f64) {
 /// written with the precomputed scalars as torch evaluates it:
 ///   p = p*decay - step_size * m / (sqrt(v)/bc2_sqrt + eps).
 /// Nothing changes when norm[2] flags a non-finite gradient norm.
-pub fn adamw_update(params: &mut [f64], m: &mut [f64], v: &mut [f64], grads: &[f64], norm: &[f64], step: &[f64]) {
+pub fn adamw_update(
+    params: &mut [f64],
+    m: &mut [f64],
+    v: &mut [f64],
+    grads: &[f64],
+    norm: &[f64],
+    step: &[f64],
+) {
     if norm[2] != 0.0 {
         return;
     }
     let coef = norm[1];
-    let [decay, b1, omb1, b2, omb2, eps, step_size, bc2_sqrt] = [step[0], step[1], step[2], step[3], step[4], step[5], step[6], step[7]];
+    let [decay, b1, omb1, b2, omb2, eps, step_size, bc2_sqrt] = [
+        step[0], step[1], step[2], step[3], step[4], step[5], step[6], step[7],
+    ];
     for i in 0..params.len() {
         let g = grads[i] * coef;
         params[i] *= decay;

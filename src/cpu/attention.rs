@@ -32,13 +32,14 @@ pub fn attention_forward(
     p: usize,
 ) {
     let s = p + t;
-    let g = nh / kvh;
+    let g = nh / kvh; // query heads per KV head
     let scale = 1.0 / (hd as f64).sqrt();
     for bi in 0..b {
         for h in 0..nh {
             let kh = h / g;
             for ti in 0..t {
                 let qr = &q[row(bi, ti, h, t, nh, hd)..][..hd];
+                // Every prefix key and the real keys up to ti.
                 let nk = p + ti + 1;
                 // Scores, then a max-subtracted softmax.
                 let sc: Vec<f64> = (0..nk)
@@ -47,6 +48,7 @@ pub fn attention_forward(
                 let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
                 lse[(bi * nh + h) * t + ti] = m + z.ln();
+                // out = sum_j p_j v_j with p_j = exp(sc_j - m) / z.
                 let o = &mut out[row(bi, ti, h, t, nh, hd)..][..hd];
                 o.fill(0.0);
                 for (j, x) in sc.iter().enumerate() {
@@ -95,12 +97,15 @@ pub fn attention_backward(
                 let qi = row(bi, ti, h, t, nh, hd);
                 let (qr, go) = (&q[qi..][..hd], &dout[qi..][..hd]);
                 let l = lse[(bi * nh + h) * t + ti];
+                // sum_j p_j dp_j = dout . sum_j p_j v_j = dout . out.
                 let delta = dot(go, &out[qi..][..hd]);
                 for j in 0..p + ti + 1 {
                     let ki = row(bi, j, kh, s, kvh, hd);
                     // Recompute the probability from lse, as the kernels do.
                     let pj = (scale * dot(qr, &k[ki..][..hd]) - l).exp();
+                    // Softmax backward: ds_j = p_j (dp_j - sum_i p_i dp_i).
                     let ds = pj * (dot(go, &v[ki..][..hd]) - delta);
+                    // sc = scale q.k, out += p v: the three gradients.
                     for d in 0..hd {
                         dq[qi + d] += scale * ds * k[ki + d];
                         dk[ki + d] += scale * ds * qr[d];

@@ -10,7 +10,16 @@
 /// batch are not touched. An id outside [0, V) gives a zero row, exactly as
 /// the GPU kernel does (the host validates ids; this only keeps reads in range).
 #[allow(clippy::too_many_arguments)]
-pub fn embedding_forward(out: &mut [f64], ids: &[i32], table: &[f64], b: usize, t: usize, v: usize, c: usize, row_offset: usize) {
+pub fn embedding_forward(
+    out: &mut [f64],
+    ids: &[i32],
+    table: &[f64],
+    b: usize,
+    t: usize,
+    v: usize,
+    c: usize,
+    row_offset: usize,
+) {
     let s = row_offset + t;
     for bi in 0..b {
         for ti in 0..t {

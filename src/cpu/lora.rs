@@ -13,7 +13,18 @@ use super::matmul::{matmul_backward_input, matmul_backward_weight, matmul_forwar
 /// h (M, R) = inp (M, K) . a (R, K)^T, saved for backward;
 /// out (M, N) += scale * h . b (N, R)^T (the residual add into y = x W^T).
 #[allow(clippy::too_many_arguments)]
-pub fn lora_forward(out: &mut [f64], h: &mut [f64], inp: &[f64], a: &[f64], b: &[f64], m: usize, k: usize, n: usize, r: usize, scale: f64) {
+pub fn lora_forward(
+    out: &mut [f64],
+    h: &mut [f64],
+    inp: &[f64],
+    a: &[f64],
+    b: &[f64],
+    m: usize,
+    k: usize,
+    n: usize,
+    r: usize,
+    scale: f64,
+) {
     // The "down" projection is a plain matmul with R output features.
     matmul_forward(h, inp, a, None, m, k, r);
     // The "up" projection, added into the frozen layer's output.

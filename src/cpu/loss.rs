@@ -24,7 +24,13 @@ fn row_stats(x: &[f64]) -> (f64, f64) {
 /// losses[i] = logsumexp(logits[i, :]) - logits[i, targets[i]]; 0 for ignored rows.
 ///
 /// Shapes: losses (N), logits (N, V), targets (N).
-pub fn crossentropy_forward(losses: &mut [f64], logits: &[f64], targets: &[i32], n: usize, v: usize) {
+pub fn crossentropy_forward(
+    losses: &mut [f64],
+    logits: &[f64],
+    targets: &[i32],
+    n: usize,
+    v: usize,
+) {
     for i in 0..n {
         let x = &logits[i * v..(i + 1) * v];
         losses[i] = match target(targets, i, v) {
@@ -45,9 +51,18 @@ pub fn crossentropy_forward(losses: &mut [f64], logits: &[f64], targets: &[i32],
 ///
 /// Shapes: dlogits (N, V), dlosses (N), logits (N, V), targets (N). `dlosses`
 /// carries the mask and the 1/num_targets scaling ([`mean_loss_scale`]).
-pub fn crossentropy_softmax_backward(dlogits: &mut [f64], dlosses: &[f64], logits: &[f64], targets: &[i32], n: usize, v: usize) {
+pub fn crossentropy_softmax_backward(
+    dlogits: &mut [f64],
+    dlosses: &[f64],
+    logits: &[f64],
+    targets: &[i32],
+    n: usize,
+    v: usize,
+) {
     for i in 0..n {
-        let Some(t) = target(targets, i, v) else { continue };
+        let Some(t) = target(targets, i, v) else {
+            continue;
+        };
         let x = &logits[i * v..(i + 1) * v];
         let (m, log_l) = row_stats(x);
         let lse = m + log_l;
@@ -69,5 +84,11 @@ pub fn crossentropy_softmax_backward(dlogits: &mut [f64], dlosses: &[f64], logit
 pub fn mean_loss_scale(targets: &[i32]) -> (usize, Vec<f64>) {
     let num = targets.iter().filter(|&&t| t >= 0).count();
     let scale = if num == 0 { 0.0 } else { 1.0 / num as f64 };
-    (num, targets.iter().map(|&t| if t >= 0 { scale } else { 0.0 }).collect())
+    (
+        num,
+        targets
+            .iter()
+            .map(|&t| if t >= 0 { scale } else { 0.0 })
+            .collect(),
+    )
 }

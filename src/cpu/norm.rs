@@ -1,7 +1,15 @@
 //! CPU twins of `shaders/norm.wgsl`, in f64. Same names and argument order.
 
 /// out (N, C) = weight * x * rstd; rstd (N) = 1/sqrt(mean(x^2) + eps).
-pub fn rmsnorm_forward(out: &mut [f64], rstd: &mut [f64], inp: &[f64], weight: &[f64], n: usize, c: usize, eps: f64) {
+pub fn rmsnorm_forward(
+    out: &mut [f64],
+    rstd: &mut [f64],
+    inp: &[f64],
+    weight: &[f64],
+    n: usize,
+    c: usize,
+    eps: f64,
+) {
     for r in 0..n {
         let x = &inp[r * c..(r + 1) * c];
         let ms = x.iter().map(|v| v * v).sum::<f64>() / c as f64;
@@ -14,7 +22,15 @@ pub fn rmsnorm_forward(out: &mut [f64], rstd: &mut [f64], inp: &[f64], weight: &
 }
 
 /// dinp += rstd * (g - x * rstd^2 * mean(g*x)), g = weight * dout.
-pub fn rmsnorm_backward(dinp: &mut [f64], dout: &[f64], inp: &[f64], weight: &[f64], rstd: &[f64], n: usize, c: usize) {
+pub fn rmsnorm_backward(
+    dinp: &mut [f64],
+    dout: &[f64],
+    inp: &[f64],
+    weight: &[f64],
+    rstd: &[f64],
+    n: usize,
+    c: usize,
+) {
     for r in 0..n {
         let x = &inp[r * c..(r + 1) * c];
         let d = &dout[r * c..(r + 1) * c];
@@ -28,7 +44,17 @@ pub fn rmsnorm_backward(dinp: &mut [f64], dout: &[f64], inp: &[f64], weight: &[f
 
 /// out = (x - mean) * rstd * weight + bias; saves mean and rstd (biased variance).
 #[allow(clippy::too_many_arguments)]
-pub fn layernorm_forward(out: &mut [f64], mean: &mut [f64], rstd: &mut [f64], inp: &[f64], weight: &[f64], bias: &[f64], n: usize, c: usize, eps: f64) {
+pub fn layernorm_forward(
+    out: &mut [f64],
+    mean: &mut [f64],
+    rstd: &mut [f64],
+    inp: &[f64],
+    weight: &[f64],
+    bias: &[f64],
+    n: usize,
+    c: usize,
+    eps: f64,
+) {
     for r in 0..n {
         let x = &inp[r * c..(r + 1) * c];
         let m = x.iter().sum::<f64>() / c as f64;
@@ -44,7 +70,16 @@ pub fn layernorm_forward(out: &mut [f64], mean: &mut [f64], rstd: &mut [f64], in
 
 /// dinp += rstd * (g - mean(g) - xhat * mean(g*xhat)), g = weight * dout.
 #[allow(clippy::too_many_arguments)]
-pub fn layernorm_backward(dinp: &mut [f64], dout: &[f64], inp: &[f64], weight: &[f64], mean: &[f64], rstd: &[f64], n: usize, c: usize) {
+pub fn layernorm_backward(
+    dinp: &mut [f64],
+    dout: &[f64],
+    inp: &[f64],
+    weight: &[f64],
+    mean: &[f64],
+    rstd: &[f64],
+    n: usize,
+    c: usize,
+) {
     for r in 0..n {
         let (m, s) = (mean[r], rstd[r]);
         let xhat: Vec<f64> = (0..c).map(|i| (inp[r * c + i] - m) * s).collect();

@@ -7,7 +7,9 @@
 /// HF `inv_freq`: inv_freq[i] = 1 / theta^(2i / D) for i < D/2
 /// (`1.0 / base ** (arange(0, dim, 2) / dim)`; theta is `rope_theta`, 10000 in Llama 2).
 pub fn default_inv_freq(head_dim: usize, theta: f64) -> Vec<f64> {
-    (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64)).collect()
+    (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
+        .collect()
 }
 
 /// The (cos, sin) tables, each (max_pos, D/2) row-major with
@@ -30,7 +32,17 @@ pub fn rope_tables(inv_freq: &[f64], max_pos: usize) -> (Vec<f32>, Vec<f32>) {
 /// Rotate every head of every row by the angles of its position, in place
 /// (`sgn` = 1), or by minus them (`sgn` = -1, the transpose).
 #[allow(clippy::too_many_arguments)]
-fn rotate(x: &mut [f64], cos: &[f64], sin: &[f64], b: usize, t: usize, h: usize, d: usize, pos_offset: usize, sgn: f64) {
+fn rotate(
+    x: &mut [f64],
+    cos: &[f64],
+    sin: &[f64],
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+    pos_offset: usize,
+    sgn: f64,
+) {
     assert!(d.is_multiple_of(2), "rope: head dim {d} is odd");
     let half = d / 2;
     for row in 0..b * t {
@@ -52,7 +64,16 @@ fn rotate(x: &mut [f64], cos: &[f64], sin: &[f64], b: usize, t: usize, h: usize,
 /// c = cos[pos, i], s = sin[pos, i]: out[i] = x[i]*c - x[i+D/2]*s and
 /// out[i+D/2] = x[i+D/2]*c + x[i]*s (HF q*cos + rotate_half(q)*sin).
 #[allow(clippy::too_many_arguments)]
-pub fn rope_forward(x: &mut [f64], cos: &[f64], sin: &[f64], b: usize, t: usize, h: usize, d: usize, pos_offset: usize) {
+pub fn rope_forward(
+    x: &mut [f64],
+    cos: &[f64],
+    sin: &[f64],
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+    pos_offset: usize,
+) {
     rotate(x, cos, sin, b, t, h, d, pos_offset, 1.0);
 }
 
@@ -61,6 +82,15 @@ pub fn rope_forward(x: &mut [f64], cos: &[f64], sin: &[f64], b: usize, t: usize,
 /// rotated back in place (it turns the gradient of the rotated tensor into the
 /// gradient of the unrotated one, so it replaces rather than accumulates).
 #[allow(clippy::too_many_arguments)]
-pub fn rope_backward(dx: &mut [f64], cos: &[f64], sin: &[f64], b: usize, t: usize, h: usize, d: usize, pos_offset: usize) {
+pub fn rope_backward(
+    dx: &mut [f64],
+    cos: &[f64],
+    sin: &[f64],
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+    pos_offset: usize,
+) {
     rotate(dx, cos, sin, b, t, h, d, pos_offset, -1.0);
 }

@@ -66,7 +66,9 @@ fn backends_from(opt: Option<&str>) -> Result<wgpu::Backends> {
                     other => {
                         return Err(Error::invalid(
                             "backend",
-                            format!("unknown backend `{other}`; expected vulkan, metal, dx12 or gl"),
+                            format!(
+                                "unknown backend `{other}`; expected vulkan, metal, dx12 or gl"
+                            ),
                         ))
                     }
                 };
@@ -99,7 +101,11 @@ pub fn list_adapters(backend: Option<&str>) -> Result<Vec<AdapterSummary>> {
     adapters.sort_by_key(|a| rank(a.get_info().device_type));
     Ok(adapters
         .into_iter()
-        .map(|a| AdapterSummary { info: a.get_info(), limits: a.limits(), features: a.features() })
+        .map(|a| AdapterSummary {
+            info: a.get_info(),
+            limits: a.limits(),
+            features: a.features(),
+        })
         .collect())
 }
 
@@ -130,7 +136,11 @@ impl Context {
         let info = adapter.get_info();
         log::info!(
             "adapter: {} ({:?}, {:?}, driver {} {})",
-            info.name, info.backend, info.device_type, info.driver, info.driver_info
+            info.name,
+            info.backend,
+            info.device_type,
+            info.driver,
+            info.driver_info
         );
         if info.device_type == wgpu::DeviceType::Cpu {
             log::warn!(
@@ -156,7 +166,10 @@ impl Context {
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
-        .map_err(|e| Error::RequestDevice { adapter: info.name.clone(), message: e.to_string() })?;
+        .map_err(|e| Error::RequestDevice {
+            adapter: info.name.clone(),
+            message: e.to_string(),
+        })?;
 
         let pending = Arc::new(Mutex::new(Vec::new()));
         let sink = pending.clone();
@@ -175,7 +188,9 @@ impl Context {
             }
         });
 
-        let mut binding_limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let mut binding_limit = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
         if let Some(b) = opts.max_binding_bytes {
             binding_limit = binding_limit.min(b);
         }
@@ -204,7 +219,8 @@ impl Context {
             features,
             binding_limit,
             subgroup_size,
-            textures: !opts.disable_textures && !std::env::var("WGTUNE_NO_TEXTURES").is_ok_and(|v| v == "1"),
+            textures: !opts.disable_textures
+                && !std::env::var("WGTUNE_NO_TEXTURES").is_ok_and(|v| v == "1"),
             pipelines: Mutex::new(HashMap::new()),
             pending,
         })
@@ -232,30 +248,47 @@ impl Context {
 
     /// Turn errors that wgpu raised outside a scope into an `Error`.
     pub fn check(&self, context: &str) -> Result<()> {
-        let mut p = self.pending.lock().expect("invariant: error sink lock is never poisoned");
+        let mut p = self
+            .pending
+            .lock()
+            .expect("invariant: error sink lock is never poisoned");
         if p.is_empty() {
             return Ok(());
         }
         let message = p.drain(..).collect::<Vec<_>>().join("; ");
-        Err(Error::Gpu { context: Some(context.to_string()), message })
+        Err(Error::Gpu {
+            context: Some(context.to_string()),
+            message,
+        })
     }
 
     /// Block until all submitted work is done, then report any GPU error.
     pub fn sync(&self) -> Result<()> {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Gpu { context: Some("poll".into()), message: e.to_string() })?;
+            .map_err(|e| Error::Gpu {
+                context: Some("poll".into()),
+                message: e.to_string(),
+            })?;
         self.check("sync")
     }
 
     /// The cached pipeline for `spec`, built on first use.
     pub fn kernel(&self, spec: &kernels::KernelSpec) -> Result<Arc<Kernel>> {
         let key = spec.key();
-        if let Some(k) = self.pipelines.lock().expect("invariant: pipeline lock").get(&key) {
+        if let Some(k) = self
+            .pipelines
+            .lock()
+            .expect("invariant: pipeline lock")
+            .get(&key)
+        {
             return Ok(k.clone());
         }
         let k = Arc::new(kernels::build(self, spec)?);
-        self.pipelines.lock().expect("invariant: pipeline lock").insert(key, k.clone());
+        self.pipelines
+            .lock()
+            .expect("invariant: pipeline lock")
+            .insert(key, k.clone());
         Ok(k)
     }
 }

@@ -29,7 +29,10 @@ pub const FAMILIES: &[(&str, &str)] = &[
 
 /// The full module text of an op family (common prelude included).
 pub fn family_source(family: &str) -> Option<String> {
-    FAMILIES.iter().find(|(n, _)| *n == family).map(|(_, s)| format!("{COMMON}\n{s}"))
+    FAMILIES
+        .iter()
+        .find(|(n, _)| *n == family)
+        .map(|(_, s)| format!("{COMMON}\n{s}"))
 }
 
 /// How an argument is bound.
@@ -79,7 +82,11 @@ impl KernelSpec {
     }
 
     pub(crate) fn key(&self) -> String {
-        let c: Vec<String> = self.constants.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        let c: Vec<String> = self
+            .constants
+            .iter()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect();
         let l: String = self
             .layout
             .iter()
@@ -104,9 +111,13 @@ pub struct Kernel {
 
 pub(crate) fn build(ctx: &Context, spec: &KernelSpec) -> Result<Kernel> {
     let name = format!("{}::{}", spec.module, spec.entry);
+    let started = std::time::Instant::now();
     let dev = &ctx.device;
     let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
-    let desc = wgpu::ShaderModuleDescriptor { label: Some(&name), source: wgpu::ShaderSource::Wgsl(spec.source.clone()) };
+    let desc = wgpu::ShaderModuleDescriptor {
+        label: Some(&name),
+        source: wgpu::ShaderSource::Wgsl(spec.source.clone()),
+    };
     let module = dev.create_shader_module(desc);
     let mut entries = vec![wgpu::BindGroupLayoutEntry {
         binding: 0,
@@ -121,7 +132,9 @@ pub(crate) fn build(ctx: &Context, spec: &KernelSpec) -> Result<Kernel> {
     for (i, a) in spec.layout.iter().enumerate() {
         let ty = match a {
             Access::Read | Access::ReadWrite => wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Storage { read_only: *a == Access::Read },
+                ty: wgpu::BufferBindingType::Storage {
+                    read_only: *a == Access::Read,
+                },
                 has_dynamic_offset: false,
                 min_binding_size: None,
             },
@@ -136,7 +149,12 @@ pub(crate) fn build(ctx: &Context, spec: &KernelSpec) -> Result<Kernel> {
                 view_dimension: wgpu::TextureViewDimension::D2Array,
             },
         };
-        entries.push(wgpu::BindGroupLayoutEntry { binding: i as u32 + 1, visibility: wgpu::ShaderStages::COMPUTE, ty, count: None });
+        entries.push(wgpu::BindGroupLayoutEntry {
+            binding: i as u32 + 1,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty,
+            count: None,
+        });
     }
     let layout = dev.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
         label: Some(&name),
@@ -160,8 +178,19 @@ pub(crate) fn build(ctx: &Context, spec: &KernelSpec) -> Result<Kernel> {
         cache: None,
     });
     if let Some(e) = pollster::block_on(scope.pop()) {
-        return Err(Error::Shader { kernel: name, message: e.to_string() });
+        return Err(Error::Shader {
+            kernel: name,
+            message: e.to_string(),
+        });
     }
-    log::debug!("built kernel {name}");
-    Ok(Kernel { name, pipeline, layout, num_bindings: spec.layout.len() + 1 })
+    log::debug!(
+        "built kernel {name} in {:.0} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(Kernel {
+        name,
+        pipeline,
+        layout,
+        num_bindings: spec.layout.len() + 1,
+    })
 }

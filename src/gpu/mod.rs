@@ -8,4 +8,4 @@ pub mod tensor;
 
 pub use context::{Context, ContextOptions};
 pub use plan::{Bind, Params, Plan};
-pub use tensor::{DType, TexMatrix, Tensor};
+pub use tensor::{DType, Tensor, TexMatrix};

@@ -12,13 +12,26 @@ use wgpu::util::DeviceExt;
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
 use crate::gpu::kernels::{Kernel, KernelSpec};
-use crate::gpu::tensor::{TexMatrix, Tensor};
+use crate::gpu::tensor::{Tensor, TexMatrix};
 
 enum Step {
-    Dispatch { kernel: Arc<Kernel>, bind_group: wgpu::BindGroup, workgroups: [u32; 3] },
-    Clear { tensor: Tensor },
+    Dispatch {
+        kernel: Arc<Kernel>,
+        bind_group: wgpu::BindGroup,
+        workgroups: [u32; 3],
+    },
+    Clear {
+        tensor: Tensor,
+    },
     /// Rows of `src` copied into texture rows starting at (y, layer).
-    Copy { src: Tensor, texture: wgpu::Texture, width: u32, rows: u32, y: u32, layer: u32 },
+    Copy {
+        src: Tensor,
+        texture: wgpu::Texture,
+        width: u32,
+        rows: u32,
+        y: u32,
+        layer: u32,
+    },
     Group(String),
     EndGroup,
 }
@@ -73,12 +86,19 @@ pub fn grid_1d(ctx: &Context, n: u32) -> [u32; 3] {
 
 impl Plan {
     pub fn new(label: &str) -> Plan {
-        Plan { label: label.to_string(), steps: Vec::new(), flops: 0.0 }
+        Plan {
+            label: label.to_string(),
+            steps: Vec::new(),
+            flops: 0.0,
+        }
     }
 
     /// Number of recorded dispatches.
     pub fn dispatches(&self) -> usize {
-        self.steps.iter().filter(|s| matches!(s, Step::Dispatch { .. })).count()
+        self.steps
+            .iter()
+            .filter(|s| matches!(s, Step::Dispatch { .. }))
+            .count()
     }
 
     /// Floating-point operations the ops reported, for benchmarks.
@@ -104,13 +124,33 @@ impl Plan {
 
     /// Copy the `[rows, 4*width]` rows of `src` into `dst` rows y.. of
     /// `layer` (a memcpy; rows must be whole multiples of 256 bytes).
-    pub fn copy_to_texture(&mut self, src: &Tensor, dst: &TexMatrix, y: u32, layer: u32) -> Result<()> {
+    pub fn copy_to_texture(
+        &mut self,
+        src: &Tensor,
+        dst: &TexMatrix,
+        y: u32,
+        layer: u32,
+    ) -> Result<()> {
         let cols = src.shape().last().copied().unwrap_or(0);
         let rows = src.numel() / cols.max(1);
-        if cols % 64 != 0 || src.offset() % 16 != 0 || cols != dst.cols() {
-            return Err(Error::invalid("copy_to_texture", format!("`{}` rows cannot be copied into `{}`", src.label(), dst.label())));
+        if cols % 64 != 0 || !src.offset().is_multiple_of(16) || cols != dst.cols() {
+            return Err(Error::invalid(
+                "copy_to_texture",
+                format!(
+                    "`{}` rows cannot be copied into `{}`",
+                    src.label(),
+                    dst.label()
+                ),
+            ));
         }
-        self.steps.push(Step::Copy { src: src.clone(), texture: dst.texture().clone(), width: (cols / 4) as u32, rows: rows as u32, y, layer });
+        self.steps.push(Step::Copy {
+            src: src.clone(),
+            texture: dst.texture().clone(),
+            width: (cols / 4) as u32,
+            rows: rows as u32,
+            y,
+            layer,
+        });
         Ok(())
     }
 
@@ -140,14 +180,26 @@ impl Plan {
         if bindings.len() + 1 != kernel.num_bindings {
             return Err(Error::invalid(
                 kernel.name.clone(),
-                format!("expected {} tensor bindings, got {}", kernel.num_bindings - 1, bindings.len()),
+                format!(
+                    "expected {} tensor bindings, got {}",
+                    kernel.num_bindings - 1,
+                    bindings.len()
+                ),
             ));
         }
         let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
-        for t in bindings.iter().filter_map(|b| if let Bind::T(t) = b { Some(*t) } else { None }) {
+        for t in bindings
+            .iter()
+            .filter_map(|b| if let Bind::T(t) = b { Some(*t) } else { None })
+        {
             if t.binding_bytes() > ctx.binding_limit() {
                 return Err(Error::Limits {
-                    what: format!("{}: binding tensor `{}` {:?}", kernel.name, t.label(), t.shape()),
+                    what: format!(
+                        "{}: binding tensor `{}` {:?}",
+                        kernel.name,
+                        t.label(),
+                        t.shape()
+                    ),
                     need: t.binding_bytes(),
                     have: ctx.binding_limit(),
                 });
@@ -155,25 +207,37 @@ impl Plan {
             if t.offset() % align != 0 {
                 return Err(Error::invalid(
                     kernel.name.clone(),
-                    format!("tensor `{}` starts at byte {} which is not {align}-aligned", t.label(), t.offset()),
+                    format!(
+                        "tensor `{}` starts at byte {} which is not {align}-aligned",
+                        t.label(),
+                        t.offset()
+                    ),
                 ));
             }
         }
         let mut words = params.0.clone();
         // At least 64 bytes: the largest Params block any kernel declares.
         words.resize(words.len().max(16).next_multiple_of(4), 0);
-        let uniform = ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(&kernel.name),
-            contents: bytemuck::cast_slice(&words),
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
-        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+        let uniform = ctx
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(&kernel.name),
+                contents: bytemuck::cast_slice(&words),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: uniform.as_entire_binding(),
+        }];
         for (i, b) in bindings.iter().enumerate() {
             let resource = match b {
                 Bind::T(t) => wgpu::BindingResource::Buffer(t.binding()),
                 Bind::X(x) => wgpu::BindingResource::TextureView(x.view()),
             };
-            entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource });
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource,
+            });
         }
         let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(&kernel.name),
@@ -182,10 +246,17 @@ impl Plan {
         });
         let cap = ctx.limits.max_compute_workgroups_per_dimension;
         if workgroups.iter().any(|&w| w > cap) {
-            return Err(Error::invalid(kernel.name.clone(), format!("grid {workgroups:?} exceeds {cap} per dimension")));
+            return Err(Error::invalid(
+                kernel.name.clone(),
+                format!("grid {workgroups:?} exceeds {cap} per dimension"),
+            ));
         }
         if workgroups.iter().all(|&w| w > 0) {
-            self.steps.push(Step::Dispatch { kernel, bind_group, workgroups });
+            self.steps.push(Step::Dispatch {
+                kernel,
+                bind_group,
+                workgroups,
+            });
         }
         Ok(())
     }
@@ -202,14 +273,38 @@ impl Plan {
                     i += 1;
                     continue;
                 }
-                Step::Copy { src, texture, width, rows, y, layer } => {
+                Step::Copy {
+                    src,
+                    texture,
+                    width,
+                    rows,
+                    y,
+                    layer,
+                } => {
                     encoder.copy_buffer_to_texture(
                         wgpu::TexelCopyBufferInfo {
                             buffer: src.buffer(),
-                            layout: wgpu::TexelCopyBufferLayout { offset: src.offset(), bytes_per_row: Some(width * 16), rows_per_image: Some(*rows) },
+                            layout: wgpu::TexelCopyBufferLayout {
+                                offset: src.offset(),
+                                bytes_per_row: Some(width * 16),
+                                rows_per_image: Some(*rows),
+                            },
                         },
-                        wgpu::TexelCopyTextureInfo { texture, mip_level: 0, origin: wgpu::Origin3d { x: 0, y: *y, z: *layer }, aspect: wgpu::TextureAspect::All },
-                        wgpu::Extent3d { width: *width, height: *rows, depth_or_array_layers: 1 },
+                        wgpu::TexelCopyTextureInfo {
+                            texture,
+                            mip_level: 0,
+                            origin: wgpu::Origin3d {
+                                x: 0,
+                                y: *y,
+                                z: *layer,
+                            },
+                            aspect: wgpu::TextureAspect::All,
+                        },
+                        wgpu::Extent3d {
+                            width: *width,
+                            height: *rows,
+                            depth_or_array_layers: 1,
+                        },
                     );
                     i += 1;
                     continue;
@@ -226,7 +321,11 @@ impl Plan {
             while i < self.steps.len() {
                 match &self.steps[i] {
                     Step::Clear { .. } | Step::Copy { .. } => break,
-                    Step::Dispatch { kernel, bind_group, workgroups } => {
+                    Step::Dispatch {
+                        kernel,
+                        bind_group,
+                        workgroups,
+                    } => {
                         pass.set_pipeline(&kernel.pipeline);
                         pass.set_bind_group(0, bind_group, &[]);
                         pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
@@ -251,7 +350,11 @@ impl Plan {
 
     /// Encode and submit in one command buffer (does not wait).
     pub fn submit(&self, ctx: &Context) -> Result<()> {
-        let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(&self.label) });
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some(&self.label),
+            });
         self.encode(&mut enc);
         ctx.queue.submit([enc.finish()]);
         ctx.check(&self.label)

@@ -31,7 +31,11 @@ pub struct Tensor {
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor({} {:?} {:?})", self.label, self.shape, self.dtype)
+        write!(
+            f,
+            "Tensor({} {:?} {:?})",
+            self.label, self.shape, self.dtype
+        )
     }
 }
 
@@ -64,10 +68,22 @@ impl Tensor {
             usage: USAGE,
             mapped_at_creation: false,
         });
-        Ok(Tensor { buffer: Arc::new(buffer), offset: 0, shape: shape.to_vec(), label: label.into(), dtype })
+        Ok(Tensor {
+            buffer: Arc::new(buffer),
+            offset: 0,
+            shape: shape.to_vec(),
+            label: label.into(),
+            dtype,
+        })
     }
 
-    fn from_bytes(ctx: &Context, bytes: &[u8], shape: &[usize], dtype: DType, label: &str) -> Result<Tensor> {
+    fn from_bytes(
+        ctx: &Context,
+        bytes: &[u8],
+        shape: &[usize],
+        dtype: DType,
+        label: &str,
+    ) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         if bytes.len() != n * 4 {
             return Err(Error::Shape {
@@ -83,12 +99,20 @@ impl Tensor {
         check_size(ctx, label, bytes.len() as u64)?;
         let mut padded = bytes.to_vec();
         padded.resize(bytes.len().next_multiple_of(16), 0);
-        let buffer = ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents: &padded,
-            usage: USAGE,
-        });
-        Ok(Tensor { buffer: Arc::new(buffer), offset: 0, shape: shape.to_vec(), label: label.into(), dtype })
+        let buffer = ctx
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: &padded,
+                usage: USAGE,
+            });
+        Ok(Tensor {
+            buffer: Arc::new(buffer),
+            offset: 0,
+            shape: shape.to_vec(),
+            label: label.into(),
+            dtype,
+        })
     }
 
     /// Upload f32 data.
@@ -135,11 +159,22 @@ impl Tensor {
         if elem_offset + n > self.numel() {
             return Err(Error::invalid(
                 "view",
-                format!("`{label}`: elements {elem_offset}..{} out of range for `{}` {:?}", elem_offset + n, self.label, self.shape),
+                format!(
+                    "`{label}`: elements {elem_offset}..{} out of range for `{}` {:?}",
+                    elem_offset + n,
+                    self.label,
+                    self.shape
+                ),
             ));
         }
         let offset = self.offset + elem_offset as u64 * 4;
-        Ok(Tensor { buffer: self.buffer.clone(), offset, shape: shape.to_vec(), label: label.into(), dtype: self.dtype })
+        Ok(Tensor {
+            buffer: self.buffer.clone(),
+            offset,
+            shape: shape.to_vec(),
+            label: label.into(),
+            dtype: self.dtype,
+        })
     }
 
     /// Same data, another shape with the same element count.
@@ -152,13 +187,19 @@ impl Tensor {
                 got: self.shape.clone(),
             });
         }
-        Ok(Tensor { shape: shape.to_vec(), ..self.clone() })
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            ..self.clone()
+        })
     }
 
     /// Bytes a binding of this tensor covers: rounded up to 16 so vec4
     /// kernels see the last partial vec4 (buffers are padded to allow it).
     pub fn binding_bytes(&self) -> u64 {
-        self.bytes().max(4).next_multiple_of(16).min(self.buffer.size() - self.offset)
+        self.bytes()
+            .max(4)
+            .next_multiple_of(16)
+            .min(self.buffer.size() - self.offset)
     }
 
     /// The binding that covers this tensor.
@@ -180,7 +221,8 @@ impl Tensor {
                 got: self.shape.clone(),
             });
         }
-        ctx.queue.write_buffer(&self.buffer, self.offset, bytemuck::cast_slice(data));
+        ctx.queue
+            .write_buffer(&self.buffer, self.offset, bytemuck::cast_slice(data));
         Ok(())
     }
 
@@ -192,7 +234,11 @@ impl Tensor {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("readback"),
+            });
         enc.copy_buffer_to_buffer(&self.buffer, self.offset, &staging, 0, size);
         ctx.queue.submit([enc.finish()]);
         let slice = staging.slice(..);
@@ -202,11 +248,20 @@ impl Tensor {
         });
         ctx.sync()?;
         rx.recv()
-            .map_err(|e| Error::Gpu { context: Some(format!("reading `{}`", self.label)), message: e.to_string() })?
-            .map_err(|e| Error::Gpu { context: Some(format!("reading `{}`", self.label)), message: e.to_string() })?;
+            .map_err(|e| Error::Gpu {
+                context: Some(format!("reading `{}`", self.label)),
+                message: e.to_string(),
+            })?
+            .map_err(|e| Error::Gpu {
+                context: Some(format!("reading `{}`", self.label)),
+                message: e.to_string(),
+            })?;
         let out = slice
             .get_mapped_range()
-            .map_err(|e| Error::Gpu { context: Some(format!("mapping `{}`", self.label)), message: e.to_string() })?
+            .map_err(|e| Error::Gpu {
+                context: Some(format!("mapping `{}`", self.label)),
+                message: e.to_string(),
+            })?
             .to_vec();
         staging.unmap();
         Ok(out[..self.bytes() as usize].to_vec())
@@ -241,7 +296,11 @@ pub struct TexMatrix {
 
 impl std::fmt::Debug for TexMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TexMatrix({} [{}, {}])", self.label, self.rows, self.cols)
+        write!(
+            f,
+            "TexMatrix({} [{}, {}])",
+            self.label, self.rows, self.cols
+        )
     }
 }
 
@@ -279,19 +338,32 @@ impl TexMatrix {
         })?;
         let texture = ctx.device.create_texture(&wgpu::TextureDescriptor {
             label: Some(label),
-            size: wgpu::Extent3d { width: w, height: h, depth_or_array_layers: layers },
+            size: wgpu::Extent3d {
+                width: w,
+                height: h,
+                depth_or_array_layers: layers,
+            },
             mip_level_count: 1,
             sample_count: 1,
             dimension: wgpu::TextureDimension::D2,
             format: wgpu::TextureFormat::Rgba32Float,
-            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::COPY_DST,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING
+                | wgpu::TextureUsages::STORAGE_BINDING
+                | wgpu::TextureUsages::COPY_DST,
             view_formats: &[],
         });
         let view = texture.create_view(&wgpu::TextureViewDescriptor {
             dimension: Some(wgpu::TextureViewDimension::D2Array),
             ..Default::default()
         });
-        Ok(TexMatrix { texture, view, rows, cols, layer_shift, label: label.into() })
+        Ok(TexMatrix {
+            texture,
+            view,
+            rows,
+            cols,
+            layer_shift,
+            label: label.into(),
+        })
     }
 
     pub fn rows(&self) -> usize {

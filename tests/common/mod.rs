@@ -11,6 +11,8 @@ static CTX: OnceLock<Option<Context>> = OnceLock::new();
 /// The shared test context, or `None` (after printing why) when no adapter
 /// exists. With `WGTUNE_REQUIRE_GPU=1` a missing adapter fails the test.
 pub fn ctx() -> Option<&'static Context> {
+    // RUST_LOG=wgtune=debug shows kernel build times.
+    let _ = env_logger::builder().is_test(true).try_init();
     CTX.get_or_init(|| match Context::new(&ContextOptions::default()) {
         Ok(c) => {
             eprintln!("test adapter: {} ({:?})", c.info.name, c.info.backend);
@@ -74,13 +76,24 @@ pub fn to64(v: &[f32]) -> Vec<f64> {
 
 /// `|got - want| <= atol + rtol*|want|` everywhere; prints the max diff.
 pub fn assert_close(name: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) {
-    assert_eq!(got.len(), want.len(), "{name}: length {} vs reference {}", got.len(), want.len());
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{name}: length {} vs reference {}",
+        got.len(),
+        want.len()
+    );
     let mut maxdiff = 0.0f64;
     let mut worst: Option<(usize, f64, f64)> = None;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let d = (g as f64 - w).abs();
         maxdiff = maxdiff.max(d);
-        if !(d <= atol + rtol * w.abs()) && worst.is_none() {
+        // Written so that a NaN difference also counts as a mismatch.
+        if !matches!(
+            d.partial_cmp(&(atol + rtol * w.abs())),
+            Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
+        ) && worst.is_none()
+        {
             worst = Some((i, g as f64, w));
         }
     }
@@ -125,9 +138,16 @@ pub fn fd_check(name: &str, x: &[f64], analytic: &[f64], mut loss: impl FnMut(&[
         let fd = (lp - lm) / (2.0 * h);
         let err = (fd - analytic[i]).abs() / analytic[i].abs().max(1.0);
         maxerr = maxerr.max(err);
-        assert!(err < 1e-5, "{name}: d/dx[{i}] analytic {} vs finite difference {fd}", analytic[i]);
+        assert!(
+            err < 1e-5,
+            "{name}: d/dx[{i}] analytic {} vs finite difference {fd}",
+            analytic[i]
+        );
     }
-    eprintln!("{name}: max rel err {maxerr:.2e} over {} coordinates", x.len());
+    eprintln!(
+        "{name}: max rel err {maxerr:.2e} over {} coordinates",
+        x.len()
+    );
 }
 
 /// `sum(a * b)`: the "fake loss" L = sum(out * dout).

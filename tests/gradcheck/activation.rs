@@ -40,7 +40,11 @@ fn gelu_forward_matches_known_values() {
     let x = [1.0, -2.0, 0.5];
     let mut out = [0.0; 3];
     gelu_forward(&mut out, &x, 3);
-    for (got, want) in out.iter().zip([0.841_191_990_608_276_8, -0.045_402_305_912_224_94, 0.345_714_009_825_143_94]) {
+    for (got, want) in out.iter().zip([
+        0.841_191_990_608_276_8,
+        -0.045_402_305_912_224_94,
+        0.345_714_009_825_143_94,
+    ]) {
         assert!((got - want).abs() < 1e-12, "gelu: {got} vs {want}");
     }
 }

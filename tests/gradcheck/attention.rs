@@ -15,20 +15,38 @@ fn check(tag: &str, dims: Dims, seed: u64) {
     let (b, t, nh, kvh, hd, p) = dims;
     let (nq, nk) = (b * t * nh * hd, b * (p + t) * kvh * hd);
     let mut r = Rng::new(seed);
-    let (q, k, v, dout) = (r.vec64(nq, 1.5), r.vec64(nk, 1.5), r.vec64(nk, 1.0), r.vec64(nq, 1.0));
+    let (q, k, v, dout) = (
+        r.vec64(nq, 1.5),
+        r.vec64(nk, 1.5),
+        r.vec64(nk, 1.0),
+        r.vec64(nq, 1.0),
+    );
     let (out, lse) = forward(&q, &k, &v, dims);
     let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
-    attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, b, t, nh, kvh, hd, p);
-    fd_check(&format!("{tag} dq"), &q, &dq, |x| dot(&forward(x, &k, &v, dims).0, &dout));
-    fd_check(&format!("{tag} dk"), &k, &dk, |x| dot(&forward(&q, x, &v, dims).0, &dout));
-    fd_check(&format!("{tag} dv"), &v, &dv, |x| dot(&forward(&q, &k, x, dims).0, &dout));
+    attention_backward(
+        &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, b, t, nh, kvh, hd, p,
+    );
+    fd_check(&format!("{tag} dq"), &q, &dq, |x| {
+        dot(&forward(x, &k, &v, dims).0, &dout)
+    });
+    fd_check(&format!("{tag} dk"), &k, &dk, |x| {
+        dot(&forward(&q, x, &v, dims).0, &dout)
+    });
+    fd_check(&format!("{tag} dv"), &v, &dv, |x| {
+        dot(&forward(&q, &k, x, dims).0, &dout)
+    });
 
     // Backward accumulates: starting from g0 gives g0 + gradient.
     let g0 = r.vec64(nk, 1.0);
     let (mut dq2, mut dk2, mut dv2) = (vec![0.0; nq], g0.clone(), vec![0.0; nk]);
-    attention_backward(&mut dq2, &mut dk2, &mut dv2, &dout, &q, &k, &v, &out, &lse, b, t, nh, kvh, hd, p);
+    attention_backward(
+        &mut dq2, &mut dk2, &mut dv2, &dout, &q, &k, &v, &out, &lse, b, t, nh, kvh, hd, p,
+    );
     for i in 0..nk {
-        assert!((dk2[i] - g0[i] - dk[i]).abs() < 1e-12, "{tag}: dk does not accumulate at {i}");
+        assert!(
+            (dk2[i] - g0[i] - dk[i]).abs() < 1e-12,
+            "{tag}: dk does not accumulate at {i}"
+        );
     }
 }
 
@@ -53,7 +71,11 @@ fn attention_backward_matches_finite_differences_t1() {
 fn attention_forward_first_query_is_v0() {
     let dims = (1, 4, 2, 1, 4, 0);
     let mut r = Rng::new(14);
-    let (q, k, v) = (r.vec64(4 * 2 * 4, 1.0), r.vec64(4 * 4, 1.0), r.vec64(4 * 4, 1.0));
+    let (q, k, v) = (
+        r.vec64(4 * 2 * 4, 1.0),
+        r.vec64(4 * 4, 1.0),
+        r.vec64(4 * 4, 1.0),
+    );
     let (out, lse) = forward(&q, &k, &v, dims);
     for h in 0..2 {
         for d in 0..4 {

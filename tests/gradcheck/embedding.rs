@@ -22,12 +22,17 @@ fn prompt_backward_matches_finite_differences() {
     };
     let mut dprompt = vec![0.0; np * c];
     prompt_backward(&mut dprompt, &dout, b, s, np, c);
-    fd_check("prompt_backward dprompt", &prompt, &dprompt, |x| dot(&fwd(x), &dout));
+    fd_check("prompt_backward dprompt", &prompt, &dprompt, |x| {
+        dot(&fwd(x), &dout)
+    });
 
     // Backward accumulates: a second call adds the same gradient again.
     let once = dprompt.clone();
     prompt_backward(&mut dprompt, &dout, b, s, np, c);
     for (twice, g) in dprompt.iter().zip(&once) {
-        assert!((twice - 2.0 * g).abs() < 1e-12, "prompt_backward must accumulate (+=)");
+        assert!(
+            (twice - 2.0 * g).abs() < 1e-12,
+            "prompt_backward must accumulate (+=)"
+        );
     }
 }

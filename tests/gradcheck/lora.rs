@@ -28,29 +28,57 @@ fn lora_backward_matches_finite_differences() {
     let (mut out, mut h) = (y0.clone(), vec![0.0; M * R]);
     lora_forward(&mut out, &mut h, &x, &a, &b, M, K, N, R, SCALE);
     let (mut dx, mut da, mut db) = (vec![0.0; M * K], vec![0.0; R * K], vec![0.0; N * R]);
-    lora_backward(Some(&mut dx), &mut da, &mut db, &dout, &h, &x, &a, &b, M, K, N, R, SCALE);
+    lora_backward(
+        Some(&mut dx),
+        &mut da,
+        &mut db,
+        &dout,
+        &h,
+        &x,
+        &a,
+        &b,
+        M,
+        K,
+        N,
+        R,
+        SCALE,
+    );
 
     fd_check("lora_backward dA", &a, &da, |a| loss(&y0, &dout, &x, a, &b));
     fd_check("lora_backward dB", &b, &db, |b| loss(&y0, &dout, &x, &a, b));
-    fd_check("lora_backward dinp", &x, &dx, |x| loss(&y0, &dout, x, &a, &b));
+    fd_check("lora_backward dinp", &x, &dx, |x| {
+        loss(&y0, &dout, x, &a, &b)
+    });
 }
 
 #[test]
 fn lora_backward_accumulates_and_skips_absent_dinp() {
     let mut rng = Rng::new(42);
-    let (x, a, b, dout) = (rng.vec64(M * K, 1.0), rng.vec64(R * K, 1.0), rng.vec64(N * R, 1.0), rng.vec64(M * N, 1.0));
+    let (x, a, b, dout) = (
+        rng.vec64(M * K, 1.0),
+        rng.vec64(R * K, 1.0),
+        rng.vec64(N * R, 1.0),
+        rng.vec64(M * N, 1.0),
+    );
     let (mut out, mut h) = (vec![0.0; M * N], vec![0.0; M * R]);
     lora_forward(&mut out, &mut h, &x, &a, &b, M, K, N, R, SCALE);
     // Gradients from zero...
     let (mut da0, mut db0) = (vec![0.0; R * K], vec![0.0; N * R]);
-    lora_backward(None, &mut da0, &mut db0, &dout, &h, &x, &a, &b, M, K, N, R, SCALE);
+    lora_backward(
+        None, &mut da0, &mut db0, &dout, &h, &x, &a, &b, M, K, N, R, SCALE,
+    );
     // ...and on top of existing values: the difference must be the same.
     let (ia, ib) = (rng.vec64(R * K, 1.0), rng.vec64(N * R, 1.0));
     let (mut da1, mut db1) = (ia.clone(), ib.clone());
-    lora_backward(None, &mut da1, &mut db1, &dout, &h, &x, &a, &b, M, K, N, R, SCALE);
+    lora_backward(
+        None, &mut da1, &mut db1, &dout, &h, &x, &a, &b, M, K, N, R, SCALE,
+    );
     for (name, g0, g1, init) in [("dA", &da0, &da1, &ia), ("dB", &db0, &db1, &ib)] {
         for i in 0..g0.len() {
-            assert!((g1[i] - init[i] - g0[i]).abs() < 1e-12, "{name}[{i}] does not accumulate");
+            assert!(
+                (g1[i] - init[i] - g0[i]).abs() < 1e-12,
+                "{name}[{i}] does not accumulate"
+            );
         }
     }
 }

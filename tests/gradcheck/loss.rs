@@ -19,7 +19,10 @@ fn check(name: &str, offset: f64, spread: f64) {
     };
     let mut dlogits = vec![0.0; n * v];
     crossentropy_softmax_backward(&mut dlogits, &dlosses, &logits, &targets, n, v);
-    assert!(dlogits[v..2 * v].iter().all(|&d| d == 0.0), "{name}: ignored row got a gradient");
+    assert!(
+        dlogits[v..2 * v].iter().all(|&d| d == 0.0),
+        "{name}: ignored row got a gradient"
+    );
     fd_check(name, &logits, &dlogits, loss);
 }
 
@@ -27,7 +30,11 @@ fn check(name: &str, offset: f64, spread: f64) {
 fn crossentropy_softmax_backward_matches_finite_differences() {
     check("crossentropy_softmax_backward dlogits", 0.0, 2.0);
     // exp(1000) overflows f64: this passes only with the max subtracted.
-    check("crossentropy_softmax_backward dlogits (offset 1000)", 1000.0, 2.0);
+    check(
+        "crossentropy_softmax_backward dlogits (offset 1000)",
+        1000.0,
+        2.0,
+    );
 }
 
 #[test]
@@ -38,9 +45,18 @@ fn crossentropy_forward_is_finite_for_large_logits() {
     crossentropy_forward(&mut losses, &logits, &[1, 2], n, v);
     // Shift invariance: same as the logits minus their row max.
     let mut shifted = vec![0.0; n];
-    crossentropy_forward(&mut shifted, &[-1.0, 0.0, -2.0, -0.5, -1.5, 0.0], &[1, 2], n, v);
+    crossentropy_forward(
+        &mut shifted,
+        &[-1.0, 0.0, -2.0, -0.5, -1.5, 0.0],
+        &[1, 2],
+        n,
+        v,
+    );
     for (a, b) in losses.iter().zip(&shifted) {
-        assert!(a.is_finite() && (a - b).abs() < 1e-12, "loss {a} vs shifted {b}");
+        assert!(
+            a.is_finite() && (a - b).abs() < 1e-12,
+            "loss {a} vs shifted {b}"
+        );
     }
 }
 

@@ -36,5 +36,7 @@ fn layernorm_backward_matches_finite_differences() {
     let (_, m, s) = fwd(&x);
     let mut dx = vec![0.0; n * c];
     layernorm_backward(&mut dx, &dout, &x, &w, &m, &s, n, c);
-    fd_check("layernorm_backward dinp", &x, &dx, |x| dot(&fwd(x).0, &dout));
+    fd_check("layernorm_backward dinp", &x, &dx, |x| {
+        dot(&fwd(x).0, &dout)
+    });
 }

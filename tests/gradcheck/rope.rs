@@ -54,7 +54,10 @@ fn rope_forward_matches_hf_rotate_half() {
     }
     eprintln!("rope_forward vs HF rotate_half: maxdiff {maxdiff:.3e}");
     // The tables are f32, the reference angles f64.
-    assert!(maxdiff < 1e-6, "rope_forward differs from HF rotate_half by {maxdiff}");
+    assert!(
+        maxdiff < 1e-6,
+        "rope_forward differs from HF rotate_half by {maxdiff}"
+    );
 }
 
 #[test]
@@ -66,9 +69,16 @@ fn rope_backward_inverts_forward() {
     let mut y = x.clone();
     rope_forward(&mut y, &cos, &sin, b, t, h, d, off);
     rope_backward(&mut y, &cos, &sin, b, t, h, d, off);
-    let maxdiff = x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let maxdiff = x
+        .iter()
+        .zip(&y)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
     // cos^2 + sin^2 is 1 only to f32 precision (the tables are f32).
-    assert!(maxdiff < 1e-6, "backward(forward(x)) != x: maxdiff {maxdiff}");
+    assert!(
+        maxdiff < 1e-6,
+        "backward(forward(x)) != x: maxdiff {maxdiff}"
+    );
 }
 
 #[test]
@@ -77,11 +87,17 @@ fn rope_tables_match_definition() {
     // 1/10000^(2i/8) for i = 0..4.
     let want = [1.0, 0.1, 0.01, 0.001];
     for (got, want) in inv.iter().zip(want) {
-        assert!((got - want).abs() < 1e-15 * want.max(1.0), "inv_freq {got} vs {want}");
+        assert!(
+            (got - want).abs() < 1e-15 * want.max(1.0),
+            "inv_freq {got} vs {want}"
+        );
     }
     let (cos, sin) = rope_tables(&inv, 5);
     assert_eq!((cos.len(), sin.len()), (5 * 4, 5 * 4));
     // Position 0 is the identity rotation; row 3, column 1: angle 0.3.
     assert!(cos[..4].iter().all(|&c| c == 1.0) && sin[..4].iter().all(|&s| s == 0.0));
-    assert_eq!((cos[3 * 4 + 1], sin[3 * 4 + 1]), (0.3f64.cos() as f32, 0.3f64.sin() as f32));
+    assert_eq!(
+        (cos[3 * 4 + 1], sin[3 * 4 + 1]),
+        (0.3f64.cos() as f32, 0.3f64.sin() as f32)
+    );
 }

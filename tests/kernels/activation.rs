@@ -26,12 +26,23 @@ fn swiglu_forward_backward_vs_cpu() {
     for &(n, f) in SHAPES {
         let k = n * f;
         let mut r = Rng::new(n as u64 * 131 + f as u64);
-        let (g, u, dout) = (with_extremes(&mut r, k, 6.0, 100.0), r.vec(k, 2.0), r.vec(k, 1.0));
+        let (g, u, dout) = (
+            with_extremes(&mut r, k, 6.0, 100.0),
+            r.vec(k, 2.0),
+            r.vec(k, 1.0),
+        );
         // Backward accumulates onto existing values.
         let (dg0, du0) = (r.vec(k, 1.0), r.vec(k, 1.0));
-        let (tg, tu, tdout) = (up(ctx, &g, &[n, f], "gate"), up(ctx, &u, &[n, f], "up"), up(ctx, &dout, &[n, f], "dout"));
+        let (tg, tu, tdout) = (
+            up(ctx, &g, &[n, f], "gate"),
+            up(ctx, &u, &[n, f], "up"),
+            up(ctx, &dout, &[n, f], "dout"),
+        );
         let out = zeros(ctx, &[n, f], "out");
-        let (dgate, dup) = (up(ctx, &dg0, &[n, f], "dgate"), up(ctx, &du0, &[n, f], "dup"));
+        let (dgate, dup) = (
+            up(ctx, &dg0, &[n, f], "dgate"),
+            up(ctx, &du0, &[n, f], "dup"),
+        );
         let mut plan = Plan::new("swiglu");
         act::swiglu_forward(ctx, &mut plan, &out, &tg, &tu).unwrap();
         act::swiglu_backward(ctx, &mut plan, &dgate, &dup, &tdout, &tg, &tu).unwrap();
@@ -43,7 +54,13 @@ fn swiglu_forward_backward_vs_cpu() {
         cpu::activation::swiglu_backward(&mut rdg, &mut rdu, &to64(&dout), &to64(&g), &to64(&u), k);
         let tag = format!("swiglu N={n} F={f}");
         assert_close(&format!("{tag} out"), &read(ctx, &out), &ro, 1e-5, 1e-5);
-        assert_close(&format!("{tag} dgate"), &read(ctx, &dgate), &rdg, 1e-5, 1e-5);
+        assert_close(
+            &format!("{tag} dgate"),
+            &read(ctx, &dgate),
+            &rdg,
+            1e-5,
+            1e-5,
+        );
         assert_close(&format!("{tag} dup"), &read(ctx, &dup), &rdu, 1e-5, 1e-5);
     }
 }
@@ -55,7 +72,11 @@ fn gelu_forward_backward_vs_cpu() {
         let k = n * c;
         let mut r = Rng::new(n as u64 * 71 + c as u64);
         // |x| up to 5 covers the curved part; +-20 saturates tanh (clamped).
-        let (x, dout, d0) = (with_extremes(&mut r, k, 5.0, 20.0), r.vec(k, 1.0), r.vec(k, 1.0));
+        let (x, dout, d0) = (
+            with_extremes(&mut r, k, 5.0, 20.0),
+            r.vec(k, 1.0),
+            r.vec(k, 1.0),
+        );
         let (tx, tdout) = (up(ctx, &x, &[n, c], "inp"), up(ctx, &dout, &[n, c], "dout"));
         let out = zeros(ctx, &[n, c], "out");
         let dinp = up(ctx, &d0, &[n, c], "dinp");
@@ -80,7 +101,13 @@ fn residual_forward_backward_vs_cpu() {
     for &(n, c) in SHAPES {
         let k = n * c;
         let mut r = Rng::new(n as u64 * 37 + c as u64);
-        let (a, b, dout, d1, d2) = (r.vec(k, 2.0), r.vec(k, 2.0), r.vec(k, 1.0), r.vec(k, 1.0), r.vec(k, 1.0));
+        let (a, b, dout, d1, d2) = (
+            r.vec(k, 2.0),
+            r.vec(k, 2.0),
+            r.vec(k, 1.0),
+            r.vec(k, 1.0),
+            r.vec(k, 1.0),
+        );
         // Equal element counts with different shapes are accepted.
         let (ta, tb) = (up(ctx, &a, &[n, c], "inp1"), up(ctx, &b, &[k], "inp2"));
         let tdout = up(ctx, &dout, &[n, c], "dout");
@@ -116,13 +143,23 @@ fn residual_forward_folds_large_grid() {
     }
     let a: Vec<f32> = (0..k).map(|i| (i % 1000) as f32).collect();
     let b: Vec<f32> = (0..k).map(|i| (i / 1000) as f32 * 0.5).collect();
-    let (ta, tb, out) = (up(ctx, &a, &[k], "inp1"), up(ctx, &b, &[k], "inp2"), zeros(ctx, &[k], "out"));
+    let (ta, tb, out) = (
+        up(ctx, &a, &[k], "inp1"),
+        up(ctx, &b, &[k], "inp2"),
+        zeros(ctx, &[k], "out"),
+    );
     let mut plan = Plan::new("residual_big");
     act::residual_forward(ctx, &mut plan, &out, &ta, &tb).unwrap();
     run(ctx, &plan);
     // Both addends and the sum are exact in f32, so the reference is exact too.
     let want: Vec<f64> = a.iter().zip(&b).map(|(x, y)| (x + y) as f64).collect();
-    assert_close(&format!("residual_forward folded grid ({k} elements)"), &read(ctx, &out), &want, 0.0, 0.0);
+    assert_close(
+        &format!("residual_forward folded grid ({k} elements)"),
+        &read(ctx, &out),
+        &want,
+        0.0,
+        0.0,
+    );
 }
 
 #[test]
@@ -132,15 +169,24 @@ fn activation_rejects_wrong_shapes() {
     let bad = zeros(ctx, &[4, 9], "up");
     let err = act::swiglu_forward(ctx, &mut Plan::new("t"), &out, &g, &bad).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, Error::Shape { .. }) && msg.contains("`up`") && msg.contains("[4, 9]"), "{msg}");
+    assert!(
+        matches!(err, Error::Shape { .. }) && msg.contains("`up`") && msg.contains("[4, 9]"),
+        "{msg}"
+    );
 
     let dinp = zeros(ctx, &[8, 4], "dinp");
     let err = act::gelu_backward(ctx, &mut Plan::new("t"), &dinp, &out, &g).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, Error::Shape { .. }) && msg.contains("`dinp`"), "{msg}");
+    assert!(
+        matches!(err, Error::Shape { .. }) && msg.contains("`dinp`"),
+        "{msg}"
+    );
 
     let short = zeros(ctx, &[31], "inp2");
     let err = act::residual_forward(ctx, &mut Plan::new("t"), &out, &g, &short).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, Error::Shape { .. }) && msg.contains("`inp2`") && msg.contains("32 elements"), "{msg}");
+    assert!(
+        matches!(err, Error::Shape { .. }) && msg.contains("`inp2`") && msg.contains("32 elements"),
+        "{msg}"
+    );
 }

@@ -29,20 +29,35 @@ struct Opt {
 impl Opt {
     fn new(ctx: &Context, p0: &[f32], max_norm: f32) -> Opt {
         let n = p0.len();
-        let (params, m, v, grads) = (up(ctx, p0, &[n], "params"), zeros(ctx, &[n], "m"), zeros(ctx, &[n], "v"), zeros(ctx, &[n], "grads"));
+        let (params, m, v, grads) = (
+            up(ctx, p0, &[n], "params"),
+            zeros(ctx, &[n], "m"),
+            zeros(ctx, &[n], "v"),
+            zeros(ctx, &[n], "grads"),
+        );
         let (norm, step) = (zeros(ctx, &[4], "norm"), zeros(ctx, &[8], "step"));
         let partials = zeros(ctx, &[global_norm_partials_len(n)], "partials");
         let mut plan = Plan::new("optimizer");
         adamw::global_norm(ctx, &mut plan, &norm, &partials, &grads, max_norm).unwrap();
         adamw::adamw_update(ctx, &mut plan, &params, &m, &v, &grads, &norm, &step).unwrap();
         assert_eq!(plan.dispatches(), 3);
-        Opt { params, m, v, grads, norm, step, plan }
+        Opt {
+            params,
+            m,
+            v,
+            grads,
+            norm,
+            step,
+            plan,
+        }
     }
 
     /// Host side of one training step: new grads and step scalars, replay.
     fn step(&self, ctx: &Context, grads: &[f32], lr: f64, t: u64) {
         self.grads.write_f32(ctx, grads).unwrap();
-        self.step.write_f32(ctx, &adamw_step_scalars(lr, BETA1, BETA2, EPS, WD, t)).unwrap();
+        self.step
+            .write_f32(ctx, &adamw_step_scalars(lr, BETA1, BETA2, EPS, WD, t))
+            .unwrap();
         run(ctx, &self.plan);
     }
 }
@@ -71,7 +86,13 @@ fn global_norm_vs_cpu() {
             run(ctx, &plan);
             cpu::adamw::global_norm(&mut want, &to64(&g), max_norm as f32 as f64);
             let got = read(ctx, &norm);
-            assert_close(&format!("global_norm N={n} max_norm={max_norm:.3}"), &got, &want, 1e-6, 1e-5);
+            assert_close(
+                &format!("global_norm N={n} max_norm={max_norm:.3}"),
+                &got,
+                &want,
+                1e-6,
+                1e-5,
+            );
             if max_norm == 0.25 * exact {
                 assert!(got[1] < 0.3, "clipping should be active: {got:?}");
             } else {
@@ -100,12 +121,27 @@ fn adamw_update_10_steps_vs_cpu() {
             cpu::adamw::global_norm(&mut norm, &to64(&g), max_norm as f64);
             let step = cpu::adamw::adamw_step_scalars(lr_at(t), BETA1, BETA2, EPS, WD, t);
             cpu::adamw::adamw_update(&mut p, &mut m, &mut v, &to64(&g), &norm, &step);
-            assert_close(&format!("adamw N={n} t={t} norm"), &read(ctx, &opt.norm), &norm, 1e-6, 1e-5);
+            assert_close(
+                &format!("adamw N={n} t={t} norm"),
+                &read(ctx, &opt.norm),
+                &norm,
+                1e-6,
+                1e-5,
+            );
             clipped += (norm[1] < 1.0) as usize;
         }
-        assert!((1..10).contains(&clipped), "N={n}: clipping active in {clipped} of 10 steps");
+        assert!(
+            (1..10).contains(&clipped),
+            "N={n}: clipping active in {clipped} of 10 steps"
+        );
         let tag = format!("adamw N={n} after 10 steps");
-        assert_close(&format!("{tag} params"), &read(ctx, &opt.params), &p, 1e-6, 1e-5);
+        assert_close(
+            &format!("{tag} params"),
+            &read(ctx, &opt.params),
+            &p,
+            1e-6,
+            1e-5,
+        );
         assert_close(&format!("{tag} m"), &read(ctx, &opt.m), &m, 1e-7, 1e-5);
         assert_close(&format!("{tag} v"), &read(ctx, &opt.v), &v, 1e-9, 1e-5);
     }
@@ -129,8 +165,14 @@ fn adamw_deterministic() {
         }
         runs.push((norms, bits(read(ctx, &opt.params))));
     }
-    assert!(runs[0].0 == runs[1].0, "grad norm bits differ between identical runs");
-    assert!(runs[0].1 == runs[1].1, "param bits differ between identical runs");
+    assert!(
+        runs[0].0 == runs[1].0,
+        "grad norm bits differ between identical runs"
+    );
+    assert!(
+        runs[0].1 == runs[1].1,
+        "param bits differ between identical runs"
+    );
 }
 
 #[test]
@@ -139,23 +181,38 @@ fn adamw_update_skips_nonfinite_grads() {
     let n = 1001;
     let mut r = Rng::new(3);
     let p0 = r.vec(n, 1.0);
-    for (what, bad) in [("nan", f32::NAN), ("+inf", f32::INFINITY), ("-inf", f32::NEG_INFINITY)] {
+    for (what, bad) in [
+        ("nan", f32::NAN),
+        ("+inf", f32::INFINITY),
+        ("-inf", f32::NEG_INFINITY),
+    ] {
         let opt = Opt::new(ctx, &p0, 1.0);
         // One good step so that m and v are non-zero, then a poisoned one.
         opt.step(ctx, &r.vec(n, 1.0), 1e-2, 1);
-        let before: Vec<Vec<f32>> = [&opt.params, &opt.m, &opt.v].iter().map(|t| read(ctx, t)).collect();
+        let before: Vec<Vec<f32>> = [&opt.params, &opt.m, &opt.v]
+            .iter()
+            .map(|t| read(ctx, t))
+            .collect();
         let mut g = r.vec(n, 1.0);
         g[517] = bad;
         opt.step(ctx, &g, 1e-2, 2);
         let norm = read(ctx, &opt.norm);
         assert_eq!(norm[2], 1.0, "{what}: non-finite flag not set: {norm:?}");
-        assert_eq!(norm[0], f32::INFINITY, "{what}: norm should read +inf: {norm:?}");
+        assert_eq!(
+            norm[0],
+            f32::INFINITY,
+            "{what}: norm should read +inf: {norm:?}"
+        );
         let mut want = [0.0; 4];
         cpu::adamw::global_norm(&mut want, &to64(&g), 1.0);
         assert_eq!(want[2], 1.0, "{what}: CPU twin should flag too");
         for (t, b) in [&opt.params, &opt.m, &opt.v].iter().zip(&before) {
             let after = read(ctx, t);
-            assert!(after.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: `{}` changed on a skipped step", t.label());
+            assert!(
+                after.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{what}: `{}` changed on a skipped step",
+                t.label()
+            );
         }
         eprintln!("adamw N={n}: {what} gradient -> step skipped, state unchanged");
     }
@@ -166,15 +223,35 @@ fn adamw_rejects_wrong_shapes() {
     let ctx = gpu!();
     let n = 100;
     let t = |shape: &[usize], label: &str| zeros(ctx, shape, label);
-    let (p, m, v, g, norm, step) = (t(&[n], "params"), t(&[n], "m"), t(&[n], "v"), t(&[n], "grads"), t(&[4], "norm"), t(&[8], "step"));
+    let (p, m, v, g, norm, step) = (
+        t(&[n], "params"),
+        t(&[n], "m"),
+        t(&[n], "v"),
+        t(&[n], "grads"),
+        t(&[4], "norm"),
+        t(&[8], "step"),
+    );
     let bad_v = t(&[n - 1], "v_short");
-    let err = adamw::adamw_update(ctx, &mut Plan::new("t"), &p, &m, &bad_v, &g, &norm, &step).unwrap_err();
-    assert!(matches!(&err, Error::Shape { tensor, .. } if tensor == "v_short"), "{err}");
+    let err = adamw::adamw_update(ctx, &mut Plan::new("t"), &p, &m, &bad_v, &g, &norm, &step)
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Shape { tensor, .. } if tensor == "v_short"),
+        "{err}"
+    );
     let bad_step = t(&[7], "step7");
-    let err = adamw::adamw_update(ctx, &mut Plan::new("t"), &p, &m, &v, &g, &norm, &bad_step).unwrap_err();
-    assert!(matches!(&err, Error::Shape { tensor, .. } if tensor == "step7"), "{err}");
+    let err = adamw::adamw_update(ctx, &mut Plan::new("t"), &p, &m, &v, &g, &norm, &bad_step)
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Shape { tensor, .. } if tensor == "step7"),
+        "{err}"
+    );
     let bad_partials = t(&[global_norm_partials_len(n) + 1], "partials");
-    let err = adamw::global_norm(ctx, &mut Plan::new("t"), &norm, &bad_partials, &g, 1.0).unwrap_err();
+    let err =
+        adamw::global_norm(ctx, &mut Plan::new("t"), &norm, &bad_partials, &g, 1.0).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(&err, Error::Shape { tensor, .. } if tensor == "partials") && msg.contains("`partials`"), "{msg}");
+    assert!(
+        matches!(&err, Error::Shape { tensor, .. } if tensor == "partials")
+            && msg.contains("`partials`"),
+        "{msg}"
+    );
 }

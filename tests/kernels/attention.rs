@@ -1,13 +1,19 @@
 use crate::common::{assert_close, read, run, to64, up, zeros, Rng};
 
 use wgtune::cpu;
-use wgtune::gpu::ops::attention::{self, attention_backward_lanes, attention_forward_lanes, lanes};
+use wgtune::gpu::ops::attention::{
+    self, attention_backward_with, attention_forward_with, AttnConfig, AttnDims,
+};
 use wgtune::gpu::{Context, Plan};
 use wgtune::Error;
 
-/// (B, T, NH, KVH, HD, P): T=1, odd T, T not a multiple of the subgroup,
-/// GQA (NH=6, KVH=2) and MHA (NH=KVH), with and without a prefix, HD 8/12/64/128.
-const SHAPES: &[(usize, usize, usize, usize, usize, usize)] = &[
+/// (B, T, NH, KVH, HD, P)
+type Shape = (usize, usize, usize, usize, usize, usize);
+
+/// T=1, odd T, T not a multiple of the subgroup, GQA (NH=6, KVH=2) and MHA
+/// (NH=KVH), with and without a prefix, HD 8/12/64/128, and one T large
+/// enough for 2 and 4 rows per invocation on software adapters.
+const SHAPES: &[Shape] = &[
     (1, 1, 2, 1, 8, 0),
     (1, 1, 4, 4, 8, 3),
     (2, 7, 6, 2, 8, 3),
@@ -15,32 +21,81 @@ const SHAPES: &[(usize, usize, usize, usize, usize, usize)] = &[
     (2, 13, 6, 2, 64, 3),
     (1, 9, 4, 2, 12, 2),
     (1, 5, 2, 1, 128, 1),
+    (1, 40, 6, 2, 64, 3),
 ];
 
-/// Forward then backward (onto non-zero gradients) on the GPU with row-group
-/// width `sg`, compared with the CPU twins.
-fn check(ctx: &Context, sg: u32, (b, t, nh, kvh, hd, p): (usize, usize, usize, usize, usize, usize)) {
+fn dims((b, t, nh, kvh, hd, p): Shape) -> AttnDims {
+    AttnDims {
+        b,
+        t,
+        nh,
+        kvh,
+        hd,
+        p,
+    }
+}
+
+/// Forward then backward (onto non-zero gradients) on the GPU, compared with
+/// the CPU twins. `cfg: None` goes through the public wrappers.
+fn check(ctx: &Context, cfg: Option<AttnConfig>, shape: Shape) {
+    let (b, t, nh, kvh, hd, p) = shape;
     let s = p + t;
     let (nq, nk, nl) = (b * t * nh * hd, b * s * kvh * hd, b * nh * t);
     let mut r = Rng::new((b * 1000 + t * 100 + nh * 10 + hd + p) as u64);
-    let (q, k, v, dout) = (r.vec(nq, 1.5), r.vec(nk, 1.5), r.vec(nk, 1.0), r.vec(nq, 1.0));
+    let (q, k, v, dout) = (
+        r.vec(nq, 1.5),
+        r.vec(nk, 1.5),
+        r.vec(nk, 1.0),
+        r.vec(nq, 1.0),
+    );
     let (dq0, dk0, dv0) = (r.vec(nq, 1.0), r.vec(nk, 1.0), r.vec(nk, 1.0));
     let qs = [b, t, nh, hd];
     let ks = [b, s, kvh, hd];
-    let (tq, tk, tv, tdout) = (up(ctx, &q, &qs, "q"), up(ctx, &k, &ks, "k"), up(ctx, &v, &ks, "v"), up(ctx, &dout, &qs, "dout"));
-    let (out, lse, delta) = (zeros(ctx, &qs, "out"), zeros(ctx, &[b, nh, t], "lse"), up(ctx, &r.vec(nl, 1.0), &[b, nh, t], "delta"));
+    let (tq, tk, tv, tdout) = (
+        up(ctx, &q, &qs, "q"),
+        up(ctx, &k, &ks, "k"),
+        up(ctx, &v, &ks, "v"),
+        up(ctx, &dout, &qs, "dout"),
+    );
+    let (out, lse) = (zeros(ctx, &qs, "out"), zeros(ctx, &[b, nh, t], "lse"));
+    // The delta scratch starts dirty: backward must overwrite it.
+    let delta = up(ctx, &r.vec(nl, 1.0), &[b, nh, t], "delta");
     // Backward accumulates: gradients start non-zero.
-    let (dq, dk, dv) = (up(ctx, &dq0, &qs, "dq"), up(ctx, &dk0, &ks, "dk"), up(ctx, &dv0, &ks, "dv"));
+    let (dq, dk, dv) = (
+        up(ctx, &dq0, &qs, "dq"),
+        up(ctx, &dk0, &ks, "dk"),
+        up(ctx, &dv0, &ks, "dv"),
+    );
+    let started = std::time::Instant::now();
     let mut plan = Plan::new("attention");
-    attention_forward_lanes(ctx, &mut plan, &out, &lse, &tq, &tk, &tv, sg).unwrap();
-    attention_backward_lanes(ctx, &mut plan, &dq, &dk, &dv, &delta, &tdout, &tq, &tk, &tv, &out, &lse, sg).unwrap();
+    let used = cfg.unwrap_or_else(|| AttnConfig::for_context(ctx, &dims(shape)));
+    match cfg {
+        None => {
+            attention::attention_forward(ctx, &mut plan, &out, &lse, &tq, &tk, &tv).unwrap();
+            attention::attention_backward(
+                ctx, &mut plan, &dq, &dk, &dv, &delta, &tdout, &tq, &tk, &tv, &out, &lse,
+            )
+            .unwrap();
+        }
+        Some(c) => {
+            attention_forward_with(ctx, &mut plan, &out, &lse, &tq, &tk, &tv, c).unwrap();
+            attention_backward_with(
+                ctx, &mut plan, &dq, &dk, &dv, &delta, &tdout, &tq, &tk, &tv, &out, &lse, c,
+            )
+            .unwrap();
+        }
+    }
     run(ctx, &plan);
+    let elapsed = started.elapsed().as_secs_f64();
 
     let (q64, k64, v64, dout64) = (to64(&q), to64(&k), to64(&v), to64(&dout));
     let (mut ro, mut rl) = (vec![0.0; nq], vec![0.0; nl]);
     cpu::attention::attention_forward(&mut ro, &mut rl, &q64, &k64, &v64, b, t, nh, kvh, hd, p);
     let (mut rdq, mut rdk, mut rdv) = (to64(&dq0), to64(&dk0), to64(&dv0));
-    cpu::attention::attention_backward(&mut rdq, &mut rdk, &mut rdv, &dout64, &q64, &k64, &v64, &ro, &rl, b, t, nh, kvh, hd, p);
+    cpu::attention::attention_backward(
+        &mut rdq, &mut rdk, &mut rdv, &dout64, &q64, &k64, &v64, &ro, &rl, b, t, nh, kvh, hd, p,
+    );
+    // delta (B, NH, T) = rowsum(dout * out) of the (B, T, NH, HD) rows.
     let rdelta: Vec<f64> = (0..nl)
         .map(|i| {
             let (bh, ti) = (i / t, i % t);
@@ -49,32 +104,131 @@ fn check(ctx: &Context, sg: u32, (b, t, nh, kvh, hd, p): (usize, usize, usize, u
         })
         .collect();
 
-    let tag = format!("attention SG={sg} B={b} T={t} NH={nh} KVH={kvh} HD={hd} P={p}");
+    let tag = format!(
+        "attention {} lanes={} rows={}/{}/{} B={b} T={t} NH={nh} KVH={kvh} HD={hd} P={p}",
+        if used.textures { "tex" } else { "buf" },
+        used.lanes,
+        used.fwd_rows,
+        used.dq_rows,
+        used.dkv_rows
+    );
+    eprintln!("{tag}: ran in {elapsed:.2} s (includes any pipeline JIT)");
     assert_close(&format!("{tag} out"), &read(ctx, &out), &ro, 1e-5, 1e-4);
     assert_close(&format!("{tag} lse"), &read(ctx, &lse), &rl, 1e-5, 1e-4);
-    assert_close(&format!("{tag} delta"), &read(ctx, &delta), &rdelta, 1e-5, 1e-4);
+    assert_close(
+        &format!("{tag} delta"),
+        &read(ctx, &delta),
+        &rdelta,
+        1e-5,
+        1e-4,
+    );
     assert_close(&format!("{tag} dq"), &read(ctx, &dq), &rdq, 1e-4, 1e-4);
     assert_close(&format!("{tag} dk"), &read(ctx, &dk), &rdk, 1e-4, 1e-4);
     assert_close(&format!("{tag} dv"), &read(ctx, &dv), &rdv, 1e-4, 1e-4);
 }
 
+/// The public wrappers, with the configuration they pick on this adapter.
 #[test]
 fn attention_forward_backward_vs_cpu() {
     let ctx = gpu!();
-    eprintln!("row-group width on this adapter: {}", lanes(ctx));
     for &shape in SHAPES {
-        check(ctx, lanes(ctx), shape);
+        check(ctx, None, shape);
     }
 }
 
-/// The portable build (no subgroups) runs everywhere; check it even when the
-/// adapter would pick the subgroup build.
+/// More packed rows than one texture layer holds (16384 on lavapipe): k, v
+/// and q, dout are split into layers (B*S*KVH = B*T*NH = 16896 rows).
+#[test]
+fn attention_layered_textures_vs_cpu() {
+    let ctx = gpu!();
+    eprintln!(
+        "max texture dimension {}",
+        ctx.limits.max_texture_dimension_2d
+    );
+    check(ctx, None, (1, 512, 33, 33, 4, 0));
+}
+
+/// Storage-buffer kernels (textures off, as with WGTUNE_NO_TEXTURES=1), with
+/// the subgroup build when the adapter has one, and with the 4/2/2 rows per
+/// invocation that software adapters then use.
+#[test]
+fn attention_storage_build_vs_cpu() {
+    let ctx = gpu!();
+    let lanes = ctx.subgroup_size().unwrap_or(1);
+    let cfg = |fwd_rows, dq_rows, dkv_rows| {
+        Some(AttnConfig {
+            textures: false,
+            lanes,
+            fwd_rows,
+            dq_rows,
+            dkv_rows,
+        })
+    };
+    check(ctx, cfg(1, 1, 1), (2, 7, 6, 2, 8, 3));
+    check(ctx, cfg(2, 2, 4), (1, 1, 4, 4, 8, 3));
+    check(ctx, cfg(1, 1, 2), (2, 13, 6, 2, 64, 3));
+    check(ctx, cfg(4, 2, 2), (1, 40, 6, 2, 64, 3));
+}
+
+/// The portable build (no subgroups) runs everywhere; check it with 1, 2 and
+/// 4 rows per invocation, from storage buffers and from textures.
 #[test]
 fn attention_portable_build_vs_cpu() {
     let ctx = gpu!();
-    for &shape in SHAPES {
-        check(ctx, 1, shape);
-    }
+    let cfg = |textures, fwd_rows, dq_rows, dkv_rows| {
+        Some(AttnConfig {
+            textures,
+            lanes: 1,
+            fwd_rows,
+            dq_rows,
+            dkv_rows,
+        })
+    };
+    check(ctx, cfg(false, 1, 1, 1), (2, 7, 6, 2, 8, 3));
+    check(ctx, cfg(false, 2, 2, 2), (2, 7, 6, 2, 8, 3));
+    check(ctx, cfg(false, 4, 4, 4), (2, 7, 6, 2, 8, 3));
+    check(ctx, cfg(false, 4, 4, 4), (1, 1, 4, 4, 8, 3));
+    check(ctx, cfg(false, 4, 2, 4), (1, 9, 4, 2, 12, 2));
+    check(ctx, cfg(false, 2, 1, 1), (2, 13, 6, 2, 64, 3));
+    check(ctx, cfg(true, 1, 1, 1), (2, 7, 6, 2, 8, 3));
+    check(ctx, cfg(true, 4, 2, 4), (1, 9, 4, 2, 12, 2));
+    check(ctx, cfg(true, 1, 1, 1), (2, 13, 6, 2, 64, 3));
+    // HD=128 runs in the default build above; its portable storage
+    // pipelines take over a minute of lavapipe JIT on a cold shader cache.
+}
+
+/// Subgroup build with row counts the default would not pick at these
+/// sizes: groups much larger than T, so most rows are padding.
+#[test]
+fn attention_subgroup_build_row_configs_vs_cpu() {
+    let ctx = gpu!();
+    let Some(lanes) = ctx.subgroup_size() else {
+        eprintln!("skipping: no fixed-size subgroups on this adapter");
+        return;
+    };
+    let textures = ctx.textures();
+    check(
+        ctx,
+        Some(AttnConfig {
+            textures,
+            lanes,
+            fwd_rows: 4,
+            dq_rows: 4,
+            dkv_rows: 2,
+        }),
+        (2, 7, 6, 2, 8, 3),
+    );
+    check(
+        ctx,
+        Some(AttnConfig {
+            textures,
+            lanes,
+            fwd_rows: 2,
+            dq_rows: 2,
+            dkv_rows: 4,
+        }),
+        (1, 1, 4, 4, 8, 3),
+    );
 }
 
 /// The subgroup build is generated from the family source; naga must accept it.
@@ -82,8 +236,12 @@ fn attention_portable_build_vs_cpu() {
 fn attention_subgroup_source_validates() {
     use naga::valid::{Capabilities, ValidationFlags, Validator};
     let src = attention::subgroup_source().unwrap();
-    assert!(src.contains("subgroupShuffle"), "subgroup build lacks subgroupShuffle");
-    let module = naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
+    assert!(
+        src.contains("subgroupShuffle"),
+        "subgroup build lacks subgroupShuffle"
+    );
+    let module =
+        naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
     Validator::new(ValidationFlags::all(), Capabilities::all())
         .validate(&module)
         .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
@@ -103,51 +261,157 @@ fn attention_rejects_wrong_shapes() {
     };
     // lse with T and NH swapped.
     let bad_lse = zeros(ctx, &[b, t, nh], "lse");
-    shape_err(attention::attention_forward(ctx, &mut Plan::new("t"), &out, &bad_lse, &q, &k, &v).unwrap_err(), "lse");
+    shape_err(
+        attention::attention_forward(ctx, &mut Plan::new("t"), &out, &bad_lse, &q, &k, &v)
+            .unwrap_err(),
+        "lse",
+    );
     // v with a different KVH from k.
     let bad_v = zeros(ctx, &[b, p + t, 3, hd], "v");
-    shape_err(attention::attention_forward(ctx, &mut Plan::new("t"), &out, &zeros(ctx, &[b, nh, t], "lse"), &q, &k, &bad_v).unwrap_err(), "v");
+    shape_err(
+        attention::attention_forward(
+            ctx,
+            &mut Plan::new("t"),
+            &out,
+            &zeros(ctx, &[b, nh, t], "lse"),
+            &q,
+            &k,
+            &bad_v,
+        )
+        .unwrap_err(),
+        "v",
+    );
     // NH % KVH != 0 is reported on k.
     let bad_k = zeros(ctx, &[b, p + t, 4, hd], "k");
     let bad_v4 = zeros(ctx, &[b, p + t, 4, hd], "v");
-    shape_err(attention::attention_forward(ctx, &mut Plan::new("t"), &out, &zeros(ctx, &[b, nh, t], "lse"), &q, &bad_k, &bad_v4).unwrap_err(), "k");
+    shape_err(
+        attention::attention_forward(
+            ctx,
+            &mut Plan::new("t"),
+            &out,
+            &zeros(ctx, &[b, nh, t], "lse"),
+            &q,
+            &bad_k,
+            &bad_v4,
+        )
+        .unwrap_err(),
+        "k",
+    );
     // HD % 4 != 0 is reported on q.
     let q6 = zeros(ctx, &[b, t, nh, 6], "q");
     let k6 = zeros(ctx, &[b, p + t, kvh, 6], "k");
     let out6 = zeros(ctx, &[b, t, nh, 6], "out");
-    shape_err(attention::attention_forward(ctx, &mut Plan::new("t"), &out6, &zeros(ctx, &[b, nh, t], "lse"), &q6, &k6, &k6).unwrap_err(), "q");
+    shape_err(
+        attention::attention_forward(
+            ctx,
+            &mut Plan::new("t"),
+            &out6,
+            &zeros(ctx, &[b, nh, t], "lse"),
+            &q6,
+            &k6,
+            &k6,
+        )
+        .unwrap_err(),
+        "q",
+    );
     // Backward: the delta scratch must be (B, NH, T).
     let lse = zeros(ctx, &[b, nh, t], "lse");
     let bad_delta = zeros(ctx, &[b, nh, t + 1], "delta");
-    let (dq, dk, dv) = (zeros(ctx, &[b, t, nh, hd], "dq"), zeros(ctx, &[b, p + t, kvh, hd], "dk"), zeros(ctx, &[b, p + t, kvh, hd], "dv"));
-    let e = attention::attention_backward(ctx, &mut Plan::new("t"), &dq, &dk, &dv, &bad_delta, &out, &q, &k, &v, &out, &lse).unwrap_err();
+    let (dq, dk, dv) = (
+        zeros(ctx, &[b, t, nh, hd], "dq"),
+        zeros(ctx, &[b, p + t, kvh, hd], "dk"),
+        zeros(ctx, &[b, p + t, kvh, hd], "dv"),
+    );
+    let e = attention::attention_backward(
+        ctx,
+        &mut Plan::new("t"),
+        &dq,
+        &dk,
+        &dv,
+        &bad_delta,
+        &out,
+        &q,
+        &k,
+        &v,
+        &out,
+        &lse,
+    )
+    .unwrap_err();
     shape_err(e, "delta");
 }
 
 /// `cargo test --release --test kernels attention_bench -- --ignored --nocapture`:
-/// median wall time of forward and backward at the `wgtune bench` shape.
+/// median wall time of forward and backward at the `wgtune bench` shape,
+/// for the default configuration, storage buffers and the portable build.
 #[test]
 #[ignore]
 fn attention_bench() {
     let ctx = gpu!();
-    let (b, t, nh, kvh, hd, p) = (4, 128, 9, 3, 64, 0);
+    let shape = (4, 128, 9, 3, 64, 0);
+    let (b, t, nh, kvh, hd, p) = shape;
     let (qs, ks) = ([b, t, nh, hd], [b, p + t, kvh, hd]);
     let mut r = Rng::new(7);
     let n = |s: &[usize]| s.iter().product::<usize>();
-    let (q, k, v, dout) = (up(ctx, &r.vec(n(&qs), 1.0), &qs, "q"), up(ctx, &r.vec(n(&ks), 1.0), &ks, "k"), up(ctx, &r.vec(n(&ks), 1.0), &ks, "v"), up(ctx, &r.vec(n(&qs), 1.0), &qs, "dout"));
-    let (out, lse, delta) = (zeros(ctx, &qs, "out"), zeros(ctx, &[b, nh, t], "lse"), zeros(ctx, &[b, nh, t], "delta"));
-    let (dq, dk, dv) = (zeros(ctx, &qs, "dq"), zeros(ctx, &ks, "dk"), zeros(ctx, &ks, "dv"));
-    let mut widths = vec![lanes(ctx)];
-    if lanes(ctx) > 1 {
-        widths.push(1);
+    let (q, k, v, dout) = (
+        up(ctx, &r.vec(n(&qs), 1.0), &qs, "q"),
+        up(ctx, &r.vec(n(&ks), 1.0), &ks, "k"),
+        up(ctx, &r.vec(n(&ks), 1.0), &ks, "v"),
+        up(ctx, &r.vec(n(&qs), 1.0), &qs, "dout"),
+    );
+    let (out, lse, delta) = (
+        zeros(ctx, &qs, "out"),
+        zeros(ctx, &[b, nh, t], "lse"),
+        zeros(ctx, &[b, nh, t], "delta"),
+    );
+    let (dq, dk, dv) = (
+        zeros(ctx, &qs, "dq"),
+        zeros(ctx, &ks, "dk"),
+        zeros(ctx, &ks, "dv"),
+    );
+    let default = AttnConfig::for_context(ctx, &dims(shape));
+    let mut cfgs = vec![default];
+    if let Ok(rows) = std::env::var("ATTN_BENCH_ROWS") {
+        // e.g. ATTN_BENCH_ROWS=4,4,4 to time another row split.
+        let r: Vec<u32> = rows.split(',').map(|x| x.parse().expect("rows")).collect();
+        cfgs.push(AttnConfig {
+            fwd_rows: r[0],
+            dq_rows: r[1],
+            dkv_rows: r[2],
+            ..default
+        });
     }
-    for sg in widths {
+    // What software adapters get with WGTUNE_NO_TEXTURES=1, and without subgroups.
+    let (fwd_rows, bwd_rows) = if ctx.is_software() { (4, 2) } else { (1, 1) };
+    let storage = AttnConfig {
+        textures: false,
+        fwd_rows,
+        dq_rows: bwd_rows,
+        dkv_rows: bwd_rows,
+        ..default
+    };
+    cfgs.push(storage);
+    if default.lanes > 1 {
+        cfgs.push(AttnConfig {
+            lanes: 1,
+            ..default
+        });
+        cfgs.push(AttnConfig {
+            lanes: 1,
+            ..storage
+        });
+    }
+    for cfg in cfgs {
         let mut fwd = Plan::new("fwd");
-        attention_forward_lanes(ctx, &mut fwd, &out, &lse, &q, &k, &v, sg).unwrap();
+        attention_forward_with(ctx, &mut fwd, &out, &lse, &q, &k, &v, cfg).unwrap();
         let mut bwd = Plan::new("bwd");
-        attention_backward_lanes(ctx, &mut bwd, &dq, &dk, &dv, &delta, &dout, &q, &k, &v, &out, &lse, sg).unwrap();
+        attention_backward_with(
+            ctx, &mut bwd, &dq, &dk, &dv, &delta, &dout, &q, &k, &v, &out, &lse, cfg,
+        )
+        .unwrap();
         for (name, plan) in [("forward", &fwd), ("backward", &bwd)] {
-            run(ctx, plan); // JIT warm-up
+            let t0 = std::time::Instant::now();
+            run(ctx, plan); // pipeline JIT
+            let jit = t0.elapsed().as_secs_f64();
             let mut ms: Vec<f64> = (0..15)
                 .map(|_| {
                     let t0 = std::time::Instant::now();
@@ -157,65 +421,9 @@ fn attention_bench() {
                 .collect();
             ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
             eprintln!(
-                "attention {name} SG={sg} B={b} T={t} NH={nh} KVH={kvh} HD={hd} P={p}: median {:.2} ms (min {:.2}), {:.2} GFLOP/s",
+                "attention {name} {cfg:?} B={b} T={t} NH={nh} KVH={kvh} HD={hd} P={p}: median {:.2} ms (min {:.2}), {:.2} GFLOP/s; first run {jit:.1} s",
                 ms[7], ms[0], plan.flops() / ms[7] * 1e-6
             );
         }
     }
-}
-
-// TEMP experiment harness (removed before hand-off).
-#[test]
-#[ignore]
-fn attention_experiment() {
-    use std::borrow::Cow;
-    use wgtune::gpu::kernels::{Access::Read as R, Access::ReadWrite as W, KernelSpec, COMMON};
-    use wgtune::gpu::ops::grid_1d;
-    use wgtune::gpu::Params;
-    let ctx = gpu!();
-    let path = std::env::var("ATTN_WGSL").unwrap();
-    let sg: u32 = std::env::var("ATTN_SG").unwrap().parse().unwrap();
-    let rr: usize = std::env::var("ATTN_R").unwrap_or("1".into()).parse().unwrap();
-    let src = format!("{COMMON}\n{}", std::fs::read_to_string(&path).unwrap());
-    let (b, t, nh, kvh, hd, p) = (4usize, 128usize, 9usize, 3usize, 64usize, 0usize);
-    let s = p + t;
-    let (qs, ks) = ([b, t, nh, hd], [b, s, kvh, hd]);
-    let mut r = Rng::new(7);
-    let n = |s: &[usize]| s.iter().product::<usize>();
-    let (qv, kv, vv, dov) = (r.vec(n(&qs), 1.0), r.vec(n(&ks), 1.0), r.vec(n(&ks), 1.0), r.vec(n(&qs), 1.0));
-    let (q, k, v, dout) = (up(ctx, &qv, &qs, "q"), up(ctx, &kv, &ks, "k"), up(ctx, &vv, &ks, "v"), up(ctx, &dov, &qs, "dout"));
-    let (out, lse, delta) = (zeros(ctx, &qs, "out"), zeros(ctx, &[b, nh, t], "lse"), zeros(ctx, &[b, nh, t], "delta"));
-    let (dq, dk, dv) = (zeros(ctx, &qs, "dq"), zeros(ctx, &ks, "dk"), zeros(ctx, &ks, "dv"));
-    let wg = sg.max(64);
-    let mk = |entry: &'static str, layout: &[wgtune::gpu::kernels::Access]| KernelSpec {
-        module: Cow::Owned(path.clone()),
-        source: Cow::Owned(src.clone()),
-        entry,
-        constants: if std::env::var("ATTN_CONST").is_ok() { vec![("WG", wg as f64)] } else { vec![("WG", wg as f64), ("SG", sg as f64), ("R", rr as f64), ("HD4", (hd / 4) as f64)] },
-        layout: layout.to_vec(),
-    };
-    let prm = |groups: usize| Params::new().u(b).u(t).u(nh).u(kvh).u(p).u(s).u(groups).f(1.0 / (hd as f32).sqrt());
-    let gq = b * nh * t.div_ceil(sg as usize * rr);
-    let gk = b * kvh * s.div_ceil(sg as usize * rr);
-    let grid = |g: usize| grid_1d(ctx, (g * sg as usize).div_ceil(wg as usize) as u32);
-    let mut fwd = Plan::new("fwd");
-    fwd.dispatch(ctx, &mk("attention_forward", &[W, W, R, R, R]), &prm(gq), &[&out, &lse, &q, &k, &v], grid(gq)).unwrap();
-    let mut bq = Plan::new("dq");
-    bq.dispatch(ctx, &mk("attention_backward_dq", &[W, R, R, R, R, R, R]), &prm(gq), &[&dq, &dout, &q, &k, &v, &lse, &delta], grid(gq)).unwrap();
-    let mut bkv = Plan::new("dkv");
-    bkv.dispatch(ctx, &mk("attention_backward_dkv", &[W, W, R, R, R, R, R, R]), &prm(gk), &[&dk, &dv, &dout, &q, &k, &v, &lse, &delta], grid(gk)).unwrap();
-    for (name, plan) in [("forward", &fwd), ("dq", &bq), ("dkv", &bkv)] {
-        let t0 = std::time::Instant::now();
-        run(ctx, plan);
-        let jit = t0.elapsed().as_secs_f64() * 1e3;
-        let mut ms: Vec<f64> = (0..9).map(|_| { let t0 = std::time::Instant::now(); run(ctx, plan); t0.elapsed().as_secs_f64() * 1e3 }).collect();
-        ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        eprintln!("EXP {path} SG={sg} R={rr} {name}: first {jit:.1} ms, median {:.2} ms, min {:.2}", ms[4], ms[0]);
-    }
-    let mut ro = vec![0.0; n(&qs)];
-    let mut rl = vec![0.0; b * nh * t];
-    cpu::attention::attention_forward(&mut ro, &mut rl, &to64(&qv), &to64(&kv), &to64(&vv), b, t, nh, kvh, hd, p);
-    let got = read(ctx, &out);
-    let md = got.iter().zip(&ro).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
-    eprintln!("EXP forward out maxdiff {md:.3e}");
 }

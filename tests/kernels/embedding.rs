@@ -12,7 +12,10 @@ use wgtune::Error;
 /// so that tests can force row chunking. `None` (skip) when there is no
 /// adapter, unless `WGTUNE_REQUIRE_GPU=1`, as for `common::ctx()`.
 pub(crate) fn small_ctx(max_binding_bytes: u64) -> Option<Context> {
-    let opts = ContextOptions { max_binding_bytes: Some(max_binding_bytes), ..Default::default() };
+    let opts = ContextOptions {
+        max_binding_bytes: Some(max_binding_bytes),
+        ..Default::default()
+    };
     match Context::new(&opts) {
         Ok(c) => Some(c),
         Err(e) => {
@@ -38,12 +41,25 @@ fn random_ids(r: &mut Rng, n: usize, v: usize, invalid: bool) -> Vec<i32> {
 /// Run embedding_forward on GPU and CPU from the same non-zero `out` (to show
 /// rows 0..P are untouched and invalid ids really write zeros) and compare.
 #[allow(clippy::too_many_arguments)]
-fn check_embedding(ctx: &Context, tag: &str, b: usize, t: usize, np: usize, v: usize, c: usize, r: &mut Rng, expect_dispatches: Option<usize>) {
+fn check_embedding(
+    ctx: &Context,
+    tag: &str,
+    b: usize,
+    t: usize,
+    np: usize,
+    v: usize,
+    c: usize,
+    r: &mut Rng,
+    expect_dispatches: Option<usize>,
+) {
     let s = np + t;
     let ids = random_ids(r, b * t, v, true);
     let (table, out0) = (r.vec(v * c, 1.0), r.vec(b * s * c, 1.0));
     let tids = Tensor::from_i32(ctx, &ids, &[b, t], "ids").unwrap();
-    let (ttable, out) = (up(ctx, &table, &[v, c], "wte"), up(ctx, &out0, &[b, s, c], "out"));
+    let (ttable, out) = (
+        up(ctx, &table, &[v, c], "wte"),
+        up(ctx, &out0, &[b, s, c], "out"),
+    );
     let mut plan = Plan::new("embedding");
     embedding::embedding_forward(ctx, &mut plan, &out, &tids, &ttable, np).unwrap();
     if let Some(d) = expect_dispatches {
@@ -75,7 +91,17 @@ fn embedding_forward_chunked_table_vs_cpu() {
     let Some(ctx) = small_ctx(2048) else { return };
     let (b, t, np, v, c) = (3, 11, 2, 157, 7);
     let mut r = Rng::new(7);
-    check_embedding(&ctx, "embedding_forward chunked V=157 C=7", b, t, np, v, c, &mut r, Some(3));
+    check_embedding(
+        &ctx,
+        "embedding_forward chunked V=157 C=7",
+        b,
+        t,
+        np,
+        v,
+        c,
+        &mut r,
+        Some(3),
+    );
 
     // Ids on every chunk boundary, plus invalid ones, in a single batch row.
     let ids = [0, 63, 64, 127, 128, 156, -1, 157, 100];
@@ -83,17 +109,42 @@ fn embedding_forward_chunked_table_vs_cpu() {
     let out = up(&ctx, &r.vec(ids.len() * c, 1.0), &[1, ids.len(), c], "out");
     let tids = Tensor::from_i32(&ctx, &ids, &[1, ids.len()], "ids").unwrap();
     let mut plan = Plan::new("embedding");
-    embedding::embedding_forward(&ctx, &mut plan, &out, &tids, &up(&ctx, &table, &[v, c], "wte"), 0).unwrap();
+    embedding::embedding_forward(
+        &ctx,
+        &mut plan,
+        &out,
+        &tids,
+        &up(&ctx, &table, &[v, c], "wte"),
+        0,
+    )
+    .unwrap();
     run(&ctx, &plan);
     let mut want = vec![0.0; ids.len() * c];
     cpu::embedding::embedding_forward(&mut want, &ids, &to64(&table), 1, ids.len(), v, c, 0);
-    assert_close("embedding_forward chunk boundaries", &read(&ctx, &out), &want, 0.0, 0.0);
+    assert_close(
+        "embedding_forward chunk boundaries",
+        &read(&ctx, &out),
+        &want,
+        0.0,
+        0.0,
+    );
 
     // An output larger than one binding cannot be split: Error::Limits.
     let big = zeros(&ctx, &[3, 30, c], "big_out");
     let ids = Tensor::from_i32(&ctx, &vec![0; 3 * 28], &[3, 28], "ids").unwrap();
-    let err = embedding::embedding_forward(&ctx, &mut Plan::new("t"), &big, &ids, &up(&ctx, &table, &[v, c], "wte"), 2).unwrap_err();
-    assert!(matches!(err, Error::Limits { .. }) && err.to_string().contains("big_out"), "{err}");
+    let err = embedding::embedding_forward(
+        &ctx,
+        &mut Plan::new("t"),
+        &big,
+        &ids,
+        &up(&ctx, &table, &[v, c], "wte"),
+        2,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::Limits { .. }) && err.to_string().contains("big_out"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -102,8 +153,17 @@ fn prompt_forward_backward_vs_cpu() {
     // (B, S, P, C): a single row, odd sizes, C above the largest workgroup.
     for &(b, s, np, c) in &[(1, 1, 1, 7), (3, 13, 5, 33), (5, 9, 2, 577)] {
         let mut r = Rng::new((b * 100 + s * 10 + c) as u64);
-        let (prompt, out0, dout, dacc) = (r.vec(np * c, 1.0), r.vec(b * s * c, 1.0), r.vec(b * s * c, 1.0), r.vec(np * c, 1.0));
-        let (tp, out, tdout) = (up(ctx, &prompt, &[np, c], "prompt"), up(ctx, &out0, &[b, s, c], "out"), up(ctx, &dout, &[b, s, c], "dout"));
+        let (prompt, out0, dout, dacc) = (
+            r.vec(np * c, 1.0),
+            r.vec(b * s * c, 1.0),
+            r.vec(b * s * c, 1.0),
+            r.vec(np * c, 1.0),
+        );
+        let (tp, out, tdout) = (
+            up(ctx, &prompt, &[np, c], "prompt"),
+            up(ctx, &out0, &[b, s, c], "out"),
+            up(ctx, &dout, &[b, s, c], "dout"),
+        );
         let dprompt = up(ctx, &dacc, &[np, c], "dprompt"); // backward accumulates onto existing values
         let mut plan = Plan::new("prompt");
         embedding::prompt_forward(ctx, &mut plan, &out, &tp).unwrap();
@@ -116,14 +176,24 @@ fn prompt_forward_backward_vs_cpu() {
         cpu::embedding::prompt_backward(&mut wdp, &to64(&dout), b, s, np, c);
         let tag = format!("prompt B={b} S={s} P={np} C={c}");
         assert_close(&format!("{tag} out"), &read(ctx, &out), &want, 0.0, 0.0);
-        assert_close(&format!("{tag} dprompt"), &read(ctx, &dprompt), &wdp, 1e-6, 1e-6);
+        assert_close(
+            &format!("{tag} dprompt"),
+            &read(ctx, &dprompt),
+            &wdp,
+            1e-6,
+            1e-6,
+        );
 
         // Fixed-order sum, no atomics: a second run from the same start is bit-identical.
         let twin = up(ctx, &dacc, &[np, c], "dprompt2");
         let mut again = Plan::new("prompt again");
         embedding::prompt_backward(ctx, &mut again, &twin, &tdout).unwrap();
         run(ctx, &again);
-        assert_eq!(read(ctx, &twin), read(ctx, &dprompt), "{tag}: prompt_backward is not deterministic");
+        assert_eq!(
+            read(ctx, &twin),
+            read(ctx, &dprompt),
+            "{tag}: prompt_backward is not deterministic"
+        );
     }
 }
 
@@ -134,20 +204,38 @@ fn embedding_rejects_wrong_shapes() {
     let table = zeros(ctx, &[10, 8], "wte");
     // S must be P + T = 5, and C must match the table.
     let out = zeros(ctx, &[2, 5, 7], "out");
-    let msg = embedding::embedding_forward(ctx, &mut Plan::new("t"), &out, &ids, &table, 2).unwrap_err().to_string();
+    let msg = embedding::embedding_forward(ctx, &mut Plan::new("t"), &out, &ids, &table, 2)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("`out`") && msg.contains("[2, 5, 7]"), "{msg}");
     let out = zeros(ctx, &[2, 4, 8], "out");
-    let err = embedding::embedding_forward(ctx, &mut Plan::new("t"), &out, &ids, &table, 2).unwrap_err();
-    assert!(matches!(err, Error::Shape { ref tensor, .. } if tensor == "out"), "{err}");
+    let err =
+        embedding::embedding_forward(ctx, &mut Plan::new("t"), &out, &ids, &table, 2).unwrap_err();
+    assert!(
+        matches!(err, Error::Shape { ref tensor, .. } if tensor == "out"),
+        "{err}"
+    );
     // f32 ids are refused by name.
     let fids = zeros(ctx, &[2, 3], "fids");
-    let msg = embedding::embedding_forward(ctx, &mut Plan::new("t"), &zeros(ctx, &[2, 3, 8], "o"), &fids, &table, 0).unwrap_err().to_string();
+    let msg = embedding::embedding_forward(
+        ctx,
+        &mut Plan::new("t"),
+        &zeros(ctx, &[2, 3, 8], "o"),
+        &fids,
+        &table,
+        0,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(msg.contains("`fids`"), "{msg}");
 
     let dprompt = zeros(ctx, &[3, 7], "dprompt");
     let dout = zeros(ctx, &[2, 5, 8], "dout");
     let err = embedding::prompt_backward(ctx, &mut Plan::new("t"), &dprompt, &dout).unwrap_err();
-    assert!(matches!(err, Error::Shape { ref tensor, .. } if tensor == "dout"), "{err}");
+    assert!(
+        matches!(err, Error::Shape { ref tensor, .. } if tensor == "dout"),
+        "{err}"
+    );
     let prompt = zeros(ctx, &[6, 8], "prompt");
     let err = embedding::prompt_forward(ctx, &mut Plan::new("t"), &dout, &prompt).unwrap_err();
     assert!(err.to_string().contains("S >= 6"), "{err}");

@@ -5,7 +5,13 @@ use wgtune::gpu::{Context, Plan};
 
 // (M, K, N, R): M = 1; nothing a multiple of 4 (scalar paths); R = 8 with K
 // and N multiples of 4 (vec4 paths); R = 1; R % 4 == 0 with N odd (mixed).
-const SHAPES: &[(usize, usize, usize, usize)] = &[(1, 7, 5, 2), (13, 33, 17, 3), (12, 32, 20, 8), (5, 11, 9, 1), (6, 16, 18, 12)];
+const SHAPES: &[(usize, usize, usize, usize)] = &[
+    (1, 7, 5, 2),
+    (13, 33, 17, 3),
+    (12, 32, 20, 8),
+    (5, 11, 9, 1),
+    (6, 16, 18, 12),
+];
 const SCALE: f32 = 2.5; // lora_alpha 20 / r 8, say
 
 /// Forward and backward on the GPU against the CPU twin, starting from
@@ -14,16 +20,49 @@ const SCALE: f32 = 2.5; // lora_alpha 20 / r 8, say
 fn check(ctx: &Context, m: usize, k: usize, n: usize, r: usize) {
     let with_dinp = r != 1;
     let mut rng = Rng::new((m * 1000 + k * 100 + n * 10 + r) as u64);
-    let (x, a, b, dy) = (rng.vec(m * k, 1.0), rng.vec(r * k, 1.0), rng.vec(n * r, 1.0), rng.vec(m * n, 1.0));
-    let (y0, da0, db0, dx0) = (rng.vec(m * n, 1.0), rng.vec(r * k, 1.0), rng.vec(n * r, 1.0), rng.vec(m * k, 1.0));
-    let (tx, ta, tb, tdy) = (up(ctx, &x, &[m, k], "x"), up(ctx, &a, &[r, k], "lora.A"), up(ctx, &b, &[n, r], "lora.B"), up(ctx, &dy, &[m, n], "dy"));
+    let (x, a, b, dy) = (
+        rng.vec(m * k, 1.0),
+        rng.vec(r * k, 1.0),
+        rng.vec(n * r, 1.0),
+        rng.vec(m * n, 1.0),
+    );
+    let (y0, da0, db0, dx0) = (
+        rng.vec(m * n, 1.0),
+        rng.vec(r * k, 1.0),
+        rng.vec(n * r, 1.0),
+        rng.vec(m * k, 1.0),
+    );
+    let (tx, ta, tb, tdy) = (
+        up(ctx, &x, &[m, k], "x"),
+        up(ctx, &a, &[r, k], "lora.A"),
+        up(ctx, &b, &[n, r], "lora.B"),
+        up(ctx, &dy, &[m, n], "dy"),
+    );
     let out = up(ctx, &y0, &[m, n], "y");
     let h = zeros(ctx, &[m, r], "lora.h");
     let dh = up(ctx, &vec![7.0; m * r], &[m, r], "lora.dh");
-    let (da, db, dx) = (up(ctx, &da0, &[r, k], "lora.dA"), up(ctx, &db0, &[n, r], "lora.dB"), up(ctx, &dx0, &[m, k], "dx"));
+    let (da, db, dx) = (
+        up(ctx, &da0, &[r, k], "lora.dA"),
+        up(ctx, &db0, &[n, r], "lora.dB"),
+        up(ctx, &dx0, &[m, k], "dx"),
+    );
     let mut plan = Plan::new("lora");
     lora::lora_forward(ctx, &mut plan, &out, &h, &tx, &ta, &tb, SCALE).unwrap();
-    lora::lora_backward(ctx, &mut plan, with_dinp.then_some(&dx), &da, &db, &dh, &tdy, &h, &tx, &ta, &tb, SCALE).unwrap();
+    lora::lora_backward(
+        ctx,
+        &mut plan,
+        with_dinp.then_some(&dx),
+        &da,
+        &db,
+        &dh,
+        &tdy,
+        &h,
+        &tx,
+        &ta,
+        &tb,
+        SCALE,
+    )
+    .unwrap();
     run(ctx, &plan);
 
     let s = SCALE as f64;
@@ -31,9 +70,29 @@ fn check(ctx: &Context, m: usize, k: usize, n: usize, r: usize) {
     let (mut ro, mut rh) = (to64(&y0), vec![0.0; m * r]);
     cpu::lora::lora_forward(&mut ro, &mut rh, &x64, &a64, &b64, m, k, n, r, s);
     let (mut rda, mut rdb, mut rdx) = (to64(&da0), to64(&db0), to64(&dx0));
-    cpu::lora::lora_backward(with_dinp.then_some(&mut rdx[..]), &mut rda, &mut rdb, &dy64, &rh, &x64, &a64, &b64, m, k, n, r, s);
+    cpu::lora::lora_backward(
+        with_dinp.then_some(&mut rdx[..]),
+        &mut rda,
+        &mut rdb,
+        &dy64,
+        &rh,
+        &x64,
+        &a64,
+        &b64,
+        m,
+        k,
+        n,
+        r,
+        s,
+    );
     // dh = s * dy B, spelled out here since the CPU twin keeps it internal.
-    let rdh: Vec<f64> = (0..m * r).map(|i| s * (0..n).map(|c| dy64[(i / r) * n + c] * b64[c * r + i % r]).sum::<f64>()).collect();
+    let rdh: Vec<f64> = (0..m * r)
+        .map(|i| {
+            s * (0..n)
+                .map(|c| dy64[(i / r) * n + c] * b64[c * r + i % r])
+                .sum::<f64>()
+        })
+        .collect();
 
     let t = format!("lora M={m} K={k} N={n} R={r}");
     assert_close(&format!("{t} h"), &read(ctx, &h), &rh, 1e-5, 1e-4);
@@ -64,8 +123,17 @@ fn lora_rejects_wrong_shapes() {
     let x = zeros(ctx, &[m, k], "x");
     let a = zeros(ctx, &[r, k], "lora.A");
     let b = zeros(ctx, &[n, r], "lora.B");
-    let (out, h, dy) = (zeros(ctx, &[m, n], "y"), zeros(ctx, &[m, r], "lora.h"), zeros(ctx, &[m, n], "dy"));
-    let (da, db, dh, dx) = (zeros(ctx, &[r, k], "lora.dA"), zeros(ctx, &[n, r], "lora.dB"), zeros(ctx, &[m, r], "lora.dh"), zeros(ctx, &[m, k], "dx"));
+    let (out, h, dy) = (
+        zeros(ctx, &[m, n], "y"),
+        zeros(ctx, &[m, r], "lora.h"),
+        zeros(ctx, &[m, n], "dy"),
+    );
+    let (da, db, dh, dx) = (
+        zeros(ctx, &[r, k], "lora.dA"),
+        zeros(ctx, &[n, r], "lora.dB"),
+        zeros(ctx, &[m, r], "lora.dh"),
+        zeros(ctx, &[m, k], "dx"),
+    );
     let bad_a = zeros(ctx, &[r, k + 1], "lora.A.bad");
     let bad_b = zeros(ctx, &[n, r + 1], "lora.B.bad");
     let bad_h = zeros(ctx, &[m, r + 1], "lora.h.bad");
@@ -73,21 +141,61 @@ fn lora_rejects_wrong_shapes() {
     let bad_db = zeros(ctx, &[r, n], "lora.dB.bad");
     let rank0 = zeros(ctx, &[0, k], "lora.A.rank0");
     let mut plan = Plan::new("t");
-    let fwd = |plan: &mut Plan, h: &_, a: &_, b: &_| lora::lora_forward(ctx, plan, &out, h, &x, a, b, 1.0);
+    let fwd = |plan: &mut Plan, h: &_, a: &_, b: &_| {
+        lora::lora_forward(ctx, plan, &out, h, &x, a, b, 1.0)
+    };
     for (want, e) in [
         ("lora.A.bad", fwd(&mut plan, &h, &bad_a, &b)),
         ("lora.B.bad", fwd(&mut plan, &h, &a, &bad_b)),
         ("lora.h.bad", fwd(&mut plan, &bad_h, &a, &b)),
         ("lora.A.rank0", fwd(&mut plan, &h, &rank0, &b)),
-        ("dx.bad", lora::lora_backward(ctx, &mut plan, Some(&bad_dx), &da, &db, &dh, &dy, &h, &x, &a, &b, 1.0)),
-        ("lora.dB.bad", lora::lora_backward(ctx, &mut plan, Some(&dx), &da, &bad_db, &dh, &dy, &h, &x, &a, &b, 1.0)),
+        (
+            "dx.bad",
+            lora::lora_backward(
+                ctx,
+                &mut plan,
+                Some(&bad_dx),
+                &da,
+                &db,
+                &dh,
+                &dy,
+                &h,
+                &x,
+                &a,
+                &b,
+                1.0,
+            ),
+        ),
+        (
+            "lora.dB.bad",
+            lora::lora_backward(
+                ctx,
+                &mut plan,
+                Some(&dx),
+                &da,
+                &bad_db,
+                &dh,
+                &dy,
+                &h,
+                &x,
+                &a,
+                &b,
+                1.0,
+            ),
+        ),
     ] {
         let msg = e.expect_err(want).to_string();
         assert!(msg.contains(want), "expected `{want}` in: {msg}");
     }
-    let e = lora::lora_forward(ctx, &mut plan, &out, &h, &x, &a, &b, f32::NAN).unwrap_err().to_string();
+    let e = lora::lora_forward(ctx, &mut plan, &out, &h, &x, &a, &b, f32::NAN)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not finite"), "{e}");
-    assert_eq!(plan.dispatches(), 0, "nothing may be recorded before the checks pass");
+    assert_eq!(
+        plan.dispatches(),
+        0,
+        "nothing may be recorded before the checks pass"
+    );
 }
 
 #[test]
@@ -96,21 +204,67 @@ fn lora_backward_is_deterministic() {
     let ctx = gpu!();
     let (m, k, n, r) = (100, 20, 24, 8);
     let mut rng = Rng::new(9);
-    let (x, a, b, dy) = (rng.vec(m * k, 1.0), rng.vec(r * k, 1.0), rng.vec(n * r, 1.0), rng.vec(m * n, 1.0));
-    let (tx, ta, tb, tdy) = (up(ctx, &x, &[m, k], "x"), up(ctx, &a, &[r, k], "lora.A"), up(ctx, &b, &[n, r], "lora.B"), up(ctx, &dy, &[m, n], "dy"));
+    let (x, a, b, dy) = (
+        rng.vec(m * k, 1.0),
+        rng.vec(r * k, 1.0),
+        rng.vec(n * r, 1.0),
+        rng.vec(m * n, 1.0),
+    );
+    let (tx, ta, tb, tdy) = (
+        up(ctx, &x, &[m, k], "x"),
+        up(ctx, &a, &[r, k], "lora.A"),
+        up(ctx, &b, &[n, r], "lora.B"),
+        up(ctx, &dy, &[m, n], "dy"),
+    );
     let h = zeros(ctx, &[m, r], "lora.h");
     let mut plan = Plan::new("lora fwd");
-    lora::lora_forward(ctx, &mut plan, &zeros(ctx, &[m, n], "y"), &h, &tx, &ta, &tb, 2.0).unwrap();
+    lora::lora_forward(
+        ctx,
+        &mut plan,
+        &zeros(ctx, &[m, n], "y"),
+        &h,
+        &tx,
+        &ta,
+        &tb,
+        2.0,
+    )
+    .unwrap();
     run(ctx, &plan);
     let go = || {
-        let (da, db, dh, dx) = (zeros(ctx, &[r, k], "lora.dA"), zeros(ctx, &[n, r], "lora.dB"), zeros(ctx, &[m, r], "lora.dh"), zeros(ctx, &[m, k], "dx"));
+        let (da, db, dh, dx) = (
+            zeros(ctx, &[r, k], "lora.dA"),
+            zeros(ctx, &[n, r], "lora.dB"),
+            zeros(ctx, &[m, r], "lora.dh"),
+            zeros(ctx, &[m, k], "dx"),
+        );
         let mut plan = Plan::new("lora bwd");
-        lora::lora_backward(ctx, &mut plan, Some(&dx), &da, &db, &dh, &tdy, &h, &tx, &ta, &tb, 2.0).unwrap();
+        lora::lora_backward(
+            ctx,
+            &mut plan,
+            Some(&dx),
+            &da,
+            &db,
+            &dh,
+            &tdy,
+            &h,
+            &tx,
+            &ta,
+            &tb,
+            2.0,
+        )
+        .unwrap();
         run(ctx, &plan);
         [read(ctx, &da), read(ctx, &db), read(ctx, &dx)]
     };
     let (p, q) = (go(), go());
-    for (name, u, v) in [("dA", &p[0], &q[0]), ("dB", &p[1], &q[1]), ("dinp", &p[2], &q[2])] {
-        assert!(u.iter().zip(v).all(|(x, y)| x.to_bits() == y.to_bits()), "lora_backward {name} differs between runs");
+    for (name, u, v) in [
+        ("dA", &p[0], &q[0]),
+        ("dB", &p[1], &q[1]),
+        ("dinp", &p[2], &q[2]),
+    ] {
+        assert!(
+            u.iter().zip(v).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "lora_backward {name} differs between runs"
+        );
     }
 }

@@ -13,24 +13,52 @@ use wgtune::Error;
 
 /// Random targets in [0, V) with every third row ignored when `mask`.
 fn random_targets(r: &mut Rng, n: usize, v: usize, mask: bool) -> Vec<i32> {
-    (0..n).map(|i| if mask && i % 3 == 1 { IGNORE_INDEX } else { r.below(v) as i32 }).collect()
+    (0..n)
+        .map(|i| {
+            if mask && i % 3 == 1 {
+                IGNORE_INDEX
+            } else {
+                r.below(v) as i32
+            }
+        })
+        .collect()
 }
 
 /// Forward + backward on GPU and CPU from the same logits; dlogits starts
 /// non-zero (backward accumulates) and dlosses is the host's mean scaling.
 /// Returns the GPU (losses, dlogits) for determinism checks.
 #[allow(clippy::too_many_arguments)]
-fn check_ce(ctx: &Context, tag: &str, logits: &[f32], targets: &[i32], n: usize, v: usize, r: &mut Rng, dispatches: Option<usize>) -> (Vec<f32>, Vec<f32>) {
+fn check_ce(
+    ctx: &Context,
+    tag: &str,
+    logits: &[f32],
+    targets: &[i32],
+    n: usize,
+    v: usize,
+    r: &mut Rng,
+    dispatches: Option<usize>,
+) -> (Vec<f32>, Vec<f32>) {
     let (_, dl) = cpu::loss::mean_loss_scale(targets);
     let dl32: Vec<f32> = dl.iter().map(|&x| x as f32).collect();
     let dacc = r.vec(n * v, 0.01);
-    let (tl, ttg) = (up(ctx, logits, &[n, v], "logits"), Tensor::from_i32(ctx, targets, &[n], "targets").unwrap());
-    let (losses, tdl, dlogits) = (up(ctx, &r.vec(n, 1.0), &[n], "losses"), up(ctx, &dl32, &[n], "dlosses"), up(ctx, &dacc, &[n, v], "dlogits"));
+    let (tl, ttg) = (
+        up(ctx, logits, &[n, v], "logits"),
+        Tensor::from_i32(ctx, targets, &[n], "targets").unwrap(),
+    );
+    let (losses, tdl, dlogits) = (
+        up(ctx, &r.vec(n, 1.0), &[n], "losses"),
+        up(ctx, &dl32, &[n], "dlosses"),
+        up(ctx, &dacc, &[n, v], "dlogits"),
+    );
     let mut plan = Plan::new("crossentropy");
     loss::crossentropy_forward(ctx, &mut plan, &losses, &tl, &ttg).unwrap();
     loss::crossentropy_softmax_backward(ctx, &mut plan, &dlogits, &tdl, &tl, &ttg).unwrap();
     if let Some(d) = dispatches {
-        assert_eq!(plan.dispatches(), d, "{tag}: dispatches (forward + backward chunks)");
+        assert_eq!(
+            plan.dispatches(),
+            d,
+            "{tag}: dispatches (forward + backward chunks)"
+        );
     }
     run(ctx, &plan);
 
@@ -54,7 +82,16 @@ fn crossentropy_forward_backward_vs_cpu() {
         let logits = r.vec(n * v, 4.0);
         let targets = random_targets(&mut r, n, v, n > 1);
         let tag = format!("crossentropy N={n} V={v}");
-        let first = check_ce(ctx, &tag, &logits, &targets, n, v, &mut Rng::new(5), Some(2));
+        let first = check_ce(
+            ctx,
+            &tag,
+            &logits,
+            &targets,
+            n,
+            v,
+            &mut Rng::new(5),
+            Some(2),
+        );
         // Fixed-order reductions, no atomics: bit-identical on a second run.
         let second = check_ce(ctx, &tag, &logits, &targets, n, v, &mut Rng::new(5), None);
         assert!(first == second, "{tag}: results differ between two runs");
@@ -85,13 +122,32 @@ fn crossentropy_chunked_logits_vs_cpu() {
     let mut r = Rng::new(11);
     let logits = r.vec(n * v, 3.0);
     let targets = random_targets(&mut r, n, v, true);
-    check_ce(&ctx, "crossentropy chunked N=150 V=37", &logits, &targets, n, v, &mut r, Some(6));
+    check_ce(
+        &ctx,
+        "crossentropy chunked N=150 V=37",
+        &logits,
+        &targets,
+        n,
+        v,
+        &mut r,
+        Some(6),
+    );
 
     // A row too wide for one binding cannot be split: Error::Limits.
     let wide = zeros(&ctx, &[2, 3000], "wide_logits");
     let tg = Tensor::from_i32(&ctx, &[0, 1], &[2], "targets").unwrap();
-    let err = loss::crossentropy_forward(&ctx, &mut Plan::new("t"), &zeros(&ctx, &[2], "losses"), &wide, &tg).unwrap_err();
-    assert!(matches!(err, Error::Limits { .. }) && err.to_string().contains("wide_logits"), "{err}");
+    let err = loss::crossentropy_forward(
+        &ctx,
+        &mut Plan::new("t"),
+        &zeros(&ctx, &[2], "losses"),
+        &wide,
+        &tg,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::Limits { .. }) && err.to_string().contains("wide_logits"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -100,16 +156,33 @@ fn crossentropy_rejects_wrong_shapes() {
     let logits = zeros(ctx, &[4, 9], "logits");
     let losses = zeros(ctx, &[4], "losses");
     let targets = Tensor::from_i32(ctx, &[0; 5], &[5], "targets").unwrap();
-    let err = loss::crossentropy_forward(ctx, &mut Plan::new("t"), &losses, &logits, &targets).unwrap_err();
-    assert!(matches!(err, Error::Shape { ref tensor, .. } if tensor == "targets"), "{err}");
+    let err = loss::crossentropy_forward(ctx, &mut Plan::new("t"), &losses, &logits, &targets)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Shape { ref tensor, .. } if tensor == "targets"),
+        "{err}"
+    );
     assert!(err.to_string().contains("[5]"), "{err}");
 
     let targets = Tensor::from_i32(ctx, &[0; 4], &[4], "targets").unwrap();
     let dlogits = zeros(ctx, &[4, 8], "dlogits");
-    let err = loss::crossentropy_softmax_backward(ctx, &mut Plan::new("t"), &dlogits, &losses, &logits, &targets).unwrap_err();
-    assert!(matches!(err, Error::Shape { ref tensor, .. } if tensor == "dlogits"), "{err}");
+    let err = loss::crossentropy_softmax_backward(
+        ctx,
+        &mut Plan::new("t"),
+        &dlogits,
+        &losses,
+        &logits,
+        &targets,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::Shape { ref tensor, .. } if tensor == "dlogits"),
+        "{err}"
+    );
     // f32 targets are refused by name.
     let ftargets = zeros(ctx, &[4], "ftargets");
-    let msg = loss::crossentropy_forward(ctx, &mut Plan::new("t"), &losses, &logits, &ftargets).unwrap_err().to_string();
+    let msg = loss::crossentropy_forward(ctx, &mut Plan::new("t"), &losses, &logits, &ftargets)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("`ftargets`"), "{msg}");
 }

@@ -6,14 +6,32 @@ use wgtune::gpu::{Context, ContextOptions, Plan};
 // (M, K, N): odd sizes that are no multiple of any tile or of 4, sizes that
 // are multiples of 4 but not of a tile (vec4 path), M = 1, and one LLM-like
 // shape.
-const SHAPES: &[(usize, usize, usize)] = &[(1, 7, 5), (13, 33, 17), (7, 36, 20), (1, 64, 9), (45, 100, 132), (130, 96, 70), (37, 128, 64)];
+const SHAPES: &[(usize, usize, usize)] = &[
+    (1, 7, 5),
+    (13, 33, 17),
+    (7, 36, 20),
+    (1, 64, 9),
+    (45, 100, 132),
+    (130, 96, 70),
+    (37, 128, 64),
+];
 
 fn check_all(ctx: &Context, tag: &str, shapes: &[(usize, usize, usize)]) {
     for &(m, k, n) in shapes {
         let mut r = Rng::new((m * 1000 + k * 10 + n) as u64);
-        let (x, w, b, dy) = (r.vec(m * k, 1.0), r.vec(n * k, 1.0), r.vec(n, 1.0), r.vec(m * n, 1.0));
+        let (x, w, b, dy) = (
+            r.vec(m * k, 1.0),
+            r.vec(n * k, 1.0),
+            r.vec(n, 1.0),
+            r.vec(m * n, 1.0),
+        );
         let (dx0, dw0) = (r.vec(m * k, 1.0), r.vec(n * k, 1.0));
-        let (tx, tw, tb, tdy) = (up(ctx, &x, &[m, k], "x"), up(ctx, &w, &[n, k], "w"), up(ctx, &b, &[n], "b"), up(ctx, &dy, &[m, n], "dy"));
+        let (tx, tw, tb, tdy) = (
+            up(ctx, &x, &[m, k], "x"),
+            up(ctx, &w, &[n, k], "w"),
+            up(ctx, &b, &[n], "b"),
+            up(ctx, &dy, &[m, n], "dy"),
+        );
         let out = up(ctx, &vec![0.5; m * n], &[m, n], "out");
         let (dx, dw) = (up(ctx, &dx0, &[m, k], "dx"), up(ctx, &dw0, &[n, k], "dw"));
         let mut plan = Plan::new("matmul");
@@ -30,8 +48,20 @@ fn check_all(ctx: &Context, tag: &str, shapes: &[(usize, usize, usize)]) {
         cpu::matmul::matmul_backward_weight(&mut rdw, &to64(&dy), &to64(&x), m, k, n);
         let t = format!("{tag} M={m} K={k} N={n}");
         assert_close(&format!("{t} forward"), &read(ctx, &out), &ro, 1e-5, 1e-4);
-        assert_close(&format!("{t} backward_input"), &read(ctx, &dx), &rdx, 1e-5, 1e-4);
-        assert_close(&format!("{t} backward_weight"), &read(ctx, &dw), &rdw, 1e-5, 1e-4);
+        assert_close(
+            &format!("{t} backward_input"),
+            &read(ctx, &dx),
+            &rdx,
+            1e-5,
+            1e-4,
+        );
+        assert_close(
+            &format!("{t} backward_weight"),
+            &read(ctx, &dw),
+            &rdw,
+            1e-5,
+            1e-4,
+        );
     }
 }
 
@@ -46,20 +76,36 @@ fn matmul_all_layouts_vs_cpu() {
 fn matmul_portable_path_vs_cpu() {
     // No subgroups, operands from storage buffers: the path for adapters
     // without SUBGROUP and for matrices beyond the texture limits.
-    let Some(ctx) = common::ctx_with(ContextOptions { disable_subgroups: true, disable_textures: true, ..Default::default() }) else { return };
+    let Some(ctx) = common::ctx_with(ContextOptions {
+        disable_subgroups: true,
+        disable_textures: true,
+        ..Default::default()
+    }) else {
+        return;
+    };
     assert_eq!(matmul::pick_variant(&ctx, true).sg, 1);
     check_all(&ctx, "no-subgroups/storage", SHAPES);
 }
 
 #[test]
 fn matmul_storage_operands_vs_cpu() {
-    let Some(ctx) = common::ctx_with(ContextOptions { disable_textures: true, ..Default::default() }) else { return };
+    let Some(ctx) = common::ctx_with(ContextOptions {
+        disable_textures: true,
+        ..Default::default()
+    }) else {
+        return;
+    };
     check_all(&ctx, "storage", SHAPES);
 }
 
 #[test]
 fn matmul_textures_without_subgroups_vs_cpu() {
-    let Some(ctx) = common::ctx_with(ContextOptions { disable_subgroups: true, ..Default::default() }) else { return };
+    let Some(ctx) = common::ctx_with(ContextOptions {
+        disable_subgroups: true,
+        ..Default::default()
+    }) else {
+        return;
+    };
     check_all(&ctx, "no-subgroups/textures", SHAPES);
 }
 
@@ -68,18 +114,35 @@ fn matmul_alpha_accumulate_and_long_reduction_vs_cpu() {
     // Many tokens force several split-K partials in backward_weight.
     let ctx = gpu!();
     let (m, k, n) = (1037, 12, 8);
-    assert!(matmul::split_count(ctx, m, n, k) > 1, "this shape should use split-K");
+    assert!(
+        matmul::split_count(ctx, m, n, k) > 1,
+        "this shape should use split-K"
+    );
     check_all(ctx, "split-k", &[(m, k, n)]);
     let mut r = Rng::new(3);
     let (x, w, o0) = (r.vec(m * k, 1.0), r.vec(n * k, 1.0), r.vec(m * n, 1.0));
-    let (tx, tw, out) = (up(ctx, &x, &[m, k], "x"), up(ctx, &w, &[n, k], "w"), up(ctx, &o0, &[m, n], "out"));
+    let (tx, tw, out) = (
+        up(ctx, &x, &[m, k], "x"),
+        up(ctx, &w, &[n, k], "w"),
+        up(ctx, &o0, &[m, n], "out"),
+    );
     let mut plan = Plan::new("alpha");
     matmul::matmul_forward_ex(ctx, &mut plan, &out, &tx, &tw, None, 0.25, true).unwrap();
     run(ctx, &plan);
     let mut ro = vec![0.0; m * n];
     cpu::matmul::matmul_forward(&mut ro, &to64(&x), &to64(&w), None, m, k, n);
-    let want: Vec<f64> = ro.iter().zip(&o0).map(|(v, o)| 0.25 * v + *o as f64).collect();
-    assert_close("forward alpha=0.25 accumulate", &read(ctx, &out), &want, 1e-5, 1e-4);
+    let want: Vec<f64> = ro
+        .iter()
+        .zip(&o0)
+        .map(|(v, o)| 0.25 * v + *o as f64)
+        .collect();
+    assert_close(
+        "forward alpha=0.25 accumulate",
+        &read(ctx, &out),
+        &want,
+        1e-5,
+        1e-4,
+    );
 }
 
 #[test]
@@ -88,27 +151,62 @@ fn matmul_chunks_tensors_larger_than_a_binding() {
     // output (70 x 200 floats) and the output gradient are split into row
     // chunks; the input rows (70 x 16) fit whole.
     for textures in [false, true] {
-    let Some(ctx) = common::ctx_with(ContextOptions { max_binding_bytes: Some(8192), disable_textures: !textures, ..Default::default() }) else { return };
-    for (m, k, n) in [(70, 16, 200), (23, 17, 192)] {
-        let mut r = Rng::new(11);
-        let (x, w, b, dy) = (r.vec(m * k, 1.0), r.vec(n * k, 1.0), r.vec(n, 1.0), r.vec(m * n, 1.0));
-        let (tx, tw, tb, tdy) = (up(&ctx, &x, &[m, k], "x"), up(&ctx, &w, &[n, k], "w"), up(&ctx, &b, &[n], "b"), up(&ctx, &dy, &[m, n], "dy"));
-        let out = up(&ctx, &vec![0.0; m * n], &[m, n], "out");
-        let dx = up(&ctx, &vec![0.0; m * k], &[m, k], "dx");
-        let mut plan = Plan::new("chunked");
-        matmul::matmul_forward(&ctx, &mut plan, &out, &tx, &tw, Some(&tb)).unwrap();
-        matmul::matmul_backward_input(&ctx, &mut plan, &dx, &tdy, &tw).unwrap();
-        assert!(plan.dispatches() >= 6, "expected chunked dispatches, got {}", plan.dispatches());
-        assert_eq!(matmul::use_textures(&ctx, &[(m, k), (n, k)]), textures);
-        eprintln!("M={m} K={k} N={n}: chunked into {} dispatches", plan.dispatches());
-        run(&ctx, &plan);
-        let mut ro = vec![0.0; m * n];
-        cpu::matmul::matmul_forward(&mut ro, &to64(&x), &to64(&w), Some(&to64(&b)), m, k, n);
-        let mut rdx = vec![0.0; m * k];
-        cpu::matmul::matmul_backward_input(&mut rdx, &to64(&dy), &to64(&w), m, k, n);
-        assert_close(&format!("chunked forward M={m} K={k} N={n}"), &read(&ctx, &out), &ro, 1e-5, 1e-4);
-        assert_close(&format!("chunked backward_input M={m} K={k} N={n}"), &read(&ctx, &dx), &rdx, 1e-5, 1e-4);
-    }
+        let Some(ctx) = common::ctx_with(ContextOptions {
+            max_binding_bytes: Some(8192),
+            disable_textures: !textures,
+            ..Default::default()
+        }) else {
+            return;
+        };
+        for (m, k, n) in [(70, 16, 200), (23, 17, 192)] {
+            let mut r = Rng::new(11);
+            let (x, w, b, dy) = (
+                r.vec(m * k, 1.0),
+                r.vec(n * k, 1.0),
+                r.vec(n, 1.0),
+                r.vec(m * n, 1.0),
+            );
+            let (tx, tw, tb, tdy) = (
+                up(&ctx, &x, &[m, k], "x"),
+                up(&ctx, &w, &[n, k], "w"),
+                up(&ctx, &b, &[n], "b"),
+                up(&ctx, &dy, &[m, n], "dy"),
+            );
+            let out = up(&ctx, &vec![0.0; m * n], &[m, n], "out");
+            let dx = up(&ctx, &vec![0.0; m * k], &[m, k], "dx");
+            let mut plan = Plan::new("chunked");
+            matmul::matmul_forward(&ctx, &mut plan, &out, &tx, &tw, Some(&tb)).unwrap();
+            matmul::matmul_backward_input(&ctx, &mut plan, &dx, &tdy, &tw).unwrap();
+            assert!(
+                plan.dispatches() >= 6,
+                "expected chunked dispatches, got {}",
+                plan.dispatches()
+            );
+            assert_eq!(matmul::use_textures(&ctx, &[(m, k), (n, k)]), textures);
+            eprintln!(
+                "M={m} K={k} N={n}: chunked into {} dispatches",
+                plan.dispatches()
+            );
+            run(&ctx, &plan);
+            let mut ro = vec![0.0; m * n];
+            cpu::matmul::matmul_forward(&mut ro, &to64(&x), &to64(&w), Some(&to64(&b)), m, k, n);
+            let mut rdx = vec![0.0; m * k];
+            cpu::matmul::matmul_backward_input(&mut rdx, &to64(&dy), &to64(&w), m, k, n);
+            assert_close(
+                &format!("chunked forward M={m} K={k} N={n}"),
+                &read(&ctx, &out),
+                &ro,
+                1e-5,
+                1e-4,
+            );
+            assert_close(
+                &format!("chunked backward_input M={m} K={k} N={n}"),
+                &read(&ctx, &dx),
+                &rdx,
+                1e-5,
+                1e-4,
+            );
+        }
     }
 }
 
@@ -118,12 +216,25 @@ fn matmul_rejects_bad_shapes_and_oversized_bindings() {
     let x = up(ctx, &[0.0; 12], &[3, 4], "x");
     let w = up(ctx, &[0.0; 10], &[2, 5], "w.bad");
     let out = up(ctx, &[0.0; 6], &[3, 2], "out");
-    let e = matmul::matmul_forward(ctx, &mut Plan::new("t"), &out, &x, &w, None).unwrap_err().to_string();
+    let e = matmul::matmul_forward(ctx, &mut Plan::new("t"), &out, &x, &w, None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("w.bad"), "{e}");
-    let Some(small) = common::ctx_with(ContextOptions { max_binding_bytes: Some(1024), ..Default::default() }) else { return };
+    let Some(small) = common::ctx_with(ContextOptions {
+        max_binding_bytes: Some(1024),
+        ..Default::default()
+    }) else {
+        return;
+    };
     // backward_weight binds dweight whole: 32 x 16 floats = 2 KiB > 1 KiB.
-    let (dw, dy, xi) = (up(&small, &[0.0; 512], &[32, 16], "dW"), up(&small, &[0.0; 64], &[2, 32], "dy"), up(&small, &[0.0; 32], &[2, 16], "x"));
-    let e = matmul::matmul_backward_weight(&small, &mut Plan::new("t"), &dw, &dy, &xi).unwrap_err().to_string();
+    let (dw, dy, xi) = (
+        up(&small, &[0.0; 512], &[32, 16], "dW"),
+        up(&small, &[0.0; 64], &[2, 32], "dy"),
+        up(&small, &[0.0; 32], &[2, 16], "x"),
+    );
+    let e = matmul::matmul_backward_weight(&small, &mut Plan::new("t"), &dw, &dy, &xi)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("dW") && e.contains("allows"), "{e}");
 }
 
@@ -142,7 +253,10 @@ fn matmul_is_deterministic() {
         read(ctx, &dw)
     };
     let (a, b) = (go(), go());
-    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "backward_weight differs between runs");
+    assert!(
+        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "backward_weight differs between runs"
+    );
 }
 
 #[test]
@@ -153,7 +267,10 @@ fn matmul_layered_textures_vs_cpu() {
     let ctx = gpu!();
     let rows = ctx.limits.max_texture_dimension_2d as usize + 37;
     for k in [12, 64] {
-        assert!(matmul::use_textures(ctx, &[(rows, k)]), "texture path expected");
+        assert!(
+            matmul::use_textures(ctx, &[(rows, k)]),
+            "texture path expected"
+        );
         check_all(ctx, "layered", &[(rows, k, 5)]);
     }
 }

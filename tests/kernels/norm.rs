@@ -13,8 +13,17 @@ fn rmsnorm_forward_backward_vs_cpu() {
     let ctx = gpu!();
     for &(n, c) in SHAPES {
         let mut r = Rng::new(n as u64 * 31 + c as u64);
-        let (x, w, dout, dacc) = (r.vec(n * c, 2.0), r.vec(c, 1.0), r.vec(n * c, 1.0), r.vec(n * c, 1.0));
-        let (tx, tw, tdout) = (up(ctx, &x, &[n, c], "x"), up(ctx, &w, &[c], "w"), up(ctx, &dout, &[n, c], "dout"));
+        let (x, w, dout, dacc) = (
+            r.vec(n * c, 2.0),
+            r.vec(c, 1.0),
+            r.vec(n * c, 1.0),
+            r.vec(n * c, 1.0),
+        );
+        let (tx, tw, tdout) = (
+            up(ctx, &x, &[n, c], "x"),
+            up(ctx, &w, &[c], "w"),
+            up(ctx, &dout, &[n, c], "dout"),
+        );
         let (out, rstd) = (zeros(ctx, &[n, c], "out"), zeros(ctx, &[n], "rstd"));
         let dx = up(ctx, &dacc, &[n, c], "dx"); // backward accumulates onto existing values
         let mut plan = Plan::new("rmsnorm");
@@ -39,9 +48,23 @@ fn layernorm_forward_backward_vs_cpu() {
     for &(n, c) in SHAPES {
         let mut r = Rng::new(n as u64 * 17 + c as u64);
         let x: Vec<f32> = r.vec(n * c, 2.0).iter().map(|v| v + 3.0).collect(); // non-zero mean
-        let (w, b, dout, dacc) = (r.vec(c, 1.0), r.vec(c, 1.0), r.vec(n * c, 1.0), r.vec(n * c, 1.0));
-        let (tx, tw, tb, tdout) = (up(ctx, &x, &[n, c], "x"), up(ctx, &w, &[c], "w"), up(ctx, &b, &[c], "b"), up(ctx, &dout, &[n, c], "dout"));
-        let (out, mean, rstd) = (zeros(ctx, &[n, c], "out"), zeros(ctx, &[n], "mean"), zeros(ctx, &[n], "rstd"));
+        let (w, b, dout, dacc) = (
+            r.vec(c, 1.0),
+            r.vec(c, 1.0),
+            r.vec(n * c, 1.0),
+            r.vec(n * c, 1.0),
+        );
+        let (tx, tw, tb, tdout) = (
+            up(ctx, &x, &[n, c], "x"),
+            up(ctx, &w, &[c], "w"),
+            up(ctx, &b, &[c], "b"),
+            up(ctx, &dout, &[n, c], "dout"),
+        );
+        let (out, mean, rstd) = (
+            zeros(ctx, &[n, c], "out"),
+            zeros(ctx, &[n], "mean"),
+            zeros(ctx, &[n], "rstd"),
+        );
         let dx = up(ctx, &dacc, &[n, c], "dx");
         let mut plan = Plan::new("layernorm");
         norm::layernorm_forward(ctx, &mut plan, &out, &mean, &rstd, &tx, &tw, &tb, 1e-5).unwrap();
@@ -49,7 +72,17 @@ fn layernorm_forward_backward_vs_cpu() {
         run(ctx, &plan);
 
         let (mut ro, mut rm, mut rs) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
-        cpu::norm::layernorm_forward(&mut ro, &mut rm, &mut rs, &to64(&x), &to64(&w), &to64(&b), n, c, 1e-5);
+        cpu::norm::layernorm_forward(
+            &mut ro,
+            &mut rm,
+            &mut rs,
+            &to64(&x),
+            &to64(&w),
+            &to64(&b),
+            n,
+            c,
+            1e-5,
+        );
         let mut rdx = to64(&dacc);
         cpu::norm::layernorm_backward(&mut rdx, &to64(&dout), &to64(&x), &to64(&w), &rm, &rs, n, c);
         let tag = format!("layernorm N={n} C={c}");
@@ -65,7 +98,8 @@ fn norm_rejects_wrong_shapes() {
     let x = zeros(ctx, &[4, 8], "x");
     let w = zeros(ctx, &[7], "w");
     let (out, rstd) = (zeros(ctx, &[4, 8], "out"), zeros(ctx, &[4], "rstd"));
-    let err = norm::rmsnorm_forward(ctx, &mut Plan::new("t"), &out, &rstd, &x, &w, 1e-5).unwrap_err();
+    let err =
+        norm::rmsnorm_forward(ctx, &mut Plan::new("t"), &out, &rstd, &x, &w, 1e-5).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("`w`") && msg.contains("[7]"), "{msg}");
 }

@@ -27,9 +27,16 @@ fn rope_forward_backward_vs_cpu() {
         let (cos, sin) = rope_tables(&default_inv_freq(d, 10_000.0), max_pos);
         let mut r = Rng::new((b * 1000 + t * 100 + h * 10 + d) as u64);
         let (x, dx) = (r.vec(n, 2.0), r.vec(n, 1.0));
-        let shape = if four_d { vec![b, t, h, d] } else { vec![b * t, h, d] };
+        let shape = if four_d {
+            vec![b, t, h, d]
+        } else {
+            vec![b * t, h, d]
+        };
         let (tx, tdx) = (up(ctx, &x, &shape, "q"), up(ctx, &dx, &shape, "dq"));
-        let (tcos, tsin) = (up(ctx, &cos, &[max_pos, d / 2], "cos"), up(ctx, &sin, &[max_pos, d / 2], "sin"));
+        let (tcos, tsin) = (
+            up(ctx, &cos, &[max_pos, d / 2], "cos"),
+            up(ctx, &sin, &[max_pos, d / 2], "sin"),
+        );
         let mut plan = Plan::new("rope");
         rope::rope_forward(ctx, &mut plan, &tx, &tcos, &tsin, b, t, off).unwrap();
         // The gradient buffer is non-zero: backward rotates it where it is.
@@ -59,20 +66,32 @@ fn rope_rejects_bad_arguments() {
     // Last position t - 1 + pos_offset must be < MAXPOS: offset 3 is the edge.
     rope::rope_forward(ctx, &mut plan, &x, &tcos, &tsin, b, t, 3).unwrap();
     let err = rope::rope_forward(ctx, &mut plan, &x, &tcos, &tsin, b, t, 4).unwrap_err();
-    assert!(matches!(err, Error::Invalid { .. }) && err.to_string().contains("6 rows"), "{err}");
+    assert!(
+        matches!(err, Error::Invalid { .. }) && err.to_string().contains("6 rows"),
+        "{err}"
+    );
 
     // Table for another head dim: a Shape error naming the table.
     let wide = up(ctx, &vec![0.0; max_pos * 5], &[max_pos, 5], "sin");
     let err = rope::rope_backward(ctx, &mut plan, &x, &tcos, &wide, b, t, 0).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, Error::Shape { .. }) && msg.contains("`sin`") && msg.contains("[6, 5]"), "{msg}");
+    assert!(
+        matches!(err, Error::Shape { .. }) && msg.contains("`sin`") && msg.contains("[6, 5]"),
+        "{msg}"
+    );
 
     // B*T disagreeing with x's rows.
     let err = rope::rope_forward(ctx, &mut plan, &x, &tcos, &tsin, b, t + 1, 0).unwrap_err();
-    assert!(matches!(err, Error::Shape { .. }) && err.to_string().contains("`q`"), "{err}");
+    assert!(
+        matches!(err, Error::Shape { .. }) && err.to_string().contains("`q`"),
+        "{err}"
+    );
 
     // Odd head dim.
     let odd = up(ctx, &vec![0.0; b * t * h * 7], &[b * t, h, 7], "k");
     let err = rope::rope_forward(ctx, &mut plan, &odd, &tcos, &tsin, b, t, 0).unwrap_err();
-    assert!(matches!(err, Error::Invalid { .. }) && err.to_string().contains("D = 7"), "{err}");
+    assert!(
+        matches!(err, Error::Invalid { .. }) && err.to_string().contains("D = 7"),
+        "{err}"
+    );
 }

@@ -46,55 +46,141 @@ fn dispatch_flat(
     // Both entries cover 4 elements per invocation.
     let groups = n.div_ceil(4).div_ceil(WG as usize);
     let spec = KernelSpec::family("activation", entry, layout)?.with("WG", WG as f64);
-    plan.dispatch(ctx, &spec, &Params::new().u(n), bindings, grid_1d(ctx, groups as u32))
+    plan.dispatch(
+        ctx,
+        &spec,
+        &Params::new().u(n),
+        bindings,
+        grid_1d(ctx, groups as u32),
+    )
 }
 
 /// out (N, F) <- silu(gate (N, F)) * up (N, F). Any shape, as long as all three agree.
-pub fn swiglu_forward(ctx: &Context, plan: &mut Plan, out: &Tensor, gate: &Tensor, up: &Tensor) -> Result<()> {
+pub fn swiglu_forward(
+    ctx: &Context,
+    plan: &mut Plan,
+    out: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+) -> Result<()> {
     let op = "swiglu_forward";
     expect_shape(op, out, gate.shape())?;
     expect_shape(op, up, gate.shape())?;
-    dispatch_flat(ctx, plan, op, "swiglu_forward_x1", &[W, R, R], &[out, gate, up], gate.numel())
+    dispatch_flat(
+        ctx,
+        plan,
+        op,
+        "swiglu_forward_x1",
+        &[W, R, R],
+        &[out, gate, up],
+        gate.numel(),
+    )
 }
 
 /// dgate (N, F) +=, dup (N, F) += d swiglu . dout (N, F).
-pub fn swiglu_backward(ctx: &Context, plan: &mut Plan, dgate: &Tensor, dup: &Tensor, dout: &Tensor, gate: &Tensor, up: &Tensor) -> Result<()> {
+pub fn swiglu_backward(
+    ctx: &Context,
+    plan: &mut Plan,
+    dgate: &Tensor,
+    dup: &Tensor,
+    dout: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+) -> Result<()> {
     let op = "swiglu_backward";
     for t in [dgate, dup, dout, up] {
         expect_shape(op, t, gate.shape())?;
     }
-    dispatch_flat(ctx, plan, op, "swiglu_backward_x1", &[W, W, R, R, R], &[dgate, dup, dout, gate, up], gate.numel())
+    dispatch_flat(
+        ctx,
+        plan,
+        op,
+        "swiglu_backward_x1",
+        &[W, W, R, R, R],
+        &[dgate, dup, dout, gate, up],
+        gate.numel(),
+    )
 }
 
 /// out (N, C) <- gelu(inp (N, C)), tanh approximation (GPT-2 "gelu_new").
 pub fn gelu_forward(ctx: &Context, plan: &mut Plan, out: &Tensor, inp: &Tensor) -> Result<()> {
     let op = "gelu_forward";
     expect_shape(op, out, inp.shape())?;
-    dispatch_flat(ctx, plan, op, "gelu_forward_x1", &[W, R], &[out, inp], inp.numel())
+    dispatch_flat(
+        ctx,
+        plan,
+        op,
+        "gelu_forward_x1",
+        &[W, R],
+        &[out, inp],
+        inp.numel(),
+    )
 }
 
 /// dinp (N, C) += gelu'(inp) * dout.
-pub fn gelu_backward(ctx: &Context, plan: &mut Plan, dinp: &Tensor, dout: &Tensor, inp: &Tensor) -> Result<()> {
+pub fn gelu_backward(
+    ctx: &Context,
+    plan: &mut Plan,
+    dinp: &Tensor,
+    dout: &Tensor,
+    inp: &Tensor,
+) -> Result<()> {
     let op = "gelu_backward";
     expect_shape(op, dinp, inp.shape())?;
     expect_shape(op, dout, inp.shape())?;
-    dispatch_flat(ctx, plan, op, "gelu_backward_x1", &[W, R, R], &[dinp, dout, inp], inp.numel())
+    dispatch_flat(
+        ctx,
+        plan,
+        op,
+        "gelu_backward_x1",
+        &[W, R, R],
+        &[dinp, dout, inp],
+        inp.numel(),
+    )
 }
 
 /// out <- inp1 + inp2. Shapes may differ ((B, T, C) vs (B*T, C)); element counts may not.
-pub fn residual_forward(ctx: &Context, plan: &mut Plan, out: &Tensor, inp1: &Tensor, inp2: &Tensor) -> Result<()> {
+pub fn residual_forward(
+    ctx: &Context,
+    plan: &mut Plan,
+    out: &Tensor,
+    inp1: &Tensor,
+    inp2: &Tensor,
+) -> Result<()> {
     let op = "residual_forward";
     let n = out.numel();
     expect_numel(op, inp1, n)?;
     expect_numel(op, inp2, n)?;
-    dispatch_flat(ctx, plan, op, "residual_forward_x1", &[W, R, R], &[out, inp1, inp2], n)
+    dispatch_flat(
+        ctx,
+        plan,
+        op,
+        "residual_forward_x1",
+        &[W, R, R],
+        &[out, inp1, inp2],
+        n,
+    )
 }
 
 /// dinp1 += dout, dinp2 += dout (same element counts, any shapes).
-pub fn residual_backward(ctx: &Context, plan: &mut Plan, dinp1: &Tensor, dinp2: &Tensor, dout: &Tensor) -> Result<()> {
+pub fn residual_backward(
+    ctx: &Context,
+    plan: &mut Plan,
+    dinp1: &Tensor,
+    dinp2: &Tensor,
+    dout: &Tensor,
+) -> Result<()> {
     let op = "residual_backward";
     let n = dout.numel();
     expect_numel(op, dinp1, n)?;
     expect_numel(op, dinp2, n)?;
-    dispatch_flat(ctx, plan, op, "residual_backward_x1", &[W, W, R], &[dinp1, dinp2, dout], n)
+    dispatch_flat(
+        ctx,
+        plan,
+        op,
+        "residual_backward_x1",
+        &[W, W, R],
+        &[dinp1, dinp2, dout],
+        n,
+    )
 }

@@ -25,7 +25,9 @@ const WG: usize = 256;
 const ITEMS: usize = 8;
 
 fn spec(entry: &'static str, layout: &[Access]) -> Result<KernelSpec> {
-    Ok(KernelSpec::family("adamw", entry, layout)?.with("WG", WG as f64).with("ITEMS", ITEMS as f64))
+    Ok(KernelSpec::family("adamw", entry, layout)?
+        .with("WG", WG as f64)
+        .with("ITEMS", ITEMS as f64))
 }
 
 /// Length of the partials scratch `global_norm` needs for `n` gradients:
@@ -39,29 +41,68 @@ pub fn global_norm_partials_len(n: usize) -> usize {
 /// sqrt(1 - beta2^t)], each formed in f64 and rounded once, as torch does
 /// (see `cpu::adamw::adamw_step_scalars`). Write it with `Tensor::write_f32`
 /// before each submission.
-pub fn adamw_step_scalars(lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64, t: u64) -> [f32; 8] {
+pub fn adamw_step_scalars(
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    t: u64,
+) -> [f32; 8] {
     crate::cpu::adamw::adamw_step_scalars(lr, beta1, beta2, eps, weight_decay, t).map(|x| x as f32)
 }
 
 /// norm (4) = [norm, clip_coef, nonfinite_flag, 0] <- grads (N), using
 /// partials (G = `global_norm_partials_len(N)`) as scratch.
 /// `max_norm <= 0` disables clipping (clip_coef = 1).
-pub fn global_norm(ctx: &Context, plan: &mut Plan, norm: &Tensor, partials: &Tensor, grads: &Tensor, max_norm: f32) -> Result<()> {
+pub fn global_norm(
+    ctx: &Context,
+    plan: &mut Plan,
+    norm: &Tensor,
+    partials: &Tensor,
+    grads: &Tensor,
+    max_norm: f32,
+) -> Result<()> {
     let op = "global_norm";
     let [n] = dims(op, grads, "(N)")?;
     let g = global_norm_partials_len(n);
     expect_shape(op, norm, &[4])?;
     expect_shape(op, partials, &[g])?;
-    let p = Params::new().u(n).u(g).f(max_norm).u(f32::INFINITY.to_bits() as usize);
-    plan.dispatch(ctx, &spec("global_norm_partial", &[W, R])?, &p, &[partials, grads], grid_1d(ctx, g as u32))?;
-    plan.dispatch(ctx, &spec("global_norm_finalize", &[W, R])?, &p, &[norm, partials], [1, 1, 1])
+    let p = Params::new()
+        .u(n)
+        .u(g)
+        .f(max_norm)
+        .u(f32::INFINITY.to_bits() as usize);
+    plan.dispatch(
+        ctx,
+        &spec("global_norm_partial", &[W, R])?,
+        &p,
+        &[partials, grads],
+        grid_1d(ctx, g as u32),
+    )?;
+    plan.dispatch(
+        ctx,
+        &spec("global_norm_finalize", &[W, R])?,
+        &p,
+        &[norm, partials],
+        [1, 1, 1],
+    )
 }
 
 /// params, m, v (N) updated in place by one torch.optim.AdamW step from
 /// grads (N), norm (4) (from [`global_norm`]: clip_coef and the skip flag)
 /// and step (8) (from [`adamw_step_scalars`]).
 #[allow(clippy::too_many_arguments)]
-pub fn adamw_update(ctx: &Context, plan: &mut Plan, params: &Tensor, m: &Tensor, v: &Tensor, grads: &Tensor, norm: &Tensor, step: &Tensor) -> Result<()> {
+pub fn adamw_update(
+    ctx: &Context,
+    plan: &mut Plan,
+    params: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    grads: &Tensor,
+    norm: &Tensor,
+    step: &Tensor,
+) -> Result<()> {
     let op = "adamw_update";
     let [n] = dims(op, params, "(N)")?;
     expect_shape(op, m, &[n])?;
@@ -71,5 +112,11 @@ pub fn adamw_update(ctx: &Context, plan: &mut Plan, params: &Tensor, m: &Tensor,
     expect_shape(op, step, &[8])?;
     let p = Params::new().u(n).u(0).f(0.0).u(0);
     let wgs = n.div_ceil(WG * ITEMS) as u32;
-    plan.dispatch(ctx, &spec(op, &[W, W, W, R, R, R])?, &p, &[params, m, v, grads, norm, step], grid_1d(ctx, wgs))
+    plan.dispatch(
+        ctx,
+        &spec(op, &[W, W, W, R, R, R])?,
+        &p,
+        &[params, m, v, grads, norm, step],
+        grid_1d(ctx, wgs),
+    )
 }

@@ -5,18 +5,27 @@
 //! prefix length P being `S - T`; lse (B, NH, T). NH % KVH == 0,
 //! HD % 4 == 0 and HD <= 128.
 //!
-//! When the context has subgroups of a fixed size, the kernels are built from
-//! the same source with `lane_get` turned into `subgroupShuffle`, so a
-//! subgroup shares the rows it streams (see the shader header). Otherwise
-//! the portable build (one row per group) is used.
+//! Kernel configuration ([`AttnConfig`], see the shader header):
+//! - When the context allows textures (`Context::textures`), the streamed
+//!   operands (k, v; q, dout for dkv) are packed into textures in the same
+//!   plan (`matmul::pack`) and read by the `_tex` kernels: on lavapipe a
+//!   texture fetch is a SIMD gather, a storage load a per-lane loop.
+//! - When the context has subgroups of a fixed size, the kernels are built
+//!   from the same source with `lane_get` turned into `subgroupShuffle`, so
+//!   a subgroup shares the rows it streams. Otherwise the portable build
+//!   (`lanes = 1`) is used.
+//! - On software adapters reading storage buffers, each invocation owns
+//!   several rows, so every lane-looped load feeds all of them (see
+//!   [`AttnConfig::for_context`] for the measurements).
 
 use std::borrow::Cow;
 
-use super::{dims, expect_shape, grid_1d, Params, Plan, R, W};
+use super::{dims, expect_shape, grid_1d, matmul, Params, Plan, R, W};
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
-use crate::gpu::kernels::{Access, KernelSpec};
-use crate::gpu::tensor::Tensor;
+use crate::gpu::kernels::{Access, Access::Texture as X, KernelSpec};
+use crate::gpu::plan::Bind;
+use crate::gpu::tensor::{Tensor, TexMatrix};
 
 /// Largest head dim the register rows hold (`MAXC` vec4s in the shader).
 pub const MAX_HEAD_DIM: usize = 128;
@@ -59,7 +68,10 @@ fn attn_dims(op: &str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttnDims> {
         got: tensor.shape().to_vec(),
     };
     if hd % 4 != 0 || hd == 0 || hd > MAX_HEAD_DIM {
-        return Err(shape_err(q, format!("(B, T, NH, HD) with HD a multiple of 4 in 4..={MAX_HEAD_DIM}")));
+        return Err(shape_err(
+            q,
+            format!("(B, T, NH, HD) with HD a multiple of 4 in 4..={MAX_HEAD_DIM}"),
+        ));
     }
     if kb != b || khd != hd || s < t || kvh == 0 || nh % kvh != 0 {
         return Err(shape_err(
@@ -68,30 +80,132 @@ fn attn_dims(op: &str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttnDims> {
         ));
     }
     expect_shape(op, v, &[b, s, kvh, hd])?;
-    Ok(AttnDims { b, t, nh, kvh, hd, p: s - t })
+    Ok(AttnDims {
+        b,
+        t,
+        nh,
+        kvh,
+        hd,
+        p: s - t,
+    })
 }
 
-/// The row-group width the kernels use on `ctx`: its fixed subgroup size, or 1.
-pub fn lanes(ctx: &Context) -> u32 {
-    ctx.subgroup_size().unwrap_or(1)
+/// How the kernels lay rows on invocations (see the shader header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnConfig {
+    /// Read the streamed operands from packed textures (falls back to
+    /// storage buffers when a matrix does not fit the texture limits).
+    pub textures: bool,
+    /// Lanes per row group: the fixed subgroup size (subgroup build) or 1
+    /// (portable build).
+    pub lanes: u32,
+    /// Query rows each forward invocation owns: 1, 2 or 4.
+    pub fwd_rows: u32,
+    /// Query rows each dq invocation owns: 1, 2 or 4.
+    pub dq_rows: u32,
+    /// Key rows each dkv invocation owns: 1, 2 or 4.
+    pub dkv_rows: u32,
 }
 
-fn spec(entry: &'static str, layout: &[Access], d: &AttnDims, sg: u32) -> Result<KernelSpec> {
+impl AttnConfig {
+    /// The configuration for `ctx` and these dims.
+    ///
+    /// Rows per invocation (measured on lavapipe, 2 cores, at B=4, T=128,
+    /// NH=9, KVH=3, HD=64; JIT = cold Mesa shader cache, once per machine):
+    /// - textures: one row. Four are within 5-10% (forward 8.3 vs 8.7 ms,
+    ///   backward 29.5 vs 30 ms) but multiply the JIT time (dkv 27 s vs 1.5 s).
+    /// - storage buffers on a software adapter (textures off): every streamed
+    ///   load is a per-lane loop, so forward takes 4 rows (24 -> 12.6 ms) and
+    ///   the backward kernels 2 (dq 29 -> 19.7 ms, dkv 29 -> 22.5 ms; 4 rows
+    ///   gain 10-20% more for 20 s of dkv JIT). Never more rows than one
+    ///   head's rows fill.
+    /// - GPUs: one row; several rows of HD floats would spill registers.
+    pub fn for_context(ctx: &Context, d: &AttnDims) -> AttnConfig {
+        let lanes = ctx.subgroup_size().unwrap_or(1);
+        let textures = ctx.textures();
+        let (fwd_max, bwd_max) = if ctx.is_software() && !textures {
+            (4, 2)
+        } else {
+            (1, 1)
+        };
+        let rows = |n: usize, max: u32| -> u32 {
+            [4, 2, 1]
+                .into_iter()
+                .find(|&r| r <= max && n >= (r * lanes) as usize)
+                .unwrap_or(1)
+        };
+        AttnConfig {
+            textures,
+            lanes,
+            fwd_rows: rows(d.t, fwd_max),
+            dq_rows: rows(d.t, bwd_max),
+            dkv_rows: rows(d.s(), bwd_max),
+        }
+    }
+
+    fn check(&self, op: &str) -> Result<()> {
+        let ok_rows = |r: u32| matches!(r, 1 | 2 | 4);
+        let ok = self.lanes.is_power_of_two()
+            && self.lanes <= 128
+            && ok_rows(self.fwd_rows)
+            && ok_rows(self.dq_rows)
+            && ok_rows(self.dkv_rows);
+        if !ok {
+            return Err(Error::invalid(
+                op,
+                format!("unsupported kernel configuration {self:?}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Threads per workgroup for `invocations` threads in groups of `sg`: 64,
+/// halved (down to 16, and never below `sg`) while a software adapter, whose
+/// thread pool hands out whole workgroups, would get fewer than 4 per CPU
+/// thread (dkv at B=4, KVH=3, T=128 with 4 rows has only 384 invocations).
+/// Each distinct value is a pipeline of its own, hence the floor.
+fn wg_for(ctx: &Context, sg: u32, invocations: usize) -> u32 {
+    let floor = sg.max(16);
+    let mut wg = sg.max(64);
+    if ctx.is_software() {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        while wg > floor && invocations.div_ceil(wg as usize) < 4 * threads {
+            wg /= 2;
+        }
+    }
+    wg
+}
+
+fn spec(
+    entry: &'static str,
+    layout: &[Access],
+    d: &AttnDims,
+    sg: u32,
+    rows: u32,
+    wg: u32,
+) -> Result<KernelSpec> {
     let mut spec = KernelSpec::family("attention", entry, layout)?;
     if sg > 1 {
         if !spec.source.contains(LANE_PORTABLE) {
-            return Err(Error::invalid(entry, "attention.wgsl lost its `// LANE_GET` marker"));
+            return Err(Error::invalid(
+                entry,
+                "attention.wgsl lost its `// LANE_GET` marker",
+            ));
         }
         spec.source = Cow::Owned(spec.source.replace(LANE_PORTABLE, LANE_SUBGROUP));
         spec.module = Cow::Borrowed("attention_subgroup");
     }
-    // A workgroup holds whole row groups.
-    let wg = sg.max(64);
-    Ok(spec.with("WG", wg as f64).with("SG", sg as f64).with("HD4", (d.hd / 4) as f64))
+    Ok(spec
+        .with("WG", wg as f64)
+        .with("SG", sg as f64)
+        .with("R", rows as f64)
+        .with("HD4", (d.hd / 4) as f64))
 }
 
-/// Uniform block: b, t, nh, kvh, pre, s, groups, scale.
-fn params(d: &AttnDims, groups: usize) -> Params {
+/// Uniform block: b, t, nh, kvh, pre, s, groups, scale, shift (the packed
+/// textures' log2 rows per layer), 3 pad words.
+fn params(d: &AttnDims, groups: usize, shift: u32) -> Params {
     Params::new()
         .u(d.b)
         .u(d.t)
@@ -101,31 +215,123 @@ fn params(d: &AttnDims, groups: usize) -> Params {
         .u(d.s())
         .u(groups)
         .f(1.0 / (d.hd as f32).sqrt())
+        .u(shift as usize)
+        .u(0)
+        .u(0)
+        .u(0)
 }
 
-/// Workgroups for `groups` row groups of `sg` lanes.
-fn grid(ctx: &Context, groups: usize, sg: u32) -> [u32; 3] {
-    let wg = sg.max(64) as usize;
-    grid_1d(ctx, (groups * sg as usize).div_ceil(wg) as u32)
+/// Packed texture copies of `a` and `b` (same shape, viewed as (rows, HD)),
+/// recorded into `plan`, or `None` when textures are off or do not fit.
+fn pack2(
+    ctx: &Context,
+    plan: &mut Plan,
+    on: bool,
+    a: &Tensor,
+    b: &Tensor,
+    hd: usize,
+) -> Result<Option<(TexMatrix, TexMatrix)>> {
+    let rows = a.numel() / hd;
+    if !(on && ctx.textures() && TexMatrix::fits(ctx, rows, hd)) {
+        return Ok(None);
+    }
+    let pa = matmul::pack(ctx, plan, &a.reshape(&[rows, hd])?)?;
+    let pb = matmul::pack(ctx, plan, &b.reshape(&[rows, hd])?)?;
+    Ok(Some((pa, pb)))
+}
+
+/// One dispatch's layout: row groups, workgroup size and grid.
+struct Layout {
+    groups: usize,
+    wg: u32,
+    grid: [u32; 3],
+}
+
+/// Row groups of `sg` lanes x `rows` rows for `heads` heads of `n` rows each.
+fn layout(ctx: &Context, heads: usize, n: usize, sg: u32, rows: u32) -> Layout {
+    let groups = heads * n.div_ceil((sg * rows) as usize);
+    let invocations = groups * sg as usize;
+    let wg = wg_for(ctx, sg, invocations);
+    Layout {
+        groups,
+        wg,
+        grid: grid_1d(ctx, invocations.div_ceil(wg as usize) as u32),
+    }
 }
 
 /// out (B, T, NH, HD), lse (B, NH, T) <- q (B, T, NH, HD), k, v (B, S, KVH, HD).
-pub fn attention_forward(ctx: &Context, plan: &mut Plan, out: &Tensor, lse: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
-    attention_forward_lanes(ctx, plan, out, lse, q, k, v, lanes(ctx))
+pub fn attention_forward(
+    ctx: &Context,
+    plan: &mut Plan,
+    out: &Tensor,
+    lse: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<()> {
+    let d = attn_dims("attention_forward", q, k, v)?;
+    attention_forward_with(
+        ctx,
+        plan,
+        out,
+        lse,
+        q,
+        k,
+        v,
+        AttnConfig::for_context(ctx, &d),
+    )
 }
 
-/// [`attention_forward`] with an explicit row-group width (1 = portable build).
+/// [`attention_forward`] with an explicit kernel configuration.
 #[doc(hidden)]
 #[allow(clippy::too_many_arguments)]
-pub fn attention_forward_lanes(ctx: &Context, plan: &mut Plan, out: &Tensor, lse: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, sg: u32) -> Result<()> {
+pub fn attention_forward_with(
+    ctx: &Context,
+    plan: &mut Plan,
+    out: &Tensor,
+    lse: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cfg: AttnConfig,
+) -> Result<()> {
     let op = "attention_forward";
     let d = attn_dims(op, q, k, v)?;
     expect_shape(op, out, &[d.b, d.t, d.nh, d.hd])?;
     expect_shape(op, lse, &[d.b, d.nh, d.t])?;
-    // One group per SG consecutive queries of a (b, h).
-    let groups = d.b * d.nh * d.t.div_ceil(sg as usize);
+    cfg.check(op)?;
+    let l = layout(ctx, d.b * d.nh, d.t, cfg.lanes, cfg.fwd_rows);
     plan.add_flops(4.0 * d.pairs() * d.hd as f64);
-    plan.dispatch(ctx, &spec(op, &[W, W, R, R, R], &d, sg)?, &params(&d, groups), &[out, lse, q, k, v], grid(ctx, groups, sg))
+    match pack2(ctx, plan, cfg.textures, k, v, d.hd)? {
+        Some((kx, vx)) => {
+            let e = "attention_forward_tex";
+            let spec = spec(e, &[W, W, R, X, X], &d, cfg.lanes, cfg.fwd_rows, l.wg)?;
+            let b = [
+                Bind::T(out),
+                Bind::T(lse),
+                Bind::T(q),
+                Bind::X(&kx),
+                Bind::X(&vx),
+            ];
+            plan.dispatch_with(
+                ctx,
+                &spec,
+                &params(&d, l.groups, kx.layer_shift()),
+                &b,
+                l.grid,
+            )
+        }
+        None => {
+            let spec = spec(op, &[W, W, R, R, R], &d, cfg.lanes, cfg.fwd_rows, l.wg)?;
+            plan.dispatch(
+                ctx,
+                &spec,
+                &params(&d, l.groups, 31),
+                &[out, lse, q, k, v],
+                l.grid,
+            )
+        }
+    }
 }
 
 /// dq (B, T, NH, HD) +=, dk, dv (B, S, KVH, HD) += the attention gradients
@@ -146,13 +352,15 @@ pub fn attention_backward(
     out: &Tensor,
     lse: &Tensor,
 ) -> Result<()> {
-    attention_backward_lanes(ctx, plan, dq, dk, dv, delta, dout, q, k, v, out, lse, lanes(ctx))
+    let d = attn_dims("attention_backward", q, k, v)?;
+    let cfg = AttnConfig::for_context(ctx, &d);
+    attention_backward_with(ctx, plan, dq, dk, dv, delta, dout, q, k, v, out, lse, cfg)
 }
 
-/// [`attention_backward`] with an explicit row-group width (1 = portable build).
+/// [`attention_backward`] with an explicit kernel configuration.
 #[doc(hidden)]
 #[allow(clippy::too_many_arguments)]
-pub fn attention_backward_lanes(
+pub fn attention_backward_with(
     ctx: &Context,
     plan: &mut Plan,
     dq: &Tensor,
@@ -165,7 +373,7 @@ pub fn attention_backward_lanes(
     v: &Tensor,
     out: &Tensor,
     lse: &Tensor,
-    sg: u32,
+    cfg: AttnConfig,
 ) -> Result<()> {
     let op = "attention_backward";
     let d = attn_dims(op, q, k, v)?;
@@ -177,22 +385,116 @@ pub fn attention_backward_lanes(
     expect_shape(op, lse, &[d.b, d.nh, d.t])?;
     expect_shape(op, delta, &[d.b, d.nh, d.t])?;
 
+    cfg.check(op)?;
+
     // delta = rowsum(dout * out): one invocation per query row, portable build.
     let rows = d.b * d.nh * d.t;
     let e = "attention_backward_delta";
-    plan.dispatch(ctx, &spec(e, &[W, R, R], &d, 1)?, &params(&d, rows), &[delta, dout, out], grid(ctx, rows, 1))?;
+    let l = layout(ctx, rows, 1, 1, 1);
+    plan.dispatch(
+        ctx,
+        &spec(e, &[W, R, R], &d, 1, 1, l.wg)?,
+        &params(&d, rows, 31),
+        &[delta, dout, out],
+        l.grid,
+    )?;
 
-    // dq: row groups of SG queries, as in forward.
-    let groups = d.b * d.nh * d.t.div_ceil(sg as usize);
-    let e = "attention_backward_dq";
-    let layout = [W, R, R, R, R, R, R];
-    plan.dispatch(ctx, &spec(e, &layout, &d, sg)?, &params(&d, groups), &[dq, dout, q, k, v, lse, delta], grid(ctx, groups, sg))?;
+    // dq: groups of queries of one (b, h), as in forward; streams k and v.
+    let l = layout(ctx, d.b * d.nh, d.t, cfg.lanes, cfg.dq_rows);
+    match pack2(ctx, plan, cfg.textures, k, v, d.hd)? {
+        Some((kx, vx)) => {
+            let spec = spec(
+                "attention_backward_dq_tex",
+                &[W, R, R, X, X, R, R],
+                &d,
+                cfg.lanes,
+                cfg.dq_rows,
+                l.wg,
+            )?;
+            let b = [
+                Bind::T(dq),
+                Bind::T(dout),
+                Bind::T(q),
+                Bind::X(&kx),
+                Bind::X(&vx),
+                Bind::T(lse),
+                Bind::T(delta),
+            ];
+            plan.dispatch_with(
+                ctx,
+                &spec,
+                &params(&d, l.groups, kx.layer_shift()),
+                &b,
+                l.grid,
+            )?;
+        }
+        None => {
+            let spec = spec(
+                "attention_backward_dq",
+                &[W, R, R, R, R, R, R],
+                &d,
+                cfg.lanes,
+                cfg.dq_rows,
+                l.wg,
+            )?;
+            plan.dispatch(
+                ctx,
+                &spec,
+                &params(&d, l.groups, 31),
+                &[dq, dout, q, k, v, lse, delta],
+                l.grid,
+            )?;
+        }
+    }
 
-    // dk, dv: row groups of SG keys of one (b, kvh).
-    let groups = d.b * d.kvh * d.s().div_ceil(sg as usize);
-    let e = "attention_backward_dkv";
-    let layout = [W, W, R, R, R, R, R, R];
-    plan.dispatch(ctx, &spec(e, &layout, &d, sg)?, &params(&d, groups), &[dk, dv, dout, q, k, v, lse, delta], grid(ctx, groups, sg))?;
+    // dk, dv: groups of keys of one (b, kvh); streams q and dout.
+    let l = layout(ctx, d.b * d.kvh, d.s(), cfg.lanes, cfg.dkv_rows);
+    match pack2(ctx, plan, cfg.textures, dout, q, d.hd)? {
+        Some((gx, qx)) => {
+            let spec = spec(
+                "attention_backward_dkv_tex",
+                &[W, W, X, X, R, R, R, R],
+                &d,
+                cfg.lanes,
+                cfg.dkv_rows,
+                l.wg,
+            )?;
+            let b = [
+                Bind::T(dk),
+                Bind::T(dv),
+                Bind::X(&gx),
+                Bind::X(&qx),
+                Bind::T(k),
+                Bind::T(v),
+                Bind::T(lse),
+                Bind::T(delta),
+            ];
+            plan.dispatch_with(
+                ctx,
+                &spec,
+                &params(&d, l.groups, gx.layer_shift()),
+                &b,
+                l.grid,
+            )?;
+        }
+        None => {
+            let spec = spec(
+                "attention_backward_dkv",
+                &[W, W, R, R, R, R, R, R],
+                &d,
+                cfg.lanes,
+                cfg.dkv_rows,
+                l.wg,
+            )?;
+            plan.dispatch(
+                ctx,
+                &spec,
+                &params(&d, l.groups, 31),
+                &[dk, dv, dout, q, k, v, lse, delta],
+                l.grid,
+            )?;
+        }
+    }
 
     // dq: 3 dots per pair (scores, dp, ds k); dkv: 4 (scores, dp, dv, dk).
     plan.add_flops(14.0 * d.pairs() * d.hd as f64 + 2.0 * (rows * d.hd) as f64);
@@ -202,6 +504,15 @@ pub fn attention_backward_lanes(
 /// The full WGSL text of the subgroup build (for validation in tests).
 #[doc(hidden)]
 pub fn subgroup_source() -> Result<String> {
-    let d = AttnDims { b: 1, t: 1, nh: 1, kvh: 1, hd: 4, p: 0 };
-    Ok(spec("attention_forward", &[], &d, 8)?.source.into_owned())
+    let d = AttnDims {
+        b: 1,
+        t: 1,
+        nh: 1,
+        kvh: 1,
+        hd: 4,
+        p: 0,
+    };
+    Ok(spec("attention_forward", &[], &d, 8, 1, 64)?
+        .source
+        .into_owned())
 }

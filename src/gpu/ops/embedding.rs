@@ -31,7 +31,14 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
 /// Fail unless `t` holds i32 (token ids, targets).
 pub(crate) fn expect_i32(op: &str, t: &Tensor) -> Result<()> {
     if t.dtype() != DType::I32 {
-        return Err(Error::invalid(op, format!("tensor `{}` must hold i32 ids, not {:?}", t.label(), t.dtype())));
+        return Err(Error::invalid(
+            op,
+            format!(
+                "tensor `{}` must hold i32 ids, not {:?}",
+                t.label(),
+                t.dtype()
+            ),
+        ));
     }
     Ok(())
 }
@@ -43,7 +50,13 @@ pub(crate) fn expect_i32(op: &str, t: &Tensor) -> Result<()> {
 /// a multiple of `align / gcd(row_bytes, align)` rows, so that every view
 /// starts on the storage-offset alignment (256 B) relative to `t`. When even
 /// that many rows exceed the limit the tensor cannot be split: `Error::Limits`.
-pub(crate) fn row_chunks(ctx: &Context, op: &str, t: &Tensor, rows: usize, row_elems: usize) -> Result<Vec<(usize, usize)>> {
+pub(crate) fn row_chunks(
+    ctx: &Context,
+    op: &str,
+    t: &Tensor,
+    rows: usize,
+    row_elems: usize,
+) -> Result<Vec<(usize, usize)>> {
     let limit = ctx.binding_limit();
     let row_bytes = row_elems as u64 * 4;
     if rows == 0 {
@@ -67,12 +80,19 @@ pub(crate) fn row_chunks(ctx: &Context, op: &str, t: &Tensor, rows: usize, row_e
         });
     }
     let per = per as usize;
-    Ok((0..rows).step_by(per).map(|r0| (r0, (r0 + per).min(rows))).collect())
+    Ok((0..rows)
+        .step_by(per)
+        .map(|r0| (r0, (r0 + per).min(rows)))
+        .collect())
 }
 
 /// A view of rows `[r0, r1)` of the 2-D tensor `t` (`row_elems` wide).
 pub(crate) fn row_view(t: &Tensor, r0: usize, r1: usize, row_elems: usize) -> Result<Tensor> {
-    t.view(r0 * row_elems, &[r1 - r0, row_elems], &format!("{}[{r0}..{r1}]", t.label()))
+    t.view(
+        r0 * row_elems,
+        &[r1 - r0, row_elems],
+        &format!("{}[{r0}..{r1}]", t.label()),
+    )
 }
 
 /// out (B, P + T, C) rows P.. <- table (V, C) rows picked by ids (B, T).
@@ -80,14 +100,27 @@ pub(crate) fn row_view(t: &Tensor, r0: usize, r1: usize, row_elems: usize) -> Re
 /// Rows 0..P of each batch are left for [`prompt_forward`]. The table is bound
 /// in row chunks when it exceeds [`Context::binding_limit`], one dispatch per
 /// chunk; ids outside [0, V) give zero rows.
-pub fn embedding_forward(ctx: &Context, plan: &mut Plan, out: &Tensor, ids: &Tensor, table: &Tensor, row_offset: usize) -> Result<()> {
+pub fn embedding_forward(
+    ctx: &Context,
+    plan: &mut Plan,
+    out: &Tensor,
+    ids: &Tensor,
+    table: &Tensor,
+    row_offset: usize,
+) -> Result<()> {
     let op = "embedding_forward";
     let [b, t] = dims(op, ids, "(B, T)")?;
     let [v, c] = dims(op, table, "(V, C)")?;
     expect_i32(op, ids)?;
     expect_shape(op, out, &[b, row_offset + t, c])?;
     if v == 0 || v > i32::MAX as usize {
-        return Err(Error::invalid(op, format!("table `{}` has {v} rows; expected 1..=i32::MAX", table.label())));
+        return Err(Error::invalid(
+            op,
+            format!(
+                "table `{}` has {v} rows; expected 1..=i32::MAX",
+                table.label()
+            ),
+        ));
     }
     let s = row_offset + t;
     if b * t == 0 {
@@ -96,8 +129,22 @@ pub fn embedding_forward(ctx: &Context, plan: &mut Plan, out: &Tensor, ids: &Ten
     let sp = spec(op, &[W, R, R], wg_for(c))?;
     for (v0, v1) in row_chunks(ctx, op, table, v, c)? {
         let chunk = row_view(table, v0, v1, c)?;
-        let p = Params::new().u(b).u(s).u(t).u(c).u(row_offset).u(v).u(v0).u(v1);
-        plan.dispatch(ctx, &sp, &p, &[out, ids, &chunk], grid_1d(ctx, (b * t) as u32))?;
+        let p = Params::new()
+            .u(b)
+            .u(s)
+            .u(t)
+            .u(c)
+            .u(row_offset)
+            .u(v)
+            .u(v0)
+            .u(v1);
+        plan.dispatch(
+            ctx,
+            &sp,
+            &p,
+            &[out, ids, &chunk],
+            grid_1d(ctx, (b * t) as u32),
+        )?;
     }
     Ok(())
 }
@@ -125,11 +172,22 @@ pub fn prompt_forward(ctx: &Context, plan: &mut Plan, out: &Tensor, prompt: &Ten
         return Ok(());
     }
     let p = Params::new().u(b).u(s).u(0).u(c).u(np).u(0).u(0).u(0);
-    plan.dispatch(ctx, &spec(op, &[W, R], wg_for(c))?, &p, &[out, prompt], grid_1d(ctx, (b * np) as u32))
+    plan.dispatch(
+        ctx,
+        &spec(op, &[W, R], wg_for(c))?,
+        &p,
+        &[out, prompt],
+        grid_1d(ctx, (b * np) as u32),
+    )
 }
 
 /// dprompt (P, C) += sum over b of dout[b, 0..P, :] (fixed b order).
-pub fn prompt_backward(ctx: &Context, plan: &mut Plan, dprompt: &Tensor, dout: &Tensor) -> Result<()> {
+pub fn prompt_backward(
+    ctx: &Context,
+    plan: &mut Plan,
+    dprompt: &Tensor,
+    dout: &Tensor,
+) -> Result<()> {
     let op = "prompt_backward";
     let [b, s, np, c] = prompt_dims(op, dout, dprompt)?;
     if np * c == 0 {
@@ -137,5 +195,11 @@ pub fn prompt_backward(ctx: &Context, plan: &mut Plan, dprompt: &Tensor, dout: &
     }
     let p = Params::new().u(b).u(s).u(0).u(c).u(np).u(0).u(0).u(0);
     let groups = (np * c).div_ceil(WG_ELEMENTWISE as usize) as u32;
-    plan.dispatch(ctx, &spec(op, &[W, R], WG_ELEMENTWISE)?, &p, &[dprompt, dout], grid_1d(ctx, groups))
+    plan.dispatch(
+        ctx,
+        &spec(op, &[W, R], WG_ELEMENTWISE)?,
+        &p,
+        &[dprompt, dout],
+        grid_1d(ctx, groups),
+    )
 }

@@ -24,7 +24,12 @@ const WG: u32 = 64;
 
 /// (M, K, N, R) of a LoRA call, read from `inp`, `a` and `b` and checked
 /// against each other.
-fn lora_dims(op: &str, inp: &Tensor, a: &Tensor, b: &Tensor) -> Result<(usize, usize, usize, usize)> {
+fn lora_dims(
+    op: &str,
+    inp: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+) -> Result<(usize, usize, usize, usize)> {
     let [m, k] = dims(op, inp, "(M, K)")?;
     let [r, k2] = dims(op, a, "lora_A (R, K)")?;
     if k2 != k {
@@ -141,7 +146,16 @@ pub fn lora_backward(
     expect_shape(op, h, &[m, r])?;
     check_scale(op, scale)?;
     // dh = s * dy B (written: a scratch).
-    dispatch_small_rank(ctx, plan, op, &[W, R, R], &[dh_scratch, dout, b], (m, n, r), r, scale)?;
+    dispatch_small_rank(
+        ctx,
+        plan,
+        op,
+        &[W, R, R],
+        &[dh_scratch, dout, b],
+        (m, n, r),
+        r,
+        scale,
+    )?;
     // dB += s * dy^T h
     matmul_backward_weight_ex(ctx, plan, db, dout, h, scale)?;
     // dA += dh^T x

@@ -24,14 +24,23 @@ fn spec(entry: &'static str, layout: &[Access], v: usize) -> Result<KernelSpec> 
 fn logit_dims(op: &str, logits: &Tensor) -> Result<[usize; 2]> {
     let [n, v] = dims(op, logits, "(N, V)")?;
     if v > i32::MAX as usize {
-        return Err(Error::invalid(op, format!("`{}`: vocab {v} exceeds i32::MAX", logits.label())));
+        return Err(Error::invalid(
+            op,
+            format!("`{}`: vocab {v} exceeds i32::MAX", logits.label()),
+        ));
     }
     Ok([n, v])
 }
 
 /// losses (N) <- logsumexp(logits (N, V)) - logits[targets (N)]; 0 where the
 /// target is -100.
-pub fn crossentropy_forward(ctx: &Context, plan: &mut Plan, losses: &Tensor, logits: &Tensor, targets: &Tensor) -> Result<()> {
+pub fn crossentropy_forward(
+    ctx: &Context,
+    plan: &mut Plan,
+    losses: &Tensor,
+    logits: &Tensor,
+    targets: &Tensor,
+) -> Result<()> {
     let op = "crossentropy_forward";
     let [n, v] = logit_dims(op, logits)?;
     expect_shape(op, losses, &[n])?;
@@ -41,7 +50,13 @@ pub fn crossentropy_forward(ctx: &Context, plan: &mut Plan, losses: &Tensor, log
     for (r0, r1) in row_chunks(ctx, op, logits, n, v)? {
         let chunk = row_view(logits, r0, r1, v)?;
         let p = Params::new().u(r1 - r0).u(v).u(r0);
-        plan.dispatch(ctx, &sp, &p, &[losses, &chunk, targets], grid_1d(ctx, (r1 - r0) as u32))?;
+        plan.dispatch(
+            ctx,
+            &sp,
+            &p,
+            &[losses, &chunk, targets],
+            grid_1d(ctx, (r1 - r0) as u32),
+        )?;
     }
     Ok(())
 }
@@ -70,7 +85,13 @@ pub fn crossentropy_softmax_backward(
         let dchunk = row_view(dlogits, r0, r1, v)?;
         let chunk = row_view(logits, r0, r1, v)?;
         let p = Params::new().u(r1 - r0).u(v).u(r0);
-        plan.dispatch(ctx, &sp, &p, &[&dchunk, dlosses, &chunk, targets], grid_1d(ctx, (r1 - r0) as u32))?;
+        plan.dispatch(
+            ctx,
+            &sp,
+            &p,
+            &[&dchunk, dlosses, &chunk, targets],
+            grid_1d(ctx, (r1 - r0) as u32),
+        )?;
     }
     Ok(())
 }

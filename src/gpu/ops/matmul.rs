@@ -16,12 +16,12 @@ use std::borrow::Cow;
 use std::fmt::Write;
 
 use super::{dims, expect_shape, grid_1d, Params, Plan, R, W};
-use crate::gpu::kernels::Access::{StorageTexture as S, Texture as X};
-use crate::gpu::plan::Bind;
-use crate::gpu::tensor::TexMatrix;
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
+use crate::gpu::kernels::Access::{StorageTexture as S, Texture as X};
 use crate::gpu::kernels::KernelSpec;
+use crate::gpu::plan::Bind;
+use crate::gpu::tensor::TexMatrix;
 use crate::gpu::tensor::{DType, Tensor};
 
 const TEMPLATE: &str = include_str!("../../../shaders/matmul.wgsl");
@@ -77,16 +77,44 @@ pub fn pick_variant(ctx: &Context, aligned: bool) -> Variant {
         Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?))
     }) {
         if tm % 4 == 0 && tn % 4 == 0 && tm > 0 && tn > 0 {
-            return Variant { tm, tn, sg: ctx.subgroup_size().unwrap_or(1), aligned, a_layered: false, b_layered: false };
+            return Variant {
+                tm,
+                tn,
+                sg: ctx.subgroup_size().unwrap_or(1),
+                aligned,
+                a_layered: false,
+                b_layered: false,
+            };
         }
         log::warn!("WGTUNE_MATMUL_TILE={tm}x{tn} ignored: both must be positive multiples of 4");
     }
     match ctx.subgroup_size() {
         // Narrow subgroups are CPU SIMD lanes (lavapipe, WARP): big register
         // tiles pay, since every load is expensive and registers are not.
-        Some(sg) if sg <= 8 => Variant { tm: 16, tn: 8, sg, aligned, a_layered: false, b_layered: false },
-        Some(sg) => Variant { tm: 8, tn: 8, sg, aligned, a_layered: false, b_layered: false },
-        None => Variant { tm: 8, tn: 8, sg: 1, aligned, a_layered: false, b_layered: false },
+        Some(sg) if sg <= 8 => Variant {
+            tm: 32,
+            tn: 8,
+            sg,
+            aligned,
+            a_layered: false,
+            b_layered: false,
+        },
+        Some(sg) => Variant {
+            tm: 8,
+            tn: 8,
+            sg,
+            aligned,
+            a_layered: false,
+            b_layered: false,
+        },
+        None => Variant {
+            tm: 8,
+            tn: 8,
+            sg: 1,
+            aligned,
+            a_layered: false,
+            b_layered: false,
+        },
     }
 }
 
@@ -108,17 +136,35 @@ pub fn generate(v: &Variant) -> String {
         ("", "let lane = lid % LC;\n    let rg = lid / LC;")
     };
 
-    for (tag, fa, fb, fs, tex) in [("FW", "fw_inp4", "fw_weight4", "fw_store", false), ("FWT", "fwt_a4", "fwt_b4", "fwt_store", true)] {
+    for (tag, fa, fb, fs, tex) in [
+        ("FW", "fw_inp4", "fw_weight4", "fw_store", false),
+        ("FWT", "fwt_a4", "fwt_b4", "fw_store", true),
+    ] {
         let (d, b, st) = gen_nt(tm, tn, sg, fa, fb, fs, tex);
-        s = s.replace(&format!("{{{{{tag}_DECL}}}}"), &d).replace(&format!("{{{{{tag}_BODY}}}}"), &b).replace(&format!("{{{{{tag}_STORE}}}}"), &st);
+        s = s
+            .replace(&format!("{{{{{tag}_DECL}}}}"), &d)
+            .replace(&format!("{{{{{tag}_BODY}}}}"), &b)
+            .replace(&format!("{{{{{tag}_STORE}}}}"), &st);
     }
-    for (tag, fa, fb, fs, tex) in [("BI", "bi_dout4", "bi_weight4", "bi_store", false), ("BIT", "bit_a4", "bit_b4", "bit_store", true)] {
+    for (tag, fa, fb, fs, tex) in [
+        ("BI", "bi_dout4", "bi_weight4", "bi_store", false),
+        ("BIT", "bit_a4", "bit_b4", "bi_store", true),
+    ] {
         let (d, b, st) = gen_nn(tm, tv, sg, fa, fb, fs, tex);
-        s = s.replace(&format!("{{{{{tag}_DECL}}}}"), &d).replace(&format!("{{{{{tag}_BODY}}}}"), &b).replace(&format!("{{{{{tag}_STORE}}}}"), &st);
+        s = s
+            .replace(&format!("{{{{{tag}_DECL}}}}"), &d)
+            .replace(&format!("{{{{{tag}_BODY}}}}"), &b)
+            .replace(&format!("{{{{{tag}_STORE}}}}"), &st);
     }
-    for (tag, fa, fb, fs, tex) in [("BW", "bw_dout4", "bw_inp4", "bw_store", false), ("BWT", "bwt_a4", "bwt_b4", "bwt_store", true)] {
+    for (tag, fa, fb, fs, tex) in [
+        ("BW", "bw_dout4", "bw_inp4", "bw_store", false),
+        ("BWT", "bwt_a4", "bwt_b4", "bw_store", true),
+    ] {
         let (d, b, st) = gen_tn(tm, tv, sg, fa, fb, fs, tex);
-        s = s.replace(&format!("{{{{{tag}_DECL}}}}"), &d).replace(&format!("{{{{{tag}_BODY}}}}"), &b).replace(&format!("{{{{{tag}_STORE}}}}"), &st);
+        s = s
+            .replace(&format!("{{{{{tag}_DECL}}}}"), &d)
+            .replace(&format!("{{{{{tag}_BODY}}}}"), &b)
+            .replace(&format!("{{{{{tag}_STORE}}}}"), &st);
     }
 
     s.replace("{{LANE_BUILTINS}}", builtins)
@@ -135,7 +181,15 @@ pub fn generate(v: &Variant) -> String {
 
 /// NT micro-kernel (forward): scalar accumulators c_i_j over a TM x TN tile.
 /// `tex`: loaders take texel coordinates, computed here once per row.
-fn gen_nt(tm: usize, tn: usize, sg: usize, load_a: &str, load_b: &str, store_fn: &str, tex: bool) -> (String, String, String) {
+fn gen_nt(
+    tm: usize,
+    tn: usize,
+    sg: usize,
+    load_a: &str,
+    load_b: &str,
+    store_fn: &str,
+    tex: bool,
+) -> (String, String, String) {
     let (mut decl, mut body, mut store) = (String::new(), String::new(), String::new());
     row_clamps(&mut decl, tm, sg);
     if tex {
@@ -171,7 +225,15 @@ fn gen_nt(tm: usize, tn: usize, sg: usize, load_a: &str, load_b: &str, store_fn:
 }
 
 /// NN micro-kernel (backward_input): vec4 accumulators c_i_v over TV vec4 columns.
-fn gen_nn(tm: usize, tv: usize, sg: usize, load_a: &str, load_b: &str, store_fn: &str, tex: bool) -> (String, String, String) {
+fn gen_nn(
+    tm: usize,
+    tv: usize,
+    sg: usize,
+    load_a: &str,
+    load_b: &str,
+    store_fn: &str,
+    tex: bool,
+) -> (String, String, String) {
     let (mut decl, mut body, mut store) = (String::new(), String::new(), String::new());
     row_clamps(&mut decl, tm, sg);
     if tex {
@@ -185,7 +247,9 @@ fn gen_nn(tm: usize, tv: usize, sg: usize, load_a: &str, load_b: &str, store_fn:
             writeln!(decl, "    var c{i}_{c} = vec4<f32>(0.0);").unwrap();
         }
     }
-    a_rows(&mut body, tm, sg, if tex { "ca" } else { "ra" }, |r| format!("{load_a}({r}, n)"));
+    a_rows(&mut body, tm, sg, if tex { "ca" } else { "ra" }, |r| {
+        format!("{load_a}({r}, n)")
+    });
     for u in 0..4 {
         for c in 0..tv {
             writeln!(body, "        let b{u}_{c} = {load_b}(n + {u}u, cc{c});").unwrap();
@@ -206,12 +270,24 @@ fn gen_nn(tm: usize, tv: usize, sg: usize, load_a: &str, load_b: &str, store_fn:
 
 /// Token-reduction micro-kernel (backward_weight): A = dout[m, row0..row0+TM]
 /// as TM/4 vec4s shared over the subgroup; B = inp[m, cols] as TV vec4s.
-fn gen_tn(tm: usize, tv: usize, sg: usize, load_a: &str, load_b: &str, store_fn: &str, tex: bool) -> (String, String, String) {
+fn gen_tn(
+    tm: usize,
+    tv: usize,
+    sg: usize,
+    load_a: &str,
+    load_b: &str,
+    store_fn: &str,
+    tex: bool,
+) -> (String, String, String) {
     let (mut decl, mut body, mut store) = (String::new(), String::new(), String::new());
     // Both operands are read at token m: one coordinate pair per iteration.
     let (ma, mb) = if tex { ("cma", "cmb") } else { ("m", "m") };
     if tex {
-        writeln!(body, "        let cma = a_coord(m);\n        let cmb = b_coord(m);").unwrap();
+        writeln!(
+            body,
+            "        let cma = a_coord(m);\n        let cmb = b_coord(m);"
+        )
+        .unwrap();
     }
     let ta = tm.div_ceil(4);
     for c in 0..tv {
@@ -224,14 +300,30 @@ fn gen_tn(tm: usize, tv: usize, sg: usize, load_a: &str, load_b: &str, store_fn:
     }
     if sg > 1 {
         for slot in 0..ta.div_ceil(sg) {
-            writeln!(body, "        let va{slot} = {load_a}({ma}, row0 + 4u * ({}u + lane));", slot * sg).unwrap();
+            writeln!(
+                body,
+                "        let va{slot} = {load_a}({ma}, row0 + 4u * ({}u + lane));",
+                slot * sg
+            )
+            .unwrap();
         }
         for t in 0..ta {
-            writeln!(body, "        let a{t} = subgroupBroadcast(va{}, {}u);", t / sg, t % sg).unwrap();
+            writeln!(
+                body,
+                "        let a{t} = subgroupBroadcast(va{}, {}u);",
+                t / sg,
+                t % sg
+            )
+            .unwrap();
         }
     } else {
         for t in 0..ta {
-            writeln!(body, "        let a{t} = {load_a}({ma}, row0 + {}u);", 4 * t).unwrap();
+            writeln!(
+                body,
+                "        let a{t} = {load_a}({ma}, row0 + {}u);",
+                4 * t
+            )
+            .unwrap();
         }
     }
     for c in 0..tv {
@@ -239,7 +331,13 @@ fn gen_tn(tm: usize, tv: usize, sg: usize, load_a: &str, load_b: &str, store_fn:
     }
     for i in 0..tm {
         for c in 0..tv {
-            writeln!(body, "        c{i}_{c} += a{}.{} * b{c};", i / 4, COMP[i % 4]).unwrap();
+            writeln!(
+                body,
+                "        c{i}_{c} += a{}.{} * b{c};",
+                i / 4,
+                COMP[i % 4]
+            )
+            .unwrap();
         }
     }
     for i in 0..tm {
@@ -254,7 +352,12 @@ fn gen_tn(tm: usize, tv: usize, sg: usize, load_a: &str, load_b: &str, store_fn:
 fn row_clamps(decl: &mut String, tm: usize, sg: usize) {
     if sg > 1 {
         for slot in 0..tm.div_ceil(sg) {
-            writeln!(decl, "    let ra{slot} = min(row0 + {}u + lane, mlast);", slot * sg).unwrap();
+            writeln!(
+                decl,
+                "    let ra{slot} = min(row0 + {}u + lane, mlast);",
+                slot * sg
+            )
+            .unwrap();
         }
     } else {
         for i in 0..tm {
@@ -276,10 +379,21 @@ fn coords(decl: &mut String, tm: usize, sg: usize) {
 fn a_rows(body: &mut String, tm: usize, sg: usize, rows: &str, load: impl Fn(String) -> String) {
     if sg > 1 {
         for slot in 0..tm.div_ceil(sg) {
-            writeln!(body, "        let va{slot} = {};", load(format!("{rows}{slot}"))).unwrap();
+            writeln!(
+                body,
+                "        let va{slot} = {};",
+                load(format!("{rows}{slot}"))
+            )
+            .unwrap();
         }
         for i in 0..tm {
-            writeln!(body, "        let a{i} = subgroupBroadcast(va{}, {}u);", i / sg, i % sg).unwrap();
+            writeln!(
+                body,
+                "        let a{i} = subgroupBroadcast(va{}, {}u);",
+                i / sg,
+                i % sg
+            )
+            .unwrap();
         }
     } else {
         for i in 0..tm {
@@ -291,10 +405,25 @@ fn a_rows(body: &mut String, tm: usize, sg: usize, rows: &str, load: impl Fn(Str
 /// Every variant the wrappers can pick, for naga validation in tests.
 pub fn all_variant_sources() -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for (tm, tn, sg) in [(16, 8, 8), (8, 8, 32), (8, 8, 16), (8, 8, 64), (8, 8, 1), (16, 8, 4)] {
+    for (tm, tn, sg) in [
+        (32, 8, 8),
+        (16, 8, 8),
+        (8, 8, 32),
+        (8, 8, 16),
+        (8, 8, 64),
+        (8, 8, 1),
+        (16, 8, 4),
+    ] {
         for aligned in [true, false] {
             for layered in [false, true] {
-                let v = Variant { tm, tn, sg, aligned, a_layered: layered, b_layered: layered };
+                let v = Variant {
+                    tm,
+                    tn,
+                    sg,
+                    aligned,
+                    a_layered: layered,
+                    b_layered: layered,
+                };
                 out.push((v.name(), generate(&v)));
             }
         }
@@ -315,7 +444,13 @@ fn spec(v: &Variant, entry: &'static str, layout: &[crate::gpu::kernels::Access]
 /// Rows per chunk so that every tensor with rows of `row_elems` fits the
 /// binding limit, and each chunk starts on the storage offset alignment
 /// (the chunk row count is also a multiple of `multiple`).
-fn chunk_rows(ctx: &Context, what: &str, total: usize, row_elems: &[usize], multiple: usize) -> Result<usize> {
+fn chunk_rows(
+    ctx: &Context,
+    what: &str,
+    total: usize,
+    row_elems: &[usize],
+    multiple: usize,
+) -> Result<usize> {
     let limit = ctx.binding_limit();
     let widest = (row_elems.iter().copied().max().unwrap_or(1).max(1) * 4) as u64;
     // Binding sizes round up to 16 bytes.
@@ -330,7 +465,11 @@ fn chunk_rows(ctx: &Context, what: &str, total: usize, row_elems: &[usize], mult
     }
     let fit = (limit / widest) as usize / step * step;
     if fit == 0 {
-        return Err(Error::Limits { what: format!("{what}: one chunk of {step} rows"), need: step as u64 * widest, have: limit });
+        return Err(Error::Limits {
+            what: format!("{what}: one chunk of {step} rows"),
+            need: step as u64 * widest,
+            have: limit,
+        });
     }
     Ok(fit)
 }
@@ -347,7 +486,14 @@ fn lcm(a: usize, b: usize) -> usize {
 }
 
 /// out (M, N) = inp (M, K) . weight (N, K)^T + bias (N). See [`matmul_forward_ex`].
-pub fn matmul_forward(ctx: &Context, plan: &mut Plan, out: &Tensor, inp: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+pub fn matmul_forward(
+    ctx: &Context,
+    plan: &mut Plan,
+    out: &Tensor,
+    inp: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<()> {
     matmul_forward_ex(ctx, plan, out, inp, weight, bias, 1.0, false)
 }
 
@@ -405,9 +551,27 @@ pub fn matmul_forward_ex(
         for n0 in (0..n).step_by(nc) {
             let nr = nc.min(n - n0);
             let w = weight.view(n0 * k, &[nr, k], weight.label())?;
-            let b = if bias.is_some() { bias_t.view(n0, &[nr], bias_t.label())? } else { bias_t.clone() };
-            let p = Params::new().u(mr).u(k).u(nr).u(n).u(n0).u(0).f(alpha).u(flags as usize).u(0).u(1);
-            let grid = [(nr as u32).div_ceil(tile_n), (mr as u32).div_ceil(tile_m), 1];
+            let b = if bias.is_some() {
+                bias_t.view(n0, &[nr], bias_t.label())?
+            } else {
+                bias_t.clone()
+            };
+            let p = Params::new()
+                .u(mr)
+                .u(k)
+                .u(nr)
+                .u(n)
+                .u(n0)
+                .u(0)
+                .f(alpha)
+                .u(flags as usize)
+                .u(0)
+                .u(1);
+            let grid = [
+                (nr as u32).div_ceil(tile_n),
+                (mr as u32).div_ceil(tile_m),
+                1,
+            ];
             plan.dispatch(ctx, &kern, &p, &[&o, &x, &w, &b], grid)?;
         }
     }
@@ -416,13 +580,26 @@ pub fn matmul_forward_ex(
 }
 
 /// dinp (M, K) += dout (M, N) . weight (N, K). See [`matmul_backward_input_ex`].
-pub fn matmul_backward_input(ctx: &Context, plan: &mut Plan, dinp: &Tensor, dout: &Tensor, weight: &Tensor) -> Result<()> {
+pub fn matmul_backward_input(
+    ctx: &Context,
+    plan: &mut Plan,
+    dinp: &Tensor,
+    dout: &Tensor,
+    weight: &Tensor,
+) -> Result<()> {
     matmul_backward_input_ex(ctx, plan, dinp, dout, weight, 1.0)
 }
 
 /// dinp (M, K) += alpha * dout (M, N) . weight (N, K). Weight rows (the
 /// reduction) and token rows are chunked when they exceed a binding.
-pub fn matmul_backward_input_ex(ctx: &Context, plan: &mut Plan, dinp: &Tensor, dout: &Tensor, weight: &Tensor, alpha: f32) -> Result<()> {
+pub fn matmul_backward_input_ex(
+    ctx: &Context,
+    plan: &mut Plan,
+    dinp: &Tensor,
+    dout: &Tensor,
+    weight: &Tensor,
+    alpha: f32,
+) -> Result<()> {
     let op = "matmul_backward_input";
     let [m, n] = dims(op, dout, "(M, N)")?;
     let [n2, k] = dims(op, weight, "(N, K)")?;
@@ -449,7 +626,17 @@ pub fn matmul_backward_input_ex(ctx: &Context, plan: &mut Plan, dinp: &Tensor, d
         for n0 in (0..n).step_by(nc) {
             let nr = nc.min(n - n0);
             let w = weight.view(n0 * k, &[nr, k], weight.label())?;
-            let p = Params::new().u(mr).u(k).u(nr).u(0).u(n0).u(n).f(alpha).u(1).u(0).u(1);
+            let p = Params::new()
+                .u(mr)
+                .u(k)
+                .u(nr)
+                .u(0)
+                .u(n0)
+                .u(n)
+                .f(alpha)
+                .u(1)
+                .u(0)
+                .u(1);
             let grid = [(k as u32).div_ceil(tile_k), (mr as u32).div_ceil(tile_m), 1];
             plan.dispatch(ctx, &kern, &p, &[&dx, &dy, &w], grid)?;
         }
@@ -469,7 +656,13 @@ pub fn split_count(ctx: &Context, m: usize, n: usize, k: usize) -> usize {
 }
 
 /// dweight (N, K) += dout (M, N)^T . inp (M, K). See [`matmul_backward_weight_ex`].
-pub fn matmul_backward_weight(ctx: &Context, plan: &mut Plan, dweight: &Tensor, dout: &Tensor, inp: &Tensor) -> Result<()> {
+pub fn matmul_backward_weight(
+    ctx: &Context,
+    plan: &mut Plan,
+    dweight: &Tensor,
+    dout: &Tensor,
+    inp: &Tensor,
+) -> Result<()> {
     matmul_backward_weight_ex(ctx, plan, dweight, dout, inp, 1.0)
 }
 
@@ -477,7 +670,14 @@ pub fn matmul_backward_weight(ctx: &Context, plan: &mut Plan, dweight: &Tensor, 
 /// tokens with a deterministic split-K: each split writes a partial and a
 /// second kernel sums them in index order. The scratch is allocated here, at
 /// plan-build time.
-pub fn matmul_backward_weight_ex(ctx: &Context, plan: &mut Plan, dweight: &Tensor, dout: &Tensor, inp: &Tensor, alpha: f32) -> Result<()> {
+pub fn matmul_backward_weight_ex(
+    ctx: &Context,
+    plan: &mut Plan,
+    dweight: &Tensor,
+    dout: &Tensor,
+    inp: &Tensor,
+    alpha: f32,
+) -> Result<()> {
     let op = "matmul_backward_weight";
     let [m, n] = dims(op, dout, "(M, N)")?;
     let [m2, k] = dims(op, inp, "(M, K)")?;
@@ -493,25 +693,63 @@ pub fn matmul_backward_weight_ex(ctx: &Context, plan: &mut Plan, dweight: &Tenso
     let splits = split_count(ctx, m, n, k);
     let m_split = m.div_ceil(splits);
     let splits = m.div_ceil(m_split);
-    let grid = [(k as u32).div_ceil(tile_c), (n as u32).div_ceil(tile_r), splits as u32];
+    let grid = [
+        (k as u32).div_ceil(tile_c),
+        (n as u32).div_ceil(tile_r),
+        splits as u32,
+    ];
     let tex = use_textures(ctx, &[(m, n), (m, k)]);
-    let (a, b) = if tex { (Some(pack(ctx, plan, dout)?), Some(pack(ctx, plan, inp)?)) } else { (None, None) };
-    let mut p = Params::new().u(m).u(k).u(n).u(0).u(0).u(n).f(alpha).u(0).u(m_split).u(splits);
+    let (a, b) = if tex {
+        (Some(pack(ctx, plan, dout)?), Some(pack(ctx, plan, inp)?))
+    } else {
+        (None, None)
+    };
+    let mut p = Params::new()
+        .u(m)
+        .u(k)
+        .u(n)
+        .u(0)
+        .u(0)
+        .u(n)
+        .f(alpha)
+        .u(0)
+        .u(m_split)
+        .u(splits);
     let mut v = v;
     if let (Some(a), Some(b)) = (&a, &b) {
-        p = p.u(a.layer_shift() as usize).u(b.layer_shift() as usize).u(0);
+        p = p
+            .u(a.layer_shift() as usize)
+            .u(b.layer_shift() as usize)
+            .u(0);
         v = layered(v, a, b);
     }
     let main = |plan: &mut Plan, target: &Tensor| -> Result<()> {
         match (&a, &b) {
-            (Some(a), Some(b)) => plan.dispatch_with(ctx, &spec(&v, "matmul_backward_weight_tex", &[W, X, X]), &p, &[Bind::T(target), Bind::X(a), Bind::X(b)], grid),
-            _ => plan.dispatch(ctx, &spec(&v, op, &[W, R, R]), &p, &[target, dout, inp], grid),
+            (Some(a), Some(b)) => plan.dispatch_with(
+                ctx,
+                &spec(&v, "matmul_backward_weight_tex", &[W, X, X]),
+                &p,
+                &[Bind::T(target), Bind::X(a), Bind::X(b)],
+                grid,
+            ),
+            _ => plan.dispatch(
+                ctx,
+                &spec(&v, op, &[W, R, R]),
+                &p,
+                &[target, dout, inp],
+                grid,
+            ),
         }
     };
     if splits == 1 {
         main(plan, dweight)?;
     } else {
-        let partials = Tensor::zeros(ctx, &[splits, n, k], DType::F32, &format!("{}.splitk", dweight.label()))?;
+        let partials = Tensor::zeros(
+            ctx,
+            &[splits, n, k],
+            DType::F32,
+            &format!("{}.splitk", dweight.label()),
+        )?;
         main(plan, &partials)?;
         let total = (n * k) as u32;
         plan.dispatch(
@@ -537,15 +775,24 @@ pub fn matmul_pack(ctx: &Context, plan: &mut Plan, dst: &TexMatrix, src: &Tensor
     let op = "matmul_pack";
     let [rows, cols] = dims(op, src, "(ROWS, COLS)")?;
     if dst.rows() != rows || dst.cols() != cols {
-        return Err(Error::Shape { op: op.into(), tensor: src.label().into(), expected: format!("[{}, {}] like `{}`", dst.rows(), dst.cols(), dst.label()), got: src.shape().to_vec() });
+        return Err(Error::Shape {
+            op: op.into(),
+            tensor: src.label().into(),
+            expected: format!("[{}, {}] like `{}`", dst.rows(), dst.cols(), dst.label()),
+            got: src.shape().to_vec(),
+        });
     }
     // Rows of whole 256-byte multiples are a plain copy (a memcpy on
     // lavapipe, where textureStore measured ~50 ns per texel).
-    if cols % 64 == 0 && src.offset() % 16 == 0 {
+    if cols % 64 == 0 && src.offset().is_multiple_of(16) {
         let h = 1usize << dst.layer_shift().min(30);
         let mut r0 = 0;
         while r0 < rows {
-            let (y, layer) = if dst.layer_shift() >= 31 { (r0, 0) } else { (r0 % h, r0 / h) };
+            let (y, layer) = if dst.layer_shift() >= 31 {
+                (r0, 0)
+            } else {
+                (r0 % h, r0 / h)
+            };
             let n = (rows - r0).min(if dst.layer_shift() >= 31 { rows } else { h - y });
             let part = src.view(r0 * cols, &[n, cols], src.label())?;
             plan.copy_to_texture(&part, dst, y as u32, layer as u32)?;
@@ -560,9 +807,28 @@ pub fn matmul_pack(ctx: &Context, plan: &mut Plan, dst: &TexMatrix, src: &Tensor
     for r0 in (0..rows).step_by(rc) {
         let rr = rc.min(rows - r0);
         let chunk = src.view(r0 * cols, &[rr, cols], src.label())?;
-        let p = Params::new().u(rr).u(cols).u(0).u(0).u(0).u(0).f(1.0).u(0).u(0).u(1).u(dst.layer_shift() as usize).u(0).u(r0);
+        let p = Params::new()
+            .u(rr)
+            .u(cols)
+            .u(0)
+            .u(0)
+            .u(0)
+            .u(0)
+            .f(1.0)
+            .u(0)
+            .u(0)
+            .u(1)
+            .u(dst.layer_shift() as usize)
+            .u(0)
+            .u(r0);
         let texels = (cols.div_ceil(4) * rr) as u32;
-        plan.dispatch_with(ctx, &kern, &p, &[Bind::X(dst), Bind::T(&chunk)], grid_1d(ctx, texels.div_ceil(64)))?;
+        plan.dispatch_with(
+            ctx,
+            &kern,
+            &p,
+            &[Bind::X(dst), Bind::T(&chunk)],
+            grid_1d(ctx, texels.div_ceil(64)),
+        )?;
     }
     Ok(())
 }
@@ -591,7 +857,12 @@ pub fn matmul_forward_packed(
     let [m, k] = dims(op, inp, "(M, K)")?;
     let n = weight.rows();
     if weight.cols() != k {
-        return Err(Error::Shape { op: op.into(), tensor: weight.label().into(), expected: format!("[{n}, {k}]"), got: vec![weight.rows(), weight.cols()] });
+        return Err(Error::Shape {
+            op: op.into(),
+            tensor: weight.label().into(),
+            expected: format!("[{n}, {k}]"),
+            got: vec![weight.rows(), weight.cols()],
+        });
     }
     expect_shape(op, out, &[m, n])?;
     if let Some(b) = bias {
@@ -611,37 +882,87 @@ pub fn matmul_forward_packed(
     for m0 in (0..m).step_by(mc) {
         let mr = mc.min(m - m0);
         let o = out.view(m0 * n, &[mr, n], out.label())?;
-        let p = Params::new().u(mr).u(k).u(n).u(n).u(0).u(0).f(alpha).u(flags as usize).u(0).u(1).u(a.layer_shift() as usize).u(weight.layer_shift() as usize).u(m0);
+        let p = Params::new()
+            .u(mr)
+            .u(k)
+            .u(n)
+            .u(n)
+            .u(0)
+            .u(0)
+            .f(alpha)
+            .u(flags as usize)
+            .u(0)
+            .u(1)
+            .u(a.layer_shift() as usize)
+            .u(weight.layer_shift() as usize)
+            .u(m0);
         let grid = [(n as u32).div_ceil(tile_n), (mr as u32).div_ceil(tile_m), 1];
-        plan.dispatch_with(ctx, &kern, &p, &[Bind::T(&o), Bind::X(&a), Bind::X(weight), Bind::T(b)], grid)?;
+        plan.dispatch_with(
+            ctx,
+            &kern,
+            &p,
+            &[Bind::T(&o), Bind::X(&a), Bind::X(weight), Bind::T(b)],
+            grid,
+        )?;
     }
     plan.add_flops(2.0 * m as f64 * n as f64 * k as f64);
     Ok(())
 }
 
 /// [`matmul_backward_input_ex`] with a weight packed once (frozen weights).
-pub fn matmul_backward_input_packed(ctx: &Context, plan: &mut Plan, dinp: &Tensor, dout: &Tensor, weight: &TexMatrix, alpha: f32) -> Result<()> {
+pub fn matmul_backward_input_packed(
+    ctx: &Context,
+    plan: &mut Plan,
+    dinp: &Tensor,
+    dout: &Tensor,
+    weight: &TexMatrix,
+    alpha: f32,
+) -> Result<()> {
     let op = "matmul_backward_input";
     let [m, n] = dims(op, dout, "(M, N)")?;
     let k = weight.cols();
     if weight.rows() != n {
-        return Err(Error::Shape { op: op.into(), tensor: weight.label().into(), expected: format!("[{n}, {k}]"), got: vec![weight.rows(), weight.cols()] });
+        return Err(Error::Shape {
+            op: op.into(),
+            tensor: weight.label().into(),
+            expected: format!("[{n}, {k}]"),
+            got: vec![weight.rows(), weight.cols()],
+        });
     }
     expect_shape(op, dinp, &[m, k])?;
     if m == 0 || k == 0 {
         return Ok(());
     }
     let a = pack(ctx, plan, dout)?;
-    let v = layered(pick_variant(ctx, k % 4 == 0), &a, weight);
+    let v = layered(pick_variant(ctx, k.is_multiple_of(4)), &a, weight);
     let (tile_m, tile_k) = v.tile();
     let kern = spec(&v, "matmul_backward_input_tex", &[W, X, X]);
     let mc = chunk_rows(ctx, "matmul_backward_input dinp", m, &[k], 1)?;
     for m0 in (0..m).step_by(mc) {
         let mr = mc.min(m - m0);
         let dx = dinp.view(m0 * k, &[mr, k], dinp.label())?;
-        let p = Params::new().u(mr).u(k).u(n).u(0).u(0).u(n).f(alpha).u(1).u(0).u(1).u(a.layer_shift() as usize).u(weight.layer_shift() as usize).u(m0);
+        let p = Params::new()
+            .u(mr)
+            .u(k)
+            .u(n)
+            .u(0)
+            .u(0)
+            .u(n)
+            .f(alpha)
+            .u(1)
+            .u(0)
+            .u(1)
+            .u(a.layer_shift() as usize)
+            .u(weight.layer_shift() as usize)
+            .u(m0);
         let grid = [(k as u32).div_ceil(tile_k), (mr as u32).div_ceil(tile_m), 1];
-        plan.dispatch_with(ctx, &kern, &p, &[Bind::T(&dx), Bind::X(&a), Bind::X(weight)], grid)?;
+        plan.dispatch_with(
+            ctx,
+            &kern,
+            &p,
+            &[Bind::T(&dx), Bind::X(&a), Bind::X(weight)],
+            grid,
+        )?;
     }
     plan.add_flops(2.0 * m as f64 * n as f64 * k as f64);
     Ok(())
@@ -649,5 +970,9 @@ pub fn matmul_backward_input_packed(ctx: &Context, plan: &mut Plan, dinp: &Tenso
 
 /// Set the layered flags of `v` from the textures it will read.
 fn layered(v: Variant, a: &TexMatrix, b: &TexMatrix) -> Variant {
-    Variant { a_layered: a.layer_shift() < 31, b_layered: b.layer_shift() < 31, ..v }
+    Variant {
+        a_layered: a.layer_shift() < 31,
+        b_layered: b.layer_shift() < 31,
+        ..v
+    }
 }

@@ -16,20 +16,68 @@ const WG: u32 = 64;
 /// x (B*T, H, D) or (B, T, H, D) rotated in place, row b*T + t by the angles
 /// of position t + pos_offset; cos, sin (MAXPOS, D/2).
 #[allow(clippy::too_many_arguments)]
-pub fn rope_forward(ctx: &Context, plan: &mut Plan, x: &Tensor, cos: &Tensor, sin: &Tensor, b: usize, t: usize, pos_offset: usize) -> Result<()> {
-    rope(ctx, plan, ["rope_forward", "rope_forward_x1"], x, cos, sin, b, t, pos_offset)
+pub fn rope_forward(
+    ctx: &Context,
+    plan: &mut Plan,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    b: usize,
+    t: usize,
+    pos_offset: usize,
+) -> Result<()> {
+    rope(
+        ctx,
+        plan,
+        ["rope_forward", "rope_forward_x1"],
+        x,
+        cos,
+        sin,
+        b,
+        t,
+        pos_offset,
+    )
 }
 
 /// dx (B*T, H, D) or (B, T, H, D) rotated back in place (by minus the angles):
 /// the gradient of the rotated tensor becomes that of the unrotated one.
 #[allow(clippy::too_many_arguments)]
-pub fn rope_backward(ctx: &Context, plan: &mut Plan, dx: &Tensor, cos: &Tensor, sin: &Tensor, b: usize, t: usize, pos_offset: usize) -> Result<()> {
-    rope(ctx, plan, ["rope_backward", "rope_backward_x1"], dx, cos, sin, b, t, pos_offset)
+pub fn rope_backward(
+    ctx: &Context,
+    plan: &mut Plan,
+    dx: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    b: usize,
+    t: usize,
+    pos_offset: usize,
+) -> Result<()> {
+    rope(
+        ctx,
+        plan,
+        ["rope_backward", "rope_backward_x1"],
+        dx,
+        cos,
+        sin,
+        b,
+        t,
+        pos_offset,
+    )
 }
 
 /// Shared checks and dispatch; `entries` = [vec4 entry, scalar entry].
 #[allow(clippy::too_many_arguments)]
-fn rope(ctx: &Context, plan: &mut Plan, entries: [&'static str; 2], x: &Tensor, cos: &Tensor, sin: &Tensor, b: usize, t: usize, pos_offset: usize) -> Result<()> {
+fn rope(
+    ctx: &Context,
+    plan: &mut Plan,
+    entries: [&'static str; 2],
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    b: usize,
+    t: usize,
+    pos_offset: usize,
+) -> Result<()> {
     let op = entries[0];
     // Both layouts are the same memory; (B, T, H, D) is what a reshaped
     // projection output looks like, so accept it without a reshape.
@@ -46,7 +94,13 @@ fn rope(ctx: &Context, plan: &mut Plan, entries: [&'static str; 2], x: &Tensor, 
         }
     };
     if d == 0 || !d.is_multiple_of(2) {
-        return Err(Error::invalid(op, format!("head dim D = {d} of `{}` must be even and positive", x.label())));
+        return Err(Error::invalid(
+            op,
+            format!(
+                "head dim D = {d} of `{}` must be even and positive",
+                x.label()
+            ),
+        ));
     }
     let half = d / 2;
     let [max_pos, _] = dims(op, cos, "(MAXPOS, D/2)")?;
@@ -71,10 +125,22 @@ fn rope(ctx: &Context, plan: &mut Plan, entries: [&'static str; 2], x: &Tensor, 
         return Ok(());
     }
     // vec4 path when the half head is whole vec4s (every common head dim).
-    let (entry, per_row) = if half.is_multiple_of(4) { (entries[0], half / 4) } else { (entries[1], half) };
+    let (entry, per_row) = if half.is_multiple_of(4) {
+        (entries[0], half / 4)
+    } else {
+        (entries[1], half)
+    };
     // One invocation per (row, pair group); each loops over the H heads.
     let groups = (b * t * per_row).div_ceil(WG as usize);
     let spec = KernelSpec::family("rope", entry, &[W, R, R])?.with("WG", WG as f64);
-    let p = Params::new().u(b).u(t).u(h).u(d).u(pos_offset).u(0).u(0).u(0);
+    let p = Params::new()
+        .u(b)
+        .u(t)
+        .u(h)
+        .u(d)
+        .u(pos_offset)
+        .u(0)
+        .u(0)
+        .u(0);
     plan.dispatch(ctx, &spec, &p, &[x, cos, sin], grid_1d(ctx, groups as u32))
 }
