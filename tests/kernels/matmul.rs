@@ -47,19 +47,21 @@ fn check_all(ctx: &Context, tag: &str, shapes: &[(usize, usize, usize)]) {
         let mut rdw = to64(&dw0);
         cpu::matmul::matmul_backward_weight(&mut rdw, &to64(&dy), &to64(&x), m, k, n);
         let t = format!("{tag} M={m} K={k} N={n}");
-        assert_close(&format!("{t} forward"), &read(ctx, &out), &ro, 1e-5, 1e-4);
+        // f32 accumulation error grows like sqrt(reduction length).
+        let tol = |red: usize| (2e-6 * (red as f64).sqrt()).max(1e-5);
+        assert_close(&format!("{t} forward"), &read(ctx, &out), &ro, tol(k), 1e-4);
         assert_close(
             &format!("{t} backward_input"),
             &read(ctx, &dx),
             &rdx,
-            1e-5,
+            tol(n),
             1e-4,
         );
         assert_close(
             &format!("{t} backward_weight"),
             &read(ctx, &dw),
             &rdw,
-            1e-5,
+            tol(m),
             1e-4,
         );
     }
