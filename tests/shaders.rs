@@ -29,3 +29,9 @@ fn generated_matmul_variants_validate() {
         validate(&name, &src);
     }
 }
+
+#[test]
+fn attention_subgroup_variant_validates() {
+    let src = wgtune::gpu::ops::attention::subgroup_source().expect("subgroup source");
+    validate("attention (subgroup build)", &src);
+}

@@ -23,7 +23,8 @@ pub struct ContextOptions {
     pub max_binding_bytes: Option<u64>,
     /// Ignore `Features::SUBGROUP` even when present (portable kernel path).
     pub disable_subgroups: bool,
-    /// Read matmul operands from storage buffers instead of packed textures.
+    /// Read matmul and attention operands from storage buffers instead of
+    /// packed textures.
     pub disable_textures: bool,
 }
 
