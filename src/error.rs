@@ -35,6 +35,16 @@ pub enum Error {
     /// An argument is outside the range an op accepts.
     #[error("{op}: {message}")]
     Invalid { op: String, message: String },
+    /// `config.json` is missing a field, malformed, or describes an
+    /// unsupported model.
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+    /// A weights file or index is malformed, truncated or of an unsupported dtype.
+    #[error("{path}: {message}")]
+    Weights { path: PathBuf, message: String },
+    /// A tensor the model needs is not in its weights.
+    #[error("tensor `{name}` not found in {file}")]
+    MissingTensor { name: String, file: String },
     /// Reading a file failed.
     #[error("{path}: {source}")]
     Io {

@@ -3,12 +3,14 @@
 //! a hand-scheduled forward and backward pass.
 //!
 //! Layers, bottom up: `error`, `cpu` (f64 reference twins of every kernel),
-//! `gpu` (context, tensors, kernels, plans, op wrappers), `cli`.
+//! `gpu` (context, tensors, kernels, plans, op wrappers), `model` (config and
+//! weights of Hugging Face checkpoints), `cli`.
 
 pub mod bench;
 pub mod cli;
 pub mod cpu;
 pub mod error;
 pub mod gpu;
+pub mod model;
 
 pub use error::{Error, Result};

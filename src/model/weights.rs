@@ -1,0 +1,167 @@
+//! Weights from a Hugging Face folder: `model.safetensors`, or shards listed
+//! in `model.safetensors.index.json`. Files are memory-mapped; every fetch
+//! checks the tensor's shape and converts f32/f16/bf16 to f32. Errors name
+//! the file and the tensor.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+
+/// A set of memory-mapped safetensors files and which tensor lives where.
+pub struct Weights {
+    files: Vec<(PathBuf, memmap2::Mmap)>,
+    /// tensor name -> index into `files`
+    owner: HashMap<String, usize>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    }
+}
+
+fn corrupt(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Weights {
+        path: path.to_path_buf(),
+        message: format!("not a valid safetensors file ({e}); is it truncated or corrupt?"),
+    }
+}
+
+impl Weights {
+    /// Open the weights of a model folder.
+    pub fn open(dir: &Path) -> Result<Weights> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let shards: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(io(&index))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Weights {
+                path: index.clone(),
+                message: format!("not valid JSON: {e}"),
+            })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Weights {
+                    path: index.clone(),
+                    message: "no `weight_map` object".into(),
+                })?;
+            let mut files: Vec<PathBuf> = Vec::new();
+            for f in map.values() {
+                let f = f.as_str().ok_or_else(|| Error::Weights {
+                    path: index.clone(),
+                    message: "weight_map values must be file names".into(),
+                })?;
+                let p = dir.join(f);
+                if !files.contains(&p) {
+                    if !p.exists() {
+                        return Err(Error::Weights {
+                            path: index.clone(),
+                            message: format!("names shard `{f}`, which does not exist"),
+                        });
+                    }
+                    files.push(p);
+                }
+            }
+            files
+        } else {
+            return Err(Error::Weights {
+                path: dir.to_path_buf(),
+                message: "no model.safetensors or model.safetensors.index.json in this folder"
+                    .into(),
+            });
+        };
+        Self::from_files(&shards)
+    }
+
+    /// Map the given safetensors files.
+    pub fn from_files(paths: &[PathBuf]) -> Result<Weights> {
+        let mut files = Vec::new();
+        let mut owner = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let file = std::fs::File::open(path).map_err(io(path))?;
+            // SAFETY: the mapping is read-only; a file changed underneath
+            // while mapped is the caller's problem, as with any mmap reader.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io(path))?;
+            let st = SafeTensors::deserialize(&map).map_err(|e| corrupt(path, e))?;
+            for name in st.names() {
+                owner.insert(name.to_string(), i);
+            }
+            files.push((path.clone(), map));
+        }
+        Ok(Weights { files, owner })
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.owner.keys().map(|s| s.as_str()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.owner.contains_key(name)
+    }
+
+    fn view(&self, name: &str) -> Result<(&Path, safetensors::tensor::TensorView<'_>)> {
+        let i = *self.owner.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            file: self
+                .files
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+        let (path, map) = &self.files[i];
+        let st = SafeTensors::deserialize(map).map_err(|e| corrupt(path, e))?;
+        let view = st.tensor(name).map_err(|e| corrupt(path, e))?;
+        Ok((path, view))
+    }
+
+    /// Shape of a tensor.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        Ok(self.view(name)?.1.shape().to_vec())
+    }
+
+    /// A tensor as f32, checked against `expected` (its shape for this config).
+    pub fn get_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let (path, view) = self.view(name)?;
+        if view.shape() != expected {
+            return Err(Error::Shape {
+                op: format!("loading {}", path.display()),
+                tensor: name.to_string(),
+                expected: format!("{expected:?} for this config"),
+                got: view.shape().to_vec(),
+            });
+        }
+        let bytes = view.data();
+        Ok(match view.dtype() {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(Error::Weights {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "tensor `{name}` has dtype {other:?}; supported: F32, F16, BF16"
+                    ),
+                })
+            }
+        })
+    }
+}
