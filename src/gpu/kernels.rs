@@ -25,6 +25,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("loss", include_str!("../../shaders/loss.wgsl")),
     ("lora", include_str!("../../shaders/lora.wgsl")),
     ("adamw", include_str!("../../shaders/adamw.wgsl")),
+    ("copy", include_str!("../../shaders/copy.wgsl")),
 ];
 
 /// The full module text of an op family (common prelude included).

@@ -213,16 +213,24 @@ impl Tensor {
 
     /// Overwrite the tensor's contents from the host.
     pub fn write_f32(&self, ctx: &Context, data: &[f32]) -> Result<()> {
-        if data.len() != self.numel() {
+        self.write_raw(ctx, bytemuck::cast_slice(data), data.len())
+    }
+
+    /// Queue a write of i32 data (ids, targets) over the whole tensor.
+    pub fn write_i32(&self, ctx: &Context, data: &[i32]) -> Result<()> {
+        self.write_raw(ctx, bytemuck::cast_slice(data), data.len())
+    }
+
+    fn write_raw(&self, ctx: &Context, bytes: &[u8], len: usize) -> Result<()> {
+        if len != self.numel() {
             return Err(Error::Shape {
                 op: "write".into(),
                 tensor: self.label.to_string(),
-                expected: format!("{} elements", data.len()),
+                expected: format!("{len} elements"),
                 got: self.shape.clone(),
             });
         }
-        ctx.queue
-            .write_buffer(&self.buffer, self.offset, bytemuck::cast_slice(data));
+        ctx.queue.write_buffer(&self.buffer, self.offset, bytes);
         Ok(())
     }
 

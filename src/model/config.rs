@@ -50,6 +50,8 @@ pub struct HfConfig {
     pub rms_norm_eps: Option<f64>,
     pub rope_theta: Option<f64>,
     pub rope_scaling: Option<serde_json::Value>,
+    /// transformers >= 5 writes `rope_parameters` (theta and scaling together).
+    pub rope_parameters: Option<serde_json::Value>,
     pub tie_word_embeddings: Option<bool>,
     pub attention_bias: Option<bool>,
     // GPT-2 names.
@@ -157,8 +159,17 @@ impl HfConfig {
                     path,
                 )?,
                 norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
-                rope_theta: self.rope_theta.unwrap_or(10_000.0),
-                rope_scaling: parse_scaling(self.rope_scaling.as_ref(), path)?,
+                rope_theta: self
+                    .rope_parameters
+                    .as_ref()
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(|t| t.as_f64())
+                    .or(self.rope_theta)
+                    .unwrap_or(10_000.0),
+                rope_scaling: parse_scaling(
+                    self.rope_parameters.as_ref().or(self.rope_scaling.as_ref()),
+                    path,
+                )?,
                 tie_embeddings: self.tie_word_embeddings.unwrap_or(false),
                 qkv_bias: arch == Arch::Qwen2 || self.attention_bias.unwrap_or(false),
             }
@@ -179,7 +190,7 @@ fn parse_scaling(v: Option<&serde_json::Value>, path: &Path) -> Result<Option<Ll
         .unwrap_or("");
     let num = |k: &str| v.get(k).and_then(|x| x.as_f64());
     match kind {
-        "default" => Ok(None),
+        "default" | "" => Ok(None),
         "llama3" => {
             let get = |k: &str| {
                 num(k).ok_or_else(|| Error::Config {
@@ -252,5 +263,62 @@ impl ModelConfig {
             ));
         }
         Ok(())
+    }
+}
+
+impl ModelConfig {
+    /// Number of K/V channels per token (kv_heads * head_dim).
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// RoPE inverse frequencies as transformers computes them: in f32, with
+    /// the llama3 rescaling applied when configured. Computing them in f64
+    /// instead would move angles at position ~2000 by ~1e-4 rad off the
+    /// reference.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        let base = self.rope_theta as f32;
+        let mut inv: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32))
+            .collect();
+        if let Some(s) = &self.rope_scaling {
+            let old = s.original_max_position_embeddings as f32;
+            let (lo, hi, factor) = (
+                s.low_freq_factor as f32,
+                s.high_freq_factor as f32,
+                s.factor as f32,
+            );
+            let low_wavelen = old / lo;
+            let high_wavelen = old / hi;
+            for f in inv.iter_mut() {
+                let wavelen = 2.0 * std::f32::consts::PI / *f;
+                let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
+                let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                *f = if medium {
+                    let smooth = (old / wavelen - lo) / (hi - lo);
+                    (1.0 - smooth) * scaled / factor + smooth * scaled
+                } else {
+                    scaled
+                };
+            }
+        }
+        inv
+    }
+
+    /// (cos, sin) tables (max_positions, head_dim / 2): the angle is the f32
+    /// product pos * inv_freq (as in transformers), its cos/sin taken in f64.
+    pub fn rope_tables(&self) -> (Vec<f32>, Vec<f32>) {
+        let inv = self.rope_inv_freq();
+        let n = self.max_positions * inv.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for pos in 0..self.max_positions {
+            for &f in &inv {
+                let a = (pos as f32 * f) as f64;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        (cos, sin)
     }
 }

@@ -2,7 +2,10 @@
 //! (The forward schedules for llama and gpt2 build on these.)
 
 pub mod config;
+pub mod generate;
+pub mod transformer;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};
+pub use transformer::{Acts, FwdShape, Hooks, KvCache, Model, NoHooks};
 pub use weights::Weights;

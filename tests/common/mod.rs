@@ -2,6 +2,8 @@
 //! checks that print the max diff, and central finite differences.
 #![allow(dead_code)]
 
+pub mod reference;
+
 use std::sync::OnceLock;
 
 use wgtune::gpu::{Context, ContextOptions, Plan, Tensor};

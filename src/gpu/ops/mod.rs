@@ -7,6 +7,7 @@
 pub mod activation;
 pub mod adamw;
 pub mod attention;
+pub mod copy;
 pub mod embedding;
 pub mod lora;
 pub mod loss;

@@ -1,0 +1,51 @@
+// copy.wgsl: strided row-block copies, the glue of the host schedules.
+// One kernel covers every layout change the model needs and its reverse:
+//   - split GPT-2's fused qkv rows (row stride 3C) into q, k, v;
+//   - put a layer's K/V rows after the P prefix rows of each batch, or into
+//     a KV cache at the current position, and slice them back for backward;
+//   - gather the last position's hidden row for generation.
+// The backward of a copy is the same copy with src and dst swapped, with
+// `acc = 1` where several sources sum into one gradient.
+//
+// Element (n, i, j), n < NB, i < T, j < D:
+//   dst[dst_off + n*dst_bs + i*dst_rs + j] (+)= src[src_off + n*src_bs + i*src_rs + j]
+// Blocks must not overlap in dst (each element has one writer).
+
+struct Params {
+    nb: u32,      // blocks (usually the batch B)
+    t: u32,       // rows per block
+    d: u32,       // elements per row
+    acc: u32,     // 1: dst += src, 0: dst = src
+    src_bs: u32,  // src stride between blocks (elements)
+    src_rs: u32,  // src stride between rows
+    src_off: u32, // src element offset
+    dst_bs: u32,
+    dst_rs: u32,
+    dst_off: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+override WG: u32 = 64u;
+
+// Geometry: one thread per element, folded 1-D grid.
+@group(0) @binding(1) var<storage, read_write> cp_dst: array<f32>; // strided (NB, T, D) view, see header
+@group(0) @binding(2) var<storage, read> cp_src: array<f32>;       // strided (NB, T, D) view, see header
+
+@compute @workgroup_size(WG)
+fn copy_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let e = flat_wg(wg, nwg) * WG + lid;
+    if (e >= p.nb * p.t * p.d) { return; }
+    let j = e % p.d;
+    let r = e / p.d;
+    let i = r % p.t;
+    let n = r / p.t;
+    let s = cp_src[p.src_off + n * p.src_bs + i * p.src_rs + j];
+    let di = p.dst_off + n * p.dst_bs + i * p.dst_rs + j;
+    if (p.acc != 0u) {
+        cp_dst[di] = cp_dst[di] + s;
+    } else {
+        cp_dst[di] = s;
+    }
+}

@@ -1,0 +1,222 @@
+//! Text generation with a KV cache: the prompt (after any virtual tokens or
+//! prefix rows of an adapter) is run once, then one token per step, each
+//! step reading only the last position's logits.
+
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::gpu::ops::copy::{copy_rows, Layout};
+use crate::gpu::{Context, DType, Plan, Tensor};
+use crate::model::transformer::{Acts, FwdShape, Hooks, KvCache, Model};
+
+/// Sampling settings. `temperature == 0` is greedy decoding.
+#[derive(Clone, Debug)]
+pub struct GenOptions {
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: u64,
+    /// Stop after producing any of these ids (it is still reported).
+    pub stop: Vec<u32>,
+}
+
+impl Default for GenOptions {
+    fn default() -> Self {
+        GenOptions { max_new_tokens: 128, temperature: 0.0, top_p: 1.0, seed: 0, stop: Vec::new() }
+    }
+}
+
+/// What a generation did.
+#[derive(Clone, Debug, Default)]
+pub struct GenStats {
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    pub stopped_at_eos: bool,
+}
+
+impl GenStats {
+    /// Decode speed, new tokens per second after the prefill.
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        if self.decode_s > 0.0 && self.new_tokens > 1 {
+            (self.new_tokens - 1) as f64 / self.decode_s
+        } else {
+            0.0
+        }
+    }
+}
+
+/// SplitMix64: a small, seedable generator for sampling.
+struct SplitMix(u64);
+impl SplitMix {
+    fn uniform(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// First index of the largest logit (torch.argmax's tie rule).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn sample(logits: &[f32], opts: &GenOptions, rng: &mut SplitMix) -> u32 {
+    if opts.temperature <= 0.0 {
+        return argmax(logits);
+    }
+    let t = opts.temperature as f64;
+    let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut probs: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (i, ((x as f64 - m) / t).exp()))
+        .collect();
+    let z: f64 = probs.iter().map(|p| p.1).sum();
+    probs.iter_mut().for_each(|p| p.1 /= z);
+    if opts.top_p < 1.0 {
+        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut cum = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            cum += p.1;
+            if cum >= opts.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        let z: f64 = probs.iter().map(|p| p.1).sum();
+        probs.iter_mut().for_each(|p| p.1 /= z);
+    }
+    let mut u = rng.uniform();
+    for &(i, p) in &probs {
+        if u < p {
+            return i as u32;
+        }
+        u -= p;
+    }
+    probs.last().map_or(0, |p| p.0 as u32)
+}
+
+/// Run the model over the prompt, then produce up to `max_new_tokens`
+/// tokens, calling `on_token` with each as soon as it is known.
+pub fn generate(
+    ctx: &Context,
+    model: &Model,
+    hooks: &dyn Hooks,
+    prompt: &[u32],
+    opts: &GenOptions,
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<GenStats> {
+    let cfg = &model.cfg;
+    if prompt.is_empty() {
+        return Err(Error::invalid("generate", "the prompt has no tokens"));
+    }
+    if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= cfg.vocab) {
+        return Err(Error::invalid("generate", format!("token id {bad} is outside the vocabulary ({})", cfg.vocab)));
+    }
+    let nv = hooks.prompt().map_or(0, |p| p.shape()[0]);
+    let np = hooks.prefix().map_or(0, |p| p.shape()[0]);
+    let first = np + nv + prompt.len();
+    if first > cfg.max_positions {
+        return Err(Error::invalid(
+            "generate",
+            format!(
+                "the prompt needs {first} positions ({} tokens + {} adapter rows); the model allows {}",
+                prompt.len(),
+                np + nv,
+                cfg.max_positions
+            ),
+        ));
+    }
+    let cap = (first + opts.max_new_tokens).min(cfg.max_positions);
+    let mut cache = KvCache::new(ctx, cfg, cap)?;
+    let kvd = cfg.kv_dim();
+    if let Some(pre) = hooks.prefix() {
+        // The prefix's K/V rows go into the cache as they are (no rotation).
+        let mut plan = Plan::new("prefix->cache");
+        let width = cfg.layers * 2 * kvd;
+        for l in 0..cfg.layers {
+            for (j, dst) in [&cache.k[l], &cache.v[l]].into_iter().enumerate() {
+                let src = Layout { off: (l * 2 + j) * kvd, bs: 0, rs: width };
+                copy_rows(ctx, &mut plan, dst, Layout::dense(cap, kvd), pre, src, 1, np, kvd, false)?;
+            }
+        }
+        plan.run(ctx)?;
+        cache.len = np;
+    }
+    let mut rng = SplitMix(opts.seed);
+    let mut stats = GenStats { prompt_tokens: prompt.len(), ..Default::default() };
+    let t0 = Instant::now();
+    let ids: Vec<i32> = prompt.iter().map(|&x| x as i32).collect();
+    let shape = FwdShape { b: 1, t: ids.len(), n_virtual: nv, p: cache.len };
+    let mut next = step(ctx, model, hooks, &mut cache, shape, &ids, None)?;
+    stats.prefill_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let one = FwdShape { b: 1, t: 1, n_virtual: 0, p: 0 };
+    let decode_acts = Acts::new(ctx, cfg, one, false, true)?;
+    let mut produced = 0;
+    loop {
+        let tok = sample(&next, opts, &mut rng);
+        produced += 1;
+        stats.new_tokens = produced;
+        on_token(tok)?;
+        if opts.stop.contains(&tok) {
+            stats.stopped_at_eos = true;
+            break;
+        }
+        if produced >= opts.max_new_tokens || cache.len + 1 > cap {
+            break;
+        }
+        let shape = FwdShape { p: cache.len, ..one };
+        next = step(ctx, model, hooks, &mut cache, shape, &[tok as i32], Some(&decode_acts))?;
+    }
+    stats.decode_s = t1.elapsed().as_secs_f64();
+    Ok(stats)
+}
+
+/// One cached forward over `ids`; returns the last row's logits.
+fn step(
+    ctx: &Context,
+    model: &Model,
+    hooks: &dyn Hooks,
+    cache: &mut KvCache,
+    shape: FwdShape,
+    ids: &[i32],
+    acts: Option<&Acts>,
+) -> Result<Vec<f32>> {
+    let cfg = &model.cfg;
+    let owned;
+    let acts = match acts {
+        Some(a) => {
+            // Decode buffers do not depend on the cache length.
+            owned = Acts { shape, ..a.clone() };
+            &owned
+        }
+        None => {
+            owned = Acts::new(ctx, cfg, shape, false, true)?;
+            &owned
+        }
+    };
+    let idt = Tensor::from_i32(ctx, ids, &[1, ids.len()], "ids")?;
+    let last = Tensor::from_i32(ctx, &[(shape.s() - 1) as i32], &[1, 1], "last_row")?;
+    let gathered = Tensor::zeros(ctx, &[1, 1, cfg.hidden], DType::F32, "last_hidden")?;
+    let logits = Tensor::zeros(ctx, &[1, cfg.vocab], DType::F32, "logits")?;
+    let mut plan = Plan::new("generate step");
+    model.forward(ctx, &mut plan, acts, &idt, hooks, Some(cache))?;
+    model.logits_rows(ctx, &mut plan, &logits, &gathered, acts, &last)?;
+    plan.submit(ctx)?;
+    cache.len += shape.s();
+    logits.read_f32(ctx)
+}

@@ -1,0 +1,89 @@
+//! Tier 2: the model forward, generation and eval against transformers on
+//! tiny random llama, qwen2 (sharded), mistral (bf16) and gpt2 (f16) models
+//! written by tests/reference/generate.py.
+
+#[path = "common/mod.rs"]
+#[macro_use]
+mod common;
+
+use common::reference::{data_dir, json, max_diff_masked, shift_targets, Arrays};
+use wgtune::gpu::{Context, DType, Plan, Tensor};
+use wgtune::model::generate::{generate, GenOptions};
+use wgtune::model::{Acts, FwdShape, Model, NoHooks};
+
+const MODELS: &[&str] = &["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"];
+
+/// Logits (B*T, V) and per-row losses for a (B, T) batch, all rows.
+fn forward_all(ctx: &Context, m: &Model, ids: &[i32], targets: &[i32], b: usize, t: usize) -> (Vec<f32>, Vec<f32>) {
+    let (c, v) = (m.cfg.hidden, m.cfg.vocab);
+    let shape = FwdShape { b, t, n_virtual: 0, p: 0 };
+    let acts = Acts::new(ctx, &m.cfg, shape, false, false).unwrap();
+    let idt = Tensor::from_i32(ctx, ids, &[b, t], "ids").unwrap();
+    let rows: Vec<i32> = (0..(b * t) as i32).collect();
+    let rows = Tensor::from_i32(ctx, &rows, &[1, b * t], "rows").unwrap();
+    let tg = Tensor::from_i32(ctx, targets, &[b * t], "targets").unwrap();
+    let gathered = Tensor::zeros(ctx, &[1, b * t, c], DType::F32, "g").unwrap();
+    let logits = Tensor::zeros(ctx, &[b * t, v], DType::F32, "logits").unwrap();
+    let losses = Tensor::zeros(ctx, &[b * t], DType::F32, "losses").unwrap();
+    let mut plan = Plan::new("forward");
+    m.forward(ctx, &mut plan, &acts, &idt, &NoHooks, None).unwrap();
+    m.logits_rows(ctx, &mut plan, &logits, &gathered, &acts, &rows).unwrap();
+    m.losses(ctx, &mut plan, &losses, &logits, &tg).unwrap();
+    plan.run(ctx).unwrap();
+    (logits.read_f32(ctx).unwrap(), losses.read_f32(ctx).unwrap())
+}
+
+#[test]
+fn logits_and_loss_match_transformers() {
+    let ctx = gpu!();
+    for name in MODELS {
+        let m = Model::load(ctx, &data_dir(name)).unwrap();
+        let r = Arrays::open(&format!("{name}/reference.safetensors"));
+        let meta = json(&format!("{name}/reference.json"));
+        let shape = r.shape("forward.input_ids");
+        let (b, t) = (shape[0], shape[1]);
+        let ids = r.i32("forward.input_ids");
+        let labels = r.i32("forward.labels");
+        let mask = r.i32("forward.attention_mask");
+        let want = r.f32("forward.logits");
+        let targets = shift_targets(&labels, b, t);
+        let (logits, losses) = forward_all(ctx, &m, &ids, &targets, b, t);
+        let diff = max_diff_masked(&logits, &want, &mask, m.cfg.vocab);
+        if std::env::var("WGTUNE_DEBUG_ROWS").is_ok() {
+            let v = m.cfg.vocab;
+            for r in 0..b * t {
+                let d = (0..v).map(|i| (logits[r * v + i] - want[r * v + i]).abs()).fold(0f32, f32::max);
+                eprintln!("row {r} mask {} diff {d:.2e}", mask[r]);
+            }
+        }
+        let n = targets.iter().filter(|&&x| x != -100).count();
+        let loss = losses.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+        let want_loss = meta["forward"]["loss"].as_f64().unwrap();
+        eprintln!("{name}: max |logits diff| {diff:.3e}, loss {loss:.6} vs {want_loss:.6} ({n} targets)");
+        assert!(diff <= 1e-4, "{name}: logits differ by {diff}");
+        assert!((loss - want_loss).abs() <= 1e-4 * want_loss.abs().max(1.0), "{name}: loss {loss} vs {want_loss}");
+    }
+}
+
+#[test]
+fn greedy_generation_matches_transformers() {
+    let ctx = gpu!();
+    for name in MODELS {
+        let m = Model::load(ctx, &data_dir(name)).unwrap();
+        let meta = json(&format!("{name}/reference.json"));
+        for case in meta["generate"].as_array().unwrap() {
+            let ids: Vec<u32> = case["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+            let want: Vec<u32> = case["greedy_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+            let stop: Vec<u32> = case["eos_token_id"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+            let opts = GenOptions { max_new_tokens: case["max_new_tokens"].as_u64().unwrap() as usize, stop, ..Default::default() };
+            let mut got = Vec::new();
+            let stats = generate(ctx, &m, &NoHooks, &ids, &opts, |t| {
+                got.push(t);
+                Ok(())
+            })
+            .unwrap();
+            eprintln!("{name}: {} tokens, {:.1} tok/s decode", stats.new_tokens, stats.decode_tokens_per_s());
+            assert_eq!(got, want, "{name}: greedy tokens for {:?}", case["prompt"]);
+        }
+    }
+}
