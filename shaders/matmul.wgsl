@@ -301,6 +301,28 @@ fn matmul_forward_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoc
 {{FWT_STORE}}
 }
 
+// matmul_gemv_tex: matmul_forward_tex for few rows (generation, short
+// inputs). The register-tiled entry computes RG*TM rows per workgroup, so at
+// M = 1 nearly all of its work is thrown away; here one invocation owns one
+// output element and streams its weight row. Same bindings as forward_tex.
+@compute @workgroup_size(64)
+fn matmul_gemv_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let n = wg.x * 64u + lid;
+    let m = wg.y;
+    if (n >= p.n || m >= p.m) { return; }
+    let ca = a_coord(m);
+    let cb = b_coord(n);
+    var acc = vec4<f32>(0.0);
+    // Packed rows are zero-padded to whole texels.
+    let k4 = (p.k + 3u) >> 2u;
+    for (var k = 0u; k < k4; k++) {
+        let a = textureLoad(fwt_a, vec2<u32>(k, ca.x), ca.y, 0);
+        let b = textureLoad(fwt_b, vec2<u32>(k, cb.x), cb.y, 0);
+        acc = fma(a, b, acc);
+    }
+    fw_store(m, n, (acc.x + acc.y) + (acc.z + acc.w));
+}
+
 // matmul_backward_input_tex: dinp[m, k] += alpha * sum_n a[a_row0 + m, n] * b[n, k]
 // (a = packed dout, b = packed weight).
 // Output binding: bi_dinp, shared with the storage entry.

@@ -360,6 +360,50 @@ impl Plan {
         ctx.check(&self.label)
     }
 
+    /// Run every step alone (submit + wait) and return the wall time per
+    /// kind of step, largest first: (name, seconds, count). For finding the
+    /// slow kernels of a schedule (`WGTUNE_PROFILE=1`), never for a result.
+    pub fn profile(&self, ctx: &Context) -> Result<Vec<(String, f64, usize)>> {
+        let mut acc: std::collections::HashMap<String, (f64, usize)> = Default::default();
+        for step in &self.steps {
+            let name = match step {
+                Step::Dispatch { kernel, .. } => kernel.name.clone(),
+                Step::Clear { .. } => "clear".into(),
+                Step::Copy { .. } => "copy_to_texture".into(),
+                _ => continue,
+            };
+            let one = Plan {
+                label: self.label.clone(),
+                steps: vec![match step {
+                    Step::Dispatch { kernel, bind_group, workgroups } => Step::Dispatch {
+                        kernel: kernel.clone(),
+                        bind_group: bind_group.clone(),
+                        workgroups: *workgroups,
+                    },
+                    Step::Clear { tensor } => Step::Clear { tensor: tensor.clone() },
+                    Step::Copy { src, texture, width, rows, y, layer } => Step::Copy {
+                        src: src.clone(),
+                        texture: texture.clone(),
+                        width: *width,
+                        rows: *rows,
+                        y: *y,
+                        layer: *layer,
+                    },
+                    _ => unreachable!(),
+                }],
+                flops: 0.0,
+            };
+            let t0 = std::time::Instant::now();
+            one.run(ctx)?;
+            let e = acc.entry(name).or_default();
+            e.0 += t0.elapsed().as_secs_f64();
+            e.1 += 1;
+        }
+        let mut v: Vec<_> = acc.into_iter().map(|(k, (s, n))| (k, s, n)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(v)
+    }
+
     /// Submit and wait for completion.
     pub fn run(&self, ctx: &Context) -> Result<()> {
         self.submit(ctx)?;

@@ -213,10 +213,24 @@ fn step(
     let last = Tensor::from_i32(ctx, &[(shape.s() - 1) as i32], &[1, 1], "last_row")?;
     let gathered = Tensor::zeros(ctx, &[1, 1, cfg.hidden], DType::F32, "last_hidden")?;
     let logits = Tensor::zeros(ctx, &[1, cfg.vocab], DType::F32, "logits")?;
+    let t0 = Instant::now();
     let mut plan = Plan::new("generate step");
     model.forward(ctx, &mut plan, acts, &idt, hooks, Some(cache))?;
     model.logits_rows(ctx, &mut plan, &logits, &gathered, acts, &last)?;
+    if std::env::var("WGTUNE_PROFILE").is_ok_and(|v| v == "1") {
+        for (name, secs, n) in plan.profile(ctx)?.iter().take(8) {
+            log::info!("profile {shape:?}: {name} {n}x {:.1} ms", secs * 1e3);
+        }
+    }
+    let t1 = Instant::now();
     plan.submit(ctx)?;
     cache.len += shape.s();
-    logits.read_f32(ctx)
+    let out = logits.read_f32(ctx)?;
+    log::debug!(
+        "step {shape:?}: record {:.1} ms, run {:.1} ms, {} dispatches",
+        (t1 - t0).as_secs_f64() * 1e3,
+        t1.elapsed().as_secs_f64() * 1e3,
+        plan.dispatches()
+    );
+    Ok(out)
 }

@@ -275,4 +275,7 @@ fn matmul_layered_textures_vs_cpu() {
         );
         check_all(ctx, "layered", &[(rows, k, 5)]);
     }
+    // A layered weight read by the few-row (gemv) forward.
+    assert!(3 <= matmul::gemv_max_rows());
+    check_all(ctx, "layered gemv", &[(3, 12, rows)]);
 }

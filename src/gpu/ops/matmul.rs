@@ -854,6 +854,17 @@ pub fn pack(ctx: &Context, plan: &mut Plan, src: &Tensor) -> Result<TexMatrix> {
     Ok(t)
 }
 
+/// Up to this many rows the forward uses the untiled `matmul_gemv_tex`
+/// (measured on lavapipe, SmolLM2-135M: see README); `WGTUNE_GEMV_ROWS`
+/// overrides it.
+pub fn gemv_max_rows() -> usize {
+    std::env::var("WGTUNE_GEMV_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(GEMV_MAX_ROWS)
+}
+const GEMV_MAX_ROWS: usize = 16;
+
 /// [`matmul_forward_ex`] with a weight packed once (frozen weights).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_forward_packed(
@@ -886,8 +897,14 @@ pub fn matmul_forward_packed(
     }
     let a = pack(ctx, plan, inp)?;
     let v = layered(pick_variant(ctx, k % 4 == 0), &a, weight);
-    let (tile_m, tile_n) = v.tile();
-    let kern = spec(&v, "matmul_forward_tex", &[W, X, X, R]);
+    let (mut tile_m, mut tile_n) = v.tile();
+    let gemv = m <= gemv_max_rows();
+    let kern = if gemv {
+        (tile_m, tile_n) = (1, 64);
+        spec(&v, "matmul_gemv_tex", &[W, X, X, R])
+    } else {
+        spec(&v, "matmul_forward_tex", &[W, X, X, R])
+    };
     let dummy = Tensor::zeros(ctx, &[1], DType::F32, "no_bias")?;
     let b = bias.unwrap_or(&dummy);
     let flags = u32::from(accumulate) | (u32::from(bias.is_some()) << 1);
