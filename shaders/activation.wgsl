@@ -1,6 +1,6 @@
 // activation.wgsl: the elementwise ops of a transformer block, forward and
-// backward: SwiGLU (Llama MLP), GELU in its tanh form (GPT-2 "gelu_new") and
-// the residual add. Backward entries accumulate (+=) into their gradients, so
+// backward: SwiGLU (Llama MLP), GELU in its tanh form (GPT-2 "gelu_new"),
+// tanh (the prefix-tuning projection MLP) and the residual add. Backward entries accumulate (+=) into their gradients, so
 // residual fan-in and a gradient shared by several consumers need no extra code.
 //
 // Every tensor is a flat array of p.n floats; shapes matter only to the Rust
@@ -304,6 +304,67 @@ fn residual_backward_x1(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workg
             let d = resbx_dout[i];
             resbx_dinp1[i] += d;
             resbx_dinp2[i] += d;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// tanh_forward: out = tanh(inp) (prefix-tuning reparameterization MLP).
+@group(0) @binding(1) var<storage, read_write> th_out: array<vec4<f32>>; // (N, H) as N*H/4 vec4
+@group(0) @binding(2) var<storage, read> th_inp: array<vec4<f32>>;       // (N, H) as N*H/4 vec4
+
+fn tanh4(x: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(tanh_safe(x.x), tanh_safe(x.y), tanh_safe(x.z), tanh_safe(x.w));
+}
+
+@compute @workgroup_size(WG)
+fn tanh_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = slot(wg, nwg, lid);
+    if (i >= p.n / 4u) { return; }
+    th_out[i] = tanh4(th_inp[i]);
+}
+
+// tanh_forward_x1: the same for any n; 4 scalars per invocation.
+@group(0) @binding(1) var<storage, read_write> thx_out: array<f32>; // (N, H)
+@group(0) @binding(2) var<storage, read> thx_inp: array<f32>;       // (N, H)
+
+@compute @workgroup_size(WG)
+fn tanh_forward_x1(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let i0 = 4u * slot(wg, nwg, lid);
+    for (var k = 0u; k < 4u; k++) {
+        if (i0 + k < p.n) { thx_out[i0 + k] = tanh_safe(thx_inp[i0 + k]); }
+    }
+}
+
+// tanh_backward: dinp += dout * (1 - out^2), from the saved output.
+@group(0) @binding(1) var<storage, read_write> thb_dinp: array<vec4<f32>>; // (N, H) as N*H/4 vec4
+@group(0) @binding(2) var<storage, read> thb_dout: array<vec4<f32>>;       // (N, H) as N*H/4 vec4
+@group(0) @binding(3) var<storage, read> thb_out: array<vec4<f32>>;        // (N, H) as N*H/4 vec4
+
+@compute @workgroup_size(WG)
+fn tanh_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let i = slot(wg, nwg, lid);
+    if (i >= p.n / 4u) { return; }
+    let y = thb_out[i];
+    thb_dinp[i] += thb_dout[i] * (vec4<f32>(1.0) - y * y);
+}
+
+// tanh_backward_x1: the same for any n; 4 scalars per invocation.
+@group(0) @binding(1) var<storage, read_write> thbx_dinp: array<f32>; // (N, H)
+@group(0) @binding(2) var<storage, read> thbx_dout: array<f32>;       // (N, H)
+@group(0) @binding(3) var<storage, read> thbx_out: array<f32>;        // (N, H)
+
+@compute @workgroup_size(WG)
+fn tanh_backward_x1(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let i0 = 4u * slot(wg, nwg, lid);
+    for (var k = 0u; k < 4u; k++) {
+        if (i0 + k < p.n) {
+            let y = thbx_out[i0 + k];
+            thbx_dinp[i0 + k] += thbx_dout[i0 + k] * (1.0 - y * y);
         }
     }
 }

@@ -4,6 +4,9 @@
 //   - put a layer's K/V rows after the P prefix rows of each batch, or into
 //     a KV cache at the current position, and slice them back for backward;
 //   - gather the last position's hidden row for generation.
+// scatter_rows is the reverse of a row gather by index (embedding_forward
+// over a hidden-state table): the logits' gradient rows go back to the
+// target positions they were gathered from.
 // The backward of a copy is the same copy with src and dst swapped, with
 // `acc = 1` where several sources sum into one gradient.
 //
@@ -48,4 +51,31 @@ fn copy_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg:
     } else {
         cp_dst[di] = s;
     }
+}
+
+// scatter_rows: dst[idx[i], :] += src[i, :] for i < R. Indices must be
+// distinct (target positions are), so each element has one writer.
+// Geometry: one thread per element, folded 1-D grid.
+struct ScatterParams {
+    r: u32,    // rows of src / entries of idx
+    d: u32,    // row width
+    rows: u32, // rows of dst; indices outside [0, rows) are skipped
+    _p0: u32,
+}
+@group(0) @binding(0) var<uniform> sp: ScatterParams;
+@group(0) @binding(1) var<storage, read_write> sc_dst: array<f32>; // (ROWS, D)
+@group(0) @binding(2) var<storage, read> sc_idx: array<i32>;       // (R)
+@group(0) @binding(3) var<storage, read> sc_src: array<f32>;       // (R, D)
+
+@compute @workgroup_size(WG)
+fn scatter_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let e = flat_wg(wg, nwg) * WG + lid;
+    if (e >= sp.r * sp.d) { return; }
+    let i = e / sp.d;
+    let j = e % sp.d;
+    let row = sc_idx[i];
+    if (row < 0 || u32(row) >= sp.rows) { return; }
+    let di = u32(row) * sp.d + j;
+    sc_dst[di] = sc_dst[di] + sc_src[e];
 }

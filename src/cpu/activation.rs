@@ -76,3 +76,17 @@ pub fn residual_backward(dinp1: &mut [f64], dinp2: &mut [f64], dout: &[f64], n: 
         dinp2[i] += dout[i];
     }
 }
+
+/// out = tanh(inp).
+pub fn tanh_forward(out: &mut [f64], inp: &[f64], n: usize) {
+    for i in 0..n {
+        out[i] = inp[i].tanh();
+    }
+}
+
+/// Differentiates `out = tanh(inp)` from the saved output: dinp += dout * (1 - out^2).
+pub fn tanh_backward(dinp: &mut [f64], dout: &[f64], out: &[f64], n: usize) {
+    for i in 0..n {
+        dinp[i] += dout[i] * (1.0 - out[i] * out[i]);
+    }
+}

@@ -46,3 +46,14 @@ pub fn copy_rows(
         }
     }
 }
+
+/// dst[idx[i], :] += src[i, :] (rows of width d; out-of-range indices skipped).
+pub fn scatter_rows(dst: &mut [f64], idx: &[i32], src: &[f64], rows: usize, d: usize) {
+    for (i, &row) in idx.iter().enumerate() {
+        if row >= 0 && (row as usize) < rows {
+            for j in 0..d {
+                dst[row as usize * d + j] += src[i * d + j];
+            }
+        }
+    }
+}

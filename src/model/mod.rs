@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod generate;
+pub mod tokenizer;
 pub mod transformer;
 pub mod weights;
 

@@ -14,7 +14,7 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::gpu::ops::attention::{attention_forward, MAX_HEAD_DIM};
+use crate::gpu::ops::attention::{attention_backward, attention_forward, MAX_HEAD_DIM};
 use crate::gpu::ops::copy::{copy_rows, Layout};
 use crate::gpu::ops::{activation, embedding, loss, matmul, norm, rope};
 use crate::gpu::{Context, DType, Plan, Tensor, TexMatrix};
@@ -233,6 +233,34 @@ pub trait Hooks {
     /// Called right after `out = lin(inp)`; adds e.g. a LoRA update.
     fn linear(&self, _ctx: &Context, _plan: &mut Plan, _layer: usize, _lin: &Linear, _out: &Tensor, _inp: &Tensor) -> Result<()> {
         Ok(())
+    }
+    /// Whether [`Hooks::linear`] does anything for this layer (training:
+    /// backward must reach it).
+    fn adapts(&self, _layer: usize, _lin: &Linear) -> bool {
+        false
+    }
+    /// Backward of [`Hooks::linear`]: accumulate the adapter's gradients from
+    /// `dout`, and its share of `dinp` when given.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        _ctx: &Context,
+        _plan: &mut Plan,
+        _layer: usize,
+        _lin: &Linear,
+        _dout: &Tensor,
+        _inp: &Tensor,
+        _dinp: Option<&Tensor>,
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// Gradient buffer of [`Hooks::prompt`], same shape (accumulated).
+    fn prompt_grad(&self) -> Option<&Tensor> {
+        None
+    }
+    /// Gradient buffer of [`Hooks::prefix`], same shape (accumulated).
+    fn prefix_grad(&self) -> Option<&Tensor> {
+        None
     }
 }
 
@@ -734,3 +762,277 @@ fn flat(t: &Tensor) -> Result<Tensor> {
     t.reshape(&[t.numel()])
 }
 
+
+/// Activation gradients of one backward shape. What a layer needs is cleared
+/// by consecutive clears at its start (one pass break; every backward kernel
+/// accumulates); `dresid` carries the residual gradient from layer to layer.
+pub struct Grads {
+    /// (B*S, C): gradient of the residual stream.
+    pub dresid: Tensor,
+    /// Head buffers, cleared once per backward: dresid, dlnf, dgathered, dlogits.
+    head: Vec<Tensor>,
+    pub dlnf: Tensor,
+    pub dgathered: Tensor,
+    pub dlogits: Tensor,
+    /// Layer buffers, cleared at the start of every layer's backward.
+    layer: Vec<Tensor>,
+    dln1: Tensor,
+    dln2: Tensor,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+    dkcat: Option<Tensor>,
+    dvcat: Option<Tensor>,
+    datt: Tensor,
+    delta: Tensor,
+    dqkv: Option<Tensor>,
+    dh1: Tensor,
+    dh2: Option<Tensor>,
+    dact: Tensor,
+}
+
+/// Named gradient buffers, cleared together. They are separate buffers, not
+/// views of one: wgpu tracks usage per buffer, so a dispatch may not read
+/// one view of a buffer while writing another.
+struct Arena {
+    sizes: Vec<(String, Vec<usize>)>,
+}
+
+impl Arena {
+    fn new() -> Arena {
+        Arena { sizes: Vec::new() }
+    }
+    fn add(&mut self, name: &str, shape: &[usize]) -> usize {
+        self.sizes.push((name.to_string(), shape.to_vec()));
+        self.sizes.len() - 1
+    }
+    fn build(self, ctx: &Context, _label: &str) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        let v = self.sizes.iter().map(|(n, sh)| f32s(ctx, sh, n)).collect::<Result<Vec<_>>>()?;
+        Ok((v.clone(), v))
+    }
+}
+
+impl Grads {
+    /// Gradient buffers for `shape` with `r` logit rows.
+    pub fn new(ctx: &Context, cfg: &ModelConfig, shape: FwdShape, r: usize) -> Result<Grads> {
+        let (c, nh, kvh, hd, ff, v) = (cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.intermediate, cfg.vocab);
+        let (b, s, p, n) = (shape.b, shape.s(), shape.p, shape.rows());
+        let gpt2 = cfg.arch == Arch::Gpt2;
+        let mut h = Arena::new();
+        let i_dresid = h.add("dresid", &[n, c]);
+        let i_dlnf = h.add("dlnf", &[n, c]);
+        let i_dg = h.add("dgathered", &[r, c]);
+        let i_dl = h.add("dlogits", &[r, v]);
+        let (head, hv) = h.build(ctx, "grads.head")?;
+        let mut a = Arena::new();
+        let i1 = a.add("dln1", &[n, c]);
+        let i2 = a.add("dln2", &[n, c]);
+        let iq = a.add("dq", &[b, s, nh, hd]);
+        let ik = a.add("dk", &[b, s, kvh, hd]);
+        let iv = a.add("dv", &[b, s, kvh, hd]);
+        let ikc = (p > 0).then(|| a.add("dkcat", &[b, p + s, kvh, hd]));
+        let ivc = (p > 0).then(|| a.add("dvcat", &[b, p + s, kvh, hd]));
+        let ia = a.add("datt", &[b, s, nh, hd]);
+        let idl = a.add("delta", &[b, nh, s]);
+        let iqkv = gpt2.then(|| a.add("dqkv", &[n, 3 * c]));
+        let ih1 = a.add("dh1", &[n, ff]);
+        let ih2 = (!gpt2).then(|| a.add("dh2", &[n, ff]));
+        let iact = a.add("dact", &[n, ff]);
+        let (layer, lv) = a.build(ctx, "grads.layer")?;
+        let g = |i: usize| lv[i].clone();
+        Ok(Grads {
+            dresid: hv[i_dresid].clone(),
+            dlnf: hv[i_dlnf].clone(),
+            dgathered: hv[i_dg].clone(),
+            dlogits: hv[i_dl].clone(),
+            head,
+            dln1: g(i1),
+            dln2: g(i2),
+            dq: g(iq),
+            dk: g(ik),
+            dv: g(iv),
+            dkcat: ikc.map(g),
+            dvcat: ivc.map(g),
+            datt: g(ia),
+            delta: g(idl),
+            dqkv: iqkv.map(g),
+            dh1: g(ih1),
+            dh2: ih2.map(g),
+            dact: g(iact),
+            layer,
+        })
+    }
+}
+
+impl Model {
+    /// Lowest layer backward must reach for `hooks`, or `None` when the
+    /// gradient must flow down to the embeddings (prompt tuning).
+    fn backward_floor(&self, hooks: &dyn Hooks) -> Option<usize> {
+        if hooks.prompt_grad().is_some() {
+            return None;
+        }
+        if hooks.prefix_grad().is_some() {
+            return Some(0);
+        }
+        let lowest = self
+            .blocks
+            .iter()
+            .enumerate()
+            .find(|(l, b)| b.linears().iter().any(|lin| hooks.adapts(*l, lin)))
+            .map(|(l, _)| l);
+        Some(lowest.unwrap_or(self.blocks.len()))
+    }
+
+    /// Record the backward of [`Model::forward`] + [`Model::logits_rows`] +
+    /// cross-entropy: the forward list reversed. `dlosses` (R) holds each
+    /// row's loss weight (1 / targets for a mean). Only adapter gradients are
+    /// produced (through `hooks`); frozen weights get none, and activation
+    /// gradients stop at the lowest layer an adapter needs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        ctx: &Context,
+        plan: &mut Plan,
+        acts: &Acts,
+        g: &Grads,
+        logits: &Tensor,
+        rows: &Tensor,
+        targets: &Tensor,
+        dlosses: &Tensor,
+        hooks: &dyn Hooks,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let sh = acts.shape;
+        let (b, s, p) = (sh.b, sh.s(), sh.p);
+        let (c, nh, hd) = (cfg.hidden, cfg.heads, cfg.head_dim);
+        let kvd = cfg.kv_dim();
+        let n = sh.rows();
+        let r = rows.numel();
+        let floor = self.backward_floor(hooks);
+        if floor == Some(self.blocks.len()) {
+            return Err(Error::invalid("backward", "no trainable parameters: the adapter touches no layer"));
+        }
+        plan.push_group("head backward");
+        for t in &g.head {
+            plan.clear(t);
+        }
+        loss::crossentropy_softmax_backward(ctx, plan, &g.dlogits, dlosses, logits, targets)?;
+        let dg = g.dgathered.reshape(&[r, c])?;
+        self.lm_head.backward_input(ctx, plan, &dg, &g.dlogits)?;
+        crate::gpu::ops::copy::scatter_rows(ctx, plan, &g.dlnf, rows, &dg)?;
+        let last = if self.blocks.is_empty() { acts.x0.reshape(&[n, c])? } else { acts.resid_out.clone() };
+        self.ln_f.backward(ctx, plan, &g.dresid, &g.dlnf, &last, acts.lnf_mean.as_ref(), &acts.lnf_rstd)?;
+        plan.pop_group();
+        let prefix_grad = hooks.prefix_grad();
+        for (l, blk) in self.blocks.iter().enumerate().rev() {
+            if floor.is_some_and(|f| l < f) {
+                break;
+            }
+            let below = floor.is_none_or(|f| l > f);
+            let a = &acts.layers[l];
+            plan.push_group(&format!("layer {l} backward"));
+            for t in &g.layer {
+                plan.clear(t);
+            }
+            // MLP; dresid is the gradient of this layer's output.
+            match &blk.mlp {
+                Mlp::SwiGlu { gate, up, down } => {
+                    let (h2, dh2) = (a.h2.as_ref().unwrap(), g.dh2.as_ref().unwrap());
+                    down.backward_input(ctx, plan, &g.dact, &g.dresid)?;
+                    hooks.linear_backward(ctx, plan, l, down, &g.dresid, &a.act, Some(&g.dact))?;
+                    activation::swiglu_backward(ctx, plan, &g.dh1, dh2, &g.dact, &a.h1, h2)?;
+                    gate.backward_input(ctx, plan, &g.dln2, &g.dh1)?;
+                    hooks.linear_backward(ctx, plan, l, gate, &g.dh1, &a.ln2, Some(&g.dln2))?;
+                    up.backward_input(ctx, plan, &g.dln2, dh2)?;
+                    hooks.linear_backward(ctx, plan, l, up, dh2, &a.ln2, Some(&g.dln2))?;
+                }
+                Mlp::Gelu { fc, proj } => {
+                    proj.backward_input(ctx, plan, &g.dact, &g.dresid)?;
+                    hooks.linear_backward(ctx, plan, l, proj, &g.dresid, &a.act, Some(&g.dact))?;
+                    activation::gelu_backward(ctx, plan, &g.dh1, &g.dact, &a.h1)?;
+                    fc.backward_input(ctx, plan, &g.dln2, &g.dh1)?;
+                    hooks.linear_backward(ctx, plan, l, fc, &g.dh1, &a.ln2, Some(&g.dln2))?;
+                }
+            }
+            // dresid becomes the gradient of resid_mid (skip + ln2 path).
+            blk.ln2.backward(ctx, plan, &g.dresid, &g.dln2, &a.resid_mid, a.ln2_mean.as_ref(), &a.ln2_rstd)?;
+            let att2 = a.att.reshape(&[n, nh * hd])?;
+            let datt2 = g.datt.reshape(&[n, nh * hd])?;
+            blk.o.backward_input(ctx, plan, &datt2, &g.dresid)?;
+            hooks.linear_backward(ctx, plan, l, &blk.o, &g.dresid, &att2, Some(&datt2))?;
+            let (kk, vv, dkk, dvv) = if p > 0 {
+                (
+                    a.kcat.clone().unwrap(),
+                    a.vcat.clone().unwrap(),
+                    g.dkcat.clone().unwrap(),
+                    g.dvcat.clone().unwrap(),
+                )
+            } else {
+                (a.k.clone(), a.v.clone(), g.dk.clone(), g.dv.clone())
+            };
+            attention_backward(ctx, plan, &g.dq, &dkk, &dvv, &g.delta, &g.datt, &a.q, &kk, &vv, &a.att, &a.lse)?;
+            if p > 0 {
+                let width = cfg.layers * 2 * kvd;
+                for (j, (dcat, dsplit)) in [(&dkk, &g.dk), (&dvv, &g.dv)].into_iter().enumerate() {
+                    if let Some(dpre) = prefix_grad {
+                        // Sum over the batch, one row block at a time (each
+                        // prefix element has one writer per dispatch).
+                        for bi in 0..b {
+                            let src = Layout { off: bi * (p + s) * kvd, bs: 0, rs: kvd };
+                            let dst = Layout { off: (l * 2 + j) * kvd, bs: 0, rs: width };
+                            copy_rows(ctx, plan, dpre, dst, dcat, src, 1, p, kvd, true)?;
+                        }
+                    }
+                    copy_rows(ctx, plan, dsplit, Layout::dense(s, kvd), dcat, Layout::rows(p + s, kvd, p, 0), b, s, kvd, false)?;
+                }
+            }
+            let qkv_adapted = match &blk.qkv {
+                Qkv::Split { q, k, v } => [q, k, v].iter().any(|x| hooks.adapts(l, x)),
+                Qkv::Fused(x) => hooks.adapts(l, x),
+            };
+            if below || qkv_adapted {
+                if let Some((cos, sin)) = &self.rope {
+                    rope::rope_backward(ctx, plan, &g.dq, cos, sin, b, s, p)?;
+                    rope::rope_backward(ctx, plan, &g.dk, cos, sin, b, s, p)?;
+                }
+                let dln1 = below.then_some(&g.dln1);
+                let dq2 = g.dq.reshape(&[n, nh * hd])?;
+                let dk2 = g.dk.reshape(&[n, kvd])?;
+                let dv2 = g.dv.reshape(&[n, kvd])?;
+                match &blk.qkv {
+                    Qkv::Split { q, k, v } => {
+                        for (lin, dout) in [(q, &dq2), (k, &dk2), (v, &dv2)] {
+                            if below {
+                                lin.backward_input(ctx, plan, &g.dln1, dout)?;
+                            }
+                            hooks.linear_backward(ctx, plan, l, lin, dout, &a.ln1, dln1)?;
+                        }
+                    }
+                    Qkv::Fused(lin) => {
+                        let dqkv = g.dqkv.as_ref().unwrap();
+                        for (i, src) in [&dq2, &dk2, &dv2].into_iter().enumerate() {
+                            copy_rows(ctx, plan, dqkv, Layout::rows(n, 3 * c, 0, i * c), src, Layout::dense(n, c), 1, n, c, false)?;
+                        }
+                        if below {
+                            lin.backward_input(ctx, plan, &g.dln1, dqkv)?;
+                        }
+                        hooks.linear_backward(ctx, plan, l, lin, dqkv, &a.ln1, dln1)?;
+                    }
+                }
+                if below {
+                    blk.ln1.backward(ctx, plan, &g.dresid, &g.dln1, &a.resid, a.ln1_mean.as_ref(), &a.ln1_rstd)?;
+                }
+            }
+            plan.pop_group();
+        }
+        if floor.is_none() {
+            // dresid is now the gradient of x0 (GPT-2: of the token + prompt
+            // embeddings too, since the positions are only added).
+            if let Some(dprompt) = hooks.prompt_grad() {
+                let dx0 = g.dresid.reshape(&[b, s, c])?;
+                embedding::prompt_backward(ctx, plan, dprompt, &dx0)?;
+            }
+        }
+        Ok(())
+    }
+}

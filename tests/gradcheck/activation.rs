@@ -64,3 +64,45 @@ fn residual_backward_matches_finite_differences() {
     fd_check("residual_backward dinp1", &a, &da, |a| fwd(a, &b));
     fd_check("residual_backward dinp2", &b, &db, |b| fwd(&a, b));
 }
+
+#[test]
+fn tanh_backward_matches_finite_differences() {
+    let n = 3 * 5;
+    let mut r = Rng::new(13);
+    let (x, dout) = (r.vec64(n, 3.0), r.vec64(n, 1.0));
+    let loss = |x: &[f64]| {
+        let mut out = vec![0.0; n];
+        tanh_forward(&mut out, x, n);
+        dot(&out, &dout)
+    };
+    let mut y = vec![0.0; n];
+    tanh_forward(&mut y, &x, n);
+    let mut dx = vec![0.0; n];
+    tanh_backward(&mut dx, &dout, &y, n);
+    fd_check("tanh_backward dinp", &x, &dx, loss);
+}
+
+#[test]
+fn copy_and_scatter_are_adjoint_to_their_reverse() {
+    // The backward of a strided copy is the swapped copy with accumulation;
+    // the backward of a row gather is scatter_rows. Checked as <Ax, y> = <x, A^T y>.
+    use wgtune::cpu::copy::{copy_rows, scatter_rows, Layout};
+    let mut r = Rng::new(14);
+    let (nb, t, d, p) = (3, 4, 5, 2);
+    let x = r.vec64(nb * t * d, 1.0);
+    let y = r.vec64(nb * (p + t) * d, 1.0);
+    let (dl, sl) = (Layout::rows(p + t, d, p, 0), Layout::dense(t, d));
+    let mut ax = vec![0.0; y.len()];
+    copy_rows(&mut ax, &x, nb, t, d, dl, sl, false);
+    let mut aty = vec![0.0; x.len()];
+    copy_rows(&mut aty, &y, nb, t, d, sl, dl, true);
+    assert!((dot(&ax, &y) - dot(&x, &aty)).abs() < 1e-12);
+    // Gather rows idx of a (rows, d) table, then scatter back.
+    let (rows, idx) = (7usize, [4i32, 0, 6]);
+    let table = r.vec64(rows * d, 1.0);
+    let g: Vec<f64> = idx.iter().flat_map(|&i| table[i as usize * d..][..d].to_vec()).collect();
+    let dy = r.vec64(idx.len() * d, 1.0);
+    let mut dt = vec![0.0; rows * d];
+    scatter_rows(&mut dt, &idx, &dy, rows, d);
+    assert!((dot(&g, &dy) - dot(&table, &dt)).abs() < 1e-12);
+}

@@ -96,6 +96,30 @@ fn gelu_forward_backward_vs_cpu() {
 }
 
 #[test]
+fn tanh_forward_backward_vs_cpu() {
+    let ctx = gpu!();
+    for &(n, c) in SHAPES {
+        let k = n * c;
+        let mut r = Rng::new(n as u64 * 73 + c as u64);
+        let (x, dout, d0) = (with_extremes(&mut r, k, 3.0, 20.0), r.vec(k, 1.0), r.vec(k, 1.0));
+        let (tx, tdout) = (up(ctx, &x, &[n, c], "inp"), up(ctx, &dout, &[n, c], "dout"));
+        let out = zeros(ctx, &[n, c], "out");
+        let dinp = up(ctx, &d0, &[n, c], "dinp");
+        let mut plan = Plan::new("tanh");
+        act::tanh_forward(ctx, &mut plan, &out, &tx).unwrap();
+        act::tanh_backward(ctx, &mut plan, &dinp, &tdout, &out).unwrap();
+        run(ctx, &plan);
+        let mut ro = vec![0.0; k];
+        cpu::activation::tanh_forward(&mut ro, &to64(&x), k);
+        let mut rd = to64(&d0);
+        cpu::activation::tanh_backward(&mut rd, &to64(&dout), &ro, k);
+        let tag = format!("tanh N={n} C={c}");
+        assert_close(&format!("{tag} out"), &read(ctx, &out), &ro, 1e-6, 1e-5);
+        assert_close(&format!("{tag} dinp"), &read(ctx, &dinp), &rd, 1e-5, 1e-5);
+    }
+}
+
+#[test]
 fn residual_forward_backward_vs_cpu() {
     let ctx = gpu!();
     for &(n, c) in SHAPES {

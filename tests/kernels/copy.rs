@@ -41,3 +41,21 @@ fn copy_rows_rejects_out_of_range_blocks() {
     let err = copy::copy_rows(ctx, &mut plan, &dst, Layout::dense(3, 4), &src, Layout::dense(3, 4), 1, 3, 4, false).unwrap_err();
     assert!(err.to_string().contains("`dst`"), "{err}");
 }
+
+#[test]
+fn scatter_rows_matches_cpu() {
+    let ctx = gpu!();
+    let (rows, d) = (23, 13);
+    let idx: Vec<i32> = vec![5, 0, 22, 7, 11, 3, -1];
+    let mut r = Rng::new(7);
+    let (d0, s0) = (r.vec(rows * d, 1.0), r.vec(idx.len() * d, 1.0));
+    let dst = up(ctx, &d0, &[rows, d], "dst");
+    let src = up(ctx, &s0, &[idx.len(), d], "src");
+    let ti = wgtune::gpu::Tensor::from_i32(ctx, &idx, &[1, idx.len()], "idx").unwrap();
+    let mut plan = Plan::new("scatter");
+    copy::scatter_rows(ctx, &mut plan, &dst, &ti, &src).unwrap();
+    run(ctx, &plan);
+    let mut want = to64(&d0);
+    cpu::copy::scatter_rows(&mut want, &idx, &to64(&s0), rows, d);
+    assert_close("scatter_rows", &read(ctx, &dst), &want, 0.0, 1e-7);
+}

@@ -1,4 +1,4 @@
-//! SwiGLU, GELU and residual-add wrappers (`shaders/activation.wgsl`).
+//! SwiGLU, GELU, tanh and residual-add wrappers (`shaders/activation.wgsl`).
 //!
 //! The kernels treat every tensor as a flat array. When the element count is a
 //! multiple of 4 the vec4 entry point runs (one vec4 per invocation, the fast
@@ -137,6 +137,21 @@ pub fn gelu_backward(
         &[dinp, dout, inp],
         inp.numel(),
     )
+}
+
+/// out <- tanh(inp), any shape.
+pub fn tanh_forward(ctx: &Context, plan: &mut Plan, out: &Tensor, inp: &Tensor) -> Result<()> {
+    let op = "tanh_forward";
+    expect_shape(op, out, inp.shape())?;
+    dispatch_flat(ctx, plan, op, "tanh_forward_x1", &[W, R], &[out, inp], inp.numel())
+}
+
+/// dinp += dout * (1 - out^2), with `out` the saved forward output.
+pub fn tanh_backward(ctx: &Context, plan: &mut Plan, dinp: &Tensor, dout: &Tensor, out: &Tensor) -> Result<()> {
+    let op = "tanh_backward";
+    expect_shape(op, dinp, out.shape())?;
+    expect_shape(op, dout, out.shape())?;
+    dispatch_flat(ctx, plan, op, "tanh_backward_x1", &[W, R, R], &[dinp, dout, out], out.numel())
 }
 
 /// out <- inp1 + inp2. Shapes may differ ((B, T, C) vs (B*T, C)); element counts may not.

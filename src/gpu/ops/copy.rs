@@ -74,3 +74,29 @@ pub fn copy_rows(
         .u(dl.off);
     plan.dispatch(ctx, &spec, &p, &[dst, src], grid_1d(ctx, (n as u32).div_ceil(WG)))
 }
+
+/// dst (ROWS, D) rows idx[i] += src (R, D) rows i; idx (R) or (1, R) i32,
+/// distinct. The reverse of gathering rows with `embedding_forward`.
+pub fn scatter_rows(ctx: &Context, plan: &mut Plan, dst: &Tensor, idx: &Tensor, src: &Tensor) -> Result<()> {
+    let op = "scatter_rows";
+    crate::gpu::ops::embedding::expect_i32(op, idx)?;
+    let r = idx.numel();
+    let (rows, d) = match *dst.shape() {
+        [rows, d] => (rows, d),
+        _ => return Err(Error::invalid(op, format!("`{}` must be (ROWS, D), not {:?}", dst.label(), dst.shape()))),
+    };
+    if src.numel() != r * d {
+        return Err(Error::Shape {
+            op: op.into(),
+            tensor: src.label().into(),
+            expected: format!("({r}, {d})"),
+            got: src.shape().to_vec(),
+        });
+    }
+    if r * d == 0 {
+        return Ok(());
+    }
+    let spec = KernelSpec::family("copy", op, &[W, R, R])?.with("WG", WG as f64);
+    let p = Params::new().u(r).u(d).u(rows);
+    plan.dispatch(ctx, &spec, &p, &[dst, idx, src], grid_1d(ctx, ((r * d) as u32).div_ceil(WG)))
+}

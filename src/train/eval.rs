@@ -1,0 +1,51 @@
+//! Evaluation: mean per-token cross-entropy over the target tokens of a
+//! data set, forward only, logits computed only at target positions.
+
+use crate::error::Result;
+use crate::gpu::{Context, DType, Plan, Tensor};
+use crate::model::transformer::{Acts, FwdShape, Hooks, Model};
+use crate::train::data::Batch;
+
+/// Sum of target-token losses and the number of targets over `batches`.
+pub fn eval_batches(ctx: &Context, model: &Model, hooks: &dyn Hooks, batches: &[Batch]) -> Result<(f64, usize)> {
+    let cfg = &model.cfg;
+    let nv = hooks.prompt().map_or(0, |t| t.shape()[0]);
+    let p = hooks.prefix().map_or(0, |t| t.shape()[0]);
+    let (mut sum, mut count) = (0.0, 0usize);
+    for batch in batches {
+        if batch.n_targets == 0 {
+            continue;
+        }
+        let (b, t) = (batch.b, batch.t);
+        let shape = FwdShape { b, t, n_virtual: nv, p };
+        model.check_positions(shape)?;
+        let s = shape.s();
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        for r in 0..b {
+            for j in 0..t {
+                let tg = batch.targets[r * t + j];
+                if tg != -100 {
+                    rows.push((r * s + nv + j) as i32);
+                    targets.push(tg);
+                }
+            }
+        }
+        let n = rows.len();
+        let acts = Acts::new(ctx, cfg, shape, false, false)?;
+        let ids = Tensor::from_i32(ctx, &batch.ids, &[b, t], "ids")?;
+        let rows_t = Tensor::from_i32(ctx, &rows, &[1, n], "rows")?;
+        let tg = Tensor::from_i32(ctx, &targets, &[n], "targets")?;
+        let gathered = Tensor::zeros(ctx, &[1, n, cfg.hidden], DType::F32, "gathered")?;
+        let logits = Tensor::zeros(ctx, &[n, cfg.vocab], DType::F32, "logits")?;
+        let losses = Tensor::zeros(ctx, &[n], DType::F32, "losses")?;
+        let mut plan = Plan::new("eval");
+        model.forward(ctx, &mut plan, &acts, &ids, hooks, None)?;
+        model.logits_rows(ctx, &mut plan, &logits, &gathered, &acts, &rows_t)?;
+        model.losses(ctx, &mut plan, &losses, &logits, &tg)?;
+        plan.run(ctx)?;
+        sum += losses.read_f32(ctx)?.iter().map(|&x| x as f64).sum::<f64>();
+        count += n;
+    }
+    Ok((sum, count))
+}

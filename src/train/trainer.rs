@@ -1,0 +1,311 @@
+//! One training step on the GPU: forward, loss, backward and AdamW recorded
+//! into plans that are built once per batch shape and replayed. Per step the
+//! host writes the batch (ids, target rows, loss weights) and submits once;
+//! the loss and gradient norm are read back only when asked for.
+
+use std::collections::HashMap;
+
+use crate::adapters::Adapter;
+use crate::error::{Error, Result};
+use crate::gpu::ops::adamw;
+use crate::gpu::{Context, DType, Plan, Tensor};
+use crate::model::transformer::{Acts, FwdShape, Grads, Model};
+use crate::train::data::Batch;
+
+/// Learning-rate schedule over optimizer steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Schedule {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+/// AdamW settings (torch.optim.AdamW's defaults for the betas and eps).
+#[derive(Clone, Debug)]
+pub struct OptimConfig {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip the global gradient norm to this; 0 disables clipping.
+    pub max_grad_norm: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: usize,
+    pub total_steps: usize,
+}
+
+impl OptimConfig {
+    /// Learning rate of optimizer step `step` (0-based): linear warmup from
+    /// lr/warmup, then the schedule's decay to 0 at `total_steps`.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
+        let frac = ((step - self.warmup_steps) as f64 / span).clamp(0.0, 1.0);
+        match self.schedule {
+            Schedule::Constant => self.lr,
+            Schedule::Linear => self.lr * (1.0 - frac),
+            Schedule::Cosine => self.lr * 0.5 * (1.0 + (std::f64::consts::PI * frac).cos()),
+        }
+    }
+}
+
+/// Buffers and the recorded plan of one batch shape.
+struct StepPlan {
+    ids: Tensor,
+    rows: Tensor,
+    targets: Tensor,
+    dlosses: Tensor,
+    losses: Tensor,
+    plan: Plan,
+    r: usize,
+    s: usize,
+    nv: usize,
+    /// Kept alive for the plan's bindings.
+    _acts: Acts,
+    _grads: Grads,
+    _logits: Tensor,
+    _gathered: Tensor,
+}
+
+/// What a step reports when asked.
+#[derive(Clone, Copy, Debug)]
+pub struct StepStats {
+    /// Mean loss over the step's targets (all micro-batches).
+    pub loss: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// True when the step was skipped for a non-finite gradient.
+    pub skipped: bool,
+}
+
+/// Round up to a multiple of `m`, at most `cap`.
+fn bucket(x: usize, m: usize, cap: usize) -> usize {
+    (x.div_ceil(m) * m).min(cap).max(x)
+}
+
+pub struct Trainer<'a> {
+    ctx: &'a Context,
+    pub model: &'a Model,
+    pub adapter: &'a Adapter,
+    pub opt: OptimConfig,
+    norm: Tensor,
+    partials: Tensor,
+    scalars: Tensor,
+    opt_plan: Plan,
+    plans: HashMap<(usize, usize, usize), StepPlan>,
+    /// Optimizer steps taken (AdamW's t is this + 1 during a step).
+    pub step: usize,
+}
+
+impl<'a> Trainer<'a> {
+    pub fn new(ctx: &'a Context, model: &'a Model, adapter: &'a Adapter, opt: OptimConfig) -> Result<Trainer<'a>> {
+        let flat = &adapter.flat;
+        let norm = Tensor::zeros(ctx, &[4], DType::F32, "grad_norm")?;
+        let partials = Tensor::zeros(ctx, &[adamw::global_norm_partials_len(flat.len)], DType::F32, "norm_partials")?;
+        let scalars = Tensor::zeros(ctx, &[8], DType::F32, "adamw_scalars")?;
+        let mut opt_plan = Plan::new("optimizer");
+        adamw::global_norm(ctx, &mut opt_plan, &norm, &partials, &flat.grads, opt.max_grad_norm as f32)?;
+        adamw::adamw_update(ctx, &mut opt_plan, &flat.params, &flat.m, &flat.v, &flat.grads, &norm, &scalars)?;
+        // The next step accumulates from zero.
+        opt_plan.clear(&flat.grads);
+        let mut clear = Plan::new("clear grads");
+        clear.clear(&flat.grads);
+        clear.run(ctx)?;
+        Ok(Trainer { ctx, model, adapter, opt, norm, partials, scalars, opt_plan, plans: HashMap::new(), step: 0 })
+    }
+
+    /// Virtual-token rows (prompt tuning) and K/V rows in front (prefix).
+    fn adapter_rows(&self) -> (usize, usize) {
+        use crate::model::transformer::Hooks;
+        let nv = self.adapter.prompt().map_or(0, |t| t.shape()[0]);
+        let p = self.adapter.prefix().map_or(0, |t| t.shape()[0]);
+        (nv, p)
+    }
+
+    /// The longest batch row this model and adapter allow.
+    pub fn max_tokens(&self) -> usize {
+        let (nv, p) = self.adapter_rows();
+        self.model.cfg.max_positions.saturating_sub(nv + p)
+    }
+
+    fn build(&self, b: usize, t: usize, r: usize) -> Result<StepPlan> {
+        let (ctx, model, ad) = (self.ctx, self.model, self.adapter);
+        let cfg = &model.cfg;
+        let (nv, p) = self.adapter_rows();
+        let shape = FwdShape { b, t, n_virtual: nv, p };
+        model.check_positions(shape)?;
+        let acts = Acts::new(ctx, cfg, shape, true, false)?;
+        let grads = Grads::new(ctx, cfg, shape, r)?;
+        let ids = Tensor::zeros(ctx, &[b, t], DType::I32, "ids")?;
+        let rows = Tensor::zeros(ctx, &[1, r], DType::I32, "target_rows")?;
+        let targets = Tensor::zeros(ctx, &[r], DType::I32, "targets")?;
+        let dlosses = Tensor::zeros(ctx, &[r], DType::F32, "dlosses")?;
+        let losses = Tensor::zeros(ctx, &[r], DType::F32, "losses")?;
+        let logits = Tensor::zeros(ctx, &[r, cfg.vocab], DType::F32, "logits")?;
+        let gathered = Tensor::zeros(ctx, &[1, r, cfg.hidden], DType::F32, "gathered")?;
+        let mut plan = Plan::new(&format!("train step B={b} T={t} R={r}"));
+        ad.pre_forward(ctx, &mut plan)?;
+        model.forward(ctx, &mut plan, &acts, &ids, ad, None)?;
+        model.logits_rows(ctx, &mut plan, &logits, &gathered, &acts, &rows)?;
+        model.losses(ctx, &mut plan, &losses, &logits, &targets)?;
+        ad.pre_backward(&mut plan);
+        model.backward(ctx, &mut plan, &acts, &grads, &logits, &rows, &targets, &dlosses, ad)?;
+        ad.post_backward(ctx, &mut plan)?;
+        log::debug!("built {} with {} dispatches", plan_label(b, t, r), plan.dispatches());
+        Ok(StepPlan {
+            ids,
+            rows,
+            targets,
+            dlosses,
+            losses,
+            plan,
+            r,
+            s: nv + t,
+            nv,
+            _acts: acts,
+            _grads: grads,
+            _logits: logits,
+            _gathered: gathered,
+        })
+    }
+
+    /// Record-once plan for this batch's bucketed shape, inputs written.
+    fn prepare(&mut self, batch: &Batch, weight: f32) -> Result<(usize, usize, usize)> {
+        let cap_t = self.max_tokens();
+        if batch.t > cap_t {
+            return Err(Error::invalid(
+                "train",
+                format!(
+                    "a batch row of {} tokens exceeds the {cap_t} positions left by the model ({}) and the adapter; lower --max-seq-len",
+                    batch.t, self.model.cfg.max_positions
+                ),
+            ));
+        }
+        let t = bucket(batch.t, 16, cap_t);
+        let b = batch.b;
+        let (nv, _) = self.adapter_rows();
+        let s = nv + t;
+        let r = bucket(batch.n_targets.max(1), 16, b * s);
+        let key = (b, t, r);
+        if !self.plans.contains_key(&key) {
+            let sp = self.build(b, t, r)?;
+            self.plans.insert(key, sp);
+        }
+        let sp = &self.plans[&key];
+        // Re-pad the batch to the bucketed T.
+        let pad = batch.ids.get(batch.t.saturating_sub(1)).copied().unwrap_or(0);
+        let mut ids = vec![pad; b * t];
+        let mut tg_full = vec![-100i32; b * t];
+        for row in 0..b {
+            for j in 0..batch.t {
+                ids[row * t + j] = batch.ids[row * batch.t + j];
+                tg_full[row * t + j] = batch.targets[row * batch.t + j];
+            }
+        }
+        // Target rows (flat b * S + nv + j), then distinct non-target rows
+        // with no target as padding up to R.
+        let mut rows = Vec::with_capacity(sp.r);
+        let mut targets = Vec::with_capacity(sp.r);
+        let mut is_target = vec![false; b * sp.s];
+        for row in 0..b {
+            for j in 0..t {
+                let tg = tg_full[row * t + j];
+                if tg != -100 {
+                    let flat = row * sp.s + sp.nv + j;
+                    rows.push(flat as i32);
+                    targets.push(tg);
+                    is_target[flat] = true;
+                }
+            }
+        }
+        let mut fill = 0;
+        while rows.len() < sp.r {
+            while is_target[fill] {
+                fill += 1;
+            }
+            rows.push(fill as i32);
+            targets.push(-100);
+            fill += 1;
+        }
+        let dl: Vec<f32> = targets.iter().map(|&x| if x == -100 { 0.0 } else { weight }).collect();
+        sp.ids.write_i32(self.ctx, &ids)?;
+        sp.rows.write_i32(self.ctx, &rows)?;
+        sp.targets.write_i32(self.ctx, &targets)?;
+        sp.dlosses.write_f32(self.ctx, &dl)?;
+        Ok(key)
+    }
+
+    /// One optimizer step over `micro` batches (gradient accumulation: the
+    /// loss is the mean over all their targets). One submission per
+    /// micro-batch, the last one carrying the optimizer. With `read`, returns
+    /// the loss and the gradient norm (the only readbacks).
+    pub fn train_step(&mut self, micro: &[Batch], read: bool) -> Result<Option<StepStats>> {
+        let total: usize = micro.iter().map(|b| b.n_targets).sum();
+        if total == 0 {
+            return Err(Error::invalid("train", "a step with no target tokens"));
+        }
+        let weight = 1.0 / total as f32;
+        let lr = self.opt.lr_at(self.step);
+        let sc = adamw::adamw_step_scalars(lr, self.opt.beta1, self.opt.beta2, self.opt.eps, self.opt.weight_decay, self.step as u64 + 1);
+        self.scalars.write_f32(self.ctx, &sc)?;
+        let mut loss_sum = 0.0;
+        for (i, batch) in micro.iter().enumerate() {
+            let key = self.prepare(batch, weight)?;
+            let sp = &self.plans[&key];
+            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            sp.plan.encode(&mut enc);
+            if i + 1 == micro.len() {
+                self.opt_plan.encode(&mut enc);
+            }
+            self.ctx.queue.submit([enc.finish()]);
+            self.ctx.check("train step")?;
+            if read {
+                loss_sum += sp.losses.read_f32(self.ctx)?.iter().map(|&x| x as f64).sum::<f64>();
+            }
+        }
+        self.step += 1;
+        if !read {
+            return Ok(None);
+        }
+        let norm = self.norm.read_f32(self.ctx)?;
+        Ok(Some(StepStats { loss: loss_sum / total as f64, grad_norm: norm[0] as f64, skipped: norm[2] != 0.0 }))
+    }
+
+    /// Mean loss over `batches` without training (validation / eval):
+    /// (sum of target losses, number of targets).
+    pub fn eval_loss(&mut self, batches: &[Batch]) -> Result<(f64, usize)> {
+        crate::train::eval::eval_batches(self.ctx, self.model, self.adapter, batches)
+    }
+
+    /// Gradients of one batch without an optimizer step (for tests):
+    /// returns the mean loss; the adapter's flat gradient holds the result.
+    pub fn gradients(&mut self, batch: &Batch) -> Result<f64> {
+        let mut clear = Plan::new("clear grads");
+        clear.clear(&self.adapter.flat.grads);
+        clear.run(self.ctx)?;
+        let weight = 1.0 / batch.n_targets.max(1) as f32;
+        let key = self.prepare(batch, weight)?;
+        let sp = &self.plans[&key];
+        sp.plan.run(self.ctx)?;
+        let sum: f64 = sp.losses.read_f32(self.ctx)?.iter().map(|&x| x as f64).sum();
+        Ok(sum / batch.n_targets.max(1) as f64)
+    }
+
+    /// The optimizer state for a checkpoint: (m, v) as named tensors.
+    pub fn moments(&self) -> Result<(crate::adapters::HostTensors, crate::adapters::HostTensors)> {
+        let f = &self.adapter.flat;
+        Ok((f.read(self.ctx, &f.m)?, f.read(self.ctx, &f.v)?))
+    }
+
+    /// Partials scratch (kept for the optimizer plan's bindings).
+    pub fn partials(&self) -> &Tensor {
+        &self.partials
+    }
+}
+
+fn plan_label(b: usize, t: usize, r: usize) -> String {
+    format!("train step B={b} T={t} R={r}")
+}

@@ -1,0 +1,130 @@
+//! Tier 3: training against PEFT. For tiny llama and gpt2 models and each
+//! method (LoRA q,v; LoRA all-linear; prompt; prefix; prefix with
+//! projection), from the same initial adapter as PEFT's run
+//! (tests/reference/generate.py): the loss and every adapter gradient of one
+//! batch, and a 10-step AdamW loss trajectory.
+
+#[path = "common/mod.rs"]
+#[macro_use]
+mod common;
+
+use common::reference::{data_dir, json, shift_targets, Arrays};
+use wgtune::adapters::peft_io::load_adapter;
+use wgtune::adapters::{Adapter, HostTensors};
+use wgtune::gpu::Context;
+use wgtune::model::Model;
+use wgtune::train::data::Batch;
+use wgtune::train::trainer::{OptimConfig, Schedule, Trainer};
+
+const CASES: &[&str] = &["lora_qv", "lora_all", "prompt", "prefix", "prefix_proj"];
+
+fn initial(model: &str, case: &str) -> (wgtune::adapters::peft_io::AdapterConfig, HostTensors) {
+    let dir = data_dir(&format!("{model}/peft/{case}"));
+    let loaded = load_adapter(&dir.join("initial")).unwrap();
+    let tensors = if case == "prefix_proj" {
+        let a = Arrays::open(&format!("{model}/peft/{case}/initial_state.safetensors"));
+        a.names().into_iter().map(|n| (n.clone(), a.shape(&n), a.f32(&n))).collect()
+    } else {
+        loaded.sorted_tensors()
+    };
+    (loaded.config, tensors)
+}
+
+fn step_batch(model: &str, case: &str) -> Batch {
+    let a = Arrays::open(&format!("{model}/peft/{case}/step.safetensors"));
+    let sh = a.shape("input_ids");
+    let (b, t) = (sh[0], sh[1]);
+    let labels = a.i32("labels");
+    let mask = a.i32("attention_mask");
+    let targets = shift_targets(&labels, b, t);
+    let lens = (0..b).map(|r| mask[r * t..(r + 1) * t].iter().filter(|&&m| m != 0).count()).collect();
+    let n_targets = targets.iter().filter(|&&x| x != -100).count();
+    Batch { b, t, ids: a.i32("input_ids"), targets, lens, n_targets }
+}
+
+/// The reference gradient's name for one of our flat entries.
+fn ref_grad_name(case: &str, ours: &str) -> String {
+    match (case, ours) {
+        ("prompt" | "prefix", "prompt_embeddings") => "prompt_encoder.embedding.weight.grad".into(),
+        _ => format!("{ours}.grad"),
+    }
+}
+
+fn check_case(ctx: &Context, m: &Model, model: &str, case: &str) {
+    let (cfg, tensors) = initial(model, case);
+    let adapter = Adapter::new(ctx, m, cfg.clone(), tensors.clone()).unwrap();
+    let batch = step_batch(model, case);
+    let step = json(&format!("{model}/peft/{case}/step.json"));
+    let opt = OptimConfig {
+        lr: 0.0,
+        weight_decay: 0.0,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        max_grad_norm: 0.0,
+        schedule: Schedule::Constant,
+        warmup_steps: 0,
+        total_steps: 1,
+    };
+    let mut tr = Trainer::new(ctx, m, &adapter, opt).unwrap();
+    let loss = tr.gradients(&batch).unwrap();
+    let want = step["loss"].as_f64().unwrap();
+    let grads = adapter.flat.read(ctx, &adapter.flat.grads).unwrap();
+    let refs = Arrays::open(&format!("{model}/peft/{case}/step.safetensors"));
+    let mut worst = 0f64;
+    for (name, _, g) in &grads {
+        let want_g = refs.f32(&ref_grad_name(case, name));
+        assert_eq!(g.len(), want_g.len(), "{model}/{case} {name}");
+        let scale = want_g.iter().fold(0f64, |a, &x| a.max((x as f64).abs()));
+        let diff = g.iter().zip(&want_g).fold(0f64, |a, (&x, &y)| a.max((x as f64 - y as f64).abs()));
+        let rel = diff / scale.max(1e-12);
+        worst = worst.max(rel);
+        assert!(rel <= 1e-3, "{model}/{case}: gradient {name} rel err {rel:.2e} (max |ref| {scale:.2e})");
+    }
+    eprintln!("{model}/{case}: loss {loss:.6} vs PEFT {want:.6}; {} gradients, worst rel err {worst:.2e}", grads.len());
+    assert!((loss - want).abs() <= 1e-4 * want.abs(), "{model}/{case}: loss {loss} vs {want}");
+
+    // 10 AdamW steps from the same start, as in PEFT's run.
+    let train = json(&format!("{model}/peft/{case}/train.json"));
+    let adapter = Adapter::new(ctx, m, cfg, tensors).unwrap();
+    let opt = OptimConfig {
+        lr: train["lr"].as_f64().unwrap(),
+        weight_decay: train["weight_decay"].as_f64().unwrap(),
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: train["eps"].as_f64().unwrap(),
+        max_grad_norm: train["clip_grad_norm"].as_f64().unwrap(),
+        schedule: Schedule::Constant,
+        warmup_steps: 0,
+        total_steps: 10,
+    };
+    let mut tr = Trainer::new(ctx, m, &adapter, opt).unwrap();
+    let want: Vec<f64> = train["loss_before_step"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let want_norm: Vec<f64> = train["grad_norm_before_clip"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let mut got = Vec::new();
+    for (i, (&w, &wn)) in want.iter().zip(&want_norm).enumerate() {
+        let st = tr.train_step(std::slice::from_ref(&batch), true).unwrap().unwrap();
+        got.push(st.loss);
+        assert!((st.loss - w).abs() <= 1e-3, "{model}/{case}: step {i} loss {} vs PEFT {w}", st.loss);
+        assert!((st.grad_norm - wn).abs() <= 1e-3 * wn.max(1.0), "{model}/{case}: step {i} grad norm {} vs PEFT {wn}", st.grad_norm);
+    }
+    eprintln!("{model}/{case}: 10-step losses {:.4} .. {:.4} (PEFT {:.4} .. {:.4})", got[0], got[9], want[0], want[9]);
+}
+
+fn run_model(model: &str) {
+    let ctx = gpu!();
+    let m = Model::load(ctx, &data_dir(model)).unwrap();
+    for case in CASES {
+        check_case(ctx, &m, model, case);
+    }
+}
+
+#[test]
+fn llama_adapters_match_peft() {
+    run_model("tiny-llama");
+}
+
+#[test]
+fn gpt2_adapters_match_peft() {
+    run_model("tiny-gpt2");
+}
