@@ -1,10 +1,21 @@
 //! Command line: clap definitions and the `run` entry that `main` calls.
 //! Progress and results go to stdout; diagnostics go through `log`.
 
-use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
 
-use crate::error::Result;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::adapters::{peft_io, Adapter};
+use crate::error::{Error, Result};
 use crate::gpu::context::{list_adapters, ContextOptions};
+use crate::gpu::Context;
+use crate::model::generate::{generate as gen, GenOptions};
+use crate::model::tokenizer::{ChatMessage, Tokenizer};
+use crate::model::{Hooks, Model, NoHooks};
+use crate::train::data::{Batch, DataOptions, Dataset, PromptTemplate};
+use crate::train::run::{print_model, train as train_run, Method, TrainOptions};
+use crate::train::trainer::Schedule;
 
 /// Fine-tune small language models with prompt tuning, prefix tuning or LoRA on any GPU.
 #[derive(Parser, Debug)]
@@ -37,6 +48,12 @@ impl DeviceArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Train a prompt-tuning, prefix-tuning or LoRA adapter (also: `wgtune --method ...`)
+    Train(Box<TrainArgs>),
+    /// Generate text, streaming tokens, optionally with an adapter
+    Generate(GenerateArgs),
+    /// Mean per-token cross-entropy and perplexity over a JSONL data set
+    Eval(EvalArgs),
     /// List every GPU adapter with its backend, type, driver and key limits
     Devices(DeviceArgs),
     /// Benchmarks
@@ -58,9 +75,205 @@ pub enum BenchCommand {
     },
 }
 
+/// Adapter method.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MethodArg {
+    Prompt,
+    Prefix,
+    Lora,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScheduleArg {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+/// Data-set options shared by train and eval.
+#[derive(Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Prompt template applied to every prompt: text or a file, with
+    /// {prompt}, {instruction}, {input} placeholders
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Train on prompt tokens too (no loss masking)
+    #[arg(long)]
+    pub train_on_prompt: bool,
+    /// Truncate rows to this many tokens (default: what the model allows)
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+}
+
+impl DataArgs {
+    fn options(&self) -> Result<DataOptions> {
+        Ok(DataOptions {
+            template: self.template.as_deref().map(PromptTemplate::parse).transpose()?,
+            train_on_prompt: self.train_on_prompt,
+            max_seq_len: self.max_seq_len,
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// prompt, prefix or lora
+    #[arg(long, value_enum)]
+    pub method: MethodArg,
+    /// Hugging Face model folder (config.json, safetensors, tokenizer.json)
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training data, JSONL: {"text"}, {"prompt","completion"}, {"messages"} or alpaca rows
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Validation data (same format), evaluated every --eval-every steps and at the end
+    #[arg(long)]
+    pub val_data: Option<PathBuf>,
+    /// Output folder: the PEFT adapter, checkpoint/, metrics.jsonl, loss.svg
+    #[arg(long, default_value = "wgtune-out")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub data_args: DataArgs,
+    /// Passes over the data (ignored when --steps is given)
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    /// Optimizer steps (overrides --epochs)
+    #[arg(long)]
+    pub steps: Option<usize>,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Learning rate (default per method: lora 2e-3, prompt 3e-2, prefix 1e-2)
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Cosine)]
+    pub lr_schedule: ScheduleArg,
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    /// Clip the global gradient norm (0 disables)
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Read back the loss every N steps
+    #[arg(long, default_value_t = 1)]
+    pub log_every: usize,
+    /// Validation every N steps (0: only at the end)
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
+    /// Checkpoint every N steps (0: only at the end and on Ctrl-C)
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Start from an existing PEFT adapter folder
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
+    /// Continue from <out>/checkpoint
+    #[arg(long)]
+    pub resume: bool,
+    /// Virtual tokens (prompt and prefix tuning)
+    #[arg(long, default_value_t = 20)]
+    pub num_virtual_tokens: usize,
+    /// Prompt tuning init: text, vocab or random
+    #[arg(long, default_value = "vocab")]
+    pub prompt_init: String,
+    #[arg(long)]
+    pub prompt_init_text: Option<String>,
+    /// Prefix tuning: reparameterize through an MLP
+    #[arg(long)]
+    pub prefix_projection: bool,
+    /// Hidden size of the prefix MLP (default: the model's hidden size)
+    #[arg(long)]
+    pub encoder_hidden_size: Option<usize>,
+    /// Prefix init: text (the frozen model's K/V for --prefix-init-text, default the first example), zero or random
+    #[arg(long, default_value = "text")]
+    pub prefix_init: String,
+    #[arg(long)]
+    pub prefix_init_text: Option<String>,
+    #[arg(long, default_value_t = 8)]
+    pub lora_r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
+    /// Comma-separated module names, or all-linear
+    #[arg(long, default_value = "q_proj,v_proj")]
+    pub lora_targets: String,
+    /// Scale by alpha/sqrt(r) instead of alpha/r
+    #[arg(long)]
+    pub rslora: bool,
+    /// LoRA A init: kaiming (PEFT's default) or gaussian
+    #[arg(long, default_value = "kaiming")]
+    pub lora_init: String,
+    /// No progress bar (one line per logged step)
+    #[arg(long)]
+    pub no_progress: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT adapter folder (LoRA, prompt or prefix tuning)
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    #[arg(long)]
+    pub prompt: String,
+    /// Render the prompt with the model's chat template
+    #[arg(long)]
+    pub chat: bool,
+    /// System message (with --chat)
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    #[arg(long)]
+    pub data: PathBuf,
+    #[command(flatten)]
+    pub data_args: DataArgs,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// `wgtune --method ...` without a subcommand means `wgtune train ...`.
+pub fn normalize_args(mut args: Vec<String>) -> Vec<String> {
+    let first = args.get(1).map(String::as_str).unwrap_or("");
+    if first.starts_with("--") && !matches!(first, "--help" | "--version") {
+        args.insert(1, "train".into());
+    }
+    args
+}
+
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Train(a) => train(&a),
+        Command::Generate(a) => generate(&a),
+        Command::Eval(a) => eval(&a),
         Command::Devices(d) => devices(&d),
         Command::Bench {
             what: BenchCommand::Kernels { device, iters },
@@ -99,5 +312,147 @@ fn devices(d: &DeviceArgs) -> Result<()> {
             a.features.contains(wgpu::Features::TIMESTAMP_QUERY)
         );
     }
+    Ok(())
+}
+
+fn train(a: &TrainArgs) -> Result<()> {
+    let ctx = Context::new(&a.device.options())?;
+    let o = TrainOptions {
+        method: match a.method {
+            MethodArg::Prompt => Method::Prompt,
+            MethodArg::Prefix => Method::Prefix,
+            MethodArg::Lora => Method::Lora,
+        },
+        model: a.model.clone(),
+        data: a.data.clone(),
+        val_data: a.val_data.clone(),
+        out: a.out.clone(),
+        data_opts: a.data_args.options()?,
+        epochs: a.epochs,
+        steps: a.steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        lr: a.lr,
+        weight_decay: a.weight_decay,
+        schedule: match a.lr_schedule {
+            ScheduleArg::Constant => Schedule::Constant,
+            ScheduleArg::Linear => Schedule::Linear,
+            ScheduleArg::Cosine => Schedule::Cosine,
+        },
+        warmup_steps: a.warmup_steps,
+        max_grad_norm: a.max_grad_norm,
+        seed: a.seed,
+        log_every: a.log_every,
+        eval_every: a.eval_every,
+        save_every: a.save_every,
+        init_adapter: a.init_adapter.clone(),
+        resume: a.resume,
+        num_virtual_tokens: a.num_virtual_tokens,
+        prompt_init: a.prompt_init.clone(),
+        prompt_init_text: a.prompt_init_text.clone(),
+        prefix_projection: a.prefix_projection,
+        encoder_hidden_size: a.encoder_hidden_size,
+        prefix_init: a.prefix_init.clone(),
+        prefix_init_text: a.prefix_init_text.clone(),
+        lora_r: a.lora_r,
+        lora_alpha: a.lora_alpha,
+        lora_dropout: a.lora_dropout,
+        lora_targets: a.lora_targets.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+        rslora: a.rslora,
+        lora_init: a.lora_init.clone(),
+        progress: !a.no_progress,
+    };
+    train_run(&ctx, &o)
+}
+
+/// Load an optional PEFT adapter for inference.
+fn load_adapter(ctx: &Context, model: &Model, dir: Option<&PathBuf>) -> Result<Option<Adapter>> {
+    let Some(dir) = dir else { return Ok(None) };
+    let loaded = peft_io::load_adapter(dir)?;
+    let ad = Adapter::new(ctx, model, loaded.config.clone(), loaded.sorted_tensors())?;
+    println!("adapter: {} ({} parameters)", dir.display(), ad.num_params());
+    Ok(Some(ad))
+}
+
+fn generate(a: &GenerateArgs) -> Result<()> {
+    let ctx = Context::new(&a.device.options())?;
+    let model = Model::load(&ctx, &a.model)?;
+    let tok = Tokenizer::load(&a.model)?;
+    print_model(&ctx, &model);
+    let adapter = load_adapter(&ctx, &model, a.adapter.as_ref())?;
+    let hooks: &dyn Hooks = match &adapter {
+        Some(ad) => ad,
+        None => &NoHooks,
+    };
+    let ids = if a.chat {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage::new("system", s.clone()));
+        }
+        msgs.push(ChatMessage::new("user", a.prompt.clone()));
+        let text = tok.render_chat(&msgs, true)?;
+        let mut ids = tok.encode(&text, false)?;
+        if tok.adds_bos() && ids.first() != tok.bos_id().as_ref() {
+            ids.insert(0, tok.bos_id().unwrap());
+        }
+        ids
+    } else {
+        if a.system.is_some() {
+            return Err(Error::invalid("generate", "--system needs --chat"));
+        }
+        tok.encode(&a.prompt, true)?
+    };
+    let opts = GenOptions {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        stop: tok.eos_ids().to_vec(),
+    };
+    let mut dec = tok.stream_decoder(true);
+    let mut out = std::io::stdout();
+    let stats = gen(&ctx, &model, hooks, &ids, &opts, |t| {
+        if let Some(text) = dec.push(t)? {
+            print!("{text}");
+            let _ = out.flush();
+        }
+        Ok(())
+    })?;
+    print!("{}", dec.finish()?);
+    println!();
+    eprintln!(
+        "[{} prompt tokens, {} new tokens; prefill {:.2} s, {:.2} tok/s{}]",
+        stats.prompt_tokens,
+        stats.new_tokens,
+        stats.prefill_s,
+        stats.decode_tokens_per_s(),
+        if stats.stopped_at_eos { ", stopped at EOS" } else { "" }
+    );
+    Ok(())
+}
+
+fn eval(a: &EvalArgs) -> Result<()> {
+    let ctx = Context::new(&a.device.options())?;
+    let model = Model::load(&ctx, &a.model)?;
+    let tok = Tokenizer::load(&a.model)?;
+    print_model(&ctx, &model);
+    let adapter = load_adapter(&ctx, &model, a.adapter.as_ref())?;
+    let hooks: &dyn Hooks = match &adapter {
+        Some(ad) => ad,
+        None => &NoHooks,
+    };
+    let data = Dataset::load(&a.data, &tok, &a.data_args.options()?)?;
+    let batches: Vec<Batch> = data
+        .examples
+        .chunks(a.batch_size.max(1))
+        .map(|c| Batch::from_examples(&c.iter().collect::<Vec<_>>(), data.pad_id))
+        .collect();
+    let (sum, n) = crate::train::eval::eval_batches(&ctx, &model, hooks, &batches)?;
+    if n == 0 {
+        return Err(Error::invalid("eval", format!("{}: no target tokens", a.data.display())));
+    }
+    let mean = sum / n as f64;
+    println!("{}: {} examples, {n} target tokens", a.data.display(), data.len());
+    println!("loss {mean:.6}  perplexity {:.4}", mean.exp());
     Ok(())
 }

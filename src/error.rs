@@ -45,6 +45,23 @@ pub enum Error {
     /// A tensor the model needs is not in its weights.
     #[error("tensor `{name}` not found in {file}")]
     MissingTensor { name: String, file: String },
+    /// A tokenizer file is missing or malformed, or encoding, decoding or
+    /// rendering the chat template failed.
+    #[error("{path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    /// A data set (JSONL) row is malformed, or the file has no usable rows.
+    /// `line` is 1-based.
+    #[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Data {
+        path: PathBuf,
+        line: Option<usize>,
+        message: String,
+    },
+    /// An adapter folder (PEFT `adapter_config.json` +
+    /// `adapter_model.safetensors`) is missing a file, malformed, of an
+    /// unsupported PEFT type, or disagrees with itself.
+    #[error("{path}: {message}")]
+    Adapter { path: PathBuf, message: String },
     /// Reading a file failed.
     #[error("{path}: {source}")]
     Io {

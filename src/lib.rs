@@ -6,11 +6,14 @@
 //! `gpu` (context, tensors, kernels, plans, op wrappers), `model` (config and
 //! weights of Hugging Face checkpoints), `cli`.
 
+pub mod adapters;
 pub mod bench;
 pub mod cli;
 pub mod cpu;
 pub mod error;
 pub mod gpu;
 pub mod model;
+pub mod rng;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = wgtune::cli::Cli::parse();
+    let cli = wgtune::cli::Cli::parse_from(wgtune::cli::normalize_args(std::env::args().collect()));
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     match wgtune::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,

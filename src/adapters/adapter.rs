@@ -57,9 +57,16 @@ impl Flat {
         for (name, shape, data) in tensors {
             let k: usize = shape.iter().product();
             if k != data.len() {
-                return Err(Error::invalid("adapter", format!("`{name}`: {} values for shape {shape:?}", data.len())));
+                return Err(Error::invalid(
+                    "adapter",
+                    format!("`{name}`: {} values for shape {shape:?}", data.len()),
+                ));
             }
-            entries.push(Entry { name: name.clone(), shape: shape.clone(), offset: n });
+            entries.push(Entry {
+                name: name.clone(),
+                shape: shape.clone(),
+                offset: n,
+            });
             n += k.div_ceil(64) * 64;
         }
         let len = n.max(64);
@@ -69,7 +76,14 @@ impl Flat {
         }
         let params = Tensor::from_f32(ctx, &host, &[len], "adapter.params")?;
         let z = |l: &str| Tensor::zeros(ctx, &[len], DType::F32, l);
-        Ok(Flat { params, grads: z("adapter.grads")?, m: z("adapter.m")?, v: z("adapter.v")?, entries, len })
+        Ok(Flat {
+            params,
+            grads: z("adapter.grads")?,
+            m: z("adapter.m")?,
+            v: z("adapter.v")?,
+            entries,
+            len,
+        })
     }
 
     pub fn entry(&self, name: &str) -> Result<&Entry> {
@@ -96,7 +110,13 @@ impl Flat {
         Ok(self
             .entries
             .iter()
-            .map(|e| (e.name.clone(), e.shape.clone(), all[e.offset..e.offset + e.numel()].to_vec()))
+            .map(|e| {
+                (
+                    e.name.clone(),
+                    e.shape.clone(),
+                    all[e.offset..e.offset + e.numel()].to_vec(),
+                )
+            })
             .collect())
     }
 
@@ -109,7 +129,12 @@ impl Flat {
                 .find(|(n, _, _)| *n == e.name)
                 .ok_or_else(|| Error::invalid("adapter", format!("state has no `{}`", e.name)))?;
             if *shape != e.shape {
-                return Err(Error::Shape { op: "adapter state".into(), tensor: e.name.clone(), expected: format!("{:?}", e.shape), got: shape.clone() });
+                return Err(Error::Shape {
+                    op: "adapter state".into(),
+                    tensor: e.name.clone(),
+                    expected: format!("{:?}", e.shape),
+                    got: shape.clone(),
+                });
             }
             host[e.offset..e.offset + data.len()].copy_from_slice(data);
         }
@@ -151,8 +176,15 @@ struct Proj {
 
 enum Kind {
     Lora(HashMap<String, LoraSite>),
-    Prompt { table: Tensor, grad: Tensor },
-    Prefix { table: Tensor, grad: Tensor, proj: Option<Box<Proj>> },
+    Prompt {
+        table: Tensor,
+        grad: Tensor,
+    },
+    Prefix {
+        table: Tensor,
+        grad: Tensor,
+        proj: Option<Box<Proj>>,
+    },
 }
 
 /// A trainable adapter on the GPU.
@@ -170,7 +202,10 @@ pub struct Adapter {
 pub fn match_targets<'m>(model: &'m Model, targets: &[String]) -> Result<Vec<&'m Linear>> {
     let all: Vec<&Linear> = model.linears().into_iter().map(|(_, l)| l).collect();
     let names: Vec<String> = {
-        let mut v: Vec<String> = all.iter().map(|l| l.name.rsplit('.').next().unwrap_or("").to_string()).collect();
+        let mut v: Vec<String> = all
+            .iter()
+            .map(|l| l.name.rsplit('.').next().unwrap_or("").to_string())
+            .collect();
         v.sort();
         v.dedup();
         v
@@ -180,7 +215,11 @@ pub fn match_targets<'m>(model: &'m Model, targets: &[String]) -> Result<Vec<&'m
     }
     let mut out = Vec::new();
     for t in targets {
-        let hits: Vec<&Linear> = all.iter().copied().filter(|l| module_matches(&l.name, t)).collect();
+        let hits: Vec<&Linear> = all
+            .iter()
+            .copied()
+            .filter(|l| module_matches(&l.name, t))
+            .collect();
         if hits.is_empty() {
             return Err(Error::invalid(
                 "lora",
@@ -197,13 +236,23 @@ pub fn match_targets<'m>(model: &'m Model, targets: &[String]) -> Result<Vec<&'m
 impl Adapter {
     /// Build from a config and the initial trainable tensors (PEFT's saved
     /// names; for a prefix with projection, the MLP's parameters).
-    pub fn new(ctx: &Context, model: &Model, config: AdapterConfig, tensors: HostTensors) -> Result<Adapter> {
+    pub fn new(
+        ctx: &Context,
+        model: &Model,
+        config: AdapterConfig,
+        tensors: HostTensors,
+    ) -> Result<Adapter> {
         let cfg = &model.cfg;
         let flat = Flat::new(ctx, &tensors)?;
         let expect = |name: &str, shape: &[usize]| -> Result<()> {
             let e = flat.entry(name)?;
             if e.shape != shape {
-                return Err(Error::Shape { op: "adapter".into(), tensor: name.into(), expected: format!("{shape:?}"), got: e.shape.clone() });
+                return Err(Error::Shape {
+                    op: "adapter".into(),
+                    tensor: name.into(),
+                    expected: format!("{shape:?}"),
+                    got: e.shape.clone(),
+                });
             }
             Ok(())
         };
@@ -228,13 +277,19 @@ impl Adapter {
                     );
                 }
                 if sites.len() * 2 != flat.entries.len() {
-                    return Err(Error::invalid("lora", "the adapter holds tensors for modules its target_modules do not select"));
+                    return Err(Error::invalid(
+                        "lora",
+                        "the adapter holds tensors for modules its target_modules do not select",
+                    ));
                 }
                 Kind::Lora(sites)
             }
             AdapterConfig::Prompt(pc) => {
                 expect(PROMPT_EMBEDDINGS, &[pc.num_virtual_tokens, cfg.hidden])?;
-                Kind::Prompt { table: flat.param(PROMPT_EMBEDDINGS)?, grad: flat.grad(PROMPT_EMBEDDINGS)? }
+                Kind::Prompt {
+                    table: flat.param(PROMPT_EMBEDDINGS)?,
+                    grad: flat.grad(PROMPT_EMBEDDINGS)?,
+                }
             }
             AdapterConfig::Prefix(pc) => {
                 let n = pc.num_virtual_tokens;
@@ -260,7 +315,8 @@ impl Adapter {
                     expect(PROJ_B2, &[width])?;
                     let z = |shape: &[usize], l: &str| Tensor::zeros(ctx, shape, DType::F32, l);
                     let dtable = z(&[n, width], "prefix.dtable")?;
-                    let (dact, dhidden) = (z(&[n, h], "prefix.dact")?, z(&[n, h], "prefix.dhidden")?);
+                    let (dact, dhidden) =
+                        (z(&[n, h], "prefix.dact")?, z(&[n, h], "prefix.dhidden")?);
                     let proj = Proj {
                         emb: flat.param(PROJ_EMB)?,
                         w1: flat.param(PROJ_W1)?,
@@ -286,11 +342,20 @@ impl Adapter {
                     }
                 } else {
                     expect(PROMPT_EMBEDDINGS, &[n, width])?;
-                    Kind::Prefix { table: flat.param(PROMPT_EMBEDDINGS)?, grad: flat.grad(PROMPT_EMBEDDINGS)?, proj: None }
+                    Kind::Prefix {
+                        table: flat.param(PROMPT_EMBEDDINGS)?,
+                        grad: flat.grad(PROMPT_EMBEDDINGS)?,
+                        proj: None,
+                    }
                 }
             }
         };
-        Ok(Adapter { config, flat, kind, lora_scratch: RefCell::new(HashMap::new()) })
+        Ok(Adapter {
+            config,
+            flat,
+            kind,
+            lora_scratch: RefCell::new(HashMap::new()),
+        })
     }
 
     /// Number of trainable values.
@@ -300,7 +365,12 @@ impl Adapter {
 
     /// Record what must run before the model's forward (the prefix MLP).
     pub fn pre_forward(&self, ctx: &Context, plan: &mut Plan) -> Result<()> {
-        if let Kind::Prefix { table, proj: Some(p), .. } = &self.kind {
+        if let Kind::Prefix {
+            table,
+            proj: Some(p),
+            ..
+        } = &self.kind
+        {
             matmul::matmul_forward(ctx, plan, &p.hidden, &p.emb, &p.w1, Some(&p.b1))?;
             activation::tanh_forward(ctx, plan, &p.act, &p.hidden)?;
             matmul::matmul_forward(ctx, plan, table, &p.act, &p.w2, Some(&p.b2))?;
@@ -321,7 +391,12 @@ impl Adapter {
     /// Record what must run after the model's backward (the prefix MLP's
     /// backward into the flat gradient).
     pub fn post_backward(&self, ctx: &Context, plan: &mut Plan) -> Result<()> {
-        if let Kind::Prefix { grad, proj: Some(p), .. } = &self.kind {
+        if let Kind::Prefix {
+            grad,
+            proj: Some(p),
+            ..
+        } = &self.kind
+        {
             matmul::matmul_backward_weight(ctx, plan, &p.dw2, grad, &p.act)?;
             let db2 = p.db2.reshape(&[p.db2.numel(), 1])?;
             matmul::matmul_backward_weight(ctx, plan, &db2, grad, &p.ones)?;
@@ -340,11 +415,19 @@ impl Adapter {
     /// PEFT saves it; run a forward first so it is current).
     pub fn peft_tensors(&self, ctx: &Context) -> Result<HostTensors> {
         match &self.kind {
-            Kind::Prefix { table, proj: Some(_), .. } => {
+            Kind::Prefix {
+                table,
+                proj: Some(_),
+                ..
+            } => {
                 let mut plan = Plan::new("prefix projection");
                 self.pre_forward(ctx, &mut plan)?;
                 plan.run(ctx)?;
-                Ok(vec![(PROMPT_EMBEDDINGS.to_string(), table.shape().to_vec(), table.read_f32(ctx)?)])
+                Ok(vec![(
+                    PROMPT_EMBEDDINGS.to_string(),
+                    table.shape().to_vec(),
+                    table.read_f32(ctx)?,
+                )])
             }
             _ => self.flat.read(ctx, &self.flat.params),
         }
@@ -357,20 +440,31 @@ impl Adapter {
         }
         let h = Tensor::zeros(ctx, &[m, r], DType::F32, &format!("{name}.lora_h"))?;
         let dh = Tensor::zeros(ctx, &[m, r], DType::F32, &format!("{name}.lora_dh"))?;
-        self.lora_scratch.borrow_mut().insert(key, (h.clone(), dh.clone()));
+        self.lora_scratch
+            .borrow_mut()
+            .insert(key, (h.clone(), dh.clone()));
         Ok((h, dh))
     }
 }
 
 fn check_lora(lc: &LoraConfig) -> Result<()> {
     if lc.r < 1 {
-        return Err(Error::invalid("lora", format!("r = {} must be at least 1", lc.r)));
+        return Err(Error::invalid(
+            "lora",
+            format!("r = {} must be at least 1", lc.r),
+        ));
     }
     if !(lc.lora_alpha > 0.0) {
-        return Err(Error::invalid("lora", format!("lora_alpha = {} must be > 0", lc.lora_alpha)));
+        return Err(Error::invalid(
+            "lora",
+            format!("lora_alpha = {} must be > 0", lc.lora_alpha),
+        ));
     }
     if !(0.0..1.0).contains(&lc.lora_dropout) {
-        return Err(Error::invalid("lora", format!("lora_dropout = {} must be in [0, 1)", lc.lora_dropout)));
+        return Err(Error::invalid(
+            "lora",
+            format!("lora_dropout = {} must be in [0, 1)", lc.lora_dropout),
+        ));
     }
     Ok(())
 }
@@ -403,9 +497,21 @@ impl Hooks for Adapter {
     fn adapts(&self, _layer: usize, lin: &Linear) -> bool {
         matches!(&self.kind, Kind::Lora(s) if s.contains_key(&lin.name))
     }
-    fn linear(&self, ctx: &Context, plan: &mut Plan, _layer: usize, lin: &Linear, out: &Tensor, inp: &Tensor) -> Result<()> {
-        let Kind::Lora(sites) = &self.kind else { return Ok(()) };
-        let Some(site) = sites.get(&lin.name) else { return Ok(()) };
+    fn linear(
+        &self,
+        ctx: &Context,
+        plan: &mut Plan,
+        _layer: usize,
+        lin: &Linear,
+        out: &Tensor,
+        inp: &Tensor,
+    ) -> Result<()> {
+        let Kind::Lora(sites) = &self.kind else {
+            return Ok(());
+        };
+        let Some(site) = sites.get(&lin.name) else {
+            return Ok(());
+        };
         let m = inp.shape()[0];
         let (h, _) = self.scratch(ctx, &lin.name, m, site.r)?;
         lora::lora_forward(ctx, plan, out, &h, inp, &site.a, &site.b, site.scale)
@@ -420,10 +526,16 @@ impl Hooks for Adapter {
         inp: &Tensor,
         dinp: Option<&Tensor>,
     ) -> Result<()> {
-        let Kind::Lora(sites) = &self.kind else { return Ok(()) };
-        let Some(site) = sites.get(&lin.name) else { return Ok(()) };
+        let Kind::Lora(sites) = &self.kind else {
+            return Ok(());
+        };
+        let Some(site) = sites.get(&lin.name) else {
+            return Ok(());
+        };
         let m = inp.shape()[0];
         let (h, dh) = self.scratch(ctx, &lin.name, m, site.r)?;
-        lora::lora_backward(ctx, plan, dinp, &site.da, &site.db, &dh, dout, &h, inp, &site.a, &site.b, site.scale)
+        lora::lora_backward(
+            ctx, plan, dinp, &site.da, &site.db, &dh, dout, &h, inp, &site.a, &site.b, site.scale,
+        )
     }
 }
