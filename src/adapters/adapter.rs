@@ -470,6 +470,9 @@ fn check_lora(lc: &LoraConfig) -> Result<()> {
 }
 
 impl Hooks for Adapter {
+    fn prepare(&self, ctx: &Context, plan: &mut Plan) -> Result<()> {
+        self.pre_forward(ctx, plan)
+    }
     fn prompt(&self) -> Option<&Tensor> {
         match &self.kind {
             Kind::Prompt { table, .. } => Some(table),

@@ -144,8 +144,10 @@ pub fn generate(
     let mut cache = KvCache::new(ctx, cfg, cap)?;
     let kvd = cfg.kv_dim();
     if let Some(pre) = hooks.prefix() {
-        // The prefix's K/V rows go into the cache as they are (no rotation).
+        // The prefix's K/V rows go into the cache as they are (no rotation),
+        // once computed (a projected prefix is produced by `prepare`).
         let mut plan = Plan::new("prefix->cache");
+        hooks.prepare(ctx, &mut plan)?;
         let width = cfg.layers * 2 * kvd;
         for l in 0..cfg.layers {
             for (j, dst) in [&cache.k[l], &cache.v[l]].into_iter().enumerate() {

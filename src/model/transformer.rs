@@ -230,6 +230,11 @@ pub trait Hooks {
     fn prefix(&self) -> Option<&Tensor> {
         None
     }
+    /// Recorded at the start of every forward: compute what the other hooks
+    /// return (e.g. a prefix produced by a projection MLP).
+    fn prepare(&self, _ctx: &Context, _plan: &mut Plan) -> Result<()> {
+        Ok(())
+    }
     /// Called right after `out = lin(inp)`; adds e.g. a LoRA update.
     fn linear(&self, _ctx: &Context, _plan: &mut Plan, _layer: usize, _lin: &Linear, _out: &Tensor, _inp: &Tensor) -> Result<()> {
         Ok(())
@@ -630,6 +635,7 @@ impl Model {
             }
         }
         let n = sh.rows();
+        hooks.prepare(ctx, plan)?;
         // Embeddings: virtual tokens, then the ids' rows.
         plan.push_group("embed");
         let emb = acts.emb.as_ref().unwrap_or(&acts.x0);

@@ -95,6 +95,17 @@ fn fresh_adapter(ctx: &Context, model: &Model, tok: &Tokenizer, o: &TrainOptions
         Method::Lora => {
             let mut lc = LoraConfig::new(o.lora_r, o.lora_alpha, &[]);
             lc.target_modules = o.lora_targets.clone();
+            if lc.target_modules.iter().any(|t| t == "all-linear") {
+                // Saved resolved, as PEFT does: the modules' own names.
+                let mut names: Vec<String> = model
+                    .linears()
+                    .iter()
+                    .map(|(_, l)| l.name.rsplit('.').next().unwrap_or("").to_string())
+                    .collect();
+                names.sort();
+                names.dedup();
+                lc.target_modules = names;
+            }
             lc.lora_dropout = o.lora_dropout;
             lc.use_rslora = o.rslora;
             lc.base_model_name_or_path = base_name(&o.model);

@@ -147,7 +147,6 @@ impl<'a> Trainer<'a> {
         let logits = Tensor::zeros(ctx, &[r, cfg.vocab], DType::F32, "logits")?;
         let gathered = Tensor::zeros(ctx, &[1, r, cfg.hidden], DType::F32, "gathered")?;
         let mut plan = Plan::new(&format!("train step B={b} T={t} R={r}"));
-        ad.pre_forward(ctx, &mut plan)?;
         model.forward(ctx, &mut plan, &acts, &ids, ad, None)?;
         model.logits_rows(ctx, &mut plan, &logits, &gathered, &acts, &rows)?;
         model.losses(ctx, &mut plan, &losses, &logits, &targets)?;
