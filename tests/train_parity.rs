@@ -109,6 +109,26 @@ fn check_case(ctx: &Context, m: &Model, model: &str, case: &str) {
         assert!((st.grad_norm - wn).abs() <= 1e-3 * wn.max(1.0), "{model}/{case}: step {i} grad norm {} vs PEFT {wn}", st.grad_norm);
     }
     eprintln!("{model}/{case}: 10-step losses {:.4} .. {:.4} (PEFT {:.4} .. {:.4})", got[0], got[9], want[0], want[9]);
+
+    // The trained adapter as wgtune writes it, and its loss after training.
+    let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("wgtune-adapters/{model}/{case}"));
+    let tensors = adapter.peft_tensors(ctx).unwrap();
+    wgtune::adapters::peft_io::save_adapter(&out, &adapter.config, &tensors).unwrap();
+    let (sum, n) = wgtune::train::eval::eval_batches(ctx, m, &adapter, std::slice::from_ref(&batch)).unwrap();
+    let after = sum / n as f64;
+    let peft_after = train["loss_after_training"].as_f64().unwrap();
+    assert!((after - peft_after).abs() <= 1e-3, "{model}/{case}: loss after training {after} vs PEFT {peft_after}");
+    // PEFT's verdict on that adapter, recorded by
+    // tests/reference/check_wgtune_adapters.sh (PeftModel.from_pretrained).
+    let rel = format!("{model}/peft/{case}/wgtune_check.json");
+    if data_dir(&rel).exists() {
+        let chk = json(&rel);
+        let peft_loss = chk["loss_on_step_batch"].as_f64().unwrap();
+        eprintln!("{model}/{case}: wgtune-written adapter: PEFT loss {peft_loss:.6}, wgtune {after:.6}");
+        assert!((after - peft_loss).abs() <= 1e-4, "{model}/{case}: PEFT loads our adapter to loss {peft_loss}, we compute {after}");
+    } else if std::env::var("WGTUNE_WRITE_ADAPTERS_ONLY").is_err() {
+        panic!("{rel} missing: run tests/reference/check_wgtune_adapters.sh");
+    }
 }
 
 fn run_model(model: &str) {
