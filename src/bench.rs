@@ -175,3 +175,206 @@ pub fn attention(ctx: &Context, iters: usize) -> Result<()> {
     );
     Ok(())
 }
+
+/// Hugging Face tensor names and shapes of a checkpoint for `cfg`.
+fn checkpoint_specs(cfg: &crate::model::ModelConfig) -> Vec<(String, Vec<usize>)> {
+    use crate::model::Arch;
+    let (c, ff, v) = (cfg.hidden, cfg.intermediate, cfg.vocab);
+    let mut s: Vec<(String, Vec<usize>)> = Vec::new();
+    if cfg.arch == Arch::Gpt2 {
+        s.push(("transformer.wte.weight".into(), vec![v, c]));
+        s.push(("transformer.wpe.weight".into(), vec![cfg.max_positions, c]));
+        for i in 0..cfg.layers {
+            let p = format!("transformer.h.{i}");
+            for n in ["ln_1", "ln_2"] {
+                s.push((format!("{p}.{n}.weight"), vec![c]));
+                s.push((format!("{p}.{n}.bias"), vec![c]));
+            }
+            for (n, a, b) in [("attn.c_attn", c, 3 * c), ("attn.c_proj", c, c), ("mlp.c_fc", c, ff), ("mlp.c_proj", ff, c)] {
+                s.push((format!("{p}.{n}.weight"), vec![a, b]));
+                s.push((format!("{p}.{n}.bias"), vec![b]));
+            }
+        }
+        s.push(("transformer.ln_f.weight".into(), vec![c]));
+        s.push(("transformer.ln_f.bias".into(), vec![c]));
+    } else {
+        let (qd, kvd) = (cfg.heads * cfg.head_dim, cfg.kv_dim());
+        s.push(("model.embed_tokens.weight".into(), vec![v, c]));
+        for i in 0..cfg.layers {
+            let p = format!("model.layers.{i}");
+            s.push((format!("{p}.input_layernorm.weight"), vec![c]));
+            s.push((format!("{p}.post_attention_layernorm.weight"), vec![c]));
+            for (n, o, k) in [("q_proj", qd, c), ("k_proj", kvd, c), ("v_proj", kvd, c), ("o_proj", c, qd)] {
+                s.push((format!("{p}.self_attn.{n}.weight"), vec![o, k]));
+                if cfg.qkv_bias && n != "o_proj" {
+                    s.push((format!("{p}.self_attn.{n}.bias"), vec![o]));
+                }
+            }
+            for (n, o, k) in [("gate_proj", ff, c), ("up_proj", ff, c), ("down_proj", c, ff)] {
+                s.push((format!("{p}.mlp.{n}.weight"), vec![o, k]));
+            }
+        }
+        s.push(("model.norm.weight".into(), vec![c]));
+        if !cfg.tie_embeddings {
+            s.push(("lm_head.weight".into(), vec![v, c]));
+        }
+    }
+    s
+}
+
+/// A model folder with random weights for `config` (speed does not depend
+/// on the values), so the benchmark runs where no checkpoint exists.
+fn random_model_dir(config: &std::path::Path) -> Result<std::path::PathBuf> {
+    use crate::error::Error;
+    let cfg = crate::model::ModelConfig::from_file(config)?;
+    let dir = std::env::temp_dir().join(format!("wgtune-bench-model-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| Error::Io { path: dir.clone(), source: e })?;
+    std::fs::copy(config, dir.join("config.json")).map_err(|e| Error::Io { path: config.to_path_buf(), source: e })?;
+    let mut rng = crate::rng::Rng::new(1);
+    let specs = checkpoint_specs(&cfg);
+    let data: Vec<Vec<u8>> = specs
+        .iter()
+        .map(|(_, sh)| {
+            let n: usize = sh.iter().product();
+            (0..n).flat_map(|_| (((rng.uniform() * 2.0 - 1.0) * 0.05) as f32).to_le_bytes()).collect()
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = specs
+        .iter()
+        .zip(&data)
+        .map(|((n, sh), d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, sh.clone(), d).unwrap()))
+        .collect();
+    let path = dir.join("model.safetensors");
+    safetensors::serialize_to_file(views, None, &path).map_err(|e| Error::Weights { path: path.clone(), message: e.to_string() })?;
+    Ok(dir)
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// `wgtune bench train`: tokens/s and GFLOP/s of full training steps
+/// (forward, loss at every position, backward, AdamW) for each method.
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    opts: &ContextOptions,
+    model: Option<&std::path::Path>,
+    config: Option<&std::path::Path>,
+    methods: &[&str],
+    b: usize,
+    t: usize,
+    steps: usize,
+) -> Result<()> {
+    use crate::adapters::init::{init_lora, init_prefix, init_prompt, LoraInit, PrefixInit, PromptInit};
+    use crate::adapters::peft_io::{AdapterConfig, LoraConfig, PrefixConfig, PromptConfig};
+    use crate::adapters::Adapter;
+    use crate::error::Error;
+    use crate::train::data::Batch;
+    use crate::train::trainer::{OptimConfig, Schedule, Trainer};
+    let ctx = Context::new(opts)?;
+    let (dir, tmp) = match (model, config) {
+        (Some(m), _) => (m.to_path_buf(), false),
+        (None, Some(c)) => (random_model_dir(c)?, true),
+        (None, None) => return Err(Error::invalid("bench train", "give --model DIR or --config config.json")),
+    };
+    let m = crate::model::Model::load(&ctx, &dir)?;
+    if tmp {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let cfg = m.cfg.clone();
+    println!(
+        "bench train: {:?} {} layers hidden {}, batch {b} x {t}, {steps} timed steps, {} ({:?})",
+        cfg.arch, cfg.layers, cfg.hidden, ctx.info.name, ctx.info.backend
+    );
+    let mut rng = crate::rng::Rng::new(7);
+    let ids: Vec<i32> = (0..b * t).map(|_| rng.below(cfg.vocab as u64) as i32).collect();
+    let mut targets = vec![-100; b * t];
+    for r in 0..b {
+        for j in 0..t - 1 {
+            targets[r * t + j] = ids[r * t + j + 1];
+        }
+    }
+    let n_targets = b * (t - 1);
+    let batch = Batch { b, t, ids, targets, lens: vec![t; b], n_targets };
+    for &method in methods {
+        let n = 20;
+        let (acfg, tensors) = match method {
+            "lora" => {
+                let lc = LoraConfig::new(8, 16.0, &["q_proj", "v_proj"]);
+                let lc = if cfg.arch == crate::model::Arch::Gpt2 { LoraConfig::new(8, 16.0, &["c_attn"]) } else { lc };
+                let t = init_lora(&m, &lc, LoraInit::Kaiming, 1)?;
+                (AdapterConfig::Lora(lc), t)
+            }
+            "lora-all" => {
+                let mut names: Vec<String> = m.linears().iter().map(|(_, l)| l.name.rsplit('.').next().unwrap().to_string()).collect();
+                names.sort();
+                names.dedup();
+                let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+                let lc = LoraConfig::new(8, 16.0, &refs);
+                let t = init_lora(&m, &lc, LoraInit::Kaiming, 1)?;
+                (AdapterConfig::Lora(lc), t)
+            }
+            "prompt" => {
+                let pc = PromptConfig {
+                    num_virtual_tokens: n,
+                    token_dim: cfg.hidden,
+                    num_attention_heads: cfg.heads,
+                    num_layers: cfg.layers,
+                    prompt_tuning_init: "SAMPLE_VOCAB".into(),
+                    prompt_tuning_init_text: None,
+                    tokenizer_name_or_path: None,
+                    base_model_name_or_path: None,
+                };
+                let t = init_prompt(&ctx, &m, &pc, &PromptInit::Vocab, 1)?;
+                (AdapterConfig::Prompt(pc), t)
+            }
+            "prefix" | "prefix-proj" => {
+                let pc = PrefixConfig {
+                    num_virtual_tokens: n,
+                    token_dim: cfg.kv_dim(),
+                    num_attention_heads: cfg.kv_heads,
+                    num_layers: cfg.layers,
+                    encoder_hidden_size: Some(cfg.hidden),
+                    prefix_projection: method == "prefix-proj",
+                    base_model_name_or_path: None,
+                };
+                let t = init_prefix(&ctx, &m, &pc, &PrefixInit::Zero, 1)?;
+                (AdapterConfig::Prefix(pc), t)
+            }
+            other => return Err(Error::invalid("bench train", format!("unknown method `{other}` (lora, lora-all, prompt, prefix, prefix-proj)"))),
+        };
+        let ad = Adapter::new(&ctx, &m, acfg, tensors)?;
+        let opt = OptimConfig {
+            lr: 1e-4,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: 1.0,
+            schedule: Schedule::Constant,
+            warmup_steps: 0,
+            total_steps: steps + 1,
+        };
+        let mut tr = Trainer::new(&ctx, &m, &ad, opt)?;
+        let t0 = Instant::now();
+        let first = tr.train_step(std::slice::from_ref(&batch), true)?.map(|s| s.loss).unwrap_or(f64::NAN);
+        let warm = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        for i in 0..steps {
+            tr.train_step(std::slice::from_ref(&batch), i + 1 == steps)?;
+        }
+        let secs = t1.elapsed().as_secs_f64() / steps.max(1) as f64;
+        println!(
+            "  {method:<12} {:>8.1} tok/s  {:>7.1} GFLOP/s (matmuls)  {:.2} s/step  (first step {warm:.1} s incl. pipeline builds, loss {first:.3}), {} trainable, peak RSS {:.0} MiB",
+            (b * t) as f64 / secs,
+            tr.last_flops / secs / 1e9,
+            secs,
+            ad.num_params(),
+            peak_rss_mib().unwrap_or(f64::NAN)
+        );
+    }
+    Ok(())
+}

@@ -73,6 +73,27 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         iters: usize,
     },
+    /// Tokens/s and GFLOP/s of full training steps per method
+    Train {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Model folder (or --config for random weights of that shape)
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// config.json to benchmark with random weights
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Comma list of lora, lora-all, prompt, prefix, prefix-proj
+        #[arg(long, default_value = "lora,prompt,prefix")]
+        methods: String,
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        /// Timed steps per method (after one warm-up step)
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+    },
 }
 
 /// Adapter method.
@@ -278,6 +299,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             what: BenchCommand::Kernels { device, iters },
         } => crate::bench::kernels(&device.options(), iters),
+        Command::Bench {
+            what: BenchCommand::Train { device, model, config, methods, batch_size, seq_len, steps },
+        } => {
+            let m: Vec<&str> = methods.split(',').map(|s| s.trim()).filter(|s| !s.is_empty()).collect();
+            crate::bench::train(&device.options(), model.as_deref(), config.as_deref(), &m, batch_size, seq_len.max(2), steps)
+        }
     }
 }
 

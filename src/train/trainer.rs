@@ -98,6 +98,8 @@ pub struct Trainer<'a> {
     plans: HashMap<(usize, usize, usize), StepPlan>,
     /// Optimizer steps taken (AdamW's t is this + 1 during a step).
     pub step: usize,
+    /// Matmul FLOPs of the last step's plans (for GFLOP/s reports).
+    pub last_flops: f64,
 }
 
 impl<'a> Trainer<'a> {
@@ -114,7 +116,7 @@ impl<'a> Trainer<'a> {
         let mut clear = Plan::new("clear grads");
         clear.clear(&flat.grads);
         clear.run(ctx)?;
-        Ok(Trainer { ctx, model, adapter, opt, norm, partials, scalars, opt_plan, plans: HashMap::new(), step: 0 })
+        Ok(Trainer { ctx, model, adapter, opt, norm, partials, scalars, opt_plan, plans: HashMap::new(), step: 0, last_flops: 0.0 })
     }
 
     /// Virtual-token rows (prompt tuning) and K/V rows in front (prefix).
@@ -251,9 +253,11 @@ impl<'a> Trainer<'a> {
         let sc = adamw::adamw_step_scalars(lr, self.opt.beta1, self.opt.beta2, self.opt.eps, self.opt.weight_decay, self.step as u64 + 1);
         self.scalars.write_f32(self.ctx, &sc)?;
         let mut loss_sum = 0.0;
+        self.last_flops = 0.0;
         for (i, batch) in micro.iter().enumerate() {
             let key = self.prepare(batch, weight)?;
             let sp = &self.plans[&key];
+            self.last_flops += sp.plan.flops();
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
             sp.plan.encode(&mut enc);
             if i + 1 == micro.len() {
