@@ -158,3 +158,53 @@ fn lora_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) 
         if (j0 + i < p.r) { let e = o + i; lb_dh[e >> 2u][e & 3u] = p.scale * c[i]; }
     }
 }
+
+// ---------------------------------------------------------------------------
+// LoRA dropout, on the adapter's input only (PEFT: B (A dropout(x))).
+// The mask is a hash of (seed, site, element), so backward recomputes it
+// instead of storing it, and a step is reproducible from its seed. The seed
+// lives in a buffer the host rewrites before each step (plans are replayed).
+//   lora_dropout_forward:  out = x * keep / (1 - p)
+//   lora_dropout_backward: dinp += g * keep / (1 - p); g = 0 afterwards, so
+//                          the scratch g (the bypass's share of dx) is ready
+//                          to accumulate again at the next use.
+// Params reuse the struct above: m = elements, n = site id,
+// r = keep threshold (p * 2^32), scale = 1 / (1 - p).
+// Geometry: one invocation per element, folded 1-D grid.
+
+fn pcg_hash(v: u32) -> u32 {
+    let state = v * 747796405u + 2891336453u;
+    let word = ((state >> ((state >> 28u) + 4u)) ^ state) * 277803737u;
+    return (word >> 22u) ^ word;
+}
+
+// 1.0 when element `i` of site `site` is kept for this seed, else 0.0.
+fn keep(seed: u32, site: u32, i: u32) -> f32 {
+    let h = pcg_hash(i ^ pcg_hash(seed ^ pcg_hash(site)));
+    return select(0.0, 1.0, h >= p.r);
+}
+
+@group(0) @binding(1) var<storage, read_write> ldf_out: array<f32>; // (M, K)
+@group(0) @binding(2) var<storage, read> ldf_inp: array<f32>;       // (M, K)
+@group(0) @binding(3) var<storage, read> ldf_seed: array<u32>;      // (1)
+
+@compute @workgroup_size(WG)
+fn lora_dropout_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(local_invocation_index) lid: u32) {
+    let i = lora_slot(wg, nwg, lid);
+    if (i >= p.m) { return; }
+    ldf_out[i] = ldf_inp[i] * keep(ldf_seed[0], p.n, i) * p.scale;
+}
+
+@group(0) @binding(1) var<storage, read_write> ldb_dinp: array<f32>; // (M, K)
+@group(0) @binding(2) var<storage, read_write> ldb_g: array<f32>;    // (M, K), zeroed after use
+@group(0) @binding(3) var<storage, read> ldb_seed: array<u32>;       // (1)
+
+@compute @workgroup_size(WG)
+fn lora_dropout_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                         @builtin(local_invocation_index) lid: u32) {
+    let i = lora_slot(wg, nwg, lid);
+    if (i >= p.m) { return; }
+    ldb_dinp[i] += ldb_g[i] * keep(ldb_seed[0], p.n, i) * p.scale;
+    ldb_g[i] = 0.0;
+}

@@ -87,3 +87,30 @@ fn greedy_generation_matches_transformers() {
         }
     }
 }
+
+#[test]
+fn eval_matches_transformers_on_the_sample_data() {
+    use wgtune::model::tokenizer::Tokenizer;
+    use wgtune::train::data::{Batch, DataOptions, Dataset};
+    let ctx = gpu!();
+    for name in MODELS {
+        let dir = data_dir(name);
+        let m = Model::load(ctx, &dir).unwrap();
+        let tok = Tokenizer::load(&dir).unwrap();
+        let data = Dataset::load(&data_dir("sample.jsonl"), &tok, &DataOptions::default()).unwrap();
+        // Batches of 3 with padding: padding must not change the result.
+        let batches: Vec<Batch> = data
+            .examples
+            .chunks(3)
+            .map(|c| Batch::from_examples(&c.iter().collect::<Vec<_>>(), data.pad_id))
+            .collect();
+        let (sum, n) = wgtune::train::eval::eval_batches(ctx, &m, &NoHooks, &batches).unwrap();
+        let meta = json(&format!("{name}/reference.json"));
+        let want = meta["data"]["eval_loss"].as_f64().unwrap();
+        let want_n = meta["data"]["eval_tokens"].as_u64().unwrap() as usize;
+        let loss = sum / n as f64;
+        eprintln!("{name}: eval loss {loss:.6} (ppl {:.3}) vs transformers {want:.6}, {n} tokens", loss.exp());
+        assert_eq!(n, want_n, "{name}: target tokens");
+        assert!((loss - want).abs() <= 1e-4 * want, "{name}: eval loss {loss} vs {want}");
+    }
+}

@@ -198,3 +198,37 @@ fn generation_with_trained_adapters_matches_full_forward_reference() {
         }
     }
 }
+
+#[test]
+fn lora_dropout_applies_in_training_only() {
+    let ctx = gpu!();
+    let m = Model::load(ctx, &data_dir("tiny-llama")).unwrap();
+    let (cfg, tensors) = initial("tiny-llama", "lora_qv");
+    let wgtune::adapters::peft_io::AdapterConfig::Lora(mut lc) = cfg else { panic!("lora") };
+    lc.lora_dropout = 0.5;
+    let adapter = Adapter::new(ctx, &m, wgtune::adapters::peft_io::AdapterConfig::Lora(lc), tensors).unwrap();
+    let batch = step_batch("tiny-llama", "lora_qv");
+    let want = json("tiny-llama/peft/lora_qv/step.json")["loss"].as_f64().unwrap();
+    let opt = OptimConfig {
+        lr: 1e-3,
+        weight_decay: 0.0,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        max_grad_norm: 1.0,
+        schedule: Schedule::Constant,
+        warmup_steps: 0,
+        total_steps: 2,
+    };
+    let mut tr = Trainer::new(ctx, &m, &adapter, opt).unwrap();
+    let dropped = tr.gradients(&batch).unwrap();
+    let grads = adapter.flat.read(ctx, &adapter.flat.grads).unwrap();
+    assert!(grads.iter().all(|(_, _, g)| g.iter().all(|x| x.is_finite())));
+    assert!(grads.iter().all(|(_, _, g)| g.iter().any(|&x| x != 0.0)), "every LoRA tensor gets a gradient");
+    // Eval records its own plan, without dropout: PEFT's (dropout-free) loss.
+    let (sum, n) = wgtune::train::eval::eval_batches(ctx, &m, &adapter, std::slice::from_ref(&batch)).unwrap();
+    let eval = sum / n as f64;
+    eprintln!("dropout 0.5: training loss {dropped:.6}, eval loss {eval:.6}, PEFT (no dropout) {want:.6}");
+    assert!((eval - want).abs() <= 1e-4 * want, "eval with dropout configured: {eval} vs {want}");
+    assert!((dropped - want).abs() > 1e-4, "dropout changed nothing in training ({dropped})");
+}

@@ -144,6 +144,8 @@ impl Flat {
 
 /// One LoRA-adapted linear layer: views into the flat buffers.
 pub struct LoraSite {
+    /// Index of the site (its dropout mask stream).
+    pub id: u32,
     pub a: Tensor,
     pub b: Tensor,
     pub da: Tensor,
@@ -192,8 +194,22 @@ pub struct Adapter {
     pub config: AdapterConfig,
     pub flat: Flat,
     kind: Kind,
-    /// LoRA's saved h = A x and dh scratch, per (module, rows).
-    lora_scratch: RefCell<HashMap<(String, usize), (Tensor, Tensor)>>,
+    /// LoRA's saved h = A x and dh scratch, per (module, rows), and with
+    /// dropout the dropped input and the bypass's share of dx.
+    lora_scratch: RefCell<HashMap<(String, usize), Scratch>>,
+    /// LoRA dropout probability (applied only in plans recorded for training).
+    dropout: f64,
+    training: std::cell::Cell<bool>,
+    /// The dropout seed (1 u32), rewritten before every training step.
+    seed: Tensor,
+}
+
+#[derive(Clone)]
+struct Scratch {
+    h: Tensor,
+    dh: Tensor,
+    xd: Option<Tensor>,
+    g: Option<Tensor>,
 }
 
 /// The linear layers of `model` whose module name matches `targets`
@@ -260,13 +276,14 @@ impl Adapter {
             AdapterConfig::Lora(lc) => {
                 check_lora(lc)?;
                 let mut sites = HashMap::new();
-                for lin in match_targets(model, &lc.target_modules)? {
+                for (id, lin) in match_targets(model, &lc.target_modules)?.into_iter().enumerate() {
                     let (an, bn) = lora_names(&lin.name);
                     expect(&an, &[lc.r, lin.in_features])?;
                     expect(&bn, &[lin.out_features, lc.r])?;
                     sites.insert(
                         lin.name.clone(),
                         LoraSite {
+                            id: id as u32,
                             a: flat.param(&an)?,
                             b: flat.param(&bn)?,
                             da: flat.grad(&an)?,
@@ -350,11 +367,19 @@ impl Adapter {
                 }
             }
         };
+        let dropout = match &config {
+            AdapterConfig::Lora(lc) => lc.lora_dropout,
+            _ => 0.0,
+        };
+        let seed = Tensor::from_u32(ctx, &[0], &[1], "dropout_seed")?;
         Ok(Adapter {
             config,
             flat,
             kind,
             lora_scratch: RefCell::new(HashMap::new()),
+            dropout,
+            training: std::cell::Cell::new(false),
+            seed,
         })
     }
 
@@ -433,17 +458,39 @@ impl Adapter {
         }
     }
 
-    fn scratch(&self, ctx: &Context, name: &str, m: usize, r: usize) -> Result<(Tensor, Tensor)> {
+    /// Whether plans recorded from now on are training plans (LoRA dropout
+    /// on). The trainer sets it while it records; eval and generation never.
+    pub fn set_training(&self, on: bool) {
+        self.training.set(on);
+    }
+
+    /// The dropout seed of the next submitted training step.
+    pub fn set_seed(&self, ctx: &Context, seed: u32) -> Result<()> {
+        ctx.queue.write_buffer(self.seed.buffer(), self.seed.offset(), &seed.to_le_bytes());
+        Ok(())
+    }
+
+    fn dropping(&self) -> bool {
+        self.training.get() && self.dropout > 0.0
+    }
+
+    fn scratch(&self, ctx: &Context, name: &str, m: usize, r: usize, k: usize) -> Result<Scratch> {
+        let drop = self.dropping();
         let key = (name.to_string(), m);
         if let Some(t) = self.lora_scratch.borrow().get(&key) {
-            return Ok(t.clone());
+            if t.xd.is_some() || !drop {
+                return Ok(t.clone());
+            }
         }
-        let h = Tensor::zeros(ctx, &[m, r], DType::F32, &format!("{name}.lora_h"))?;
-        let dh = Tensor::zeros(ctx, &[m, r], DType::F32, &format!("{name}.lora_dh"))?;
-        self.lora_scratch
-            .borrow_mut()
-            .insert(key, (h.clone(), dh.clone()));
-        Ok((h, dh))
+        let z = |shape: &[usize], what: &str| Tensor::zeros(ctx, shape, DType::F32, &format!("{name}.{what}"));
+        let sc = Scratch {
+            h: z(&[m, r], "lora_h")?,
+            dh: z(&[m, r], "lora_dh")?,
+            xd: if drop { Some(z(&[m, k], "lora_xd")?) } else { None },
+            g: if drop { Some(z(&[m, k], "lora_g")?) } else { None },
+        };
+        self.lora_scratch.borrow_mut().insert(key, sc.clone());
+        Ok(sc)
     }
 }
 
@@ -516,8 +563,12 @@ impl Hooks for Adapter {
             return Ok(());
         };
         let m = inp.shape()[0];
-        let (h, _) = self.scratch(ctx, &lin.name, m, site.r)?;
-        lora::lora_forward(ctx, plan, out, &h, inp, &site.a, &site.b, site.scale)
+        let sc = self.scratch(ctx, &lin.name, m, site.r, lin.in_features)?;
+        if let (true, Some(xd)) = (self.dropping(), &sc.xd) {
+            lora::lora_dropout_forward(ctx, plan, xd, inp, &self.seed, site.id, self.dropout)?;
+            return lora::lora_forward(ctx, plan, out, &sc.h, xd, &site.a, &site.b, site.scale);
+        }
+        lora::lora_forward(ctx, plan, out, &sc.h, inp, &site.a, &site.b, site.scale)
     }
     fn linear_backward(
         &self,
@@ -536,9 +587,16 @@ impl Hooks for Adapter {
             return Ok(());
         };
         let m = inp.shape()[0];
-        let (h, dh) = self.scratch(ctx, &lin.name, m, site.r)?;
-        lora::lora_backward(
-            ctx, plan, dinp, &site.da, &site.db, &dh, dout, &h, inp, &site.a, &site.b, site.scale,
-        )
+        let sc = self.scratch(ctx, &lin.name, m, site.r, lin.in_features)?;
+        if let (true, Some(xd), Some(g)) = (self.dropping(), &sc.xd, &sc.g) {
+            // The bypass's dx goes through the same mask: into g, then masked
+            // into dinp (which also zeroes g for the next step).
+            lora::lora_backward(ctx, plan, dinp.map(|_| g), &site.da, &site.db, &sc.dh, dout, &sc.h, xd, &site.a, &site.b, site.scale)?;
+            if let Some(dx) = dinp {
+                lora::lora_dropout_backward(ctx, plan, dx, g, &self.seed, site.id, self.dropout)?;
+            }
+            return Ok(());
+        }
+        lora::lora_backward(ctx, plan, dinp, &site.da, &site.db, &sc.dh, dout, &sc.h, inp, &site.a, &site.b, site.scale)
     }
 }

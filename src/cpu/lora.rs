@@ -85,3 +85,31 @@ pub fn lora_backward(
         matmul_backward_input(dinp, &dh, a, m, k, r);
     }
 }
+
+fn pcg_hash(v: u32) -> u32 {
+    let state = v.wrapping_mul(747796405).wrapping_add(2891336453);
+    let word = ((state >> ((state >> 28) + 4)) ^ state).wrapping_mul(277803737);
+    (word >> 22) ^ word
+}
+
+/// Whether element `i` of dropout site `site` is kept for `seed` (the
+/// shader's hash; `threshold` = p * 2^32).
+pub fn dropout_keep(seed: u32, site: u32, i: u32, threshold: u32) -> bool {
+    pcg_hash(i ^ pcg_hash(seed ^ pcg_hash(site))) >= threshold
+}
+
+/// out = inp * keep / (1 - p).
+pub fn lora_dropout_forward(out: &mut [f64], inp: &[f64], seed: u32, site: u32, threshold: u32, p: f64) {
+    for (i, (o, &x)) in out.iter_mut().zip(inp).enumerate() {
+        *o = if dropout_keep(seed, site, i as u32, threshold) { x / (1.0 - p) } else { 0.0 };
+    }
+}
+
+/// Differentiates [`lora_dropout_forward`]: dinp += g * keep / (1 - p).
+pub fn lora_dropout_backward(dinp: &mut [f64], g: &[f64], seed: u32, site: u32, threshold: u32, p: f64) {
+    for (i, (d, &x)) in dinp.iter_mut().zip(g).enumerate() {
+        if dropout_keep(seed, site, i as u32, threshold) {
+            *d += x / (1.0 - p);
+        }
+    }
+}

@@ -126,12 +126,6 @@ fn fresh_adapter(ctx: &Context, model: &Model, tok: &Tokenizer, o: &TrainOptions
             if !(0.0..1.0).contains(&lc.lora_dropout) {
                 return Err(Error::invalid("lora", format!("--lora-dropout {} must be in [0, 1)", lc.lora_dropout)));
             }
-            if lc.lora_dropout > 0.0 {
-                return Err(Error::invalid(
-                    "lora",
-                    "--lora-dropout > 0 is not implemented yet (the adapter input would need a dropout mask kernel); use 0",
-                ));
-            }
             let t = init::init_lora(model, &lc, init, o.seed)?;
             Ok((AdapterConfig::Lora(lc), t))
         }

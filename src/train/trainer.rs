@@ -149,12 +149,10 @@ impl<'a> Trainer<'a> {
         let logits = Tensor::zeros(ctx, &[r, cfg.vocab], DType::F32, "logits")?;
         let gathered = Tensor::zeros(ctx, &[1, r, cfg.hidden], DType::F32, "gathered")?;
         let mut plan = Plan::new(&format!("train step B={b} T={t} R={r}"));
-        model.forward(ctx, &mut plan, &acts, &ids, ad, None)?;
-        model.logits_rows(ctx, &mut plan, &logits, &gathered, &acts, &rows)?;
-        model.losses(ctx, &mut plan, &losses, &logits, &targets)?;
-        ad.pre_backward(&mut plan);
-        model.backward(ctx, &mut plan, &acts, &grads, &logits, &rows, &targets, &dlosses, ad)?;
-        ad.post_backward(ctx, &mut plan)?;
+        ad.set_training(true);
+        let recorded = Self::record(ctx, model, ad, &mut plan, &acts, &grads, &ids, &rows, &targets, &dlosses, &losses, &logits, &gathered);
+        ad.set_training(false);
+        recorded?;
         log::debug!("built {} with {} dispatches", plan_label(b, t, r), plan.dispatches());
         Ok(StepPlan {
             ids,
@@ -171,6 +169,32 @@ impl<'a> Trainer<'a> {
             _logits: logits,
             _gathered: gathered,
         })
+    }
+
+    /// The step's kernels: forward, logits at the target rows, loss,
+    /// backward, and the adapter's own backward.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        ctx: &Context,
+        model: &Model,
+        ad: &Adapter,
+        plan: &mut Plan,
+        acts: &Acts,
+        grads: &Grads,
+        ids: &Tensor,
+        rows: &Tensor,
+        targets: &Tensor,
+        dlosses: &Tensor,
+        losses: &Tensor,
+        logits: &Tensor,
+        gathered: &Tensor,
+    ) -> Result<()> {
+        model.forward(ctx, plan, acts, ids, ad, None)?;
+        model.logits_rows(ctx, plan, logits, gathered, acts, rows)?;
+        model.losses(ctx, plan, losses, logits, targets)?;
+        ad.pre_backward(plan);
+        model.backward(ctx, plan, acts, grads, logits, rows, targets, dlosses, ad)?;
+        ad.post_backward(ctx, plan)
     }
 
     /// Record-once plan for this batch's bucketed shape, inputs written.
@@ -256,6 +280,8 @@ impl<'a> Trainer<'a> {
         self.last_flops = 0.0;
         for (i, batch) in micro.iter().enumerate() {
             let key = self.prepare(batch, weight)?;
+            // A fresh dropout mask per micro-batch, reproducible from the step.
+            self.adapter.set_seed(self.ctx, (self.step as u32).wrapping_mul(1009).wrapping_add(i as u32))?;
             let sp = &self.plans[&key];
             self.last_flops += sp.plan.flops();
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());

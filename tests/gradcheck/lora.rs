@@ -82,3 +82,20 @@ fn lora_backward_accumulates_and_skips_absent_dinp() {
         }
     }
 }
+
+#[test]
+fn lora_dropout_backward_matches_finite_differences() {
+    use wgtune::cpu::lora::{lora_dropout_backward, lora_dropout_forward};
+    let n = 4 * 9;
+    let (p, th) = (0.25, (0.25 * 4294967296.0) as u32);
+    let mut r = Rng::new(21);
+    let (x, dout) = (r.vec64(n, 1.0), r.vec64(n, 1.0));
+    let loss = |x: &[f64]| {
+        let mut out = vec![0.0; n];
+        lora_dropout_forward(&mut out, x, 5, 3, th, p);
+        dot(&out, &dout)
+    };
+    let mut dx = vec![0.0; n];
+    lora_dropout_backward(&mut dx, &dout, 5, 3, th, p);
+    fd_check("lora_dropout_backward dinp", &x, &dx, loss);
+}

@@ -268,3 +268,30 @@ fn lora_backward_is_deterministic() {
         );
     }
 }
+
+#[test]
+fn lora_dropout_vs_cpu() {
+    let ctx = gpu!();
+    let (m, k, p, seed, site) = (13usize, 37usize, 0.3, 12345u32, 7u32);
+    let mut r = Rng::new(99);
+    let (x, g, d0) = (r.vec(m * k, 1.0), r.vec(m * k, 1.0), r.vec(m * k, 1.0));
+    let tx = up(ctx, &x, &[m, k], "x");
+    let tg = up(ctx, &g, &[m, k], "g");
+    let td = up(ctx, &d0, &[m, k], "dinp");
+    let out = zeros(ctx, &[m, k], "out");
+    let ts = wgtune::gpu::Tensor::from_u32(ctx, &[seed], &[1], "seed").unwrap();
+    let mut plan = Plan::new("dropout");
+    lora::lora_dropout_forward(ctx, &mut plan, &out, &tx, &ts, site, p).unwrap();
+    lora::lora_dropout_backward(ctx, &mut plan, &td, &tg, &ts, site, p).unwrap();
+    run(ctx, &plan);
+    let th = lora::dropout_threshold(p);
+    let mut ro = vec![0.0; m * k];
+    cpu::lora::lora_dropout_forward(&mut ro, &to64(&x), seed, site, th, p);
+    let mut rd = to64(&d0);
+    cpu::lora::lora_dropout_backward(&mut rd, &to64(&g), seed, site, th, p);
+    assert_close("dropout out", &read(ctx, &out), &ro, 1e-6, 1e-6);
+    assert_close("dropout dinp", &read(ctx, &td), &rd, 1e-6, 1e-6);
+    assert!(read(ctx, &tg).iter().all(|&v| v == 0.0), "scratch g is zeroed");
+    let kept = ro.iter().filter(|&&v| v != 0.0).count() as f64 / (m * k) as f64;
+    assert!((kept - (1.0 - p)).abs() < 0.08, "kept fraction {kept}");
+}
