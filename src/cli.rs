@@ -31,16 +31,16 @@ pub struct DeviceArgs {
     /// GPU backend: vulkan, metal, dx12 or gl (default: all; env WGPU_BACKEND)
     #[arg(long)]
     pub backend: Option<String>,
-    /// Use the adapter whose name contains this text (env WGPU_ADAPTER_NAME)
+    /// Use the GPU whose adapter name contains this text (env WGPU_ADAPTER_NAME)
     #[arg(long)]
-    pub adapter: Option<String>,
+    pub gpu: Option<String>,
 }
 
 impl DeviceArgs {
     pub fn options(&self) -> ContextOptions {
         ContextOptions {
             backend: self.backend.clone(),
-            adapter: self.adapter.clone(),
+            adapter: self.gpu.clone(),
             ..Default::default()
         }
     }
@@ -392,6 +392,14 @@ fn train(a: &TrainArgs) -> Result<()> {
     train_run(&ctx, &o)
 }
 
+/// Load a model folder and its tokenizer, and say what was loaded.
+fn load_model(ctx: &Context, dir: &std::path::Path) -> Result<(Model, Tokenizer)> {
+    let model = Model::load(ctx, dir)?;
+    let tok = Tokenizer::load(dir)?;
+    print_model(ctx, &model);
+    Ok((model, tok))
+}
+
 /// Load an optional PEFT adapter for inference.
 fn load_adapter(ctx: &Context, model: &Model, dir: Option<&PathBuf>) -> Result<Option<Adapter>> {
     let Some(dir) = dir else { return Ok(None) };
@@ -403,14 +411,9 @@ fn load_adapter(ctx: &Context, model: &Model, dir: Option<&PathBuf>) -> Result<O
 
 fn generate(a: &GenerateArgs) -> Result<()> {
     let ctx = Context::new(&a.device.options())?;
-    let model = Model::load(&ctx, &a.model)?;
-    let tok = Tokenizer::load(&a.model)?;
-    print_model(&ctx, &model);
+    let (model, tok) = load_model(&ctx, &a.model)?;
     let adapter = load_adapter(&ctx, &model, a.adapter.as_ref())?;
-    let hooks: &dyn Hooks = match &adapter {
-        Some(ad) => ad,
-        None => &NoHooks,
-    };
+    let hooks: &dyn Hooks = adapter.as_ref().map_or(&NoHooks, |ad| ad as &dyn Hooks);
     let ids = if a.chat {
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {
@@ -460,15 +463,18 @@ fn generate(a: &GenerateArgs) -> Result<()> {
 
 fn eval(a: &EvalArgs) -> Result<()> {
     let ctx = Context::new(&a.device.options())?;
-    let model = Model::load(&ctx, &a.model)?;
-    let tok = Tokenizer::load(&a.model)?;
-    print_model(&ctx, &model);
+    let (model, tok) = load_model(&ctx, &a.model)?;
     let adapter = load_adapter(&ctx, &model, a.adapter.as_ref())?;
-    let hooks: &dyn Hooks = match &adapter {
-        Some(ad) => ad,
-        None => &NoHooks,
-    };
-    let data = Dataset::load(&a.data, &tok, &a.data_args.options()?)?;
+    let hooks: &dyn Hooks = adapter.as_ref().map_or(&NoHooks, |ad| ad as &dyn Hooks);
+    // Rows must leave room for the adapter's virtual tokens or prefix rows.
+    let rows = hooks.prompt().map_or(0, |t| t.shape()[0]) + hooks.prefix().map_or(0, |t| t.shape()[0]);
+    let room = model.cfg.max_positions.saturating_sub(rows);
+    let mut dopts = a.data_args.options()?;
+    dopts.max_seq_len = Some(dopts.max_seq_len.unwrap_or(room).min(room));
+    let data = Dataset::load(&a.data, &tok, &dopts)?;
+    if data.truncated > 0 {
+        println!("{} rows truncated to {} tokens", data.truncated, dopts.max_seq_len.unwrap_or(room));
+    }
     let batches: Vec<Batch> = data
         .examples
         .chunks(a.batch_size.max(1))

@@ -10,7 +10,8 @@ fn main() -> ExitCode {
     match wgtune::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {:#}", anyhow::Error::from(e));
+            // Library errors already carry their cause in the message.
+            eprintln!("error: {}", anyhow::Error::from(e));
             ExitCode::from(2)
         }
     }

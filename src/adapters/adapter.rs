@@ -12,8 +12,7 @@ use crate::gpu::ops::{activation, lora, matmul};
 use crate::gpu::{Context, DType, Plan, Tensor};
 use crate::model::transformer::{Hooks, Linear, Model};
 
-/// PEFT's tensor name for prompt and prefix tables in adapter files.
-pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
+pub use super::peft_io::PROMPT_EMBEDDINGS;
 /// Names of the prefix projection's parameters (PEFT's, `.default` removed).
 pub const PROJ_EMB: &str = "prompt_encoder.embedding.weight";
 pub const PROJ_W1: &str = "prompt_encoder.transform.0.weight";
