@@ -42,7 +42,9 @@ fn every_method_trains_on_the_sample_data_and_the_adapter_is_usable() {
     let model = root().join("tests/reference/data/tiny-llama");
     let data = root().join("assets/data/pirate-train.jsonl");
     let val = root().join("assets/data/pirate-val.jsonl");
-    for (method, extra) in [("lora", vec![]), ("prompt", vec![]), ("prefix", vec![]), ("prefix", vec!["--prefix-projection"]), ("lora", vec!["--lora-targets", "all-linear", "--lora-dropout", "0.1"])] {
+    // Projection, all-linear and dropout are covered by train_parity; each
+    // extra run here costs CI a cold pipeline build in a new process.
+    for (method, extra) in [("lora", vec!["--lora-dropout", "0.1"]), ("prompt", vec![]), ("prefix", vec![])] {
         let out = tmp(&format!("{method}{}", extra.len()));
         let mut args = vec![
             "--method", method, "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(),
