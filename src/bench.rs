@@ -190,7 +190,12 @@ fn checkpoint_specs(cfg: &crate::model::ModelConfig) -> Vec<(String, Vec<usize>)
                 s.push((format!("{p}.{n}.weight"), vec![c]));
                 s.push((format!("{p}.{n}.bias"), vec![c]));
             }
-            for (n, a, b) in [("attn.c_attn", c, 3 * c), ("attn.c_proj", c, c), ("mlp.c_fc", c, ff), ("mlp.c_proj", ff, c)] {
+            for (n, a, b) in [
+                ("attn.c_attn", c, 3 * c),
+                ("attn.c_proj", c, c),
+                ("mlp.c_fc", c, ff),
+                ("mlp.c_proj", ff, c),
+            ] {
                 s.push((format!("{p}.{n}.weight"), vec![a, b]));
                 s.push((format!("{p}.{n}.bias"), vec![b]));
             }
@@ -204,13 +209,22 @@ fn checkpoint_specs(cfg: &crate::model::ModelConfig) -> Vec<(String, Vec<usize>)
             let p = format!("model.layers.{i}");
             s.push((format!("{p}.input_layernorm.weight"), vec![c]));
             s.push((format!("{p}.post_attention_layernorm.weight"), vec![c]));
-            for (n, o, k) in [("q_proj", qd, c), ("k_proj", kvd, c), ("v_proj", kvd, c), ("o_proj", c, qd)] {
+            for (n, o, k) in [
+                ("q_proj", qd, c),
+                ("k_proj", kvd, c),
+                ("v_proj", kvd, c),
+                ("o_proj", c, qd),
+            ] {
                 s.push((format!("{p}.self_attn.{n}.weight"), vec![o, k]));
                 if cfg.qkv_bias && n != "o_proj" {
                     s.push((format!("{p}.self_attn.{n}.bias"), vec![o]));
                 }
             }
-            for (n, o, k) in [("gate_proj", ff, c), ("up_proj", ff, c), ("down_proj", c, ff)] {
+            for (n, o, k) in [
+                ("gate_proj", ff, c),
+                ("up_proj", ff, c),
+                ("down_proj", c, ff),
+            ] {
                 s.push((format!("{p}.mlp.{n}.weight"), vec![o, k]));
             }
         }
@@ -228,24 +242,41 @@ fn random_model_dir(config: &std::path::Path) -> Result<std::path::PathBuf> {
     use crate::error::Error;
     let cfg = crate::model::ModelConfig::from_file(config)?;
     let dir = std::env::temp_dir().join(format!("wgtune-bench-model-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| Error::Io { path: dir.clone(), source: e })?;
-    std::fs::copy(config, dir.join("config.json")).map_err(|e| Error::Io { path: config.to_path_buf(), source: e })?;
+    std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
+        path: dir.clone(),
+        source: e,
+    })?;
+    std::fs::copy(config, dir.join("config.json")).map_err(|e| Error::Io {
+        path: config.to_path_buf(),
+        source: e,
+    })?;
     let mut rng = crate::rng::Rng::new(1);
     let specs = checkpoint_specs(&cfg);
     let data: Vec<Vec<u8>> = specs
         .iter()
         .map(|(_, sh)| {
             let n: usize = sh.iter().product();
-            (0..n).flat_map(|_| (((rng.uniform() * 2.0 - 1.0) * 0.05) as f32).to_le_bytes()).collect()
+            (0..n)
+                .flat_map(|_| (((rng.uniform() * 2.0 - 1.0) * 0.05) as f32).to_le_bytes())
+                .collect()
         })
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = specs
         .iter()
         .zip(&data)
-        .map(|((n, sh), d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, sh.clone(), d).unwrap()))
+        .map(|((n, sh), d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, sh.clone(), d)
+                    .unwrap(),
+            )
+        })
         .collect();
     let path = dir.join("model.safetensors");
-    safetensors::serialize_to_file(views, None, &path).map_err(|e| Error::Weights { path: path.clone(), message: e.to_string() })?;
+    safetensors::serialize_to_file(views, None, &path).map_err(|e| Error::Weights {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
     Ok(dir)
 }
 
@@ -268,7 +299,9 @@ pub fn train(
     t: usize,
     steps: usize,
 ) -> Result<()> {
-    use crate::adapters::init::{init_lora, init_prefix, init_prompt, LoraInit, PrefixInit, PromptInit};
+    use crate::adapters::init::{
+        init_lora, init_prefix, init_prompt, LoraInit, PrefixInit, PromptInit,
+    };
     use crate::adapters::peft_io::{AdapterConfig, LoraConfig, PrefixConfig, PromptConfig};
     use crate::adapters::Adapter;
     use crate::error::Error;
@@ -278,7 +311,12 @@ pub fn train(
     let (dir, tmp) = match (model, config) {
         (Some(m), _) => (m.to_path_buf(), false),
         (None, Some(c)) => (random_model_dir(c)?, true),
-        (None, None) => return Err(Error::invalid("bench train", "give --model DIR or --config config.json")),
+        (None, None) => {
+            return Err(Error::invalid(
+                "bench train",
+                "give --model DIR or --config config.json",
+            ))
+        }
     };
     let m = crate::model::Model::load(&ctx, &dir)?;
     if tmp {
@@ -290,7 +328,9 @@ pub fn train(
         cfg.arch, cfg.layers, cfg.hidden, ctx.info.name, ctx.info.backend
     );
     let mut rng = crate::rng::Rng::new(7);
-    let ids: Vec<i32> = (0..b * t).map(|_| rng.below(cfg.vocab as u64) as i32).collect();
+    let ids: Vec<i32> = (0..b * t)
+        .map(|_| rng.below(cfg.vocab as u64) as i32)
+        .collect();
     let mut targets = vec![-100; b * t];
     for r in 0..b {
         for j in 0..t - 1 {
@@ -298,18 +338,33 @@ pub fn train(
         }
     }
     let n_targets = b * (t - 1);
-    let batch = Batch { b, t, ids, targets, lens: vec![t; b], n_targets };
+    let batch = Batch {
+        b,
+        t,
+        ids,
+        targets,
+        lens: vec![t; b],
+        n_targets,
+    };
     for &method in methods {
         let n = 20;
         let (acfg, tensors) = match method {
             "lora" => {
                 let lc = LoraConfig::new(8, 16.0, &["q_proj", "v_proj"]);
-                let lc = if cfg.arch == crate::model::Arch::Gpt2 { LoraConfig::new(8, 16.0, &["c_attn"]) } else { lc };
+                let lc = if cfg.arch == crate::model::Arch::Gpt2 {
+                    LoraConfig::new(8, 16.0, &["c_attn"])
+                } else {
+                    lc
+                };
                 let t = init_lora(&m, &lc, LoraInit::Kaiming, 1)?;
                 (AdapterConfig::Lora(lc), t)
             }
             "lora-all" => {
-                let mut names: Vec<String> = m.linears().iter().map(|(_, l)| l.name.rsplit('.').next().unwrap().to_string()).collect();
+                let mut names: Vec<String> = m
+                    .linears()
+                    .iter()
+                    .map(|(_, l)| l.name.rsplit('.').next().unwrap().to_string())
+                    .collect();
                 names.sort();
                 names.dedup();
                 let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
@@ -344,7 +399,14 @@ pub fn train(
                 let t = init_prefix(&ctx, &m, &pc, &PrefixInit::Zero, 1)?;
                 (AdapterConfig::Prefix(pc), t)
             }
-            other => return Err(Error::invalid("bench train", format!("unknown method `{other}` (lora, lora-all, prompt, prefix, prefix-proj)"))),
+            other => {
+                return Err(Error::invalid(
+                    "bench train",
+                    format!(
+                        "unknown method `{other}` (lora, lora-all, prompt, prefix, prefix-proj)"
+                    ),
+                ))
+            }
         };
         let ad = Adapter::new(&ctx, &m, acfg, tensors)?;
         let opt = OptimConfig {
@@ -360,7 +422,10 @@ pub fn train(
         };
         let mut tr = Trainer::new(&ctx, &m, &ad, opt)?;
         let t0 = Instant::now();
-        let first = tr.train_step(std::slice::from_ref(&batch), true)?.map(|s| s.loss).unwrap_or(f64::NAN);
+        let first = tr
+            .train_step(std::slice::from_ref(&batch), true)?
+            .map(|s| s.loss)
+            .unwrap_or(f64::NAN);
         let warm = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         for i in 0..steps {

@@ -13,7 +13,7 @@ use crate::gpu::Context;
 use crate::model::generate::{generate as gen, GenOptions};
 use crate::model::tokenizer::{ChatMessage, Tokenizer};
 use crate::model::{Hooks, Model, NoHooks};
-use crate::train::data::{Batch, DataOptions, Dataset, PromptTemplate};
+use crate::train::data::{DataOptions, Dataset, PromptTemplate};
 use crate::train::run::{print_model, train as train_run, Method, TrainOptions};
 use crate::train::trainer::Schedule;
 
@@ -129,7 +129,11 @@ pub struct DataArgs {
 impl DataArgs {
     fn options(&self) -> Result<DataOptions> {
         Ok(DataOptions {
-            template: self.template.as_deref().map(PromptTemplate::parse).transpose()?,
+            template: self
+                .template
+                .as_deref()
+                .map(PromptTemplate::parse)
+                .transpose()?,
             train_on_prompt: self.train_on_prompt,
             max_seq_len: self.max_seq_len,
         })
@@ -300,10 +304,31 @@ pub fn run(cli: Cli) -> Result<()> {
             what: BenchCommand::Kernels { device, iters },
         } => crate::bench::kernels(&device.options(), iters),
         Command::Bench {
-            what: BenchCommand::Train { device, model, config, methods, batch_size, seq_len, steps },
+            what:
+                BenchCommand::Train {
+                    device,
+                    model,
+                    config,
+                    methods,
+                    batch_size,
+                    seq_len,
+                    steps,
+                },
         } => {
-            let m: Vec<&str> = methods.split(',').map(|s| s.trim()).filter(|s| !s.is_empty()).collect();
-            crate::bench::train(&device.options(), model.as_deref(), config.as_deref(), &m, batch_size, seq_len.max(2), steps)
+            let m: Vec<&str> = methods
+                .split(',')
+                .map(|s| s.trim())
+                .filter(|s| !s.is_empty())
+                .collect();
+            crate::bench::train(
+                &device.options(),
+                model.as_deref(),
+                config.as_deref(),
+                &m,
+                batch_size,
+                seq_len.max(2),
+                steps,
+            )
         }
     }
 }
@@ -384,7 +409,12 @@ fn train(a: &TrainArgs) -> Result<()> {
         lora_r: a.lora_r,
         lora_alpha: a.lora_alpha,
         lora_dropout: a.lora_dropout,
-        lora_targets: a.lora_targets.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+        lora_targets: a
+            .lora_targets
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
         rslora: a.rslora,
         lora_init: a.lora_init.clone(),
         progress: !a.no_progress,
@@ -405,7 +435,11 @@ fn load_adapter(ctx: &Context, model: &Model, dir: Option<&PathBuf>) -> Result<O
     let Some(dir) = dir else { return Ok(None) };
     let loaded = peft_io::load_adapter(dir)?;
     let ad = Adapter::new(ctx, model, loaded.config.clone(), loaded.sorted_tensors())?;
-    println!("adapter: {} ({} parameters)", dir.display(), ad.num_params());
+    println!(
+        "adapter: {} ({} parameters)",
+        dir.display(),
+        ad.num_params()
+    );
     Ok(Some(ad))
 }
 
@@ -456,7 +490,11 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         stats.new_tokens,
         stats.prefill_s,
         stats.decode_tokens_per_s(),
-        if stats.stopped_at_eos { ", stopped at EOS" } else { "" }
+        if stats.stopped_at_eos {
+            ", stopped at EOS"
+        } else {
+            ""
+        }
     );
     Ok(())
 }
@@ -467,25 +505,33 @@ fn eval(a: &EvalArgs) -> Result<()> {
     let adapter = load_adapter(&ctx, &model, a.adapter.as_ref())?;
     let hooks: &dyn Hooks = adapter.as_ref().map_or(&NoHooks, |ad| ad as &dyn Hooks);
     // Rows must leave room for the adapter's virtual tokens or prefix rows.
-    let rows = hooks.prompt().map_or(0, |t| t.shape()[0]) + hooks.prefix().map_or(0, |t| t.shape()[0]);
+    let rows =
+        hooks.prompt().map_or(0, |t| t.shape()[0]) + hooks.prefix().map_or(0, |t| t.shape()[0]);
     let room = model.cfg.max_positions.saturating_sub(rows);
     let mut dopts = a.data_args.options()?;
     dopts.max_seq_len = Some(dopts.max_seq_len.unwrap_or(room).min(room));
     let data = Dataset::load(&a.data, &tok, &dopts)?;
     if data.truncated > 0 {
-        println!("{} rows truncated to {} tokens", data.truncated, dopts.max_seq_len.unwrap_or(room));
+        println!(
+            "{} rows truncated to {} tokens",
+            data.truncated,
+            dopts.max_seq_len.unwrap_or(room)
+        );
     }
-    let batches: Vec<Batch> = data
-        .examples
-        .chunks(a.batch_size.max(1))
-        .map(|c| Batch::from_examples(&c.iter().collect::<Vec<_>>(), data.pad_id))
-        .collect();
-    let (sum, n) = crate::train::eval::eval_batches(&ctx, &model, hooks, &batches)?;
+    let (sum, n) =
+        crate::train::eval::eval_batches(&ctx, &model, hooks, &data.in_order(a.batch_size))?;
     if n == 0 {
-        return Err(Error::invalid("eval", format!("{}: no target tokens", a.data.display())));
+        return Err(Error::invalid(
+            "eval",
+            format!("{}: no target tokens", a.data.display()),
+        ));
     }
     let mean = sum / n as f64;
-    println!("{}: {} examples, {n} target tokens", a.data.display(), data.len());
+    println!(
+        "{}: {} examples, {n} target tokens",
+        a.data.display(),
+        data.len()
+    );
     println!("loss {mean:.6}  perplexity {:.4}", mean.exp());
     Ok(())
 }

@@ -12,8 +12,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn wgtune(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_wgtune")).args(args).env("RUST_LOG", "error").output().expect("run wgtune");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_wgtune"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run wgtune");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
@@ -44,11 +52,28 @@ fn every_method_trains_on_the_sample_data_and_the_adapter_is_usable() {
     let val = root().join("assets/data/pirate-val.jsonl");
     // Projection, all-linear and dropout are covered by train_parity; each
     // extra run here costs CI a cold pipeline build in a new process.
-    for (method, extra) in [("lora", vec!["--lora-dropout", "0.1"]), ("prompt", vec![]), ("prefix", vec![])] {
+    for (method, extra) in [
+        ("lora", vec!["--lora-dropout", "0.1"]),
+        ("prompt", vec![]),
+        ("prefix", vec![]),
+    ] {
         let out = tmp(&format!("{method}{}", extra.len()));
         let mut args = vec![
-            "--method", method, "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(),
-            "--val-data", val.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "30", "--batch-size", "8", "--no-progress",
+            "--method",
+            method,
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--val-data",
+            val.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "30",
+            "--batch-size",
+            "8",
+            "--no-progress",
         ];
         args.extend(extra.iter());
         let (ok, text) = wgtune(&args);
@@ -58,15 +83,43 @@ fn every_method_trains_on_the_sample_data_and_the_adapter_is_usable() {
         let first: f64 = l[..3].iter().sum::<f64>() / 3.0;
         let last: f64 = l[l.len() - 3..].iter().sum::<f64>() / 3.0;
         eprintln!("{method} {extra:?}: loss {first:.3} -> {last:.3}");
-        assert!(last < first - 0.05, "{method} {extra:?}: loss did not fall ({first} -> {last})");
-        for f in ["adapter_config.json", "adapter_model.safetensors", "loss.svg", "checkpoint/state.safetensors", "checkpoint/trainer_state.json"] {
+        assert!(
+            last < first - 0.05,
+            "{method} {extra:?}: loss did not fall ({first} -> {last})"
+        );
+        for f in [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "loss.svg",
+            "checkpoint/state.safetensors",
+            "checkpoint/trainer_state.json",
+        ] {
             assert!(out.join(f).exists(), "{method}: {f} missing");
         }
         let loaded = wgtune::adapters::peft_io::load_adapter(&out).unwrap();
         assert!(!loaded.tensors.is_empty());
-        let (ok, text) = wgtune(&["eval", "--model", model.to_str().unwrap(), "--adapter", out.to_str().unwrap(), "--data", val.to_str().unwrap()]);
+        let (ok, text) = wgtune(&[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            out.to_str().unwrap(),
+            "--data",
+            val.to_str().unwrap(),
+        ]);
         assert!(ok && text.contains("perplexity"), "eval: {text}");
-        let (ok, text) = wgtune(&["generate", "--model", model.to_str().unwrap(), "--adapter", out.to_str().unwrap(), "--chat", "--prompt", "Hi", "--max-new-tokens", "5"]);
+        let (ok, text) = wgtune(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            out.to_str().unwrap(),
+            "--chat",
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "5",
+        ]);
         assert!(ok && text.contains("new tokens"), "generate: {text}");
     }
 }
@@ -79,9 +132,19 @@ fn resume_continues_from_the_checkpoint() {
     let out = tmp("resume");
     let base = |steps: &str| {
         vec![
-            "--method".to_string(), "lora".into(), "--model".into(), model.display().to_string(), "--data".into(),
-            data.display().to_string(), "--out".into(), out.display().to_string(), "--steps".into(), steps.into(), "--no-progress".into(),
-            "--save-every".into(), "4".into(),
+            "--method".to_string(),
+            "lora".into(),
+            "--model".into(),
+            model.display().to_string(),
+            "--data".into(),
+            data.display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+            "--steps".into(),
+            steps.into(),
+            "--no-progress".into(),
+            "--save-every".into(),
+            "4".into(),
         ]
     };
     let a: Vec<String> = base("4");
@@ -94,9 +157,18 @@ fn resume_continues_from_the_checkpoint() {
     let steps: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("step")?.as_u64())
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()?
+                .get("step")?
+                .as_u64()
+        })
         .collect();
-    assert_eq!(steps, (1..=8).collect::<Vec<u64>>(), "metrics continue without gaps or repeats");
+    assert_eq!(
+        steps,
+        (1..=8).collect::<Vec<u64>>(),
+        "metrics continue without gaps or repeats"
+    );
 }
 
 #[test]
@@ -106,30 +178,117 @@ fn bad_input_is_a_clear_error() {
     let dir = tmp("bad");
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.jsonl");
-    std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"prompt\": \"x\", \"completion\": 3}\n").unwrap();
+    std::fs::write(
+        &bad,
+        "{\"text\": \"fine\"}\n{\"prompt\": \"x\", \"completion\": 3}\n",
+    )
+    .unwrap();
     let empty = dir.join("empty.jsonl");
     std::fs::write(&empty, "\n").unwrap();
     let m = model.to_str().unwrap();
     let long = "word ".repeat(200);
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["--method", "lora", "--model", m, "--data", bad.to_str().unwrap()], "bad.jsonl:2"),
-        (vec!["--method", "lora", "--model", m, "--data", empty.to_str().unwrap()], "empty.jsonl"),
-        (vec!["--method", "lora", "--model", m, "--data", bad.to_str().unwrap(), "--lora-targets", "nope"], ""),
-        (vec!["--method", "lora", "--model", m, "--data", "/nonexistent.jsonl"], "nonexistent.jsonl"),
-        (vec!["--method", "lora", "--model", "/nonexistent-model", "--data", bad.to_str().unwrap()], "nonexistent-model"),
-        (vec!["generate", "--model", m, "--prompt", &long], "positions"),
+        (
+            vec![
+                "--method",
+                "lora",
+                "--model",
+                m,
+                "--data",
+                bad.to_str().unwrap(),
+            ],
+            "bad.jsonl:2",
+        ),
+        (
+            vec![
+                "--method",
+                "lora",
+                "--model",
+                m,
+                "--data",
+                empty.to_str().unwrap(),
+            ],
+            "empty.jsonl",
+        ),
+        (
+            vec![
+                "--method",
+                "lora",
+                "--model",
+                m,
+                "--data",
+                bad.to_str().unwrap(),
+                "--lora-targets",
+                "nope",
+            ],
+            "",
+        ),
+        (
+            vec![
+                "--method",
+                "lora",
+                "--model",
+                m,
+                "--data",
+                "/nonexistent.jsonl",
+            ],
+            "nonexistent.jsonl",
+        ),
+        (
+            vec![
+                "--method",
+                "lora",
+                "--model",
+                "/nonexistent-model",
+                "--data",
+                bad.to_str().unwrap(),
+            ],
+            "nonexistent-model",
+        ),
+        (
+            vec!["generate", "--model", m, "--prompt", &long],
+            "positions",
+        ),
     ];
     for (args, needle) in cases {
         let (ok, text) = wgtune(&args);
         assert!(!ok, "{args:?} should fail:\n{text}");
         assert!(!text.contains("panicked"), "{args:?} panicked:\n{text}");
-        assert!(text.contains(needle), "{args:?}: message should name `{needle}`:\n{text}");
+        assert!(
+            text.contains(needle),
+            "{args:?}: message should name `{needle}`:\n{text}"
+        );
         eprintln!("{}", text.lines().last().unwrap_or(""));
     }
     // An unknown target module lists the model's linear modules.
     let good = root().join("assets/data/pirate-train.jsonl");
-    let (ok, text) = wgtune(&["--method", "lora", "--model", m, "--data", good.to_str().unwrap(), "--lora-targets", "nope", "--out", dir.to_str().unwrap()]);
-    assert!(!ok && text.contains("q_proj") && text.contains("nope"), "{text}");
-    let (ok, text) = wgtune(&["--method", "lora", "--model", m, "--data", good.to_str().unwrap(), "--lora-r", "0", "--out", dir.to_str().unwrap()]);
+    let (ok, text) = wgtune(&[
+        "--method",
+        "lora",
+        "--model",
+        m,
+        "--data",
+        good.to_str().unwrap(),
+        "--lora-targets",
+        "nope",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && text.contains("q_proj") && text.contains("nope"),
+        "{text}"
+    );
+    let (ok, text) = wgtune(&[
+        "--method",
+        "lora",
+        "--model",
+        m,
+        "--data",
+        good.to_str().unwrap(),
+        "--lora-r",
+        "0",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
     assert!(!ok && text.contains("at least 1"), "{text}");
 }

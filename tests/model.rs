@@ -14,9 +14,21 @@ use wgtune::model::{Acts, FwdShape, Model, NoHooks};
 const MODELS: &[&str] = &["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"];
 
 /// Logits (B*T, V) and per-row losses for a (B, T) batch, all rows.
-fn forward_all(ctx: &Context, m: &Model, ids: &[i32], targets: &[i32], b: usize, t: usize) -> (Vec<f32>, Vec<f32>) {
+fn forward_all(
+    ctx: &Context,
+    m: &Model,
+    ids: &[i32],
+    targets: &[i32],
+    b: usize,
+    t: usize,
+) -> (Vec<f32>, Vec<f32>) {
     let (c, v) = (m.cfg.hidden, m.cfg.vocab);
-    let shape = FwdShape { b, t, n_virtual: 0, p: 0 };
+    let shape = FwdShape {
+        b,
+        t,
+        n_virtual: 0,
+        p: 0,
+    };
     let acts = Acts::new(ctx, &m.cfg, shape, false, false).unwrap();
     let idt = Tensor::from_i32(ctx, ids, &[b, t], "ids").unwrap();
     let rows: Vec<i32> = (0..(b * t) as i32).collect();
@@ -26,8 +38,10 @@ fn forward_all(ctx: &Context, m: &Model, ids: &[i32], targets: &[i32], b: usize,
     let logits = Tensor::zeros(ctx, &[b * t, v], DType::F32, "logits").unwrap();
     let losses = Tensor::zeros(ctx, &[b * t], DType::F32, "losses").unwrap();
     let mut plan = Plan::new("forward");
-    m.forward(ctx, &mut plan, &acts, &idt, &NoHooks, None).unwrap();
-    m.logits_rows(ctx, &mut plan, &logits, &gathered, &acts, &rows).unwrap();
+    m.forward(ctx, &mut plan, &acts, &idt, &NoHooks, None)
+        .unwrap();
+    m.logits_rows(ctx, &mut plan, &logits, &gathered, &acts, &rows)
+        .unwrap();
     m.losses(ctx, &mut plan, &losses, &logits, &tg).unwrap();
     plan.run(ctx).unwrap();
     (logits.read_f32(ctx).unwrap(), losses.read_f32(ctx).unwrap())
@@ -52,16 +66,23 @@ fn logits_and_loss_match_transformers() {
         if std::env::var("WGTUNE_DEBUG_ROWS").is_ok() {
             let v = m.cfg.vocab;
             for r in 0..b * t {
-                let d = (0..v).map(|i| (logits[r * v + i] - want[r * v + i]).abs()).fold(0f32, f32::max);
+                let d = (0..v)
+                    .map(|i| (logits[r * v + i] - want[r * v + i]).abs())
+                    .fold(0f32, f32::max);
                 eprintln!("row {r} mask {} diff {d:.2e}", mask[r]);
             }
         }
         let n = targets.iter().filter(|&&x| x != -100).count();
         let loss = losses.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
         let want_loss = meta["forward"]["loss"].as_f64().unwrap();
-        eprintln!("{name}: max |logits diff| {diff:.3e}, loss {loss:.6} vs {want_loss:.6} ({n} targets)");
+        eprintln!(
+            "{name}: max |logits diff| {diff:.3e}, loss {loss:.6} vs {want_loss:.6} ({n} targets)"
+        );
         assert!(diff <= 1e-4, "{name}: logits differ by {diff}");
-        assert!((loss - want_loss).abs() <= 1e-4 * want_loss.abs().max(1.0), "{name}: loss {loss} vs {want_loss}");
+        assert!(
+            (loss - want_loss).abs() <= 1e-4 * want_loss.abs().max(1.0),
+            "{name}: loss {loss} vs {want_loss}"
+        );
     }
 }
 
@@ -72,17 +93,40 @@ fn greedy_generation_matches_transformers() {
         let m = Model::load(ctx, &data_dir(name)).unwrap();
         let meta = json(&format!("{name}/reference.json"));
         for case in meta["generate"].as_array().unwrap() {
-            let ids: Vec<u32> = case["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-            let want: Vec<u32> = case["greedy_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-            let stop: Vec<u32> = case["eos_token_id"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-            let opts = GenOptions { max_new_tokens: case["max_new_tokens"].as_u64().unwrap() as usize, stop, ..Default::default() };
+            let ids: Vec<u32> = case["prompt_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect();
+            let want: Vec<u32> = case["greedy_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect();
+            let stop: Vec<u32> = case["eos_token_id"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect();
+            let opts = GenOptions {
+                max_new_tokens: case["max_new_tokens"].as_u64().unwrap() as usize,
+                stop,
+                ..Default::default()
+            };
             let mut got = Vec::new();
             let stats = generate(ctx, &m, &NoHooks, &ids, &opts, |t| {
                 got.push(t);
                 Ok(())
             })
             .unwrap();
-            eprintln!("{name}: {} tokens, {:.1} tok/s decode", stats.new_tokens, stats.decode_tokens_per_s());
+            eprintln!(
+                "{name}: {} tokens, {:.1} tok/s decode",
+                stats.new_tokens,
+                stats.decode_tokens_per_s()
+            );
             assert_eq!(got, want, "{name}: greedy tokens for {:?}", case["prompt"]);
         }
     }
@@ -109,8 +153,14 @@ fn eval_matches_transformers_on_the_sample_data() {
         let want = meta["data"]["eval_loss"].as_f64().unwrap();
         let want_n = meta["data"]["eval_tokens"].as_u64().unwrap() as usize;
         let loss = sum / n as f64;
-        eprintln!("{name}: eval loss {loss:.6} (ppl {:.3}) vs transformers {want:.6}, {n} tokens", loss.exp());
+        eprintln!(
+            "{name}: eval loss {loss:.6} (ppl {:.3}) vs transformers {want:.6}, {n} tokens",
+            loss.exp()
+        );
         assert_eq!(n, want_n, "{name}: target tokens");
-        assert!((loss - want).abs() <= 1e-4 * want, "{name}: eval loss {loss} vs {want}");
+        assert!(
+            (loss - want).abs() <= 1e-4 * want,
+            "{name}: eval loss {loss} vs {want}"
+        );
     }
 }

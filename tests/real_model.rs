@@ -20,14 +20,27 @@ use wgtune::model::{Acts, FwdShape, Model, NoHooks};
 fn arrays() -> Option<(PathBuf, Vec<u8>)> {
     let dir = std::env::var("WGTUNE_REAL_MODEL").ok()?;
     let refp = std::env::var("WGTUNE_REAL_REF").ok()?;
-    Some((PathBuf::from(dir), std::fs::read(refp).expect("reference file")))
+    Some((
+        PathBuf::from(dir),
+        std::fs::read(refp).expect("reference file"),
+    ))
 }
 
 fn get_i32(st: &SafeTensors, n: &str) -> Vec<i32> {
-    st.tensor(n).unwrap().data().chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect()
+    st.tensor(n)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
 }
 fn get_f32(st: &SafeTensors, n: &str) -> Vec<f32> {
-    st.tensor(n).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    st.tensor(n)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
 }
 
 #[test]
@@ -40,7 +53,11 @@ fn real_model_matches_transformers() {
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let t0 = std::time::Instant::now();
     let m = Model::load(ctx, &dir).unwrap();
-    eprintln!("loaded in {:.1} s, {} params", t0.elapsed().as_secs_f64(), m.params);
+    eprintln!(
+        "loaded in {:.1} s, {} params",
+        t0.elapsed().as_secs_f64(),
+        m.params
+    );
     let (c, v) = (m.cfg.hidden, m.cfg.vocab);
     let mut worst = 0f64;
     for i in 0.. {
@@ -51,24 +68,49 @@ fn real_model_matches_transformers() {
         let ids = get_i32(&st, &name);
         let want = get_f32(&st, &format!("p{i}.logits"));
         let t = ids.len();
-        let acts = Acts::new(ctx, &m.cfg, FwdShape { b: 1, t, n_virtual: 0, p: 0 }, false, false).unwrap();
+        let acts = Acts::new(
+            ctx,
+            &m.cfg,
+            FwdShape {
+                b: 1,
+                t,
+                n_virtual: 0,
+                p: 0,
+            },
+            false,
+            false,
+        )
+        .unwrap();
         let idt = Tensor::from_i32(ctx, &ids, &[1, t], "ids").unwrap();
         let rows: Vec<i32> = (0..t as i32).collect();
         let rows = Tensor::from_i32(ctx, &rows, &[1, t], "rows").unwrap();
         let g = Tensor::zeros(ctx, &[1, t, c], DType::F32, "g").unwrap();
         let logits = Tensor::zeros(ctx, &[t, v], DType::F32, "logits").unwrap();
         let mut plan = Plan::new("fwd");
-        m.forward(ctx, &mut plan, &acts, &idt, &NoHooks, None).unwrap();
-        m.logits_rows(ctx, &mut plan, &logits, &g, &acts, &rows).unwrap();
+        m.forward(ctx, &mut plan, &acts, &idt, &NoHooks, None)
+            .unwrap();
+        m.logits_rows(ctx, &mut plan, &logits, &g, &acts, &rows)
+            .unwrap();
         plan.run(ctx).unwrap();
         let got = logits.read_f32(ctx).unwrap();
-        let d = got.iter().zip(&want).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max);
+        let d = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .fold(0.0, f64::max);
         eprintln!("prompt {i}: {t} tokens, max |logits diff| {d:.3e}");
         worst = worst.max(d);
     }
     let ids: Vec<u32> = get_i32(&st, "chat.ids").iter().map(|&x| x as u32).collect();
-    let want: Vec<u32> = get_i32(&st, "chat.greedy").iter().map(|&x| x as u32).collect();
-    let opts = GenOptions { max_new_tokens: want.len(), stop: vec![2], ..Default::default() };
+    let want: Vec<u32> = get_i32(&st, "chat.greedy")
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
+    let opts = GenOptions {
+        max_new_tokens: want.len(),
+        stop: vec![2],
+        ..Default::default()
+    };
     let mut got = Vec::new();
     let stats = generate(ctx, &m, &NoHooks, &ids, &opts, |t| {
         got.push(t);
@@ -120,12 +162,40 @@ fn real_model_adapter_generation_equals_full_forward_loop() {
         base_model_name_or_path: None,
     };
     let adapters = vec![
-        ("prompt", Adapter::new(ctx, &m, AdapterConfig::Prompt(pc.clone()), init_prompt(ctx, &m, &pc, &PromptInit::Vocab, 3).unwrap()).unwrap()),
-        ("prefix", Adapter::new(ctx, &m, AdapterConfig::Prefix(xc.clone()), init_prefix(ctx, &m, &xc, &PrefixInit::Text(vec![504, 3458, 282, 260, 1978]), 3).unwrap()).unwrap()),
+        (
+            "prompt",
+            Adapter::new(
+                ctx,
+                &m,
+                AdapterConfig::Prompt(pc.clone()),
+                init_prompt(ctx, &m, &pc, &PromptInit::Vocab, 3).unwrap(),
+            )
+            .unwrap(),
+        ),
+        (
+            "prefix",
+            Adapter::new(
+                ctx,
+                &m,
+                AdapterConfig::Prefix(xc.clone()),
+                init_prefix(
+                    ctx,
+                    &m,
+                    &xc,
+                    &PrefixInit::Text(vec![504, 3458, 282, 260, 1978]),
+                    3,
+                )
+                .unwrap(),
+            )
+            .unwrap(),
+        ),
     ];
     for (name, ad) in &adapters {
         let steps = 10;
-        let opts = GenOptions { max_new_tokens: steps, ..Default::default() };
+        let opts = GenOptions {
+            max_new_tokens: steps,
+            ..Default::default()
+        };
         let mut cached = Vec::new();
         generate(ctx, &m, ad, &prompt, &opts, |t| {
             cached.push(t);
@@ -139,7 +209,12 @@ fn real_model_adapter_generation_equals_full_forward_loop() {
         let mut full = Vec::new();
         for _ in 0..steps {
             let t = seq.len();
-            let shape = FwdShape { b: 1, t, n_virtual: nv, p };
+            let shape = FwdShape {
+                b: 1,
+                t,
+                n_virtual: nv,
+                p,
+            };
             let acts = Acts::new(ctx, &cfg, shape, false, false).unwrap();
             let ids: Vec<i32> = seq.iter().map(|&x| x as i32).collect();
             let idt = Tensor::from_i32(ctx, &ids, &[1, t], "ids").unwrap();
@@ -148,13 +223,17 @@ fn real_model_adapter_generation_equals_full_forward_loop() {
             let logits = Tensor::zeros(ctx, &[1, cfg.vocab], DType::F32, "logits").unwrap();
             let mut plan = Plan::new("full");
             m.forward(ctx, &mut plan, &acts, &idt, ad, None).unwrap();
-            m.logits_rows(ctx, &mut plan, &logits, &g, &acts, &last).unwrap();
+            m.logits_rows(ctx, &mut plan, &logits, &g, &acts, &last)
+                .unwrap();
             plan.run(ctx).unwrap();
             let tok = wgtune::model::generate::argmax(&logits.read_f32(ctx).unwrap());
             full.push(tok);
             seq.push(tok);
         }
         eprintln!("{name}: cached {cached:?}\n{name}: full   {full:?}");
-        assert_eq!(cached, full, "{name}: cached generation differs from the full-forward loop");
+        assert_eq!(
+            cached, full,
+            "{name}: cached generation differs from the full-forward loop"
+        );
     }
 }

@@ -23,7 +23,10 @@ fn initial(model: &str, case: &str) -> (wgtune::adapters::peft_io::AdapterConfig
     let loaded = load_adapter(&dir.join("initial")).unwrap();
     let tensors = if case == "prefix_proj" {
         let a = Arrays::open(&format!("{model}/peft/{case}/initial_state.safetensors"));
-        a.names().into_iter().map(|n| (n.clone(), a.shape(&n), a.f32(&n))).collect()
+        a.names()
+            .into_iter()
+            .map(|n| (n.clone(), a.shape(&n), a.f32(&n)))
+            .collect()
     } else {
         loaded.sorted_tensors()
     };
@@ -37,9 +40,18 @@ fn step_batch(model: &str, case: &str) -> Batch {
     let labels = a.i32("labels");
     let mask = a.i32("attention_mask");
     let targets = shift_targets(&labels, b, t);
-    let lens = (0..b).map(|r| mask[r * t..(r + 1) * t].iter().filter(|&&m| m != 0).count()).collect();
+    let lens = (0..b)
+        .map(|r| mask[r * t..(r + 1) * t].iter().filter(|&&m| m != 0).count())
+        .collect();
     let n_targets = targets.iter().filter(|&&x| x != -100).count();
-    Batch { b, t, ids: a.i32("input_ids"), targets, lens, n_targets }
+    Batch {
+        b,
+        t,
+        ids: a.i32("input_ids"),
+        targets,
+        lens,
+        n_targets,
+    }
 }
 
 /// The reference gradient's name for one of our flat entries.
@@ -76,13 +88,25 @@ fn check_case(ctx: &Context, m: &Model, model: &str, case: &str) {
         let want_g = refs.f32(&ref_grad_name(case, name));
         assert_eq!(g.len(), want_g.len(), "{model}/{case} {name}");
         let scale = want_g.iter().fold(0f64, |a, &x| a.max((x as f64).abs()));
-        let diff = g.iter().zip(&want_g).fold(0f64, |a, (&x, &y)| a.max((x as f64 - y as f64).abs()));
+        let diff = g
+            .iter()
+            .zip(&want_g)
+            .fold(0f64, |a, (&x, &y)| a.max((x as f64 - y as f64).abs()));
         let rel = diff / scale.max(1e-12);
         worst = worst.max(rel);
-        assert!(rel <= 1e-3, "{model}/{case}: gradient {name} rel err {rel:.2e} (max |ref| {scale:.2e})");
+        assert!(
+            rel <= 1e-3,
+            "{model}/{case}: gradient {name} rel err {rel:.2e} (max |ref| {scale:.2e})"
+        );
     }
-    eprintln!("{model}/{case}: loss {loss:.6} vs PEFT {want:.6}; {} gradients, worst rel err {worst:.2e}", grads.len());
-    assert!((loss - want).abs() <= 1e-4 * want.abs(), "{model}/{case}: loss {loss} vs {want}");
+    eprintln!(
+        "{model}/{case}: loss {loss:.6} vs PEFT {want:.6}; {} gradients, worst rel err {worst:.2e}",
+        grads.len()
+    );
+    assert!(
+        (loss - want).abs() <= 1e-4 * want.abs(),
+        "{model}/{case}: loss {loss} vs {want}"
+    );
 
     // 10 AdamW steps from the same start, as in PEFT's run.
     let train = json(&format!("{model}/peft/{case}/train.json"));
@@ -99,33 +123,67 @@ fn check_case(ctx: &Context, m: &Model, model: &str, case: &str) {
         total_steps: 10,
     };
     let mut tr = Trainer::new(ctx, m, &adapter, opt).unwrap();
-    let want: Vec<f64> = train["loss_before_step"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
-    let want_norm: Vec<f64> = train["grad_norm_before_clip"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let want: Vec<f64> = train["loss_before_step"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let want_norm: Vec<f64> = train["grad_norm_before_clip"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
     let mut got = Vec::new();
     for (i, (&w, &wn)) in want.iter().zip(&want_norm).enumerate() {
-        let st = tr.train_step(std::slice::from_ref(&batch), true).unwrap().unwrap();
+        let st = tr
+            .train_step(std::slice::from_ref(&batch), true)
+            .unwrap()
+            .unwrap();
         got.push(st.loss);
-        assert!((st.loss - w).abs() <= 1e-3, "{model}/{case}: step {i} loss {} vs PEFT {w}", st.loss);
-        assert!((st.grad_norm - wn).abs() <= 1e-3 * wn.max(1.0), "{model}/{case}: step {i} grad norm {} vs PEFT {wn}", st.grad_norm);
+        assert!(
+            (st.loss - w).abs() <= 1e-3,
+            "{model}/{case}: step {i} loss {} vs PEFT {w}",
+            st.loss
+        );
+        assert!(
+            (st.grad_norm - wn).abs() <= 1e-3 * wn.max(1.0),
+            "{model}/{case}: step {i} grad norm {} vs PEFT {wn}",
+            st.grad_norm
+        );
     }
-    eprintln!("{model}/{case}: 10-step losses {:.4} .. {:.4} (PEFT {:.4} .. {:.4})", got[0], got[9], want[0], want[9]);
+    eprintln!(
+        "{model}/{case}: 10-step losses {:.4} .. {:.4} (PEFT {:.4} .. {:.4})",
+        got[0], got[9], want[0], want[9]
+    );
 
     // The trained adapter as wgtune writes it, and its loss after training.
-    let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("wgtune-adapters/{model}/{case}"));
+    let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("wgtune-adapters/{model}/{case}"));
     let tensors = adapter.peft_tensors(ctx).unwrap();
     wgtune::adapters::peft_io::save_adapter(&out, &adapter.config, &tensors).unwrap();
-    let (sum, n) = wgtune::train::eval::eval_batches(ctx, m, &adapter, std::slice::from_ref(&batch)).unwrap();
+    let (sum, n) =
+        wgtune::train::eval::eval_batches(ctx, m, &adapter, std::slice::from_ref(&batch)).unwrap();
     let after = sum / n as f64;
     let peft_after = train["loss_after_training"].as_f64().unwrap();
-    assert!((after - peft_after).abs() <= 1e-3, "{model}/{case}: loss after training {after} vs PEFT {peft_after}");
+    assert!(
+        (after - peft_after).abs() <= 1e-3,
+        "{model}/{case}: loss after training {after} vs PEFT {peft_after}"
+    );
     // PEFT's verdict on that adapter, recorded by
     // tests/reference/check_wgtune_adapters.sh (PeftModel.from_pretrained).
     let rel = format!("{model}/peft/{case}/wgtune_check.json");
     if data_dir(&rel).exists() {
         let chk = json(&rel);
         let peft_loss = chk["loss_on_step_batch"].as_f64().unwrap();
-        eprintln!("{model}/{case}: wgtune-written adapter: PEFT loss {peft_loss:.6}, wgtune {after:.6}");
-        assert!((after - peft_loss).abs() <= 1e-4, "{model}/{case}: PEFT loads our adapter to loss {peft_loss}, we compute {after}");
+        eprintln!(
+            "{model}/{case}: wgtune-written adapter: PEFT loss {peft_loss:.6}, wgtune {after:.6}"
+        );
+        assert!(
+            (after - peft_loss).abs() <= 1e-4,
+            "{model}/{case}: PEFT loads our adapter to loss {peft_loss}, we compute {after}"
+        );
     } else if std::env::var("WGTUNE_WRITE_ADAPTERS_ONLY").is_err() {
         panic!("{rel} missing: run tests/reference/check_wgtune_adapters.sh");
     }
@@ -165,13 +223,35 @@ fn check_generation(ctx: &Context, m: &Model, model: &str, case: &str) {
     use wgtune::model::generate::{generate, GenOptions};
     let (cfg, _) = initial(model, case);
     let a = Arrays::open(&format!("{model}/peft/{case}/final_state.safetensors"));
-    let tensors: HostTensors = a.names().into_iter().map(|n| (our_name(case, &n), a.shape(&n), a.f32(&n))).collect();
+    let tensors: HostTensors = a
+        .names()
+        .into_iter()
+        .map(|n| (our_name(case, &n), a.shape(&n), a.f32(&n)))
+        .collect();
     let adapter = Adapter::new(ctx, m, cfg, tensors).unwrap();
     let train = json(&format!("{model}/peft/{case}/train.json"));
-    let ids: Vec<u32> = train["greedy_prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-    let want: Vec<u32> = train["greedy_after_training_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-    let margins: Vec<f64> = train["greedy_after_training_top2_logit_margins"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
-    let opts = GenOptions { max_new_tokens: want.len(), ..Default::default() };
+    let ids: Vec<u32> = train["greedy_prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let want: Vec<u32> = train["greedy_after_training_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let margins: Vec<f64> = train["greedy_after_training_top2_logit_margins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let opts = GenOptions {
+        max_new_tokens: want.len(),
+        ..Default::default()
+    };
     let mut got = Vec::new();
     generate(ctx, m, &adapter, &ids, &opts, |t| {
         got.push(t);
@@ -181,7 +261,10 @@ fn check_generation(ctx: &Context, m: &Model, model: &str, case: &str) {
     for i in 0..want.len() {
         if got.get(i) != Some(&want[i]) {
             assert!(margins[i] < 1e-3, "{model}/{case}: token {i}: got {:?}, reference {} (margin {})\n got {got:?}\nwant {want:?}", got.get(i), want[i], margins[i]);
-            eprintln!("{model}/{case}: tie at token {i} (margin {:.1e}), stopping the comparison", margins[i]);
+            eprintln!(
+                "{model}/{case}: tie at token {i} (margin {:.1e}), stopping the comparison",
+                margins[i]
+            );
             break;
         }
     }
@@ -204,11 +287,21 @@ fn lora_dropout_applies_in_training_only() {
     let ctx = gpu!();
     let m = Model::load(ctx, &data_dir("tiny-llama")).unwrap();
     let (cfg, tensors) = initial("tiny-llama", "lora_qv");
-    let wgtune::adapters::peft_io::AdapterConfig::Lora(mut lc) = cfg else { panic!("lora") };
+    let wgtune::adapters::peft_io::AdapterConfig::Lora(mut lc) = cfg else {
+        panic!("lora")
+    };
     lc.lora_dropout = 0.5;
-    let adapter = Adapter::new(ctx, &m, wgtune::adapters::peft_io::AdapterConfig::Lora(lc), tensors).unwrap();
+    let adapter = Adapter::new(
+        ctx,
+        &m,
+        wgtune::adapters::peft_io::AdapterConfig::Lora(lc),
+        tensors,
+    )
+    .unwrap();
     let batch = step_batch("tiny-llama", "lora_qv");
-    let want = json("tiny-llama/peft/lora_qv/step.json")["loss"].as_f64().unwrap();
+    let want = json("tiny-llama/peft/lora_qv/step.json")["loss"]
+        .as_f64()
+        .unwrap();
     let opt = OptimConfig {
         lr: 1e-3,
         weight_decay: 0.0,
@@ -223,12 +316,26 @@ fn lora_dropout_applies_in_training_only() {
     let mut tr = Trainer::new(ctx, &m, &adapter, opt).unwrap();
     let dropped = tr.gradients(&batch).unwrap();
     let grads = adapter.flat.read(ctx, &adapter.flat.grads).unwrap();
-    assert!(grads.iter().all(|(_, _, g)| g.iter().all(|x| x.is_finite())));
-    assert!(grads.iter().all(|(_, _, g)| g.iter().any(|&x| x != 0.0)), "every LoRA tensor gets a gradient");
+    assert!(grads
+        .iter()
+        .all(|(_, _, g)| g.iter().all(|x| x.is_finite())));
+    assert!(
+        grads.iter().all(|(_, _, g)| g.iter().any(|&x| x != 0.0)),
+        "every LoRA tensor gets a gradient"
+    );
     // Eval records its own plan, without dropout: PEFT's (dropout-free) loss.
-    let (sum, n) = wgtune::train::eval::eval_batches(ctx, &m, &adapter, std::slice::from_ref(&batch)).unwrap();
+    let (sum, n) =
+        wgtune::train::eval::eval_batches(ctx, &m, &adapter, std::slice::from_ref(&batch)).unwrap();
     let eval = sum / n as f64;
-    eprintln!("dropout 0.5: training loss {dropped:.6}, eval loss {eval:.6}, PEFT (no dropout) {want:.6}");
-    assert!((eval - want).abs() <= 1e-4 * want, "eval with dropout configured: {eval} vs {want}");
-    assert!((dropped - want).abs() > 1e-4, "dropout changed nothing in training ({dropped})");
+    eprintln!(
+        "dropout 0.5: training loss {dropped:.6}, eval loss {eval:.6}, PEFT (no dropout) {want:.6}"
+    );
+    assert!(
+        (eval - want).abs() <= 1e-4 * want,
+        "eval with dropout configured: {eval} vs {want}"
+    );
+    assert!(
+        (dropped - want).abs() > 1e-4,
+        "dropout changed nothing in training ({dropped})"
+    );
 }

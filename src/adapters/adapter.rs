@@ -275,7 +275,10 @@ impl Adapter {
             AdapterConfig::Lora(lc) => {
                 check_lora(lc)?;
                 let mut sites = HashMap::new();
-                for (id, lin) in match_targets(model, &lc.target_modules)?.into_iter().enumerate() {
+                for (id, lin) in match_targets(model, &lc.target_modules)?
+                    .into_iter()
+                    .enumerate()
+                {
                     let (an, bn) = lora_names(&lin.name);
                     expect(&an, &[lc.r, lin.in_features])?;
                     expect(&bn, &[lin.out_features, lc.r])?;
@@ -465,7 +468,8 @@ impl Adapter {
 
     /// The dropout seed of the next submitted training step.
     pub fn set_seed(&self, ctx: &Context, seed: u32) -> Result<()> {
-        ctx.queue.write_buffer(self.seed.buffer(), self.seed.offset(), &seed.to_le_bytes());
+        ctx.queue
+            .write_buffer(self.seed.buffer(), self.seed.offset(), &seed.to_le_bytes());
         Ok(())
     }
 
@@ -481,12 +485,22 @@ impl Adapter {
                 return Ok(t.clone());
             }
         }
-        let z = |shape: &[usize], what: &str| Tensor::zeros(ctx, shape, DType::F32, &format!("{name}.{what}"));
+        let z = |shape: &[usize], what: &str| {
+            Tensor::zeros(ctx, shape, DType::F32, &format!("{name}.{what}"))
+        };
         let sc = Scratch {
             h: z(&[m, r], "lora_h")?,
             dh: z(&[m, r], "lora_dh")?,
-            xd: if drop { Some(z(&[m, k], "lora_xd")?) } else { None },
-            g: if drop { Some(z(&[m, k], "lora_g")?) } else { None },
+            xd: if drop {
+                Some(z(&[m, k], "lora_xd")?)
+            } else {
+                None
+            },
+            g: if drop {
+                Some(z(&[m, k], "lora_g")?)
+            } else {
+                None
+            },
         };
         self.lora_scratch.borrow_mut().insert(key, sc.clone());
         Ok(sc)
@@ -590,12 +604,28 @@ impl Hooks for Adapter {
         if let (true, Some(xd), Some(g)) = (self.dropping(), &sc.xd, &sc.g) {
             // The bypass's dx goes through the same mask: into g, then masked
             // into dinp (which also zeroes g for the next step).
-            lora::lora_backward(ctx, plan, dinp.map(|_| g), &site.da, &site.db, &sc.dh, dout, &sc.h, xd, &site.a, &site.b, site.scale)?;
+            lora::lora_backward(
+                ctx,
+                plan,
+                dinp.map(|_| g),
+                &site.da,
+                &site.db,
+                &sc.dh,
+                dout,
+                &sc.h,
+                xd,
+                &site.a,
+                &site.b,
+                site.scale,
+            )?;
             if let Some(dx) = dinp {
                 lora::lora_dropout_backward(ctx, plan, dx, g, &self.seed, site.id, self.dropout)?;
             }
             return Ok(());
         }
-        lora::lora_backward(ctx, plan, dinp, &site.da, &site.db, &sc.dh, dout, &sc.h, inp, &site.a, &site.b, site.scale)
+        lora::lora_backward(
+            ctx, plan, dinp, &site.da, &site.db, &sc.dh, dout, &sc.h, inp, &site.a, &site.b,
+            site.scale,
+        )
     }
 }

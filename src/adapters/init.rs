@@ -3,7 +3,9 @@
 //! random, or the frozen model's own K/V for a text), plus the prefix
 //! projection MLP's PyTorch default init.
 
-use super::adapter::{HostTensors, PROJ_B1, PROJ_B2, PROJ_EMB, PROJ_W1, PROJ_W2, PROMPT_EMBEDDINGS};
+use super::adapter::{
+    HostTensors, PROJ_B1, PROJ_B2, PROJ_EMB, PROJ_W1, PROJ_W2, PROMPT_EMBEDDINGS,
+};
 use super::peft_io::{lora_names, AdapterConfig, LoraConfig, PrefixConfig, PromptConfig};
 use crate::adapters::adapter::match_targets;
 use crate::error::{Error, Result};
@@ -22,7 +24,12 @@ pub enum LoraInit {
 }
 
 /// Initial LoRA tensors for every linear layer `cfg` targets.
-pub fn init_lora(model: &Model, cfg: &LoraConfig, init: LoraInit, seed: u64) -> Result<HostTensors> {
+pub fn init_lora(
+    model: &Model,
+    cfg: &LoraConfig,
+    init: LoraInit,
+    seed: u64,
+) -> Result<HostTensors> {
     let mut rng = Rng::new(seed);
     let mut out = Vec::new();
     for lin in match_targets(model, &cfg.target_modules)? {
@@ -31,12 +38,20 @@ pub fn init_lora(model: &Model, cfg: &LoraConfig, init: LoraInit, seed: u64) -> 
         let a: Vec<f32> = match init {
             LoraInit::Kaiming => {
                 let bound = 1.0 / (k as f64).sqrt();
-                (0..r * k).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect()
+                (0..r * k)
+                    .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+                    .collect()
             }
-            LoraInit::Gaussian => (0..r * k).map(|_| (rng.normal() / r as f64) as f32).collect(),
+            LoraInit::Gaussian => (0..r * k)
+                .map(|_| (rng.normal() / r as f64) as f32)
+                .collect(),
         };
         out.push((an, vec![r, k], a));
-        out.push((bn, vec![lin.out_features, r], vec![0.0; lin.out_features * r]));
+        out.push((
+            bn,
+            vec![lin.out_features, r],
+            vec![0.0; lin.out_features * r],
+        ));
     }
     Ok(out)
 }
@@ -72,13 +87,21 @@ pub enum PromptInit {
     Random,
 }
 
-pub fn init_prompt(ctx: &Context, model: &Model, cfg: &PromptConfig, init: &PromptInit, seed: u64) -> Result<HostTensors> {
+pub fn init_prompt(
+    ctx: &Context,
+    model: &Model,
+    cfg: &PromptConfig,
+    init: &PromptInit,
+    seed: u64,
+) -> Result<HostTensors> {
     let (n, c) = (cfg.num_virtual_tokens, model.cfg.hidden);
     let mut rng = Rng::new(seed);
     let table = match init {
         PromptInit::Text(ids) => embedding_rows(ctx, model, &repeat_to(ids, n)?)?,
         PromptInit::Vocab => {
-            let ids: Vec<u32> = (0..n).map(|_| rng.below(model.cfg.vocab as u64) as u32).collect();
+            let ids: Vec<u32> = (0..n)
+                .map(|_| rng.below(model.cfg.vocab as u64) as u32)
+                .collect();
             embedding_rows(ctx, model, &ids)?
         }
         PromptInit::Random => (0..n * c).map(|_| rng.normal() as f32).collect(),
@@ -101,7 +124,12 @@ pub enum PrefixInit {
 pub fn kv_of_text(ctx: &Context, model: &Model, ids: &[u32], n: usize) -> Result<Vec<f32>> {
     let ids: Vec<i32> = repeat_to(ids, n)?.into_iter().map(|x| x as i32).collect();
     let cfg = &model.cfg;
-    let shape = FwdShape { b: 1, t: n, n_virtual: 0, p: 0 };
+    let shape = FwdShape {
+        b: 1,
+        t: n,
+        n_virtual: 0,
+        p: 0,
+    };
     let acts = Acts::new(ctx, cfg, shape, true, false)?;
     let idt = Tensor::from_i32(ctx, &ids, &[1, n], "init_ids")?;
     let mut plan = Plan::new("prefix init");
@@ -114,14 +142,21 @@ pub fn kv_of_text(ctx: &Context, model: &Model, ids: &[u32], n: usize) -> Result
         for (j, t) in [&a.k, &a.v].into_iter().enumerate() {
             let data = t.read_f32(ctx)?;
             for i in 0..n {
-                table[i * width + (l * 2 + j) * kvd..][..kvd].copy_from_slice(&data[i * kvd..(i + 1) * kvd]);
+                table[i * width + (l * 2 + j) * kvd..][..kvd]
+                    .copy_from_slice(&data[i * kvd..(i + 1) * kvd]);
             }
         }
     }
     Ok(table)
 }
 
-pub fn init_prefix(ctx: &Context, model: &Model, cfg: &PrefixConfig, init: &PrefixInit, seed: u64) -> Result<HostTensors> {
+pub fn init_prefix(
+    ctx: &Context,
+    model: &Model,
+    cfg: &PrefixConfig,
+    init: &PrefixInit,
+    seed: u64,
+) -> Result<HostTensors> {
     let n = cfg.num_virtual_tokens;
     let width = model.cfg.layers * 2 * model.cfg.kv_dim();
     let mut rng = Rng::new(seed);
@@ -130,7 +165,9 @@ pub fn init_prefix(ctx: &Context, model: &Model, cfg: &PrefixConfig, init: &Pref
         let (td, h) = (cfg.token_dim, cfg.encoder_hidden_size());
         let mut uni = |len: usize, fan_in: usize| -> Vec<f32> {
             let b = 1.0 / (fan_in as f64).sqrt();
-            (0..len).map(|_| ((rng.uniform() * 2.0 - 1.0) * b) as f32).collect()
+            (0..len)
+                .map(|_| ((rng.uniform() * 2.0 - 1.0) * b) as f32)
+                .collect()
         };
         let w1 = uni(h * td, td);
         let b1 = uni(h, td);
@@ -147,7 +184,9 @@ pub fn init_prefix(ctx: &Context, model: &Model, cfg: &PrefixConfig, init: &Pref
     }
     let table = match init {
         PrefixInit::Zero => vec![0.0; n * width],
-        PrefixInit::Random(std) => (0..n * width).map(|_| (rng.normal() * std) as f32).collect(),
+        PrefixInit::Random(std) => (0..n * width)
+            .map(|_| (rng.normal() * std) as f32)
+            .collect(),
         PrefixInit::Text(ids) => kv_of_text(ctx, model, ids, n)?,
     };
     Ok(vec![(PROMPT_EMBEDDINGS.to_string(), vec![n, width], table)])

@@ -11,13 +11,21 @@ pub struct Layout {
 impl Layout {
     /// Row-major (NB, T, D) starting at `off`.
     pub fn dense(t: usize, d: usize) -> Layout {
-        Layout { off: 0, bs: t * d, rs: d }
+        Layout {
+            off: 0,
+            bs: t * d,
+            rs: d,
+        }
     }
     /// Row `row0` onwards of blocks of `s` rows of width `d`, starting at
     /// column `col0` (e.g. K rows after a P-row prefix, or the k third of a
     /// fused qkv row).
     pub fn rows(s: usize, width: usize, row0: usize, col0: usize) -> Layout {
-        Layout { off: row0 * width + col0, bs: s * width, rs: width }
+        Layout {
+            off: row0 * width + col0,
+            bs: s * width,
+            rs: width,
+        }
     }
     pub fn at(&self, n: usize, i: usize) -> usize {
         self.off + n * self.bs + i * self.rs

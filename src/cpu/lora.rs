@@ -99,14 +99,32 @@ pub fn dropout_keep(seed: u32, site: u32, i: u32, threshold: u32) -> bool {
 }
 
 /// out = inp * keep / (1 - p).
-pub fn lora_dropout_forward(out: &mut [f64], inp: &[f64], seed: u32, site: u32, threshold: u32, p: f64) {
+pub fn lora_dropout_forward(
+    out: &mut [f64],
+    inp: &[f64],
+    seed: u32,
+    site: u32,
+    threshold: u32,
+    p: f64,
+) {
     for (i, (o, &x)) in out.iter_mut().zip(inp).enumerate() {
-        *o = if dropout_keep(seed, site, i as u32, threshold) { x / (1.0 - p) } else { 0.0 };
+        *o = if dropout_keep(seed, site, i as u32, threshold) {
+            x / (1.0 - p)
+        } else {
+            0.0
+        };
     }
 }
 
 /// Differentiates [`lora_dropout_forward`]: dinp += g * keep / (1 - p).
-pub fn lora_dropout_backward(dinp: &mut [f64], g: &[f64], seed: u32, site: u32, threshold: u32, p: f64) {
+pub fn lora_dropout_backward(
+    dinp: &mut [f64],
+    g: &[f64],
+    seed: u32,
+    site: u32,
+    threshold: u32,
+    p: f64,
+) {
     for (i, (d, &x)) in dinp.iter_mut().zip(g).enumerate() {
         if dropout_keep(seed, site, i as u32, threshold) {
             *d += x / (1.0 - p);

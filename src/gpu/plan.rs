@@ -375,13 +375,26 @@ impl Plan {
             let one = Plan {
                 label: self.label.clone(),
                 steps: vec![match step {
-                    Step::Dispatch { kernel, bind_group, workgroups } => Step::Dispatch {
+                    Step::Dispatch {
+                        kernel,
+                        bind_group,
+                        workgroups,
+                    } => Step::Dispatch {
                         kernel: kernel.clone(),
                         bind_group: bind_group.clone(),
                         workgroups: *workgroups,
                     },
-                    Step::Clear { tensor } => Step::Clear { tensor: tensor.clone() },
-                    Step::Copy { src, texture, width, rows, y, layer } => Step::Copy {
+                    Step::Clear { tensor } => Step::Clear {
+                        tensor: tensor.clone(),
+                    },
+                    Step::Copy {
+                        src,
+                        texture,
+                        width,
+                        rows,
+                        y,
+                        layer,
+                    } => Step::Copy {
                         src: src.clone(),
                         texture: texture.clone(),
                         width: *width,

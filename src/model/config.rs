@@ -293,7 +293,11 @@ impl ModelConfig {
             let high_wavelen = old / hi;
             for f in inv.iter_mut() {
                 let wavelen = 2.0 * std::f32::consts::PI / *f;
-                let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
+                let scaled = if wavelen > low_wavelen {
+                    *f / factor
+                } else {
+                    *f
+                };
                 let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
                 *f = if medium {
                     let smooth = (old / wavelen - lo) / (hi - lo);

@@ -22,7 +22,13 @@ pub struct GenOptions {
 
 impl Default for GenOptions {
     fn default() -> Self {
-        GenOptions { max_new_tokens: 128, temperature: 0.0, top_p: 1.0, seed: 0, stop: Vec::new() }
+        GenOptions {
+            max_new_tokens: 128,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop: Vec::new(),
+        }
     }
 }
 
@@ -124,7 +130,10 @@ pub fn generate(
         return Err(Error::invalid("generate", "the prompt has no tokens"));
     }
     if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= cfg.vocab) {
-        return Err(Error::invalid("generate", format!("token id {bad} is outside the vocabulary ({})", cfg.vocab)));
+        return Err(Error::invalid(
+            "generate",
+            format!("token id {bad} is outside the vocabulary ({})", cfg.vocab),
+        ));
     }
     let nv = hooks.prompt().map_or(0, |p| p.shape()[0]);
     let np = hooks.prefix().map_or(0, |p| p.shape()[0]);
@@ -151,22 +160,50 @@ pub fn generate(
         let width = cfg.layers * 2 * kvd;
         for l in 0..cfg.layers {
             for (j, dst) in [&cache.k[l], &cache.v[l]].into_iter().enumerate() {
-                let src = Layout { off: (l * 2 + j) * kvd, bs: 0, rs: width };
-                copy_rows(ctx, &mut plan, dst, Layout::dense(cap, kvd), pre, src, 1, np, kvd, false)?;
+                let src = Layout {
+                    off: (l * 2 + j) * kvd,
+                    bs: 0,
+                    rs: width,
+                };
+                copy_rows(
+                    ctx,
+                    &mut plan,
+                    dst,
+                    Layout::dense(cap, kvd),
+                    pre,
+                    src,
+                    1,
+                    np,
+                    kvd,
+                    false,
+                )?;
             }
         }
         plan.run(ctx)?;
         cache.len = np;
     }
     let mut rng = SplitMix(opts.seed);
-    let mut stats = GenStats { prompt_tokens: prompt.len(), ..Default::default() };
+    let mut stats = GenStats {
+        prompt_tokens: prompt.len(),
+        ..Default::default()
+    };
     let t0 = Instant::now();
     let ids: Vec<i32> = prompt.iter().map(|&x| x as i32).collect();
-    let shape = FwdShape { b: 1, t: ids.len(), n_virtual: nv, p: cache.len };
+    let shape = FwdShape {
+        b: 1,
+        t: ids.len(),
+        n_virtual: nv,
+        p: cache.len,
+    };
     let mut next = step(ctx, model, hooks, &mut cache, shape, &ids, None)?;
     stats.prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let one = FwdShape { b: 1, t: 1, n_virtual: 0, p: 0 };
+    let one = FwdShape {
+        b: 1,
+        t: 1,
+        n_virtual: 0,
+        p: 0,
+    };
     let decode_acts = Acts::new(ctx, cfg, one, false, true)?;
     let mut produced = 0;
     loop {
@@ -181,8 +218,19 @@ pub fn generate(
         if produced >= opts.max_new_tokens || cache.len + 1 > cap {
             break;
         }
-        let shape = FwdShape { p: cache.len, ..one };
-        next = step(ctx, model, hooks, &mut cache, shape, &[tok as i32], Some(&decode_acts))?;
+        let shape = FwdShape {
+            p: cache.len,
+            ..one
+        };
+        next = step(
+            ctx,
+            model,
+            hooks,
+            &mut cache,
+            shape,
+            &[tok as i32],
+            Some(&decode_acts),
+        )?;
     }
     stats.decode_s = t1.elapsed().as_secs_f64();
     Ok(stats)

@@ -59,7 +59,12 @@ impl Linear {
             Store::Buffer(t)
         };
         let bias = match bias {
-            Some(b) => Some(Tensor::from_f32(ctx, &b, &[out_f], &format!("{name}.bias"))?),
+            Some(b) => Some(Tensor::from_f32(
+                ctx,
+                &b,
+                &[out_f],
+                &format!("{name}.bias"),
+            )?),
             None => None,
         };
         Ok(Linear {
@@ -104,17 +109,36 @@ impl Linear {
     }
 
     /// out (M, out) = inp (M, in) W^T + b.
-    pub fn forward(&self, ctx: &Context, plan: &mut Plan, out: &Tensor, inp: &Tensor) -> Result<()> {
+    pub fn forward(
+        &self,
+        ctx: &Context,
+        plan: &mut Plan,
+        out: &Tensor,
+        inp: &Tensor,
+    ) -> Result<()> {
         match &self.w {
-            Store::Packed(w) => {
-                matmul::matmul_forward_packed(ctx, plan, out, inp, w, self.bias.as_ref(), 1.0, false)
-            }
+            Store::Packed(w) => matmul::matmul_forward_packed(
+                ctx,
+                plan,
+                out,
+                inp,
+                w,
+                self.bias.as_ref(),
+                1.0,
+                false,
+            ),
             Store::Buffer(w) => matmul::matmul_forward(ctx, plan, out, inp, w, self.bias.as_ref()),
         }
     }
 
     /// dinp (M, in) += dout (M, out) W.
-    pub fn backward_input(&self, ctx: &Context, plan: &mut Plan, dinp: &Tensor, dout: &Tensor) -> Result<()> {
+    pub fn backward_input(
+        &self,
+        ctx: &Context,
+        plan: &mut Plan,
+        dinp: &Tensor,
+        dout: &Tensor,
+    ) -> Result<()> {
         match &self.w {
             Store::Packed(w) => matmul::matmul_backward_input_packed(ctx, plan, dinp, dout, w, 1.0),
             Store::Buffer(w) => matmul::matmul_backward_input(ctx, plan, dinp, dout, w),
@@ -138,7 +162,14 @@ pub struct Norm {
 }
 
 impl Norm {
-    fn load(ctx: &Context, wts: &Weights, name: &str, c: usize, bias: bool, eps: f64) -> Result<Norm> {
+    fn load(
+        ctx: &Context,
+        wts: &Weights,
+        name: &str,
+        c: usize,
+        bias: bool,
+        eps: f64,
+    ) -> Result<Norm> {
         let w = wts.get_f32(&format!("{name}.weight"), &[c])?;
         let b = if bias {
             Some(Tensor::from_f32(
@@ -158,21 +189,48 @@ impl Norm {
     }
 
     /// out, (mean), rstd <- norm(inp).
-    pub fn forward(&self, ctx: &Context, plan: &mut Plan, out: &Tensor, mean: Option<&Tensor>, rstd: &Tensor, inp: &Tensor) -> Result<()> {
+    pub fn forward(
+        &self,
+        ctx: &Context,
+        plan: &mut Plan,
+        out: &Tensor,
+        mean: Option<&Tensor>,
+        rstd: &Tensor,
+        inp: &Tensor,
+    ) -> Result<()> {
         match (&self.b, mean) {
-            (Some(b), Some(m)) => norm::layernorm_forward(ctx, plan, out, m, rstd, inp, &self.w, b, self.eps),
+            (Some(b), Some(m)) => {
+                norm::layernorm_forward(ctx, plan, out, m, rstd, inp, &self.w, b, self.eps)
+            }
             (None, _) => norm::rmsnorm_forward(ctx, plan, out, rstd, inp, &self.w, self.eps),
-            (Some(_), None) => Err(Error::invalid("layernorm_forward", "LayerNorm needs a mean buffer")),
+            (Some(_), None) => Err(Error::invalid(
+                "layernorm_forward",
+                "LayerNorm needs a mean buffer",
+            )),
         }
     }
 
     /// dinp += d norm / d inp . dout.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(&self, ctx: &Context, plan: &mut Plan, dinp: &Tensor, dout: &Tensor, inp: &Tensor, mean: Option<&Tensor>, rstd: &Tensor) -> Result<()> {
+    pub fn backward(
+        &self,
+        ctx: &Context,
+        plan: &mut Plan,
+        dinp: &Tensor,
+        dout: &Tensor,
+        inp: &Tensor,
+        mean: Option<&Tensor>,
+        rstd: &Tensor,
+    ) -> Result<()> {
         match (&self.b, mean) {
-            (Some(_), Some(m)) => norm::layernorm_backward(ctx, plan, dinp, dout, inp, &self.w, m, rstd),
+            (Some(_), Some(m)) => {
+                norm::layernorm_backward(ctx, plan, dinp, dout, inp, &self.w, m, rstd)
+            }
             (None, _) => norm::rmsnorm_backward(ctx, plan, dinp, dout, inp, &self.w, rstd),
-            (Some(_), None) => Err(Error::invalid("layernorm_backward", "LayerNorm needs a mean buffer")),
+            (Some(_), None) => Err(Error::invalid(
+                "layernorm_backward",
+                "LayerNorm needs a mean buffer",
+            )),
         }
     }
 
@@ -189,8 +247,15 @@ pub enum Qkv {
 
 /// The MLP: llama's SwiGLU or GPT-2's GELU.
 pub enum Mlp {
-    SwiGlu { gate: Linear, up: Linear, down: Linear },
-    Gelu { fc: Linear, proj: Linear },
+    SwiGlu {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+    Gelu {
+        fc: Linear,
+        proj: Linear,
+    },
 }
 
 /// One transformer layer's frozen weights.
@@ -236,7 +301,15 @@ pub trait Hooks {
         Ok(())
     }
     /// Called right after `out = lin(inp)`; adds e.g. a LoRA update.
-    fn linear(&self, _ctx: &Context, _plan: &mut Plan, _layer: usize, _lin: &Linear, _out: &Tensor, _inp: &Tensor) -> Result<()> {
+    fn linear(
+        &self,
+        _ctx: &Context,
+        _plan: &mut Plan,
+        _layer: usize,
+        _lin: &Linear,
+        _out: &Tensor,
+        _inp: &Tensor,
+    ) -> Result<()> {
         Ok(())
     }
     /// Whether [`Hooks::linear`] does anything for this layer (training:
@@ -337,28 +410,83 @@ impl Model {
         } else {
             None
         };
-        let count = |l: &Linear| l.out_features * l.in_features + l.bias.as_ref().map_or(0, |_| l.out_features);
+        let count = |l: &Linear| {
+            l.out_features * l.in_features + l.bias.as_ref().map_or(0, |_| l.out_features)
+        };
         let mut blocks = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let block = if gpt2 {
                 let p = format!("{root}h.{i}");
                 let ln1 = Norm::load(ctx, wts, &format!("{p}.ln_1"), c, true, cfg.norm_eps)?;
                 let ln2 = Norm::load(ctx, wts, &format!("{p}.ln_2"), c, true, cfg.norm_eps)?;
-                let qkv = Linear::load(ctx, wts, &format!("{p}.attn.c_attn"), 3 * c, c, true, true)?;
+                let qkv =
+                    Linear::load(ctx, wts, &format!("{p}.attn.c_attn"), 3 * c, c, true, true)?;
                 let o = Linear::load(ctx, wts, &format!("{p}.attn.c_proj"), c, c, true, true)?;
-                let fc = Linear::load(ctx, wts, &format!("{p}.mlp.c_fc"), cfg.intermediate, c, true, true)?;
-                let proj = Linear::load(ctx, wts, &format!("{p}.mlp.c_proj"), c, cfg.intermediate, true, true)?;
+                let fc = Linear::load(
+                    ctx,
+                    wts,
+                    &format!("{p}.mlp.c_fc"),
+                    cfg.intermediate,
+                    c,
+                    true,
+                    true,
+                )?;
+                let proj = Linear::load(
+                    ctx,
+                    wts,
+                    &format!("{p}.mlp.c_proj"),
+                    c,
+                    cfg.intermediate,
+                    true,
+                    true,
+                )?;
                 params += 4 * c;
-                Block { ln1, qkv: Qkv::Fused(qkv), o, ln2, mlp: Mlp::Gelu { fc, proj } }
+                Block {
+                    ln1,
+                    qkv: Qkv::Fused(qkv),
+                    o,
+                    ln2,
+                    mlp: Mlp::Gelu { fc, proj },
+                }
             } else {
                 let p = format!("{root}layers.{i}");
                 let (qd, kvd) = (cfg.heads * cfg.head_dim, cfg.kv_dim());
                 let a = format!("{p}.self_attn");
-                let ln1 = Norm::load(ctx, wts, &format!("{p}.input_layernorm"), c, false, cfg.norm_eps)?;
-                let ln2 = Norm::load(ctx, wts, &format!("{p}.post_attention_layernorm"), c, false, cfg.norm_eps)?;
+                let ln1 = Norm::load(
+                    ctx,
+                    wts,
+                    &format!("{p}.input_layernorm"),
+                    c,
+                    false,
+                    cfg.norm_eps,
+                )?;
+                let ln2 = Norm::load(
+                    ctx,
+                    wts,
+                    &format!("{p}.post_attention_layernorm"),
+                    c,
+                    false,
+                    cfg.norm_eps,
+                )?;
                 let q = Linear::load(ctx, wts, &format!("{a}.q_proj"), qd, c, cfg.qkv_bias, false)?;
-                let k = Linear::load(ctx, wts, &format!("{a}.k_proj"), kvd, c, cfg.qkv_bias, false)?;
-                let vv = Linear::load(ctx, wts, &format!("{a}.v_proj"), kvd, c, cfg.qkv_bias, false)?;
+                let k = Linear::load(
+                    ctx,
+                    wts,
+                    &format!("{a}.k_proj"),
+                    kvd,
+                    c,
+                    cfg.qkv_bias,
+                    false,
+                )?;
+                let vv = Linear::load(
+                    ctx,
+                    wts,
+                    &format!("{a}.v_proj"),
+                    kvd,
+                    c,
+                    cfg.qkv_bias,
+                    false,
+                )?;
                 let o = Linear::load(ctx, wts, &format!("{a}.o_proj"), c, qd, false, false)?;
                 let m = format!("{p}.mlp");
                 let ff = cfg.intermediate;
@@ -366,7 +494,13 @@ impl Model {
                 let up = Linear::load(ctx, wts, &format!("{m}.up_proj"), ff, c, false, false)?;
                 let down = Linear::load(ctx, wts, &format!("{m}.down_proj"), c, ff, false, false)?;
                 params += 2 * c;
-                Block { ln1, qkv: Qkv::Split { q, k, v: vv }, o, ln2, mlp: Mlp::SwiGlu { gate, up, down } }
+                Block {
+                    ln1,
+                    qkv: Qkv::Split { q, k, v: vv },
+                    o,
+                    ln2,
+                    mlp: Mlp::SwiGlu { gate, up, down },
+                }
             };
             params += block.linears().iter().map(|l| count(l)).sum::<usize>();
             blocks.push(block);
@@ -396,7 +530,16 @@ impl Model {
                 Tensor::from_f32(ctx, &sin, &[cfg.max_positions, half], "rope.sin")?,
             ))
         };
-        Ok(Model { cfg, wte, wpe, blocks, ln_f, lm_head, rope, params })
+        Ok(Model {
+            cfg,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+            rope,
+            params,
+        })
     }
 
     /// Bytes of GPU memory held by the frozen weights.
@@ -499,8 +642,20 @@ fn f32s(ctx: &Context, shape: &[usize], label: &str) -> Result<Tensor> {
 }
 
 impl Acts {
-    pub fn new(ctx: &Context, cfg: &ModelConfig, shape: FwdShape, save: bool, cached: bool) -> Result<Acts> {
-        let (c, nh, kvh, hd, ff) = (cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.intermediate);
+    pub fn new(
+        ctx: &Context,
+        cfg: &ModelConfig,
+        shape: FwdShape,
+        save: bool,
+        cached: bool,
+    ) -> Result<Acts> {
+        let (c, nh, kvh, hd, ff) = (
+            cfg.hidden,
+            cfg.heads,
+            cfg.kv_heads,
+            cfg.head_dim,
+            cfg.intermediate,
+        );
         let (b, s, p) = (shape.b, shape.s(), shape.p);
         let n = shape.rows();
         let ln = cfg.arch == Arch::Gpt2;
@@ -510,23 +665,47 @@ impl Acts {
             Ok(LayerActs {
                 resid,
                 ln1: f32s(ctx, &[n, c], &tag("ln1"))?,
-                ln1_mean: if ln { Some(f32s(ctx, &[n], &tag("ln1_mean"))?) } else { None },
+                ln1_mean: if ln {
+                    Some(f32s(ctx, &[n], &tag("ln1_mean"))?)
+                } else {
+                    None
+                },
                 ln1_rstd: f32s(ctx, &[n], &tag("ln1_rstd"))?,
-                qkv: if ln { Some(f32s(ctx, &[n, 3 * c], &tag("qkv"))?) } else { None },
+                qkv: if ln {
+                    Some(f32s(ctx, &[n, 3 * c], &tag("qkv"))?)
+                } else {
+                    None
+                },
                 q: f32s(ctx, &[b, s, nh, hd], &tag("q"))?,
                 k: f32s(ctx, &[b, s, kvh, hd], &tag("k"))?,
                 v: f32s(ctx, &[b, s, kvh, hd], &tag("v"))?,
-                kcat: if p > 0 && !cached { Some(f32s(ctx, &[b, p + s, kvh, hd], &tag("kcat"))?) } else { None },
-                vcat: if p > 0 && !cached { Some(f32s(ctx, &[b, p + s, kvh, hd], &tag("vcat"))?) } else { None },
+                kcat: if p > 0 && !cached {
+                    Some(f32s(ctx, &[b, p + s, kvh, hd], &tag("kcat"))?)
+                } else {
+                    None
+                },
+                vcat: if p > 0 && !cached {
+                    Some(f32s(ctx, &[b, p + s, kvh, hd], &tag("vcat"))?)
+                } else {
+                    None
+                },
                 att: f32s(ctx, &[b, s, nh, hd], &tag("att"))?,
                 lse: f32s(ctx, &[b, nh, s], &tag("lse"))?,
                 proj: f32s(ctx, &[n, c], &tag("proj"))?,
                 resid_mid: f32s(ctx, &[n, c], &tag("resid_mid"))?,
                 ln2: f32s(ctx, &[n, c], &tag("ln2"))?,
-                ln2_mean: if ln { Some(f32s(ctx, &[n], &tag("ln2_mean"))?) } else { None },
+                ln2_mean: if ln {
+                    Some(f32s(ctx, &[n], &tag("ln2_mean"))?)
+                } else {
+                    None
+                },
                 ln2_rstd: f32s(ctx, &[n], &tag("ln2_rstd"))?,
                 h1: f32s(ctx, &[n, ff], &tag("h1"))?,
-                h2: if swiglu { Some(f32s(ctx, &[n, ff], &tag("h2"))?) } else { None },
+                h2: if swiglu {
+                    Some(f32s(ctx, &[n, ff], &tag("h2"))?)
+                } else {
+                    None
+                },
                 act: f32s(ctx, &[n, ff], &tag("act"))?,
                 mlp_out: f32s(ctx, &[n, c], &tag("mlp_out"))?,
             })
@@ -535,7 +714,11 @@ impl Acts {
         let mut layers: Vec<LayerActs> = Vec::new();
         for l in 0..cfg.layers {
             if save {
-                let resid = if l == 0 { x0.reshape(&[n, c])? } else { f32s(ctx, &[n, c], &format!("L{l}.resid"))? };
+                let resid = if l == 0 {
+                    x0.reshape(&[n, c])?
+                } else {
+                    f32s(ctx, &[n, c], &format!("L{l}.resid"))?
+                };
                 layers.push(mk_layer(l, resid)?);
             } else if l == 0 {
                 layers.push(mk_layer(l, x0.reshape(&[n, c])?)?);
@@ -546,17 +729,37 @@ impl Acts {
                 layers.push(layers[0].clone());
             }
         }
-        let resid_out = if save || cfg.layers == 0 { f32s(ctx, &[n, c], "resid_out")? } else { x0.reshape(&[n, c])? };
+        let resid_out = if save || cfg.layers == 0 {
+            f32s(ctx, &[n, c], "resid_out")?
+        } else {
+            x0.reshape(&[n, c])?
+        };
         Ok(Acts {
             shape,
-            pos_ids: if ln { Some(Tensor::zeros(ctx, &[b, s], DType::I32, "pos_ids")?) } else { None },
-            pos_emb: if ln { Some(f32s(ctx, &[b, s, c], "pos_emb")?) } else { None },
-            emb: if ln { Some(f32s(ctx, &[b, s, c], "tok_emb")?) } else { None },
+            pos_ids: if ln {
+                Some(Tensor::zeros(ctx, &[b, s], DType::I32, "pos_ids")?)
+            } else {
+                None
+            },
+            pos_emb: if ln {
+                Some(f32s(ctx, &[b, s, c], "pos_emb")?)
+            } else {
+                None
+            },
+            emb: if ln {
+                Some(f32s(ctx, &[b, s, c], "tok_emb")?)
+            } else {
+                None
+            },
             x0,
             layers,
             resid_out,
             lnf: f32s(ctx, &[n, c], "lnf")?,
-            lnf_mean: if ln { Some(f32s(ctx, &[n], "lnf_mean")?) } else { None },
+            lnf_mean: if ln {
+                Some(f32s(ctx, &[n], "lnf_mean")?)
+            } else {
+                None
+            },
             lnf_rstd: f32s(ctx, &[n], "lnf_rstd")?,
         })
     }
@@ -573,7 +776,13 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(ctx: &Context, cfg: &ModelConfig, cap: usize) -> Result<KvCache> {
-        let mk = |x: &str, l: usize| f32s(ctx, &[1, cap, cfg.kv_heads, cfg.head_dim], &format!("cache.{x}{l}"));
+        let mk = |x: &str, l: usize| {
+            f32s(
+                ctx,
+                &[1, cap, cfg.kv_heads, cfg.head_dim],
+                &format!("cache.{x}{l}"),
+            )
+        };
         Ok(KvCache {
             k: (0..cfg.layers).map(|l| mk("k", l)).collect::<Result<_>>()?,
             v: (0..cfg.layers).map(|l| mk("v", l)).collect::<Result<_>>()?,
@@ -630,17 +839,25 @@ impl Model {
             if kc.len != p || b != 1 || p + s > kc.cap {
                 return Err(Error::invalid(
                     "forward",
-                    format!("KV cache of {} rows (cap {}) does not fit a forward of {sh:?}", kc.len, kc.cap),
+                    format!(
+                        "KV cache of {} rows (cap {}) does not fit a forward of {sh:?}",
+                        kc.len, kc.cap
+                    ),
                 ));
             }
         }
         let n = sh.rows();
-        hooks.prepare(ctx, plan)?;
+        // With a cache the prefix is already in it (generate prepares once).
+        if cache.is_none() {
+            hooks.prepare(ctx, plan)?;
+        }
         // Embeddings: virtual tokens, then the ids' rows.
         plan.push_group("embed");
         let emb = acts.emb.as_ref().unwrap_or(&acts.x0);
         if nv > 0 {
-            let prompt = hooks.prompt().ok_or_else(|| Error::invalid("forward", "virtual tokens without a prompt"))?;
+            let prompt = hooks
+                .prompt()
+                .ok_or_else(|| Error::invalid("forward", "virtual tokens without a prompt"))?;
             embedding::prompt_forward(ctx, plan, emb, prompt)?;
         }
         embedding::embedding_forward(ctx, plan, emb, ids, &self.wte, nv)?;
@@ -657,7 +874,14 @@ impl Model {
         for (l, blk) in self.blocks.iter().enumerate() {
             let a = &acts.layers[l];
             plan.push_group(&format!("layer {l}"));
-            blk.ln1.forward(ctx, plan, &a.ln1, a.ln1_mean.as_ref(), &a.ln1_rstd, &a.resid)?;
+            blk.ln1.forward(
+                ctx,
+                plan,
+                &a.ln1,
+                a.ln1_mean.as_ref(),
+                &a.ln1_rstd,
+                &a.resid,
+            )?;
             let q2 = a.q.reshape(&[n, nh * hd])?;
             let k2 = a.k.reshape(&[n, kvd])?;
             let v2 = a.v.reshape(&[n, kvd])?;
@@ -673,7 +897,18 @@ impl Model {
                     lin.forward(ctx, plan, qkv, &a.ln1)?;
                     hooks.linear(ctx, plan, l, lin, qkv, &a.ln1)?;
                     for (i, out) in [&q2, &k2, &v2].into_iter().enumerate() {
-                        copy_rows(ctx, plan, out, Layout::dense(n, c), qkv, Layout::rows(n, 3 * c, 0, i * c), 1, n, c, false)?;
+                        copy_rows(
+                            ctx,
+                            plan,
+                            out,
+                            Layout::dense(n, c),
+                            qkv,
+                            Layout::rows(n, 3 * c, 0, i * c),
+                            1,
+                            n,
+                            c,
+                            false,
+                        )?;
                     }
                 }
             }
@@ -684,7 +919,18 @@ impl Model {
             // K/V as attention reads them: (B, P + S, KVH, HD).
             let (kk, vv) = if let Some(kc) = cache {
                 for (dst, src) in [(&kc.k[l], &a.k), (&kc.v[l], &a.v)] {
-                    copy_rows(ctx, plan, dst, Layout::rows(kc.cap, kvd, p, 0), src, Layout::dense(s, kvd), 1, s, kvd, false)?;
+                    copy_rows(
+                        ctx,
+                        plan,
+                        dst,
+                        Layout::rows(kc.cap, kvd, p, 0),
+                        src,
+                        Layout::dense(s, kvd),
+                        1,
+                        s,
+                        kvd,
+                        false,
+                    )?;
                 }
                 (
                     kc.k[l].view(0, &[1, p + s, kvh, hd], "cache.k")?,
@@ -692,13 +938,41 @@ impl Model {
                 )
             } else if p > 0 {
                 let (kcat, vcat) = (a.kcat.as_ref().unwrap(), a.vcat.as_ref().unwrap());
-                let pre = prefix.ok_or_else(|| Error::invalid("forward", "K/V rows in front without a prefix"))?;
+                let pre = prefix.ok_or_else(|| {
+                    Error::invalid("forward", "K/V rows in front without a prefix")
+                })?;
                 let width = cfg.layers * 2 * kvd;
                 for (j, (dst, src)) in [(kcat, &a.k), (vcat, &a.v)].into_iter().enumerate() {
                     // The prefix table is shared by every batch row (block stride 0).
-                    let pl = Layout { off: (l * 2 + j) * kvd, bs: 0, rs: width };
-                    copy_rows(ctx, plan, dst, Layout::rows(p + s, kvd, 0, 0), pre, pl, b, p, kvd, false)?;
-                    copy_rows(ctx, plan, dst, Layout::rows(p + s, kvd, p, 0), src, Layout::dense(s, kvd), b, s, kvd, false)?;
+                    let pl = Layout {
+                        off: (l * 2 + j) * kvd,
+                        bs: 0,
+                        rs: width,
+                    };
+                    copy_rows(
+                        ctx,
+                        plan,
+                        dst,
+                        Layout::rows(p + s, kvd, 0, 0),
+                        pre,
+                        pl,
+                        b,
+                        p,
+                        kvd,
+                        false,
+                    )?;
+                    copy_rows(
+                        ctx,
+                        plan,
+                        dst,
+                        Layout::rows(p + s, kvd, p, 0),
+                        src,
+                        Layout::dense(s, kvd),
+                        b,
+                        s,
+                        kvd,
+                        false,
+                    )?;
                 }
                 (kcat.clone(), vcat.clone())
             } else {
@@ -708,8 +982,21 @@ impl Model {
             let att2 = a.att.reshape(&[n, nh * hd])?;
             blk.o.forward(ctx, plan, &a.proj, &att2)?;
             hooks.linear(ctx, plan, l, &blk.o, &a.proj, &att2)?;
-            activation::residual_forward(ctx, plan, &flat(&a.resid_mid)?, &flat(&a.resid)?, &flat(&a.proj)?)?;
-            blk.ln2.forward(ctx, plan, &a.ln2, a.ln2_mean.as_ref(), &a.ln2_rstd, &a.resid_mid)?;
+            activation::residual_forward(
+                ctx,
+                plan,
+                &flat(&a.resid_mid)?,
+                &flat(&a.resid)?,
+                &flat(&a.proj)?,
+            )?;
+            blk.ln2.forward(
+                ctx,
+                plan,
+                &a.ln2,
+                a.ln2_mean.as_ref(),
+                &a.ln2_rstd,
+                &a.resid_mid,
+            )?;
             match &blk.mlp {
                 Mlp::SwiGlu { gate, up, down } => {
                     let h2 = a.h2.as_ref().unwrap();
@@ -733,12 +1020,25 @@ impl Model {
                 Some(nx) => &nx.resid,
                 None => &acts.resid_out,
             };
-            activation::residual_forward(ctx, plan, &flat(next)?, &flat(&a.resid_mid)?, &flat(&a.mlp_out)?)?;
+            activation::residual_forward(
+                ctx,
+                plan,
+                &flat(next)?,
+                &flat(&a.resid_mid)?,
+                &flat(&a.mlp_out)?,
+            )?;
             plan.pop_group();
         }
         let last = acts.layers.last().map_or(&acts.x0, |_| &acts.resid_out);
         let last = last.reshape(&[n, c])?;
-        self.ln_f.forward(ctx, plan, &acts.lnf, acts.lnf_mean.as_ref(), &acts.lnf_rstd, &last)?;
+        self.ln_f.forward(
+            ctx,
+            plan,
+            &acts.lnf,
+            acts.lnf_mean.as_ref(),
+            &acts.lnf_rstd,
+            &last,
+        )?;
         Ok(())
     }
 
@@ -755,11 +1055,19 @@ impl Model {
     ) -> Result<()> {
         let r = rows.shape()[1];
         embedding::embedding_forward(ctx, plan, gathered, rows, &acts.lnf, 0)?;
-        self.lm_head.forward(ctx, plan, logits, &gathered.reshape(&[r, self.cfg.hidden])?)
+        self.lm_head
+            .forward(ctx, plan, logits, &gathered.reshape(&[r, self.cfg.hidden])?)
     }
 
     /// Per-row losses (R) of `logits` (R, V) against `targets` (R) i32.
-    pub fn losses(&self, ctx: &Context, plan: &mut Plan, losses: &Tensor, logits: &Tensor, targets: &Tensor) -> Result<()> {
+    pub fn losses(
+        &self,
+        ctx: &Context,
+        plan: &mut Plan,
+        losses: &Tensor,
+        logits: &Tensor,
+        targets: &Tensor,
+    ) -> Result<()> {
         loss::crossentropy_forward(ctx, plan, losses, logits, targets)
     }
 }
@@ -767,7 +1075,6 @@ impl Model {
 fn flat(t: &Tensor) -> Result<Tensor> {
     t.reshape(&[t.numel()])
 }
-
 
 /// Activation gradients of one backward shape. What a layer needs is cleared
 /// by consecutive clears at its start (one pass break; every backward kernel
@@ -813,7 +1120,11 @@ impl Arena {
         self.sizes.len() - 1
     }
     fn build(self, ctx: &Context, _label: &str) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
-        let v = self.sizes.iter().map(|(n, sh)| f32s(ctx, sh, n)).collect::<Result<Vec<_>>>()?;
+        let v = self
+            .sizes
+            .iter()
+            .map(|(n, sh)| f32s(ctx, sh, n))
+            .collect::<Result<Vec<_>>>()?;
         Ok((v.clone(), v))
     }
 }
@@ -821,7 +1132,14 @@ impl Arena {
 impl Grads {
     /// Gradient buffers for `shape` with `r` logit rows.
     pub fn new(ctx: &Context, cfg: &ModelConfig, shape: FwdShape, r: usize) -> Result<Grads> {
-        let (c, nh, kvh, hd, ff, v) = (cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.intermediate, cfg.vocab);
+        let (c, nh, kvh, hd, ff, v) = (
+            cfg.hidden,
+            cfg.heads,
+            cfg.kv_heads,
+            cfg.head_dim,
+            cfg.intermediate,
+            cfg.vocab,
+        );
         let (b, s, p, n) = (shape.b, shape.s(), shape.p, shape.rows());
         let gpt2 = cfg.arch == Arch::Gpt2;
         let mut h = Arena::new();
@@ -916,7 +1234,10 @@ impl Model {
         let r = rows.numel();
         let floor = self.backward_floor(hooks);
         if floor == Some(self.blocks.len()) {
-            return Err(Error::invalid("backward", "no trainable parameters: the adapter touches no layer"));
+            return Err(Error::invalid(
+                "backward",
+                "no trainable parameters: the adapter touches no layer",
+            ));
         }
         plan.push_group("head backward");
         for t in &g.head {
@@ -926,8 +1247,20 @@ impl Model {
         let dg = g.dgathered.reshape(&[r, c])?;
         self.lm_head.backward_input(ctx, plan, &dg, &g.dlogits)?;
         crate::gpu::ops::copy::scatter_rows(ctx, plan, &g.dlnf, rows, &dg)?;
-        let last = if self.blocks.is_empty() { acts.x0.reshape(&[n, c])? } else { acts.resid_out.clone() };
-        self.ln_f.backward(ctx, plan, &g.dresid, &g.dlnf, &last, acts.lnf_mean.as_ref(), &acts.lnf_rstd)?;
+        let last = if self.blocks.is_empty() {
+            acts.x0.reshape(&[n, c])?
+        } else {
+            acts.resid_out.clone()
+        };
+        self.ln_f.backward(
+            ctx,
+            plan,
+            &g.dresid,
+            &g.dlnf,
+            &last,
+            acts.lnf_mean.as_ref(),
+            &acts.lnf_rstd,
+        )?;
         plan.pop_group();
         let prefix_grad = hooks.prefix_grad();
         for (l, blk) in self.blocks.iter().enumerate().rev() {
@@ -961,7 +1294,15 @@ impl Model {
                 }
             }
             // dresid becomes the gradient of resid_mid (skip + ln2 path).
-            blk.ln2.backward(ctx, plan, &g.dresid, &g.dln2, &a.resid_mid, a.ln2_mean.as_ref(), &a.ln2_rstd)?;
+            blk.ln2.backward(
+                ctx,
+                plan,
+                &g.dresid,
+                &g.dln2,
+                &a.resid_mid,
+                a.ln2_mean.as_ref(),
+                &a.ln2_rstd,
+            )?;
             let att2 = a.att.reshape(&[n, nh * hd])?;
             let datt2 = g.datt.reshape(&[n, nh * hd])?;
             blk.o.backward_input(ctx, plan, &datt2, &g.dresid)?;
@@ -976,7 +1317,9 @@ impl Model {
             } else {
                 (a.k.clone(), a.v.clone(), g.dk.clone(), g.dv.clone())
             };
-            attention_backward(ctx, plan, &g.dq, &dkk, &dvv, &g.delta, &g.datt, &a.q, &kk, &vv, &a.att, &a.lse)?;
+            attention_backward(
+                ctx, plan, &g.dq, &dkk, &dvv, &g.delta, &g.datt, &a.q, &kk, &vv, &a.att, &a.lse,
+            )?;
             if p > 0 {
                 let width = cfg.layers * 2 * kvd;
                 for (j, (dcat, dsplit)) in [(&dkk, &g.dk), (&dvv, &g.dv)].into_iter().enumerate() {
@@ -984,12 +1327,31 @@ impl Model {
                         // Sum over the batch, one row block at a time (each
                         // prefix element has one writer per dispatch).
                         for bi in 0..b {
-                            let src = Layout { off: bi * (p + s) * kvd, bs: 0, rs: kvd };
-                            let dst = Layout { off: (l * 2 + j) * kvd, bs: 0, rs: width };
+                            let src = Layout {
+                                off: bi * (p + s) * kvd,
+                                bs: 0,
+                                rs: kvd,
+                            };
+                            let dst = Layout {
+                                off: (l * 2 + j) * kvd,
+                                bs: 0,
+                                rs: width,
+                            };
                             copy_rows(ctx, plan, dpre, dst, dcat, src, 1, p, kvd, true)?;
                         }
                     }
-                    copy_rows(ctx, plan, dsplit, Layout::dense(s, kvd), dcat, Layout::rows(p + s, kvd, p, 0), b, s, kvd, false)?;
+                    copy_rows(
+                        ctx,
+                        plan,
+                        dsplit,
+                        Layout::dense(s, kvd),
+                        dcat,
+                        Layout::rows(p + s, kvd, p, 0),
+                        b,
+                        s,
+                        kvd,
+                        false,
+                    )?;
                 }
             }
             let qkv_adapted = match &blk.qkv {
@@ -1017,7 +1379,18 @@ impl Model {
                     Qkv::Fused(lin) => {
                         let dqkv = g.dqkv.as_ref().unwrap();
                         for (i, src) in [&dq2, &dk2, &dv2].into_iter().enumerate() {
-                            copy_rows(ctx, plan, dqkv, Layout::rows(n, 3 * c, 0, i * c), src, Layout::dense(n, c), 1, n, c, false)?;
+                            copy_rows(
+                                ctx,
+                                plan,
+                                dqkv,
+                                Layout::rows(n, 3 * c, 0, i * c),
+                                src,
+                                Layout::dense(n, c),
+                                1,
+                                n,
+                                c,
+                                false,
+                            )?;
                         }
                         if below {
                             lin.backward_input(ctx, plan, &g.dln1, dqkv)?;
@@ -1026,7 +1399,15 @@ impl Model {
                     }
                 }
                 if below {
-                    blk.ln1.backward(ctx, plan, &g.dresid, &g.dln1, &a.resid, a.ln1_mean.as_ref(), &a.ln1_rstd)?;
+                    blk.ln1.backward(
+                        ctx,
+                        plan,
+                        &g.dresid,
+                        &g.dln1,
+                        &a.resid,
+                        a.ln1_mean.as_ref(),
+                        &a.ln1_rstd,
+                    )?;
                 }
             }
             plan.pop_group();

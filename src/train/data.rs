@@ -534,6 +534,14 @@ impl Dataset {
         order
     }
 
+    /// Batches of `batch_size` examples in file order (evaluation).
+    pub fn in_order(&self, batch_size: usize) -> Vec<Batch> {
+        self.examples
+            .chunks(batch_size.max(1))
+            .map(|c| Batch::from_examples(&c.iter().collect::<Vec<_>>(), self.pad_id))
+            .collect()
+    }
+
     /// The batches of `epoch` in order: `batch_size` examples each (the last
     /// may have fewer), each padded to its longest example.
     pub fn batches(&self, batch_size: usize, epoch: usize, seed: u64) -> Vec<Batch> {

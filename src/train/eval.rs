@@ -7,7 +7,12 @@ use crate::model::transformer::{Acts, FwdShape, Hooks, Model};
 use crate::train::data::Batch;
 
 /// Sum of target-token losses and the number of targets over `batches`.
-pub fn eval_batches(ctx: &Context, model: &Model, hooks: &dyn Hooks, batches: &[Batch]) -> Result<(f64, usize)> {
+pub fn eval_batches(
+    ctx: &Context,
+    model: &Model,
+    hooks: &dyn Hooks,
+    batches: &[Batch],
+) -> Result<(f64, usize)> {
     let cfg = &model.cfg;
     let nv = hooks.prompt().map_or(0, |t| t.shape()[0]);
     let p = hooks.prefix().map_or(0, |t| t.shape()[0]);
@@ -17,7 +22,12 @@ pub fn eval_batches(ctx: &Context, model: &Model, hooks: &dyn Hooks, batches: &[
             continue;
         }
         let (b, t) = (batch.b, batch.t);
-        let shape = FwdShape { b, t, n_virtual: nv, p };
+        let shape = FwdShape {
+            b,
+            t,
+            n_virtual: nv,
+            p,
+        };
         model.check_positions(shape)?;
         let s = shape.s();
         let mut rows = Vec::new();

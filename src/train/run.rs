@@ -85,11 +85,20 @@ fn base_name(model: &Path) -> Option<String> {
 }
 
 /// Build the adapter config and initial tensors for a fresh run.
-fn fresh_adapter(ctx: &Context, model: &Model, tok: &Tokenizer, o: &TrainOptions, data: &Dataset) -> Result<(AdapterConfig, HostTensors)> {
+fn fresh_adapter(
+    ctx: &Context,
+    model: &Model,
+    tok: &Tokenizer,
+    o: &TrainOptions,
+    data: &Dataset,
+) -> Result<(AdapterConfig, HostTensors)> {
     let cfg = &model.cfg;
     let n = o.num_virtual_tokens;
     if o.method != Method::Lora && n == 0 {
-        return Err(Error::invalid("train", "--num-virtual-tokens must be at least 1"));
+        return Err(Error::invalid(
+            "train",
+            "--num-virtual-tokens must be at least 1",
+        ));
     }
     match o.method {
         Method::Lora => {
@@ -115,16 +124,30 @@ fn fresh_adapter(ctx: &Context, model: &Model, tok: &Tokenizer, o: &TrainOptions
                     lc.init_lora_weights = serde_json::Value::String("gaussian".into());
                     LoraInit::Gaussian
                 }
-                other => return Err(Error::invalid("train", format!("--lora-init `{other}`: use kaiming or gaussian"))),
+                other => {
+                    return Err(Error::invalid(
+                        "train",
+                        format!("--lora-init `{other}`: use kaiming or gaussian"),
+                    ))
+                }
             };
             if lc.r < 1 {
-                return Err(Error::invalid("lora", format!("--lora-r {} must be at least 1", lc.r)));
+                return Err(Error::invalid(
+                    "lora",
+                    format!("--lora-r {} must be at least 1", lc.r),
+                ));
             }
             if !(lc.lora_alpha > 0.0) {
-                return Err(Error::invalid("lora", format!("--lora-alpha {} must be > 0", lc.lora_alpha)));
+                return Err(Error::invalid(
+                    "lora",
+                    format!("--lora-alpha {} must be > 0", lc.lora_alpha),
+                ));
             }
             if !(0.0..1.0).contains(&lc.lora_dropout) {
-                return Err(Error::invalid("lora", format!("--lora-dropout {} must be in [0, 1)", lc.lora_dropout)));
+                return Err(Error::invalid(
+                    "lora",
+                    format!("--lora-dropout {} must be in [0, 1)", lc.lora_dropout),
+                ));
             }
             let t = init::init_lora(model, &lc, init, o.seed)?;
             Ok((AdapterConfig::Lora(lc), t))
@@ -132,13 +155,20 @@ fn fresh_adapter(ctx: &Context, model: &Model, tok: &Tokenizer, o: &TrainOptions
         Method::Prompt => {
             let init = match o.prompt_init.as_str() {
                 "text" => {
-                    let text = o.prompt_init_text.clone().ok_or_else(|| Error::invalid("train", "--prompt-init text needs --prompt-init-text"))?;
+                    let text = o.prompt_init_text.clone().ok_or_else(|| {
+                        Error::invalid("train", "--prompt-init text needs --prompt-init-text")
+                    })?;
                     // PEFT tokenizes the init text with the special tokens.
                     PromptInit::Text(tok.encode(&text, true)?)
                 }
                 "vocab" => PromptInit::Vocab,
                 "random" => PromptInit::Random,
-                other => return Err(Error::invalid("train", format!("--prompt-init `{other}`: use text, vocab or random"))),
+                other => {
+                    return Err(Error::invalid(
+                        "train",
+                        format!("--prompt-init `{other}`: use text, vocab or random"),
+                    ))
+                }
             };
             let pc = PromptConfig {
                 num_virtual_tokens: n,
@@ -170,7 +200,12 @@ fn fresh_adapter(ctx: &Context, model: &Model, tok: &Tokenizer, o: &TrainOptions
                     };
                     PrefixInit::Text(ids)
                 }
-                other => return Err(Error::invalid("train", format!("--prefix-init `{other}`: use text, zero or random"))),
+                other => {
+                    return Err(Error::invalid(
+                        "train",
+                        format!("--prefix-init `{other}`: use text, zero or random"),
+                    ))
+                }
             };
             let pc = PrefixConfig {
                 num_virtual_tokens: n,
@@ -188,7 +223,13 @@ fn fresh_adapter(ctx: &Context, model: &Model, tok: &Tokenizer, o: &TrainOptions
 }
 
 /// Files of a resumable checkpoint in `<out>/checkpoint`.
-fn save_checkpoint(ctx: &Context, dir: &Path, tr: &Trainer, epoch: usize, batch_in_epoch: usize) -> Result<()> {
+fn save_checkpoint(
+    ctx: &Context,
+    dir: &Path,
+    tr: &Trainer,
+    epoch: usize,
+    batch_in_epoch: usize,
+) -> Result<()> {
     let ad = tr.adapter;
     let params = ad.flat.read(ctx, &ad.flat.params)?;
     let (m, v) = tr.moments()?;
@@ -198,41 +239,84 @@ fn save_checkpoint(ctx: &Context, dir: &Path, tr: &Trainer, epoch: usize, batch_
             all.push((format!("{prefix}{n}"), s, d));
         }
     }
-    std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
     let bytes = serialize(&all)?;
     peft_io::write_atomic(&dir.join("state.safetensors"), &bytes)?;
     let state = serde_json::json!({
         "step": tr.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
         "adapter_config": ad.config.to_json(),
     });
-    peft_io::write_atomic(&dir.join("trainer_state.json"), serde_json::to_string_pretty(&state).unwrap().as_bytes())
+    peft_io::write_atomic(
+        &dir.join("trainer_state.json"),
+        serde_json::to_string_pretty(&state).unwrap().as_bytes(),
+    )
 }
 
 fn serialize(t: &HostTensors) -> Result<Vec<u8>> {
     use safetensors::tensor::TensorView;
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
-        t.iter().map(|(n, s, d)| (n.clone(), s.clone(), bytemuck::cast_slice(d).to_vec())).collect();
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = t
+        .iter()
+        .map(|(n, s, d)| (n.clone(), s.clone(), bytemuck::cast_slice(d).to_vec()))
+        .collect();
     let views: Vec<(String, TensorView)> = bytes
         .iter()
-        .map(|(n, s, b)| Ok((n.clone(), TensorView::new(safetensors::Dtype::F32, s.clone(), b).map_err(|e| Error::invalid("checkpoint", e.to_string()))?)))
+        .map(|(n, s, b)| {
+            Ok((
+                n.clone(),
+                TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .map_err(|e| Error::invalid("checkpoint", e.to_string()))?,
+            ))
+        })
         .collect::<Result<_>>()?;
     safetensors::serialize(views, None).map_err(|e| Error::invalid("checkpoint", e.to_string()))
 }
 
-fn load_checkpoint(dir: &Path) -> Result<(AdapterConfig, HostTensors, HostTensors, HostTensors, usize, usize, usize)> {
+fn load_checkpoint(
+    dir: &Path,
+) -> Result<(
+    AdapterConfig,
+    HostTensors,
+    HostTensors,
+    HostTensors,
+    usize,
+    usize,
+    usize,
+)> {
     let sp = dir.join("trainer_state.json");
-    let text = std::fs::read_to_string(&sp).map_err(|e| Error::Io { path: sp.clone(), source: e })?;
-    let st: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config { path: sp.clone(), message: e.to_string() })?;
+    let text = std::fs::read_to_string(&sp).map_err(|e| Error::Io {
+        path: sp.clone(),
+        source: e,
+    })?;
+    let st: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: sp.clone(),
+        message: e.to_string(),
+    })?;
     let cfg = AdapterConfig::from_json_str(&sp, &st["adapter_config"].to_string())?;
     let wp = dir.join("state.safetensors");
-    let bytes = std::fs::read(&wp).map_err(|e| Error::Io { path: wp.clone(), source: e })?;
-    let stt = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Weights { path: wp.clone(), message: e.to_string() })?;
+    let bytes = std::fs::read(&wp).map_err(|e| Error::Io {
+        path: wp.clone(),
+        source: e,
+    })?;
+    let stt = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Weights {
+        path: wp.clone(),
+        message: e.to_string(),
+    })?;
     let (mut p, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new());
     let mut names: Vec<String> = stt.names().into_iter().map(|s| s.to_string()).collect();
     names.sort();
     for n in names {
-        let t = stt.tensor(&n).map_err(|e| Error::Weights { path: wp.clone(), message: e.to_string() })?;
-        let d: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let t = stt.tensor(&n).map_err(|e| Error::Weights {
+            path: wp.clone(),
+            message: e.to_string(),
+        })?;
+        let d: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
         let s = t.shape().to_vec();
         if let Some(k) = n.strip_prefix("param.") {
             p.push((k.to_string(), s, d));
@@ -243,16 +327,36 @@ fn load_checkpoint(dir: &Path) -> Result<(AdapterConfig, HostTensors, HostTensor
         }
     }
     let num = |k: &str| st[k].as_u64().unwrap_or(0) as usize;
-    Ok((cfg, p, m, v, num("step"), num("epoch"), num("batch_in_epoch")))
+    Ok((
+        cfg,
+        p,
+        m,
+        v,
+        num("step"),
+        num("epoch"),
+        num("batch_in_epoch"),
+    ))
 }
 
 /// Write the final (or interim) adapter, checkpoint and loss plot.
-fn save_all(ctx: &Context, o: &TrainOptions, tr: &Trainer, epoch: usize, bi: usize, metrics: &MetricsLog) -> Result<()> {
+fn save_all(
+    ctx: &Context,
+    o: &TrainOptions,
+    tr: &Trainer,
+    epoch: usize,
+    bi: usize,
+    metrics: &MetricsLog,
+) -> Result<()> {
     let tensors = tr.adapter.peft_tensors(ctx)?;
     peft_io::save_adapter(&o.out, &tr.adapter.config, &tensors)?;
     save_checkpoint(ctx, &o.out.join("checkpoint"), tr, epoch, bi)?;
     let hist = report::read_loss_history(metrics.path())?;
-    report::write_loss_plot(&o.out.join("loss.svg"), "wgtune training loss", &hist.train, &hist.val)
+    report::write_loss_plot(
+        &o.out.join("loss.svg"),
+        "wgtune training loss",
+        &hist.train,
+        &hist.val,
+    )
 }
 
 /// Run `wgtune train`.
@@ -262,17 +366,29 @@ pub fn train(ctx: &Context, o: &TrainOptions) -> Result<()> {
     let tok = Tokenizer::load(&o.model)?;
     print_model(ctx, &model);
     if o.batch_size == 0 || o.grad_accum == 0 {
-        return Err(Error::invalid("train", "--batch-size and --grad-accum must be at least 1"));
+        return Err(Error::invalid(
+            "train",
+            "--batch-size and --grad-accum must be at least 1",
+        ));
     }
     // Leave room for the adapter's rows in front of the tokens.
-    let adapter_rows = if o.method == Method::Lora { 0 } else { o.num_virtual_tokens };
+    let adapter_rows = if o.method == Method::Lora {
+        0
+    } else {
+        o.num_virtual_tokens
+    };
     let room = model.cfg.max_positions.saturating_sub(adapter_rows);
     let mut dopts = o.data_opts.clone();
     let limit = dopts.max_seq_len.unwrap_or(room).min(room);
     dopts.max_seq_len = Some(limit);
     let data = Dataset::load(&o.data, &tok, &dopts)?;
     if data.truncated > 0 || data.dropped > 0 {
-        log::warn!("{}: {} rows truncated to {limit} tokens, {} dropped (no target left)", o.data.display(), data.truncated, data.dropped);
+        log::warn!(
+            "{}: {} rows truncated to {limit} tokens, {} dropped (no target left)",
+            o.data.display(),
+            data.truncated,
+            data.dropped
+        );
     }
     let val = match &o.val_data {
         Some(p) => Some(Dataset::load(p, &tok, &dopts)?),
@@ -286,9 +402,16 @@ pub fn train(ctx: &Context, o: &TrainOptions) -> Result<()> {
         data.kinds.prompt_completion,
         data.kinds.alpaca,
         data.kinds.messages,
-        if data.truncated > 0 { format!(", {} truncated to {limit} tokens", data.truncated) } else { String::new() }
+        if data.truncated > 0 {
+            format!(", {} truncated to {limit} tokens", data.truncated)
+        } else {
+            String::new()
+        }
     );
-    std::fs::create_dir_all(&o.out).map_err(|e| Error::Io { path: o.out.clone(), source: e })?;
+    std::fs::create_dir_all(&o.out).map_err(|e| Error::Io {
+        path: o.out.clone(),
+        source: e,
+    })?;
     let ckpt = o.out.join("checkpoint");
     let mut start = (0usize, 0usize, 0usize);
     let mut moments = None;
@@ -333,7 +456,11 @@ pub fn train(ctx: &Context, o: &TrainOptions) -> Result<()> {
         adapter.flat.write(ctx, &adapter.flat.v, v)?;
         tr.step = start.0;
     }
-    let mut metrics = if o.resume { MetricsLog::resume(&o.out, start.0)? } else { MetricsLog::create(&o.out)? };
+    let mut metrics = if o.resume {
+        MetricsLog::resume(&o.out, start.0)?
+    } else {
+        MetricsLog::create(&o.out)?
+    };
     let stop = Arc::new(AtomicBool::new(false));
     {
         let s = stop.clone();
@@ -358,10 +485,14 @@ pub fn train(ctx: &Context, o: &TrainOptions) -> Result<()> {
                 break 'outer;
             }
             let micro = groups[bi];
-            let log_now = (tr.step + 1) % o.log_every.max(1) == 0 || tr.step + 1 == total || tr.step == 0;
+            let log_now =
+                (tr.step + 1) % o.log_every.max(1) == 0 || tr.step + 1 == total || tr.step == 0;
             let lr_now = tr.opt.lr_at(tr.step);
             let stats = tr.train_step(micro, log_now)?;
-            tokens += micro.iter().map(|b| b.lens.iter().sum::<usize>() as u64).sum::<u64>();
+            tokens += micro
+                .iter()
+                .map(|b| b.lens.iter().sum::<usize>() as u64)
+                .sum::<u64>();
             bi += 1;
             let ep = epoch as f64 + bi as f64 / groups.len() as f64;
             if let Some(st) = stats {
@@ -369,8 +500,25 @@ pub fn train(ctx: &Context, o: &TrainOptions) -> Result<()> {
                 let tps = (tokens - tokens_at_log) as f64 / dt.max(1e-9);
                 (tokens_at_log, t_log) = (tokens, Instant::now());
                 last_loss = st.loss;
-                metrics.train(tr.step, ep, st.loss, lr_now, st.grad_norm, tokens, tps, t0.elapsed().as_secs_f64())?;
-                let msg = format!("loss {:.4}  lr {lr_now:.2e}  {tps:.0} tok/s{}", st.loss, if st.skipped { "  (non-finite grad: step skipped)" } else { "" });
+                metrics.train(
+                    tr.step,
+                    ep,
+                    st.loss,
+                    lr_now,
+                    st.grad_norm,
+                    tokens,
+                    tps,
+                    t0.elapsed().as_secs_f64(),
+                )?;
+                let msg = format!(
+                    "loss {:.4}  lr {lr_now:.2e}  {tps:.0} tok/s{}",
+                    st.loss,
+                    if st.skipped {
+                        "  (non-finite grad: step skipped)"
+                    } else {
+                        ""
+                    }
+                );
                 match &bar {
                     Some(b) => b.set_message(msg),
                     None => println!("step {}/{total}  {msg}", tr.step),
@@ -398,7 +546,10 @@ pub fn train(ctx: &Context, o: &TrainOptions) -> Result<()> {
                 if let Some(b) = &bar {
                     b.abandon();
                 }
-                println!("interrupted: adapter and checkpoint saved to {} (resume with --resume)", o.out.display());
+                println!(
+                    "interrupted: adapter and checkpoint saved to {} (resume with --resume)",
+                    o.out.display()
+                );
                 return Ok(());
             }
         }
@@ -425,13 +576,14 @@ pub fn train(ctx: &Context, o: &TrainOptions) -> Result<()> {
     Ok(())
 }
 
-fn val_loss(ctx: &Context, model: &Model, adapter: &Adapter, v: &Dataset, bs: usize) -> Result<f64> {
-    let batches: Vec<Batch> = v
-        .examples
-        .chunks(bs)
-        .map(|c| Batch::from_examples(&c.iter().collect::<Vec<_>>(), v.pad_id))
-        .collect();
-    let (sum, n) = crate::train::eval::eval_batches(ctx, model, adapter, &batches)?;
+fn val_loss(
+    ctx: &Context,
+    model: &Model,
+    adapter: &Adapter,
+    v: &Dataset,
+    bs: usize,
+) -> Result<f64> {
+    let (sum, n) = crate::train::eval::eval_batches(ctx, model, adapter, &v.in_order(bs))?;
     Ok(sum / n.max(1) as f64)
 }
 

@@ -92,7 +92,8 @@ pub struct Trainer<'a> {
     pub adapter: &'a Adapter,
     pub opt: OptimConfig,
     norm: Tensor,
-    partials: Tensor,
+    /// The gradient-norm partials the optimizer plan binds.
+    _partials: Tensor,
     scalars: Tensor,
     opt_plan: Plan,
     plans: HashMap<(usize, usize, usize), StepPlan>,
@@ -103,20 +104,58 @@ pub struct Trainer<'a> {
 }
 
 impl<'a> Trainer<'a> {
-    pub fn new(ctx: &'a Context, model: &'a Model, adapter: &'a Adapter, opt: OptimConfig) -> Result<Trainer<'a>> {
+    pub fn new(
+        ctx: &'a Context,
+        model: &'a Model,
+        adapter: &'a Adapter,
+        opt: OptimConfig,
+    ) -> Result<Trainer<'a>> {
         let flat = &adapter.flat;
         let norm = Tensor::zeros(ctx, &[4], DType::F32, "grad_norm")?;
-        let partials = Tensor::zeros(ctx, &[adamw::global_norm_partials_len(flat.len)], DType::F32, "norm_partials")?;
+        let partials = Tensor::zeros(
+            ctx,
+            &[adamw::global_norm_partials_len(flat.len)],
+            DType::F32,
+            "norm_partials",
+        )?;
         let scalars = Tensor::zeros(ctx, &[8], DType::F32, "adamw_scalars")?;
         let mut opt_plan = Plan::new("optimizer");
-        adamw::global_norm(ctx, &mut opt_plan, &norm, &partials, &flat.grads, opt.max_grad_norm as f32)?;
-        adamw::adamw_update(ctx, &mut opt_plan, &flat.params, &flat.m, &flat.v, &flat.grads, &norm, &scalars)?;
+        adamw::global_norm(
+            ctx,
+            &mut opt_plan,
+            &norm,
+            &partials,
+            &flat.grads,
+            opt.max_grad_norm as f32,
+        )?;
+        adamw::adamw_update(
+            ctx,
+            &mut opt_plan,
+            &flat.params,
+            &flat.m,
+            &flat.v,
+            &flat.grads,
+            &norm,
+            &scalars,
+        )?;
         // The next step accumulates from zero.
         opt_plan.clear(&flat.grads);
         let mut clear = Plan::new("clear grads");
         clear.clear(&flat.grads);
         clear.run(ctx)?;
-        Ok(Trainer { ctx, model, adapter, opt, norm, partials, scalars, opt_plan, plans: HashMap::new(), step: 0, last_flops: 0.0 })
+        Ok(Trainer {
+            ctx,
+            model,
+            adapter,
+            opt,
+            norm,
+            _partials: partials,
+            scalars,
+            opt_plan,
+            plans: HashMap::new(),
+            step: 0,
+            last_flops: 0.0,
+        })
     }
 
     /// Virtual-token rows (prompt tuning) and K/V rows in front (prefix).
@@ -137,7 +176,12 @@ impl<'a> Trainer<'a> {
         let (ctx, model, ad) = (self.ctx, self.model, self.adapter);
         let cfg = &model.cfg;
         let (nv, p) = self.adapter_rows();
-        let shape = FwdShape { b, t, n_virtual: nv, p };
+        let shape = FwdShape {
+            b,
+            t,
+            n_virtual: nv,
+            p,
+        };
         model.check_positions(shape)?;
         let acts = Acts::new(ctx, cfg, shape, true, false)?;
         let grads = Grads::new(ctx, cfg, shape, r)?;
@@ -148,12 +192,19 @@ impl<'a> Trainer<'a> {
         let losses = Tensor::zeros(ctx, &[r], DType::F32, "losses")?;
         let logits = Tensor::zeros(ctx, &[r, cfg.vocab], DType::F32, "logits")?;
         let gathered = Tensor::zeros(ctx, &[1, r, cfg.hidden], DType::F32, "gathered")?;
-        let mut plan = Plan::new(&format!("train step B={b} T={t} R={r}"));
+        let mut plan = Plan::new(&plan_label(b, t, r));
         ad.set_training(true);
-        let recorded = Self::record(ctx, model, ad, &mut plan, &acts, &grads, &ids, &rows, &targets, &dlosses, &losses, &logits, &gathered);
+        let recorded = Self::record(
+            ctx, model, ad, &mut plan, &acts, &grads, &ids, &rows, &targets, &dlosses, &losses,
+            &logits, &gathered,
+        );
         ad.set_training(false);
         recorded?;
-        log::debug!("built {} with {} dispatches", plan_label(b, t, r), plan.dispatches());
+        log::debug!(
+            "built {} with {} dispatches",
+            plan_label(b, t, r),
+            plan.dispatches()
+        );
         Ok(StepPlan {
             ids,
             rows,
@@ -221,7 +272,11 @@ impl<'a> Trainer<'a> {
         }
         let sp = &self.plans[&key];
         // Re-pad the batch to the bucketed T.
-        let pad = batch.ids.get(batch.t.saturating_sub(1)).copied().unwrap_or(0);
+        let pad = batch
+            .ids
+            .get(batch.t.saturating_sub(1))
+            .copied()
+            .unwrap_or(0);
         let mut ids = vec![pad; b * t];
         let mut tg_full = vec![-100i32; b * t];
         for row in 0..b {
@@ -255,7 +310,10 @@ impl<'a> Trainer<'a> {
             targets.push(-100);
             fill += 1;
         }
-        let dl: Vec<f32> = targets.iter().map(|&x| if x == -100 { 0.0 } else { weight }).collect();
+        let dl: Vec<f32> = targets
+            .iter()
+            .map(|&x| if x == -100 { 0.0 } else { weight })
+            .collect();
         sp.ids.write_i32(self.ctx, &ids)?;
         sp.rows.write_i32(self.ctx, &rows)?;
         sp.targets.write_i32(self.ctx, &targets)?;
@@ -274,14 +332,24 @@ impl<'a> Trainer<'a> {
         }
         let weight = 1.0 / total as f32;
         let lr = self.opt.lr_at(self.step);
-        let sc = adamw::adamw_step_scalars(lr, self.opt.beta1, self.opt.beta2, self.opt.eps, self.opt.weight_decay, self.step as u64 + 1);
+        let sc = adamw::adamw_step_scalars(
+            lr,
+            self.opt.beta1,
+            self.opt.beta2,
+            self.opt.eps,
+            self.opt.weight_decay,
+            self.step as u64 + 1,
+        );
         self.scalars.write_f32(self.ctx, &sc)?;
         let mut loss_sum = 0.0;
         self.last_flops = 0.0;
         for (i, batch) in micro.iter().enumerate() {
             let key = self.prepare(batch, weight)?;
             // A fresh dropout mask per micro-batch, reproducible from the step.
-            self.adapter.set_seed(self.ctx, (self.step as u32).wrapping_mul(1009).wrapping_add(i as u32))?;
+            self.adapter.set_seed(
+                self.ctx,
+                (self.step as u32).wrapping_mul(1009).wrapping_add(i as u32),
+            )?;
             let sp = &self.plans[&key];
             self.last_flops += sp.plan.flops();
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
@@ -292,7 +360,12 @@ impl<'a> Trainer<'a> {
             self.ctx.queue.submit([enc.finish()]);
             self.ctx.check("train step")?;
             if read {
-                loss_sum += sp.losses.read_f32(self.ctx)?.iter().map(|&x| x as f64).sum::<f64>();
+                loss_sum += sp
+                    .losses
+                    .read_f32(self.ctx)?
+                    .iter()
+                    .map(|&x| x as f64)
+                    .sum::<f64>();
             }
         }
         self.step += 1;
@@ -300,13 +373,11 @@ impl<'a> Trainer<'a> {
             return Ok(None);
         }
         let norm = self.norm.read_f32(self.ctx)?;
-        Ok(Some(StepStats { loss: loss_sum / total as f64, grad_norm: norm[0] as f64, skipped: norm[2] != 0.0 }))
-    }
-
-    /// Mean loss over `batches` without training (validation / eval):
-    /// (sum of target losses, number of targets).
-    pub fn eval_loss(&mut self, batches: &[Batch]) -> Result<(f64, usize)> {
-        crate::train::eval::eval_batches(self.ctx, self.model, self.adapter, batches)
+        Ok(Some(StepStats {
+            loss: loss_sum / total as f64,
+            grad_norm: norm[0] as f64,
+            skipped: norm[2] != 0.0,
+        }))
     }
 
     /// Gradients of one batch without an optimizer step (for tests):
@@ -319,7 +390,12 @@ impl<'a> Trainer<'a> {
         let key = self.prepare(batch, weight)?;
         let sp = &self.plans[&key];
         sp.plan.run(self.ctx)?;
-        let sum: f64 = sp.losses.read_f32(self.ctx)?.iter().map(|&x| x as f64).sum();
+        let sum: f64 = sp
+            .losses
+            .read_f32(self.ctx)?
+            .iter()
+            .map(|&x| x as f64)
+            .sum();
         Ok(sum / batch.n_targets.max(1) as f64)
     }
 
@@ -327,11 +403,6 @@ impl<'a> Trainer<'a> {
     pub fn moments(&self) -> Result<(crate::adapters::HostTensors, crate::adapters::HostTensors)> {
         let f = &self.adapter.flat;
         Ok((f.read(self.ctx, &f.m)?, f.read(self.ctx, &f.v)?))
-    }
-
-    /// Partials scratch (kept for the optimizer plan's bindings).
-    pub fn partials(&self) -> &Tensor {
-        &self.partials
     }
 }
 

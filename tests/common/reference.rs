@@ -6,7 +6,9 @@ use safetensors::{Dtype, SafeTensors};
 
 /// tests/reference/data/<rel>.
 pub fn data_dir(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/data").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/reference/data")
+        .join(rel)
 }
 
 pub fn json(rel: &str) -> serde_json::Value {
@@ -23,29 +25,50 @@ pub struct Arrays {
 impl Arrays {
     pub fn open(rel: &str) -> Arrays {
         let p = data_dir(rel);
-        Arrays { bytes: std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())) }
+        Arrays {
+            bytes: std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+        }
     }
     fn st(&self) -> SafeTensors<'_> {
         SafeTensors::deserialize(&self.bytes).unwrap()
     }
     pub fn names(&self) -> Vec<String> {
-        self.st().names().into_iter().map(|s| s.to_string()).collect()
+        self.st()
+            .names()
+            .into_iter()
+            .map(|s| s.to_string())
+            .collect()
     }
     pub fn shape(&self, name: &str) -> Vec<usize> {
-        self.st().tensor(name).unwrap_or_else(|_| panic!("no `{name}`")).shape().to_vec()
+        self.st()
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("no `{name}`"))
+            .shape()
+            .to_vec()
     }
     pub fn f32(&self, name: &str) -> Vec<f32> {
         let st = self.st();
         let t = st.tensor(name).unwrap_or_else(|_| panic!("no `{name}`"));
         assert_eq!(t.dtype(), Dtype::F32, "{name}");
-        t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+        t.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
     }
     pub fn i32(&self, name: &str) -> Vec<i32> {
         let st = self.st();
         let t = st.tensor(name).unwrap_or_else(|_| panic!("no `{name}`"));
         match t.dtype() {
-            Dtype::I32 => t.data().chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect(),
-            Dtype::I64 => t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as i32).collect(),
+            Dtype::I32 => t
+                .data()
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            Dtype::I64 => t
+                .data()
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as i32)
+                .collect(),
             d => panic!("{name}: {d:?}"),
         }
     }

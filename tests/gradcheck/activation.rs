@@ -100,7 +100,10 @@ fn copy_and_scatter_are_adjoint_to_their_reverse() {
     // Gather rows idx of a (rows, d) table, then scatter back.
     let (rows, idx) = (7usize, [4i32, 0, 6]);
     let table = r.vec64(rows * d, 1.0);
-    let g: Vec<f64> = idx.iter().flat_map(|&i| table[i as usize * d..][..d].to_vec()).collect();
+    let g: Vec<f64> = idx
+        .iter()
+        .flat_map(|&i| table[i as usize * d..][..d].to_vec())
+        .collect();
     let dy = r.vec64(idx.len() * d, 1.0);
     let mut dt = vec![0.0; rows * d];
     scatter_rows(&mut dt, &idx, &dy, rows, d);

@@ -101,7 +101,11 @@ fn tanh_forward_backward_vs_cpu() {
     for &(n, c) in SHAPES {
         let k = n * c;
         let mut r = Rng::new(n as u64 * 73 + c as u64);
-        let (x, dout, d0) = (with_extremes(&mut r, k, 3.0, 20.0), r.vec(k, 1.0), r.vec(k, 1.0));
+        let (x, dout, d0) = (
+            with_extremes(&mut r, k, 3.0, 20.0),
+            r.vec(k, 1.0),
+            r.vec(k, 1.0),
+        );
         let (tx, tdout) = (up(ctx, &x, &[n, c], "inp"), up(ctx, &dout, &[n, c], "dout"));
         let out = zeros(ctx, &[n, c], "out");
         let dinp = up(ctx, &d0, &[n, c], "dinp");

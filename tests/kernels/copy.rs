@@ -8,10 +8,24 @@ use wgtune::gpu::ops::copy::{self, Layout};
 use wgtune::gpu::{Context, Plan};
 
 #[allow(clippy::too_many_arguments)]
-fn check(ctx: &Context, tag: &str, dst_len: usize, src_len: usize, nb: usize, t: usize, d: usize, dl: Layout, sl: Layout, acc: bool) {
+fn check(
+    ctx: &Context,
+    tag: &str,
+    dst_len: usize,
+    src_len: usize,
+    nb: usize,
+    t: usize,
+    d: usize,
+    dl: Layout,
+    sl: Layout,
+    acc: bool,
+) {
     let mut r = Rng::new(dst_len as u64 * 31 + src_len as u64);
     let (d0, s0) = (r.vec(dst_len, 1.0), r.vec(src_len, 1.0));
-    let (dst, src) = (up(ctx, &d0, &[dst_len], "dst"), up(ctx, &s0, &[src_len], "src"));
+    let (dst, src) = (
+        up(ctx, &d0, &[dst_len], "dst"),
+        up(ctx, &s0, &[src_len], "src"),
+    );
     let mut plan = Plan::new(tag);
     copy::copy_rows(ctx, &mut plan, &dst, dl, &src, sl, nb, t, d, acc).unwrap();
     run(ctx, &plan);
@@ -25,20 +39,68 @@ fn copy_rows_matches_cpu() {
     let ctx = gpu!();
     // q third of a fused (B*T, 3C) qkv row, C = 13, 7 tokens.
     let (bt, c) = (7, 13);
-    check(ctx, "qkv split", bt * c, bt * 3 * c, 1, bt, c, Layout::dense(bt, c), Layout::rows(bt, 3 * c, 0, c), false);
+    check(
+        ctx,
+        "qkv split",
+        bt * c,
+        bt * 3 * c,
+        1,
+        bt,
+        c,
+        Layout::dense(bt, c),
+        Layout::rows(bt, 3 * c, 0, c),
+        false,
+    );
     // K rows (B=3, T=5, D=6) after a 4-row prefix in (B, 9, D).
     let (b, t, p, d) = (3, 5, 4, 6);
-    check(ctx, "after prefix", b * (p + t) * d, b * t * d, b, t, d, Layout::rows(p + t, d, p, 0), Layout::dense(t, d), false);
+    check(
+        ctx,
+        "after prefix",
+        b * (p + t) * d,
+        b * t * d,
+        b,
+        t,
+        d,
+        Layout::rows(p + t, d, p, 0),
+        Layout::dense(t, d),
+        false,
+    );
     // Its reverse, accumulating into the qkv gradient's v third.
-    check(ctx, "reverse acc", bt * 3 * c, bt * c, 1, bt, c, Layout::rows(bt, 3 * c, 0, 2 * c), Layout::dense(bt, c), true);
+    check(
+        ctx,
+        "reverse acc",
+        bt * 3 * c,
+        bt * c,
+        1,
+        bt,
+        c,
+        Layout::rows(bt, 3 * c, 0, 2 * c),
+        Layout::dense(bt, c),
+        true,
+    );
 }
 
 #[test]
 fn copy_rows_rejects_out_of_range_blocks() {
     let ctx = gpu!();
-    let (dst, src) = (up(ctx, &[0.0; 10], &[10], "dst"), up(ctx, &[0.0; 12], &[12], "src"));
+    let (dst, src) = (
+        up(ctx, &[0.0; 10], &[10], "dst"),
+        up(ctx, &[0.0; 12], &[12], "src"),
+    );
     let mut plan = Plan::new("oob");
-    let err = copy::copy_rows(ctx, &mut plan, &dst, Layout::dense(3, 4), &src, Layout::dense(3, 4), 1, 3, 4, false).unwrap_err();
+    let err = copy::copy_rows(
+        ctx,
+        &mut plan,
+        &dst,
+        Layout::dense(3, 4),
+        &src,
+        Layout::dense(3, 4),
+        1,
+        3,
+        4,
+        false,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("`dst`"), "{err}");
 }
 

@@ -291,7 +291,10 @@ fn lora_dropout_vs_cpu() {
     cpu::lora::lora_dropout_backward(&mut rd, &to64(&g), seed, site, th, p);
     assert_close("dropout out", &read(ctx, &out), &ro, 1e-6, 1e-6);
     assert_close("dropout dinp", &read(ctx, &td), &rd, 1e-6, 1e-6);
-    assert!(read(ctx, &tg).iter().all(|&v| v == 0.0), "scratch g is zeroed");
+    assert!(
+        read(ctx, &tg).iter().all(|&v| v == 0.0),
+        "scratch g is zeroed"
+    );
     let kept = ro.iter().filter(|&&v| v != 0.0).count() as f64 / (m * k) as f64;
     assert!((kept - (1.0 - p)).abs() < 0.08, "kept fraction {kept}");
 }

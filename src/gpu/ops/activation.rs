@@ -143,15 +143,37 @@ pub fn gelu_backward(
 pub fn tanh_forward(ctx: &Context, plan: &mut Plan, out: &Tensor, inp: &Tensor) -> Result<()> {
     let op = "tanh_forward";
     expect_shape(op, out, inp.shape())?;
-    dispatch_flat(ctx, plan, op, "tanh_forward_x1", &[W, R], &[out, inp], inp.numel())
+    dispatch_flat(
+        ctx,
+        plan,
+        op,
+        "tanh_forward_x1",
+        &[W, R],
+        &[out, inp],
+        inp.numel(),
+    )
 }
 
 /// dinp += dout * (1 - out^2), with `out` the saved forward output.
-pub fn tanh_backward(ctx: &Context, plan: &mut Plan, dinp: &Tensor, dout: &Tensor, out: &Tensor) -> Result<()> {
+pub fn tanh_backward(
+    ctx: &Context,
+    plan: &mut Plan,
+    dinp: &Tensor,
+    dout: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
     let op = "tanh_backward";
     expect_shape(op, dinp, out.shape())?;
     expect_shape(op, dout, out.shape())?;
-    dispatch_flat(ctx, plan, op, "tanh_backward_x1", &[W, R, R], &[dinp, dout, out], out.numel())
+    dispatch_flat(
+        ctx,
+        plan,
+        op,
+        "tanh_backward_x1",
+        &[W, R, R],
+        &[dinp, dout, out],
+        out.numel(),
+    )
 }
 
 /// out <- inp1 + inp2. Shapes may differ ((B, T, C) vs (B*T, C)); element counts may not.

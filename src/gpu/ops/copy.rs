@@ -72,18 +72,35 @@ pub fn copy_rows(
         .u(dl.bs)
         .u(dl.rs)
         .u(dl.off);
-    plan.dispatch(ctx, &spec, &p, &[dst, src], grid_1d(ctx, (n as u32).div_ceil(WG)))
+    plan.dispatch(
+        ctx,
+        &spec,
+        &p,
+        &[dst, src],
+        grid_1d(ctx, (n as u32).div_ceil(WG)),
+    )
 }
 
 /// dst (ROWS, D) rows idx[i] += src (R, D) rows i; idx (R) or (1, R) i32,
 /// distinct. The reverse of gathering rows with `embedding_forward`.
-pub fn scatter_rows(ctx: &Context, plan: &mut Plan, dst: &Tensor, idx: &Tensor, src: &Tensor) -> Result<()> {
+pub fn scatter_rows(
+    ctx: &Context,
+    plan: &mut Plan,
+    dst: &Tensor,
+    idx: &Tensor,
+    src: &Tensor,
+) -> Result<()> {
     let op = "scatter_rows";
     crate::gpu::ops::embedding::expect_i32(op, idx)?;
     let r = idx.numel();
     let (rows, d) = match *dst.shape() {
         [rows, d] => (rows, d),
-        _ => return Err(Error::invalid(op, format!("`{}` must be (ROWS, D), not {:?}", dst.label(), dst.shape()))),
+        _ => {
+            return Err(Error::invalid(
+                op,
+                format!("`{}` must be (ROWS, D), not {:?}", dst.label(), dst.shape()),
+            ))
+        }
     };
     if src.numel() != r * d {
         return Err(Error::Shape {
@@ -98,5 +115,11 @@ pub fn scatter_rows(ctx: &Context, plan: &mut Plan, dst: &Tensor, idx: &Tensor, 
     }
     let spec = KernelSpec::family("copy", op, &[W, R, R])?.with("WG", WG as f64);
     let p = Params::new().u(r).u(d).u(rows);
-    plan.dispatch(ctx, &spec, &p, &[dst, idx, src], grid_1d(ctx, ((r * d) as u32).div_ceil(WG)))
+    plan.dispatch(
+        ctx,
+        &spec,
+        &p,
+        &[dst, idx, src],
+        grid_1d(ctx, ((r * d) as u32).div_ceil(WG)),
+    )
 }

@@ -184,35 +184,85 @@ fn dropout_dispatch(
     p: f64,
 ) -> Result<()> {
     if !(0.0..1.0).contains(&p) {
-        return Err(Error::invalid(entry, format!("dropout probability {p} must be in [0, 1)")));
+        return Err(Error::invalid(
+            entry,
+            format!("dropout probability {p} must be in [0, 1)"),
+        ));
     }
     if n == 0 {
         return Ok(());
     }
     let spec = KernelSpec::family("lora", entry, layout)?.with("WG", WG as f64);
-    let params = Params::new().u(n).u(site as usize).u(dropout_threshold(p) as usize).f((1.0 / (1.0 - p)) as f32);
-    plan.dispatch(ctx, &spec, &params, bindings, grid_1d(ctx, n.div_ceil(WG as usize) as u32))
+    let params = Params::new()
+        .u(n)
+        .u(site as usize)
+        .u(dropout_threshold(p) as usize)
+        .f((1.0 / (1.0 - p)) as f32);
+    plan.dispatch(
+        ctx,
+        &spec,
+        &params,
+        bindings,
+        grid_1d(ctx, n.div_ceil(WG as usize) as u32),
+    )
 }
 
 /// out (M, K) = inp * keep / (1 - p), keep hashed from (seed[0], site, index).
-pub fn lora_dropout_forward(ctx: &Context, plan: &mut Plan, out: &Tensor, inp: &Tensor, seed: &Tensor, site: u32, p: f64) -> Result<()> {
+pub fn lora_dropout_forward(
+    ctx: &Context,
+    plan: &mut Plan,
+    out: &Tensor,
+    inp: &Tensor,
+    seed: &Tensor,
+    site: u32,
+    p: f64,
+) -> Result<()> {
     let op = "lora_dropout_forward";
     expect_shape(op, out, inp.shape())?;
     dispatch_check_seed(op, seed)?;
-    dropout_dispatch(ctx, plan, op, &[W, R, R], &[out, inp, seed], inp.numel(), site, p)
+    dropout_dispatch(
+        ctx,
+        plan,
+        op,
+        &[W, R, R],
+        &[out, inp, seed],
+        inp.numel(),
+        site,
+        p,
+    )
 }
 
 /// dinp (M, K) += g * keep / (1 - p) with the forward's mask; g is zeroed.
-pub fn lora_dropout_backward(ctx: &Context, plan: &mut Plan, dinp: &Tensor, g: &Tensor, seed: &Tensor, site: u32, p: f64) -> Result<()> {
+pub fn lora_dropout_backward(
+    ctx: &Context,
+    plan: &mut Plan,
+    dinp: &Tensor,
+    g: &Tensor,
+    seed: &Tensor,
+    site: u32,
+    p: f64,
+) -> Result<()> {
     let op = "lora_dropout_backward";
     expect_shape(op, g, dinp.shape())?;
     dispatch_check_seed(op, seed)?;
-    dropout_dispatch(ctx, plan, op, &[W, W, R], &[dinp, g, seed], dinp.numel(), site, p)
+    dropout_dispatch(
+        ctx,
+        plan,
+        op,
+        &[W, W, R],
+        &[dinp, g, seed],
+        dinp.numel(),
+        site,
+        p,
+    )
 }
 
 fn dispatch_check_seed(op: &str, seed: &Tensor) -> Result<()> {
     if seed.dtype() != crate::gpu::DType::U32 || seed.numel() != 1 {
-        return Err(Error::invalid(op, format!("seed `{}` must be one u32", seed.label())));
+        return Err(Error::invalid(
+            op,
+            format!("seed `{}` must be one u32", seed.label()),
+        ));
     }
     Ok(())
 }
