@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::gpu::ops::copy::{copy_rows, Layout};
 use crate::gpu::{Context, DType, Plan, Tensor};
 use crate::model::transformer::{Acts, FwdShape, Hooks, KvCache, Model};
+use crate::rng::Rng;
 
 /// Sampling settings. `temperature == 0` is greedy decoding.
 #[derive(Clone, Debug)]
@@ -53,19 +54,6 @@ impl GenStats {
     }
 }
 
-/// SplitMix64: a small, seedable generator for sampling.
-struct SplitMix(u64);
-impl SplitMix {
-    fn uniform(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// First index of the largest logit (torch.argmax's tie rule).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -77,7 +65,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-fn sample(logits: &[f32], opts: &GenOptions, rng: &mut SplitMix) -> u32 {
+fn sample(logits: &[f32], opts: &GenOptions, rng: &mut Rng) -> u32 {
     if opts.temperature <= 0.0 {
         return argmax(logits);
     }
@@ -182,7 +170,7 @@ pub fn generate(
         plan.run(ctx)?;
         cache.len = np;
     }
-    let mut rng = SplitMix(opts.seed);
+    let mut rng = Rng::new(opts.seed);
     let mut stats = GenStats {
         prompt_tokens: prompt.len(),
         ..Default::default()
@@ -283,4 +271,53 @@ fn step(
         plan.dispatches()
     );
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_follows_temperature_and_top_p() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let greedy = GenOptions::default();
+        let mut rng = Rng::new(1);
+        assert_eq!(
+            sample(&logits, &greedy, &mut rng),
+            1,
+            "first of the tied maxima"
+        );
+        // top_p so small that only the most likely token survives.
+        let narrow = GenOptions {
+            temperature: 1.0,
+            top_p: 0.01,
+            ..Default::default()
+        };
+        assert!((0..50).all(|_| sample(&logits, &narrow, &mut rng) == 1));
+        // Plain sampling: frequencies follow softmax(logits).
+        let t1 = GenOptions {
+            temperature: 1.0,
+            ..Default::default()
+        };
+        let mut counts = [0usize; 4];
+        for _ in 0..20000 {
+            counts[sample(&logits, &t1, &mut rng) as usize] += 1;
+        }
+        let z: f64 = logits.iter().map(|&x| (x as f64).exp()).sum();
+        for (i, &c) in counts.iter().enumerate() {
+            let p = (logits[i] as f64).exp() / z;
+            assert!(
+                (c as f64 / 20000.0 - p).abs() < 0.02,
+                "token {i}: {c} draws, p = {p:.3}"
+            );
+        }
+        // The same seed gives the same draws.
+        let draw = |seed| {
+            let mut r = Rng::new(seed);
+            (0..20)
+                .map(|_| sample(&logits, &t1, &mut r))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+    }
 }
