@@ -56,11 +56,23 @@ pub enum Command {
     Eval(EvalArgs),
     /// List every GPU adapter with its backend, type, driver and key limits
     Devices(DeviceArgs),
+    /// Convert a GGUF model (llama.cpp, Ollama, LM Studio) into a Hugging Face folder
+    Import(ImportArgs),
     /// Benchmarks
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+/// `wgtune import model.gguf --out DIR`.
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// The .gguf file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K or Q6_K tensors)
+    pub gguf: PathBuf,
+    /// Folder to write: config.json, model.safetensors (f32), tokenizer files
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -300,6 +312,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate(&a),
         Command::Eval(a) => eval(&a),
         Command::Devices(d) => devices(&d),
+        Command::Import(a) => import(&a),
         Command::Bench {
             what: BenchCommand::Kernels { device, iters },
         } => crate::bench::kernels(&device.options(), iters),
@@ -331,6 +344,22 @@ pub fn run(cli: Cli) -> Result<()> {
             )
         }
     }
+}
+
+fn import(a: &ImportArgs) -> Result<()> {
+    let t = std::time::Instant::now();
+    let m = crate::model::import::import_gguf(&a.gguf, &a.out)?;
+    let params: usize = m.tensors.values().map(|(_, d)| d.len()).sum();
+    println!(
+        "imported {} ({:?}, {} tensors, {:.1} M parameters) into {} in {:.1} s",
+        a.gguf.display(),
+        m.arch,
+        m.tensors.len(),
+        params as f64 / 1e6,
+        a.out.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn devices(d: &DeviceArgs) -> Result<()> {
@@ -423,9 +452,10 @@ fn train(a: &TrainArgs) -> Result<()> {
 }
 
 /// Load a model folder and its tokenizer, and say what was loaded.
-fn load_model(ctx: &Context, dir: &std::path::Path) -> Result<(Model, Tokenizer)> {
-    let model = Model::load(ctx, dir)?;
-    let tok = Tokenizer::load(dir)?;
+fn load_model(ctx: &Context, arg: &std::path::Path) -> Result<(Model, Tokenizer)> {
+    let dir = crate::model::hub::resolve_model(arg)?;
+    let model = Model::load(ctx, &dir)?;
+    let tok = Tokenizer::load(&dir)?;
     print_model(ctx, &model);
     Ok((model, tok))
 }

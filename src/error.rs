@@ -62,6 +62,10 @@ pub enum Error {
     /// unsupported PEFT type, or disagrees with itself.
     #[error("{path}: {message}")]
     Adapter { path: PathBuf, message: String },
+    /// `--model` names nothing wgtune can load: no such folder or file, a
+    /// Hugging Face repo id that is not in the cache and cannot be downloaded.
+    #[error("model `{model}`: {message}")]
+    Model { model: String, message: String },
     /// Reading a file failed.
     #[error("{path}: {source}")]
     Io {

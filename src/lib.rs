@@ -11,6 +11,7 @@ pub mod bench;
 pub mod cli;
 pub mod cpu;
 pub mod error;
+pub mod fsio;
 pub mod gpu;
 pub mod model;
 pub mod rng;

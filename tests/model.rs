@@ -86,6 +86,32 @@ fn logits_and_loss_match_transformers() {
     }
 }
 
+/// GGUF models (tests/reference/gguf_generate.py: mixed Q8_0/Q4_0/Q4_1/
+/// Q4_K/Q5_K/Q6_K/F16/BF16 tensors) imported and run, against transformers'
+/// GGUF loader on the same files.
+#[test]
+fn gguf_imports_match_transformers() {
+    let ctx = gpu!();
+    let models = json("gguf/models.json");
+    let want = Arrays::open("gguf/models_expected.safetensors");
+    let tmp = std::env::temp_dir().join(format!("wgtune-gguf-model-{}", std::process::id()));
+    for file in models.as_object().unwrap().keys() {
+        let stem = file.trim_end_matches(".gguf");
+        let out = tmp.join(stem);
+        wgtune::model::import::import_gguf(&data_dir(&format!("gguf/{file}")), &out).unwrap();
+        let m = Model::load(ctx, &out).unwrap();
+        let ids = want.i32(&format!("{stem}.input_ids"));
+        let t = ids.len();
+        let targets: Vec<i32> = ids[1..].iter().copied().chain([-100]).collect();
+        let (logits, _) = forward_all(ctx, &m, &ids, &targets, 1, t);
+        let exp = want.f32(&format!("{stem}.logits"));
+        let diff = max_diff_masked(&logits, &exp, &vec![1; t], m.cfg.vocab);
+        eprintln!("{file}: max |logits diff| {diff:.3e} over {t} positions");
+        assert!(diff <= 1e-4, "{file}: logits differ by {diff}");
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 #[test]
 fn greedy_generation_matches_transformers() {
     let ctx = gpu!();

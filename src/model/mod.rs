@@ -3,6 +3,10 @@
 
 pub mod config;
 pub mod generate;
+pub mod gguf;
+pub mod gguf_tokenizer;
+pub mod hub;
+pub mod import;
 pub mod tokenizer;
 pub mod transformer;
 pub mod weights;

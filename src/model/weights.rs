@@ -165,3 +165,63 @@ impl Weights {
         })
     }
 }
+
+/// Hugging Face tensor names and shapes of a checkpoint for `cfg`.
+pub fn checkpoint_specs(cfg: &crate::model::ModelConfig) -> Vec<(String, Vec<usize>)> {
+    use crate::model::Arch;
+    let (c, ff, v) = (cfg.hidden, cfg.intermediate, cfg.vocab);
+    let mut s: Vec<(String, Vec<usize>)> = Vec::new();
+    if cfg.arch == Arch::Gpt2 {
+        s.push(("transformer.wte.weight".into(), vec![v, c]));
+        s.push(("transformer.wpe.weight".into(), vec![cfg.max_positions, c]));
+        for i in 0..cfg.layers {
+            let p = format!("transformer.h.{i}");
+            for n in ["ln_1", "ln_2"] {
+                s.push((format!("{p}.{n}.weight"), vec![c]));
+                s.push((format!("{p}.{n}.bias"), vec![c]));
+            }
+            for (n, a, b) in [
+                ("attn.c_attn", c, 3 * c),
+                ("attn.c_proj", c, c),
+                ("mlp.c_fc", c, ff),
+                ("mlp.c_proj", ff, c),
+            ] {
+                s.push((format!("{p}.{n}.weight"), vec![a, b]));
+                s.push((format!("{p}.{n}.bias"), vec![b]));
+            }
+        }
+        s.push(("transformer.ln_f.weight".into(), vec![c]));
+        s.push(("transformer.ln_f.bias".into(), vec![c]));
+    } else {
+        let (qd, kvd) = (cfg.heads * cfg.head_dim, cfg.kv_dim());
+        s.push(("model.embed_tokens.weight".into(), vec![v, c]));
+        for i in 0..cfg.layers {
+            let p = format!("model.layers.{i}");
+            s.push((format!("{p}.input_layernorm.weight"), vec![c]));
+            s.push((format!("{p}.post_attention_layernorm.weight"), vec![c]));
+            for (n, o, k) in [
+                ("q_proj", qd, c),
+                ("k_proj", kvd, c),
+                ("v_proj", kvd, c),
+                ("o_proj", c, qd),
+            ] {
+                s.push((format!("{p}.self_attn.{n}.weight"), vec![o, k]));
+                if cfg.qkv_bias && n != "o_proj" {
+                    s.push((format!("{p}.self_attn.{n}.bias"), vec![o]));
+                }
+            }
+            for (n, o, k) in [
+                ("gate_proj", ff, c),
+                ("up_proj", ff, c),
+                ("down_proj", c, ff),
+            ] {
+                s.push((format!("{p}.mlp.{n}.weight"), vec![o, k]));
+            }
+        }
+        s.push(("model.norm.weight".into(), vec![c]));
+        if !cfg.tie_embeddings {
+            s.push(("lm_head.weight".into(), vec![v, c]));
+        }
+    }
+    s
+}

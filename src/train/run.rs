@@ -362,8 +362,9 @@ fn save_all(
 /// Run `wgtune train`.
 pub fn train(ctx: &Context, o: &TrainOptions) -> Result<()> {
     let t_load = Instant::now();
-    let model = Model::load(ctx, &o.model)?;
-    let tok = Tokenizer::load(&o.model)?;
+    let dir = crate::model::hub::resolve_model(&o.model)?;
+    let model = Model::load(ctx, &dir)?;
+    let tok = Tokenizer::load(&dir)?;
     print_model(ctx, &model);
     if o.batch_size == 0 || o.grad_accum == 0 {
         return Err(Error::invalid(

@@ -1,0 +1,1 @@
+// helper-11 writes the GGUF tokenizer tests here.
