@@ -44,7 +44,10 @@ fn dequantize_matches_gguf_py() {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         eprintln!("{ty}: {} values, max |diff| {max:e}", got.len());
-        assert_eq!(bad, 0, "{name}: {bad} values differ from gguf-py (max {max})");
+        assert_eq!(
+            bad, 0,
+            "{name}: {bad} values differ from gguf-py (max {max})"
+        );
     }
 }
 
@@ -53,14 +56,23 @@ fn unsupported_type_is_named() {
     let g = gguf("unsupported-quant.gguf");
     let t = &g.tensors[0];
     let e = g.dequantize(t).unwrap_err().to_string();
-    assert!(e.contains("Q5_0") && e.contains(&t.name) && e.contains("Q4_K"), "{e}");
+    assert!(
+        e.contains("Q5_0") && e.contains(&t.name) && e.contains("Q4_K"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unknown_architecture_is_an_error() {
     let g = gguf("unknown-arch.gguf");
-    let e = convert_gguf(&g).err().expect("falcon must be rejected").to_string();
-    assert!(e.contains("falcon") && e.contains("llama, qwen2, gpt2"), "{e}");
+    let e = convert_gguf(&g)
+        .err()
+        .expect("falcon must be rejected")
+        .to_string();
+    assert!(
+        e.contains("falcon") && e.contains("llama, qwen2, gpt2"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -70,7 +82,11 @@ fn truncated_or_corrupt_files_are_errors() {
     let dir = std::env::temp_dir().join(format!("wgtune-gguf-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cases: [(&str, Vec<u8>, &str); 4] = [
-        ("cut-data.gguf", bytes[..bytes.len() - 1000].to_vec(), "truncated"),
+        (
+            "cut-data.gguf",
+            bytes[..bytes.len() - 1000].to_vec(),
+            "truncated",
+        ),
         ("cut-header.gguf", bytes[..200].to_vec(), "truncated"),
         ("not.gguf", b"PK\x03\x04 not a gguf".to_vec(), "GGUF"),
         (
@@ -101,7 +117,11 @@ fn config_and_names_match_transformers() {
         assert_eq!(Some(cfg.layers), num("num_hidden_layers"), "{file}");
         assert_eq!(Some(cfg.heads), num("num_attention_heads"), "{file}");
         assert_eq!(Some(cfg.vocab), num("vocab_size"), "{file}");
-        assert_eq!(Some(cfg.max_positions), num("max_position_embeddings"), "{file}");
+        assert_eq!(
+            Some(cfg.max_positions),
+            num("max_position_embeddings"),
+            "{file}"
+        );
         if let Some(kv) = num("num_key_value_heads") {
             assert_eq!(cfg.kv_heads, kv, "{file}");
             assert_eq!(Some(cfg.intermediate), num("intermediate_size"), "{file}");
@@ -111,7 +131,11 @@ fn config_and_names_match_transformers() {
             .as_f64()
             .or(want["layer_norm_epsilon"].as_f64())
             .unwrap();
-        assert!((cfg.norm_eps - eps).abs() < 1e-12, "{file}: eps {}", cfg.norm_eps);
+        assert!(
+            (cfg.norm_eps - eps).abs() < 1e-12,
+            "{file}: eps {}",
+            cfg.norm_eps
+        );
         assert_eq!(
             Some(cfg.tie_embeddings),
             want["tie_word_embeddings"].as_bool(),
@@ -134,8 +158,14 @@ fn qk_permutation_is_undone() {
     let imp = convert_gguf(&g).unwrap();
     let want = Arrays::open("gguf/models_expected.safetensors");
     for (ours, theirs) in [
-        ("model.layers.0.self_attn.q_proj.weight", "tiny-llama.q_proj"),
-        ("model.layers.0.self_attn.k_proj.weight", "tiny-llama.k_proj"),
+        (
+            "model.layers.0.self_attn.q_proj.weight",
+            "tiny-llama.q_proj",
+        ),
+        (
+            "model.layers.0.self_attn.k_proj.weight",
+            "tiny-llama.k_proj",
+        ),
     ] {
         let (shape, got) = &imp.tensors[ours];
         assert_eq!(shape, &want.shape(theirs));

@@ -116,7 +116,7 @@ struct Meta<'a> {
     types: Vec<i64>,
 }
 
-impl<'a> Meta<'a> {
+impl Meta<'_> {
     fn err(&self, message: String) -> Error {
         err(self.g, message)
     }
