@@ -862,6 +862,7 @@ pub use crate::fsio::write_atomic;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn scratch(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("wgtune-peft-io-{}-{name}", std::process::id()));
