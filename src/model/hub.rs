@@ -125,6 +125,7 @@ pub fn cached_snapshot(hub_cache: &Path, repo: &str) -> Option<PathBuf> {
 }
 
 /// Files of a model folder wgtune reads; weights are chosen from the listing.
+#[cfg(feature = "hub")]
 const WANTED: [&str; 6] = [
     "config.json",
     "tokenizer.json",
@@ -134,6 +135,12 @@ const WANTED: [&str; 6] = [
     "chat_template.jinja",
 ];
 
+#[cfg(not(feature = "hub"))]
+fn download(_repo: &str, _hub_cache: &Path) -> std::result::Result<PathBuf, String> {
+    Err("this wgtune was built without the `hub` feature, so it cannot download".into())
+}
+
+#[cfg(feature = "hub")]
 fn download(repo: &str, hub_cache: &Path) -> std::result::Result<PathBuf, String> {
     use hf_hub::api::sync::ApiBuilder;
     let api = ApiBuilder::from_env()
