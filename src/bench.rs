@@ -249,7 +249,7 @@ pub fn train(
     use crate::train::trainer::{OptimConfig, Schedule, Trainer};
     let ctx = Context::new(opts)?;
     let (dir, tmp) = match (model, config) {
-        (Some(m), _) => (m.to_path_buf(), false),
+        (Some(m), _) => (crate::model::hub::resolve_model(m)?, false),
         (None, Some(c)) => (random_model_dir(c)?, true),
         (None, None) => {
             return Err(Error::invalid(

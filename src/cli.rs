@@ -89,7 +89,7 @@ pub enum BenchCommand {
     Train {
         #[command(flatten)]
         device: DeviceArgs,
-        /// Model folder (or --config for random weights of that shape)
+        /// Model: a folder, a .gguf or ORG/NAME (or --config for random weights of that shape)
         #[arg(long)]
         model: Option<PathBuf>,
         /// config.json to benchmark with random weights
@@ -157,7 +157,7 @@ pub struct TrainArgs {
     /// prompt, prefix or lora
     #[arg(long, value_enum)]
     pub method: MethodArg,
-    /// Hugging Face model folder (config.json, safetensors, tokenizer.json)
+    /// Model: a Hugging Face folder, a .gguf file, or a repo id ORG/NAME
     #[arg(long)]
     pub model: PathBuf,
     /// Training data, JSONL: {"text"}, {"prompt","completion"}, {"messages"} or alpaca rows
@@ -254,6 +254,7 @@ pub struct TrainArgs {
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
+    /// Model: a Hugging Face folder, a .gguf file, or a repo id ORG/NAME
     #[arg(long)]
     pub model: PathBuf,
     /// PEFT adapter folder (LoRA, prompt or prefix tuning)
@@ -282,6 +283,7 @@ pub struct GenerateArgs {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
+    /// Model: a Hugging Face folder, a .gguf file, or a repo id ORG/NAME
     #[arg(long)]
     pub model: PathBuf,
     #[arg(long)]
