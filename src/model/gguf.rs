@@ -498,10 +498,7 @@ pub fn dequantize_into(ty: GgmlType, data: &[u8], out: &mut [f32]) {
                 let scales = &blk[4..16];
                 let qs = &blk[16..144];
                 for (g, q) in qs.chunks_exact(32).enumerate() {
-                    let (s1, m1) = scale_min_k4(2 * g, scales);
-                    let (s2, m2) = scale_min_k4(2 * g + 1, scales);
-                    let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
-                    let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
+                    let [d1, m1, d2, m2] = k_scales(d, dmin, scales, g);
                     let y = &mut y[g * 64..g * 64 + 64];
                     for l in 0..32 {
                         y[l] = d1 * (q[l] & 0xF) as f32 - m1;
@@ -515,10 +512,7 @@ pub fn dequantize_into(ty: GgmlType, data: &[u8], out: &mut [f32]) {
                 let qh = &blk[16..48];
                 let qs = &blk[48..176];
                 for (g, ql) in qs.chunks_exact(32).enumerate() {
-                    let (s1, m1) = scale_min_k4(2 * g, scales);
-                    let (s2, m2) = scale_min_k4(2 * g + 1, scales);
-                    let (d1, m1) = (d * s1 as f32, dmin * m1 as f32);
-                    let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
+                    let [d1, m1, d2, m2] = k_scales(d, dmin, scales, g);
                     let (u1, u2) = (1u8 << (2 * g), 2u8 << (2 * g));
                     let y = &mut y[g * 64..g * 64 + 64];
                     for l in 0..32 {
@@ -556,6 +550,19 @@ pub fn dequantize_into(ty: GgmlType, data: &[u8], out: &mut [f32]) {
             GgmlType::Other(_) => unreachable!(),
         }
     }
+}
+
+/// Scales and mins of the two 32-element halves of 64-element group `g` of
+/// a Q4_K/Q5_K super-block, multiplied out as ggml does (in f32).
+fn k_scales(d: f32, dmin: f32, scales: &[u8], g: usize) -> [f32; 4] {
+    let (s1, m1) = scale_min_k4(2 * g, scales);
+    let (s2, m2) = scale_min_k4(2 * g + 1, scales);
+    [
+        d * s1 as f32,
+        dmin * m1 as f32,
+        d * s2 as f32,
+        dmin * m2 as f32,
+    ]
 }
 
 /// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K super-block.

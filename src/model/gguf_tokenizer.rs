@@ -566,28 +566,13 @@ fn byte_level(m: &Meta) -> Result<TokenizerFiles> {
             false,
         ),
     };
-    let tokenizer_json = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added_tokens.into_values().collect::<Vec<_>>(),
-        "normalizer": normalizer,
-        "pre_tokenizer": pre_tokenizer,
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {
-            "type": "BPE",
-            "dropout": null,
-            "unk_token": unk,
-            "continuing_subword_prefix": "",
-            "end_of_word_suffix": "",
-            "fuse_unk": false,
-            "byte_fallback": false,
-            "ignore_merges": ignore_merges,
-            "vocab": vocab,
-            "merges": merges.iter().map(|(l, r)| json!([l, r])).collect::<Vec<_>>(),
-        },
-    });
+    let tokenizer_json = tokenizer_json(
+        added_tokens.into_values().collect(),
+        normalizer,
+        pre_tokenizer,
+        json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+        bpe_model(unk, false, ignore_merges, Json::Object(vocab), &merges),
+    );
     finish(m, tokenizer_json, &s, &|id| spelled[id as usize].clone())
 }
 
@@ -679,30 +664,64 @@ fn sentencepiece(m: &Meta) -> Result<TokenizerFiles> {
     if prefix {
         decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
     }
-    let tokenizer_json = json!({
+    let tokenizer_json = tokenizer_json(
+        added_tokens.into_values().collect(),
+        normalizer,
+        pre_tokenizer,
+        json!({"type": "Sequence", "decoders": decoders}),
+        bpe_model(unk, true, false, Json::Object(vocab), &merges),
+    );
+    finish(m, tokenizer_json, &s, &|id| {
+        m.tokens[id as usize].to_string()
+    })
+}
+
+/// A tokenizer.json with no post-processor yet (`finish` adds it).
+fn tokenizer_json(
+    added_tokens: Vec<Json>,
+    normalizer: Json,
+    pre_tokenizer: Json,
+    decoder: Json,
+    model: Json,
+) -> Json {
+    json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
-        "added_tokens": added_tokens.into_values().collect::<Vec<_>>(),
+        "added_tokens": added_tokens,
         "normalizer": normalizer,
         "pre_tokenizer": pre_tokenizer,
         "post_processor": null,
-        "decoder": {"type": "Sequence", "decoders": decoders},
-        "model": {
-            "type": "BPE",
-            "dropout": null,
-            "unk_token": unk,
-            "continuing_subword_prefix": null,
-            "end_of_word_suffix": null,
-            "fuse_unk": true,
-            "byte_fallback": true,
-            "ignore_merges": false,
-            "vocab": vocab,
-            "merges": merges.iter().map(|(l, r)| json!([l, r])).collect::<Vec<_>>(),
-        },
-    });
-    finish(m, tokenizer_json, &s, &|id| {
-        m.tokens[id as usize].to_string()
+        "decoder": decoder,
+        "model": model,
+    })
+}
+
+/// The BPE model: byte-level (no byte fallback) or SentencePiece-style
+/// (byte fallback, fused unknowns), each as its original tokenizer.json has it.
+fn bpe_model(
+    unk: Option<String>,
+    byte_fallback: bool,
+    ignore_merges: bool,
+    vocab: Json,
+    merges: &[(String, String)],
+) -> Json {
+    let affix = if byte_fallback {
+        json!(null)
+    } else {
+        json!("")
+    };
+    json!({
+        "type": "BPE",
+        "dropout": null,
+        "unk_token": unk,
+        "continuing_subword_prefix": affix,
+        "end_of_word_suffix": affix,
+        "fuse_unk": byte_fallback,
+        "byte_fallback": byte_fallback,
+        "ignore_merges": ignore_merges,
+        "vocab": vocab,
+        "merges": merges.iter().map(|(l, r)| json!([l, r])).collect::<Vec<_>>(),
     })
 }
 

@@ -63,6 +63,9 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, Qwen2Config
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate import to_json, write_json  # noqa: E402  (the JSON layout the other reference files use)
+
 VERSIONS = {
     "torch": "2.15.0",
     "transformers": "5.24.0",
@@ -217,25 +220,6 @@ def setup():
     torch.use_deterministic_algorithms(True)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-def to_json(obj, indent=0):
-    """json.dumps(indent=2), except that lists of scalars stay on one line."""
-    pad, inner = "  " * indent, "  " * (indent + 1)
-    if isinstance(obj, dict):
-        if not obj:
-            return "{}"
-        items = [f"{inner}{json.dumps(k, ensure_ascii=False)}: {to_json(v, indent + 1)}" for k, v in obj.items()]
-        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
-    if isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
-        return "[\n" + ",\n".join(inner + to_json(v, indent + 1) for v in obj) + "\n" + pad + "]"
-    return json.dumps(obj, ensure_ascii=False)
-
-
-def write_json(path, obj):
-    text = to_json(obj) + "\n"
-    assert json.loads(text) == obj
-    path.write_text(text)
 
 
 def field_value(reader, key):
