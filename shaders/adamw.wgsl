@@ -94,7 +94,8 @@ fn global_norm_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgr
 //   norm[1] = clip_coef = min(1, max_norm / (norm + 1e-6)) if max_norm > 0
 //             else 1 (torch's clip_coef_clamped; 1 when flagged)
 //   norm[2] = 1 if the norm is non-finite (the step must be skipped), else 0
-//   norm[3] = 0 (unused)
+//   norm[3] = skipped steps in a row: the old norm[3] + 1 if skipped, else 0
+//             (the host reads it when it logs and stops a diverged run)
 // Geometry: one workgroup of WG threads; thread lid adds partials lid,
 // lid+WG, .. in index order, then the fixed tree.
 @group(0) @binding(1) var<storage, read_write> gnf_norm: array<f32>; // (4)
@@ -125,7 +126,7 @@ fn global_norm_finalize(@builtin(local_invocation_index) lid: u32) {
         gnf_norm[0] = select(norm, bitcast<f32>(p.inf_bits), flagged);
         gnf_norm[1] = coef;
         gnf_norm[2] = select(0.0, 1.0, flagged);
-        gnf_norm[3] = 0.0;
+        gnf_norm[3] = select(0.0, gnf_norm[3] + 1.0, flagged);
     }
 }
 
@@ -139,6 +140,8 @@ fn global_norm_finalize(@builtin(local_invocation_index) lid: u32) {
 // on the host in f64 (as torch does in Python floats) and arrives in step (8);
 // 1-b2 in particular loses 1.3e-5 relative if formed here from f32 b2.
 // If norm[2] flags a non-finite gradient norm, p, m and v are left alone.
+// An element whose new p, m or v would be Inf/NaN (an overflowing learning
+// rate) keeps its old values too: no update ever writes a non-finite value.
 // The per-step scalars live in a storage tensor the host rewrites before each
 // submission, because the uniform is baked into the recorded plan.
 // Geometry: ceil(N / (WG*ITEMS)) workgroups (grid_1d-folded); thread lid of
@@ -171,9 +174,12 @@ fn adamw_update(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
             let g = ad_grads[i] * coef;
             let m = b1 * ad_m[i] + omb1 * g;
             let v = b2 * ad_v[i] + omb2 * g * g;
-            ad_m[i] = m;
-            ad_v[i] = v;
-            ad_params[i] = ad_params[i] * decay - step_size * m / (sqrt(v) / bc2_sqrt + eps);
+            let np = ad_params[i] * decay - step_size * m / (sqrt(v) / bc2_sqrt + eps);
+            if (!(non_finite(np) || non_finite(m) || non_finite(v))) {
+                ad_m[i] = m;
+                ad_v[i] = v;
+                ad_params[i] = np;
+            }
         }
     }
 }

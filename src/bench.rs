@@ -208,7 +208,7 @@ fn random_model_dir(config: &std::path::Path) -> Result<std::path::PathBuf> {
             (
                 n.clone(),
                 safetensors::tensor::TensorView::new(safetensors::Dtype::F32, sh.clone(), d)
-                    .unwrap(),
+                    .expect("invariant: `d` holds 4 bytes per element of `sh`"),
             )
         })
         .collect();
@@ -285,6 +285,7 @@ pub fn train(
         targets,
         lens: vec![t; b],
         n_targets,
+        first: vec![-100; b],
     };
     for &method in methods {
         let n = 20;
@@ -303,7 +304,13 @@ pub fn train(
                 let mut names: Vec<String> = m
                     .linears()
                     .iter()
-                    .map(|(_, l)| l.name.rsplit('.').next().unwrap().to_string())
+                    .map(|(_, l)| {
+                        l.name
+                            .rsplit('.')
+                            .next()
+                            .expect("invariant: rsplit yields at least one piece")
+                            .to_string()
+                    })
                     .collect();
                 names.sort();
                 names.dedup();

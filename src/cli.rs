@@ -4,7 +4,11 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::adapters::{peft_io, Adapter};
 use crate::error::{Error, Result};
@@ -14,7 +18,9 @@ use crate::model::generate::{generate as gen, GenOptions};
 use crate::model::tokenizer::{ChatMessage, Tokenizer};
 use crate::model::{Hooks, Model, NoHooks};
 use crate::train::data::{DataOptions, Dataset, PromptTemplate};
-use crate::train::run::{print_model, train as train_run, Method, TrainOptions};
+use crate::train::run::{
+    check_adapter_base, print_model, train as train_run, Method, Outcome, StopFlag, TrainOptions,
+};
 use crate::train::trainer::Schedule;
 
 /// Fine-tune small language models with prompt tuning, prefix tuning or LoRA on any GPU.
@@ -82,7 +88,7 @@ pub enum BenchCommand {
         #[command(flatten)]
         device: DeviceArgs,
         /// Timed iterations per case (the median is reported)
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 5, value_parser = positive)]
         iters: usize,
     },
     /// Tokens/s and GFLOP/s of full training steps per method
@@ -98,12 +104,12 @@ pub enum BenchCommand {
         /// Comma list of lora, lora-all, prompt, prefix, prefix-proj
         #[arg(long, default_value = "lora,prompt,prefix")]
         methods: String,
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 4, value_parser = positive)]
         batch_size: usize,
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 128, value_parser = two_or_more)]
         seq_len: usize,
         /// Timed steps per method (after one warm-up step)
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = positive)]
         steps: usize,
     },
 }
@@ -134,7 +140,7 @@ pub struct DataArgs {
     #[arg(long)]
     pub train_on_prompt: bool,
     /// Truncate rows to this many tokens (default: what the model allows)
-    #[arg(long)]
+    #[arg(long, value_parser = two_or_more)]
     pub max_seq_len: Option<usize>,
 }
 
@@ -172,32 +178,36 @@ pub struct TrainArgs {
     #[command(flatten)]
     pub data_args: DataArgs,
     /// Passes over the data (ignored when --steps is given)
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = positive)]
     pub epochs: usize,
     /// Optimizer steps (overrides --epochs)
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     pub steps: Option<usize>,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = positive)]
     pub batch_size: usize,
     /// Micro-batches per optimizer step
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = positive)]
     pub grad_accum: usize,
     /// Learning rate (default per method: lora 2e-3, prompt 3e-2, prefix 1e-2)
-    #[arg(long)]
+    #[arg(long, value_parser = positive_f64)]
     pub lr: Option<f64>,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative_f64)]
     pub weight_decay: f64,
     #[arg(long, value_enum, default_value_t = ScheduleArg::Cosine)]
     pub lr_schedule: ScheduleArg,
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: usize,
     /// Clip the global gradient norm (0 disables)
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative_f64)]
     pub max_grad_norm: f64,
+    /// Stop with an error after this many steps in a row were skipped for a
+    /// non-finite loss or gradient (a diverged run)
+    #[arg(long, default_value_t = 5, value_parser = positive)]
+    pub max_bad_steps: usize,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Read back the loss every N steps
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = positive)]
     pub log_every: usize,
     /// Validation every N steps (0: only at the end)
     #[arg(long, default_value_t = 0)]
@@ -212,7 +222,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: bool,
     /// Virtual tokens (prompt and prefix tuning)
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = positive)]
     pub num_virtual_tokens: usize,
     /// Prompt tuning init: text, vocab or random
     #[arg(long, default_value = "vocab")]
@@ -223,18 +233,18 @@ pub struct TrainArgs {
     #[arg(long)]
     pub prefix_projection: bool,
     /// Hidden size of the prefix MLP (default: the model's hidden size)
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     pub encoder_hidden_size: Option<usize>,
     /// Prefix init: text (the frozen model's K/V for --prefix-init-text, default the first example), zero or random
     #[arg(long, default_value = "text")]
     pub prefix_init: String,
     #[arg(long)]
     pub prefix_init_text: Option<String>,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = positive)]
     pub lora_r: usize,
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = 16.0, value_parser = positive_f64)]
     pub lora_alpha: f64,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = dropout)]
     pub lora_dropout: f64,
     /// Comma-separated module names, or all-linear
     #[arg(long, default_value = "q_proj,v_proj")]
@@ -250,6 +260,9 @@ pub struct TrainArgs {
     pub no_progress: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
+    /// The options given on the command line (set by [`parse`]).
+    #[arg(skip)]
+    pub explicit: BTreeSet<String>,
 }
 
 #[derive(Args, Debug)]
@@ -268,12 +281,12 @@ pub struct GenerateArgs {
     /// System message (with --chat)
     #[arg(long)]
     pub system: Option<String>,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = positive)]
     pub max_new_tokens: usize,
     /// 0 = greedy
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative_f32)]
     pub temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = top_p)]
     pub top_p: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -292,10 +305,92 @@ pub struct EvalArgs {
     pub data: PathBuf,
     #[command(flatten)]
     pub data_args: DataArgs,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = positive)]
     pub batch_size: usize,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+// Value parsers: a bad number is a clear error before anything runs.
+
+fn at_least(s: &str, min: usize) -> std::result::Result<usize, String> {
+    let v: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if v < min {
+        return Err(format!("must be at least {min}"));
+    }
+    Ok(v)
+}
+
+fn positive(s: &str) -> std::result::Result<usize, String> {
+    at_least(s, 1)
+}
+
+fn two_or_more(s: &str) -> std::result::Result<usize, String> {
+    at_least(s, 2)
+}
+
+fn finite(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if !v.is_finite() {
+        return Err("must be a finite number".into());
+    }
+    Ok(v)
+}
+
+fn positive_f64(s: &str) -> std::result::Result<f64, String> {
+    let v = finite(s)?;
+    if v <= 0.0 {
+        return Err("must be greater than 0".into());
+    }
+    Ok(v)
+}
+
+fn non_negative_f64(s: &str) -> std::result::Result<f64, String> {
+    let v = finite(s)?;
+    if v < 0.0 {
+        return Err("must be 0 or more".into());
+    }
+    Ok(v)
+}
+
+fn dropout(s: &str) -> std::result::Result<f64, String> {
+    let v = finite(s)?;
+    if !(0.0..1.0).contains(&v) {
+        return Err("must be in [0, 1)".into());
+    }
+    Ok(v)
+}
+
+fn non_negative_f32(s: &str) -> std::result::Result<f32, String> {
+    non_negative_f64(s).map(|v| v as f32)
+}
+
+fn top_p(s: &str) -> std::result::Result<f32, String> {
+    let v = finite(s)?;
+    if !(v > 0.0 && v <= 1.0) {
+        return Err("must be in (0, 1]".into());
+    }
+    Ok(v as f32)
+}
+
+/// Parse the command line (exits with clap's message on a usage error),
+/// and record which train options were given, for the resume rules.
+pub fn parse(args: Vec<String>) -> Cli {
+    let matches = Cli::command().get_matches_from(normalize_args(args));
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (Command::Train(a), Some(("train", m))) = (&mut cli.command, matches.subcommand()) {
+        a.explicit = m
+            .ids()
+            .filter(|id| {
+                matches!(
+                    m.value_source(id.as_str()),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                )
+            })
+            .map(|id| id.to_string())
+            .collect();
+    }
+    cli
 }
 
 /// `wgtune --method ...` without a subcommand means `wgtune train ...`.
@@ -307,17 +402,19 @@ pub fn normalize_args(mut args: Vec<String>) -> Vec<String> {
     args
 }
 
-/// Run a parsed command line.
-pub fn run(cli: Cli) -> Result<()> {
+/// Run a parsed command line; returns the exit status (0, or 128 + the
+/// signal that stopped a training run, as shells expect).
+pub fn run(cli: Cli) -> Result<u8> {
+    let done = |r: Result<()>| r.map(|()| 0);
     match cli.command {
         Command::Train(a) => train(&a),
-        Command::Generate(a) => generate(&a),
-        Command::Eval(a) => eval(&a),
-        Command::Devices(d) => devices(&d),
-        Command::Import(a) => import(&a),
+        Command::Generate(a) => done(generate(&a)),
+        Command::Eval(a) => done(eval(&a)),
+        Command::Devices(d) => done(devices(&d)),
+        Command::Import(a) => done(import(&a)),
         Command::Bench {
             what: BenchCommand::Kernels { device, iters },
-        } => crate::bench::kernels(&device.options(), iters),
+        } => done(crate::bench::kernels(&device.options(), iters)),
         Command::Bench {
             what:
                 BenchCommand::Train {
@@ -335,15 +432,15 @@ pub fn run(cli: Cli) -> Result<()> {
                 .map(|s| s.trim())
                 .filter(|s| !s.is_empty())
                 .collect();
-            crate::bench::train(
+            done(crate::bench::train(
                 &device.options(),
                 model.as_deref(),
                 config.as_deref(),
                 &m,
                 batch_size,
-                seq_len.max(2),
+                seq_len,
                 steps,
-            )
+            ))
         }
     }
 }
@@ -398,7 +495,31 @@ fn devices(d: &DeviceArgs) -> Result<()> {
     Ok(())
 }
 
-fn train(a: &TrainArgs) -> Result<()> {
+/// SIGINT and SIGTERM ask the run to save and stop; a second one while it
+/// saves exits at once (every file write is atomic, so nothing is torn).
+fn install_stop_handlers() -> Arc<StopFlag> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let stop = Arc::new(StopFlag::new(0));
+    for sig in [SIGINT, SIGTERM] {
+        let s = stop.clone();
+        // SAFETY: the handler only does an atomic swap and `_exit`, both
+        // async-signal-safe.
+        let r = unsafe {
+            signal_hook::low_level::register(sig, move || {
+                if s.swap(sig, std::sync::atomic::Ordering::SeqCst) != 0 {
+                    signal_hook::low_level::exit(128 + sig);
+                }
+            })
+        };
+        if let Err(e) = r {
+            log::warn!("cannot handle signal {sig}: {e}; stopping will lose unsaved steps");
+        }
+    }
+    stop
+}
+
+fn train(a: &TrainArgs) -> Result<u8> {
+    let stop = install_stop_handlers();
     let ctx = Context::new(&a.device.options())?;
     let o = TrainOptions {
         method: match a.method {
@@ -449,8 +570,18 @@ fn train(a: &TrainArgs) -> Result<()> {
         rslora: a.rslora,
         lora_init: a.lora_init.clone(),
         progress: !a.no_progress,
+        max_bad_steps: a.max_bad_steps,
+        explicit: a.explicit.clone(),
     };
-    train_run(&ctx, &o)
+    Ok(match train_run(&ctx, &o, &stop)? {
+        Outcome::Done { .. } | Outcome::NothingToDo { .. } => 0,
+        Outcome::Interrupted { signal, saved_step } => {
+            if saved_step.is_none() {
+                println!("interrupted before any step was saved: nothing written");
+            }
+            (128 + signal).clamp(1, 255) as u8
+        }
+    })
 }
 
 /// Load a model folder and its tokenizer, and say what was loaded.
@@ -463,9 +594,15 @@ fn load_model(ctx: &Context, arg: &std::path::Path) -> Result<(Model, Tokenizer)
 }
 
 /// Load an optional PEFT adapter for inference.
-fn load_adapter(ctx: &Context, model: &Model, dir: Option<&PathBuf>) -> Result<Option<Adapter>> {
+fn load_adapter(
+    ctx: &Context,
+    model: &Model,
+    model_arg: &std::path::Path,
+    dir: Option<&PathBuf>,
+) -> Result<Option<Adapter>> {
     let Some(dir) = dir else { return Ok(None) };
     let loaded = peft_io::load_adapter(dir)?;
+    check_adapter_base(model, model_arg, &loaded, dir)?;
     let ad = Adapter::new(ctx, model, loaded.config.clone(), loaded.sorted_tensors())?;
     println!(
         "adapter: {} ({} parameters)",
@@ -478,7 +615,7 @@ fn load_adapter(ctx: &Context, model: &Model, dir: Option<&PathBuf>) -> Result<O
 fn generate(a: &GenerateArgs) -> Result<()> {
     let ctx = Context::new(&a.device.options())?;
     let (model, tok) = load_model(&ctx, &a.model)?;
-    let adapter = load_adapter(&ctx, &model, a.adapter.as_ref())?;
+    let adapter = load_adapter(&ctx, &model, &a.model, a.adapter.as_ref())?;
     let hooks: &dyn Hooks = adapter.as_ref().map_or(&NoHooks, |ad| ad as &dyn Hooks);
     let ids = if a.chat {
         let mut msgs = Vec::new();
@@ -488,8 +625,11 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         msgs.push(ChatMessage::new("user", a.prompt.clone()));
         let text = tok.render_chat(&msgs, true)?;
         let mut ids = tok.encode(&text, false)?;
-        if tok.adds_bos() && ids.first() != tok.bos_id().as_ref() {
-            ids.insert(0, tok.bos_id().unwrap());
+        if let Some(bos) = tok
+            .bos_id()
+            .filter(|b| tok.adds_bos() && ids.first() != Some(b))
+        {
+            ids.insert(0, bos);
         }
         ids
     } else {
@@ -523,9 +663,15 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         stats.prefill_s,
         stats.decode_tokens_per_s(),
         if stats.stopped_at_eos {
-            ", stopped at EOS"
+            ", stopped at EOS".to_string()
+        } else if stats.stopped_at_context {
+            format!(
+                ", stopped at the model's context limit of {} positions before \
+                 --max-new-tokens {}",
+                model.cfg.max_positions, a.max_new_tokens
+            )
         } else {
-            ""
+            String::new()
         }
     );
     Ok(())
@@ -534,7 +680,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
 fn eval(a: &EvalArgs) -> Result<()> {
     let ctx = Context::new(&a.device.options())?;
     let (model, tok) = load_model(&ctx, &a.model)?;
-    let adapter = load_adapter(&ctx, &model, a.adapter.as_ref())?;
+    let adapter = load_adapter(&ctx, &model, &a.model, a.adapter.as_ref())?;
     let hooks: &dyn Hooks = adapter.as_ref().map_or(&NoHooks, |ad| ad as &dyn Hooks);
     // Rows must leave room for the adapter's virtual tokens or prefix rows.
     let rows =

@@ -66,6 +66,21 @@ pub enum Error {
     /// Hugging Face repo id that is not in the cache and cannot be downloaded.
     #[error("model `{model}`: {message}")]
     Model { model: String, message: String },
+    /// A training checkpoint is missing, torn, corrupt, of another format,
+    /// or contradicts the options of the run that resumes it.
+    #[error("{path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+    /// A file operation failed; `action` says what wgtune was doing.
+    #[error("{action} {path}: {source}")]
+    IoWhile {
+        action: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Training diverged: too many steps in a row had a non-finite loss or
+    /// gradient. Nothing non-finite was saved.
+    #[error("{0}")]
+    Diverged(String),
     /// Reading a file failed.
     #[error("{path}: {source}")]
     Io {

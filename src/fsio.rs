@@ -34,9 +34,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     ));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        let half = bytes.len() / 2;
+        f.write_all(&bytes[..half])?;
+        pause_point("write-partial");
+        f.write_all(&bytes[half..])?;
         f.sync_all()?;
         drop(f);
+        pause_point("write-before-rename");
         std::fs::rename(&tmp, path)
     };
     if let Err(e) = write() {
@@ -49,5 +53,46 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
+    pause_point("write-after-rename");
     Ok(())
+}
+
+/// Whether `name` is a temp file name of [`write_atomic`].
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.contains(".tmp-")
+}
+
+/// Fault injection for the tests: with `WGTUNE_PAUSE_AT=NAME:K` the K-th
+/// pass (1-based) through the point NAME prints `wgtune: paused at NAME:K`
+/// to stderr and sleeps forever, so that a test can SIGKILL the process at
+/// exactly that moment; `NAME:K:SECS` sleeps SECS seconds and goes on (a
+/// test can signal the process meanwhile). Without the variable this is
+/// one read of a cell.
+pub fn pause_point(name: &str) {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::OnceLock;
+    static TARGET: OnceLock<Option<(String, usize, Option<u64>)>> = OnceLock::new();
+    static HITS: AtomicUsize = AtomicUsize::new(0);
+    let target = TARGET.get_or_init(|| {
+        let v = std::env::var("WGTUNE_PAUSE_AT").ok()?;
+        let mut parts = v.split(':');
+        let n = parts.next()?.to_string();
+        let k = parts.next()?.parse().ok()?;
+        let secs = parts.next().and_then(|s| s.parse().ok());
+        Some((n, k, secs))
+    });
+    let Some((n, k, secs)) = target else { return };
+    if n != name {
+        return;
+    }
+    let hit = HITS.fetch_add(1, Ordering::SeqCst) + 1;
+    if hit == *k {
+        eprintln!("wgtune: paused at {name}:{k}");
+        match secs {
+            Some(s) => std::thread::sleep(std::time::Duration::from_secs(*s)),
+            None => loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            },
+        }
+    }
 }

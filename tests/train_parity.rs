@@ -51,6 +51,7 @@ fn step_batch(model: &str, case: &str) -> Batch {
         targets,
         lens,
         n_targets,
+        first: (0..b).map(|r| labels[r * t]).collect(),
     }
 }
 

@@ -646,7 +646,23 @@ fn int_if_integral(x: f64) -> Value {
 pub struct LoadedAdapter {
     pub config: AdapterConfig,
     pub tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    /// The weights file's metadata (`format`, and what wgtune adds, such as
+    /// [`BASE_FINGERPRINT_KEY`]).
+    pub metadata: HashMap<String, String>,
 }
+
+impl LoadedAdapter {
+    /// The fingerprint of the base model wgtune trained it on, if recorded.
+    pub fn base_fingerprint(&self) -> Option<u64> {
+        self.metadata
+            .get(BASE_FINGERPRINT_KEY)
+            .and_then(|s| u64::from_str_radix(s, 16).ok())
+    }
+}
+
+/// Metadata key of `adapter_model.safetensors` where wgtune records its base
+/// model's fingerprint (`Model::fingerprint`, hex). PEFT ignores it.
+pub const BASE_FINGERPRINT_KEY: &str = "wgtune.base_model_fingerprint";
 
 impl LoadedAdapter {
     /// The LoRA module paths (`model.layers.0.self_attn.q_proj`), sorted.
@@ -685,6 +701,18 @@ pub fn save_adapter(
     cfg: &AdapterConfig,
     tensors: &[(String, Vec<usize>, Vec<f32>)],
 ) -> Result<()> {
+    save_adapter_with(dir, cfg, tensors, None)
+}
+
+/// [`save_adapter`], recording the base model's fingerprint when given.
+/// Non-finite values are refused: a diverged run must not overwrite a
+/// usable adapter.
+pub fn save_adapter_with(
+    dir: &Path,
+    cfg: &AdapterConfig,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    base_fingerprint: Option<u64>,
+) -> Result<()> {
     let weights_path = dir.join(WEIGHTS_FILE);
     let err = |message: String| Error::Adapter {
         path: weights_path.clone(),
@@ -707,6 +735,14 @@ pub fn save_adapter(
     }
     cfg.check_tensors(tensors.iter().map(|(n, s, _)| (n.as_str(), s.as_slice())))
         .map_err(err)?;
+    if let Some((name, _, _)) = tensors
+        .iter()
+        .find(|(_, _, d)| d.iter().any(|x| !x.is_finite()))
+    {
+        return Err(err(format!(
+            "not written: tensor `{name}` holds Inf or NaN (the run diverged)"
+        )));
+    }
 
     std::fs::create_dir_all(dir).map_err(|e| Error::Io {
         path: dir.to_path_buf(),
@@ -725,7 +761,10 @@ pub fn save_adapter(
         })
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| err(format!("could not build tensor views: {e}")))?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let mut metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    if let Some(fp) = base_fingerprint {
+        metadata.insert(BASE_FINGERPRINT_KEY.to_string(), format!("{fp:016x}"));
+    }
     let st = safetensors::serialize(views, Some(metadata))
         .map_err(|e| err(format!("could not serialize: {e}")))?;
     write_atomic(&weights_path, &st)?;
@@ -827,6 +866,10 @@ pub fn load_adapter(dir: &Path) -> Result<LoadedAdapter> {
             "not a valid safetensors file ({e}); is it truncated or corrupt?"
         ))
     })?;
+    let metadata = SafeTensors::read_metadata(&bytes)
+        .ok()
+        .and_then(|(_, m)| m.metadata().clone())
+        .unwrap_or_default();
     let mut tensors = HashMap::new();
     for (name, view) in st.tensors() {
         let data = view.data();
@@ -854,7 +897,11 @@ pub fn load_adapter(dir: &Path) -> Result<LoadedAdapter> {
     config
         .check_tensors(tensors.iter().map(|(n, (s, _))| (n.as_str(), s.as_slice())))
         .map_err(|m| err(format!("does not match {CONFIG_FILE}: {m}")))?;
-    Ok(LoadedAdapter { config, tensors })
+    Ok(LoadedAdapter {
+        config,
+        tensors,
+        metadata,
+    })
 }
 
 pub use crate::fsio::write_atomic;

@@ -47,7 +47,7 @@ pub fn adamw_step_scalars(
 /// norm[1] = min(1, max_norm / (norm + 1e-6)) if max_norm > 0, else 1
 ///           (also 1 when non-finite, as the step is skipped anyway);
 /// norm[2] = 1 if the norm is Inf/NaN (any Inf/NaN gradient), else 0;
-/// norm[3] = 0.
+/// norm[3] = skipped steps in a row: its old value + 1 when flagged, else 0.
 pub fn global_norm(norm: &mut [f64], grads: &[f64], max_norm: f64) {
     let sum: f64 = grads.iter().map(|g| g * g).sum();
     // A NaN or Inf anywhere makes the f64 sum NaN or Inf.
@@ -61,7 +61,7 @@ pub fn global_norm(norm: &mut [f64], grads: &[f64], max_norm: f64) {
     norm[0] = if flagged { f64::INFINITY } else { n };
     norm[1] = coef;
     norm[2] = if flagged { 1.0 } else { 0.0 };
-    norm[3] = 0.0;
+    norm[3] = if flagged { norm[3] + 1.0 } else { 0.0 };
 }
 
 /// params, m, v (N) updated in place from grads (N), norm (4) (from
@@ -73,7 +73,9 @@ pub fn global_norm(norm: &mut [f64], grads: &[f64], max_norm: f64) {
 ///   p -= lr * (m / bc1) / (sqrt(v / bc2) + eps)
 /// written with the precomputed scalars as torch evaluates it:
 ///   p = p*decay - step_size * m / (sqrt(v)/bc2_sqrt + eps).
-/// Nothing changes when norm[2] flags a non-finite gradient norm.
+/// Nothing changes when norm[2] flags a non-finite gradient norm, and an
+/// element whose new p, m or v is not a finite f32 (the GPU's precision)
+/// keeps its old values.
 pub fn adamw_update(
     params: &mut [f64],
     m: &mut [f64],
@@ -89,11 +91,14 @@ pub fn adamw_update(
     let [decay, b1, omb1, b2, omb2, eps, step_size, bc2_sqrt] = [
         step[0], step[1], step[2], step[3], step[4], step[5], step[6], step[7],
     ];
+    let f32_finite = |x: f64| (x as f32).is_finite();
     for i in 0..params.len() {
         let g = grads[i] * coef;
-        params[i] *= decay;
-        m[i] = b1 * m[i] + omb1 * g;
-        v[i] = b2 * v[i] + omb2 * g * g;
-        params[i] -= step_size * m[i] / (v[i].sqrt() / bc2_sqrt + eps);
+        let mi = b1 * m[i] + omb1 * g;
+        let vi = b2 * v[i] + omb2 * g * g;
+        let p = params[i] * decay - step_size * mi / (vi.sqrt() / bc2_sqrt + eps);
+        if f32_finite(p) && f32_finite(mi) && f32_finite(vi) {
+            (params[i], m[i], v[i]) = (p, mi, vi);
+        }
     }
 }

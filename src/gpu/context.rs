@@ -264,7 +264,7 @@ impl Context {
         let mut p = self
             .pending
             .lock()
-            .expect("invariant: error sink lock is never poisoned");
+            .expect("invariant: error sink lock is held only to push/drain, never poisoned");
         if p.is_empty() {
             return Ok(());
         }
@@ -292,7 +292,7 @@ impl Context {
         if let Some(k) = self
             .pipelines
             .lock()
-            .expect("invariant: pipeline lock")
+            .expect("invariant: pipeline lock is held only for a get/insert, never poisoned")
             .get(&key)
         {
             return Ok(k.clone());
@@ -300,7 +300,7 @@ impl Context {
         let k = Arc::new(kernels::build(self, spec)?);
         self.pipelines
             .lock()
-            .expect("invariant: pipeline lock")
+            .expect("invariant: pipeline lock is held only for a get/insert, never poisoned")
             .insert(key, k.clone());
         Ok(k)
     }

@@ -41,6 +41,9 @@ pub struct GenStats {
     pub prefill_s: f64,
     pub decode_s: f64,
     pub stopped_at_eos: bool,
+    /// Stopped because the model's positions ran out before
+    /// `max_new_tokens` new tokens.
+    pub stopped_at_context: bool,
 }
 
 impl GenStats {
@@ -203,7 +206,11 @@ pub fn generate(
             stats.stopped_at_eos = true;
             break;
         }
-        if produced >= opts.max_new_tokens || cache.len + 1 > cap {
+        if produced >= opts.max_new_tokens {
+            break;
+        }
+        if cache.len + 1 > cap {
+            stats.stopped_at_context = true;
             break;
         }
         let shape = FwdShape {

@@ -244,13 +244,25 @@ impl<'a> Reader<'a> {
         Ok(self.take(1, "u8")?[0])
     }
     fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_le_bytes(self.take(2, "u16")?.try_into().unwrap()))
+        let b = self.take(2, "u16")?;
+        Ok(u16::from_le_bytes(
+            b.try_into()
+                .expect("invariant: take(2) returns exactly 2 bytes"),
+        ))
     }
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4, "u32")?.try_into().unwrap()))
+        let b = self.take(4, "u32")?;
+        Ok(u32::from_le_bytes(
+            b.try_into()
+                .expect("invariant: take(4) returns exactly 4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8, "u64")?.try_into().unwrap()))
+        let b = self.take(8, "u64")?;
+        Ok(u64::from_le_bytes(
+            b.try_into()
+                .expect("invariant: take(8) returns exactly 8 bytes"),
+        ))
     }
     fn string(&mut self) -> Result<String> {
         let n = self.u64()?;
@@ -464,8 +476,16 @@ fn f16(b: &[u8], i: usize) -> f32 {
 
 /// Dequantize whole blocks of `ty` from `data` into `out`. `out.len()` must
 /// be the number of elements `data` holds.
+///
+/// # Panics
+///
+/// If `ty` is not a supported type (`ty.block()` is `None`). A file's
+/// tensors reach this only through [`Gguf::dequantize`], whose
+/// [`Gguf::raw`] turns an unsupported type into an error first.
 pub fn dequantize_into(ty: GgmlType, data: &[u8], out: &mut [f32]) {
-    let (per, bytes) = ty.block().expect("dequantize_into: unsupported type");
+    let (per, bytes) = ty.block().expect(
+        "invariant: callers pass a supported type (Gguf::dequantize rejects others via Gguf::raw)",
+    );
     for (blk, y) in data.chunks_exact(bytes).zip(out.chunks_exact_mut(per)) {
         match ty {
             GgmlType::F32 => y[0] = f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]),
@@ -547,7 +567,9 @@ pub fn dequantize_into(ty: GgmlType, data: &[u8], out: &mut [f32]) {
                     }
                 }
             }
-            GgmlType::Other(_) => unreachable!(),
+            GgmlType::Other(_) => {
+                unreachable!("invariant: ty.block() above already rejected Other")
+            }
         }
     }
 }

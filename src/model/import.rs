@@ -347,7 +347,10 @@ pub fn write_folder(m: &Imported, out: &Path) -> Result<()> {
     drop(bytes);
     write_atomic(&out.join("model.safetensors"), &st)?;
     drop(st);
-    let pretty = |v: &Json| serde_json::to_vec_pretty(v).expect("JSON values serialize");
+    let pretty = |v: &Json| {
+        serde_json::to_vec_pretty(v)
+            .expect("invariant: a serde_json::Value (string keys) serializes into a Vec")
+    };
     write_atomic(&out.join("tokenizer.json"), &pretty(&m.tokenizer_json))?;
     write_atomic(
         &out.join("tokenizer_config.json"),

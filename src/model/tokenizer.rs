@@ -829,8 +829,12 @@ fn py_float(x: f64) -> String {
     if a != 0.0 && !(1e-4..1e16).contains(&a) {
         // Shortest round-trip digits in exponent form: 1e+20, 1.5e-05.
         let s = format!("{x:e}");
-        let (mant, exp) = s.split_once('e').expect("invariant: {:e} has an exponent");
-        let exp: i32 = exp.parse().expect("invariant: integer exponent");
+        let (mant, exp) = s
+            .split_once('e')
+            .expect("invariant: `{:e}` of a finite f64 always writes an `e`");
+        let exp: i32 = exp
+            .parse()
+            .expect("invariant: `{:e}` writes the exponent as a small decimal integer");
         let sign = if exp < 0 { '-' } else { '+' };
         return format!("{mant}e{sign}{:02}", exp.abs());
     }

@@ -360,6 +360,29 @@ pub struct Model {
     pub rope: Option<(Tensor, Tensor)>,
     /// Parameters in the checkpoint (tied matrices counted once).
     pub params: usize,
+    /// Identifies the weights (shape and sampled embedding values), so that
+    /// an adapter or checkpoint made on another base model is caught.
+    pub fingerprint: u64,
+}
+
+/// FNV-1a over the model's dimensions and up to 4096 evenly spaced
+/// embedding values: cheap, and different for any two checkpoints that are
+/// not copies of each other (fine-tunes of one base included).
+pub fn weights_fingerprint(cfg: &ModelConfig, wte: &[f32]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |x: u64| {
+        for b in x.to_le_bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for d in [cfg.vocab, cfg.hidden, cfg.layers, cfg.heads, cfg.kv_heads] {
+        eat(d as u64);
+    }
+    let stride = (wte.len() / 4096).max(1);
+    for x in wte.iter().step_by(stride) {
+        eat(x.to_bits() as u64);
+    }
+    h
 }
 
 impl Model {
@@ -401,6 +424,7 @@ impl Model {
         };
         let wte_host = wts.get_f32(&emb_name, &[v, c])?;
         params += wte_host.len();
+        let fingerprint = weights_fingerprint(&cfg, &wte_host);
         let wte = Tensor::from_f32(ctx, &wte_host, &[v, c], &emb_name)?;
         let wpe = if gpt2 {
             let name = format!("{root}wpe.weight");
@@ -539,6 +563,7 @@ impl Model {
             lm_head,
             rope,
             params,
+            fingerprint,
         })
     }
 
@@ -893,7 +918,10 @@ impl Model {
                     }
                 }
                 Qkv::Fused(lin) => {
-                    let qkv = a.qkv.as_ref().expect("gpt2 acts have qkv");
+                    let qkv = a
+                        .qkv
+                        .as_ref()
+                        .expect("invariant: Acts::new allocates qkv for GPT-2 (fused qkv)");
                     lin.forward(ctx, plan, qkv, &a.ln1)?;
                     hooks.linear(ctx, plan, l, lin, qkv, &a.ln1)?;
                     for (i, out) in [&q2, &k2, &v2].into_iter().enumerate() {
@@ -937,7 +965,17 @@ impl Model {
                     kc.v[l].view(0, &[1, p + s, kvh, hd], "cache.v")?,
                 )
             } else if p > 0 {
-                let (kcat, vcat) = (a.kcat.as_ref().unwrap(), a.vcat.as_ref().unwrap());
+                // Acts::new allocates kcat/vcat when p > 0 and the acts are not
+                // for a cache; every caller builds acts with `cached` set
+                // exactly when it passes a cache, and here there is none.
+                let kcat = a
+                    .kcat
+                    .as_ref()
+                    .expect("invariant: Acts::new allocates kcat when p > 0 and not cached");
+                let vcat = a
+                    .vcat
+                    .as_ref()
+                    .expect("invariant: Acts::new allocates vcat when p > 0 and not cached");
                 let pre = prefix.ok_or_else(|| {
                     Error::invalid("forward", "K/V rows in front without a prefix")
                 })?;
@@ -999,7 +1037,9 @@ impl Model {
             )?;
             match &blk.mlp {
                 Mlp::SwiGlu { gate, up, down } => {
-                    let h2 = a.h2.as_ref().unwrap();
+                    let h2 = a.h2.as_ref().expect(
+                        "invariant: Acts::new allocates h2 for every non-GPT-2 (SwiGLU) arch",
+                    );
                     gate.forward(ctx, plan, &a.h1, &a.ln2)?;
                     hooks.linear(ctx, plan, l, gate, &a.h1, &a.ln2)?;
                     up.forward(ctx, plan, h2, &a.ln2)?;
@@ -1276,7 +1316,12 @@ impl Model {
             // MLP; dresid is the gradient of this layer's output.
             match &blk.mlp {
                 Mlp::SwiGlu { gate, up, down } => {
-                    let (h2, dh2) = (a.h2.as_ref().unwrap(), g.dh2.as_ref().unwrap());
+                    let h2 = a.h2.as_ref().expect(
+                        "invariant: Acts::new allocates h2 for every non-GPT-2 (SwiGLU) arch",
+                    );
+                    let dh2 = g.dh2.as_ref().expect(
+                        "invariant: Grads::new allocates dh2 for every non-GPT-2 (SwiGLU) arch",
+                    );
                     down.backward_input(ctx, plan, &g.dact, &g.dresid)?;
                     hooks.linear_backward(ctx, plan, l, down, &g.dresid, &a.act, Some(&g.dact))?;
                     activation::swiglu_backward(ctx, plan, &g.dh1, dh2, &g.dact, &a.h1, h2)?;
@@ -1309,10 +1354,20 @@ impl Model {
             hooks.linear_backward(ctx, plan, l, &blk.o, &g.dresid, &att2, Some(&datt2))?;
             let (kk, vv, dkk, dvv) = if p > 0 {
                 (
-                    a.kcat.clone().unwrap(),
-                    a.vcat.clone().unwrap(),
-                    g.dkcat.clone().unwrap(),
-                    g.dvcat.clone().unwrap(),
+                    // Training acts are built with `cached` false, and acts
+                    // and grads for the same shape.
+                    a.kcat
+                        .clone()
+                        .expect("invariant: Acts::new allocates kcat when p > 0 and not cached"),
+                    a.vcat
+                        .clone()
+                        .expect("invariant: Acts::new allocates vcat when p > 0 and not cached"),
+                    g.dkcat
+                        .clone()
+                        .expect("invariant: Grads::new allocates dkcat when p > 0"),
+                    g.dvcat
+                        .clone()
+                        .expect("invariant: Grads::new allocates dvcat when p > 0"),
                 )
             } else {
                 (a.k.clone(), a.v.clone(), g.dk.clone(), g.dv.clone())
@@ -1377,7 +1432,10 @@ impl Model {
                         }
                     }
                     Qkv::Fused(lin) => {
-                        let dqkv = g.dqkv.as_ref().unwrap();
+                        let dqkv = g
+                            .dqkv
+                            .as_ref()
+                            .expect("invariant: Grads::new allocates dqkv for GPT-2 (fused qkv)");
                         for (i, src) in [&dq2, &dk2, &dv2].into_iter().enumerate() {
                             copy_rows(
                                 ctx,

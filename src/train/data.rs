@@ -492,16 +492,20 @@ impl Dataset {
             ds.examples.push(ex);
         }
         if ds.examples.is_empty() {
-            let why =
-                if ds.dropped > 0 {
-                    format!(
-                    "no usable examples: all {} rows were dropped for having no trained token{}",
-                    ds.dropped,
-                    if opts.max_seq_len.is_some() { " after truncation to max_seq_len" } else { "" }
-                )
-                } else {
-                    "no examples (the file has no rows)".to_string()
-                };
+            let why = match opts.max_seq_len {
+                Some(max) if ds.dropped > 0 && ds.truncated > 0 => format!(
+                    "no usable examples: cut to {max} tokens (the sequence length limit), \
+                     all {} rows are left with no trained token\n---> HINT: raise \
+                     --max-seq-len, or lower --num-virtual-tokens, which takes positions \
+                     from the same budget",
+                    ds.dropped
+                ),
+                _ if ds.dropped > 0 => format!(
+                    "no usable examples: all {} rows have no trained token",
+                    ds.dropped
+                ),
+                _ => "no examples (the file has no rows)".to_string(),
+            };
             return Err(data_err(None, why));
         }
         Ok(ds)
@@ -519,6 +523,36 @@ impl Dataset {
     /// The longest example, in tokens.
     pub fn max_len(&self) -> usize {
         self.examples.iter().map(|e| e.ids.len()).max().unwrap_or(0)
+    }
+
+    /// A warning when the longest rows are far beyond the rest: a batch
+    /// holding one costs memory and time out of proportion (attention grows
+    /// with the square of its length). Suggests a `--max-seq-len` that cuts
+    /// only them. None when no row is over 4x the median and 64 tokens.
+    pub fn length_warning(&self) -> Option<String> {
+        let mut lens: Vec<usize> = self.examples.iter().map(|e| e.ids.len()).collect();
+        lens.sort_unstable();
+        let (&max, n) = (lens.last()?, lens.len());
+        let median = lens[n / 2].max(1);
+        if max < 64 || max < 4 * median {
+            return None;
+        }
+        let far = lens.iter().filter(|&&l| l >= 4 * median).count();
+        let p95 = lens[(n * 95 / 100).min(n - 1)];
+        let cut = if p95 < 4 * median {
+            p95.max(2)
+        } else {
+            4 * median
+        };
+        let r = max as f64 / median as f64;
+        Some(format!(
+            "{}: {far} of {n} rows are over 4x the median length ({median} tokens); the \
+             longest has {max}. A batch holding it takes about {r:.0}x the memory and time \
+             of a typical batch, and its attention {:.0}x.\n---> HINT: --max-seq-len {cut} \
+             truncates only those rows",
+            self.path.display(),
+            r * r
+        ))
     }
 
     /// Trained targets over all examples.
@@ -575,9 +609,26 @@ pub struct Batch {
     pub lens: Vec<usize>,
     /// Targets that are not -100 (the loss is their mean).
     pub n_targets: usize,
+    /// (B) the label of each row's first token (-100 when not trained or
+    /// for a padding row). Only prompt tuning predicts it: PEFT puts the
+    /// virtual tokens' -100 labels in front, so the last virtual token's
+    /// position is trained to predict it.
+    pub first: Vec<i32>,
 }
 
 impl Batch {
+    /// The targets the loss averages over with `n_virtual` virtual tokens in
+    /// front (prompt tuning): the shifted targets, plus each row's first
+    /// token when it is trained (as PEFT counts them).
+    pub fn loss_targets(&self, n_virtual: usize) -> usize {
+        self.n_targets
+            + if n_virtual > 0 {
+                self.first.iter().filter(|&&l| l != IGNORE).count()
+            } else {
+                0
+            }
+    }
+
     /// Pads `examples` to the longest of them.
     pub fn from_examples(examples: &[&Example], pad_id: u32) -> Batch {
         let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
@@ -615,11 +666,13 @@ impl Batch {
         let mut ids = vec![pad_id as i32; b * t];
         let mut targets = vec![IGNORE; b * t];
         let mut lens = vec![0; b];
+        let mut first = vec![IGNORE; b];
         let mut n_targets = 0;
         for (r, e) in examples.iter().enumerate() {
             let n = e.ids.len();
             debug_assert_eq!(n, e.labels.len(), "invariant: one label per id");
             lens[r] = n;
+            first[r] = e.labels.first().copied().unwrap_or(IGNORE);
             let row = r * t;
             for (j, &id) in e.ids.iter().enumerate() {
                 ids[row + j] = id as i32;
@@ -637,6 +690,7 @@ impl Batch {
             targets,
             lens,
             n_targets,
+            first,
         }
     }
 }

@@ -18,7 +18,7 @@ pub fn eval_batches(
     let p = hooks.prefix().map_or(0, |t| t.shape()[0]);
     let (mut sum, mut count) = (0.0, 0usize);
     for batch in batches {
-        if batch.n_targets == 0 {
+        if batch.loss_targets(nv) == 0 {
             continue;
         }
         let (b, t) = (batch.b, batch.t);
@@ -33,6 +33,11 @@ pub fn eval_batches(
         let mut rows = Vec::new();
         let mut targets = Vec::new();
         for r in 0..b {
+            // Prompt tuning also predicts the first token (PEFT's labels).
+            if nv > 0 && batch.first[r] != -100 {
+                rows.push((r * s + nv - 1) as i32);
+                targets.push(batch.first[r]);
+            }
             for j in 0..t {
                 let tg = batch.targets[r * t + j];
                 if tg != -100 {

@@ -1,5 +1,6 @@
 //! Training: the data set (JSONL rows → token ids, loss masks and batches).
 
+pub mod checkpoint;
 pub mod data;
 pub mod eval;
 pub mod report;

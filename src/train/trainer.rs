@@ -79,6 +79,9 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// True when the step was skipped for a non-finite gradient.
     pub skipped: bool,
+    /// Steps skipped in a row up to this one (counted on the GPU, so steps
+    /// that were not read back count too).
+    pub skipped_in_a_row: usize,
 }
 
 /// Round up to a multiple of `m`, at most `cap`.
@@ -264,7 +267,7 @@ impl<'a> Trainer<'a> {
         let b = batch.b;
         let (nv, _) = self.adapter_rows();
         let s = nv + t;
-        let r = bucket(batch.n_targets.max(1), 16, b * s);
+        let r = bucket(batch.loss_targets(nv).max(1), 16, b * s);
         let key = (b, t, r);
         if !self.plans.contains_key(&key) {
             let sp = self.build(b, t, r)?;
@@ -291,6 +294,13 @@ impl<'a> Trainer<'a> {
         let mut targets = Vec::with_capacity(sp.r);
         let mut is_target = vec![false; b * sp.s];
         for row in 0..b {
+            // Prompt tuning: the last virtual token predicts the first token.
+            if sp.nv > 0 && batch.first[row] != -100 {
+                let flat = row * sp.s + sp.nv - 1;
+                rows.push(flat as i32);
+                targets.push(batch.first[row]);
+                is_target[flat] = true;
+            }
             for j in 0..t {
                 let tg = tg_full[row * t + j];
                 if tg != -100 {
@@ -326,7 +336,8 @@ impl<'a> Trainer<'a> {
     /// micro-batch, the last one carrying the optimizer. With `read`, returns
     /// the loss and the gradient norm (the only readbacks).
     pub fn train_step(&mut self, micro: &[Batch], read: bool) -> Result<Option<StepStats>> {
-        let total: usize = micro.iter().map(|b| b.n_targets).sum();
+        let nv = self.adapter_rows().0;
+        let total: usize = micro.iter().map(|b| b.loss_targets(nv)).sum();
         if total == 0 {
             return Err(Error::invalid("train", "a step with no target tokens"));
         }
@@ -377,6 +388,7 @@ impl<'a> Trainer<'a> {
             loss: loss_sum / total as f64,
             grad_norm: norm[0] as f64,
             skipped: norm[2] != 0.0,
+            skipped_in_a_row: norm[3] as usize,
         }))
     }
 
@@ -386,7 +398,8 @@ impl<'a> Trainer<'a> {
         let mut clear = Plan::new("clear grads");
         clear.clear(&self.adapter.flat.grads);
         clear.run(self.ctx)?;
-        let weight = 1.0 / batch.n_targets.max(1) as f32;
+        let n = batch.loss_targets(self.adapter_rows().0).max(1);
+        let weight = 1.0 / n as f32;
         let key = self.prepare(batch, weight)?;
         let sp = &self.plans[&key];
         sp.plan.run(self.ctx)?;
@@ -396,7 +409,13 @@ impl<'a> Trainer<'a> {
             .iter()
             .map(|&x| x as f64)
             .sum();
-        Ok(sum / batch.n_targets.max(1) as f64)
+        Ok(sum / n as f64)
+    }
+
+    /// Optimizer steps skipped in a row for a non-finite gradient, up to
+    /// the last one (0 when it was applied). A readback: call it when saving.
+    pub fn skipped_in_a_row(&self) -> Result<usize> {
+        Ok(self.norm.read_f32(self.ctx)?[3] as usize)
     }
 
     /// The optimizer state for a checkpoint: (m, v) as named tensors.

@@ -24,6 +24,13 @@ use crate::gpu::plan::Bind;
 use crate::gpu::tensor::TexMatrix;
 use crate::gpu::tensor::{DType, Tensor};
 
+/// `writeln!` into a `String` of generated WGSL.
+macro_rules! emit {
+    ($dst:expr, $($arg:tt)*) => {
+        writeln!($dst, $($arg)*).expect("invariant: writing to a String cannot fail")
+    };
+}
+
 const TEMPLATE: &str = include_str!("../../../shaders/matmul.wgsl");
 
 /// One generated configuration of the matmul module.
@@ -196,29 +203,29 @@ fn gen_nt(
         coords(&mut decl, tm, sg);
     }
     for j in 0..tn {
-        writeln!(decl, "    let cb{j} = min(col0 + {j}u, nlast);").unwrap();
+        emit!(decl, "    let cb{j} = min(col0 + {j}u, nlast);");
         if tex {
-            writeln!(decl, "    let cbc{j} = b_coord(cb{j});").unwrap();
+            emit!(decl, "    let cbc{j} = b_coord(cb{j});");
         }
     }
     let (ra, cb) = if tex { ("ca", "cbc") } else { ("ra", "cb") };
     for i in 0..tm {
         for j in 0..tn {
-            writeln!(decl, "    var c{i}_{j} = 0.0;").unwrap();
+            emit!(decl, "    var c{i}_{j} = 0.0;");
         }
     }
     a_rows(&mut body, tm, sg, ra, |r| format!("{load_a}({r}, k)"));
     for j in 0..tn {
-        writeln!(body, "        let b{j} = {load_b}({cb}{j}, k);").unwrap();
+        emit!(body, "        let b{j} = {load_b}({cb}{j}, k);");
     }
     for i in 0..tm {
         for j in 0..tn {
-            writeln!(body, "        c{i}_{j} += dot(a{i}, b{j});").unwrap();
+            emit!(body, "        c{i}_{j} += dot(a{i}, b{j});");
         }
     }
     for i in 0..tm {
         for j in 0..tn {
-            writeln!(store, "    {store_fn}(row0 + {i}u, col0 + {j}u, c{i}_{j});").unwrap();
+            emit!(store, "    {store_fn}(row0 + {i}u, col0 + {j}u, c{i}_{j});");
         }
     }
     (decl, body, store)
@@ -240,11 +247,11 @@ fn gen_nn(
         coords(&mut decl, tm, sg);
     }
     for c in 0..tv {
-        writeln!(decl, "    let cc{c} = col0 + {}u;", 4 * c).unwrap();
+        emit!(decl, "    let cc{c} = col0 + {}u;", 4 * c);
     }
     for i in 0..tm {
         for c in 0..tv {
-            writeln!(decl, "    var c{i}_{c} = vec4<f32>(0.0);").unwrap();
+            emit!(decl, "    var c{i}_{c} = vec4<f32>(0.0);");
         }
     }
     a_rows(&mut body, tm, sg, if tex { "ca" } else { "ra" }, |r| {
@@ -252,17 +259,17 @@ fn gen_nn(
     });
     for u in 0..4 {
         for c in 0..tv {
-            writeln!(body, "        let b{u}_{c} = {load_b}(n + {u}u, cc{c});").unwrap();
+            emit!(body, "        let b{u}_{c} = {load_b}(n + {u}u, cc{c});");
         }
     }
     for i in 0..tm {
         for c in 0..tv {
-            writeln!(body, "        c{i}_{c} += a{i}.x * b0_{c} + a{i}.y * b1_{c} + a{i}.z * b2_{c} + a{i}.w * b3_{c};").unwrap();
+            emit!(body, "        c{i}_{c} += a{i}.x * b0_{c} + a{i}.y * b1_{c} + a{i}.z * b2_{c} + a{i}.w * b3_{c};");
         }
     }
     for i in 0..tm {
         for c in 0..tv {
-            writeln!(store, "    {store_fn}(row0 + {i}u, cc{c}, c{i}_{c});").unwrap();
+            emit!(store, "    {store_fn}(row0 + {i}u, cc{c}, c{i}_{c});");
         }
     }
     (decl, body, store)
@@ -283,66 +290,61 @@ fn gen_tn(
     // Both operands are read at token m: one coordinate pair per iteration.
     let (ma, mb) = if tex { ("cma", "cmb") } else { ("m", "m") };
     if tex {
-        writeln!(
+        emit!(
             body,
             "        let cma = a_coord(m);\n        let cmb = b_coord(m);"
-        )
-        .unwrap();
+        );
     }
     let ta = tm.div_ceil(4);
     for c in 0..tv {
-        writeln!(decl, "    let cc{c} = col0 + {}u;", 4 * c).unwrap();
+        emit!(decl, "    let cc{c} = col0 + {}u;", 4 * c);
     }
     for i in 0..tm {
         for c in 0..tv {
-            writeln!(decl, "    var c{i}_{c} = vec4<f32>(0.0);").unwrap();
+            emit!(decl, "    var c{i}_{c} = vec4<f32>(0.0);");
         }
     }
     if sg > 1 {
         for slot in 0..ta.div_ceil(sg) {
-            writeln!(
+            emit!(
                 body,
                 "        let va{slot} = {load_a}({ma}, row0 + 4u * ({}u + lane));",
                 slot * sg
-            )
-            .unwrap();
+            );
         }
         for t in 0..ta {
-            writeln!(
+            emit!(
                 body,
                 "        let a{t} = subgroupBroadcast(va{}, {}u);",
                 t / sg,
                 t % sg
-            )
-            .unwrap();
+            );
         }
     } else {
         for t in 0..ta {
-            writeln!(
+            emit!(
                 body,
                 "        let a{t} = {load_a}({ma}, row0 + {}u);",
                 4 * t
-            )
-            .unwrap();
+            );
         }
     }
     for c in 0..tv {
-        writeln!(body, "        let b{c} = {load_b}({mb}, cc{c});").unwrap();
+        emit!(body, "        let b{c} = {load_b}({mb}, cc{c});");
     }
     for i in 0..tm {
         for c in 0..tv {
-            writeln!(
+            emit!(
                 body,
                 "        c{i}_{c} += a{}.{} * b{c};",
                 i / 4,
                 COMP[i % 4]
-            )
-            .unwrap();
+            );
         }
     }
     for i in 0..tm {
         for c in 0..tv {
-            writeln!(store, "    {store_fn}(wg.z, row0 + {i}u, cc{c}, c{i}_{c});").unwrap();
+            emit!(store, "    {store_fn}(wg.z, row0 + {i}u, cc{c}, c{i}_{c});");
         }
     }
     (decl, body, store)
@@ -352,16 +354,15 @@ fn gen_tn(
 fn row_clamps(decl: &mut String, tm: usize, sg: usize) {
     if sg > 1 {
         for slot in 0..tm.div_ceil(sg) {
-            writeln!(
+            emit!(
                 decl,
                 "    let ra{slot} = min(row0 + {}u + lane, mlast);",
                 slot * sg
-            )
-            .unwrap();
+            );
         }
     } else {
         for i in 0..tm {
-            writeln!(decl, "    let ra{i} = min(row0 + {i}u, mlast);").unwrap();
+            emit!(decl, "    let ra{i} = min(row0 + {i}u, mlast);");
         }
     }
 }
@@ -370,7 +371,7 @@ fn row_clamps(decl: &mut String, tm: usize, sg: usize) {
 fn coords(decl: &mut String, tm: usize, sg: usize) {
     let n = if sg > 1 { tm.div_ceil(sg) } else { tm };
     for i in 0..n {
-        writeln!(decl, "    let ca{i} = a_coord(ra{i});").unwrap();
+        emit!(decl, "    let ca{i} = a_coord(ra{i});");
     }
 }
 
@@ -379,25 +380,23 @@ fn coords(decl: &mut String, tm: usize, sg: usize) {
 fn a_rows(body: &mut String, tm: usize, sg: usize, rows: &str, load: impl Fn(String) -> String) {
     if sg > 1 {
         for slot in 0..tm.div_ceil(sg) {
-            writeln!(
+            emit!(
                 body,
                 "        let va{slot} = {};",
                 load(format!("{rows}{slot}"))
-            )
-            .unwrap();
+            );
         }
         for i in 0..tm {
-            writeln!(
+            emit!(
                 body,
                 "        let a{i} = subgroupBroadcast(va{}, {}u);",
                 i / sg,
                 i % sg
-            )
-            .unwrap();
+            );
         }
     } else {
         for i in 0..tm {
-            writeln!(body, "        let a{i} = {};", load(format!("{rows}{i}"))).unwrap();
+            emit!(body, "        let a{i} = {};", load(format!("{rows}{i}")));
         }
     }
 }
