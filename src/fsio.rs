@@ -96,3 +96,32 @@ pub fn pause_point(name: &str) {
         }
     }
 }
+
+/// `safetensors::serialize` with the header's keys sorted. The crate takes
+/// metadata as a `HashMap`, whose order changes from process to process, so
+/// two runs with two or more metadata keys would write different bytes.
+pub fn serialize_safetensors<'a, V: safetensors::View + 'a>(
+    tensors: impl IntoIterator<Item = (String, V)>,
+    metadata: std::collections::BTreeMap<String, String>,
+) -> std::result::Result<Vec<u8>, String> {
+    let meta: std::collections::HashMap<String, String> = metadata.into_iter().collect();
+    let bytes = safetensors::serialize(tensors, Some(meta)).map_err(|e| e.to_string())?;
+    // Layout: u64 header length, JSON header (space-padded to 8), data.
+    let n = u64::from_le_bytes(
+        bytes[..8]
+            .try_into()
+            .expect("invariant: serialize writes an 8-byte length first"),
+    ) as usize;
+    let header: serde_json::Value =
+        serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| e.to_string())?;
+    // serde_json's map is ordered by key (no preserve_order feature).
+    let mut json = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
+}

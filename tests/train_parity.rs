@@ -16,7 +16,15 @@ use wgtune::model::Model;
 use wgtune::train::data::Batch;
 use wgtune::train::trainer::{OptimConfig, Schedule, Trainer};
 
-const CASES: &[&str] = &["lora_qv", "lora_all", "prompt", "prefix", "prefix_proj"];
+// prompt_text: text rows, whose first token PEFT's prompt tuning trains on.
+const CASES: &[&str] = &[
+    "lora_qv",
+    "lora_all",
+    "prompt",
+    "prefix",
+    "prefix_proj",
+    "prompt_text",
+];
 
 fn initial(model: &str, case: &str) -> (wgtune::adapters::peft_io::AdapterConfig, HostTensors) {
     let dir = data_dir(&format!("{model}/peft/{case}"));
@@ -58,7 +66,9 @@ fn step_batch(model: &str, case: &str) -> Batch {
 /// The reference gradient's name for one of our flat entries.
 fn ref_grad_name(case: &str, ours: &str) -> String {
     match (case, ours) {
-        ("prompt" | "prefix", "prompt_embeddings") => "prompt_encoder.embedding.weight.grad".into(),
+        ("prompt" | "prompt_text" | "prefix", "prompt_embeddings") => {
+            "prompt_encoder.embedding.weight.grad".into()
+        }
         _ => format!("{ours}.grad"),
     }
 }
@@ -108,6 +118,11 @@ fn check_case(ctx: &Context, m: &Model, model: &str, case: &str) {
         (loss - want).abs() <= 1e-4 * want.abs(),
         "{model}/{case}: loss {loss} vs {want}"
     );
+    if let Some(without) = step["loss_without_first"].as_f64() {
+        // Without PEFT's first-token target the loss would be this, far
+        // outside the tolerance above: the case tells the two apart.
+        assert!((without - want).abs() > 1e-4 * want.abs());
+    }
 
     // 10 AdamW steps from the same start, as in PEFT's run.
     let train = json(&format!("{model}/peft/{case}/train.json"));
@@ -211,7 +226,9 @@ fn gpt2_adapters_match_peft() {
 /// Our name for a trained tensor of PEFT's final state.
 fn our_name(case: &str, peft: &str) -> String {
     match (case, peft) {
-        ("prompt" | "prefix", "prompt_encoder.embedding.weight") => "prompt_embeddings".into(),
+        ("prompt" | "prompt_text" | "prefix", "prompt_encoder.embedding.weight") => {
+            "prompt_embeddings".into()
+        }
         _ => peft.into(),
     }
 }

@@ -761,12 +761,15 @@ pub fn save_adapter_with(
         })
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| err(format!("could not build tensor views: {e}")))?;
-    let mut metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let mut metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     if let Some(fp) = base_fingerprint {
         metadata.insert(BASE_FINGERPRINT_KEY.to_string(), format!("{fp:016x}"));
     }
-    let st = safetensors::serialize(views, Some(metadata))
-        .map_err(|e| err(format!("could not serialize: {e}")))?;
+    let st = crate::fsio::serialize_safetensors(
+        views.into_iter().map(|(n, v)| (n.to_string(), v)),
+        metadata,
+    )
+    .map_err(|e| err(format!("could not serialize: {e}")))?;
     write_atomic(&weights_path, &st)?;
 
     write_atomic(&dir.join(CONFIG_FILE), cfg.to_json_string().as_bytes())?;

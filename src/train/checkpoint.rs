@@ -7,7 +7,7 @@
 //! `trainer_state.json`, and a kill between the two renames left a torn
 //! checkpoint that resumed silently wrong; such checkpoints are refused.)
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -101,13 +101,13 @@ pub fn save(dir: &Path, ck: &Checkpoint) -> Result<()> {
                 .map_err(|e| corrupt(&path, format!("tensor `{n}`: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let meta = HashMap::from([
+    let meta = BTreeMap::from([
         ("format".to_string(), FORMAT.to_string()),
         ("position".to_string(), json(&ck.position)),
         ("settings".to_string(), json(&ck.settings)),
         ("adapter_config".to_string(), ck.config.to_json_string()),
     ]);
-    let bytes = safetensors::serialize(views, Some(meta))
+    let bytes = crate::fsio::serialize_safetensors(views, meta)
         .map_err(|e| corrupt(&path, format!("could not serialize: {e}")))?;
     std::fs::create_dir_all(dir).map_err(|source| Error::IoWhile {
         action: "cannot create the checkpoint folder".into(),

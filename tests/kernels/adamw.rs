@@ -255,3 +255,65 @@ fn adamw_rejects_wrong_shapes() {
         "{msg}"
     );
 }
+
+/// An overflowing update (a learning rate of 1e36) writes nothing
+/// non-finite: the elements that would overflow keep p, m and v, the others
+/// update as the CPU twin says. The skip counter (norm[3]) counts skipped
+/// steps in a row and resets on an applied one.
+#[test]
+fn adamw_update_never_writes_nonfinite_and_counts_skips() {
+    let ctx = gpu!();
+    let n = 1001;
+    let mut r = Rng::new(11);
+    let mut p0 = r.vec(n, 1.0);
+    // Large parameters overflow under weight decay at this lr; small ones
+    // take a finite step of about lr.
+    for x in p0.iter_mut().step_by(3) {
+        *x = 3e37;
+    }
+    let g = r.vec(n, 1.0);
+    let opt = Opt::new(ctx, &p0, 0.0);
+    let lr = 1e36;
+    opt.step(ctx, &g, lr, 1);
+    let (mut p, mut m, mut v) = (to64(&p0), vec![0.0; n], vec![0.0; n]);
+    let mut norm = [0.0; 4];
+    cpu::adamw::global_norm(&mut norm, &to64(&g), 0.0);
+    let sc = cpu::adamw::adamw_step_scalars(lr, BETA1, BETA2, EPS, WD, 1);
+    cpu::adamw::adamw_update(&mut p, &mut m, &mut v, &to64(&g), &norm, &sc);
+    let got = read(ctx, &opt.params);
+    assert!(got.iter().all(|x| x.is_finite()), "a non-finite parameter");
+    let kept = got
+        .iter()
+        .zip(&p0)
+        .filter(|(a, b)| a.to_bits() == b.to_bits())
+        .count();
+    assert!(
+        kept >= n / 3,
+        "overflowing elements should keep their value"
+    );
+    assert!(kept < n, "finite updates should still apply");
+    for (name, t, want) in [
+        ("params", &opt.params, &p),
+        ("m", &opt.m, &m),
+        ("v", &opt.v, &v),
+    ] {
+        let got = read(ctx, t);
+        for (i, (&a, &b)) in got.iter().zip(want.iter()).enumerate() {
+            let tol = 1e-5 * b.abs().max(1.0);
+            assert!(
+                (a as f64 - b).abs() <= tol,
+                "{name}[{i}]: GPU {a} vs CPU twin {b}"
+            );
+        }
+    }
+    // Counter: 2 skipped steps, then an applied one.
+    let mut bad = g.clone();
+    bad[5] = f32::NAN;
+    for (t, grads, want) in [(2, &bad, 1.0), (3, &bad, 2.0), (4, &g, 0.0)] {
+        opt.step(ctx, grads, 1e-3, t);
+        let got = read(ctx, &opt.norm);
+        cpu::adamw::global_norm(&mut norm, &to64(grads), 0.0);
+        assert_eq!(got[3], want, "step {t}: skipped in a row {got:?}");
+        assert_eq!(norm[3], want as f64, "step {t}: CPU twin's counter");
+    }
+}

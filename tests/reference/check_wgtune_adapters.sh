@@ -11,7 +11,7 @@ WGTUNE_WRITE_ADAPTERS_ONLY=1 cargo test --quiet --test train_parity adapters_mat
 py=${WGTUNE_REFENV:-$HOME/.cache/wgtune-ref/venv}/bin/python
 adapters=target/tmp/wgtune-adapters
 for model in tiny-llama tiny-gpt2; do
-  for case in lora_qv lora_all prompt prefix prefix_proj; do
+  for case in ${WGTUNE_CHECK_CASES:-lora_qv lora_all prompt prefix prefix_proj prompt_text}; do
     "$py" tests/reference/generate.py --check-adapter "$adapters/$model/$case" --model "$model" --case "$case" \
       --json "tests/reference/data/$model/peft/$case/wgtune_check.json" | grep -E '"(peft_type|loss_on_step_batch)"'
   done

@@ -18,6 +18,7 @@ Outputs (see tests/reference/README.md for every tensor name and shape):
       reference.safetensors              forward batch (ids, mask, labels, logits), generate prompt logits
       reference.json                     loss, greedy generation, chat template, tokenization, data set + eval
   data/<model>/peft/<method>/            tiny-llama and tiny-gpt2; lora_qv lora_all prompt prefix prefix_proj
+                                         prompt_text (prompt's config on two text rows: label[0] is a target)
       initial/                           adapter as PEFT saves it (adapter_config.json, adapter_model.safetensors)
       initial_state.safetensors          (prefix_proj only) the embedding + projection MLP
       step.safetensors, step.json        one batch, the loss and the gradient of every trainable parameter
@@ -116,7 +117,9 @@ MODELS = {
     "tiny-gpt2": ("gpt2", "bytelevel", torch.float16),
 }
 PEFT_MODELS = ["tiny-llama", "tiny-gpt2"]
-PEFT_METHODS = ["lora_qv", "lora_all", "prompt", "prefix", "prefix_proj"]
+PEFT_METHODS = ["lora_qv", "lora_all", "prompt", "prefix", "prefix_proj", "prompt_text"]  # append only: seeds use the index
+# Cases that reuse another case's PeftConfig (and lr) on a different step batch.
+PEFT_CONFIG_OF = {"prompt_text": "prompt"}
 
 FORWARD_SENTENCES = [
     "The little robot counted twelve boats by the quiet sea.",
@@ -178,6 +181,10 @@ SAMPLE_JSONL = [
     {"prompt": "The capital of France is", "completion": " Paris."},
 ]
 STEP_EXAMPLES = [1, 2]  # indices into SAMPLE_JSONL used as the PEFT step batch (prompt/completion + messages)
+# prompt_text's step batch: the first two text rows, whose labels equal their ids, so label[0] is a target.
+# PEFT prompt tuning prepends num_virtual_tokens labels of -100, so label[0] is predicted from the last
+# virtual token and counts in the loss; in the batch above label[0] is -100 and that rule is never exercised.
+STEP_EXAMPLES_TEXT = [i for i, ex in enumerate(SAMPLE_JSONL) if "text" in ex][:2]
 TRAIN_STEPS = 10
 GEN_AFTER_TRAIN = 12
 
@@ -625,6 +632,7 @@ def part_b(model, tok, ids):
 def peft_config(method, arch, model_dir_rel):
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType
 
+    method = PEFT_CONFIG_OF.get(method, method)
     llama_all = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     if method in ("lora_qv", "lora_all"):
         if arch == "gpt2":
@@ -647,12 +655,17 @@ def peft_config(method, arch, model_dir_rel):
 
 
 def lr_for(method):
-    return 1e-2 if method in ("prompt", "prefix") else 5e-3
+    return 1e-2 if PEFT_CONFIG_OF.get(method, method) in ("prompt", "prefix") else 5e-3
 
 
-def step_batch(tok, ids):
+def step_examples(method):
+    """The SAMPLE_JSONL rows of a case's step batch."""
+    return STEP_EXAMPLES_TEXT if method == "prompt_text" else STEP_EXAMPLES
+
+
+def step_batch(tok, ids, rows=STEP_EXAMPLES):
     exs = data_examples(tok, ids)
-    chosen = [exs[i] for i in STEP_EXAMPLES]
+    chosen = [exs[i] for i in rows]
     T = max(len(x) for _, x, _ in chosen)
     input_ids = torch.full((len(chosen), T), ids["pad"], dtype=torch.long)
     labels = torch.full((len(chosen), T), -100, dtype=torch.long)
@@ -699,9 +712,9 @@ def part_c(name, model_dir_rel, tok, ids, arch, method_seed):
     from peft import get_peft_model, PeftModel
 
     out_dir = DATA_REL / name / "peft"
-    input_ids, labels, mask = step_batch(tok, ids)
     prompt_ids = gen_prompt_ids(tok, ids)
     for mi, method in enumerate(PEFT_METHODS):
+        input_ids, labels, mask = step_batch(tok, ids, step_examples(method))
         d = out_dir / method
         if d.exists():
             shutil.rmtree(d)
@@ -720,7 +733,7 @@ def part_c(name, model_dir_rel, tok, ids, arch, method_seed):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         names = [n for n, _ in trainable(model)]
         extra = {}
-        if method == "prompt":
+        if cfg.peft_type.value == "PROMPT_TUNING":
             init_ids = tok("answer the question")["input_ids"]
             extra["prompt_init_token_ids"] = (init_ids * 8)[:8]
             emb = base.get_input_embeddings().weight
@@ -740,10 +753,29 @@ def part_c(name, model_dir_rel, tok, ids, arch, method_seed):
         for n, p in trainable(model):
             step[peft_name(n) + ".grad"] = f32(p.grad)
         save_file(step, d / "step.safetensors", metadata=META)
-        n_targets = int((labels[:, 1:] != -100).sum())
-        write_json(d / "step.json", {"loss": loss.item(), "targets": n_targets,
-                                     "trainable": {peft_name(n): list(p.shape) for n, p in trainable(model)},
-                                     **extra})
+        # Targets as PEFT's loss counts them: prompt tuning prepends num_virtual_tokens labels of -100, so
+        # label[0] is a target too (predicted from the last virtual token); LoRA and prefix tuning shift as usual.
+        n_without_first = int((labels[:, 1:] != -100).sum())
+        first_counts = cfg.peft_type.value == "PROMPT_TUNING"
+        n_targets = int((labels != -100).sum()) if first_counts else n_without_first
+        step_json = {"loss": loss.item(), "targets": n_targets}
+        if n_targets != n_without_first:
+            # The loss without the label[0] targets, by hand from PEFT's logits (virtual tokens included):
+            # logits[:, N-1+t] predicts labels[:, t]. The all-targets mean must equal PEFT's loss.
+            nv = cfg.num_virtual_tokens
+            with torch.no_grad():
+                logits = model(input_ids=input_ids, attention_mask=mask).logits
+            assert logits.shape[1] == nv + input_ids.shape[1]
+            lp = torch.log_softmax(logits[:, nv - 1 : -1].double(), -1)
+            nll = -lp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+            keep = labels != -100
+            assert abs(nll[keep].mean().item() - loss.item()) < 1e-5, (method, nll[keep].mean().item(), loss.item())
+            keep[:, 0] = False
+            assert int(keep.sum()) == n_without_first
+            step_json.update({"targets_without_first": n_without_first,
+                              "loss_without_first": nll[keep].mean().item()})
+        step_json["trainable"] = {peft_name(n): list(p.shape) for n, p in trainable(model)}
+        write_json(d / "step.json", {**step_json, **extra})
 
         # the saved initial adapter must reload to the same loss (checks the check mode, too)
         with torch.no_grad():
@@ -834,6 +866,8 @@ def generate_all(versions):
 
     for mi, (name, (flavour, pretok, save_dtype)) in enumerate(MODELS.items()):
         model_dir = data / name
+        # check_wgtune_adapters.sh's records are not this script's output: keep them across the rewrite.
+        kept = {p.relative_to(model_dir): p.read_bytes() for p in model_dir.glob("peft/*/wgtune_check.json")}
         if model_dir.exists():
             shutil.rmtree(model_dir)
         model_dir.mkdir(parents=True)
@@ -863,6 +897,9 @@ def generate_all(versions):
         if name in PEFT_MODELS:
             arch = "gpt2" if model.config.model_type == "gpt2" else "llama"
             part_c(name, model_dir, tok, ids, arch, SEED + 1000 + 10 * mi)
+        for rel, content in kept.items():
+            if (model_dir / rel).parent.is_dir():
+                (model_dir / rel).write_bytes(content)
 
 
 def main():
