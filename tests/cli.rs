@@ -97,7 +97,6 @@ fn every_method_trains_on_the_sample_data_and_the_adapter_is_usable() {
             "adapter_model.safetensors",
             "loss.svg",
             "checkpoint/state.safetensors",
-            "checkpoint/trainer_state.json",
         ] {
             assert!(out.join(f).exists(), "{method}: {f} missing");
         }

@@ -685,3 +685,49 @@ fn errors_leave_nothing_behind_and_name_the_cause() {
         r.text
     );
 }
+
+fn rust_sources(dir: &Path, out: &mut String) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            rust_sources(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push_str(&std::fs::read_to_string(&p).unwrap());
+        }
+    }
+}
+
+/// docs/inputs.md is checked against the tests: each row's test exists, and
+/// each test of this file has a row.
+#[test]
+fn inputs_table_names_existing_tests() {
+    let table = std::fs::read_to_string(root().join("docs/inputs.md")).unwrap();
+    let mut code = String::new();
+    rust_sources(&root().join("tests"), &mut code);
+    rust_sources(&root().join("src"), &mut code);
+    let mut named = Vec::new();
+    for row in table
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| input"))
+    {
+        let last = row.trim_end_matches('|').rsplit('|').next().unwrap().trim();
+        let name = last.trim_matches('`');
+        assert!(
+            !name.is_empty() && code.contains(&format!("fn {name}(")),
+            "docs/inputs.md names `{name}`, which is no test:\n{row}"
+        );
+        named.push(name.to_string());
+    }
+    assert!(named.len() >= 30, "only {} rows", named.len());
+    let this = std::fs::read_to_string(root().join("tests/reliability.rs")).unwrap();
+    // Split so that this line does not match itself.
+    for chunk in this.split(concat!("#[", "test]\nfn ")).skip(1) {
+        let name = chunk.split('(').next().unwrap();
+        if name != "inputs_table_names_existing_tests" {
+            assert!(
+                named.iter().any(|n| n == name),
+                "test `{name}` has no row in docs/inputs.md"
+            );
+        }
+    }
+}

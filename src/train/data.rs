@@ -495,7 +495,7 @@ impl Dataset {
             let why = match opts.max_seq_len {
                 Some(max) if ds.dropped > 0 && ds.truncated > 0 => format!(
                     "no usable examples: cut to {max} tokens (the sequence length limit), \
-                     all {} rows are left with no trained token\n---> HINT: raise \
+                     all {} rows were dropped, with no trained token left\n---> HINT: raise \
                      --max-seq-len, or lower --num-virtual-tokens, which takes positions \
                      from the same budget",
                     ds.dropped
@@ -1067,5 +1067,33 @@ mod tests {
             }
             assert_eq!(batch.t, (0..batch.b).map(|r| batch.lens[r]).max().unwrap());
         }
+    }
+
+    /// Issue defect 9: one 10,000-token row among short ones is named
+    /// before training, with a --max-seq-len that cuts only it.
+    #[test]
+    fn a_row_far_longer_than_the_rest_is_warned_about() {
+        let mut ds = toy_dataset(40);
+        assert_eq!(ds.length_warning(), None, "even lengths: no warning");
+        ds.examples[7] = ex(&vec![1; 10_000], &vec![1; 10_000]);
+        let w = ds.length_warning().expect("a warning");
+        assert!(
+            w.contains("toy.jsonl") && w.contains("10000") && w.contains("--max-seq-len 4"),
+            "{w}"
+        );
+        // Long rows that are the norm are not outliers.
+        for e in ds.examples.iter_mut() {
+            *e = ex(&vec![1; 9_000], &vec![1; 9_000]);
+        }
+        assert_eq!(ds.length_warning(), None);
+        // Batches carry each row's first label for prompt tuning.
+        let mut ds = toy_dataset(3);
+        ds.examples[1].labels[0] = IGNORE;
+        let b = &ds.batches(3, 0, 1)[0];
+        let mut first = b.first.clone();
+        first.sort();
+        assert_eq!(first, vec![IGNORE, 0, 2]);
+        assert_eq!(b.loss_targets(0), b.n_targets);
+        assert_eq!(b.loss_targets(5), b.n_targets + 2);
     }
 }
