@@ -514,7 +514,7 @@ fn check_lora(lc: &LoraConfig) -> Result<()> {
             format!("r = {} must be at least 1", lc.r),
         ));
     }
-    if !(lc.lora_alpha > 0.0) {
+    if lc.lora_alpha.is_nan() || lc.lora_alpha <= 0.0 {
         return Err(Error::invalid(
             "lora",
             format!("lora_alpha = {} must be > 0", lc.lora_alpha),

@@ -298,7 +298,8 @@ impl ModelConfig {
                 } else {
                     *f
                 };
-                let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                // Written so that NaN counts as medium, as in transformers.
+                let medium = wavelen >= high_wavelen && wavelen <= low_wavelen || wavelen.is_nan();
                 *f = if medium {
                     let smooth = (old / wavelen - lo) / (hi - lo);
                     (1.0 - smooth) * scaled / factor + smooth * scaled

@@ -383,7 +383,7 @@ impl Gguf {
                 offset: offset.unwrap_or(u64::MAX),
             };
             if let (Some(n), Some((per, bytes))) = (n, ty.block()) {
-                if t.dims[0] % per as u64 != 0 {
+                if !t.dims[0].is_multiple_of(per as u64) {
                     return Err(Error::Weights {
                         path: path.to_path_buf(),
                         message: format!(

@@ -240,12 +240,15 @@ impl Norm {
 }
 
 /// q/k/v projections: separate (llama family) or GPT-2's fused c_attn.
+// One per layer, built once: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Qkv {
     Split { q: Linear, k: Linear, v: Linear },
     Fused(Linear),
 }
 
 /// The MLP: llama's SwiGLU or GPT-2's GELU.
+#[allow(clippy::large_enum_variant)]
 pub enum Mlp {
     SwiGlu {
         gate: Linear,
@@ -395,7 +398,7 @@ impl Model {
 
     /// Upload `wts` for `cfg`, checking every shape against the config.
     pub fn from_weights(ctx: &Context, cfg: ModelConfig, wts: &Weights) -> Result<Model> {
-        if cfg.head_dim > MAX_HEAD_DIM || cfg.head_dim % 4 != 0 {
+        if cfg.head_dim > MAX_HEAD_DIM || !cfg.head_dim.is_multiple_of(4) {
             return Err(Error::Config {
                 path: "config.json".into(),
                 message: format!(

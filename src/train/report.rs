@@ -587,7 +587,8 @@ mod tests {
     #[test]
     fn test_loss_plot_edge_cases() {
         let nan_inf = [(1, f64::NAN), (2, 3.0), (3, f64::INFINITY), (4, 2.0)];
-        let cases: [(&[(usize, f64)], &[(usize, f64)]); 6] = [
+        type Series<'a> = &'a [(usize, f64)];
+        let cases: [(Series, Series); 6] = [
             (&[], &[]),
             (&[(0, 2.5)], &[]),
             (&[], &[(7, 1.0)]),

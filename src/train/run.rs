@@ -139,7 +139,7 @@ fn fresh_adapter(
                     format!("--lora-r {} must be at least 1", lc.r),
                 ));
             }
-            if !(lc.lora_alpha > 0.0) {
+            if lc.lora_alpha.is_nan() || lc.lora_alpha <= 0.0 {
                 return Err(Error::invalid(
                     "lora",
                     format!("--lora-alpha {} must be > 0", lc.lora_alpha),
@@ -952,8 +952,9 @@ impl Loop<'_> {
                 continue;
             }
             let micro = groups[pos.batch_in_epoch];
-            let log_now =
-                (tr.step + 1) % o.log_every.max(1) == 0 || tr.step + 1 == total || tr.step == 0;
+            let log_now = (tr.step + 1).is_multiple_of(o.log_every.max(1))
+                || tr.step + 1 == total
+                || tr.step == 0;
             let lr_now = tr.opt.lr_at(tr.step);
             let stats = tr.train_step(micro, log_now)?;
             pause_point("after-step");
@@ -1023,7 +1024,7 @@ impl Loop<'_> {
             if let Some(b) = &bar {
                 b.set_position(tr.step as u64);
             }
-            if o.eval_every > 0 && tr.step % o.eval_every == 0 {
+            if o.eval_every > 0 && tr.step.is_multiple_of(o.eval_every) {
                 if let Some(v) = self.val {
                     let vl = val_loss(ctx, self.model, self.adapter, v, o.batch_size)?;
                     metrics.val(tr.step, ep, vl)?;
@@ -1031,10 +1032,10 @@ impl Loop<'_> {
                 }
             }
             let signal = signalled(self.stop);
-            if (o.save_every > 0 && tr.step % o.save_every == 0) || signal.is_some() {
-                if save_all(ctx, o, tr, self.settings, pos, metrics)? {
-                    *saved = Some(tr.step);
-                }
+            if ((o.save_every > 0 && tr.step.is_multiple_of(o.save_every)) || signal.is_some())
+                && save_all(ctx, o, tr, self.settings, pos, metrics)?
+            {
+                *saved = Some(tr.step);
             }
             if let Some(signal) = signal {
                 if let Some(b) = &bar {

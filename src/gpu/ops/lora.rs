@@ -173,6 +173,7 @@ pub fn dropout_threshold(p: f64) -> u32 {
     (p * 4294967296.0).floor().min(u32::MAX as f64) as u32
 }
 
+#[allow(clippy::too_many_arguments)]
 fn dropout_dispatch(
     ctx: &Context,
     plan: &mut Plan,
