@@ -497,6 +497,7 @@ fn devices(d: &DeviceArgs) -> Result<()> {
 
 /// SIGINT and SIGTERM ask the run to save and stop; a second one while it
 /// saves exits at once (every file write is atomic, so nothing is torn).
+#[cfg(not(target_arch = "wasm32"))]
 fn install_stop_handlers() -> Arc<StopFlag> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let stop = Arc::new(StopFlag::new(0));
@@ -516,6 +517,12 @@ fn install_stop_handlers() -> Arc<StopFlag> {
         }
     }
     stop
+}
+
+/// No process signals in a browser.
+#[cfg(target_arch = "wasm32")]
+fn install_stop_handlers() -> Arc<StopFlag> {
+    Arc::new(StopFlag::new(0))
 }
 
 fn train(a: &TrainArgs) -> Result<u8> {
