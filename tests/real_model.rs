@@ -1,9 +1,11 @@
 //! Real-model checks, outside CI (ignored by default): wgtune against
 //! transformers on a Hugging Face folder such as the SmolLM2-135M-Instruct
-//! conversion of ../shared/reference/get-smollm2.sh.
+//! conversion of tests/reference/get-smollm2.sh (see docs/reference-data.md).
 //!
-//!   python tests/real/smollm2_reference.py DIR /tmp/ref.safetensors
-//!   WGTUNE_REAL_MODEL=DIR WGTUNE_REAL_REF=/tmp/ref.safetensors \
+//!   DIR=$(tests/reference/get-smollm2.sh | tail -n 1)
+//!   ~/.cache/wgtune-ref/venv/bin/python tests/real/smollm2_reference.py \
+//!     $DIR target/smollm2-ref.safetensors
+//!   WGTUNE_REAL_MODEL=$DIR WGTUNE_REAL_REF=target/smollm2-ref.safetensors \
 //!     cargo test --release --test real_model -- --ignored --nocapture
 
 #[path = "common/mod.rs"]

@@ -235,7 +235,7 @@ fn our_name(case: &str, peft: &str) -> String {
 
 /// Generation with the KV cache, from PEFT's trained adapter, equals the
 /// reference's full-forward greedy loop (PEFT's own generate() is wrong for
-/// prompt and prefix tuning; see shared/docs/peft-formats.md). A mismatch is
+/// prompt and prefix tuning; see docs/peft.md). A mismatch is
 /// accepted only at a step whose top-2 logit margin is below 1e-3 (a tie).
 fn check_generation(ctx: &Context, m: &Model, model: &str, case: &str) {
     use wgtune::model::generate::{generate, GenOptions};

@@ -2,6 +2,8 @@
 `real_model` tests (outside CI; run by hand).
 
 Usage: python tests/real/smollm2_reference.py MODEL_DIR OUT.safetensors
+Run it with the reference venv (tests/reference/setup-env.sh); MODEL_DIR is
+e.g. the folder tests/reference/get-smollm2.sh prints (docs/reference-data.md).
 Writes, per prompt i: p{i}.ids (T,) i32 and p{i}.logits (T, V) f32 (float32
 model, no padding), plus chat.ids and chat.greedy (greedy generate, 24 new
 tokens, of a chat-templated question).

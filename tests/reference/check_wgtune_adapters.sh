@@ -6,9 +6,10 @@
 # Usage: bash tests/reference/check_wgtune_adapters.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# The referee venv ($WGTUNE_REFENV or the default), built when missing.
+py=$(tests/reference/setup-env.sh | tail -n 1)/bin/python
 # Write the adapters (the records may not exist yet, hence the env var).
 WGTUNE_WRITE_ADAPTERS_ONLY=1 cargo test --quiet --test train_parity adapters_match
-py=${WGTUNE_REFENV:-$HOME/.cache/wgtune-ref/venv}/bin/python
 adapters=target/tmp/wgtune-adapters
 for model in tiny-llama tiny-gpt2; do
   for case in ${WGTUNE_CHECK_CASES:-lora_qv lora_all prompt prefix prefix_proj prompt_text}; do

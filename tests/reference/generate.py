@@ -7,7 +7,7 @@ Run from anywhere (the script changes to the repository root):
 
 It rewrites tests/reference/data/ deterministically (CPU, float32, one thread,
 fixed seeds, eager attention). Measured with the stack that
-/work/shared/reference/setup-env.sh builds:
+tests/reference/setup-env.sh builds (docs/reference-data.md):
     torch 2.15.0, transformers 5.24.0, peft 0.21.2, tokenizers 0.23.3, safetensors 0.8.0
 The script refuses other versions unless WGTUNE_REF_ANY_VERSION=1.
 
@@ -32,7 +32,7 @@ Second mode, to check an adapter folder that wgtune wrote:
 loads `PeftModel.from_pretrained(base, DIR)` and prints the loss on that case's step batch
 (step.safetensors), the loss of the reference trajectory, and a full-forward greedy continuation
 of the case's generation prompt (the generation reference for prompt/prefix tuning; PEFT's own
-generate() is wrong for those, see shared/docs/peft-formats.md).
+generate() is wrong for those, see docs/peft.md).
 
 Choices worth knowing (details in the README):
   * One BPE vocabulary of 384 (ids 0-4: <|endoftext|> <|im_start|> <|im_end|> <|pad|> <s>) for all models;
