@@ -21,7 +21,7 @@
 // gradient row has exactly one owner that loops over its contributions in a
 // fixed order, so there are no atomics and results are bit-reproducible.
 //
-// Why this shape (shared/docs/lavapipe.md): on lavapipe every storage load is
+// Why this shape (docs/software-adapters.md): on lavapipe every storage load is
 // a per-lane loop, so cost is counted in load instructions, not FMAs.
 // - An invocation owns R rows (queries, or keys for dkv) and keeps them and
 //   their accumulators in registers as HD4 = HD/4 vec4s each. It streams the

@@ -18,7 +18,7 @@
 // x*y by plan::grid_1d. Each invocation keeps 4 accumulators in registers and
 // runs the whole reduction itself in a fixed order, so results are
 // bit-reproducible without atomics or workgroup memory (which costs as much
-// as global memory on lavapipe, see shared/docs/lavapipe.md).
+// as global memory on lavapipe, see docs/software-adapters.md).
 //
 // Every tensor is bound as array<vec4<f32>> (tensor bindings are padded to
 // 16 bytes). When rows start on a vec4 (R4: R % 4 == 0, N4: N % 4 == 0) the

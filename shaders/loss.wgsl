@@ -5,7 +5,7 @@
 // Geometry for both entries: one workgroup per row. Each thread keeps an
 // online (max, sum of exp) pair over its strided slice of the V logits (one
 // read of the row instead of a max pass plus a sum pass, which matters where
-// every load is expensive, see docs/lavapipe.md), then the WG pairs merge in
+// every load is expensive, see docs/software-adapters.md), then the WG pairs merge in
 // a fixed-order tree in workgroup memory (deterministic).
 //
 // Logits (N, V) can be larger than one storage binding (N*151936*4 bytes), so

@@ -10,7 +10,7 @@
 // micro-kernel (naga does not unroll loops, and lavapipe keeps array
 // accumulators in memory), then builds one module per variant.
 //
-// Why this shape (see shared/docs/lavapipe.md): there is no workgroup memory.
+// Why this shape (see docs/software-adapters.md): there is no workgroup memory.
 // On lavapipe every load is a per-lane loop, so the cost is loads per FMA.
 // Each invocation keeps a TM x TN tile of accumulators in registers and reads
 // operands as vec4. When the adapter has subgroups of a fixed size SG, the SG

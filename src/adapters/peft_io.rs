@@ -4,7 +4,7 @@
 //! A folder holds `adapter_config.json` (every key PEFT writes, sorted, with
 //! `"inference_mode": true`), `adapter_model.safetensors` (F32, metadata
 //! `{"format": "pt"}`) and a short `README.md` model card that loading
-//! ignores. The measured formats are in `docs/peft-formats.md`:
+//! ignores. The measured formats are in `docs/peft.md`:
 //!
 //! | method | tensors (PEFT names) | shape |
 //! |---|---|---|
