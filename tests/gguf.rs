@@ -10,6 +10,8 @@ mod common;
 #[path = "gguf/tokenizer.rs"]
 mod tokenizer;
 
+use std::path::Path;
+
 use common::reference::{data_dir, json, Arrays};
 use wgtune::model::gguf::Gguf;
 use wgtune::model::import::convert_gguf;
@@ -100,8 +102,18 @@ fn truncated_or_corrupt_files_are_errors() {
         std::fs::write(&p, data).unwrap();
         let e = Gguf::open(&p).err().expect(name).to_string();
         assert!(e.contains(want) && e.contains(name), "{name}: {e}");
+        // The same from bytes in memory (no file system).
+        let data = std::fs::read(&p).unwrap();
+        let e = Gguf::from_bytes(Path::new(name), data).err().expect(name);
+        assert!(e.to_string().contains(want), "{name} from bytes: {e}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+    // A good file parses the same from bytes as from disk.
+    let a = Gguf::open(&src).unwrap();
+    let b = Gguf::from_bytes(&src, bytes).unwrap();
+    assert_eq!(a.tensors.len(), b.tensors.len());
+    let t = &a.tensors[0];
+    assert_eq!(a.dequantize(t).unwrap(), b.dequantize(t).unwrap());
 }
 
 #[test]

@@ -208,11 +208,29 @@ impl TensorInfo {
 
 /// An open GGUF file.
 pub struct Gguf {
+    /// Where it came from (messages name it).
     pub path: PathBuf,
     pub version: u32,
     pub meta: BTreeMap<String, Value>,
     pub tensors: Vec<TensorInfo>,
-    map: memmap2::Mmap,
+    map: Data,
+}
+
+/// A GGUF file's bytes: mapped from disk, or owned (from a download, or a
+/// browser where there is no file system).
+enum Data {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Data {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Data::Mapped(m) => m,
+            Data::Owned(v) => v,
+        }
+    }
 }
 
 struct Reader<'a> {
@@ -308,7 +326,8 @@ impl<'a> Reader<'a> {
 }
 
 impl Gguf {
-    /// Open and parse the header, metadata and tensor infos.
+    /// Open and parse the header, metadata and tensor infos: a thin layer
+    /// that maps the file and hands it to the parser.
     pub fn open(path: &Path) -> Result<Gguf> {
         let file = std::fs::File::open(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
@@ -319,6 +338,15 @@ impl Gguf {
             path: path.to_path_buf(),
             source,
         })?;
+        Self::parse(path, Data::Mapped(map))
+    }
+
+    /// Parse a GGUF file held in memory; `name` is what messages call it.
+    pub fn from_bytes(name: &Path, bytes: Vec<u8>) -> Result<Gguf> {
+        Self::parse(name, Data::Owned(bytes))
+    }
+
+    fn parse(path: &Path, map: Data) -> Result<Gguf> {
         let mut r = Reader {
             buf: &map,
             pos: 0,
