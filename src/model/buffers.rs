@@ -205,6 +205,13 @@ impl Acts {
     }
 }
 
+impl Acts {
+    /// The residual after layer `l`: the next layer's input, or `resid_out`.
+    pub fn layer_output(&self, l: usize) -> &Tensor {
+        self.layers.get(l + 1).map_or(&self.resid_out, |x| &x.resid)
+    }
+}
+
 /// A KV cache for one sequence (batch 1): per layer (1, cap, KVH, HD).
 pub struct KvCache {
     pub k: Vec<Tensor>,

@@ -3,6 +3,7 @@
 //! forward's own `S`. Assembly, its backward, and PEFT's prefix layout.
 
 use crate::error::{Error, Result};
+use crate::gpu::ops::attention::attention_backward;
 use crate::gpu::ops::copy::{copy_rows, Layout, RowBlock};
 use crate::gpu::{Context, Plan, Tensor};
 use crate::model::buffers::{FwdShape, Grads, KvCache, LayerActs};
@@ -104,14 +105,23 @@ fn cat(a: &LayerActs) -> (&Tensor, &Tensor) {
     )
 }
 
-/// K, V and their gradient buffers as attention backward sees them: the
-/// assembled (B, P + S) rows when P > 0, else the layer's own.
-pub fn kv_views<'a>(a: &'a LayerActs, g: &'a Grads, p: usize) -> [&'a Tensor; 4] {
-    if p == 0 {
-        return [&a.k, &a.v, &g.dk, &g.dv];
-    }
-    let ((k, v), (dk, dv)) = (cat(a), dcat(g));
-    [k, v, dk, dv]
+/// Backward of attention over the K/V rows [`kv_forward`] assembled: dq,
+/// and dk/dv of those rows (the assembled (B, P + S) ones when P > 0).
+pub fn attention_backward_kv(
+    ctx: &Context,
+    plan: &mut Plan,
+    a: &LayerActs,
+    g: &Grads,
+    p: usize,
+) -> Result<()> {
+    let ((k, v), (dk, dv)) = match p {
+        0 => ((&a.k, &a.v), (&g.dk, &g.dv)),
+        _ => (cat(a), dcat(g)),
+    };
+    let (q, att, lse) = (&a.q, &a.att, &a.lse);
+    attention_backward(
+        ctx, plan, &g.dq, dk, dv, &g.delta, &g.datt, q, k, v, att, lse,
+    )
 }
 
 // Training acts are built with `cached` false, and grads for the same shape.

@@ -9,11 +9,11 @@
 //! - `kv`: the K/V rows attention reads (prefix or cache in front), PEFT's prefix layout.
 //! - `transformer`: `Model`, adapter `Hooks`, the forward/backward schedule.
 //! - `generate`: sampling with a KV cache.
-//! - `tokenizer`: tokenizer.json (BPE, byte-level and SentencePiece-style).
+//! - `tokenizer`: a model folder's tokenizer, resolved as transformers does it.
 //! - `gguf`: reading GGUF files (metadata, tensors, dequantization).
 //! - `gguf_tokenizer`: a tokenizer.json built from GGUF metadata.
 //! - `import`: GGUF to a Hugging Face folder (config, safetensors, tokenizer).
-//! - `hub`: resolving and downloading Hugging Face Hub models.
+//! - `hub`: what `--model` names (folder, GGUF file, Hub repo id) to a folder.
 
 pub mod buffers;
 pub mod config;

@@ -16,12 +16,12 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::gpu::ops::attention::{attention_backward, attention_forward, MAX_HEAD_DIM};
+use crate::gpu::ops::attention::{attention_forward, MAX_HEAD_DIM};
 use crate::gpu::ops::copy::{copy_rows, scatter_rows, Layout, RowBlock};
 use crate::gpu::ops::{activation, embedding, loss, rope};
 use crate::gpu::{Context, Plan, Tensor};
 use crate::model::config::{Arch, ModelConfig};
-use crate::model::kv::{kv_backward, kv_forward, kv_views, Front};
+use crate::model::kv::{attention_backward_kv, kv_backward, kv_forward, Front};
 use crate::model::names::ModelSpec;
 use crate::model::weights::Weights;
 
@@ -304,22 +304,19 @@ impl Model {
             None => Front::None,
         };
         for (l, blk) in self.blocks.iter().enumerate() {
-            let a = &acts.layers[l];
+            let (a, next) = (&acts.layers[l], acts.layer_output(l));
             let att2 = a.att.reshape(&[n, nh * hd])?;
-            let next = acts
-                .layers
-                .get(l + 1)
-                .map_or(&acts.resid_out, |nx| &nx.resid);
+            let (ln1, qkv, o, ln2, mlp) = (&blk.ln1, &blk.qkv, &blk.o, &blk.ln2, &blk.mlp);
             plan.push_group(&format!("layer {l}"));
-            blk.ln1.forward(ctx, plan, &a.ln1, &a.resid)?;
-            blk.qkv_forward(ctx, plan, hooks, l, a)?;
+            ln1.forward(ctx, plan, &a.ln1, &a.resid)?;
+            qkv.forward(ctx, plan, hooks, l, a)?;
             self.rope_forward(ctx, plan, &a.q, &a.k, sh)?;
             let (k, v) = kv_forward(ctx, plan, cfg, l, a, sh, front)?;
             attention_forward(ctx, plan, &a.att, &a.lse, &a.q, &k, &v)?;
-            blk.o.forward_hooked(ctx, plan, hooks, l, &a.proj, &att2)?;
+            o.forward_hooked(ctx, plan, hooks, l, &a.proj, &att2)?;
             residual(ctx, plan, &a.resid_mid, &a.resid, &a.proj)?;
-            blk.ln2.forward(ctx, plan, &a.ln2, &a.resid_mid)?;
-            blk.mlp_forward(ctx, plan, hooks, l, a)?;
+            ln2.forward(ctx, plan, &a.ln2, &a.resid_mid)?;
+            mlp.forward(ctx, plan, hooks, l, a)?;
             residual(ctx, plan, next, &a.resid_mid, &a.mlp_out)?;
             plan.pop_group();
         }
@@ -423,7 +420,8 @@ impl Model {
             .backward(ctx, plan, &g.dresid, &g.dlnf, &last, &acts.lnf)?;
         plan.pop_group();
         let dprefix = hooks.prefix_grad();
-        // The residual adds are their own backward: `dresid` flows on as is.
+        // A residual add's backward is `dresid` flowing on unchanged (each
+        // branch's backward accumulates into it), so it has no line here.
         for (l, blk) in self.blocks.iter().enumerate().rev() {
             if floor.is_some_and(|f| l < f) {
                 break;
@@ -431,31 +429,24 @@ impl Model {
             // Whether the gradient must go on below this layer's input.
             let below = floor.is_none_or(|f| l > f);
             let a = &acts.layers[l];
-            let (att2, datt2) = (
-                a.att.reshape(&[n, nh * hd])?,
-                g.datt.reshape(&[n, nh * hd])?,
-            );
-            let [k, v, dk, dv] = kv_views(a, g, p);
+            let att2 = a.att.reshape(&[n, nh * hd])?;
+            let datt2 = g.datt.reshape(&[n, nh * hd])?;
+            let (ln1, qkv, o, ln2, mlp) = (&blk.ln1, &blk.qkv, &blk.o, &blk.ln2, &blk.mlp);
             plan.push_group(&format!("layer {l} backward"));
             for t in &g.layer {
                 plan.clear(t);
             }
-            blk.mlp_backward(ctx, plan, hooks, l, a, g)?;
-            blk.ln2
-                .backward(ctx, plan, &g.dresid, &g.dln2, &a.resid_mid, &a.ln2)?;
-            blk.o
-                .backward_hooked(ctx, plan, hooks, l, Some(&datt2), &g.dresid, &att2)?;
-            let (q, att, lse) = (&a.q, &a.att, &a.lse);
-            attention_backward(
-                ctx, plan, &g.dq, dk, dv, &g.delta, &g.datt, q, k, v, att, lse,
-            )?;
+            mlp.backward(ctx, plan, hooks, l, a, g)?;
+            ln2.backward(ctx, plan, &g.dresid, &g.dln2, &a.resid_mid, &a.ln2)?;
+            o.backward_hooked(ctx, plan, hooks, l, Some(&datt2), &g.dresid, &att2)?;
+            attention_backward_kv(ctx, plan, a, g, p)?;
             kv_backward(ctx, plan, cfg, l, g, sh, dprefix)?;
-            if below || blk.qkv.all().iter().any(|x| hooks.adapts(l, x)) {
+            // At the floor layer q/k/v's backward serves only their adapters.
+            if below || qkv.all().iter().any(|x| hooks.adapts(l, x)) {
                 self.rope_backward(ctx, plan, &g.dq, &g.dk, sh)?;
-                blk.qkv_backward(ctx, plan, hooks, l, a, g, below.then_some(&g.dln1))?;
+                qkv.backward(ctx, plan, hooks, l, a, g, below.then_some(&g.dln1))?;
                 if below {
-                    blk.ln1
-                        .backward(ctx, plan, &g.dresid, &g.dln1, &a.resid, &a.ln1)?;
+                    ln1.backward(ctx, plan, &g.dresid, &g.dln1, &a.resid, &a.ln1)?;
                 }
             }
             plan.pop_group();
@@ -504,10 +495,10 @@ impl Model {
     }
 }
 
-/// The per-block pieces of the schedule that differ between families.
-impl Block {
+/// The pieces of the schedule that differ between families: q/k/v ...
+impl Qkv {
     /// q, k, v (B, S, *, HD) <- ln1 output; GPT-2 splits its fused c_attn.
-    fn qkv_forward(
+    fn forward(
         &self,
         ctx: &Context,
         plan: &mut Plan,
@@ -516,7 +507,7 @@ impl Block {
         a: &LayerActs,
     ) -> Result<()> {
         let [q2, k2, v2] = qkv_rows(a.q.shape()[..2].iter().product(), &a.q, &a.k, &a.v)?;
-        match &self.qkv {
+        match self {
             Qkv::Split { q, k, v } => {
                 q.forward_hooked(ctx, plan, hooks, l, &q2, &a.ln1.out)?;
                 k.forward_hooked(ctx, plan, hooks, l, &k2, &a.ln1.out)?;
@@ -538,10 +529,10 @@ impl Block {
         Ok(())
     }
 
-    /// Backward of [`Block::qkv_forward`]: dq, dk, dv into `dln1` (when
-    /// given) and the adapters' gradients.
-    #[allow(clippy::too_many_arguments)] // qkv_forward's operands plus grads
-    fn qkv_backward(
+    /// Backward of [`Qkv::forward`]: dq, dk, dv into `dln1` (when given)
+    /// and the adapters' gradients.
+    #[allow(clippy::too_many_arguments)] // forward's operands plus grads
+    fn backward(
         &self,
         ctx: &Context,
         plan: &mut Plan,
@@ -553,7 +544,7 @@ impl Block {
     ) -> Result<()> {
         let [dq2, dk2, dv2] = qkv_rows(a.q.shape()[..2].iter().product(), &g.dq, &g.dk, &g.dv)?;
         let ln1 = &a.ln1.out;
-        match &self.qkv {
+        match self {
             Qkv::Split { q, k, v } => {
                 q.backward_hooked(ctx, plan, hooks, l, dln1, &dq2, ln1)?;
                 k.backward_hooked(ctx, plan, hooks, l, dln1, &dk2, ln1)?;
@@ -582,9 +573,12 @@ impl Block {
         }
         Ok(())
     }
+}
 
+/// ... and the MLP.
+impl Mlp {
     /// mlp_out <- ln2 output: SwiGLU (gate, up, down) or GELU (fc, proj).
-    fn mlp_forward(
+    fn forward(
         &self,
         ctx: &Context,
         plan: &mut Plan,
@@ -593,7 +587,7 @@ impl Block {
         a: &LayerActs,
     ) -> Result<()> {
         let x = &a.ln2.out;
-        match &self.mlp {
+        match self {
             Mlp::SwiGlu { gate, up, down } => {
                 let h2 = a
                     .h2
@@ -613,9 +607,9 @@ impl Block {
         Ok(())
     }
 
-    /// Backward of [`Block::mlp_forward`]: `g.dresid` (the layer output's
+    /// Backward of [`Mlp::forward`]: `g.dresid` (the layer output's
     /// gradient) into `g.dln2`.
-    fn mlp_backward(
+    fn backward(
         &self,
         ctx: &Context,
         plan: &mut Plan,
@@ -625,7 +619,7 @@ impl Block {
         g: &Grads,
     ) -> Result<()> {
         let (x, dx, dy) = (&a.ln2.out, Some(&g.dln2), &g.dresid);
-        match &self.mlp {
+        match self {
             Mlp::SwiGlu { gate, up, down } => {
                 let h2 = a
                     .h2
