@@ -5,9 +5,9 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::gpu::ops::copy::{copy_rows, Layout, RowBlock};
+use crate::gpu::ops::copy::{copy_rows, Layout};
 use crate::gpu::{Context, DType, Plan, Tensor};
-use crate::model::kv::prefix_layout;
+use crate::model::kv::{overwrite, prefix_layout};
 use crate::model::transformer::{Acts, FwdShape, Hooks, KvCache, Model};
 use crate::rng::Rng;
 
@@ -149,15 +149,7 @@ pub fn generate(
         // once computed (a projected prefix is produced by `prepare`).
         let mut plan = Plan::new("prefix->cache");
         hooks.prepare(ctx, &mut plan)?;
-        let (front, block) = (
-            Layout::dense(cap, kvd),
-            RowBlock {
-                nb: 1,
-                t: np,
-                d: kvd,
-                acc: false,
-            },
-        );
+        let (front, block) = (Layout::dense(cap, kvd), overwrite(1, np, kvd));
         for l in 0..cfg.layers {
             for (j, dst) in [&cache.k[l], &cache.v[l]].into_iter().enumerate() {
                 let src = prefix_layout(cfg, l, j);

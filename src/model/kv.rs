@@ -32,8 +32,8 @@ pub enum Front<'a> {
     Cache(&'a KvCache),
 }
 
-/// `t` rows of width `d` in each of `nb` blocks, overwritten.
-fn set(nb: usize, t: usize, d: usize) -> RowBlock {
+/// Overwrite `t` rows of width `d` in each of `nb` blocks (no accumulate).
+pub(crate) fn overwrite(nb: usize, t: usize, d: usize) -> RowBlock {
     RowBlock {
         nb,
         t,
@@ -59,7 +59,7 @@ pub fn kv_forward(
         Front::Cache(kc) => {
             for (dst, src) in [(&kc.k[l], &a.k), (&kc.v[l], &a.v)] {
                 let after = Layout::rows(kc.cap, kvd, p, 0);
-                copy_rows(ctx, plan, dst, after, src, own, set(1, s, kvd))?;
+                copy_rows(ctx, plan, dst, after, src, own, overwrite(1, s, kvd))?;
             }
             let shape = [1, p + s, cfg.kv_heads, cfg.head_dim];
             Ok((
@@ -76,16 +76,9 @@ pub fn kv_forward(
                     Layout::rows(p + s, kvd, 0, 0),
                     Layout::rows(p + s, kvd, p, 0),
                 );
-                copy_rows(
-                    ctx,
-                    plan,
-                    dst,
-                    head,
-                    pre,
-                    prefix_layout(cfg, l, j),
-                    set(b, p, kvd),
-                )?;
-                copy_rows(ctx, plan, dst, tail, src, own, set(b, s, kvd))?;
+                let pl = prefix_layout(cfg, l, j);
+                copy_rows(ctx, plan, dst, head, pre, pl, overwrite(b, p, kvd))?;
+                copy_rows(ctx, plan, dst, tail, src, own, overwrite(b, s, kvd))?;
             }
             Ok((kcat.clone(), vcat.clone()))
         }
@@ -172,7 +165,7 @@ pub fn kv_backward(
             }
         }
         let (own, tail) = (Layout::dense(s, kvd), Layout::rows(p + s, kvd, p, 0));
-        copy_rows(ctx, plan, dsplit, own, dcat, tail, set(b, s, kvd))?;
+        copy_rows(ctx, plan, dsplit, own, dcat, tail, overwrite(b, s, kvd))?;
     }
     Ok(())
 }

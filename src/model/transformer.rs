@@ -17,11 +17,11 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::gpu::ops::attention::{attention_forward, MAX_HEAD_DIM};
-use crate::gpu::ops::copy::{copy_rows, scatter_rows, Layout, RowBlock};
+use crate::gpu::ops::copy::{copy_rows, scatter_rows, Layout};
 use crate::gpu::ops::{activation, embedding, loss, rope};
 use crate::gpu::{Context, Plan, Tensor};
 use crate::model::config::{Arch, ModelConfig};
-use crate::model::kv::{attention_backward_kv, kv_backward, kv_forward, Front};
+use crate::model::kv::{attention_backward_kv, kv_backward, kv_forward, overwrite, Front};
 use crate::model::names::ModelSpec;
 use crate::model::weights::Weights;
 
@@ -495,7 +495,7 @@ impl Model {
     }
 }
 
-/// The pieces of the schedule that differ between families: q/k/v ...
+/// The steps of the schedule that differ between families: q/k/v ...
 impl Qkv {
     /// q, k, v (B, S, *, HD) <- ln1 output; GPT-2 splits its fused c_attn.
     fn forward(
@@ -522,7 +522,15 @@ impl Qkv {
                 let (n, c) = (q2.shape()[0], q2.shape()[1]);
                 for (i, out) in [&q2, &k2, &v2].into_iter().enumerate() {
                     let third = Layout::rows(n, 3 * c, 0, i * c);
-                    copy_rows(ctx, plan, out, Layout::dense(n, c), qkv, third, whole(n, c))?;
+                    copy_rows(
+                        ctx,
+                        plan,
+                        out,
+                        Layout::dense(n, c),
+                        qkv,
+                        third,
+                        overwrite(1, n, c),
+                    )?;
                 }
             }
         }
@@ -565,7 +573,7 @@ impl Qkv {
                         third,
                         src,
                         Layout::dense(n, c),
-                        whole(n, c),
+                        overwrite(1, n, c),
                     )?;
                 }
                 lin.backward_hooked(ctx, plan, hooks, l, dln1, dqkv, ln1)?;
@@ -647,16 +655,6 @@ impl Mlp {
 fn qkv_rows(n: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<[Tensor; 3]> {
     let rows = |t: &Tensor| t.reshape(&[n, t.numel() / n]);
     Ok([rows(q)?, rows(k)?, rows(v)?])
-}
-
-/// One block of `n` rows of width `c`, overwritten.
-fn whole(n: usize, c: usize) -> RowBlock {
-    RowBlock {
-        nb: 1,
-        t: n,
-        d: c,
-        acc: false,
-    }
 }
 
 /// out = a + b, elementwise over whole buffers (any shapes of one size).
