@@ -99,25 +99,25 @@ impl Weights {
 
     /// Map the given safetensors files.
     pub fn from_files(paths: &[PathBuf]) -> Result<Weights> {
-        let mut files = Vec::new();
+        let mut w = Weights::empty();
         for path in paths {
             let file = std::fs::File::open(path).map_err(io(path))?;
             // SAFETY: the mapping is read-only; a file changed underneath
             // while mapped is the caller's problem, as with any mmap reader.
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io(path))?;
-            files.push((path.clone(), Bytes::Mapped(map)));
+            w.add(path.clone(), Bytes::Mapped(map))?;
         }
-        Self::index(files)
+        Ok(w)
     }
 
     /// Weights from in-memory safetensors buffers, each `(label, bytes)`;
     /// errors name a buffer by its label.
     pub fn from_bytes(buffers: Vec<(String, Vec<u8>)>) -> Result<Weights> {
-        let files = buffers
-            .into_iter()
-            .map(|(label, bytes)| (PathBuf::from(label), Bytes::Owned(bytes)))
-            .collect();
-        Self::index(files)
+        let mut w = Weights::empty();
+        for (label, bytes) in buffers {
+            w.add(PathBuf::from(label), Bytes::Owned(bytes))?;
+        }
+        Ok(w)
     }
 
     /// Weights from one safetensors stream, read to its end.
@@ -129,16 +129,21 @@ impl Weights {
         Self::from_bytes(vec![(label.to_string(), bytes)])
     }
 
-    /// Check every buffer's header and note which tensor lives where.
-    fn index(files: Vec<(PathBuf, Bytes)>) -> Result<Weights> {
-        let mut owner = HashMap::new();
-        for (i, (path, bytes)) in files.iter().enumerate() {
-            let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(path, e))?;
-            for name in st.names() {
-                owner.insert(name.to_string(), i);
-            }
+    fn empty() -> Weights {
+        Weights {
+            files: Vec::new(),
+            owner: HashMap::new(),
         }
-        Ok(Weights { files, owner })
+    }
+
+    /// Check a buffer's header and note which tensors live in it.
+    fn add(&mut self, label: PathBuf, bytes: Bytes) -> Result<()> {
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(&label, e))?;
+        for name in st.names() {
+            self.owner.insert(name.to_string(), self.files.len());
+        }
+        self.files.push((label, bytes));
+        Ok(())
     }
 
     /// All tensor names, sorted.
