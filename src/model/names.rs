@@ -180,20 +180,21 @@ fn llama(cfg: &ModelConfig, root: &Scope) -> ModelSpec {
         conv1d: false,
     };
     let block = |i: usize| {
-        let (p, a, m) = (root.pp("layers").pp(i), "self_attn", "mlp");
+        let p = root.pp("layers").pp(i);
+        let (a, m) = (p.pp("self_attn"), p.pp("mlp"));
         BlockSpec {
             ln1: norm(p.pp("input_layernorm")),
             qkv: Qkv::Split {
-                q: lin(p.pp(a).pp("q_proj"), qd, c, cfg.qkv_bias),
-                k: lin(p.pp(a).pp("k_proj"), kvd, c, cfg.qkv_bias),
-                v: lin(p.pp(a).pp("v_proj"), kvd, c, cfg.qkv_bias),
+                q: lin(a.pp("q_proj"), qd, c, cfg.qkv_bias),
+                k: lin(a.pp("k_proj"), kvd, c, cfg.qkv_bias),
+                v: lin(a.pp("v_proj"), kvd, c, cfg.qkv_bias),
             },
-            o: lin(p.pp(a).pp("o_proj"), c, qd, false),
+            o: lin(a.pp("o_proj"), c, qd, false),
             ln2: norm(p.pp("post_attention_layernorm")),
             mlp: Mlp::SwiGlu {
-                gate: lin(p.pp(m).pp("gate_proj"), ff, c, false),
-                up: lin(p.pp(m).pp("up_proj"), ff, c, false),
-                down: lin(p.pp(m).pp("down_proj"), c, ff, false),
+                gate: lin(m.pp("gate_proj"), ff, c, false),
+                up: lin(m.pp("up_proj"), ff, c, false),
+                down: lin(m.pp("down_proj"), c, ff, false),
             },
         }
     };
