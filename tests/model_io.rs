@@ -194,3 +194,24 @@ fn sharded_index_loads_and_missing_shard_is_named() {
         .to_string();
     assert!(e.contains("model.safetensors"), "{e}");
 }
+
+#[test]
+fn weights_from_bytes_and_reader_match_the_file() {
+    let d = scratch("bytes");
+    let vals = [0.5f32, -1.0, 2.0];
+    let path = d.join("model.safetensors");
+    write_st(&path, &[("w", Dtype::F32, vec![3], f32_bytes(&vals))]);
+    let bytes = std::fs::read(&path).unwrap();
+    let a = Weights::from_bytes(vec![("mem".into(), bytes.clone())]).unwrap();
+    assert_eq!(a.get_f32("w", &[3]).unwrap(), vals);
+    let b = Weights::from_reader("stream", std::io::Cursor::new(bytes)).unwrap();
+    assert_eq!(b.get_f32("w", &[3]).unwrap(), vals);
+    // Errors name the buffer by its label.
+    let e = a.get_f32("nope", &[1]).unwrap_err().to_string();
+    assert!(e.contains("nope") && e.contains("mem"), "{e}");
+    let e = Weights::from_bytes(vec![("junk".into(), vec![1, 2, 3])])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("junk"), "{e}");
+}

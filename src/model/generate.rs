@@ -7,6 +7,7 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::gpu::ops::copy::{copy_rows, Layout};
 use crate::gpu::{Context, DType, Plan, Tensor};
+use crate::model::kv::{overwrite, prefix_layout};
 use crate::model::transformer::{Acts, FwdShape, Hooks, KvCache, Model};
 use crate::rng::Rng;
 
@@ -148,26 +149,11 @@ pub fn generate(
         // once computed (a projected prefix is produced by `prepare`).
         let mut plan = Plan::new("prefix->cache");
         hooks.prepare(ctx, &mut plan)?;
-        let width = cfg.layers * 2 * kvd;
+        let (front, block) = (Layout::dense(cap, kvd), overwrite(1, np, kvd));
         for l in 0..cfg.layers {
             for (j, dst) in [&cache.k[l], &cache.v[l]].into_iter().enumerate() {
-                let src = Layout {
-                    off: (l * 2 + j) * kvd,
-                    bs: 0,
-                    rs: width,
-                };
-                copy_rows(
-                    ctx,
-                    &mut plan,
-                    dst,
-                    Layout::dense(cap, kvd),
-                    pre,
-                    src,
-                    1,
-                    np,
-                    kvd,
-                    false,
-                )?;
+                let src = prefix_layout(cfg, l, j);
+                copy_rows(ctx, &mut plan, dst, front, pre, src, block)?;
             }
         }
         plan.run(ctx)?;

@@ -1,7 +1,8 @@
-//! Weights from a Hugging Face folder: `model.safetensors`, or shards listed
-//! in `model.safetensors.index.json`. Files are memory-mapped; every fetch
+//! Weights from safetensors buffers: owned bytes (`from_bytes`, a reader),
+//! or the files of a Hugging Face folder (`model.safetensors`, or shards
+//! listed in `model.safetensors.index.json`), memory-mapped. Every fetch
 //! checks the tensor's shape and converts f32/f16/bf16 to f32. Errors name
-//! the file and the tensor.
+//! the file (or the buffer's label) and the tensor.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,9 +11,26 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
 
-/// A set of memory-mapped safetensors files and which tensor lives where.
+/// One safetensors buffer.
+enum Bytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+/// A set of safetensors buffers, each labelled by its file (or a name given
+/// with the bytes), and which tensor lives where.
 pub struct Weights {
-    files: Vec<(PathBuf, memmap2::Mmap)>,
+    files: Vec<(PathBuf, Bytes)>,
     /// tensor name -> index into `files`
     owner: HashMap<String, usize>,
 }
@@ -81,20 +99,51 @@ impl Weights {
 
     /// Map the given safetensors files.
     pub fn from_files(paths: &[PathBuf]) -> Result<Weights> {
-        let mut files = Vec::new();
-        let mut owner = HashMap::new();
-        for (i, path) in paths.iter().enumerate() {
+        let mut w = Weights::empty();
+        for path in paths {
             let file = std::fs::File::open(path).map_err(io(path))?;
             // SAFETY: the mapping is read-only; a file changed underneath
             // while mapped is the caller's problem, as with any mmap reader.
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io(path))?;
-            let st = SafeTensors::deserialize(&map).map_err(|e| corrupt(path, e))?;
-            for name in st.names() {
-                owner.insert(name.to_string(), i);
-            }
-            files.push((path.clone(), map));
+            w.add(path.clone(), Bytes::Mapped(map))?;
         }
-        Ok(Weights { files, owner })
+        Ok(w)
+    }
+
+    /// Weights from in-memory safetensors buffers, each `(label, bytes)`;
+    /// errors name a buffer by its label.
+    pub fn from_bytes(buffers: Vec<(String, Vec<u8>)>) -> Result<Weights> {
+        let mut w = Weights::empty();
+        for (label, bytes) in buffers {
+            w.add(PathBuf::from(label), Bytes::Owned(bytes))?;
+        }
+        Ok(w)
+    }
+
+    /// Weights from one safetensors stream, read to its end.
+    pub fn from_reader(label: &str, mut reader: impl std::io::Read) -> Result<Weights> {
+        let mut bytes = Vec::new();
+        reader
+            .read_to_end(&mut bytes)
+            .map_err(io(Path::new(label)))?;
+        Self::from_bytes(vec![(label.to_string(), bytes)])
+    }
+
+    fn empty() -> Weights {
+        Weights {
+            files: Vec::new(),
+            owner: HashMap::new(),
+        }
+    }
+
+    /// Check a buffer's header and note which tensors live in it.
+    fn add(&mut self, label: PathBuf, bytes: Bytes) -> Result<()> {
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(&label, e))?;
+        for name in st.names() {
+            self.owner.insert(name.to_string(), self.files.len());
+        }
+        self.files.push((label, bytes));
+        Ok(())
     }
 
     /// All tensor names, sorted.
@@ -166,62 +215,8 @@ impl Weights {
     }
 }
 
-/// Hugging Face tensor names and shapes of a checkpoint for `cfg`.
+/// Hugging Face tensor names and shapes of a checkpoint for `cfg`, as
+/// transformers saves it (the table in `names.rs`).
 pub fn checkpoint_specs(cfg: &crate::model::ModelConfig) -> Vec<(String, Vec<usize>)> {
-    use crate::model::Arch;
-    let (c, ff, v) = (cfg.hidden, cfg.intermediate, cfg.vocab);
-    let mut s: Vec<(String, Vec<usize>)> = Vec::new();
-    if cfg.arch == Arch::Gpt2 {
-        s.push(("transformer.wte.weight".into(), vec![v, c]));
-        s.push(("transformer.wpe.weight".into(), vec![cfg.max_positions, c]));
-        for i in 0..cfg.layers {
-            let p = format!("transformer.h.{i}");
-            for n in ["ln_1", "ln_2"] {
-                s.push((format!("{p}.{n}.weight"), vec![c]));
-                s.push((format!("{p}.{n}.bias"), vec![c]));
-            }
-            for (n, a, b) in [
-                ("attn.c_attn", c, 3 * c),
-                ("attn.c_proj", c, c),
-                ("mlp.c_fc", c, ff),
-                ("mlp.c_proj", ff, c),
-            ] {
-                s.push((format!("{p}.{n}.weight"), vec![a, b]));
-                s.push((format!("{p}.{n}.bias"), vec![b]));
-            }
-        }
-        s.push(("transformer.ln_f.weight".into(), vec![c]));
-        s.push(("transformer.ln_f.bias".into(), vec![c]));
-    } else {
-        let (qd, kvd) = (cfg.heads * cfg.head_dim, cfg.kv_dim());
-        s.push(("model.embed_tokens.weight".into(), vec![v, c]));
-        for i in 0..cfg.layers {
-            let p = format!("model.layers.{i}");
-            s.push((format!("{p}.input_layernorm.weight"), vec![c]));
-            s.push((format!("{p}.post_attention_layernorm.weight"), vec![c]));
-            for (n, o, k) in [
-                ("q_proj", qd, c),
-                ("k_proj", kvd, c),
-                ("v_proj", kvd, c),
-                ("o_proj", c, qd),
-            ] {
-                s.push((format!("{p}.self_attn.{n}.weight"), vec![o, k]));
-                if cfg.qkv_bias && n != "o_proj" {
-                    s.push((format!("{p}.self_attn.{n}.bias"), vec![o]));
-                }
-            }
-            for (n, o, k) in [
-                ("gate_proj", ff, c),
-                ("up_proj", ff, c),
-                ("down_proj", c, ff),
-            ] {
-                s.push((format!("{p}.mlp.{n}.weight"), vec![o, k]));
-            }
-        }
-        s.push(("model.norm.weight".into(), vec![c]));
-        if !cfg.tie_embeddings {
-            s.push(("lm_head.weight".into(), vec![v, c]));
-        }
-    }
-    s
+    crate::model::names::ModelSpec::saved(cfg).tensors()
 }

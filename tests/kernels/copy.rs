@@ -4,7 +4,7 @@
 use crate::common::{assert_close, read, run, to64, up, Rng};
 
 use wgtune::cpu;
-use wgtune::gpu::ops::copy::{self, Layout};
+use wgtune::gpu::ops::copy::{self, Layout, RowBlock};
 use wgtune::gpu::{Context, Plan};
 
 #[allow(clippy::too_many_arguments)]
@@ -27,7 +27,8 @@ fn check(
         up(ctx, &s0, &[src_len], "src"),
     );
     let mut plan = Plan::new(tag);
-    copy::copy_rows(ctx, &mut plan, &dst, dl, &src, sl, nb, t, d, acc).unwrap();
+    let rows = RowBlock { nb, t, d, acc };
+    copy::copy_rows(ctx, &mut plan, &dst, dl, &src, sl, rows).unwrap();
     run(ctx, &plan);
     let mut want = to64(&d0);
     cpu::copy::copy_rows(&mut want, &to64(&s0), nb, t, d, dl, sl, acc);
@@ -95,10 +96,12 @@ fn copy_rows_rejects_out_of_range_blocks() {
         Layout::dense(3, 4),
         &src,
         Layout::dense(3, 4),
-        1,
-        3,
-        4,
-        false,
+        RowBlock {
+            nb: 1,
+            t: 3,
+            d: 4,
+            acc: false,
+        },
     )
     .unwrap_err();
     assert!(err.to_string().contains("`dst`"), "{err}");

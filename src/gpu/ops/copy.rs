@@ -20,8 +20,17 @@ fn extent(l: Layout, nb: usize, t: usize, d: usize) -> usize {
     }
 }
 
+/// What [`copy_rows`] moves: `nb` blocks of `t` rows of `d` elements, added
+/// into `dst` when `acc` (overwriting it otherwise).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowBlock {
+    pub nb: usize,
+    pub t: usize,
+    pub d: usize,
+    pub acc: bool,
+}
+
 /// dst (strided) (+)= src (strided), an (nb, t, d) block of rows.
-#[allow(clippy::too_many_arguments)]
 pub fn copy_rows(
     ctx: &Context,
     plan: &mut Plan,
@@ -29,10 +38,7 @@ pub fn copy_rows(
     dl: Layout,
     src: &Tensor,
     sl: Layout,
-    nb: usize,
-    t: usize,
-    d: usize,
-    acc: bool,
+    RowBlock { nb, t, d, acc }: RowBlock,
 ) -> Result<()> {
     let op = "copy_rows";
     for (tn, l) in [(dst, dl), (src, sl)] {

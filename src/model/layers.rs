@@ -1,0 +1,347 @@
+//! The frozen layers of a transformer on the GPU: `Linear`, `Norm`, and a
+//! `Block` of them, each loaded from its entry in the checkpoint table
+//! (`names.rs`) and recording its own forward and backward kernels.
+
+use crate::error::{Error, Result};
+use crate::gpu::ops::{matmul, norm};
+use crate::gpu::{Context, Plan, Tensor, TexMatrix};
+use crate::model::buffers::NormActs;
+use crate::model::names::{BlockSpec, LinearSpec, NormSpec};
+use crate::model::transformer::Hooks;
+use crate::model::weights::Weights;
+
+/// A frozen weight matrix (out, in) as the matmul reads it.
+pub enum Store {
+    /// Packed once into a texture (the fast path on every adapter measured).
+    Packed(TexMatrix),
+    /// A storage buffer (textures disabled or the matrix beyond their limits).
+    Buffer(Tensor),
+}
+
+/// A frozen linear layer `y = x W^T (+ b)`, named by its Hugging Face module
+/// path (what PEFT's `target_modules` match against).
+pub struct Linear {
+    pub name: String,
+    pub out_features: usize,
+    pub in_features: usize,
+    w: Store,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Upload `w` (out, in) and pack it when textures apply.
+    pub(crate) fn upload(
+        ctx: &Context,
+        name: &str,
+        w: &[f32],
+        out_f: usize,
+        in_f: usize,
+        bias: Option<Vec<f32>>,
+    ) -> Result<Linear> {
+        let t = Tensor::from_f32(ctx, w, &[out_f, in_f], &format!("{name}.weight"))?;
+        let w = if matmul::use_textures(ctx, &[(out_f, in_f)]) {
+            let mut plan = Plan::new(name);
+            let packed = matmul::pack(ctx, &mut plan, &t)?;
+            plan.run(ctx)?;
+            Store::Packed(packed)
+        } else {
+            Store::Buffer(t)
+        };
+        let bias = match bias {
+            Some(b) => Some(Tensor::from_f32(
+                ctx,
+                &b,
+                &[out_f],
+                &format!("{name}.bias"),
+            )?),
+            None => None,
+        };
+        Ok(Linear {
+            name: name.to_string(),
+            out_features: out_f,
+            in_features: in_f,
+            w,
+            bias,
+        })
+    }
+
+    /// A Hugging Face `nn.Linear` (weight (out, in)) or, with `conv1d`, a
+    /// GPT-2 `Conv1D` (weight (in, out), transposed here once).
+    pub(crate) fn load(ctx: &Context, wts: &Weights, spec: &LinearSpec) -> Result<Linear> {
+        let (out_f, in_f) = (spec.out_f, spec.in_f);
+        let w = if spec.conv1d {
+            let w = wts.get_f32(&spec.weight(), &[in_f, out_f])?;
+            let mut t = vec![0f32; w.len()];
+            for i in 0..in_f {
+                for o in 0..out_f {
+                    t[o * in_f + i] = w[i * out_f + o];
+                }
+            }
+            t
+        } else {
+            wts.get_f32(&spec.weight(), &[out_f, in_f])?
+        };
+        let b = match spec.bias() {
+            Some(name) => Some(wts.get_f32(&name, &[out_f])?),
+            None => None,
+        };
+        Linear::upload(ctx, &spec.name, &w, out_f, in_f, b)
+    }
+
+    /// out (M, out) = inp (M, in) W^T + b.
+    pub fn forward(
+        &self,
+        ctx: &Context,
+        plan: &mut Plan,
+        out: &Tensor,
+        inp: &Tensor,
+    ) -> Result<()> {
+        match &self.w {
+            Store::Packed(w) => matmul::matmul_forward_packed(
+                ctx,
+                plan,
+                out,
+                inp,
+                w,
+                self.bias.as_ref(),
+                1.0,
+                false,
+            ),
+            Store::Buffer(w) => matmul::matmul_forward(ctx, plan, out, inp, w, self.bias.as_ref()),
+        }
+    }
+
+    /// dinp (M, in) += dout (M, out) W.
+    pub fn backward_input(
+        &self,
+        ctx: &Context,
+        plan: &mut Plan,
+        dinp: &Tensor,
+        dout: &Tensor,
+    ) -> Result<()> {
+        match &self.w {
+            Store::Packed(w) => matmul::matmul_backward_input_packed(ctx, plan, dinp, dout, w, 1.0),
+            Store::Buffer(w) => matmul::matmul_backward_input(ctx, plan, dinp, dout, w),
+        }
+    }
+
+    /// [`Linear::forward`], then the adapter's share (`hooks.linear`, e.g.
+    /// LoRA) added into `out`; `layer` is the block index.
+    pub fn forward_hooked(
+        &self,
+        ctx: &Context,
+        plan: &mut Plan,
+        hooks: &dyn Hooks,
+        layer: usize,
+        out: &Tensor,
+        inp: &Tensor,
+    ) -> Result<()> {
+        self.forward(ctx, plan, out, inp)?;
+        hooks.linear(ctx, plan, layer, self, out, inp)
+    }
+
+    /// Backward of [`Linear::forward_hooked`]: `dinp += dout W` when `dinp`
+    /// is given (`None` below the lowest layer backward must reach), then
+    /// the adapter's gradients and its share of `dinp`.
+    #[allow(clippy::too_many_arguments)] // forward_hooked's operands plus dout
+    pub fn backward_hooked(
+        &self,
+        ctx: &Context,
+        plan: &mut Plan,
+        hooks: &dyn Hooks,
+        layer: usize,
+        dinp: Option<&Tensor>,
+        dout: &Tensor,
+        inp: &Tensor,
+    ) -> Result<()> {
+        if let Some(d) = dinp {
+            self.backward_input(ctx, plan, d, dout)?;
+        }
+        hooks.linear_backward(ctx, plan, layer, self, dout, inp, dinp)
+    }
+
+    /// Parameters: weight and bias.
+    pub fn params(&self) -> usize {
+        self.out_features * self.in_features + self.bias.as_ref().map_or(0, |_| self.out_features)
+    }
+
+    pub(crate) fn bytes(&self) -> u64 {
+        let w = match &self.w {
+            Store::Packed(t) => (t.rows() * t.cols().div_ceil(4) * 16) as u64,
+            Store::Buffer(t) => t.bytes(),
+        };
+        w + self.bias.as_ref().map_or(0, |b| b.bytes())
+    }
+}
+
+/// RMSNorm (weight) or LayerNorm (weight, bias).
+pub struct Norm {
+    pub w: Tensor,
+    pub b: Option<Tensor>,
+    pub eps: f32,
+}
+
+impl Norm {
+    pub(crate) fn load(ctx: &Context, wts: &Weights, spec: &NormSpec, eps: f64) -> Result<Norm> {
+        let c = spec.c;
+        let w = wts.get_f32(&spec.weight(), &[c])?;
+        let b = match spec.bias() {
+            Some(name) => Some(Tensor::from_f32(
+                ctx,
+                &wts.get_f32(&name, &[c])?,
+                &[c],
+                &name,
+            )?),
+            None => None,
+        };
+        Ok(Norm {
+            w: Tensor::from_f32(ctx, &w, &[c], &spec.weight())?,
+            b,
+            eps: eps as f32,
+        })
+    }
+
+    /// out.out, (out.mean), out.rstd <- norm(inp).
+    pub fn forward(
+        &self,
+        ctx: &Context,
+        plan: &mut Plan,
+        out: &NormActs,
+        inp: &Tensor,
+    ) -> Result<()> {
+        let (y, rstd) = (&out.out, &out.rstd);
+        match (&self.b, out.mean.as_ref()) {
+            (Some(b), Some(m)) => {
+                norm::layernorm_forward(ctx, plan, y, m, rstd, inp, &self.w, b, self.eps)
+            }
+            (None, _) => norm::rmsnorm_forward(ctx, plan, y, rstd, inp, &self.w, self.eps),
+            (Some(_), None) => Err(Error::invalid(
+                "layernorm_forward",
+                "LayerNorm needs a mean buffer",
+            )),
+        }
+    }
+
+    /// dinp += d norm / d inp . dout, from the statistics `saved` by forward.
+    pub fn backward(
+        &self,
+        ctx: &Context,
+        plan: &mut Plan,
+        dinp: &Tensor,
+        dout: &Tensor,
+        inp: &Tensor,
+        saved: &NormActs,
+    ) -> Result<()> {
+        let rstd = &saved.rstd;
+        match (&self.b, saved.mean.as_ref()) {
+            (Some(_), Some(m)) => {
+                norm::layernorm_backward(ctx, plan, dinp, dout, inp, &self.w, m, rstd)
+            }
+            (None, _) => norm::rmsnorm_backward(ctx, plan, dinp, dout, inp, &self.w, rstd),
+            (Some(_), None) => Err(Error::invalid(
+                "layernorm_backward",
+                "LayerNorm needs a mean buffer",
+            )),
+        }
+    }
+
+    pub(crate) fn bytes(&self) -> u64 {
+        self.w.bytes() + self.b.as_ref().map_or(0, |b| b.bytes())
+    }
+}
+
+/// q/k/v projections: separate (llama family) or GPT-2's fused c_attn.
+/// `L` is a loaded [`Linear`], or its checkpoint entry in the name table.
+// One per layer, built once: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Qkv<L = Linear> {
+    Split { q: L, k: L, v: L },
+    Fused(L),
+}
+
+impl<L> Qkv<L> {
+    /// The projections in forward order.
+    pub fn all(&self) -> Vec<&L> {
+        match self {
+            Qkv::Split { q, k, v } => vec![q, k, v],
+            Qkv::Fused(l) => vec![l],
+        }
+    }
+    fn try_map<M>(&self, mut f: impl FnMut(&L) -> Result<M>) -> Result<Qkv<M>> {
+        Ok(match self {
+            Qkv::Split { q, k, v } => Qkv::Split {
+                q: f(q)?,
+                k: f(k)?,
+                v: f(v)?,
+            },
+            Qkv::Fused(l) => Qkv::Fused(f(l)?),
+        })
+    }
+}
+
+/// The MLP: llama's SwiGLU or GPT-2's GELU.
+#[allow(clippy::large_enum_variant)]
+pub enum Mlp<L = Linear> {
+    SwiGlu { gate: L, up: L, down: L },
+    Gelu { fc: L, proj: L },
+}
+
+impl<L> Mlp<L> {
+    /// The linear layers in forward order.
+    pub fn all(&self) -> Vec<&L> {
+        match self {
+            Mlp::SwiGlu { gate, up, down } => vec![gate, up, down],
+            Mlp::Gelu { fc, proj } => vec![fc, proj],
+        }
+    }
+    fn try_map<M>(&self, mut f: impl FnMut(&L) -> Result<M>) -> Result<Mlp<M>> {
+        Ok(match self {
+            Mlp::SwiGlu { gate, up, down } => Mlp::SwiGlu {
+                gate: f(gate)?,
+                up: f(up)?,
+                down: f(down)?,
+            },
+            Mlp::Gelu { fc, proj } => Mlp::Gelu {
+                fc: f(fc)?,
+                proj: f(proj)?,
+            },
+        })
+    }
+}
+
+/// One transformer layer's frozen weights.
+pub struct Block {
+    pub ln1: Norm,
+    pub qkv: Qkv,
+    pub o: Linear,
+    pub ln2: Norm,
+    pub mlp: Mlp,
+}
+
+impl Block {
+    /// Load the block `spec` names (norms first, then the linears in
+    /// forward order, as the checkpoint table lists them).
+    pub(crate) fn load(ctx: &Context, wts: &Weights, spec: &BlockSpec, eps: f64) -> Result<Block> {
+        let ln1 = Norm::load(ctx, wts, &spec.ln1, eps)?;
+        let ln2 = Norm::load(ctx, wts, &spec.ln2, eps)?;
+        let lin = |s: &LinearSpec| Linear::load(ctx, wts, s);
+        let qkv = spec.qkv.try_map(lin)?;
+        let o = lin(&spec.o)?;
+        let mlp = spec.mlp.try_map(lin)?;
+        Ok(Block {
+            ln1,
+            qkv,
+            o,
+            ln2,
+            mlp,
+        })
+    }
+
+    /// Every linear layer of the block, in forward order.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = self.qkv.all();
+        v.push(&self.o);
+        v.extend(self.mlp.all());
+        v
+    }
+}
