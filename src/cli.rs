@@ -10,6 +10,7 @@ use std::sync::Arc;
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
+use crate::adapters::init::LoraInit;
 use crate::adapters::{peft_io, Adapter};
 use crate::error::{Error, Result};
 use crate::gpu::context::{list_adapters, ContextOptions};
@@ -17,10 +18,15 @@ use crate::gpu::Context;
 use crate::model::generate::{generate as gen, GenOptions};
 use crate::model::tokenizer::{ChatMessage, Tokenizer};
 use crate::model::{Hooks, Model, NoHooks};
-use crate::train::data::{DataOptions, Dataset, PromptTemplate};
-use crate::train::run::{
-    check_adapter_base, print_model, train as train_run, Method, Outcome, StopFlag, TrainOptions,
+use crate::train::data::{DataOptions, Dataset};
+use crate::train::options::{
+    LoraOptions, MethodOptions, PrefixInitKind, PrefixOptions, PromptInitKind, PromptOptions,
+    TrainOptions,
 };
+use crate::train::progress::{Lines, Progress};
+use crate::train::resume::check_adapter_base;
+use crate::train::run::{print_model, train as train_run, Outcome, StopFlag};
+use crate::train::template::PromptTemplate;
 use crate::train::trainer::Schedule;
 
 /// Fine-tune small language models with prompt tuning, prefix tuning or LoRA on any GPU.
@@ -129,6 +135,31 @@ pub enum ScheduleArg {
     Cosine,
 }
 
+/// `--lora-init`: how LoRA's A starts.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraInitArg {
+    /// PEFT's default (Kaiming-uniform)
+    #[value(alias = "default")]
+    Kaiming,
+    Gaussian,
+}
+
+/// `--prompt-init`: how the virtual tokens start.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PromptInitArg {
+    Text,
+    Vocab,
+    Random,
+}
+
+/// `--prefix-init`: how the prefix starts.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefixInitArg {
+    Text,
+    Zero,
+    Random,
+}
+
 /// Data-set options shared by train and eval.
 #[derive(Args, Debug, Clone)]
 pub struct DataArgs {
@@ -225,8 +256,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 20, value_parser = positive)]
     pub num_virtual_tokens: usize,
     /// Prompt tuning init: text, vocab or random
-    #[arg(long, default_value = "vocab")]
-    pub prompt_init: String,
+    #[arg(long, value_enum, default_value_t = PromptInitArg::Vocab)]
+    pub prompt_init: PromptInitArg,
     #[arg(long)]
     pub prompt_init_text: Option<String>,
     /// Prefix tuning: reparameterize through an MLP
@@ -236,8 +267,8 @@ pub struct TrainArgs {
     #[arg(long, value_parser = positive)]
     pub encoder_hidden_size: Option<usize>,
     /// Prefix init: text (the frozen model's K/V for --prefix-init-text, default the first example), zero or random
-    #[arg(long, default_value = "text")]
-    pub prefix_init: String,
+    #[arg(long, value_enum, default_value_t = PrefixInitArg::Text)]
+    pub prefix_init: PrefixInitArg,
     #[arg(long)]
     pub prefix_init_text: Option<String>,
     #[arg(long, default_value_t = 8, value_parser = positive)]
@@ -252,9 +283,9 @@ pub struct TrainArgs {
     /// Scale by alpha/sqrt(r) instead of alpha/r
     #[arg(long)]
     pub rslora: bool,
-    /// LoRA A init: kaiming (PEFT's default) or gaussian
-    #[arg(long, default_value = "kaiming")]
-    pub lora_init: String,
+    /// LoRA A init: kaiming (PEFT's default; also: default) or gaussian
+    #[arg(long, value_enum, default_value_t = LoraInitArg::Kaiming)]
+    pub lora_init: LoraInitArg,
     /// No progress bar (one line per logged step)
     #[arg(long)]
     pub no_progress: bool,
@@ -446,7 +477,7 @@ pub fn run(cli: Cli) -> Result<u8> {
 }
 
 fn import(a: &ImportArgs) -> Result<()> {
-    let t = std::time::Instant::now();
+    let t = crate::clock::Stopwatch::start();
     let m = crate::model::import::import_gguf(&a.gguf, &a.out)?;
     let params: usize = m.tensors.values().map(|(_, d)| d.len()).sum();
     println!(
@@ -456,7 +487,7 @@ fn import(a: &ImportArgs) -> Result<()> {
         m.tensors.len(),
         params as f64 / 1e6,
         a.out.display(),
-        t.elapsed().as_secs_f64()
+        t.secs()
     );
     Ok(())
 }
@@ -518,62 +549,132 @@ fn install_stop_handlers() -> Arc<StopFlag> {
     stop
 }
 
+impl TrainArgs {
+    /// The adapter settings of `--method`.
+    fn method_options(&self) -> MethodOptions {
+        match self.method {
+            MethodArg::Lora => MethodOptions::Lora(LoraOptions {
+                r: self.lora_r,
+                alpha: self.lora_alpha,
+                dropout: self.lora_dropout,
+                targets: self
+                    .lora_targets
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+                rslora: self.rslora,
+                init: match self.lora_init {
+                    LoraInitArg::Kaiming => LoraInit::Kaiming,
+                    LoraInitArg::Gaussian => LoraInit::Gaussian,
+                },
+            }),
+            MethodArg::Prompt => MethodOptions::Prompt(PromptOptions {
+                num_virtual_tokens: self.num_virtual_tokens,
+                init: match self.prompt_init {
+                    PromptInitArg::Text => PromptInitKind::Text,
+                    PromptInitArg::Vocab => PromptInitKind::Vocab,
+                    PromptInitArg::Random => PromptInitKind::Random,
+                },
+                init_text: self.prompt_init_text.clone(),
+            }),
+            MethodArg::Prefix => MethodOptions::Prefix(PrefixOptions {
+                num_virtual_tokens: self.num_virtual_tokens,
+                projection: self.prefix_projection,
+                encoder_hidden_size: self.encoder_hidden_size,
+                init: match self.prefix_init {
+                    PrefixInitArg::Text => PrefixInitKind::Text,
+                    PrefixInitArg::Zero => PrefixInitKind::Zero,
+                    PrefixInitArg::Random => PrefixInitKind::Random,
+                },
+                init_text: self.prefix_init_text.clone(),
+            }),
+        }
+    }
+
+    /// The library's options, built once from the arguments.
+    pub fn options(&self) -> Result<TrainOptions> {
+        Ok(TrainOptions {
+            method: self.method_options(),
+            model: self.model.clone(),
+            data: self.data.clone(),
+            val_data: self.val_data.clone(),
+            out: self.out.clone(),
+            data_opts: self.data_args.options()?,
+            epochs: self.epochs,
+            steps: self.steps,
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            schedule: match self.lr_schedule {
+                ScheduleArg::Constant => Schedule::Constant,
+                ScheduleArg::Linear => Schedule::Linear,
+                ScheduleArg::Cosine => Schedule::Cosine,
+            },
+            warmup_steps: self.warmup_steps,
+            max_grad_norm: self.max_grad_norm,
+            seed: self.seed,
+            log_every: self.log_every,
+            eval_every: self.eval_every,
+            save_every: self.save_every,
+            init_adapter: self.init_adapter.clone(),
+            resume: self.resume,
+            max_bad_steps: self.max_bad_steps,
+            explicit: self.explicit.clone(),
+        })
+    }
+}
+
+/// The progress bar of `wgtune train` (on stderr, as indicatif draws).
+struct Bar(Option<indicatif::ProgressBar>);
+
+impl Progress for Bar {
+    fn start(&mut self, start: usize, total: usize) {
+        let b = indicatif::ProgressBar::new(total as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_position(start as u64);
+        self.0 = Some(b);
+    }
+
+    fn step(&mut self, step: usize, _total: usize, summary: Option<&str>) {
+        if let Some(b) = &self.0 {
+            if let Some(s) = summary {
+                b.set_message(s.to_string());
+            }
+            b.set_position(step as u64);
+        }
+    }
+
+    fn line(&mut self, line: &str) {
+        match &self.0 {
+            Some(b) => b.println(line),
+            None => println!("{line}"),
+        }
+    }
+
+    fn end(&mut self, completed: bool) {
+        if let Some(b) = self.0.take() {
+            if completed {
+                b.finish();
+            } else {
+                b.abandon();
+            }
+        }
+    }
+}
+
 fn train(a: &TrainArgs) -> Result<u8> {
     let stop = install_stop_handlers();
     let ctx = Context::new(&a.device.options())?;
-    let o = TrainOptions {
-        method: match a.method {
-            MethodArg::Prompt => Method::Prompt,
-            MethodArg::Prefix => Method::Prefix,
-            MethodArg::Lora => Method::Lora,
-        },
-        model: a.model.clone(),
-        data: a.data.clone(),
-        val_data: a.val_data.clone(),
-        out: a.out.clone(),
-        data_opts: a.data_args.options()?,
-        epochs: a.epochs,
-        steps: a.steps,
-        batch_size: a.batch_size,
-        grad_accum: a.grad_accum,
-        lr: a.lr,
-        weight_decay: a.weight_decay,
-        schedule: match a.lr_schedule {
-            ScheduleArg::Constant => Schedule::Constant,
-            ScheduleArg::Linear => Schedule::Linear,
-            ScheduleArg::Cosine => Schedule::Cosine,
-        },
-        warmup_steps: a.warmup_steps,
-        max_grad_norm: a.max_grad_norm,
-        seed: a.seed,
-        log_every: a.log_every,
-        eval_every: a.eval_every,
-        save_every: a.save_every,
-        init_adapter: a.init_adapter.clone(),
-        resume: a.resume,
-        num_virtual_tokens: a.num_virtual_tokens,
-        prompt_init: a.prompt_init.clone(),
-        prompt_init_text: a.prompt_init_text.clone(),
-        prefix_projection: a.prefix_projection,
-        encoder_hidden_size: a.encoder_hidden_size,
-        prefix_init: a.prefix_init.clone(),
-        prefix_init_text: a.prefix_init_text.clone(),
-        lora_r: a.lora_r,
-        lora_alpha: a.lora_alpha,
-        lora_dropout: a.lora_dropout,
-        lora_targets: a
-            .lora_targets
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect(),
-        rslora: a.rslora,
-        lora_init: a.lora_init.clone(),
-        progress: !a.no_progress,
-        max_bad_steps: a.max_bad_steps,
-        explicit: a.explicit.clone(),
-    };
-    Ok(match train_run(&ctx, &o, &stop)? {
+    let o = a.options()?;
+    let mut bar = Bar(None);
+    let mut lines = Lines;
+    let progress: &mut dyn Progress = if a.no_progress { &mut lines } else { &mut bar };
+    Ok(match train_run(&ctx, &o, &stop, progress)? {
         Outcome::Done { .. } | Outcome::NothingToDo { .. } => 0,
         Outcome::Interrupted { signal, saved_step } => {
             if saved_step.is_none() {

@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use super::peft_io::{lora_names, module_matches, AdapterConfig, LoraConfig};
+use super::peft_io::{lora_names, module_matches, AdapterConfig};
 use crate::error::{Error, Result};
 use crate::gpu::ops::{activation, lora, matmul};
 use crate::gpu::{Context, DType, Plan, Tensor};
@@ -271,9 +271,11 @@ impl Adapter {
             }
             Ok(())
         };
+        config
+            .validate()
+            .map_err(|m| Error::invalid("adapter", m))?;
         let kind = match &config {
             AdapterConfig::Lora(lc) => {
-                check_lora(lc)?;
                 let mut sites = HashMap::new();
                 for (id, lin) in match_targets(model, &lc.target_modules)?
                     .into_iter()
@@ -505,28 +507,6 @@ impl Adapter {
         self.lora_scratch.borrow_mut().insert(key, sc.clone());
         Ok(sc)
     }
-}
-
-fn check_lora(lc: &LoraConfig) -> Result<()> {
-    if lc.r < 1 {
-        return Err(Error::invalid(
-            "lora",
-            format!("r = {} must be at least 1", lc.r),
-        ));
-    }
-    if lc.lora_alpha.is_nan() || lc.lora_alpha <= 0.0 {
-        return Err(Error::invalid(
-            "lora",
-            format!("lora_alpha = {} must be > 0", lc.lora_alpha),
-        ));
-    }
-    if !(0.0..1.0).contains(&lc.lora_dropout) {
-        return Err(Error::invalid(
-            "lora",
-            format!("lora_dropout = {} must be in [0, 1)", lc.lora_dropout),
-        ));
-    }
-    Ok(())
 }
 
 impl Hooks for Adapter {

@@ -494,8 +494,11 @@ impl AdapterConfig {
         Ok(cfg)
     }
 
-    /// Value checks that hold for any config wgtune reads or writes.
-    fn validate(&self) -> std::result::Result<(), String> {
+    /// The value rules for any config wgtune builds, reads or writes: the
+    /// one place they are checked (files when read and written, and every
+    /// adapter when built). The message says what is wrong; callers add the
+    /// file or option.
+    pub fn validate(&self) -> std::result::Result<(), String> {
         match self {
             AdapterConfig::Lora(c) => {
                 if c.r == 0 {
@@ -507,8 +510,11 @@ impl AdapterConfig {
                 if !(0.0..1.0).contains(&c.lora_dropout) {
                     return Err(format!("lora_dropout {} is not in [0, 1)", c.lora_dropout));
                 }
-                if !c.lora_alpha.is_finite() {
-                    return Err(format!("lora_alpha {} is not finite", c.lora_alpha));
+                if !(c.lora_alpha.is_finite() && c.lora_alpha > 0.0) {
+                    return Err(format!(
+                        "lora_alpha {} must be a finite number > 0",
+                        c.lora_alpha
+                    ));
                 }
             }
             AdapterConfig::Prompt(c) => {
@@ -834,8 +840,6 @@ pub fn load_adapter(dir: &Path) -> Result<LoadedAdapter> {
         path: config_path.clone(),
         source: e,
     })?;
-    let config = AdapterConfig::from_json_str(&config_path, &text)?;
-
     let weights_path = dir.join(WEIGHTS_FILE);
     if !weights_path.is_file() {
         let legacy = dir.join(LEGACY_WEIGHTS_FILE);
@@ -860,16 +864,26 @@ pub fn load_adapter(dir: &Path) -> Result<LoadedAdapter> {
         path: weights_path.clone(),
         source: e,
     })?;
+    adapter_from_bytes(dir, &text, &bytes)
+}
+
+/// An adapter from the contents of its two files: `config_json` (the text
+/// of `adapter_config.json`) and `weights` (the bytes of
+/// `adapter_model.safetensors`). `dir` only names the files in errors.
+pub fn adapter_from_bytes(dir: &Path, config_json: &str, weights: &[u8]) -> Result<LoadedAdapter> {
+    let config = AdapterConfig::from_json_str(&dir.join(CONFIG_FILE), config_json)?;
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let bytes = weights;
     let err = |message: String| Error::Adapter {
         path: weights_path.clone(),
         message,
     };
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| {
         err(format!(
             "not a valid safetensors file ({e}); is it truncated or corrupt?"
         ))
     })?;
-    let metadata = SafeTensors::read_metadata(&bytes)
+    let metadata = SafeTensors::read_metadata(bytes)
         .ok()
         .and_then(|(_, m)| m.metadata().clone())
         .unwrap_or_default();
