@@ -98,20 +98,78 @@ impl fmt::Debug for Tokenizer {
     }
 }
 
-/// Reads an optional JSON file: `Ok(None)` when it does not exist.
-fn read_optional_json(path: &Path) -> Result<Option<Json>> {
+/// Reads an optional file: `Ok(None)` when it does not exist.
+fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+    std::fs::read(path).map(Some).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    let json = serde_json::from_str(&text).map_err(|e| Error::Tokenizer {
+    })
+}
+
+/// Parses an optional JSON file's bytes (`Null` when absent); `path` names
+/// it in errors.
+fn parse_optional_json(path: &Path, bytes: Option<&[u8]>) -> Result<Json> {
+    let Some(bytes) = bytes else {
+        return Ok(Json::Null);
+    };
+    serde_json::from_slice(bytes).map_err(|e| Error::Tokenizer {
         path: path.to_path_buf(),
         message: format!("malformed JSON: {e}"),
-    })?;
-    Ok(Some(json))
+    })
+}
+
+/// The contents of a model folder's tokenizer files, the input of
+/// [`Tokenizer::from_files`]. `dir` only names the files in errors.
+#[derive(Clone, Debug, Default)]
+pub struct TokenizerFiles {
+    pub dir: PathBuf,
+    /// `tokenizer.json` (required).
+    pub tokenizer_json: Vec<u8>,
+    pub tokenizer_config: Option<Vec<u8>>,
+    pub special_tokens_map: Option<Vec<u8>>,
+    pub generation_config: Option<Vec<u8>>,
+    /// `chat_template.jinja`, which wins over the config's `chat_template`.
+    pub chat_template_jinja: Option<String>,
+}
+
+impl TokenizerFiles {
+    /// Reads the tokenizer files of the model folder `dir`.
+    pub fn read(dir: &Path) -> Result<TokenizerFiles> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(Error::Tokenizer {
+                path,
+                message: "not found; wgtune needs the fast-tokenizer file\n---> HINT: for a model \
+                          that ships only tokenizer.model, run in Python: \
+                          AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
+                    .into(),
+            });
+        }
+        let tokenizer_json = std::fs::read(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let jinja = dir.join("chat_template.jinja");
+        let chat_template_jinja = if jinja.is_file() {
+            Some(std::fs::read_to_string(&jinja).map_err(|source| Error::Io {
+                path: jinja.clone(),
+                source,
+            })?)
+        } else {
+            None
+        };
+        Ok(TokenizerFiles {
+            dir: dir.to_path_buf(),
+            tokenizer_json,
+            tokenizer_config: read_optional(&dir.join("tokenizer_config.json"))?,
+            special_tokens_map: read_optional(&dir.join("special_tokens_map.json"))?,
+            generation_config: read_optional(&dir.join("generation_config.json"))?,
+            chat_template_jinja,
+        })
+    }
 }
 
 /// A special-token entry: `"<s>"`, `{"content": "<s>", ..}` or `null`.
@@ -154,27 +212,26 @@ fn id_list(path: &Path, key: &str, v: Option<&Json>) -> Result<Vec<u32>> {
 impl Tokenizer {
     /// Loads the tokenizer files of the model folder `dir`.
     pub fn load(dir: &Path) -> Result<Tokenizer> {
+        Tokenizer::from_files(&TokenizerFiles::read(dir)?)
+    }
+
+    /// A tokenizer from the contents of its files.
+    pub fn from_files(files: &TokenizerFiles) -> Result<Tokenizer> {
+        let dir = files.dir.as_path();
         let path = dir.join("tokenizer.json");
-        if !path.is_file() {
-            return Err(Error::Tokenizer {
-                path,
-                message: "not found; wgtune needs the fast-tokenizer file\n---> HINT: for a model \
-                          that ships only tokenizer.model, run in Python: \
-                          AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
-                    .into(),
-            });
-        }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
-            path: path.clone(),
-            message: format!("cannot load: {e}"),
+        let inner = tokenizers::Tokenizer::from_bytes(&files.tokenizer_json).map_err(|e| {
+            Error::Tokenizer {
+                path: path.clone(),
+                message: format!("cannot load: {e}"),
+            }
         })?;
 
         let config_path = dir.join("tokenizer_config.json");
-        let config = read_optional_json(&config_path)?.unwrap_or(Json::Null);
+        let config = parse_optional_json(&config_path, files.tokenizer_config.as_deref())?;
         let map_path = dir.join("special_tokens_map.json");
-        let special_map = read_optional_json(&map_path)?.unwrap_or(Json::Null);
+        let special_map = parse_optional_json(&map_path, files.special_tokens_map.as_deref())?;
         let gen_path = dir.join("generation_config.json");
-        let gen = read_optional_json(&gen_path)?.unwrap_or(Json::Null);
+        let gen = parse_optional_json(&gen_path, files.generation_config.as_deref())?;
 
         // A token named in tokenizer_config.json (else special_tokens_map.json)
         // must be in the vocabulary.
@@ -222,7 +279,12 @@ impl Tokenizer {
             }
         }
 
-        let (chat_template, chat_template_path) = chat_template_source(dir, &config_path, &config)?;
+        let (chat_template, chat_template_path) = chat_template_source(
+            dir,
+            files.chat_template_jinja.as_deref(),
+            &config_path,
+            &config,
+        )?;
         let chat = chat_template.as_ref().map(|src| compile_chat_template(src));
         if let Some(Err(e)) = &chat {
             log::warn!(
@@ -416,16 +478,12 @@ fn preview(text: &str) -> String {
 /// it priority), else `tokenizer_config.json`'s `chat_template`.
 fn chat_template_source(
     dir: &Path,
+    jinja: Option<&str>,
     config_path: &Path,
     config: &Json,
 ) -> Result<(Option<String>, PathBuf)> {
-    let jinja = dir.join("chat_template.jinja");
-    if jinja.is_file() {
-        let text = std::fs::read_to_string(&jinja).map_err(|source| Error::Io {
-            path: jinja.clone(),
-            source,
-        })?;
-        return Ok((Some(text), jinja));
+    if let Some(text) = jinja {
+        return Ok((Some(text.to_string()), dir.join("chat_template.jinja")));
     }
     let bad = |message: String| Error::Tokenizer {
         path: config_path.to_path_buf(),
