@@ -257,6 +257,24 @@ impl Adapter {
         config: AdapterConfig,
         tensors: HostTensors,
     ) -> Result<Adapter> {
+        let layers = match &config {
+            AdapterConfig::Lora(lc) => match_targets(model, &lc.target_modules)?,
+            _ => Vec::new(),
+        };
+        Adapter::on_layers(ctx, model, config, tensors, &layers)
+    }
+
+    /// [`Adapter::new`] with LoRA's layers already matched: `layers` is what
+    /// [`match_targets`] returns for the config's `target_modules` (empty
+    /// for prompt and prefix tuning), so a caller that matched them to
+    /// initialize the tensors does not match again.
+    pub fn on_layers(
+        ctx: &Context,
+        model: &Model,
+        config: AdapterConfig,
+        tensors: HostTensors,
+        layers: &[&Linear],
+    ) -> Result<Adapter> {
         let cfg = &model.cfg;
         let flat = Flat::new(ctx, &tensors)?;
         let expect = |name: &str, shape: &[usize]| -> Result<()> {
@@ -277,10 +295,7 @@ impl Adapter {
         let kind = match &config {
             AdapterConfig::Lora(lc) => {
                 let mut sites = HashMap::new();
-                for (id, lin) in match_targets(model, &lc.target_modules)?
-                    .into_iter()
-                    .enumerate()
-                {
+                for (id, lin) in layers.iter().enumerate() {
                     let (an, bn) = lora_names(&lin.name);
                     expect(&an, &[lc.r, lin.in_features])?;
                     expect(&bn, &[lin.out_features, lc.r])?;

@@ -3,6 +3,9 @@
 //! does, with the value rules (`AdapterConfig::validate`) and the check of
 //! tensor names and shapes against a config. The files themselves are
 //! `peft_io`'s.
+//!
+//! Length: about 560 lines of code (three configs, each read and written
+//! key for key); the rest is unit tests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

@@ -24,6 +24,9 @@
 //! what `render(messages[..=i], false)` adds to that. Every segment is
 //! encoded with `add_special_tokens = false`; BOS is prepended once (not
 //! trained) when the tokenizer adds BOS and the template did not write it.
+//!
+//! Length: rows, data set and batches belong together and stay here (about
+//! 580 lines); the rest is their unit tests, which share a toy tokenizer.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};

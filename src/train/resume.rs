@@ -40,7 +40,7 @@ fn prefix_init_name(i: PrefixInitKind) -> &'static str {
 
 /// The LoRA target modules as saved: `all-linear` resolved to the model's
 /// module names, as PEFT saves it; sorted.
-pub fn resolve_lora_targets(model: &Model, targets: &[String]) -> Vec<String> {
+fn resolve_lora_targets(model: &Model, targets: &[String]) -> Vec<String> {
     let mut names: Vec<String> = if targets.iter().any(|t| t == "all-linear") {
         model
             .linears()

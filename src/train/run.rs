@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::fsio::pause_point;
 use crate::gpu::Context;
 use crate::model::tokenizer::Tokenizer;
+use crate::model::transformer::Linear;
 use crate::model::Model;
 use crate::train::checkpoint::{self, Checkpoint, Position, RunSettings};
 use crate::train::data::{Batch, Dataset};
@@ -23,8 +24,7 @@ use crate::train::plot::write_loss_plot;
 use crate::train::progress::Progress;
 use crate::train::report::{self, MetricsLog};
 use crate::train::resume::{
-    adapter_conflicts, adopt_settings, check_adapter_base, conflict_error, resolve_lora_targets,
-    settings_conflicts,
+    adapter_conflicts, adopt_settings, check_adapter_base, conflict_error, settings_conflicts,
 };
 use crate::train::trainer::{OptimConfig, Trainer};
 
@@ -32,22 +32,31 @@ fn base_name(model: &Path) -> Option<String> {
     Some(model.display().to_string())
 }
 
-/// Build the adapter config and initial tensors for a fresh run.
-fn fresh_adapter(
+/// Build the adapter config and initial tensors for a fresh run, and for
+/// LoRA the layers it adapts.
+fn fresh_adapter<'m>(
     ctx: &Context,
-    model: &Model,
+    model: &'m Model,
     tok: &Tokenizer,
     o: &TrainOptions,
     data: &Dataset,
-) -> Result<(AdapterConfig, HostTensors)> {
+) -> Result<(AdapterConfig, HostTensors, Vec<&'m Linear>)> {
     let cfg = &model.cfg;
+    let mut layers = Vec::new();
     let (config, tensors) = match &o.method {
         MethodOptions::Lora(l) => {
-            // Matched once here; init and the saved target list both use it.
-            let linears = match_targets(model, &l.targets)?;
+            // Matched once: the init, the saved target list and the adapter use it.
+            layers = match_targets(model, &l.targets)?;
             let mut lc = LoraConfig::new(l.r, l.alpha, &[]);
             lc.target_modules = if l.targets.iter().any(|t| t == "all-linear") {
-                resolve_lora_targets(model, &l.targets)
+                // Saved resolved to module names, as PEFT saves it; sorted.
+                let mut names: Vec<String> = layers
+                    .iter()
+                    .filter_map(|l| l.name.rsplit('.').next().map(str::to_string))
+                    .collect();
+                names.sort();
+                names.dedup();
+                names
             } else {
                 l.targets.clone()
             };
@@ -57,7 +66,7 @@ fn fresh_adapter(
             if l.init == LoraInit::Gaussian {
                 lc.init_lora_weights = serde_json::Value::String("gaussian".into());
             }
-            let t = init::init_lora(&linears, &lc, l.init, o.seed);
+            let t = init::init_lora(&layers, &lc, l.init, o.seed);
             (AdapterConfig::Lora(lc), t)
         }
         MethodOptions::Prompt(p) => {
@@ -116,7 +125,7 @@ fn fresh_adapter(
             (AdapterConfig::Prefix(pc), t)
         }
     };
-    Ok((config, tensors))
+    Ok((config, tensors, layers))
 }
 
 /// How a run ended, errors aside.
@@ -360,17 +369,17 @@ pub fn train(
     }
     let mut pos = Position::default();
     let mut moments = None;
-    let (cfg, tensors) = if let Some(ck) = resumed {
+    let adapter = if let Some(ck) = resumed {
         pos = ck.position;
         moments = Some((ck.m, ck.v));
-        (ck.config, ck.params)
+        Adapter::new(ctx, &model, ck.config, ck.params)?
     } else if let (Some(dir), Some(loaded)) = (&o.init_adapter, loaded_init) {
         println!("starting from adapter {}", dir.display());
-        (loaded.config.clone(), loaded.sorted_tensors())
+        Adapter::new(ctx, &model, loaded.config.clone(), loaded.sorted_tensors())?
     } else {
-        fresh_adapter(ctx, &model, &tok, &o, &data)?
+        let (cfg, tensors, layers) = fresh_adapter(ctx, &model, &tok, &o, &data)?;
+        Adapter::on_layers(ctx, &model, cfg, tensors, &layers)?
     };
-    let adapter = Adapter::new(ctx, &model, cfg, tensors)?;
     let lr = o.lr();
     let settings = o.settings(model.fingerprint, lr);
     let steps_per_epoch = data.len().div_ceil(o.batch_size).div_ceil(o.grad_accum);
