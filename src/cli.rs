@@ -466,3 +466,51 @@ pub fn run(cli: Cli) -> Result<u8> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::init::LoraInit;
+    use crate::train::options::{MethodOptions, PrefixInitKind, PromptInitKind};
+
+    fn train_args(extra: &[&str]) -> TrainArgs {
+        let mut args = vec!["wgtune", "train", "--model", "m", "--data", "d.jsonl"];
+        args.extend_from_slice(extra);
+        match Cli::try_parse_from(args).unwrap().command {
+            Command::Train(a) => *a,
+            _ => unreachable!("a train command line"),
+        }
+    }
+
+    #[test]
+    fn init_options_are_checked_when_parsed() {
+        for (spelling, want) in [
+            ("default", LoraInit::Kaiming),
+            ("kaiming", LoraInit::Kaiming),
+            ("gaussian", LoraInit::Gaussian),
+        ] {
+            let a = train_args(&["--method", "lora", "--lora-init", spelling]);
+            match a.options().unwrap().method {
+                MethodOptions::Lora(l) => assert_eq!(l.init, want),
+                m => panic!("{m:?}"),
+            }
+        }
+        let a = train_args(&["--method", "prompt", "--prompt-init", "text"]);
+        match a.options().unwrap().method {
+            MethodOptions::Prompt(p) => assert_eq!(p.init, PromptInitKind::Text),
+            m => panic!("{m:?}"),
+        }
+        let a = train_args(&["--method", "prefix", "--prefix-init", "zero"]);
+        match a.options().unwrap().method {
+            MethodOptions::Prefix(p) => assert_eq!(p.init, PrefixInitKind::Zero),
+            m => panic!("{m:?}"),
+        }
+        let args = [
+            "wgtune", "train", "--method", "lora", "--model", "m", "--data", "d",
+        ];
+        for bad in [["--lora-init", "xavier"], ["--prompt-init", "zero"]] {
+            let e = Cli::try_parse_from(args.iter().chain(&bad)).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::InvalidValue, "{bad:?}");
+        }
+    }
+}

@@ -448,6 +448,34 @@ mod tests {
     }
 
     #[test]
+    fn test_adapter_from_bytes_matches_load_adapter() {
+        let d = scratch("bytes");
+        let cfg = AdapterConfig::Prompt(PromptConfig {
+            num_virtual_tokens: 2,
+            token_dim: 3,
+            num_attention_heads: 1,
+            num_layers: 1,
+            prompt_tuning_init: "RANDOM".into(),
+            prompt_tuning_init_text: None,
+            tokenizer_name_or_path: None,
+            base_model_name_or_path: None,
+        });
+        let t = [(PROMPT_EMBEDDINGS.to_string(), vec![2, 3], vec![0.5; 6])];
+        save_adapter(&d, &cfg, &t).unwrap();
+        let text = std::fs::read_to_string(d.join(CONFIG_FILE)).unwrap();
+        let weights = std::fs::read(d.join(WEIGHTS_FILE)).unwrap();
+        let from_bytes = adapter_from_bytes(&d, &text, &weights).unwrap();
+        let from_dir = load_adapter(&d).unwrap();
+        assert_eq!(from_bytes.sorted_tensors(), from_dir.sorted_tensors());
+        assert_eq!(from_bytes.config, from_dir.config);
+        let err = adapter_from_bytes(&d, &text, &weights[..10])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(WEIGHTS_FILE), "{err}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
     fn test_save_refuses_mismatched_tensors_before_writing() {
         let d = scratch("refuse");
         let cfg = AdapterConfig::Prompt(PromptConfig {

@@ -772,6 +772,22 @@ mod tests {
     }
 
     #[test]
+    fn tokenizer_from_files_needs_no_folder() {
+        let dir = toy_model_dir("files");
+        let mut files = TokenizerFiles::read(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let tok = Tokenizer::from_files(&files).unwrap();
+        assert_eq!(tok.encode("a b", true).unwrap(), [1, 4, 5]);
+        assert_eq!(tok.eos_ids(), [0, 2]);
+        files.chat_template_jinja = Some("{{ messages[0].content }}!".into());
+        let tok = Tokenizer::from_files(&files).unwrap();
+        let text = tok
+            .render_chat(&[ChatMessage::new("user", "hi")], false)
+            .unwrap();
+        assert_eq!(text, "hi!");
+    }
+
+    #[test]
     fn tokenizer_load_names_the_missing_file() {
         let dir = std::env::temp_dir().join(format!("wgtune-tok-missing-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -703,6 +703,22 @@ mod tests {
     }
 
     #[test]
+    fn from_reader_reads_rows_without_a_file_and_names_the_source() {
+        let dir = crate::model::tokenizer::toy_model_dir("reader");
+        let tok = Tokenizer::load(&dir).unwrap();
+        let name = Path::new("inline.jsonl");
+        let rows: &[u8] = b"{\"text\": \"a b\"}\n\n{\"prompt\": \"a\", \"completion\": \"c\"}\n";
+        let ds = Dataset::from_reader(rows, name, &tok, &DataOptions::default()).unwrap();
+        assert_eq!((ds.len(), ds.path.as_path()), (2, name));
+        let bad: &[u8] = b"{\"text\": \"a\"}\n[1]\n";
+        let err = Dataset::from_reader(bad, name, &tok, &DataOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("inline.jsonl:2:"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn load_rows_of_every_kind() {
         // Toy ids: <eos>=0 <s>=1 <pad>=2 <unk>=3 a=4 b=5 c=6 d=7 e=8 ... user=12
         // assistant=13 system=14 :=15 |=16; BOS is prepended with special tokens.
