@@ -4,7 +4,7 @@
 //! Each case is one plan, run once to warm up (pipeline JIT) and then
 //! `iters` times; the median wall time of submit + wait is reported.
 
-use std::time::Instant;
+use crate::clock::Stopwatch;
 
 use crate::error::Result;
 use crate::gpu::ops::matmul;
@@ -20,9 +20,9 @@ pub fn time_plan(ctx: &Context, plan: &Plan, iters: usize) -> Result<f64> {
     plan.run(ctx)?;
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters.max(1) {
-        let t = Instant::now();
+        let t = Stopwatch::start();
         plan.run(ctx)?;
-        times.push(t.elapsed().as_secs_f64());
+        times.push(t.secs());
     }
     Ok(median(times))
 }
@@ -239,6 +239,7 @@ pub fn train(
     t: usize,
     steps: usize,
 ) -> Result<()> {
+    use crate::adapters::adapter::match_targets;
     use crate::adapters::init::{
         init_lora, init_prefix, init_prompt, LoraInit, PrefixInit, PromptInit,
     };
@@ -297,7 +298,12 @@ pub fn train(
                 } else {
                     lc
                 };
-                let t = init_lora(&m, &lc, LoraInit::Kaiming, 1)?;
+                let t = init_lora(
+                    &match_targets(&m, &lc.target_modules)?,
+                    &lc,
+                    LoraInit::Kaiming,
+                    1,
+                );
                 (AdapterConfig::Lora(lc), t)
             }
             "lora-all" => {
@@ -316,7 +322,12 @@ pub fn train(
                 names.dedup();
                 let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
                 let lc = LoraConfig::new(8, 16.0, &refs);
-                let t = init_lora(&m, &lc, LoraInit::Kaiming, 1)?;
+                let t = init_lora(
+                    &match_targets(&m, &lc.target_modules)?,
+                    &lc,
+                    LoraInit::Kaiming,
+                    1,
+                );
                 (AdapterConfig::Lora(lc), t)
             }
             "prompt" => {
@@ -368,17 +379,17 @@ pub fn train(
             total_steps: steps + 1,
         };
         let mut tr = Trainer::new(&ctx, &m, &ad, opt)?;
-        let t0 = Instant::now();
+        let t0 = Stopwatch::start();
         let first = tr
             .train_step(std::slice::from_ref(&batch), true)?
             .map(|s| s.loss)
             .unwrap_or(f64::NAN);
-        let warm = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
+        let warm = t0.secs();
+        let t1 = Stopwatch::start();
         for i in 0..steps {
             tr.train_step(std::slice::from_ref(&batch), i + 1 == steps)?;
         }
-        let secs = t1.elapsed().as_secs_f64() / steps.max(1) as f64;
+        let secs = t1.secs() / steps.max(1) as f64;
         println!(
             "  {method:<12} {:>8.1} tok/s  {:>7.1} GFLOP/s (matmuls)  {:.2} s/step  (first step {warm:.1} s incl. pipeline builds, loss {first:.3}), {} trainable, peak RSS {:.0} MiB",
             (b * t) as f64 / secs,

@@ -1,27 +1,24 @@
-//! Command line: clap definitions and the `run` entry that `main` calls.
-//! Progress and results go to stdout; diagnostics go through `log`.
-
-use std::io::Write;
-use std::path::PathBuf;
+//! Command line: clap definitions, parsing, and the `run` entry that `main`
+//! calls. Results go to stdout; progress (the bar) and diagnostics (`log`)
+//! to stderr. The commands themselves are in `cli/commands.rs` and
+//! `cli/training.rs`.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::path::PathBuf;
 
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
-use crate::adapters::{peft_io, Adapter};
-use crate::error::{Error, Result};
-use crate::gpu::context::{list_adapters, ContextOptions};
-use crate::gpu::Context;
-use crate::model::generate::{generate as gen, GenOptions};
-use crate::model::tokenizer::{ChatMessage, Tokenizer};
-use crate::model::{Hooks, Model, NoHooks};
-use crate::train::data::{DataOptions, Dataset, PromptTemplate};
-use crate::train::run::{
-    check_adapter_base, print_model, train as train_run, Method, Outcome, StopFlag, TrainOptions,
-};
-use crate::train::trainer::Schedule;
+use crate::error::Result;
+use crate::gpu::context::ContextOptions;
+use crate::train::data::DataOptions;
+use crate::train::template::PromptTemplate;
+
+mod commands;
+mod training;
+
+use commands::{devices, eval, generate, import};
+use training::train;
 
 /// Fine-tune small language models with prompt tuning, prefix tuning or LoRA on any GPU.
 #[derive(Parser, Debug)]
@@ -129,6 +126,31 @@ pub enum ScheduleArg {
     Cosine,
 }
 
+/// `--lora-init`: how LoRA's A starts.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraInitArg {
+    /// PEFT's default (Kaiming-uniform)
+    #[value(alias = "default")]
+    Kaiming,
+    Gaussian,
+}
+
+/// `--prompt-init`: how the virtual tokens start.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PromptInitArg {
+    Text,
+    Vocab,
+    Random,
+}
+
+/// `--prefix-init`: how the prefix starts.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefixInitArg {
+    Text,
+    Zero,
+    Random,
+}
+
 /// Data-set options shared by train and eval.
 #[derive(Args, Debug, Clone)]
 pub struct DataArgs {
@@ -225,8 +247,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 20, value_parser = positive)]
     pub num_virtual_tokens: usize,
     /// Prompt tuning init: text, vocab or random
-    #[arg(long, default_value = "vocab")]
-    pub prompt_init: String,
+    #[arg(long, value_enum, default_value_t = PromptInitArg::Vocab)]
+    pub prompt_init: PromptInitArg,
     #[arg(long)]
     pub prompt_init_text: Option<String>,
     /// Prefix tuning: reparameterize through an MLP
@@ -236,8 +258,8 @@ pub struct TrainArgs {
     #[arg(long, value_parser = positive)]
     pub encoder_hidden_size: Option<usize>,
     /// Prefix init: text (the frozen model's K/V for --prefix-init-text, default the first example), zero or random
-    #[arg(long, default_value = "text")]
-    pub prefix_init: String,
+    #[arg(long, value_enum, default_value_t = PrefixInitArg::Text)]
+    pub prefix_init: PrefixInitArg,
     #[arg(long)]
     pub prefix_init_text: Option<String>,
     #[arg(long, default_value_t = 8, value_parser = positive)]
@@ -252,9 +274,9 @@ pub struct TrainArgs {
     /// Scale by alpha/sqrt(r) instead of alpha/r
     #[arg(long)]
     pub rslora: bool,
-    /// LoRA A init: kaiming (PEFT's default) or gaussian
-    #[arg(long, default_value = "kaiming")]
-    pub lora_init: String,
+    /// LoRA A init: kaiming (PEFT's default; also: default) or gaussian
+    #[arg(long, value_enum, default_value_t = LoraInitArg::Kaiming)]
+    pub lora_init: LoraInitArg,
     /// No progress bar (one line per logged step)
     #[arg(long)]
     pub no_progress: bool,
@@ -445,278 +467,50 @@ pub fn run(cli: Cli) -> Result<u8> {
     }
 }
 
-fn import(a: &ImportArgs) -> Result<()> {
-    let t = std::time::Instant::now();
-    let m = crate::model::import::import_gguf(&a.gguf, &a.out)?;
-    let params: usize = m.tensors.values().map(|(_, d)| d.len()).sum();
-    println!(
-        "imported {} ({:?}, {} tensors, {:.1} M parameters) into {} in {:.1} s",
-        a.gguf.display(),
-        m.arch,
-        m.tensors.len(),
-        params as f64 / 1e6,
-        a.out.display(),
-        t.elapsed().as_secs_f64()
-    );
-    Ok(())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::init::LoraInit;
+    use crate::train::options::{MethodOptions, PrefixInitKind, PromptInitKind};
 
-fn devices(d: &DeviceArgs) -> Result<()> {
-    let list = list_adapters(d.backend.as_deref())?;
-    if list.is_empty() {
-        println!(
-            "no GPU adapters found (on Linux: apt-get install -y mesa-vulkan-drivers libvulkan1)"
-        );
-    }
-    for (i, a) in list.iter().enumerate() {
-        let sub = if a.features.contains(wgpu::Features::SUBGROUP) {
-            format!("{}..{}", a.info.subgroup_min_size, a.info.subgroup_max_size)
-        } else {
-            "none".to_string()
-        };
-        println!("[{i}] {}", a.info.name);
-        println!(
-            "    backend {:?}, type {:?}, driver {} {}",
-            a.info.backend, a.info.device_type, a.info.driver, a.info.driver_info
-        );
-        println!(
-            "    max storage binding {} MiB, max buffer {} MiB, workgroup storage {} KiB, storage buffers/stage {}",
-            a.limits.max_storage_buffer_binding_size >> 20,
-            a.limits.max_buffer_size >> 20,
-            a.limits.max_compute_workgroup_storage_size >> 10,
-            a.limits.max_storage_buffers_per_shader_stage
-        );
-        println!(
-            "    subgroups {sub}, f16 {}, timestamps {}",
-            a.features.contains(wgpu::Features::SHADER_F16),
-            a.features.contains(wgpu::Features::TIMESTAMP_QUERY)
-        );
-    }
-    Ok(())
-}
-
-/// SIGINT and SIGTERM ask the run to save and stop; a second one while it
-/// saves exits at once (every file write is atomic, so nothing is torn).
-#[cfg(not(target_arch = "wasm32"))]
-fn install_stop_handlers() -> Arc<StopFlag> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let stop = Arc::new(StopFlag::new(0));
-    for sig in [SIGINT, SIGTERM] {
-        let s = stop.clone();
-        // SAFETY: the handler only does an atomic swap and `_exit`, both
-        // async-signal-safe.
-        let r = unsafe {
-            signal_hook::low_level::register(sig, move || {
-                if s.swap(sig, std::sync::atomic::Ordering::SeqCst) != 0 {
-                    signal_hook::low_level::exit(128 + sig);
-                }
-            })
-        };
-        if let Err(e) = r {
-            log::warn!("cannot handle signal {sig}: {e}; stopping will lose unsaved steps");
+    fn train_args(extra: &[&str]) -> TrainArgs {
+        let mut args = vec!["wgtune", "train", "--model", "m", "--data", "d.jsonl"];
+        args.extend_from_slice(extra);
+        match Cli::try_parse_from(args).unwrap().command {
+            Command::Train(a) => *a,
+            _ => unreachable!("a train command line"),
         }
     }
-    stop
-}
 
-/// No process signals in a browser.
-#[cfg(target_arch = "wasm32")]
-fn install_stop_handlers() -> Arc<StopFlag> {
-    Arc::new(StopFlag::new(0))
-}
-
-fn train(a: &TrainArgs) -> Result<u8> {
-    let stop = install_stop_handlers();
-    let ctx = Context::new(&a.device.options())?;
-    let o = TrainOptions {
-        method: match a.method {
-            MethodArg::Prompt => Method::Prompt,
-            MethodArg::Prefix => Method::Prefix,
-            MethodArg::Lora => Method::Lora,
-        },
-        model: a.model.clone(),
-        data: a.data.clone(),
-        val_data: a.val_data.clone(),
-        out: a.out.clone(),
-        data_opts: a.data_args.options()?,
-        epochs: a.epochs,
-        steps: a.steps,
-        batch_size: a.batch_size,
-        grad_accum: a.grad_accum,
-        lr: a.lr,
-        weight_decay: a.weight_decay,
-        schedule: match a.lr_schedule {
-            ScheduleArg::Constant => Schedule::Constant,
-            ScheduleArg::Linear => Schedule::Linear,
-            ScheduleArg::Cosine => Schedule::Cosine,
-        },
-        warmup_steps: a.warmup_steps,
-        max_grad_norm: a.max_grad_norm,
-        seed: a.seed,
-        log_every: a.log_every,
-        eval_every: a.eval_every,
-        save_every: a.save_every,
-        init_adapter: a.init_adapter.clone(),
-        resume: a.resume,
-        num_virtual_tokens: a.num_virtual_tokens,
-        prompt_init: a.prompt_init.clone(),
-        prompt_init_text: a.prompt_init_text.clone(),
-        prefix_projection: a.prefix_projection,
-        encoder_hidden_size: a.encoder_hidden_size,
-        prefix_init: a.prefix_init.clone(),
-        prefix_init_text: a.prefix_init_text.clone(),
-        lora_r: a.lora_r,
-        lora_alpha: a.lora_alpha,
-        lora_dropout: a.lora_dropout,
-        lora_targets: a
-            .lora_targets
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect(),
-        rslora: a.rslora,
-        lora_init: a.lora_init.clone(),
-        progress: !a.no_progress,
-        max_bad_steps: a.max_bad_steps,
-        explicit: a.explicit.clone(),
-    };
-    Ok(match train_run(&ctx, &o, &stop)? {
-        Outcome::Done { .. } | Outcome::NothingToDo { .. } => 0,
-        Outcome::Interrupted { signal, saved_step } => {
-            if saved_step.is_none() {
-                println!("interrupted before any step was saved: nothing written");
+    #[test]
+    fn init_options_are_checked_when_parsed() {
+        for (spelling, want) in [
+            ("default", LoraInit::Kaiming),
+            ("kaiming", LoraInit::Kaiming),
+            ("gaussian", LoraInit::Gaussian),
+        ] {
+            let a = train_args(&["--method", "lora", "--lora-init", spelling]);
+            match a.options().unwrap().method {
+                MethodOptions::Lora(l) => assert_eq!(l.init, want),
+                m => panic!("{m:?}"),
             }
-            (128 + signal).clamp(1, 255) as u8
         }
-    })
-}
-
-/// Load a model folder and its tokenizer, and say what was loaded.
-fn load_model(ctx: &Context, arg: &std::path::Path) -> Result<(Model, Tokenizer)> {
-    let dir = crate::model::hub::resolve_model(arg)?;
-    let model = Model::load(ctx, &dir)?;
-    let tok = Tokenizer::load(&dir)?;
-    print_model(ctx, &model);
-    Ok((model, tok))
-}
-
-/// Load an optional PEFT adapter for inference.
-fn load_adapter(
-    ctx: &Context,
-    model: &Model,
-    model_arg: &std::path::Path,
-    dir: Option<&PathBuf>,
-) -> Result<Option<Adapter>> {
-    let Some(dir) = dir else { return Ok(None) };
-    let loaded = peft_io::load_adapter(dir)?;
-    check_adapter_base(model, model_arg, &loaded, dir)?;
-    let ad = Adapter::new(ctx, model, loaded.config.clone(), loaded.sorted_tensors())?;
-    println!(
-        "adapter: {} ({} parameters)",
-        dir.display(),
-        ad.num_params()
-    );
-    Ok(Some(ad))
-}
-
-fn generate(a: &GenerateArgs) -> Result<()> {
-    let ctx = Context::new(&a.device.options())?;
-    let (model, tok) = load_model(&ctx, &a.model)?;
-    let adapter = load_adapter(&ctx, &model, &a.model, a.adapter.as_ref())?;
-    let hooks: &dyn Hooks = adapter.as_ref().map_or(&NoHooks, |ad| ad as &dyn Hooks);
-    let ids = if a.chat {
-        let mut msgs = Vec::new();
-        if let Some(s) = &a.system {
-            msgs.push(ChatMessage::new("system", s.clone()));
+        let a = train_args(&["--method", "prompt", "--prompt-init", "text"]);
+        match a.options().unwrap().method {
+            MethodOptions::Prompt(p) => assert_eq!(p.init, PromptInitKind::Text),
+            m => panic!("{m:?}"),
         }
-        msgs.push(ChatMessage::new("user", a.prompt.clone()));
-        let text = tok.render_chat(&msgs, true)?;
-        let mut ids = tok.encode(&text, false)?;
-        if let Some(bos) = tok
-            .bos_id()
-            .filter(|b| tok.adds_bos() && ids.first() != Some(b))
-        {
-            ids.insert(0, bos);
+        let a = train_args(&["--method", "prefix", "--prefix-init", "zero"]);
+        match a.options().unwrap().method {
+            MethodOptions::Prefix(p) => assert_eq!(p.init, PrefixInitKind::Zero),
+            m => panic!("{m:?}"),
         }
-        ids
-    } else {
-        if a.system.is_some() {
-            return Err(Error::invalid("generate", "--system needs --chat"));
+        let args = [
+            "wgtune", "train", "--method", "lora", "--model", "m", "--data", "d",
+        ];
+        for bad in [["--lora-init", "xavier"], ["--prompt-init", "zero"]] {
+            let e = Cli::try_parse_from(args.iter().chain(&bad)).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::InvalidValue, "{bad:?}");
         }
-        tok.encode(&a.prompt, true)?
-    };
-    let opts = GenOptions {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_p: a.top_p,
-        seed: a.seed,
-        stop: tok.eos_ids().to_vec(),
-    };
-    let mut dec = tok.stream_decoder(true);
-    let mut out = std::io::stdout();
-    let stats = gen(&ctx, &model, hooks, &ids, &opts, |t| {
-        if let Some(text) = dec.push(t)? {
-            print!("{text}");
-            let _ = out.flush();
-        }
-        Ok(())
-    })?;
-    print!("{}", dec.finish()?);
-    println!();
-    eprintln!(
-        "[{} prompt tokens, {} new tokens; prefill {:.2} s, {:.2} tok/s{}]",
-        stats.prompt_tokens,
-        stats.new_tokens,
-        stats.prefill_s,
-        stats.decode_tokens_per_s(),
-        if stats.stopped_at_eos {
-            ", stopped at EOS".to_string()
-        } else if stats.stopped_at_context {
-            format!(
-                ", stopped at the model's context limit of {} positions before \
-                 --max-new-tokens {}",
-                model.cfg.max_positions, a.max_new_tokens
-            )
-        } else {
-            String::new()
-        }
-    );
-    Ok(())
-}
-
-fn eval(a: &EvalArgs) -> Result<()> {
-    let ctx = Context::new(&a.device.options())?;
-    let (model, tok) = load_model(&ctx, &a.model)?;
-    let adapter = load_adapter(&ctx, &model, &a.model, a.adapter.as_ref())?;
-    let hooks: &dyn Hooks = adapter.as_ref().map_or(&NoHooks, |ad| ad as &dyn Hooks);
-    // Rows must leave room for the adapter's virtual tokens or prefix rows.
-    let rows =
-        hooks.prompt().map_or(0, |t| t.shape()[0]) + hooks.prefix().map_or(0, |t| t.shape()[0]);
-    let room = model.cfg.max_positions.saturating_sub(rows);
-    let mut dopts = a.data_args.options()?;
-    dopts.max_seq_len = Some(dopts.max_seq_len.unwrap_or(room).min(room));
-    let data = Dataset::load(&a.data, &tok, &dopts)?;
-    if data.truncated > 0 {
-        println!(
-            "{} rows truncated to {} tokens",
-            data.truncated,
-            dopts.max_seq_len.unwrap_or(room)
-        );
     }
-    let (sum, n) =
-        crate::train::eval::eval_batches(&ctx, &model, hooks, &data.in_order(a.batch_size))?;
-    if n == 0 {
-        return Err(Error::invalid(
-            "eval",
-            format!("{}: no target tokens", a.data.display()),
-        ));
-    }
-    let mean = sum / n as f64;
-    println!(
-        "{}: {} examples, {n} target tokens",
-        a.data.display(),
-        data.len()
-    );
-    println!("loss {mean:.6}  perplexity {:.4}", mean.exp());
-    Ok(())
 }

@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use super::peft_io::{lora_names, module_matches, AdapterConfig, LoraConfig};
+use super::peft_io::{lora_names, module_matches, AdapterConfig};
 use crate::error::{Error, Result};
 use crate::gpu::ops::{activation, lora, matmul};
 use crate::gpu::{Context, DType, Plan, Tensor};
@@ -257,6 +257,24 @@ impl Adapter {
         config: AdapterConfig,
         tensors: HostTensors,
     ) -> Result<Adapter> {
+        let layers = match &config {
+            AdapterConfig::Lora(lc) => match_targets(model, &lc.target_modules)?,
+            _ => Vec::new(),
+        };
+        Adapter::on_layers(ctx, model, config, tensors, &layers)
+    }
+
+    /// [`Adapter::new`] with LoRA's layers already matched: `layers` is what
+    /// [`match_targets`] returns for the config's `target_modules` (empty
+    /// for prompt and prefix tuning), so a caller that matched them to
+    /// initialize the tensors does not match again.
+    pub fn on_layers(
+        ctx: &Context,
+        model: &Model,
+        config: AdapterConfig,
+        tensors: HostTensors,
+        layers: &[&Linear],
+    ) -> Result<Adapter> {
         let cfg = &model.cfg;
         let flat = Flat::new(ctx, &tensors)?;
         let expect = |name: &str, shape: &[usize]| -> Result<()> {
@@ -271,14 +289,13 @@ impl Adapter {
             }
             Ok(())
         };
+        config
+            .validate()
+            .map_err(|m| Error::invalid("adapter", m))?;
         let kind = match &config {
             AdapterConfig::Lora(lc) => {
-                check_lora(lc)?;
                 let mut sites = HashMap::new();
-                for (id, lin) in match_targets(model, &lc.target_modules)?
-                    .into_iter()
-                    .enumerate()
-                {
+                for (id, lin) in layers.iter().enumerate() {
                     let (an, bn) = lora_names(&lin.name);
                     expect(&an, &[lc.r, lin.in_features])?;
                     expect(&bn, &[lin.out_features, lc.r])?;
@@ -505,28 +522,6 @@ impl Adapter {
         self.lora_scratch.borrow_mut().insert(key, sc.clone());
         Ok(sc)
     }
-}
-
-fn check_lora(lc: &LoraConfig) -> Result<()> {
-    if lc.r < 1 {
-        return Err(Error::invalid(
-            "lora",
-            format!("r = {} must be at least 1", lc.r),
-        ));
-    }
-    if lc.lora_alpha.is_nan() || lc.lora_alpha <= 0.0 {
-        return Err(Error::invalid(
-            "lora",
-            format!("lora_alpha = {} must be > 0", lc.lora_alpha),
-        ));
-    }
-    if !(0.0..1.0).contains(&lc.lora_dropout) {
-        return Err(Error::invalid(
-            "lora",
-            format!("lora_dropout = {} must be in [0, 1)", lc.lora_dropout),
-        ));
-    }
-    Ok(())
 }
 
 impl Hooks for Adapter {

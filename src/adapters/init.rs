@@ -7,11 +7,10 @@ use super::adapter::{
     HostTensors, PROJ_B1, PROJ_B2, PROJ_EMB, PROJ_W1, PROJ_W2, PROMPT_EMBEDDINGS,
 };
 use super::peft_io::{lora_names, AdapterConfig, LoraConfig, PrefixConfig, PromptConfig};
-use crate::adapters::adapter::match_targets;
 use crate::error::{Error, Result};
 use crate::gpu::ops::embedding;
 use crate::gpu::{Context, DType, Plan, Tensor};
-use crate::model::transformer::{Acts, FwdShape, Model, NoHooks};
+use crate::model::transformer::{Acts, FwdShape, Linear, Model, NoHooks};
 use crate::rng::Rng;
 
 /// How LoRA's A starts (B is always zero).
@@ -23,16 +22,13 @@ pub enum LoraInit {
     Gaussian,
 }
 
-/// Initial LoRA tensors for every linear layer `cfg` targets.
-pub fn init_lora(
-    model: &Model,
-    cfg: &LoraConfig,
-    init: LoraInit,
-    seed: u64,
-) -> Result<HostTensors> {
+/// Initial LoRA tensors for `linears`, the layers `cfg` targets (as
+/// [`match_targets`](super::adapter::match_targets) returns them: sorted by
+/// name, which fixes the order random numbers are drawn in).
+pub fn init_lora(linears: &[&Linear], cfg: &LoraConfig, init: LoraInit, seed: u64) -> HostTensors {
     let mut rng = Rng::new(seed);
     let mut out = Vec::new();
-    for lin in match_targets(model, &cfg.target_modules)? {
+    for lin in linears {
         let (an, bn) = lora_names(&lin.name);
         let (r, k) = (cfg.r, lin.in_features);
         let a: Vec<f32> = match init {
@@ -53,7 +49,7 @@ pub fn init_lora(
             vec![0.0; lin.out_features * r],
         ));
     }
-    Ok(out)
+    out
 }
 
 /// Rows `ids` of the frozen token-embedding table, gathered on the GPU.

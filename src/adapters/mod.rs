@@ -1,9 +1,15 @@
-//! Adapters: the trainable extras wgtune adds to a frozen base model
-//! (LoRA, prompt tuning, prefix tuning), and their on-disk format, which is
-//! Hugging Face PEFT's (`peft_io`).
+//! Adapters: the trainable extras wgtune adds to a frozen base model, and
+//! their on-disk format, which is Hugging Face PEFT's.
+//!
+//! - `adapter`: an adapter on the GPU (LoRA sites, prompt/prefix tables) and
+//!   the hooks the forward and backward passes call.
+//! - `init`: fresh adapters, initialized as PEFT does.
+//! - `peft_config`: `adapter_config.json` and its one set of value rules.
+//! - `peft_io`: adapter folders (tensor names, save, load).
 
 pub mod adapter;
 pub mod init;
+pub mod peft_config;
 pub mod peft_io;
 
 pub use adapter::{Adapter, Flat, HostTensors};

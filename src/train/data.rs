@@ -24,6 +24,9 @@
 //! what `render(messages[..=i], false)` adds to that. Every segment is
 //! encoded with `add_special_tokens = false`; BOS is prepended once (not
 //! trained) when the tokenizer adds BOS and the template did not write it.
+//!
+//! Length: rows, data set and batches belong together and stay here (about
+//! 580 lines); the rest is their unit tests, which share a toy tokenizer.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -33,6 +36,7 @@ use serde_json::{Map, Value as Json};
 use crate::error::{Error, Result};
 use crate::model::tokenizer::{ChatMessage, Tokenizer};
 use crate::rng::Rng;
+use crate::train::template::PromptTemplate;
 
 /// The label of a position that is not trained (PyTorch's `ignore_index`).
 pub const IGNORE: i32 = -100;
@@ -88,136 +92,6 @@ pub struct Dataset {
     pub kinds: KindCounts,
     /// What batches pad with: the tokenizer's pad id, else EOS, else 0.
     pub pad_id: u32,
-}
-
-// ------------------------------------------------------------------ prompt template
-
-/// One piece of a parsed prompt template.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Piece {
-    Text(String),
-    Prompt,
-    Instruction,
-    Input,
-}
-
-/// A user prompt template (`--template`): text with `{prompt}`,
-/// `{instruction}` and `{input}` placeholders; `{{` and `}}` are literal
-/// braces.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PromptTemplate {
-    pieces: Vec<Piece>,
-}
-
-const PLACEHOLDERS: &str = "{prompt}, {instruction}, {input}";
-
-impl PromptTemplate {
-    /// Reads the template from the file `text_or_file` names if it exists
-    /// (verbatim, trailing newline included), else parses the argument itself.
-    pub fn parse(text_or_file: &str) -> Result<PromptTemplate> {
-        let path = Path::new(text_or_file);
-        if path.is_file() {
-            let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            return PromptTemplate::from_text(&text).map_err(|message| {
-                Error::invalid(format!("prompt template {}", path.display()), message)
-            });
-        }
-        PromptTemplate::from_text(text_or_file)
-            .map_err(|message| Error::invalid("prompt template", message))
-    }
-
-    /// Parses template text; the error is a message for the caller to wrap.
-    fn from_text(text: &str) -> std::result::Result<PromptTemplate, String> {
-        let mut pieces = Vec::new();
-        let mut lit = String::new();
-        let mut chars = text.char_indices().peekable();
-        while let Some((at, c)) = chars.next() {
-            match c {
-                '{' if chars.peek().map(|&(_, n)| n) == Some('{') => {
-                    chars.next();
-                    lit.push('{');
-                }
-                '}' if chars.peek().map(|&(_, n)| n) == Some('}') => {
-                    chars.next();
-                    lit.push('}');
-                }
-                '{' => {
-                    let rest = &text[at + 1..];
-                    let Some(close) = rest.find('}') else {
-                        return Err(format!(
-                            "unclosed `{{` at byte {at}; write `{{{{` for a literal brace"
-                        ));
-                    };
-                    let name = &rest[..close];
-                    let piece = match name {
-                        "prompt" => Piece::Prompt,
-                        "instruction" => Piece::Instruction,
-                        "input" => Piece::Input,
-                        _ => {
-                            return Err(format!(
-                                "unknown placeholder `{{{name}}}`; allowed: {PLACEHOLDERS} \
-                                 (write `{{{{` and `}}}}` for literal braces)"
-                            ))
-                        }
-                    };
-                    if !lit.is_empty() {
-                        pieces.push(Piece::Text(std::mem::take(&mut lit)));
-                    }
-                    pieces.push(piece);
-                    // Skip the name and the closing brace.
-                    for _ in 0..name.chars().count() + 1 {
-                        chars.next();
-                    }
-                }
-                '}' => {
-                    return Err(format!(
-                        "unmatched `}}` at byte {at}; write `}}}}` for a literal brace"
-                    ))
-                }
-                c => lit.push(c),
-            }
-        }
-        if !lit.is_empty() {
-            pieces.push(Piece::Text(lit));
-        }
-        if !pieces.iter().any(|p| !matches!(p, Piece::Text(_))) {
-            return Err(format!(
-                "the template uses no placeholder ({PLACEHOLDERS}), so it would drop every prompt"
-            ));
-        }
-        Ok(PromptTemplate { pieces })
-    }
-
-    /// Fills the template. A placeholder the row has no value for (`None`:
-    /// `{instruction}`/`{input}` on a prompt/completion row) is an error.
-    pub fn apply(
-        &self,
-        prompt: &str,
-        instruction: Option<&str>,
-        input: Option<&str>,
-    ) -> Result<String> {
-        let missing = |name: &str| {
-            Error::invalid(
-                "prompt template",
-                format!("the template uses {{{name}}}, which only alpaca rows have"),
-            )
-        };
-        let mut out = String::new();
-        for p in &self.pieces {
-            match p {
-                Piece::Text(t) => out.push_str(t),
-                Piece::Prompt => out.push_str(prompt),
-                Piece::Instruction => {
-                    out.push_str(instruction.ok_or_else(|| missing("instruction"))?)
-                }
-                Piece::Input => out.push_str(input.ok_or_else(|| missing("input"))?),
-            }
-        }
-        Ok(out)
-    }
 }
 
 // ------------------------------------------------------------------ rows
@@ -449,6 +323,17 @@ impl Dataset {
             path: path.to_path_buf(),
             source,
         })?;
+        Dataset::from_reader(std::io::BufReader::new(file), path, tok, opts)
+    }
+
+    /// Reads and tokenizes JSONL rows from `reader`; `path` names the
+    /// source in messages and in [`Dataset::path`].
+    pub fn from_reader(
+        reader: impl BufRead,
+        path: &Path,
+        tok: &Tokenizer,
+        opts: &DataOptions,
+    ) -> Result<Dataset> {
         let data_err = |line: Option<usize>, message: String| Error::Data {
             path: path.to_path_buf(),
             line,
@@ -462,7 +347,7 @@ impl Dataset {
             kinds: KindCounts::default(),
             pad_id: tok.pad_id().or(tok.eos_id()).unwrap_or(0),
         };
-        for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        for (i, line) in reader.lines().enumerate() {
             let n = i + 1;
             let line = line.map_err(|e| data_err(Some(n), format!("cannot read the line: {e}")))?;
             let line = if n == 1 {
@@ -707,60 +592,6 @@ mod tests {
     }
 
     #[test]
-    fn prompt_template_placeholders_and_escapes() {
-        let t = PromptTemplate::parse("{{sys}} ### Q: {prompt}\n### A:").unwrap();
-        assert_eq!(
-            t.apply("2+2?", None, None).unwrap(),
-            "{sys} ### Q: 2+2?\n### A:"
-        );
-        let t = PromptTemplate::parse("{instruction}|{input}|{prompt}").unwrap();
-        assert_eq!(t.apply("P", Some("I"), Some("")).unwrap(), "I||P");
-        let err = t.apply("P", None, None).unwrap_err().to_string();
-        assert!(err.contains("{instruction}"), "{err}");
-    }
-
-    #[test]
-    fn prompt_template_errors_name_the_placeholder() {
-        let err = PromptTemplate::parse("Q: {question}")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("{question}") && err.contains("{prompt}, {instruction}, {input}"),
-            "{err}"
-        );
-        let err = PromptTemplate::parse("a { b").unwrap_err().to_string();
-        assert!(err.contains("unclosed"), "{err}");
-        let err = PromptTemplate::parse("a } {prompt}")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("unmatched"), "{err}");
-        let err = PromptTemplate::parse("no placeholder {{here}}")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("no placeholder"), "{err}");
-    }
-
-    #[test]
-    fn prompt_template_reads_a_file() {
-        let path = std::env::temp_dir().join(format!("wgtune-template-{}.txt", std::process::id()));
-        std::fs::write(&path, "### Instruction:\n{instruction}\n### Response:\n").unwrap();
-        let t = PromptTemplate::parse(path.to_str().unwrap()).unwrap();
-        assert_eq!(
-            t.apply("", Some("Sing"), Some("")).unwrap(),
-            "### Instruction:\nSing\n### Response:\n"
-        );
-        std::fs::write(&path, "{oops}").unwrap();
-        let err = PromptTemplate::parse(path.to_str().unwrap())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains(path.to_str().unwrap()) && err.contains("{oops}"),
-            "{err}"
-        );
-        std::fs::remove_file(&path).unwrap();
-    }
-
-    #[test]
     fn parse_row_errors() {
         let opts = DataOptions::default();
         let mut k = KindCounts::default();
@@ -869,6 +700,22 @@ mod tests {
     /// Removes the folder `toy_jsonl` made for `path`.
     fn cleanup(path: &Path) {
         let _ = std::fs::remove_dir_all(path.parent().expect("invariant: a file in a folder"));
+    }
+
+    #[test]
+    fn from_reader_reads_rows_without_a_file_and_names_the_source() {
+        let dir = crate::model::tokenizer::toy_model_dir("reader");
+        let tok = Tokenizer::load(&dir).unwrap();
+        let name = Path::new("inline.jsonl");
+        let rows: &[u8] = b"{\"text\": \"a b\"}\n\n{\"prompt\": \"a\", \"completion\": \"c\"}\n";
+        let ds = Dataset::from_reader(rows, name, &tok, &DataOptions::default()).unwrap();
+        assert_eq!((ds.len(), ds.path.as_path()), (2, name));
+        let bad: &[u8] = b"{\"text\": \"a\"}\n[1]\n";
+        let err = Dataset::from_reader(bad, name, &tok, &DataOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("inline.jsonl:2:"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1,10 +1,28 @@
-//! Training: the data set (JSONL rows → token ids, loss masks and batches).
+//! Training: options, data, the step loop and what it writes.
+//!
+//! - `options`: what `wgtune train` takes (`TrainOptions`, `MethodOptions`).
+//! - `data`: the JSONL data set (rows to token ids, loss masks and batches).
+//! - `template`: the `--template` prompt template applied to every prompt.
+//! - `trainer`: one optimizer step (forward, backward, AdamW) on the GPU.
+//! - `run`: `wgtune train` from options to a saved adapter.
+//! - `resume`: the rules for `--resume` and `--init-adapter`.
+//! - `progress`: the `Progress` trait the step loop reports through.
+//! - `checkpoint`: the crash-safe one-file checkpoint.
+//! - `eval`: mean loss over a data set (`wgtune eval`, validation).
+//! - `report`: `metrics.jsonl`.
+//! - `plot`: the SVG loss plot.
 
 pub mod checkpoint;
 pub mod data;
 pub mod eval;
+pub mod options;
+pub mod plot;
+pub mod progress;
 pub mod report;
+pub mod resume;
 pub mod run;
+pub mod template;
 pub mod trainer;
 
-pub use data::{Batch, DataOptions, Dataset, Example, PromptTemplate};
+pub use data::{Batch, DataOptions, Dataset, Example};
+pub use template::PromptTemplate;

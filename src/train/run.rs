@@ -1,179 +1,88 @@
-//! `wgtune train`: data, adapter, the step loop with progress, metrics,
-//! validation, checkpoints (also on Ctrl-C), loss plots and the final
-//! PEFT-format adapter.
+//! `wgtune train`: data, adapter, the step loop (progress through the
+//! `Progress` trait), metrics, validation, checkpoints (also on a signal),
+//! loss plots and the final PEFT-format adapter. The options are in
+//! `options`, the resume rules in `resume`.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
-use crate::adapters::adapter::HostTensors;
+use crate::adapters::adapter::{match_targets, HostTensors};
 use crate::adapters::init::{self, LoraInit, PrefixInit, PromptInit};
-use crate::adapters::peft_io::{
-    self, AdapterConfig, LoadedAdapter, LoraConfig, PrefixConfig, PromptConfig,
-};
+use crate::adapters::peft_io::{self, AdapterConfig, LoraConfig, PrefixConfig, PromptConfig};
 use crate::adapters::Adapter;
+use crate::clock::Stopwatch;
 use crate::error::{Error, Result};
 use crate::fsio::pause_point;
 use crate::gpu::Context;
 use crate::model::tokenizer::Tokenizer;
+use crate::model::transformer::Linear;
 use crate::model::Model;
 use crate::train::checkpoint::{self, Checkpoint, Position, RunSettings};
-use crate::train::data::{Batch, DataOptions, Dataset};
+use crate::train::data::{Batch, Dataset};
+use crate::train::options::{MethodOptions, PrefixInitKind, PromptInitKind, TrainOptions};
+use crate::train::plot::write_loss_plot;
+use crate::train::progress::Progress;
 use crate::train::report::{self, MetricsLog};
-use crate::train::trainer::{OptimConfig, Schedule, Trainer};
-
-/// Which adapter to train.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Method {
-    Prompt,
-    Prefix,
-    Lora,
-}
-
-impl Method {
-    /// Default learning rate (see README: picked from runs on the tiny
-    /// models and SmolLM2-135M).
-    pub fn default_lr(self) -> f64 {
-        match self {
-            Method::Lora => 2e-3,
-            Method::Prompt => 3e-2,
-            Method::Prefix => 1e-2,
-        }
-    }
-}
-
-/// Everything `wgtune train` takes.
-#[derive(Clone, Debug)]
-pub struct TrainOptions {
-    pub method: Method,
-    pub model: PathBuf,
-    pub data: PathBuf,
-    pub val_data: Option<PathBuf>,
-    pub out: PathBuf,
-    pub data_opts: DataOptions,
-    pub epochs: usize,
-    pub steps: Option<usize>,
-    pub batch_size: usize,
-    pub grad_accum: usize,
-    pub lr: Option<f64>,
-    pub weight_decay: f64,
-    pub schedule: Schedule,
-    pub warmup_steps: usize,
-    pub max_grad_norm: f64,
-    pub seed: u64,
-    pub log_every: usize,
-    pub eval_every: usize,
-    pub save_every: usize,
-    pub init_adapter: Option<PathBuf>,
-    pub resume: bool,
-    // method settings
-    pub num_virtual_tokens: usize,
-    pub prompt_init: String,
-    pub prompt_init_text: Option<String>,
-    pub prefix_projection: bool,
-    pub encoder_hidden_size: Option<usize>,
-    pub prefix_init: String,
-    pub prefix_init_text: Option<String>,
-    pub lora_r: usize,
-    pub lora_alpha: f64,
-    pub lora_dropout: f64,
-    pub lora_targets: Vec<String>,
-    pub rslora: bool,
-    pub lora_init: String,
-    pub progress: bool,
-    /// Stop with an error after this many skipped (non-finite) steps in a row.
-    pub max_bad_steps: usize,
-    /// The options the user gave (clap ids, i.e. field names): on a resume
-    /// or with an initial adapter, only these can contradict it.
-    pub explicit: BTreeSet<String>,
-}
+use crate::train::resume::{
+    adapter_conflicts, adopt_settings, check_adapter_base, conflict_error, settings_conflicts,
+};
+use crate::train::trainer::{OptimConfig, Trainer};
 
 fn base_name(model: &Path) -> Option<String> {
     Some(model.display().to_string())
 }
 
-/// Build the adapter config and initial tensors for a fresh run.
-fn fresh_adapter(
+/// Build the adapter config and initial tensors for a fresh run, and for
+/// LoRA the layers it adapts.
+fn fresh_adapter<'m>(
     ctx: &Context,
-    model: &Model,
+    model: &'m Model,
     tok: &Tokenizer,
     o: &TrainOptions,
     data: &Dataset,
-) -> Result<(AdapterConfig, HostTensors)> {
+) -> Result<(AdapterConfig, HostTensors, Vec<&'m Linear>)> {
     let cfg = &model.cfg;
-    let n = o.num_virtual_tokens;
-    if o.method != Method::Lora && n == 0 {
-        return Err(Error::invalid(
-            "train",
-            "--num-virtual-tokens must be at least 1",
-        ));
-    }
-    match o.method {
-        Method::Lora => {
-            let mut lc = LoraConfig::new(o.lora_r, o.lora_alpha, &[]);
-            lc.target_modules = if o.lora_targets.iter().any(|t| t == "all-linear") {
-                resolve_lora_targets(model, &o.lora_targets)
+    let mut layers = Vec::new();
+    let (config, tensors) = match &o.method {
+        MethodOptions::Lora(l) => {
+            // Matched once: the init, the saved target list and the adapter use it.
+            layers = match_targets(model, &l.targets)?;
+            let mut lc = LoraConfig::new(l.r, l.alpha, &[]);
+            lc.target_modules = if l.targets.iter().any(|t| t == "all-linear") {
+                // Saved resolved to module names, as PEFT saves it; sorted.
+                let mut names: Vec<String> = layers
+                    .iter()
+                    .filter_map(|l| l.name.rsplit('.').next().map(str::to_string))
+                    .collect();
+                names.sort();
+                names.dedup();
+                names
             } else {
-                o.lora_targets.clone()
+                l.targets.clone()
             };
-            lc.lora_dropout = o.lora_dropout;
-            lc.use_rslora = o.rslora;
+            lc.lora_dropout = l.dropout;
+            lc.use_rslora = l.rslora;
             lc.base_model_name_or_path = base_name(&o.model);
-            let init = match o.lora_init.as_str() {
-                "kaiming" | "default" => LoraInit::Kaiming,
-                "gaussian" => {
-                    lc.init_lora_weights = serde_json::Value::String("gaussian".into());
-                    LoraInit::Gaussian
-                }
-                other => {
-                    return Err(Error::invalid(
-                        "train",
-                        format!("--lora-init `{other}`: use kaiming or gaussian"),
-                    ))
-                }
-            };
-            if lc.r < 1 {
-                return Err(Error::invalid(
-                    "lora",
-                    format!("--lora-r {} must be at least 1", lc.r),
-                ));
+            if l.init == LoraInit::Gaussian {
+                lc.init_lora_weights = serde_json::Value::String("gaussian".into());
             }
-            if lc.lora_alpha.is_nan() || lc.lora_alpha <= 0.0 {
-                return Err(Error::invalid(
-                    "lora",
-                    format!("--lora-alpha {} must be > 0", lc.lora_alpha),
-                ));
-            }
-            if !(0.0..1.0).contains(&lc.lora_dropout) {
-                return Err(Error::invalid(
-                    "lora",
-                    format!("--lora-dropout {} must be in [0, 1)", lc.lora_dropout),
-                ));
-            }
-            let t = init::init_lora(model, &lc, init, o.seed)?;
-            Ok((AdapterConfig::Lora(lc), t))
+            let t = init::init_lora(&layers, &lc, l.init, o.seed);
+            (AdapterConfig::Lora(lc), t)
         }
-        Method::Prompt => {
-            let init = match o.prompt_init.as_str() {
-                "text" => {
-                    let text = o.prompt_init_text.clone().ok_or_else(|| {
+        MethodOptions::Prompt(p) => {
+            let init = match p.init {
+                PromptInitKind::Text => {
+                    let text = p.init_text.clone().ok_or_else(|| {
                         Error::invalid("train", "--prompt-init text needs --prompt-init-text")
                     })?;
                     // PEFT tokenizes the init text with the special tokens.
                     PromptInit::Text(tok.encode(&text, true)?)
                 }
-                "vocab" => PromptInit::Vocab,
-                "random" => PromptInit::Random,
-                other => {
-                    return Err(Error::invalid(
-                        "train",
-                        format!("--prompt-init `{other}`: use text, vocab or random"),
-                    ))
-                }
+                PromptInitKind::Vocab => PromptInit::Vocab,
+                PromptInitKind::Random => PromptInit::Random,
             };
             let pc = PromptConfig {
-                num_virtual_tokens: n,
+                num_virtual_tokens: p.num_virtual_tokens,
                 token_dim: cfg.hidden,
                 num_attention_heads: cfg.heads,
                 num_layers: cfg.layers,
@@ -183,45 +92,40 @@ fn fresh_adapter(
                     PromptInit::Random => "RANDOM",
                 }
                 .into(),
-                prompt_tuning_init_text: o.prompt_init_text.clone(),
+                prompt_tuning_init_text: p.init_text.clone(),
                 tokenizer_name_or_path: base_name(&o.model),
                 base_model_name_or_path: base_name(&o.model),
             };
             let t = init::init_prompt(ctx, model, &pc, &init, o.seed)?;
-            Ok((AdapterConfig::Prompt(pc), t))
+            (AdapterConfig::Prompt(pc), t)
         }
-        Method::Prefix => {
-            let init = match o.prefix_init.as_str() {
-                "zero" => PrefixInit::Zero,
-                "random" => PrefixInit::Random(1.0),
-                "text" => {
+        MethodOptions::Prefix(p) => {
+            let init = match p.init {
+                PrefixInitKind::Zero => PrefixInit::Zero,
+                PrefixInitKind::Random => PrefixInit::Random(1.0),
+                PrefixInitKind::Text => {
                     // Without a text, the first training example's tokens.
-                    let ids = match &o.prefix_init_text {
+                    let ids = match &p.init_text {
                         Some(t) => tok.encode(t, true)?,
                         None => data.examples[0].ids.clone(),
                     };
                     PrefixInit::Text(ids)
                 }
-                other => {
-                    return Err(Error::invalid(
-                        "train",
-                        format!("--prefix-init `{other}`: use text, zero or random"),
-                    ))
-                }
             };
             let pc = PrefixConfig {
-                num_virtual_tokens: n,
+                num_virtual_tokens: p.num_virtual_tokens,
                 token_dim: cfg.kv_dim(),
                 num_attention_heads: cfg.kv_heads,
                 num_layers: cfg.layers,
-                encoder_hidden_size: Some(o.encoder_hidden_size.unwrap_or(cfg.hidden)),
-                prefix_projection: o.prefix_projection,
+                encoder_hidden_size: Some(p.encoder_hidden_size.unwrap_or(cfg.hidden)),
+                prefix_projection: p.projection,
                 base_model_name_or_path: base_name(&o.model),
             };
             let t = init::init_prefix(ctx, model, &pc, &init, o.seed)?;
-            Ok((AdapterConfig::Prefix(pc), t))
+            (AdapterConfig::Prefix(pc), t)
         }
-    }
+    };
+    Ok((config, tensors, layers))
 }
 
 /// How a run ended, errors aside.
@@ -243,343 +147,6 @@ pub enum Outcome {
 /// What the command-line edge sets to stop a run: the signal's number, 0
 /// while none came. The run checks it between phases and between steps.
 pub type StopFlag = std::sync::atomic::AtomicI32;
-
-fn schedule_name(s: Schedule) -> &'static str {
-    match s {
-        Schedule::Constant => "constant",
-        Schedule::Linear => "linear",
-        Schedule::Cosine => "cosine",
-    }
-}
-
-fn method_of(cfg: &AdapterConfig) -> Method {
-    match cfg {
-        AdapterConfig::Lora(_) => Method::Lora,
-        AdapterConfig::Prompt(_) => Method::Prompt,
-        AdapterConfig::Prefix(_) => Method::Prefix,
-    }
-}
-
-fn method_str(m: Method) -> &'static str {
-    match m {
-        Method::Lora => "lora",
-        Method::Prompt => "prompt",
-        Method::Prefix => "prefix",
-    }
-}
-
-impl TrainOptions {
-    /// Whether the user gave option `id` (clap's id: the field name).
-    fn given(&self, id: &str) -> bool {
-        self.explicit.contains(id)
-    }
-
-    fn settings(&self, model: &Model, lr: f64) -> RunSettings {
-        RunSettings {
-            model: self.model.display().to_string(),
-            model_fingerprint: format!("{:016x}", model.fingerprint),
-            lr,
-            weight_decay: self.weight_decay,
-            lr_schedule: schedule_name(self.schedule).into(),
-            warmup_steps: self.warmup_steps,
-            max_grad_norm: self.max_grad_norm,
-            seed: self.seed,
-            batch_size: self.batch_size,
-            grad_accum: self.grad_accum,
-            max_seq_len: self.data_opts.max_seq_len,
-            train_on_prompt: self.data_opts.train_on_prompt,
-        }
-    }
-}
-
-/// The LoRA target modules as saved: `all-linear` resolved to the model's
-/// module names, as PEFT saves it; sorted.
-fn resolve_lora_targets(model: &Model, targets: &[String]) -> Vec<String> {
-    let mut names: Vec<String> = if targets.iter().any(|t| t == "all-linear") {
-        model
-            .linears()
-            .iter()
-            .filter_map(|(_, l)| l.name.rsplit('.').next().map(str::to_string))
-            .collect()
-    } else {
-        targets.to_vec()
-    };
-    names.sort();
-    names.dedup();
-    names
-}
-
-/// `--flag given (source: recorded)` for every option the user gave that
-/// `cfg` (a checkpoint's or an initial adapter's) contradicts.
-fn adapter_conflicts(o: &TrainOptions, model: &Model, cfg: &AdapterConfig) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut differ = |id: &str, flag: &str, given: String, recorded: String| {
-        if o.given(id) && given != recorded {
-            out.push(format!("--{flag} {given} (recorded: {recorded})"));
-        }
-    };
-    if method_of(cfg) != o.method {
-        out.push(format!(
-            "--method {} (recorded: {})",
-            method_str(o.method),
-            init::method_name(cfg)
-        ));
-        return out;
-    }
-    // Init options shape a new adapter only.
-    let only_new = "applies only to a new adapter".to_string();
-    match cfg {
-        AdapterConfig::Lora(c) => {
-            differ("lora_r", "lora-r", o.lora_r.to_string(), c.r.to_string());
-            differ(
-                "lora_alpha",
-                "lora-alpha",
-                o.lora_alpha.to_string(),
-                c.lora_alpha.to_string(),
-            );
-            differ(
-                "lora_dropout",
-                "lora-dropout",
-                o.lora_dropout.to_string(),
-                c.lora_dropout.to_string(),
-            );
-            let mut recorded = c.target_modules.clone();
-            recorded.sort();
-            differ(
-                "lora_targets",
-                "lora-targets",
-                resolve_lora_targets(model, &o.lora_targets).join(","),
-                recorded.join(","),
-            );
-            differ(
-                "rslora",
-                "rslora",
-                o.rslora.to_string(),
-                c.use_rslora.to_string(),
-            );
-            differ(
-                "lora_init",
-                "lora-init",
-                o.lora_init.clone(),
-                only_new.clone(),
-            );
-        }
-        AdapterConfig::Prompt(c) => {
-            differ(
-                "num_virtual_tokens",
-                "num-virtual-tokens",
-                o.num_virtual_tokens.to_string(),
-                c.num_virtual_tokens.to_string(),
-            );
-            differ(
-                "prompt_init",
-                "prompt-init",
-                o.prompt_init.clone(),
-                only_new.clone(),
-            );
-            differ(
-                "prompt_init_text",
-                "prompt-init-text",
-                o.prompt_init_text.clone().unwrap_or_default(),
-                only_new.clone(),
-            );
-        }
-        AdapterConfig::Prefix(c) => {
-            differ(
-                "num_virtual_tokens",
-                "num-virtual-tokens",
-                o.num_virtual_tokens.to_string(),
-                c.num_virtual_tokens.to_string(),
-            );
-            differ(
-                "prefix_projection",
-                "prefix-projection",
-                o.prefix_projection.to_string(),
-                c.prefix_projection.to_string(),
-            );
-            differ(
-                "encoder_hidden_size",
-                "encoder-hidden-size",
-                o.encoder_hidden_size.unwrap_or(0).to_string(),
-                if c.prefix_projection {
-                    c.encoder_hidden_size().to_string()
-                } else {
-                    "none (no projection)".into()
-                },
-            );
-            differ(
-                "prefix_init",
-                "prefix-init",
-                o.prefix_init.clone(),
-                only_new.clone(),
-            );
-            differ(
-                "prefix_init_text",
-                "prefix-init-text",
-                o.prefix_init_text.clone().unwrap_or_default(),
-                only_new,
-            );
-        }
-    }
-    out
-}
-
-/// Options the user gave that the checkpoint's run settings contradict.
-fn settings_conflicts(o: &TrainOptions, lr: f64, s: &RunSettings) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut differ = |id: &str, flag: &str, given: String, recorded: String| {
-        if o.given(id) && given != recorded {
-            out.push(format!("--{flag} {given} (recorded: {recorded})"));
-        }
-    };
-    differ("lr", "lr", lr.to_string(), s.lr.to_string());
-    differ(
-        "weight_decay",
-        "weight-decay",
-        o.weight_decay.to_string(),
-        s.weight_decay.to_string(),
-    );
-    differ(
-        "lr_schedule",
-        "lr-schedule",
-        schedule_name(o.schedule).into(),
-        s.lr_schedule.clone(),
-    );
-    differ(
-        "warmup_steps",
-        "warmup-steps",
-        o.warmup_steps.to_string(),
-        s.warmup_steps.to_string(),
-    );
-    differ(
-        "max_grad_norm",
-        "max-grad-norm",
-        o.max_grad_norm.to_string(),
-        s.max_grad_norm.to_string(),
-    );
-    differ("seed", "seed", o.seed.to_string(), s.seed.to_string());
-    differ(
-        "batch_size",
-        "batch-size",
-        o.batch_size.to_string(),
-        s.batch_size.to_string(),
-    );
-    differ(
-        "grad_accum",
-        "grad-accum",
-        o.grad_accum.to_string(),
-        s.grad_accum.to_string(),
-    );
-    let msl = |x: Option<usize>| x.map_or("auto".to_string(), |v| v.to_string());
-    differ(
-        "max_seq_len",
-        "max-seq-len",
-        msl(o.data_opts.max_seq_len),
-        msl(s.max_seq_len),
-    );
-    differ(
-        "train_on_prompt",
-        "train-on-prompt",
-        o.data_opts.train_on_prompt.to_string(),
-        s.train_on_prompt.to_string(),
-    );
-    out
-}
-
-/// The run's settings with the checkpoint's filled in where the user gave
-/// none (so a resume continues the run it resumes).
-fn adopt_settings(o: &mut TrainOptions, s: &RunSettings, c: &AdapterConfig) {
-    if !o.given("lr") {
-        o.lr = Some(s.lr);
-    }
-    if !o.given("weight_decay") {
-        o.weight_decay = s.weight_decay;
-    }
-    if !o.given("lr_schedule") {
-        o.schedule = match s.lr_schedule.as_str() {
-            "constant" => Schedule::Constant,
-            "linear" => Schedule::Linear,
-            _ => Schedule::Cosine,
-        };
-    }
-    if !o.given("warmup_steps") {
-        o.warmup_steps = s.warmup_steps;
-    }
-    if !o.given("max_grad_norm") {
-        o.max_grad_norm = s.max_grad_norm;
-    }
-    if !o.given("seed") {
-        o.seed = s.seed;
-    }
-    if !o.given("batch_size") {
-        o.batch_size = s.batch_size;
-    }
-    if !o.given("grad_accum") {
-        o.grad_accum = s.grad_accum;
-    }
-    if !o.given("max_seq_len") {
-        o.data_opts.max_seq_len = s.max_seq_len;
-    }
-    if !o.given("train_on_prompt") {
-        o.data_opts.train_on_prompt = s.train_on_prompt;
-    }
-    if let AdapterConfig::Lora(l) = c {
-        o.lora_dropout = l.lora_dropout;
-    }
-}
-
-fn conflict_error(path: &Path, what: &str, list: &[String], hint: &str) -> Error {
-    Error::Checkpoint {
-        path: path.to_path_buf(),
-        message: format!(
-            "these options contradict the {what}:\n  {}\n---> HINT: {hint}",
-            list.join("\n  ")
-        ),
-    }
-}
-
-/// Checks that an adapter loaded from `dir` was made for `model`. wgtune
-/// records the base model's fingerprint, and a mismatch is an error. A PEFT
-/// adapter records only a name or path, so a different one is a warning.
-pub fn check_adapter_base(
-    model: &Model,
-    model_arg: &Path,
-    loaded: &LoadedAdapter,
-    dir: &Path,
-) -> Result<()> {
-    if let Some(fp) = loaded.base_fingerprint() {
-        if fp != model.fingerprint {
-            return Err(Error::Adapter {
-                path: dir.to_path_buf(),
-                message: format!(
-                    "was trained on another base model ({}) than `{}`: its weights differ\n\
-                     ---> HINT: pass the model it was trained on as --model",
-                    loaded.config.base_model_name_or_path().unwrap_or("unnamed"),
-                    model_arg.display()
-                ),
-            });
-        }
-        return Ok(());
-    }
-    if let Some(base) = loaded.config.base_model_name_or_path() {
-        let last = |s: &str| {
-            s.trim_end_matches(['/', '\\'])
-                .rsplit(['/', '\\'])
-                .next()
-                .unwrap_or("")
-                .to_lowercase()
-        };
-        let given = model_arg.display().to_string();
-        if last(base) != last(&given) {
-            log::warn!(
-                "{}: adapter made for `{base}`, used with `{given}`; it loads because the \
-                 shapes fit, but on another base model it is not what was trained",
-                dir.display()
-            );
-        }
-    }
-    Ok(())
-}
 
 /// What this run created in the output folder, removed again when the run
 /// fails before it saved anything.
@@ -633,7 +200,7 @@ fn save_all(
     };
     checkpoint::save(&o.out.join("checkpoint"), &ck)?;
     let hist = report::read_loss_history(metrics.path())?;
-    report::write_loss_plot(
+    write_loss_plot(
         &o.out.join("loss.svg"),
         "wgtune training loss",
         &hist.train,
@@ -651,8 +218,13 @@ fn signalled(stop: &StopFlag) -> Option<i32> {
 
 /// Run `wgtune train`. Everything is validated before the output folder
 /// is touched; `stop` is checked between phases and after every step.
-pub fn train(ctx: &Context, o: &TrainOptions, stop: &StopFlag) -> Result<Outcome> {
-    let t_load = Instant::now();
+pub fn train(
+    ctx: &Context,
+    o: &TrainOptions,
+    stop: &StopFlag,
+    progress: &mut dyn Progress,
+) -> Result<Outcome> {
+    let t_load = Stopwatch::start();
     let mut o = o.clone();
     let stopped = |signal| {
         Ok(Outcome::Interrupted {
@@ -716,7 +288,7 @@ pub fn train(ctx: &Context, o: &TrainOptions, stop: &StopFlag) -> Result<Outcome
             });
         }
         let mut list = adapter_conflicts(&o, &model, &ck.config);
-        let lr_given = o.lr.unwrap_or(o.method.default_lr());
+        let lr_given = o.lr();
         list.extend(settings_conflicts(&o, lr_given, &ck.settings));
         if !list.is_empty() {
             return Err(conflict_error(
@@ -741,14 +313,11 @@ pub fn train(ctx: &Context, o: &TrainOptions, stop: &StopFlag) -> Result<Outcome
             ));
         }
     }
-    let adapter_rows = if o.method == Method::Lora {
-        0
-    } else {
-        match (&resumed, &loaded_init) {
-            (Some(ck), _) => virtual_tokens(&ck.config),
-            (_, Some(l)) => virtual_tokens(&l.config),
-            _ => o.num_virtual_tokens,
-        }
+    let adapter_rows = match (&o.method, &resumed, &loaded_init) {
+        (MethodOptions::Lora(_), _, _) => 0,
+        (_, Some(ck), _) => virtual_tokens(&ck.config),
+        (_, _, Some(l)) => virtual_tokens(&l.config),
+        (m, _, _) => m.num_virtual_tokens(),
     };
     // One row must remain to predict the next token.
     if adapter_rows + 2 > model.cfg.max_positions {
@@ -800,19 +369,19 @@ pub fn train(ctx: &Context, o: &TrainOptions, stop: &StopFlag) -> Result<Outcome
     }
     let mut pos = Position::default();
     let mut moments = None;
-    let (cfg, tensors) = if let Some(ck) = resumed {
+    let adapter = if let Some(ck) = resumed {
         pos = ck.position;
         moments = Some((ck.m, ck.v));
-        (ck.config, ck.params)
+        Adapter::new(ctx, &model, ck.config, ck.params)?
     } else if let (Some(dir), Some(loaded)) = (&o.init_adapter, loaded_init) {
         println!("starting from adapter {}", dir.display());
-        (loaded.config.clone(), loaded.sorted_tensors())
+        Adapter::new(ctx, &model, loaded.config.clone(), loaded.sorted_tensors())?
     } else {
-        fresh_adapter(ctx, &model, &tok, &o, &data)?
+        let (cfg, tensors, layers) = fresh_adapter(ctx, &model, &tok, &o, &data)?;
+        Adapter::on_layers(ctx, &model, cfg, tensors, &layers)?
     };
-    let adapter = Adapter::new(ctx, &model, cfg, tensors)?;
-    let lr = o.lr.unwrap_or(o.method.default_lr());
-    let settings = o.settings(&model, lr);
+    let lr = o.lr();
+    let settings = o.settings(model.fingerprint, lr);
     let steps_per_epoch = data.len().div_ceil(o.batch_size).div_ceil(o.grad_accum);
     let total = o.steps.unwrap_or(o.epochs * steps_per_epoch);
     if o.resume {
@@ -883,7 +452,7 @@ pub fn train(ctx: &Context, o: &TrainOptions, stop: &StopFlag) -> Result<Outcome
     if !o.resume {
         created.metrics = Some(metrics.path().to_path_buf());
     }
-    log::info!("setup took {:.1} s", t_load.elapsed().as_secs_f64());
+    log::info!("setup took {:.1} s", t_load.secs());
     let run = Loop {
         ctx,
         o: &o,
@@ -896,7 +465,7 @@ pub fn train(ctx: &Context, o: &TrainOptions, stop: &StopFlag) -> Result<Outcome
         stop,
     };
     let mut saved = None;
-    let result = run.run(&mut tr, &mut metrics, pos, &mut saved);
+    let result = run.run(&mut tr, &mut metrics, pos, &mut saved, progress);
     if result.is_err() && saved.is_none() {
         created.undo();
     }
@@ -932,15 +501,12 @@ impl Loop<'_> {
         metrics: &mut MetricsLog,
         mut pos: Position,
         saved: &mut Option<usize>,
+        progress: &mut dyn Progress,
     ) -> Result<Outcome> {
         let (ctx, o, total) = (self.ctx, self.o, self.total);
-        let bar = progress_bar(o.progress, total as u64, tr.step as u64);
-        let say = |line: String| match &bar {
-            Some(b) => b.println(line),
-            None => println!("{line}"),
-        };
-        let t0 = Instant::now();
-        let (mut tokens_at_log, mut t_log) = (pos.tokens, Instant::now());
+        progress.start(tr.step, total);
+        let t0 = Stopwatch::start();
+        let (mut tokens_at_log, mut t_log) = (pos.tokens, Stopwatch::start());
         let mut last_loss = f64::NAN;
         let mut last_finite: Option<(usize, f64)> = None;
         while tr.step < total {
@@ -966,9 +532,9 @@ impl Loop<'_> {
             pos.step = tr.step;
             let ep = pos.epoch as f64 + pos.batch_in_epoch as f64 / groups.len() as f64;
             if let Some(st) = stats {
-                let dt = t_log.elapsed().as_secs_f64();
+                let dt = t_log.lap();
                 let tps = (pos.tokens - tokens_at_log) as f64 / dt.max(1e-9);
-                (tokens_at_log, t_log) = (pos.tokens, Instant::now());
+                tokens_at_log = pos.tokens;
                 last_loss = st.loss;
                 if st.loss.is_finite() && !st.skipped {
                     last_finite = Some((tr.step, st.loss));
@@ -981,7 +547,7 @@ impl Loop<'_> {
                     st.grad_norm,
                     pos.tokens,
                     tps,
-                    t0.elapsed().as_secs_f64(),
+                    t0.secs(),
                 )?;
                 let msg = format!(
                     "loss {:.4}  lr {lr_now:.2e}  {tps:.0} tok/s{}",
@@ -992,14 +558,9 @@ impl Loop<'_> {
                         ""
                     }
                 );
-                match &bar {
-                    Some(b) => b.set_message(msg),
-                    None => println!("step {}/{total}  {msg}", tr.step),
-                }
+                progress.step(tr.step, total, Some(&msg));
                 if st.skipped_in_a_row >= o.max_bad_steps {
-                    if let Some(b) = &bar {
-                        b.abandon();
-                    }
+                    progress.end(false);
                     return Err(Error::Diverged(format!(
                         "training diverged: {} steps in a row (to step {}) had a non-finite \
                          loss or gradient and were skipped; {}. {}\n---> HINT: lower --lr \
@@ -1020,15 +581,14 @@ impl Loop<'_> {
                         self.settings.lr
                     )));
                 }
-            }
-            if let Some(b) = &bar {
-                b.set_position(tr.step as u64);
+            } else {
+                progress.step(tr.step, total, None);
             }
             if o.eval_every > 0 && tr.step.is_multiple_of(o.eval_every) {
                 if let Some(v) = self.val {
                     let vl = val_loss(ctx, self.model, self.adapter, v, o.batch_size)?;
                     metrics.val(tr.step, ep, vl)?;
-                    say(format!("step {}: val loss {vl:.4}", tr.step));
+                    progress.line(&format!("step {}: val loss {vl:.4}", tr.step));
                 }
             }
             let signal = signalled(self.stop);
@@ -1038,9 +598,7 @@ impl Loop<'_> {
                 *saved = Some(tr.step);
             }
             if let Some(signal) = signal {
-                if let Some(b) = &bar {
-                    b.abandon();
-                }
+                progress.end(false);
                 match saved {
                     Some(s) if *s == tr.step => println!(
                         "interrupted at step {s}: adapter and checkpoint saved to {} (continue \
@@ -1055,9 +613,7 @@ impl Loop<'_> {
                 });
             }
         }
-        if let Some(b) = &bar {
-            b.finish();
-        }
+        progress.end(true);
         if let Some(v) = self.val {
             let vl = val_loss(ctx, self.model, self.adapter, v, o.batch_size)?;
             metrics.val(tr.step, pos.epoch as f64, vl)?;
@@ -1074,7 +630,7 @@ impl Loop<'_> {
             )));
         }
         *saved = Some(tr.step);
-        let secs = t0.elapsed().as_secs_f64();
+        let secs = t0.secs();
         println!(
             "done: {} steps in {secs:.1} s, final loss {last_loss:.4}; adapter in {}, loss plot {}",
             tr.step,
@@ -1094,19 +650,6 @@ fn val_loss(
 ) -> Result<f64> {
     let (sum, n) = crate::train::eval::eval_batches(ctx, model, adapter, &v.in_order(bs))?;
     Ok(sum / n.max(1) as f64)
-}
-
-fn progress_bar(enabled: bool, total: u64, pos: u64) -> Option<indicatif::ProgressBar> {
-    if !enabled {
-        return None;
-    }
-    let b = indicatif::ProgressBar::new(total);
-    b.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    b.set_position(pos);
-    Some(b)
 }
 
 /// What `train`, `generate` and `eval` print at load.

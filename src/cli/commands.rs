@@ -1,0 +1,197 @@
+//! `wgtune import`, `devices`, `generate` and `eval`: each loads what it
+//! needs, runs, and prints its result to stdout.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use super::{DeviceArgs, EvalArgs, GenerateArgs, ImportArgs};
+use crate::adapters::{peft_io, Adapter};
+use crate::error::{Error, Result};
+use crate::gpu::context::list_adapters;
+use crate::gpu::Context;
+use crate::model::generate::{generate as gen, GenOptions};
+use crate::model::tokenizer::{ChatMessage, Tokenizer};
+use crate::model::{Hooks, Model, NoHooks};
+use crate::train::data::Dataset;
+use crate::train::resume::check_adapter_base;
+use crate::train::run::print_model;
+
+pub(super) fn import(a: &ImportArgs) -> Result<()> {
+    let t = crate::clock::Stopwatch::start();
+    let m = crate::model::import::import_gguf(&a.gguf, &a.out)?;
+    let params: usize = m.tensors.values().map(|(_, d)| d.len()).sum();
+    println!(
+        "imported {} ({:?}, {} tensors, {:.1} M parameters) into {} in {:.1} s",
+        a.gguf.display(),
+        m.arch,
+        m.tensors.len(),
+        params as f64 / 1e6,
+        a.out.display(),
+        t.secs()
+    );
+    Ok(())
+}
+
+pub(super) fn devices(d: &DeviceArgs) -> Result<()> {
+    let list = list_adapters(d.backend.as_deref())?;
+    if list.is_empty() {
+        println!(
+            "no GPU adapters found (on Linux: apt-get install -y mesa-vulkan-drivers libvulkan1)"
+        );
+    }
+    for (i, a) in list.iter().enumerate() {
+        let sub = if a.features.contains(wgpu::Features::SUBGROUP) {
+            format!("{}..{}", a.info.subgroup_min_size, a.info.subgroup_max_size)
+        } else {
+            "none".to_string()
+        };
+        println!("[{i}] {}", a.info.name);
+        println!(
+            "    backend {:?}, type {:?}, driver {} {}",
+            a.info.backend, a.info.device_type, a.info.driver, a.info.driver_info
+        );
+        println!(
+            "    max storage binding {} MiB, max buffer {} MiB, workgroup storage {} KiB, storage buffers/stage {}",
+            a.limits.max_storage_buffer_binding_size >> 20,
+            a.limits.max_buffer_size >> 20,
+            a.limits.max_compute_workgroup_storage_size >> 10,
+            a.limits.max_storage_buffers_per_shader_stage
+        );
+        println!(
+            "    subgroups {sub}, f16 {}, timestamps {}",
+            a.features.contains(wgpu::Features::SHADER_F16),
+            a.features.contains(wgpu::Features::TIMESTAMP_QUERY)
+        );
+    }
+    Ok(())
+}
+
+/// Load a model folder and its tokenizer, and say what was loaded.
+fn load_model(ctx: &Context, arg: &std::path::Path) -> Result<(Model, Tokenizer)> {
+    let dir = crate::model::hub::resolve_model(arg)?;
+    let model = Model::load(ctx, &dir)?;
+    let tok = Tokenizer::load(&dir)?;
+    print_model(ctx, &model);
+    Ok((model, tok))
+}
+
+/// Load an optional PEFT adapter for inference.
+fn load_adapter(
+    ctx: &Context,
+    model: &Model,
+    model_arg: &std::path::Path,
+    dir: Option<&PathBuf>,
+) -> Result<Option<Adapter>> {
+    let Some(dir) = dir else { return Ok(None) };
+    let loaded = peft_io::load_adapter(dir)?;
+    check_adapter_base(model, model_arg, &loaded, dir)?;
+    let ad = Adapter::new(ctx, model, loaded.config.clone(), loaded.sorted_tensors())?;
+    println!(
+        "adapter: {} ({} parameters)",
+        dir.display(),
+        ad.num_params()
+    );
+    Ok(Some(ad))
+}
+
+pub(super) fn generate(a: &GenerateArgs) -> Result<()> {
+    let ctx = Context::new(&a.device.options())?;
+    let (model, tok) = load_model(&ctx, &a.model)?;
+    let adapter = load_adapter(&ctx, &model, &a.model, a.adapter.as_ref())?;
+    let hooks: &dyn Hooks = adapter.as_ref().map_or(&NoHooks, |ad| ad as &dyn Hooks);
+    let ids = if a.chat {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage::new("system", s.clone()));
+        }
+        msgs.push(ChatMessage::new("user", a.prompt.clone()));
+        let text = tok.render_chat(&msgs, true)?;
+        let mut ids = tok.encode(&text, false)?;
+        if let Some(bos) = tok
+            .bos_id()
+            .filter(|b| tok.adds_bos() && ids.first() != Some(b))
+        {
+            ids.insert(0, bos);
+        }
+        ids
+    } else {
+        if a.system.is_some() {
+            return Err(Error::invalid("generate", "--system needs --chat"));
+        }
+        tok.encode(&a.prompt, true)?
+    };
+    let opts = GenOptions {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        stop: tok.eos_ids().to_vec(),
+    };
+    let mut dec = tok.stream_decoder(true);
+    let mut out = std::io::stdout();
+    let stats = gen(&ctx, &model, hooks, &ids, &opts, |t| {
+        if let Some(text) = dec.push(t)? {
+            print!("{text}");
+            let _ = out.flush();
+        }
+        Ok(())
+    })?;
+    print!("{}", dec.finish()?);
+    println!();
+    eprintln!(
+        "[{} prompt tokens, {} new tokens; prefill {:.2} s, {:.2} tok/s{}]",
+        stats.prompt_tokens,
+        stats.new_tokens,
+        stats.prefill_s,
+        stats.decode_tokens_per_s(),
+        if stats.stopped_at_eos {
+            ", stopped at EOS".to_string()
+        } else if stats.stopped_at_context {
+            format!(
+                ", stopped at the model's context limit of {} positions before \
+                 --max-new-tokens {}",
+                model.cfg.max_positions, a.max_new_tokens
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+pub(super) fn eval(a: &EvalArgs) -> Result<()> {
+    let ctx = Context::new(&a.device.options())?;
+    let (model, tok) = load_model(&ctx, &a.model)?;
+    let adapter = load_adapter(&ctx, &model, &a.model, a.adapter.as_ref())?;
+    let hooks: &dyn Hooks = adapter.as_ref().map_or(&NoHooks, |ad| ad as &dyn Hooks);
+    // Rows must leave room for the adapter's virtual tokens or prefix rows.
+    let rows =
+        hooks.prompt().map_or(0, |t| t.shape()[0]) + hooks.prefix().map_or(0, |t| t.shape()[0]);
+    let room = model.cfg.max_positions.saturating_sub(rows);
+    let mut dopts = a.data_args.options()?;
+    dopts.max_seq_len = Some(dopts.max_seq_len.unwrap_or(room).min(room));
+    let data = Dataset::load(&a.data, &tok, &dopts)?;
+    if data.truncated > 0 {
+        println!(
+            "{} rows truncated to {} tokens",
+            data.truncated,
+            dopts.max_seq_len.unwrap_or(room)
+        );
+    }
+    let (sum, n) =
+        crate::train::eval::eval_batches(&ctx, &model, hooks, &data.in_order(a.batch_size))?;
+    if n == 0 {
+        return Err(Error::invalid(
+            "eval",
+            format!("{}: no target tokens", a.data.display()),
+        ));
+    }
+    let mean = sum / n as f64;
+    println!(
+        "{}: {} examples, {n} target tokens",
+        a.data.display(),
+        data.len()
+    );
+    println!("loss {mean:.6}  perplexity {:.4}", mean.exp());
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! `wgtune train` at the command-line edge: the library's options built
+//! once from the arguments, the progress bar, and the signal handlers.
+
+use std::sync::Arc;
+
+use super::{LoraInitArg, MethodArg, PrefixInitArg, PromptInitArg, ScheduleArg, TrainArgs};
+use crate::adapters::init::LoraInit;
+use crate::error::Result;
+use crate::gpu::Context;
+use crate::train::options::{
+    LoraOptions, MethodOptions, PrefixInitKind, PrefixOptions, PromptInitKind, PromptOptions,
+    TrainOptions,
+};
+use crate::train::progress::{Lines, Progress};
+use crate::train::run::{train as train_run, Outcome, StopFlag};
+use crate::train::trainer::Schedule;
+
+/// SIGINT and SIGTERM ask the run to save and stop; a second one while it
+/// saves exits at once (every file write is atomic, so nothing is torn).
+#[cfg(not(target_arch = "wasm32"))]
+fn install_stop_handlers() -> Arc<StopFlag> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let stop = Arc::new(StopFlag::new(0));
+    for sig in [SIGINT, SIGTERM] {
+        let s = stop.clone();
+        // SAFETY: the handler only does an atomic swap and `_exit`, both
+        // async-signal-safe.
+        let r = unsafe {
+            signal_hook::low_level::register(sig, move || {
+                if s.swap(sig, std::sync::atomic::Ordering::SeqCst) != 0 {
+                    signal_hook::low_level::exit(128 + sig);
+                }
+            })
+        };
+        if let Err(e) = r {
+            log::warn!("cannot handle signal {sig}: {e}; stopping will lose unsaved steps");
+        }
+    }
+    stop
+}
+
+/// No process signals in a browser.
+#[cfg(target_arch = "wasm32")]
+fn install_stop_handlers() -> Arc<StopFlag> {
+    Arc::new(StopFlag::new(0))
+}
+
+impl TrainArgs {
+    /// The adapter settings of `--method`.
+    fn method_options(&self) -> MethodOptions {
+        match self.method {
+            MethodArg::Lora => MethodOptions::Lora(LoraOptions {
+                r: self.lora_r,
+                alpha: self.lora_alpha,
+                dropout: self.lora_dropout,
+                targets: self
+                    .lora_targets
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+                rslora: self.rslora,
+                init: match self.lora_init {
+                    LoraInitArg::Kaiming => LoraInit::Kaiming,
+                    LoraInitArg::Gaussian => LoraInit::Gaussian,
+                },
+            }),
+            MethodArg::Prompt => MethodOptions::Prompt(PromptOptions {
+                num_virtual_tokens: self.num_virtual_tokens,
+                init: match self.prompt_init {
+                    PromptInitArg::Text => PromptInitKind::Text,
+                    PromptInitArg::Vocab => PromptInitKind::Vocab,
+                    PromptInitArg::Random => PromptInitKind::Random,
+                },
+                init_text: self.prompt_init_text.clone(),
+            }),
+            MethodArg::Prefix => MethodOptions::Prefix(PrefixOptions {
+                num_virtual_tokens: self.num_virtual_tokens,
+                projection: self.prefix_projection,
+                encoder_hidden_size: self.encoder_hidden_size,
+                init: match self.prefix_init {
+                    PrefixInitArg::Text => PrefixInitKind::Text,
+                    PrefixInitArg::Zero => PrefixInitKind::Zero,
+                    PrefixInitArg::Random => PrefixInitKind::Random,
+                },
+                init_text: self.prefix_init_text.clone(),
+            }),
+        }
+    }
+
+    /// The library's options, built once from the arguments.
+    pub fn options(&self) -> Result<TrainOptions> {
+        Ok(TrainOptions {
+            method: self.method_options(),
+            model: self.model.clone(),
+            data: self.data.clone(),
+            val_data: self.val_data.clone(),
+            out: self.out.clone(),
+            data_opts: self.data_args.options()?,
+            epochs: self.epochs,
+            steps: self.steps,
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            schedule: match self.lr_schedule {
+                ScheduleArg::Constant => Schedule::Constant,
+                ScheduleArg::Linear => Schedule::Linear,
+                ScheduleArg::Cosine => Schedule::Cosine,
+            },
+            warmup_steps: self.warmup_steps,
+            max_grad_norm: self.max_grad_norm,
+            seed: self.seed,
+            log_every: self.log_every,
+            eval_every: self.eval_every,
+            save_every: self.save_every,
+            init_adapter: self.init_adapter.clone(),
+            resume: self.resume,
+            max_bad_steps: self.max_bad_steps,
+            explicit: self.explicit.clone(),
+        })
+    }
+}
+
+/// The progress bar of `wgtune train` (on stderr, as indicatif draws).
+struct Bar(Option<indicatif::ProgressBar>);
+
+impl Progress for Bar {
+    fn start(&mut self, start: usize, total: usize) {
+        let b = indicatif::ProgressBar::new(total as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_position(start as u64);
+        self.0 = Some(b);
+    }
+
+    fn step(&mut self, step: usize, _total: usize, summary: Option<&str>) {
+        if let Some(b) = &self.0 {
+            if let Some(s) = summary {
+                b.set_message(s.to_string());
+            }
+            b.set_position(step as u64);
+        }
+    }
+
+    fn line(&mut self, line: &str) {
+        match &self.0 {
+            Some(b) => b.println(line),
+            None => println!("{line}"),
+        }
+    }
+
+    fn end(&mut self, completed: bool) {
+        if let Some(b) = self.0.take() {
+            if completed {
+                b.finish();
+            } else {
+                b.abandon();
+            }
+        }
+    }
+}
+
+pub(super) fn train(a: &TrainArgs) -> Result<u8> {
+    let stop = install_stop_handlers();
+    let ctx = Context::new(&a.device.options())?;
+    let o = a.options()?;
+    let mut bar = Bar(None);
+    let mut lines = Lines;
+    let progress: &mut dyn Progress = if a.no_progress { &mut lines } else { &mut bar };
+    Ok(match train_run(&ctx, &o, &stop, progress)? {
+        Outcome::Done { .. } | Outcome::NothingToDo { .. } => 0,
+        Outcome::Interrupted { signal, saved_step } => {
+            if saved_step.is_none() {
+                println!("interrupted before any step was saved: nothing written");
+            }
+            (128 + signal).clamp(1, 255) as u8
+        }
+    })
+}
