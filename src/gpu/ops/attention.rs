@@ -256,6 +256,8 @@ fn params(d: &AttnDims, groups: usize, shift: u32) -> AttentionParams {
 /// The two streamed operands `a`, `b` (same shape, viewed as (rows, HD)) of
 /// one kernel: packed texture copies recorded into `plan`, or the buffers
 /// themselves when textures are off or do not fit.
+// One short-lived value per dispatch: boxing the textures buys nothing.
+#[allow(clippy::large_enum_variant)]
 enum Streamed<'a> {
     Packed(TexMatrix, TexMatrix),
     Buffers(&'a Tensor, &'a Tensor),

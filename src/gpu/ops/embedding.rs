@@ -170,6 +170,17 @@ fn prompt_dims(op: &str, out: &Tensor, prompt: &Tensor) -> Result<[usize; 4]> {
     Ok([b, s, np, c])
 }
 
+/// The prompt kernels' block: rows 0..P of each of B batches of S rows.
+fn prompt_params(b: usize, s: usize, np: usize, c: usize) -> EmbeddingParams {
+    EmbeddingParams {
+        b: b as u32,
+        s: s as u32,
+        c: c as u32,
+        row_off: np as u32,
+        ..Default::default()
+    }
+}
+
 /// out (B, S, C) rows 0..P of each batch <- prompt (P, C).
 pub fn prompt_forward(ctx: &Context, plan: &mut Plan, out: &Tensor, prompt: &Tensor) -> Result<()> {
     let op = "prompt_forward";
@@ -177,13 +188,7 @@ pub fn prompt_forward(ctx: &Context, plan: &mut Plan, out: &Tensor, prompt: &Ten
     if b * np * c == 0 {
         return Ok(());
     }
-    let p = EmbeddingParams {
-        b: b as u32,
-        s: s as u32,
-        c: c as u32,
-        row_off: np as u32,
-        ..Default::default()
-    };
+    let p = prompt_params(b, s, np, c);
     plan.dispatch(
         ctx,
         &spec(op, &[W, R], wg_for(c))?,
@@ -205,13 +210,7 @@ pub fn prompt_backward(
     if np * c == 0 {
         return Ok(());
     }
-    let p = EmbeddingParams {
-        b: b as u32,
-        s: s as u32,
-        c: c as u32,
-        row_off: np as u32,
-        ..Default::default()
-    };
+    let p = prompt_params(b, s, np, c);
     let groups = (np * c).div_ceil(WG_ELEMENTWISE as usize) as u32;
     plan.dispatch(
         ctx,

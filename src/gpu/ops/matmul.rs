@@ -467,25 +467,12 @@ pub fn matmul_forward_ex(
     alpha: f32,
     accumulate: bool,
 ) -> Result<()> {
-    let op = "matmul_forward";
-    let [m, k] = dims(op, inp, "(M, K)")?;
-    let [n, k2] = dims(op, weight, "(N, K)")?;
-    if k2 != k {
-        expect_shape(op, weight, &[n, k])?;
-    }
-    if forward_is_empty(op, out, bias, m, n)? {
-        return Ok(());
-    }
-    if use_textures(ctx, &[(m, k), (n, k)]) {
-        let w = pack(ctx, plan, weight)?;
-        return matmul_forward_packed(ctx, plan, out, inp, &w, bias, alpha, accumulate);
-    }
     let fw = Forward {
         bias,
         alpha,
         accumulate,
     };
-    forward(ctx, plan, out, Bind::T(inp), Bind::T(weight), fw, [m, n, k])
+    matmul_forward_op(ctx, plan, out, inp, Bind::T(weight), fw)
 }
 
 /// [`matmul_forward_ex`] with a weight packed once (frozen weights).
@@ -500,37 +487,61 @@ pub fn matmul_forward_packed(
     alpha: f32,
     accumulate: bool,
 ) -> Result<()> {
-    let op = "matmul_forward";
-    let [m, k] = dims(op, inp, "(M, K)")?;
-    let n = weight.rows();
-    if weight.cols() != k {
-        return Err(packed_shape_error(op, weight, n, k));
-    }
-    if forward_is_empty(op, out, bias, m, n)? {
-        return Ok(());
-    }
-    let a = pack(ctx, plan, inp)?;
     let fw = Forward {
         bias,
         alpha,
         accumulate,
     };
-    forward(ctx, plan, out, Bind::X(&a), Bind::X(weight), fw, [m, n, k])
+    matmul_forward_op(ctx, plan, out, inp, Bind::X(weight), fw)
 }
 
-/// Check out (M, N) and bias (N); whether there is nothing to compute.
-fn forward_is_empty(
-    op: &str,
+/// The forward for a weight from either source: shape checks, then the
+/// operand sources (a buffer weight is packed when textures fit; a packed
+/// weight packs the input too), then [`forward`].
+fn matmul_forward_op(
+    ctx: &Context,
+    plan: &mut Plan,
     out: &Tensor,
-    bias: Option<&Tensor>,
-    m: usize,
-    n: usize,
-) -> Result<bool> {
+    inp: &Tensor,
+    weight: Bind,
+    fw: Forward,
+) -> Result<()> {
+    let op = "matmul_forward";
+    let [m, k] = dims(op, inp, "(M, K)")?;
+    let n = match weight {
+        Bind::T(w) => {
+            let [n, k2] = dims(op, w, "(N, K)")?;
+            if k2 != k {
+                expect_shape(op, w, &[n, k])?;
+            }
+            n
+        }
+        Bind::X(w) if w.cols() != k => return Err(packed_shape_error(op, w, w.rows(), k)),
+        Bind::X(w) => w.rows(),
+    };
     expect_shape(op, out, &[m, n])?;
-    if let Some(b) = bias {
+    if let Some(b) = fw.bias {
         expect_shape(op, b, &[n])?;
     }
-    Ok(m == 0 || n == 0)
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let (packed_w, packed_a);
+    let b = match weight {
+        Bind::T(w) if use_textures(ctx, &[(m, k), (n, k)]) => {
+            packed_w = pack(ctx, plan, w)?;
+            Bind::X(&packed_w)
+        }
+        other => other,
+    };
+    let a = match b {
+        Bind::X(_) => {
+            packed_a = pack(ctx, plan, inp)?;
+            Bind::X(&packed_a)
+        }
+        Bind::T(_) => Bind::T(inp),
+    };
+    forward(ctx, plan, out, a, b, fw, [m, n, k])
 }
 
 /// A packed weight that is not (`n`, `k`).
@@ -616,7 +627,8 @@ fn operand_chunk(
     }
 }
 
-/// out (M, N) (+)= alpha * a (M, K) . b (N, K)^T + bias, from any sources.
+/// out (M, N) (+)= alpha * a (M, K) . b (N, K)^T + bias, from any sources
+/// (shapes checked).
 fn forward(
     ctx: &Context,
     plan: &mut Plan,
@@ -714,21 +726,7 @@ pub fn matmul_backward_input_ex(
     weight: &Tensor,
     alpha: f32,
 ) -> Result<()> {
-    let op = "matmul_backward_input";
-    let [m, n] = dims(op, dout, "(M, N)")?;
-    let [n2, k] = dims(op, weight, "(N, K)")?;
-    if n2 != n {
-        expect_shape(op, weight, &[n, k])?;
-    }
-    expect_shape(op, dinp, &[m, k])?;
-    if m == 0 || k == 0 {
-        return Ok(());
-    }
-    if use_textures(ctx, &[(m, n), (n, k)]) {
-        let w = pack(ctx, plan, weight)?;
-        return matmul_backward_input_packed(ctx, plan, dinp, dout, &w, alpha);
-    }
-    backward_input(ctx, plan, dinp, Bind::T(dout), Bind::T(weight), alpha)
+    matmul_backward_input_op(ctx, plan, dinp, dout, Bind::T(weight), alpha)
 }
 
 /// [`matmul_backward_input_ex`] with a weight packed once (frozen weights).
@@ -740,18 +738,52 @@ pub fn matmul_backward_input_packed(
     weight: &TexMatrix,
     alpha: f32,
 ) -> Result<()> {
+    matmul_backward_input_op(ctx, plan, dinp, dout, Bind::X(weight), alpha)
+}
+
+/// The backward_input for a weight from either source, as
+/// [`matmul_forward_op`]: checks, operand sources, then [`backward_input`].
+fn matmul_backward_input_op(
+    ctx: &Context,
+    plan: &mut Plan,
+    dinp: &Tensor,
+    dout: &Tensor,
+    weight: Bind,
+    alpha: f32,
+) -> Result<()> {
     let op = "matmul_backward_input";
     let [m, n] = dims(op, dout, "(M, N)")?;
-    let k = weight.cols();
-    if weight.rows() != n {
-        return Err(packed_shape_error(op, weight, n, k));
-    }
+    let k = match weight {
+        Bind::T(w) => {
+            let [n2, k] = dims(op, w, "(N, K)")?;
+            if n2 != n {
+                expect_shape(op, w, &[n, k])?;
+            }
+            k
+        }
+        Bind::X(w) if w.rows() != n => return Err(packed_shape_error(op, w, n, w.cols())),
+        Bind::X(w) => w.cols(),
+    };
     expect_shape(op, dinp, &[m, k])?;
     if m == 0 || k == 0 {
         return Ok(());
     }
-    let a = pack(ctx, plan, dout)?;
-    backward_input(ctx, plan, dinp, Bind::X(&a), Bind::X(weight), alpha)
+    let (packed_w, packed_a);
+    let b = match weight {
+        Bind::T(w) if use_textures(ctx, &[(m, n), (n, k)]) => {
+            packed_w = pack(ctx, plan, w)?;
+            Bind::X(&packed_w)
+        }
+        other => other,
+    };
+    let a = match b {
+        Bind::X(_) => {
+            packed_a = pack(ctx, plan, dout)?;
+            Bind::X(&packed_a)
+        }
+        Bind::T(_) => Bind::T(dout),
+    };
+    backward_input(ctx, plan, dinp, a, b, alpha, [m, n, k])
 }
 
 /// dinp (M, K) += alpha * a (M, N) . b (N, K), from any sources (shapes checked).
@@ -762,13 +794,9 @@ fn backward_input(
     a: Bind,
     b: Bind,
     alpha: f32,
+    [m, n, k]: [usize; 3],
 ) -> Result<()> {
     let op = "matmul_backward_input";
-    let [m, k] = dims(op, dinp, "(M, K)")?;
-    let n = match b {
-        Bind::T(t) => t.shape()[0],
-        Bind::X(t) => t.rows(),
-    };
     // Buffer rows of dout (N wide) must start on a vec4.
     let aligned = k % 4 == 0 && (a.source() != Source::Storage || n % 4 == 0);
     let v = with_sources(pick_variant(ctx, aligned), a, b);
