@@ -467,12 +467,8 @@ pub fn matmul_forward_ex(
     alpha: f32,
     accumulate: bool,
 ) -> Result<()> {
-    let fw = Forward {
-        bias,
-        alpha,
-        accumulate,
-    };
-    matmul_forward_op(ctx, plan, out, inp, Bind::T(weight), fw)
+    let scalars = (bias, alpha, accumulate);
+    matmul_forward_op(ctx, plan, out, inp, Bind::T(weight), scalars)
 }
 
 /// [`matmul_forward_ex`] with a weight packed once (frozen weights).
@@ -487,25 +483,25 @@ pub fn matmul_forward_packed(
     alpha: f32,
     accumulate: bool,
 ) -> Result<()> {
-    let fw = Forward {
-        bias,
-        alpha,
-        accumulate,
-    };
-    matmul_forward_op(ctx, plan, out, inp, Bind::X(weight), fw)
+    let scalars = (bias, alpha, accumulate);
+    matmul_forward_op(ctx, plan, out, inp, Bind::X(weight), scalars)
 }
 
 /// The forward for a weight from either source: shape checks, then the
-/// operand sources (a buffer weight is packed when textures fit; a packed
-/// weight packs the input too), then [`forward`].
+/// operand sources ([`Operands`]), then [`forward`].
 fn matmul_forward_op(
     ctx: &Context,
     plan: &mut Plan,
     out: &Tensor,
     inp: &Tensor,
     weight: Bind,
-    fw: Forward,
+    (bias, alpha, accumulate): (Option<&Tensor>, f32, bool),
 ) -> Result<()> {
+    let fw = Forward {
+        bias,
+        alpha,
+        accumulate,
+    };
     let op = "matmul_forward";
     let [m, k] = dims(op, inp, "(M, K)")?;
     let n = match weight {
@@ -526,22 +522,51 @@ fn matmul_forward_op(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let (packed_w, packed_a);
-    let b = match weight {
-        Bind::T(w) if use_textures(ctx, &[(m, k), (n, k)]) => {
-            packed_w = pack(ctx, plan, w)?;
-            Bind::X(&packed_w)
-        }
-        other => other,
-    };
-    let a = match b {
-        Bind::X(_) => {
-            packed_a = pack(ctx, plan, inp)?;
-            Bind::X(&packed_a)
-        }
-        Bind::T(_) => Bind::T(inp),
-    };
+    let fits = use_textures(ctx, &[(m, k), (n, k)]);
+    let ops = Operands::new(ctx, plan, inp, weight, fits)?;
+    let (a, b) = ops.binds();
     forward(ctx, plan, out, a, b, fw, [m, n, k])
+}
+
+/// The A operand and weight of a forward or backward_input, with their
+/// sources chosen: a buffer weight is packed (then A) when both fit
+/// textures (`fits`); a packed weight always gets a packed A.
+struct Operands<'a> {
+    a: &'a Tensor,
+    weight: Bind<'a>,
+    packed_a: Option<TexMatrix>,
+    packed_w: Option<TexMatrix>,
+}
+
+impl<'a> Operands<'a> {
+    fn new(
+        ctx: &Context,
+        plan: &mut Plan,
+        a: &'a Tensor,
+        weight: Bind<'a>,
+        fits: bool,
+    ) -> Result<Self> {
+        let packed_w = match weight {
+            Bind::T(w) if fits => Some(pack(ctx, plan, w)?),
+            _ => None,
+        };
+        let packed_a = if packed_w.is_some() || weight.source() == Source::Texture {
+            Some(pack(ctx, plan, a)?)
+        } else {
+            None
+        };
+        Ok(Operands {
+            a,
+            weight,
+            packed_a,
+            packed_w,
+        })
+    }
+    fn binds(&self) -> (Bind<'_>, Bind<'_>) {
+        let a = self.packed_a.as_ref().map_or(Bind::T(self.a), Bind::X);
+        let w = self.packed_w.as_ref().map_or(self.weight, Bind::X);
+        (a, w)
+    }
 }
 
 /// A packed weight that is not (`n`, `k`).
@@ -768,21 +793,9 @@ fn matmul_backward_input_op(
     if m == 0 || k == 0 {
         return Ok(());
     }
-    let (packed_w, packed_a);
-    let b = match weight {
-        Bind::T(w) if use_textures(ctx, &[(m, n), (n, k)]) => {
-            packed_w = pack(ctx, plan, w)?;
-            Bind::X(&packed_w)
-        }
-        other => other,
-    };
-    let a = match b {
-        Bind::X(_) => {
-            packed_a = pack(ctx, plan, dout)?;
-            Bind::X(&packed_a)
-        }
-        Bind::T(_) => Bind::T(dout),
-    };
+    let fits = use_textures(ctx, &[(m, n), (n, k)]);
+    let ops = Operands::new(ctx, plan, dout, weight, fits)?;
+    let (a, b) = ops.binds();
     backward_input(ctx, plan, dinp, a, b, alpha, [m, n, k])
 }
 
