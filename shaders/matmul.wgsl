@@ -98,6 +98,7 @@ fn b_row_tx(row: u32) -> vec2<u32> {
 @group(0) @binding(3) var<storage, read> fw_weight: array<vec4<f32>>;   // (N, K)
 @group(0) @binding(4) var<storage, read> fw_bias: array<f32>;           // (N), or 1 dummy element
 
+// Storage sources: A = inp, B = weight; handles are the rows themselves.
 fn fw_a_st(row: u32, k: u32) -> vec4<f32> {
     if (ALIGNED) { return fw_inp[(row * p.k + k) >> 2u]; }
     var v = vec4<f32>(0.0);
@@ -116,8 +117,7 @@ fn fw_b_st(row: u32, k: u32) -> vec4<f32> {
     return v;
 }
 
-// Texture sources (st loaders above): A = packed inp (rows >= a_row0 + M),
-// c = a_row_tx / b_row_tx of the row.
+// Texture sources; c = a_row_tx / b_row_tx of the row.
 @group(0) @binding(2) var fwt_a: texture_2d_array<f32>;              // packed inp (rows >= a_row0 + M, K)
 @group(0) @binding(3) var fwt_b: texture_2d_array<f32>;              // packed weight (N, K)
 
@@ -182,6 +182,7 @@ fn matmul_gemv_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
 @group(0) @binding(2) var<storage, read> bi_dout: array<vec4<f32>>;       // (M, LD_DOUT)
 @group(0) @binding(3) var<storage, read> bi_weight: array<vec4<f32>>;     // (N, K)
 
+// Storage sources: A = dout (row stride LD_DOUT), B = weight.
 fn bi_a_st(row: u32, n: u32) -> vec4<f32> {
     let base = row * p.ld_dout + p.col_off + n;
     if (ALIGNED) { return bi_dout[base >> 2u]; }

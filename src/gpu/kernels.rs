@@ -1,8 +1,9 @@
 //! Kernel specs and pipeline construction.
 //!
 //! A kernel is (WGSL module, entry point, override constants, binding layout).
-//! Layouts are explicit: binding 0 is the `Params` uniform, then one storage
-//! binding per tensor argument in the Rust wrapper's order (outputs first).
+//! Layouts are explicit: binding 0 is the uniform block (`gpu::uniform`),
+//! then one binding per tensor argument in the Rust wrapper's order
+//! (outputs first).
 //! Pipelines are built once per spec and cached in the `Context`.
 
 use std::borrow::Cow;

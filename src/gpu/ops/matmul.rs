@@ -11,6 +11,11 @@
 //! rows, `matmul_backward_input` splits the weight rows (accumulating) and the
 //! token rows. That is what lets a 151936 x 896 LM head run under lavapipe's
 //! 128 MiB binding cap.
+//!
+//! Operands come from storage buffers or packed textures ([`Source`], bound
+//! as [`Bind`]). Each layout has one WGSL body and one recording function
+//! for every source: the source picks the loaders the micro-kernel calls
+//! and how rows are chunked (buffers to the binding limit, textures whole).
 
 use std::borrow::Cow;
 use std::fmt::Write;
