@@ -6,9 +6,11 @@
 //   attention_backward_dq     dq += ...                    (owner: query row)
 //   attention_backward_dkv    dk += ..., dv += ...         (owner: key row)
 //
-// plus attention_forward_tex, attention_backward_dq_tex and
-// attention_backward_dkv_tex: the same kernels reading the streamed operands
-// (k and v; q and dout for dkv) from packed textures (see below).
+// Each body is written once for every source of the streamed operands (k and
+// v; q and dout for dkv): this file is a template whose SRC markers (in
+// double braces) src/gpu/ops/attention.rs replaces with a source tag (st:
+// storage buffers, tx: packed textures), which picks the row_<src> and
+// <operand>_<src> loaders below. Another source adds loaders, not bodies.
 //
 // Layouts (row-major): q, out, dout, dq (B, T, NH, HD); k, v, dk, dv
 // (B, S, KVH, HD) with S = P + T and the prefix in rows 0..P of every batch;
@@ -32,7 +34,7 @@
 //   subgroups of fixed size SG each lane loads only 1/SG of a streamed row
 //   and `lane_get` (subgroupShuffle) hands the pieces around. The portable
 //   build has SG = 1 and `lane_get` is the identity.
-// - The _tex kernels read streamed rows with textureLoad from a packed copy
+// - The texture source reads streamed rows with textureLoad from a packed copy
 //   (texel (c, y, layer) = vec4 c of row layer * 2^shift + y, as
 //   matmul_pack writes it). llvmpipe turns that into one SIMD gather instead
 //   of a per-lane loop: forward at B=4, T=128, NH=9, HD=64 goes from 24 ms
@@ -55,7 +57,7 @@ struct Params {
     s: u32,      // key rows S = P + T
     groups: u32, // row groups (SG lanes x R rows) this dispatch covers
     scale: f32,  // 1 / sqrt(HD)
-    shift: u32,  // _tex kernels: log2 rows per texture layer (31 = one layer)
+    shift: u32,  // texture source: log2 rows per texture layer (31 = one layer)
     _p0: u32,
     _p1: u32,
     _p2: u32,
@@ -109,8 +111,12 @@ fn share_index(i: u32, lane: u32) -> u32 {
     return min(i * SG + lane, HD4 - 1u);
 }
 
-// Texel row and layer of packed row `row`.
-fn tex_row(row: u32) -> vec2<u32> {
+// Handle of streamed row `row` (e.g. (b * S + j) * KVH + kh), computed once
+// per row: storage, its first vec4; texture, its texel row and layer.
+fn row_st(row: u32) -> u32 {
+    return row * HD4;
+}
+fn row_tx(row: u32) -> vec2<u32> {
     return vec2<u32>(row & ((1u << p.shift) - 1u), row >> p.shift);
 }
 
@@ -147,9 +153,15 @@ fn sees(j: u32, t: u32) -> bool {
 @group(0) @binding(3) var<storage, read> fw_q: array<vec4<f32>>;         // (B, T, NH, HD)
 @group(0) @binding(4) var<storage, read> fw_k: array<vec4<f32>>;         // (B, S, KVH, HD)
 @group(0) @binding(5) var<storage, read> fw_v: array<vec4<f32>>;         // (B, S, KVH, HD)
-// attention_forward_tex: bindings 4 and 5 are packed textures instead.
+// Texture source: bindings 4 and 5 are packed textures instead.
 @group(0) @binding(4) var fwx_k: texture_2d_array<f32>;                  // packed (B*S*KVH, HD)
 @group(0) @binding(5) var fwx_v: texture_2d_array<f32>;                  // packed (B*S*KVH, HD)
+
+// Vec4 `i` of streamed k / v row `h` (a row_<src> handle).
+fn fw_k_st(h: u32, i: u32) -> vec4<f32> { return fw_k[h + i]; }
+fn fw_v_st(h: u32, i: u32) -> vec4<f32> { return fw_v[h + i]; }
+fn fw_k_tx(h: vec2<u32>, i: u32) -> vec4<f32> { return textureLoad(fwx_k, vec2<u32>(i, h.x), h.y, 0); }
+fn fw_v_tx(h: vec2<u32>, i: u32) -> vec4<f32> { return textureLoad(fwx_v, vec2<u32>(i, h.x), h.y, 0); }
 
 // Load query row `t` (clamped) pre-scaled to log2 units; reset its state.
 fn fw_init(q: RowP, acc: RowP, ml: V2P, b: u32, h: u32, t: u32) {
@@ -227,8 +239,8 @@ fn fw_end(a0: RowP, a1: RowP, a2: RowP, a3: RowP, m0: vec2<f32>, m1: vec2<f32>, 
     }
 }
 
-// attention_forward: k and v rows from storage buffers. Each lane loads its
-// share of a key/value row, then every row of the group takes the step.
+// attention_forward: each lane loads its share of a key/value row, then
+// every row of the group takes the step.
 @compute @workgroup_size(WG)
 fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {
@@ -242,38 +254,12 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgrou
     fw_begin(&q0, &q1, &q2, &q3, &a0, &a1, &a2, &a3, &m0, &m1, &m2, &m3, g);
     // Keys in order, as the CPU twin's softmax sums them, rescaled online.
     for (var j = 0u; j < g.nk_grp; j++) {
-        let base = ((g.b * p.s + j) * p.kvh + g.kh) * HD4;
+        let hr = row_{{SRC}}((g.b * p.s + j) * p.kvh + g.kh);
         var kr: Row;
         var vr: Row;
         for (var i = 0u; i < share_count(); i++) {
-            kr[i] = fw_k[base + share_index(i, sl.lane)];
-            vr[i] = fw_v[base + share_index(i, sl.lane)];
-        }
-        fw_key(&q0, &q1, &q2, &q3, &a0, &a1, &a2, &a3, &m0, &m1, &m2, &m3, &kr, &vr, j, g);
-    }
-    fw_end(&a0, &a1, &a2, &a3, m0, m1, m2, m3, g);
-}
-
-// attention_forward_tex: the same with k and v packed as (B*S*KVH, HD)
-// textures (bindings 4 and 5); only the loads differ.
-@compute @workgroup_size(WG)
-fn attention_forward_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                         @builtin(local_invocation_index) lid: u32) {
-    let sl = slot(wg, nwg, lid, p.t);
-    if (sl.grp >= p.groups) { return; }
-    let g = q_geo(sl);
-    var q0: Row; var q1: Row; var q2: Row; var q3: Row;
-    var a0: Row; var a1: Row; var a2: Row; var a3: Row;
-    var m0: vec2<f32>; var m1: vec2<f32>; var m2: vec2<f32>; var m3: vec2<f32>;
-    fw_begin(&q0, &q1, &q2, &q3, &a0, &a1, &a2, &a3, &m0, &m1, &m2, &m3, g);
-    for (var j = 0u; j < g.nk_grp; j++) {
-        // Packed row of (b, j, kh): texel row and layer, once per key.
-        let xy = tex_row((g.b * p.s + j) * p.kvh + g.kh);
-        var kr: Row;
-        var vr: Row;
-        for (var i = 0u; i < share_count(); i++) {
-            kr[i] = textureLoad(fwx_k, vec2<u32>(share_index(i, sl.lane), xy.x), xy.y, 0);
-            vr[i] = textureLoad(fwx_v, vec2<u32>(share_index(i, sl.lane), xy.x), xy.y, 0);
+            kr[i] = fw_k_{{SRC}}(hr, share_index(i, sl.lane));
+            vr[i] = fw_v_{{SRC}}(hr, share_index(i, sl.lane));
         }
         fw_key(&q0, &q1, &q2, &q3, &a0, &a1, &a2, &a3, &m0, &m1, &m2, &m3, &kr, &vr, j, g);
     }
@@ -316,9 +302,14 @@ fn attention_backward_delta(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_w
 @group(0) @binding(5) var<storage, read> dq_v: array<vec4<f32>>;        // (B, S, KVH, HD)
 @group(0) @binding(6) var<storage, read> dq_lse: array<f32>;            // (B, NH, T)
 @group(0) @binding(7) var<storage, read> dq_delta: array<f32>;          // (B, NH, T)
-// attention_backward_dq_tex: bindings 4 and 5 are packed textures instead.
+// Texture source: bindings 4 and 5 are packed textures instead.
 @group(0) @binding(4) var dqx_k: texture_2d_array<f32>;                 // packed (B*S*KVH, HD)
 @group(0) @binding(5) var dqx_v: texture_2d_array<f32>;                 // packed (B*S*KVH, HD)
+
+fn dq_k_st(h: u32, i: u32) -> vec4<f32> { return dq_k[h + i]; }
+fn dq_v_st(h: u32, i: u32) -> vec4<f32> { return dq_v[h + i]; }
+fn dq_k_tx(h: vec2<u32>, i: u32) -> vec4<f32> { return textureLoad(dqx_k, vec2<u32>(i, h.x), h.y, 0); }
+fn dq_v_tx(h: vec2<u32>, i: u32) -> vec4<f32> { return textureLoad(dqx_v, vec2<u32>(i, h.x), h.y, 0); }
 
 // Load query row `t` (clamped) with its dout row, lse and delta; clear dq.
 fn dq_init(q: RowP, go: RowP, acc: RowP, ld: V2P, b: u32, h: u32, t: u32) {
@@ -392,7 +383,7 @@ fn dq_end(a0: RowP, a1: RowP, a2: RowP, a3: RowP, g: QGeo) {
     }
 }
 
-// attention_backward_dq: k and v rows from storage buffers, keys ascending.
+// attention_backward_dq: keys ascending.
 @compute @workgroup_size(WG)
 fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                          @builtin(local_invocation_index) lid: u32) {
@@ -405,39 +396,12 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_work
     var l0: vec2<f32>; var l1: vec2<f32>; var l2: vec2<f32>; var l3: vec2<f32>;
     dq_begin(&q0, &q1, &q2, &q3, &o0, &o1, &o2, &o3, &a0, &a1, &a2, &a3, &l0, &l1, &l2, &l3, g);
     for (var j = 0u; j < g.nk_grp; j++) {
-        let base = ((g.b * p.s + j) * p.kvh + g.kh) * HD4;
+        let hr = row_{{SRC}}((g.b * p.s + j) * p.kvh + g.kh);
         var kr: Row;
         var vr: Row;
         for (var i = 0u; i < share_count(); i++) {
-            kr[i] = dq_k[base + share_index(i, sl.lane)];
-            vr[i] = dq_v[base + share_index(i, sl.lane)];
-        }
-        dq_key(&q0, &q1, &q2, &q3, &o0, &o1, &o2, &o3, &a0, &a1, &a2, &a3, l0, l1, l2, l3, &kr, &vr, j, g);
-    }
-    dq_end(&a0, &a1, &a2, &a3, g);
-}
-
-// attention_backward_dq_tex: the same with k and v packed as (B*S*KVH, HD)
-// textures (bindings 4 and 5).
-@compute @workgroup_size(WG)
-fn attention_backward_dq_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                             @builtin(local_invocation_index) lid: u32) {
-    let sl = slot(wg, nwg, lid, p.t);
-    if (sl.grp >= p.groups) { return; }
-    let g = q_geo(sl);
-    var q0: Row; var q1: Row; var q2: Row; var q3: Row;
-    var o0: Row; var o1: Row; var o2: Row; var o3: Row;
-    var a0: Row; var a1: Row; var a2: Row; var a3: Row;
-    var l0: vec2<f32>; var l1: vec2<f32>; var l2: vec2<f32>; var l3: vec2<f32>;
-    dq_begin(&q0, &q1, &q2, &q3, &o0, &o1, &o2, &o3, &a0, &a1, &a2, &a3, &l0, &l1, &l2, &l3, g);
-    for (var j = 0u; j < g.nk_grp; j++) {
-        // Packed row of (b, j, kh): texel row and layer, once per key.
-        let xy = tex_row((g.b * p.s + j) * p.kvh + g.kh);
-        var kr: Row;
-        var vr: Row;
-        for (var i = 0u; i < share_count(); i++) {
-            kr[i] = textureLoad(dqx_k, vec2<u32>(share_index(i, sl.lane), xy.x), xy.y, 0);
-            vr[i] = textureLoad(dqx_v, vec2<u32>(share_index(i, sl.lane), xy.x), xy.y, 0);
+            kr[i] = dq_k_{{SRC}}(hr, share_index(i, sl.lane));
+            vr[i] = dq_v_{{SRC}}(hr, share_index(i, sl.lane));
         }
         dq_key(&q0, &q1, &q2, &q3, &o0, &o1, &o2, &o3, &a0, &a1, &a2, &a3, l0, l1, l2, l3, &kr, &vr, j, g);
     }
@@ -461,9 +425,14 @@ fn attention_backward_dq_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_
 @group(0) @binding(6) var<storage, read> kv_v: array<vec4<f32>>;        // (B, S, KVH, HD)
 @group(0) @binding(7) var<storage, read> kv_lse: array<f32>;            // (B, NH, T)
 @group(0) @binding(8) var<storage, read> kv_delta: array<f32>;          // (B, NH, T)
-// attention_backward_dkv_tex: bindings 3 and 4 are packed textures instead.
+// Texture source: bindings 3 and 4 are packed textures instead.
 @group(0) @binding(3) var kvx_dout: texture_2d_array<f32>;              // packed (B*T*NH, HD)
 @group(0) @binding(4) var kvx_q: texture_2d_array<f32>;                 // packed (B*T*NH, HD)
+
+fn kv_dout_st(h: u32, i: u32) -> vec4<f32> { return kv_dout[h + i]; }
+fn kv_q_st(h: u32, i: u32) -> vec4<f32> { return kv_q[h + i]; }
+fn kv_dout_tx(h: vec2<u32>, i: u32) -> vec4<f32> { return textureLoad(kvx_dout, vec2<u32>(i, h.x), h.y, 0); }
+fn kv_q_tx(h: vec2<u32>, i: u32) -> vec4<f32> { return textureLoad(kvx_q, vec2<u32>(i, h.x), h.y, 0); }
 
 // Geometry of a key-row invocation: batch, KV head, first row s (row r is
 // s + r * SG) and the first query its group walks: key s is seen by queries
@@ -556,8 +525,8 @@ fn kv_end(x0: RowP, x1: RowP, x2: RowP, x3: RowP, y0: RowP, y1: RowP, y2: RowP, 
     }
 }
 
-// attention_backward_dkv: q and dout rows from storage buffers; each
-// (head, query) step also reads that query's lse and delta.
+// attention_backward_dkv: each (head, query) step also reads that query's
+// lse and delta (always from buffers).
 @compute @workgroup_size(WG)
 fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                           @builtin(local_invocation_index) lid: u32) {
@@ -573,43 +542,12 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_wor
     // The fixed summation order: query heads of the group, then queries.
     for (var h = g.kh * gs; h < (g.kh + 1u) * gs; h++) {
         for (var t = g.t_grp; t < p.t; t++) {
-            let base = ((g.b * p.t + t) * p.nh + h) * HD4;
+            let hr = row_{{SRC}}((g.b * p.t + t) * p.nh + h);
             var qr: Row;
             var gr: Row;
             for (var i = 0u; i < share_count(); i++) {
-                qr[i] = kv_q[base + share_index(i, sl.lane)];
-                gr[i] = kv_dout[base + share_index(i, sl.lane)];
-            }
-            kv_query(&k0, &k1, &k2, &k3, &v0, &v1, &v2, &v3, &x0, &x1, &x2, &x3, &y0, &y1, &y2, &y3, &qr, &gr, h, t, g);
-        }
-    }
-    kv_end(&x0, &x1, &x2, &x3, &y0, &y1, &y2, &y3, g);
-}
-
-// attention_backward_dkv_tex: the same with dout and q packed as
-// (B*T*NH, HD) textures (bindings 3 and 4); lse and delta stay in buffers.
-@compute @workgroup_size(WG)
-fn attention_backward_dkv_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                              @builtin(local_invocation_index) lid: u32) {
-    let sl = slot(wg, nwg, lid, p.s);
-    if (sl.grp >= p.groups) { return; }
-    let g = k_geo(sl);
-    let gs = p.nh / p.kvh;
-    var k0: Row; var k1: Row; var k2: Row; var k3: Row;
-    var v0: Row; var v1: Row; var v2: Row; var v3: Row;
-    var x0: Row; var x1: Row; var x2: Row; var x3: Row;
-    var y0: Row; var y1: Row; var y2: Row; var y3: Row;
-    kv_begin(&k0, &k1, &k2, &k3, &v0, &v1, &v2, &v3, &x0, &x1, &x2, &x3, &y0, &y1, &y2, &y3, g);
-    // The fixed summation order: query heads of the group, then queries.
-    for (var h = g.kh * gs; h < (g.kh + 1u) * gs; h++) {
-        for (var t = g.t_grp; t < p.t; t++) {
-            // Packed row of (b, t, h) in the q and dout textures.
-            let xy = tex_row((g.b * p.t + t) * p.nh + h);
-            var qr: Row;
-            var gr: Row;
-            for (var i = 0u; i < share_count(); i++) {
-                qr[i] = textureLoad(kvx_q, vec2<u32>(share_index(i, sl.lane), xy.x), xy.y, 0);
-                gr[i] = textureLoad(kvx_dout, vec2<u32>(share_index(i, sl.lane), xy.x), xy.y, 0);
+                qr[i] = kv_q_{{SRC}}(hr, share_index(i, sl.lane));
+                gr[i] = kv_dout_{{SRC}}(hr, share_index(i, sl.lane));
             }
             kv_query(&k0, &k1, &k2, &k3, &v0, &v1, &v2, &v3, &x0, &x1, &x2, &x3, &y0, &y1, &y2, &y3, &qr, &gr, h, t, g);
         }

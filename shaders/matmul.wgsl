@@ -19,13 +19,17 @@
 // subgroups (SG = 1) every invocation loads its own rows; that is the portable
 // path, and on real GPUs the caches absorb the repeated loads.
 //
-// Two operand sources. Storage entries bind every operand as
-// array<vec4<f32>>; `_tex` entries read both operands from matrices packed
-// into rgba32float textures by matmul_pack (TexMatrix): on llvmpipe a texel
-// fetch is a SIMD gather, about 10x cheaper than a checked storage load, and
-// GPUs serve it from the texture cache. The wrappers use textures whenever
-// the matrices fit the texture limits.
-//
+// Operand sources. Each matmul body is written once; the A and B operands
+// come from a source chosen per module (ops::matmul::Variant): storage
+// buffers bound as array<vec4<f32>>, or matrices packed into rgba32float
+// textures by matmul_pack (TexMatrix; on llvmpipe a texel fetch is a SIMD
+// gather, about 10x cheaper than a checked storage load, and GPUs serve it
+// from the texture cache). The generated micro-kernels reach an operand only
+// through two functions named after its source `src` (st, tx):
+//   a_row_<src>(row) / b_row_<src>(row)   row handle, hoisted out of loops
+//   <layout>_<a|b>_<src>(handle, col)     4 consecutive elements of a row
+// so a new source adds its bindings and these functions, not another body.
+
 // Every storage operand is bound as array<vec4<f32>> (buffers are padded to 16 bytes).
 // ALIGNED variants need rows that start on a vec4 (K % 4 == 0 and so on);
 // the others assemble vec4s from scalars and zero-fill the reduction tail, so
@@ -63,6 +67,29 @@ const RG: u32 = {{RG}}u;     // row groups per workgroup
 const WG: u32 = {{WG}}u;     // = LC * RG
 const ALIGNED: bool = {{ALIGNED}};
 
+// Row handles of the two sources. Storage: the row itself. Texture: texel
+// row and layer (texel (c, y, layer) = columns 4c..4c+4 of row
+// layer * 2^shift + y, zero-padded), A rows offset by this token chunk's
+// a_row0. Only matrices taller than the texture limit are layered; for the
+// rest the split folds away at compile time. Handles are computed outside
+// the reduction loop where the row is fixed: per-load integer work measured
+// as costly as the fetch itself on llvmpipe.
+const A_LAYERED: bool = {{A_LAYERED}};
+const B_LAYERED: bool = {{B_LAYERED}};
+fn tex_row(row: u32, shift: u32) -> vec2<u32> {
+    return vec2<u32>(row & ((1u << shift) - 1u), row >> shift);
+}
+fn a_row_st(row: u32) -> u32 { return row; }
+fn b_row_st(row: u32) -> u32 { return row; }
+fn a_row_tx(row: u32) -> vec2<u32> {
+    if (A_LAYERED) { return tex_row(p.a_row0 + row, p.a_shift); }
+    return vec2<u32>(p.a_row0 + row, 0u);
+}
+fn b_row_tx(row: u32) -> vec2<u32> {
+    if (B_LAYERED) { return tex_row(row, p.b_shift); }
+    return vec2<u32>(row, 0u);
+}
+
 // ---------------------------------------------------------------------------
 // matmul_forward: out[m, col_off + n] (+)= alpha * sum_k inp[m, k] * weight[n, k] + bias[n]
 // One workgroup per (RG*TM) x (LC*TN) output tile.
@@ -71,7 +98,8 @@ const ALIGNED: bool = {{ALIGNED}};
 @group(0) @binding(3) var<storage, read> fw_weight: array<vec4<f32>>;   // (N, K)
 @group(0) @binding(4) var<storage, read> fw_bias: array<f32>;           // (N), or 1 dummy element
 
-fn fw_inp4(row: u32, k: u32) -> vec4<f32> {
+// Storage sources: A = inp, B = weight; handles are the rows themselves.
+fn fw_a_st(row: u32, k: u32) -> vec4<f32> {
     if (ALIGNED) { return fw_inp[(row * p.k + k) >> 2u]; }
     var v = vec4<f32>(0.0);
     for (var i = 0u; i < 4u; i++) {
@@ -80,13 +108,24 @@ fn fw_inp4(row: u32, k: u32) -> vec4<f32> {
     return v;
 }
 
-fn fw_weight4(row: u32, k: u32) -> vec4<f32> {
+fn fw_b_st(row: u32, k: u32) -> vec4<f32> {
     if (ALIGNED) { return fw_weight[(row * p.k + k) >> 2u]; }
     var v = vec4<f32>(0.0);
     for (var i = 0u; i < 4u; i++) {
         if (k + i < p.k) { let e = row * p.k + k + i; v[i] = fw_weight[e >> 2u][e & 3u]; }
     }
     return v;
+}
+
+// Texture sources; c = a_row_tx / b_row_tx of the row.
+@group(0) @binding(2) var fwt_a: texture_2d_array<f32>;              // packed inp (rows >= a_row0 + M, K)
+@group(0) @binding(3) var fwt_b: texture_2d_array<f32>;              // packed weight (N, K)
+
+fn fw_a_tx(c: vec2<u32>, k: u32) -> vec4<f32> {
+    return textureLoad(fwt_a, vec2<u32>(k >> 2u, c.x), c.y, 0);
+}
+fn fw_b_tx(c: vec2<u32>, k: u32) -> vec4<f32> {
+    return textureLoad(fwt_b, vec2<u32>(k >> 2u, c.x), c.y, 0);
 }
 
 fn fw_store(row: u32, col: u32, acc: f32) {
@@ -113,6 +152,28 @@ fn matmul_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
 {{FW_STORE}}
 }
 
+// matmul_gemv_tex: matmul_forward for few rows (generation, short inputs),
+// texture operands only. The register-tiled entry computes RG*TM rows per
+// workgroup, so at M = 1 nearly all of its work is thrown away; here one
+// invocation owns one output element and streams its weight row.
+@compute @workgroup_size(64)
+fn matmul_gemv_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let n = wg.x * 64u + lid;
+    let m = wg.y;
+    if (n >= p.n || m >= p.m) { return; }
+    let ca = a_row_tx(m);
+    let cb = b_row_tx(n);
+    var acc = vec4<f32>(0.0);
+    // Packed rows are zero-padded to whole texels.
+    let k4 = (p.k + 3u) >> 2u;
+    for (var k = 0u; k < k4; k++) {
+        let a = textureLoad(fwt_a, vec2<u32>(k, ca.x), ca.y, 0);
+        let b = textureLoad(fwt_b, vec2<u32>(k, cb.x), cb.y, 0);
+        acc = fma(a, b, acc);
+    }
+    fw_store(m, n, (acc.x + acc.y) + (acc.z + acc.w));
+}
+
 // ---------------------------------------------------------------------------
 // matmul_backward_input: differentiates out = inp . weight^T:
 // dinp[m, k] += alpha * sum_n dout[m, col_off + n] * weight[n, k]
@@ -121,7 +182,8 @@ fn matmul_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
 @group(0) @binding(2) var<storage, read> bi_dout: array<vec4<f32>>;       // (M, LD_DOUT)
 @group(0) @binding(3) var<storage, read> bi_weight: array<vec4<f32>>;     // (N, K)
 
-fn bi_dout4(row: u32, n: u32) -> vec4<f32> {
+// Storage sources: A = dout (row stride LD_DOUT), B = weight.
+fn bi_a_st(row: u32, n: u32) -> vec4<f32> {
     let base = row * p.ld_dout + p.col_off + n;
     if (ALIGNED) { return bi_dout[base >> 2u]; }
     var v = vec4<f32>(0.0);
@@ -132,7 +194,7 @@ fn bi_dout4(row: u32, n: u32) -> vec4<f32> {
 }
 
 // weight[n, col..col+4], zero when n is past the end.
-fn bi_weight4(n: u32, col: u32) -> vec4<f32> {
+fn bi_b_st(n: u32, col: u32) -> vec4<f32> {
     if (n >= p.n) { return vec4<f32>(0.0); }
     if (ALIGNED) { return bi_weight[(n * p.k + min(col, p.k - 4u)) >> 2u]; }
     var v = vec4<f32>(0.0);
@@ -140,6 +202,21 @@ fn bi_weight4(n: u32, col: u32) -> vec4<f32> {
         if (col + i < p.k) { let e = n * p.k + col + i; v[i] = bi_weight[e >> 2u][e & 3u]; }
     }
     return v;
+}
+
+// Texture sources: A = packed dout (rows >= a_row0 + M, N), B = packed weight.
+@group(0) @binding(2) var bit_a: texture_2d_array<f32>;                    // packed dout (rows >= a_row0 + M, N)
+@group(0) @binding(3) var bit_b: texture_2d_array<f32>;                    // packed weight (N, K)
+
+fn bi_a_tx(c: vec2<u32>, n: u32) -> vec4<f32> {
+    return textureLoad(bit_a, vec2<u32>(n >> 2u, c.x), c.y, 0);
+}
+// weight[n, col..col+4]; zero past the last row (dout is zero there too, but
+// an out-of-range fetch may return any texel).
+fn bi_b_tx(n: u32, col: u32) -> vec4<f32> {
+    if (n >= p.n) { return vec4<f32>(0.0); }
+    let c = b_row_tx(n);
+    return textureLoad(bit_b, vec2<u32>(col >> 2u, c.x), c.y, 0);
 }
 
 fn bi_store(row: u32, col: u32, acc: vec4<f32>) {
@@ -179,7 +256,7 @@ fn matmul_backward_input(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
 @group(0) @binding(3) var<storage, read> bw_inp: array<vec4<f32>>;           // (M, K)
 
 // dout[m, n..n+4] (zero past the ends).
-fn bw_dout4(m: u32, n: u32) -> vec4<f32> {
+fn bw_a_st(m: u32, n: u32) -> vec4<f32> {
     let base = m * p.ld_dout + p.col_off + n;
     if (ALIGNED) { if (n >= p.n) { return vec4<f32>(0.0); } return bw_dout[base >> 2u]; }
     var v = vec4<f32>(0.0);
@@ -189,13 +266,25 @@ fn bw_dout4(m: u32, n: u32) -> vec4<f32> {
     return v;
 }
 
-fn bw_inp4(m: u32, col: u32) -> vec4<f32> {
+fn bw_b_st(m: u32, col: u32) -> vec4<f32> {
     if (ALIGNED) { return bw_inp[(m * p.k + min(col, p.k - 4u)) >> 2u]; }
     var v = vec4<f32>(0.0);
     for (var i = 0u; i < 4u; i++) {
         if (col + i < p.k) { let e = m * p.k + col + i; v[i] = bw_inp[e >> 2u][e & 3u]; }
     }
     return v;
+}
+
+// Texture sources: A = packed dout (M, N), B = packed inp (M, K);
+// c = a_row_tx(m) / b_row_tx(m), computed once per token by the caller.
+@group(0) @binding(2) var bwt_a: texture_2d_array<f32>;                       // packed dout (M, N)
+@group(0) @binding(3) var bwt_b: texture_2d_array<f32>;                       // packed inp (M, K)
+
+fn bw_a_tx(c: vec2<u32>, n: u32) -> vec4<f32> {
+    return textureLoad(bwt_a, vec2<u32>(min(n, p.n - 1u) >> 2u, c.x), c.y, 0);
+}
+fn bw_b_tx(c: vec2<u32>, col: u32) -> vec4<f32> {
+    return textureLoad(bwt_b, vec2<u32>(min(col, p.k - 1u) >> 2u, c.x), c.y, 0);
 }
 
 fn bw_store(z: u32, row: u32, col: u32, acc: vec4<f32>) {
@@ -248,137 +337,6 @@ fn matmul_backward_weight_reduce(@builtin(workgroup_id) wg: vec3<u32>, @builtin(
     var s = 0.0;
     for (var z = 0u; z < p.splits; z++) { s += rd_partials[z * total + i]; }
     rd_dweight[i] += p.alpha * s;
-}
-
-// ---------------------------------------------------------------------------
-// Texture-operand versions of the three layouts. Same math and tiles; A and
-// B come from packed textures (texel (c, y, layer) = row layer*2^shift + y,
-// columns 4c..4c+4, zero-padded), so no alignment is needed for loads.
-
-fn tex_row(row: u32, shift: u32) -> vec2<u32> {
-    return vec2<u32>(row & ((1u << shift) - 1u), row >> shift);
-}
-
-// Texel row and layer of A row `row` (after the chunk offset) and of B row
-// `row`. Only matrices taller than the texture limit are layered; for the
-// rest the split folds away at compile time. Kernels compute coordinates
-// outside the reduction loop where the row is fixed: per-load integer work
-// measured as costly as the fetch itself on llvmpipe.
-const A_LAYERED: bool = {{A_LAYERED}};
-const B_LAYERED: bool = {{B_LAYERED}};
-fn a_coord(row: u32) -> vec2<u32> {
-    if (A_LAYERED) { return tex_row(p.a_row0 + row, p.a_shift); }
-    return vec2<u32>(p.a_row0 + row, 0u);
-}
-fn b_coord(row: u32) -> vec2<u32> {
-    if (B_LAYERED) { return tex_row(row, p.b_shift); }
-    return vec2<u32>(row, 0u);
-}
-
-// matmul_forward_tex: out[m, col_off + n] (+)= alpha * sum_k a[a_row0 + m, k] * b[n, k] + bias[n]
-// Output and bias bindings are the storage entry's own (fw_out, fw_bias).
-@group(0) @binding(2) var fwt_a: texture_2d_array<f32>;              // packed inp (rows >= a_row0 + M, K)
-@group(0) @binding(3) var fwt_b: texture_2d_array<f32>;              // packed weight (N, K)
-
-fn fwt_a4(c: vec2<u32>, k: u32) -> vec4<f32> {
-    return textureLoad(fwt_a, vec2<u32>(k >> 2u, c.x), c.y, 0);
-}
-fn fwt_b4(c: vec2<u32>, k: u32) -> vec4<f32> {
-    return textureLoad(fwt_b, vec2<u32>(k >> 2u, c.x), c.y, 0);
-}
-@compute @workgroup_size(WG)
-fn matmul_forward_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32,
-                      {{LANE_BUILTINS}}) {
-    {{LANE_SETUP}}
-    let row0 = wg.y * (RG * TM) + rg * TM;
-    let col0 = wg.x * (LC * TN) + lane * TN;
-    let mlast = p.m - 1u;
-    let nlast = p.n - 1u;
-{{FWT_DECL}}
-    for (var k = 0u; k < p.k; k += 4u) {
-{{FWT_BODY}}
-    }
-{{FWT_STORE}}
-}
-
-// matmul_gemv_tex: matmul_forward_tex for few rows (generation, short
-// inputs). The register-tiled entry computes RG*TM rows per workgroup, so at
-// M = 1 nearly all of its work is thrown away; here one invocation owns one
-// output element and streams its weight row. Same bindings as forward_tex.
-@compute @workgroup_size(64)
-fn matmul_gemv_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let n = wg.x * 64u + lid;
-    let m = wg.y;
-    if (n >= p.n || m >= p.m) { return; }
-    let ca = a_coord(m);
-    let cb = b_coord(n);
-    var acc = vec4<f32>(0.0);
-    // Packed rows are zero-padded to whole texels.
-    let k4 = (p.k + 3u) >> 2u;
-    for (var k = 0u; k < k4; k++) {
-        let a = textureLoad(fwt_a, vec2<u32>(k, ca.x), ca.y, 0);
-        let b = textureLoad(fwt_b, vec2<u32>(k, cb.x), cb.y, 0);
-        acc = fma(a, b, acc);
-    }
-    fw_store(m, n, (acc.x + acc.y) + (acc.z + acc.w));
-}
-
-// matmul_backward_input_tex: dinp[m, k] += alpha * sum_n a[a_row0 + m, n] * b[n, k]
-// (a = packed dout, b = packed weight).
-// Output binding: bi_dinp, shared with the storage entry.
-@group(0) @binding(2) var bit_a: texture_2d_array<f32>;                    // packed dout (rows >= a_row0 + M, N)
-@group(0) @binding(3) var bit_b: texture_2d_array<f32>;                    // packed weight (N, K)
-
-fn bit_a4(c: vec2<u32>, n: u32) -> vec4<f32> {
-    return textureLoad(bit_a, vec2<u32>(n >> 2u, c.x), c.y, 0);
-}
-// weight[n, col..col+4]; zero past the last row (dout is zero there too, but
-// an out-of-range fetch may return any texel).
-fn bit_b4(n: u32, col: u32) -> vec4<f32> {
-    if (n >= p.n) { return vec4<f32>(0.0); }
-    let c = b_coord(n);
-    return textureLoad(bit_b, vec2<u32>(col >> 2u, c.x), c.y, 0);
-}
-@compute @workgroup_size(WG)
-fn matmul_backward_input_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32,
-                             {{LANE_BUILTINS}}) {
-    {{LANE_SETUP}}
-    let row0 = wg.y * (RG * TM) + rg * TM;
-    let col0 = wg.x * (LC * TN) + lane * TN;
-    let mlast = p.m - 1u;
-{{BIT_DECL}}
-    for (var n = 0u; n < p.n; n += 4u) {
-{{BIT_BODY}}
-    }
-{{BIT_STORE}}
-}
-
-// matmul_backward_weight_tex: dweight[n, k] += alpha * sum_m a[m, n] * b[m, k]
-// (a = packed dout, b = packed inp), split-K as in matmul_backward_weight.
-// Output binding: bw_dweight, shared with the storage entry.
-@group(0) @binding(2) var bwt_a: texture_2d_array<f32>;                       // packed dout (M, N)
-@group(0) @binding(3) var bwt_b: texture_2d_array<f32>;                       // packed inp (M, K)
-
-// c = a_coord(m) / b_coord(m), computed once per token by the caller.
-fn bwt_a4(c: vec2<u32>, n: u32) -> vec4<f32> {
-    return textureLoad(bwt_a, vec2<u32>(min(n, p.n - 1u) >> 2u, c.x), c.y, 0);
-}
-fn bwt_b4(c: vec2<u32>, col: u32) -> vec4<f32> {
-    return textureLoad(bwt_b, vec2<u32>(min(col, p.k - 1u) >> 2u, c.x), c.y, 0);
-}
-@compute @workgroup_size(WG)
-fn matmul_backward_weight_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32,
-                              {{LANE_BUILTINS}}) {
-    {{LANE_SETUP}}
-    let row0 = wg.y * (RG * TM) + rg * TM;
-    let col0 = wg.x * (LC * TN) + lane * TN;
-    let m0 = wg.z * p.m_split;
-    let m1 = min(p.m, m0 + p.m_split);
-{{BWT_DECL}}
-    for (var m = m0; m < m1; m++) {
-{{BWT_BODY}}
-    }
-{{BWT_STORE}}
 }
 
 // ---------------------------------------------------------------------------

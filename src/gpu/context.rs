@@ -2,6 +2,10 @@
 //! optional features, error capture, and the pipeline cache.
 //!
 //! Everything GPU-side takes `&Context`, so tests and the CLI share one device.
+//!
+//! Every blocking wait for the GPU lives here: [`block_on`] for wgpu's
+//! futures, [`Context::sync`] for submitted work and [`Context::map_read`]
+//! for buffer readback. The rest of `gpu` never blocks on its own.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -115,12 +119,18 @@ pub fn list_adapters(backend: Option<&str>) -> Result<Vec<AdapterSummary>> {
 /// The adapters of `backends`; when the default (primary) backends have
 /// none, OpenGL's.
 fn enumerate(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
-    let found = pollster::block_on(instance(backends).enumerate_adapters(backends));
+    let found = block_on(instance(backends).enumerate_adapters(backends));
     if found.is_empty() && backends == wgpu::Backends::PRIMARY {
         let gl = wgpu::Backends::GL;
-        return pollster::block_on(instance(gl).enumerate_adapters(gl));
+        return block_on(instance(gl).enumerate_adapters(gl));
     }
     found
+}
+
+/// Wait for one of wgpu's futures (adapter and device requests, error
+/// scopes) on the calling thread.
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    pollster::block_on(f)
 }
 
 impl Context {
@@ -171,7 +181,7 @@ impl Context {
         // The adapter's real limits, not wgpu's WebGPU defaults (128 MiB
         // bindings, 8 storage buffers, 16 KiB workgroup memory).
         let limits = adapter.limits();
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        let (device, queue) = block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("wgtune"),
             required_features: features,
             required_limits: limits.clone(),
@@ -284,6 +294,23 @@ impl Context {
                 message: e.to_string(),
             })?;
         self.check("sync")
+    }
+
+    /// Map `slice` for reading and wait until it is mapped (`what` names the
+    /// buffer in errors).
+    pub(crate) fn map_read(&self, slice: wgpu::BufferSlice<'_>, what: &str) -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.sync()?;
+        let err = |message: String| Error::Gpu {
+            context: Some(format!("reading `{what}`")),
+            message,
+        };
+        rx.recv()
+            .map_err(|e| err(e.to_string()))?
+            .map_err(|e| err(e.to_string()))
     }
 
     /// The cached pipeline for `spec`, built on first use.

@@ -1,8 +1,9 @@
 //! Kernel specs and pipeline construction.
 //!
 //! A kernel is (WGSL module, entry point, override constants, binding layout).
-//! Layouts are explicit: binding 0 is the `Params` uniform, then one storage
-//! binding per tensor argument in the Rust wrapper's order (outputs first).
+//! Layouts are explicit: binding 0 is the uniform block (`gpu::uniform`),
+//! then one binding per tensor argument in the Rust wrapper's order
+//! (outputs first).
 //! Pipelines are built once per spec and cached in the `Context`.
 
 use std::borrow::Cow;
@@ -14,14 +15,13 @@ use crate::gpu::context::Context;
 pub const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 /// The op-family sources, `(name, text)`. Each is used as `COMMON + text`.
-/// `matmul.wgsl` is not listed: it is a template that `ops::matmul`
-/// instantiates per variant.
+/// `matmul.wgsl` and `attention.wgsl` are not listed: they are templates
+/// that `ops::matmul` and `ops::attention` instantiate per variant.
 pub const FAMILIES: &[(&str, &str)] = &[
     ("embedding", include_str!("../../shaders/embedding.wgsl")),
     ("norm", include_str!("../../shaders/norm.wgsl")),
     ("rope", include_str!("../../shaders/rope.wgsl")),
     ("activation", include_str!("../../shaders/activation.wgsl")),
-    ("attention", include_str!("../../shaders/attention.wgsl")),
     ("loss", include_str!("../../shaders/loss.wgsl")),
     ("lora", include_str!("../../shaders/lora.wgsl")),
     ("adamw", include_str!("../../shaders/adamw.wgsl")),
@@ -47,6 +47,35 @@ pub enum Access {
     Texture,
     /// `texture_storage_2d_array<rgba32float, write>` (packing target).
     StorageTexture,
+}
+
+/// Where a kernel reads a matrix operand from. Kernel bodies are written
+/// once; the WGSL reaches an operand through functions named after its
+/// source's [`Source::tag`], so another source (f16, block-quantized) adds a
+/// variant here and its loaders in the shader, not another body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// A storage buffer (`Tensor`).
+    Storage,
+    /// A packed rgba32float texture (`TexMatrix`).
+    Texture,
+}
+
+impl Source {
+    /// Suffix of the source's WGSL functions and of module names.
+    pub fn tag(self) -> &'static str {
+        match self {
+            Source::Storage => "st",
+            Source::Texture => "tx",
+        }
+    }
+    /// How an operand of this source is bound for reading.
+    pub fn access(self) -> Access {
+        match self {
+            Source::Storage => Access::Read,
+            Source::Texture => Access::Texture,
+        }
+    }
 }
 
 /// Everything that identifies a pipeline.
@@ -178,7 +207,7 @@ pub(crate) fn build(ctx: &Context, spec: &KernelSpec) -> Result<Kernel> {
         },
         cache: None,
     });
-    if let Some(e) = pollster::block_on(scope.pop()) {
+    if let Some(e) = crate::gpu::context::block_on(scope.pop()) {
         return Err(Error::Shader {
             kernel: name,
             message: e.to_string(),

@@ -5,7 +5,9 @@ pub mod kernels;
 pub mod ops;
 pub mod plan;
 pub mod tensor;
+pub mod uniform;
 
 pub use context::{Context, ContextOptions};
-pub use plan::{Bind, Params, Plan};
+pub use plan::{Bind, Plan};
 pub use tensor::{DType, Tensor, TexMatrix};
+pub use uniform::Uniform;

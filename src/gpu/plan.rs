@@ -11,8 +11,9 @@ use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
-use crate::gpu::kernels::{Kernel, KernelSpec};
+use crate::gpu::kernels::{Kernel, KernelSpec, Source};
 use crate::gpu::tensor::{Tensor, TexMatrix};
+use crate::gpu::uniform::Uniform;
 
 enum Step {
     Dispatch {
@@ -36,32 +37,21 @@ enum Step {
     EndGroup,
 }
 
-/// One bound argument: a buffer tensor or a packed texture matrix.
+/// One bound argument, and the operand type of kernels that take either
+/// source: a buffer tensor or a packed texture matrix.
 #[derive(Clone, Copy)]
 pub enum Bind<'a> {
     T(&'a Tensor),
     X(&'a TexMatrix),
 }
 
-/// Uniform parameters of one dispatch: 4-byte words (u32 or f32 bits).
-#[derive(Clone, Debug, Default)]
-pub struct Params(Vec<u32>);
-
-impl Params {
-    pub fn new() -> Self {
-        Params(Vec::new())
-    }
-    pub fn u(mut self, v: usize) -> Self {
-        self.0.push(v as u32);
-        self
-    }
-    pub fn f(mut self, v: f32) -> Self {
-        self.0.push(v.to_bits());
-        self
-    }
-    pub fn i(mut self, v: i32) -> Self {
-        self.0.push(v as u32);
-        self
+impl Bind<'_> {
+    /// The operand source this argument is read from.
+    pub fn source(&self) -> Source {
+        match self {
+            Bind::T(_) => Source::Storage,
+            Bind::X(_) => Source::Texture,
+        }
     }
 }
 
@@ -159,7 +149,7 @@ impl Plan {
         &mut self,
         ctx: &Context,
         spec: &KernelSpec,
-        params: &Params,
+        params: &impl Uniform,
         bindings: &[&Tensor],
         workgroups: [u32; 3],
     ) -> Result<()> {
@@ -172,7 +162,7 @@ impl Plan {
         &mut self,
         ctx: &Context,
         spec: &KernelSpec,
-        params: &Params,
+        params: &impl Uniform,
         bindings: &[Bind],
         workgroups: [u32; 3],
     ) -> Result<()> {
@@ -215,14 +205,14 @@ impl Plan {
                 ));
             }
         }
-        let mut words = params.0.clone();
-        // At least 64 bytes: the largest Params block any kernel declares.
-        words.resize(words.len().max(16).next_multiple_of(4), 0);
+        let mut bytes = bytemuck::bytes_of(params).to_vec();
+        // At least 64 bytes, whole 16-byte rows (uniform buffer granularity).
+        bytes.resize(bytes.len().max(64).next_multiple_of(16), 0);
         let uniform = ctx
             .device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(&kernel.name),
-                contents: bytemuck::cast_slice(&words),
+                contents: &bytes,
                 usage: wgpu::BufferUsages::UNIFORM,
             });
         let mut entries = vec![wgpu::BindGroupEntry {

@@ -250,20 +250,7 @@ impl Tensor {
         enc.copy_buffer_to_buffer(&self.buffer, self.offset, &staging, 0, size);
         ctx.queue.submit([enc.finish()]);
         let slice = staging.slice(..);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        ctx.sync()?;
-        rx.recv()
-            .map_err(|e| Error::Gpu {
-                context: Some(format!("reading `{}`", self.label)),
-                message: e.to_string(),
-            })?
-            .map_err(|e| Error::Gpu {
-                context: Some(format!("reading `{}`", self.label)),
-                message: e.to_string(),
-            })?;
+        ctx.map_read(slice, &self.label)?;
         let out = slice
             .get_mapped_range()
             .map_err(|e| Error::Gpu {

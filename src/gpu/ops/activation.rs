@@ -5,11 +5,16 @@
 //! path on lavapipe); otherwise its `_x1` twin (4 scalars per invocation),
 //! because a binding of n floats cannot be viewed as vec4 past the last whole 4.
 
-use super::{expect_shape, grid_1d, Params, Plan, R, W};
+use super::{expect_shape, grid_1d, uniform, Plan, R, W};
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
 use crate::gpu::kernels::{Access, KernelSpec};
 use crate::gpu::tensor::Tensor;
+
+uniform! { "activation" "Params"
+    /// `Params` of `shaders/activation.wgsl`.
+    pub struct ActivationParams { n: u32, _p0: u32, _p1: u32, _p2: u32 }
+}
 
 /// Invocations per workgroup: 8 lavapipe SIMD-8 batches, and a multiple of
 /// every real GPU's wave size.
@@ -49,7 +54,10 @@ fn dispatch_flat(
     plan.dispatch(
         ctx,
         &spec,
-        &Params::new().u(n),
+        &ActivationParams {
+            n: n as u32,
+            ..Default::default()
+        },
         bindings,
         grid_1d(ctx, groups as u32),
     )

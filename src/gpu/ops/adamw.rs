@@ -13,11 +13,16 @@
 //! `lr` and `t` change every step but the plan (and its uniforms) is recorded
 //! once, so the per-step scalars live in the small `step` (8) tensor instead.
 
-use super::{dims, expect_shape, grid_1d, Params, Plan, R, W};
+use super::{dims, expect_shape, grid_1d, uniform, Plan, R, W};
 use crate::error::Result;
 use crate::gpu::context::Context;
 use crate::gpu::kernels::{Access, KernelSpec};
 use crate::gpu::tensor::Tensor;
+
+uniform! { "adamw" "Params"
+    /// `Params` of `shaders/adamw.wgsl`.
+    pub struct AdamwParams { n: u32, parts: u32, max_norm: f32, inf_bits: u32 }
+}
 
 /// Threads per workgroup (a power of two <= 256, the shader's MAX_WG).
 const WG: usize = 256;
@@ -68,11 +73,12 @@ pub fn global_norm(
     let g = global_norm_partials_len(n);
     expect_shape(op, norm, &[4])?;
     expect_shape(op, partials, &[g])?;
-    let p = Params::new()
-        .u(n)
-        .u(g)
-        .f(max_norm)
-        .u(f32::INFINITY.to_bits() as usize);
+    let p = AdamwParams {
+        n: n as u32,
+        parts: g as u32,
+        max_norm,
+        inf_bits: f32::INFINITY.to_bits(),
+    };
     plan.dispatch(
         ctx,
         &spec("global_norm_partial", &[W, R])?,
@@ -110,7 +116,10 @@ pub fn adamw_update(
     expect_shape(op, grads, &[n])?;
     expect_shape(op, norm, &[4])?;
     expect_shape(op, step, &[8])?;
-    let p = Params::new().u(n).u(0).f(0.0).u(0);
+    let p = AdamwParams {
+        n: n as u32,
+        ..Default::default()
+    };
     let wgs = n.div_ceil(WG * ITEMS) as u32;
     plan.dispatch(
         ctx,

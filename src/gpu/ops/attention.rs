@@ -8,8 +8,9 @@
 //! Kernel configuration ([`AttnConfig`], see the shader header):
 //! - When the context allows textures (`Context::textures`), the streamed
 //!   operands (k, v; q, dout for dkv) are packed into textures in the same
-//!   plan (`matmul::pack`) and read by the `_tex` kernels: on lavapipe a
-//!   texture fetch is a SIMD gather, a storage load a per-lane loop.
+//!   plan (`matmul::pack`) and the kernels are built for the texture source
+//!   (one body per kernel, see the shader header): on lavapipe a texture
+//!   fetch is a SIMD gather, a storage load a per-lane loop.
 //! - When the context has subgroups of a fixed size, the kernels are built
 //!   from the same source with `lane_get` turned into `subgroupShuffle`, so
 //!   a subgroup shares the rows it streams. Otherwise the portable build
@@ -20,15 +21,17 @@
 
 use std::borrow::Cow;
 
-use super::{dims, expect_shape, grid_1d, matmul, Params, Plan, R, W};
+use super::{dims, expect_shape, grid_1d, matmul, uniform, Plan, R, W};
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
-use crate::gpu::kernels::{Access, Access::Texture as X, KernelSpec};
+use crate::gpu::kernels::{Access, KernelSpec, Source};
 use crate::gpu::plan::Bind;
 use crate::gpu::tensor::{Tensor, TexMatrix};
 
 /// Largest head dim the register rows hold (`MAXC` vec4s in the shader).
 pub const MAX_HEAD_DIM: usize = 128;
+
+const TEMPLATE: &str = include_str!("../../../shaders/attention.wgsl");
 
 /// The portable `lane_get` body and its subgroup replacement.
 const LANE_PORTABLE: &str = "return v; // LANE_GET";
@@ -177,67 +180,125 @@ fn wg_for(ctx: &Context, sg: u32, invocations: usize) -> u32 {
     wg
 }
 
+/// The module text for streamed operands from `src`, with subgroup lanes
+/// when `sg > 1`.
+#[doc(hidden)]
+pub fn source(src: Source, sg: u32) -> Result<String> {
+    let text = format!("{}\n{TEMPLATE}", crate::gpu::kernels::COMMON);
+    let text = text.replace("{{SRC}}", src.tag());
+    if sg <= 1 {
+        return Ok(text);
+    }
+    if !text.contains(LANE_PORTABLE) {
+        return Err(Error::invalid(
+            "attention",
+            "attention.wgsl lost its `// LANE_GET` marker",
+        ));
+    }
+    Ok(text.replace(LANE_PORTABLE, LANE_SUBGROUP))
+}
+
+/// `entry` built for streamed operands from `src`; `layout` lists the
+/// other bindings, with `None` at the streamed ones.
 fn spec(
     entry: &'static str,
-    layout: &[Access],
+    layout: &[Option<Access>],
+    src: Source,
     d: &AttnDims,
     sg: u32,
     rows: u32,
     wg: u32,
 ) -> Result<KernelSpec> {
-    let mut spec = KernelSpec::family("attention", entry, layout)?;
-    if sg > 1 {
-        if !spec.source.contains(LANE_PORTABLE) {
-            return Err(Error::invalid(
-                entry,
-                "attention.wgsl lost its `// LANE_GET` marker",
-            ));
+    let module = format!(
+        "attention{}_{}",
+        if sg > 1 { "_subgroup" } else { "" },
+        src.tag()
+    );
+    let layout = layout.iter().map(|a| a.unwrap_or(src.access())).collect();
+    Ok(KernelSpec {
+        module: Cow::Owned(module),
+        source: Cow::Owned(source(src, sg)?),
+        entry,
+        constants: Vec::new(),
+        layout,
+    }
+    .with("WG", wg as f64)
+    .with("SG", sg as f64)
+    .with("R", rows as f64)
+    .with("HD4", (d.hd / 4) as f64))
+}
+
+uniform! { "attention" "Params"
+    /// `Params` of `shaders/attention.wgsl`.
+    pub struct AttentionParams {
+        b: u32, t: u32, nh: u32, kvh: u32, pre: u32, s: u32, groups: u32,
+        scale: f32, shift: u32, _p0: u32, _p1: u32, _p2: u32,
+    }
+}
+
+/// The uniform block of one dispatch; `shift` is the packed textures' log2
+/// rows per layer (31 for storage operands).
+fn params(d: &AttnDims, groups: usize, shift: u32) -> AttentionParams {
+    AttentionParams {
+        b: d.b as u32,
+        t: d.t as u32,
+        nh: d.nh as u32,
+        kvh: d.kvh as u32,
+        pre: d.p as u32,
+        s: d.s() as u32,
+        groups: groups as u32,
+        scale: 1.0 / (d.hd as f32).sqrt(),
+        shift,
+        ..Default::default()
+    }
+}
+
+/// The two streamed operands `a`, `b` (same shape, viewed as (rows, HD)) of
+/// one kernel: packed texture copies recorded into `plan`, or the buffers
+/// themselves when textures are off or do not fit.
+// One short-lived value per dispatch: boxing the textures buys nothing.
+#[allow(clippy::large_enum_variant)]
+enum Streamed<'a> {
+    Packed(TexMatrix, TexMatrix),
+    Buffers(&'a Tensor, &'a Tensor),
+}
+
+impl<'a> Streamed<'a> {
+    fn new(
+        ctx: &Context,
+        plan: &mut Plan,
+        on: bool,
+        a: &'a Tensor,
+        b: &'a Tensor,
+        hd: usize,
+    ) -> Result<Self> {
+        let rows = a.numel() / hd;
+        if !(on && ctx.textures() && TexMatrix::fits(ctx, rows, hd)) {
+            return Ok(Streamed::Buffers(a, b));
         }
-        spec.source = Cow::Owned(spec.source.replace(LANE_PORTABLE, LANE_SUBGROUP));
-        spec.module = Cow::Borrowed("attention_subgroup");
+        let pa = matmul::pack(ctx, plan, &a.reshape(&[rows, hd])?)?;
+        let pb = matmul::pack(ctx, plan, &b.reshape(&[rows, hd])?)?;
+        Ok(Streamed::Packed(pa, pb))
     }
-    Ok(spec
-        .with("WG", wg as f64)
-        .with("SG", sg as f64)
-        .with("R", rows as f64)
-        .with("HD4", (d.hd / 4) as f64))
-}
-
-/// Uniform block: b, t, nh, kvh, pre, s, groups, scale, shift (the packed
-/// textures' log2 rows per layer), 3 pad words.
-fn params(d: &AttnDims, groups: usize, shift: u32) -> Params {
-    Params::new()
-        .u(d.b)
-        .u(d.t)
-        .u(d.nh)
-        .u(d.kvh)
-        .u(d.p)
-        .u(d.s())
-        .u(groups)
-        .f(1.0 / (d.hd as f32).sqrt())
-        .u(shift as usize)
-        .u(0)
-        .u(0)
-        .u(0)
-}
-
-/// Packed texture copies of `a` and `b` (same shape, viewed as (rows, HD)),
-/// recorded into `plan`, or `None` when textures are off or do not fit.
-fn pack2(
-    ctx: &Context,
-    plan: &mut Plan,
-    on: bool,
-    a: &Tensor,
-    b: &Tensor,
-    hd: usize,
-) -> Result<Option<(TexMatrix, TexMatrix)>> {
-    let rows = a.numel() / hd;
-    if !(on && ctx.textures() && TexMatrix::fits(ctx, rows, hd)) {
-        return Ok(None);
+    fn source(&self) -> Source {
+        match self {
+            Streamed::Packed(..) => Source::Texture,
+            Streamed::Buffers(..) => Source::Storage,
+        }
     }
-    let pa = matmul::pack(ctx, plan, &a.reshape(&[rows, hd])?)?;
-    let pb = matmul::pack(ctx, plan, &b.reshape(&[rows, hd])?)?;
-    Ok(Some((pa, pb)))
+    fn binds(&self) -> [Bind<'_>; 2] {
+        match self {
+            Streamed::Packed(a, b) => [Bind::X(a), Bind::X(b)],
+            Streamed::Buffers(a, b) => [Bind::T(a), Bind::T(b)],
+        }
+    }
+    /// The kernels' `shift` (31 = one layer, also for buffers).
+    fn shift(&self) -> u32 {
+        match self {
+            Streamed::Packed(a, _) => a.layer_shift(),
+            Streamed::Buffers(..) => 31,
+        }
+    }
 }
 
 /// One dispatch's layout: row groups, workgroup size and grid.
@@ -302,36 +363,12 @@ pub fn attention_forward_with(
     cfg.check(op)?;
     let l = layout(ctx, d.b * d.nh, d.t, cfg.lanes, cfg.fwd_rows);
     plan.add_flops(4.0 * d.pairs() * d.hd as f64);
-    match pack2(ctx, plan, cfg.textures, k, v, d.hd)? {
-        Some((kx, vx)) => {
-            let e = "attention_forward_tex";
-            let spec = spec(e, &[W, W, R, X, X], &d, cfg.lanes, cfg.fwd_rows, l.wg)?;
-            let b = [
-                Bind::T(out),
-                Bind::T(lse),
-                Bind::T(q),
-                Bind::X(&kx),
-                Bind::X(&vx),
-            ];
-            plan.dispatch_with(
-                ctx,
-                &spec,
-                &params(&d, l.groups, kx.layer_shift()),
-                &b,
-                l.grid,
-            )
-        }
-        None => {
-            let spec = spec(op, &[W, W, R, R, R], &d, cfg.lanes, cfg.fwd_rows, l.wg)?;
-            plan.dispatch(
-                ctx,
-                &spec,
-                &params(&d, l.groups, 31),
-                &[out, lse, q, k, v],
-                l.grid,
-            )
-        }
-    }
+    let kv = Streamed::new(ctx, plan, cfg.textures, k, v, d.hd)?;
+    let lay = [Some(W), Some(W), Some(R), None, None];
+    let spec = spec(op, &lay, kv.source(), &d, cfg.lanes, cfg.fwd_rows, l.wg)?;
+    let [kb, vb] = kv.binds();
+    let b = [Bind::T(out), Bind::T(lse), Bind::T(q), kb, vb];
+    plan.dispatch_with(ctx, &spec, &params(&d, l.groups, kv.shift()), &b, l.grid)
 }
 
 /// dq (B, T, NH, HD) +=, dk, dv (B, S, KVH, HD) += the attention gradients
@@ -391,9 +428,10 @@ pub fn attention_backward_with(
     let rows = d.b * d.nh * d.t;
     let e = "attention_backward_delta";
     let l = layout(ctx, rows, 1, 1, 1);
+    let lay = [Some(W), Some(R), Some(R)];
     plan.dispatch(
         ctx,
-        &spec(e, &[W, R, R], &d, 1, 1, l.wg)?,
+        &spec(e, &lay, Source::Storage, &d, 1, 1, l.wg)?,
         &params(&d, rows, 31),
         &[delta, dout, out],
         l.grid,
@@ -401,100 +439,51 @@ pub fn attention_backward_with(
 
     // dq: groups of queries of one (b, h), as in forward; streams k and v.
     let l = layout(ctx, d.b * d.nh, d.t, cfg.lanes, cfg.dq_rows);
-    match pack2(ctx, plan, cfg.textures, k, v, d.hd)? {
-        Some((kx, vx)) => {
-            let spec = spec(
-                "attention_backward_dq_tex",
-                &[W, R, R, X, X, R, R],
-                &d,
-                cfg.lanes,
-                cfg.dq_rows,
-                l.wg,
-            )?;
-            let b = [
-                Bind::T(dq),
-                Bind::T(dout),
-                Bind::T(q),
-                Bind::X(&kx),
-                Bind::X(&vx),
-                Bind::T(lse),
-                Bind::T(delta),
-            ];
-            plan.dispatch_with(
-                ctx,
-                &spec,
-                &params(&d, l.groups, kx.layer_shift()),
-                &b,
-                l.grid,
-            )?;
-        }
-        None => {
-            let spec = spec(
-                "attention_backward_dq",
-                &[W, R, R, R, R, R, R],
-                &d,
-                cfg.lanes,
-                cfg.dq_rows,
-                l.wg,
-            )?;
-            plan.dispatch(
-                ctx,
-                &spec,
-                &params(&d, l.groups, 31),
-                &[dq, dout, q, k, v, lse, delta],
-                l.grid,
-            )?;
-        }
-    }
+    let kv = Streamed::new(ctx, plan, cfg.textures, k, v, d.hd)?;
+    let lay = [Some(W), Some(R), Some(R), None, None, Some(R), Some(R)];
+    let e = "attention_backward_dq";
+    let spec_dq = spec(e, &lay, kv.source(), &d, cfg.lanes, cfg.dq_rows, l.wg)?;
+    let [kb, vb] = kv.binds();
+    let b = [
+        Bind::T(dq),
+        Bind::T(dout),
+        Bind::T(q),
+        kb,
+        vb,
+        Bind::T(lse),
+        Bind::T(delta),
+    ];
+    let p = params(&d, l.groups, kv.shift());
+    plan.dispatch_with(ctx, &spec_dq, &p, &b, l.grid)?;
 
     // dk, dv: groups of keys of one (b, kvh); streams q and dout.
     let l = layout(ctx, d.b * d.kvh, d.s(), cfg.lanes, cfg.dkv_rows);
-    match pack2(ctx, plan, cfg.textures, dout, q, d.hd)? {
-        Some((gx, qx)) => {
-            let spec = spec(
-                "attention_backward_dkv_tex",
-                &[W, W, X, X, R, R, R, R],
-                &d,
-                cfg.lanes,
-                cfg.dkv_rows,
-                l.wg,
-            )?;
-            let b = [
-                Bind::T(dk),
-                Bind::T(dv),
-                Bind::X(&gx),
-                Bind::X(&qx),
-                Bind::T(k),
-                Bind::T(v),
-                Bind::T(lse),
-                Bind::T(delta),
-            ];
-            plan.dispatch_with(
-                ctx,
-                &spec,
-                &params(&d, l.groups, gx.layer_shift()),
-                &b,
-                l.grid,
-            )?;
-        }
-        None => {
-            let spec = spec(
-                "attention_backward_dkv",
-                &[W, W, R, R, R, R, R, R],
-                &d,
-                cfg.lanes,
-                cfg.dkv_rows,
-                l.wg,
-            )?;
-            plan.dispatch(
-                ctx,
-                &spec,
-                &params(&d, l.groups, 31),
-                &[dk, dv, dout, q, k, v, lse, delta],
-                l.grid,
-            )?;
-        }
-    }
+    let gq = Streamed::new(ctx, plan, cfg.textures, dout, q, d.hd)?;
+    let lay = [
+        Some(W),
+        Some(W),
+        None,
+        None,
+        Some(R),
+        Some(R),
+        Some(R),
+        Some(R),
+    ];
+    let e = "attention_backward_dkv";
+    let spec_dkv = spec(e, &lay, gq.source(), &d, cfg.lanes, cfg.dkv_rows, l.wg)?;
+    let [gb, qb] = gq.binds();
+    let b = [
+        Bind::T(dk),
+        Bind::T(dv),
+        gb,
+        qb,
+        Bind::T(k),
+        Bind::T(v),
+        Bind::T(lse),
+        Bind::T(delta),
+    ];
+    let p = params(&d, l.groups, gq.shift());
+    plan.dispatch_with(ctx, &spec_dkv, &p, &b, l.grid)?;
 
     // dq: 3 dots per pair (scores, dp, ds k); dkv: 4 (scores, dp, dv, dk).
     plan.add_flops(14.0 * d.pairs() * d.hd as f64 + 2.0 * (rows * d.hd) as f64);
@@ -504,15 +493,5 @@ pub fn attention_backward_with(
 /// The full WGSL text of the subgroup build (for validation in tests).
 #[doc(hidden)]
 pub fn subgroup_source() -> Result<String> {
-    let d = AttnDims {
-        b: 1,
-        t: 1,
-        nh: 1,
-        kvh: 1,
-        hd: 4,
-        p: 0,
-    };
-    Ok(spec("attention_forward", &[], &d, 8, 1, 64)?
-        .source
-        .into_owned())
+    source(Source::Storage, 8)
 }

@@ -1,11 +1,25 @@
 //! Strided row-block copies (`shaders/copy.wgsl`): qkv splits, K/V placement
 //! after a prefix or into a KV cache, row gathers, and their reverses.
 
-use super::{grid_1d, Params, Plan, R, W};
+use super::{grid_1d, uniform, Plan, R, W};
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
 use crate::gpu::kernels::KernelSpec;
 use crate::gpu::tensor::Tensor;
+
+uniform! { "copy" "Params"
+    /// `Params` of `copy_rows` in `shaders/copy.wgsl`.
+    pub struct CopyParams {
+        nb: u32, t: u32, d: u32, acc: u32,
+        src_bs: u32, src_rs: u32, src_off: u32,
+        dst_bs: u32, dst_rs: u32, dst_off: u32,
+    }
+}
+
+uniform! { "copy" "ScatterParams"
+    /// `ScatterParams` of `scatter_rows` in `shaders/copy.wgsl`.
+    pub struct ScatterParams { r: u32, d: u32, rows: u32, _p0: u32 }
+}
 
 const WG: u32 = 64;
 
@@ -67,17 +81,18 @@ pub fn copy_rows(
         });
     }
     let spec = KernelSpec::family("copy", op, &[W, R])?.with("WG", WG as f64);
-    let p = Params::new()
-        .u(nb)
-        .u(t)
-        .u(d)
-        .u(usize::from(acc))
-        .u(sl.bs)
-        .u(sl.rs)
-        .u(sl.off)
-        .u(dl.bs)
-        .u(dl.rs)
-        .u(dl.off);
+    let p = CopyParams {
+        nb: nb as u32,
+        t: t as u32,
+        d: d as u32,
+        acc: u32::from(acc),
+        src_bs: sl.bs as u32,
+        src_rs: sl.rs as u32,
+        src_off: sl.off as u32,
+        dst_bs: dl.bs as u32,
+        dst_rs: dl.rs as u32,
+        dst_off: dl.off as u32,
+    };
     plan.dispatch(
         ctx,
         &spec,
@@ -120,7 +135,12 @@ pub fn scatter_rows(
         return Ok(());
     }
     let spec = KernelSpec::family("copy", op, &[W, R, R])?.with("WG", WG as f64);
-    let p = Params::new().u(r).u(d).u(rows);
+    let p = ScatterParams {
+        r: r as u32,
+        d: d as u32,
+        rows: rows as u32,
+        _p0: 0,
+    };
     plan.dispatch(
         ctx,
         &spec,

@@ -3,11 +3,16 @@
 //! Also home of [`row_chunks`], which splits a tensor that is larger than one
 //! storage binding into aligned row ranges (used by the loss wrappers too).
 
-use super::{dims, expect_shape, grid_1d, Params, Plan, R, W};
+use super::{dims, expect_shape, grid_1d, uniform, Plan, R, W};
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
 use crate::gpu::kernels::{Access, KernelSpec};
 use crate::gpu::tensor::{DType, Tensor};
+
+uniform! { "embedding" "Params"
+    /// `Params` of `shaders/embedding.wgsl`.
+    pub struct EmbeddingParams { b: u32, s: u32, t: u32, c: u32, row_off: u32, v: u32, v0: u32, v1: u32 }
+}
 
 /// Threads per row: enough to cover C in a few strides, at most 256.
 fn wg_for(c: usize) -> u32 {
@@ -129,15 +134,16 @@ pub fn embedding_forward(
     let sp = spec(op, &[W, R, R], wg_for(c))?;
     for (v0, v1) in row_chunks(ctx, op, table, v, c)? {
         let chunk = row_view(table, v0, v1, c)?;
-        let p = Params::new()
-            .u(b)
-            .u(s)
-            .u(t)
-            .u(c)
-            .u(row_offset)
-            .u(v)
-            .u(v0)
-            .u(v1);
+        let p = EmbeddingParams {
+            b: b as u32,
+            s: s as u32,
+            t: t as u32,
+            c: c as u32,
+            row_off: row_offset as u32,
+            v: v as u32,
+            v0: v0 as u32,
+            v1: v1 as u32,
+        };
         plan.dispatch(
             ctx,
             &sp,
@@ -164,6 +170,17 @@ fn prompt_dims(op: &str, out: &Tensor, prompt: &Tensor) -> Result<[usize; 4]> {
     Ok([b, s, np, c])
 }
 
+/// The prompt kernels' block: rows 0..P of each of B batches of S rows.
+fn prompt_params(b: usize, s: usize, np: usize, c: usize) -> EmbeddingParams {
+    EmbeddingParams {
+        b: b as u32,
+        s: s as u32,
+        c: c as u32,
+        row_off: np as u32,
+        ..Default::default()
+    }
+}
+
 /// out (B, S, C) rows 0..P of each batch <- prompt (P, C).
 pub fn prompt_forward(ctx: &Context, plan: &mut Plan, out: &Tensor, prompt: &Tensor) -> Result<()> {
     let op = "prompt_forward";
@@ -171,7 +188,7 @@ pub fn prompt_forward(ctx: &Context, plan: &mut Plan, out: &Tensor, prompt: &Ten
     if b * np * c == 0 {
         return Ok(());
     }
-    let p = Params::new().u(b).u(s).u(0).u(c).u(np).u(0).u(0).u(0);
+    let p = prompt_params(b, s, np, c);
     plan.dispatch(
         ctx,
         &spec(op, &[W, R], wg_for(c))?,
@@ -193,7 +210,7 @@ pub fn prompt_backward(
     if np * c == 0 {
         return Ok(());
     }
-    let p = Params::new().u(b).u(s).u(0).u(c).u(np).u(0).u(0).u(0);
+    let p = prompt_params(b, s, np, c);
     let groups = (np * c).div_ceil(WG_ELEMENTWISE as usize) as u32;
     plan.dispatch(
         ctx,

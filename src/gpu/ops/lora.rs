@@ -12,11 +12,16 @@
 //! and an error names the offending tensor.
 
 use super::matmul::{matmul_backward_input_ex, matmul_backward_weight_ex, matmul_forward_ex};
-use super::{dims, expect_shape, grid_1d, Params, Plan, R, W};
+use super::{dims, expect_shape, grid_1d, uniform, Plan, R, W};
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
 use crate::gpu::kernels::{Access, KernelSpec};
 use crate::gpu::tensor::Tensor;
+
+uniform! { "lora" "Params"
+    /// `Params` of `shaders/lora.wgsl` (dropout reuses it, see there).
+    pub struct LoraParams { m: u32, n: u32, r: u32, scale: f32 }
+}
 
 /// Invocations per workgroup: 8 lavapipe SIMD-8 batches, and a multiple of
 /// every real GPU's wave size.
@@ -78,7 +83,12 @@ fn dispatch_small_rank(
         .with("WG", WG as f64)
         .with("R4", f64::from(u8::from(r % 4 == 0)))
         .with("N4", f64::from(u8::from(n % 4 == 0)));
-    let p = Params::new().u(m).u(n).u(r).f(scale);
+    let p = LoraParams {
+        m: m as u32,
+        n: n as u32,
+        r: r as u32,
+        scale,
+    };
     let groups = invocations.div_ceil(WG as usize);
     plan.dispatch(ctx, &spec, &p, bindings, grid_1d(ctx, groups as u32))?;
     plan.add_flops(2.0 * (m * n * r) as f64);
@@ -194,11 +204,12 @@ fn dropout_dispatch(
         return Ok(());
     }
     let spec = KernelSpec::family("lora", entry, layout)?.with("WG", WG as f64);
-    let params = Params::new()
-        .u(n)
-        .u(site as usize)
-        .u(dropout_threshold(p) as usize)
-        .f((1.0 / (1.0 - p)) as f32);
+    let params = LoraParams {
+        m: n as u32,
+        n: site,
+        r: dropout_threshold(p),
+        scale: (1.0 / (1.0 - p)) as f32,
+    };
     plan.dispatch(
         ctx,
         &spec,

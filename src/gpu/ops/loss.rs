@@ -5,11 +5,16 @@
 //! whole and each dispatch gets its first row in the uniform.
 
 use super::embedding::{expect_i32, row_chunks, row_view};
-use super::{dims, expect_shape, grid_1d, Params, Plan, R, W};
+use super::{dims, expect_shape, grid_1d, uniform, Plan, R, W};
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
 use crate::gpu::kernels::{Access, KernelSpec};
 use crate::gpu::tensor::Tensor;
+
+uniform! { "loss" "Params"
+    /// `Params` of `shaders/loss.wgsl`.
+    pub struct LossParams { n: u32, v: u32, r0: u32, _pad: u32 }
+}
 
 /// Threads per row: V is large in practice, so usually the 256 maximum.
 fn wg_for(v: usize) -> u32 {
@@ -49,7 +54,12 @@ pub fn crossentropy_forward(
     let sp = spec(op, &[W, R, R], v)?;
     for (r0, r1) in row_chunks(ctx, op, logits, n, v)? {
         let chunk = row_view(logits, r0, r1, v)?;
-        let p = Params::new().u(r1 - r0).u(v).u(r0);
+        let p = LossParams {
+            n: (r1 - r0) as u32,
+            v: v as u32,
+            r0: r0 as u32,
+            _pad: 0,
+        };
         plan.dispatch(
             ctx,
             &sp,
@@ -84,7 +94,12 @@ pub fn crossentropy_softmax_backward(
     for (r0, r1) in row_chunks(ctx, op, logits, n, v)? {
         let dchunk = row_view(dlogits, r0, r1, v)?;
         let chunk = row_view(logits, r0, r1, v)?;
-        let p = Params::new().u(r1 - r0).u(v).u(r0);
+        let p = LossParams {
+            n: (r1 - r0) as u32,
+            v: v as u32,
+            r0: r0 as u32,
+            _pad: 0,
+        };
         plan.dispatch(
             ctx,
             &sp,

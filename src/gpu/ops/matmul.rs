@@ -11,18 +11,22 @@
 //! rows, `matmul_backward_input` splits the weight rows (accumulating) and the
 //! token rows. That is what lets a 151936 x 896 LM head run under lavapipe's
 //! 128 MiB binding cap.
+//!
+//! Operands come from storage buffers or packed textures ([`Source`], bound
+//! as [`Bind`]). Each layout has one WGSL body and one recording function
+//! for every source: the source picks the loaders the micro-kernel calls
+//! and how rows are chunked (buffers to the binding limit, textures whole).
 
 use std::borrow::Cow;
 use std::fmt::Write;
 
-use super::{dims, expect_shape, grid_1d, Params, Plan, R, W};
+use super::{dims, expect_shape, grid_1d, uniform, Plan, R, W};
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
-use crate::gpu::kernels::Access::{StorageTexture as S, Texture as X};
-use crate::gpu::kernels::KernelSpec;
+use crate::gpu::kernels::Access::StorageTexture as S;
+use crate::gpu::kernels::{KernelSpec, Source};
 use crate::gpu::plan::Bind;
-use crate::gpu::tensor::TexMatrix;
-use crate::gpu::tensor::{DType, Tensor};
+use crate::gpu::tensor::{DType, Tensor, TexMatrix};
 
 /// `writeln!` into a `String` of generated WGSL.
 macro_rules! emit {
@@ -32,6 +36,15 @@ macro_rules! emit {
 }
 
 const TEMPLATE: &str = include_str!("../../../shaders/matmul.wgsl");
+
+uniform! { "matmul" "Params"
+    /// `Params` of `shaders/matmul.wgsl` (see there for each field).
+    pub struct MatmulParams {
+        m: u32, k: u32, n: u32, ld_out: u32, col_off: u32, ld_dout: u32,
+        alpha: f32, flags: u32, m_split: u32, splits: u32,
+        a_shift: u32, b_shift: u32, a_row0: u32, _p0: u32, _p1: u32, _p2: u32,
+    }
+}
 
 /// One generated configuration of the matmul module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,7 +57,10 @@ pub struct Variant {
     pub sg: u32,
     /// Operand rows start on vec4 boundaries.
     pub aligned: bool,
-    /// Texture path: the A / B texture is split into layers (taller than
+    /// Where the A and B operands are read from.
+    pub a_src: Source,
+    pub b_src: Source,
+    /// Texture sources: the A / B texture is split into layers (taller than
     /// the texture limit), so row coordinates need a shift and a mask.
     pub a_layered: bool,
     pub b_layered: bool,
@@ -65,18 +81,20 @@ impl Variant {
     }
     fn name(&self) -> String {
         format!(
-            "matmul_t{}x{}_sg{}_{}{}{}",
+            "matmul_t{}x{}_sg{}_{}_{}{}{}{}",
             self.tm,
             self.tn,
             self.sg,
             if self.aligned { "v4" } else { "s" },
+            self.a_src.tag(),
+            self.b_src.tag(),
             if self.a_layered { "_la" } else { "" },
             if self.b_layered { "_lb" } else { "" }
         )
     }
 }
 
-/// The default variant for this context and alignment.
+/// The default variant for this context and alignment (storage operands).
 pub fn pick_variant(ctx: &Context, aligned: bool) -> Variant {
     // WGTUNE_MATMUL_TILE=TMxTN overrides the tile (for tuning on new hardware).
     if let Some((tm, tn)) = std::env::var("WGTUNE_MATMUL_TILE").ok().and_then(|s| {
@@ -89,6 +107,8 @@ pub fn pick_variant(ctx: &Context, aligned: bool) -> Variant {
                 tn,
                 sg: ctx.subgroup_size().unwrap_or(1),
                 aligned,
+                a_src: Source::Storage,
+                b_src: Source::Storage,
                 a_layered: false,
                 b_layered: false,
             };
@@ -103,6 +123,8 @@ pub fn pick_variant(ctx: &Context, aligned: bool) -> Variant {
             tn: 8,
             sg,
             aligned,
+            a_src: Source::Storage,
+            b_src: Source::Storage,
             a_layered: false,
             b_layered: false,
         },
@@ -111,6 +133,8 @@ pub fn pick_variant(ctx: &Context, aligned: bool) -> Variant {
             tn: 8,
             sg,
             aligned,
+            a_src: Source::Storage,
+            b_src: Source::Storage,
             a_layered: false,
             b_layered: false,
         },
@@ -119,6 +143,8 @@ pub fn pick_variant(ctx: &Context, aligned: bool) -> Variant {
             tn: 8,
             sg: 1,
             aligned,
+            a_src: Source::Storage,
+            b_src: Source::Storage,
             a_layered: false,
             b_layered: false,
         },
@@ -133,7 +159,7 @@ pub fn generate(v: &Variant) -> String {
     let (tm, tn) = (v.tm as usize, v.tn as usize);
     let sg = v.sg as usize;
     let tv = tn / 4;
-    let mut s = format!("{}\n{TEMPLATE}", crate::gpu::kernels::COMMON);
+    let (a, b) = (v.a_src.tag(), v.b_src.tag());
     let (builtins, setup) = if sg > 1 {
         (
             "@builtin(subgroup_invocation_id) sg_lane: u32, @builtin(subgroup_id) sg_id: u32",
@@ -142,38 +168,17 @@ pub fn generate(v: &Variant) -> String {
     } else {
         ("", "let lane = lid % LC;\n    let rg = lid / LC;")
     };
-
-    for (tag, fa, fb, fs, tex) in [
-        ("FW", "fw_inp4", "fw_weight4", "fw_store", false),
-        ("FWT", "fwt_a4", "fwt_b4", "fw_store", true),
+    let mut s = format!("{}\n{TEMPLATE}", crate::gpu::kernels::COMMON);
+    for (tag, (decl, body, store)) in [
+        ("FW", gen_nt(tm, tn, sg, a, b)),
+        ("BI", gen_nn(tm, tv, sg, a, b)),
+        ("BW", gen_tn(tm, tv, sg, a, b)),
     ] {
-        let (d, b, st) = gen_nt(tm, tn, sg, fa, fb, fs, tex);
         s = s
-            .replace(&format!("{{{{{tag}_DECL}}}}"), &d)
-            .replace(&format!("{{{{{tag}_BODY}}}}"), &b)
-            .replace(&format!("{{{{{tag}_STORE}}}}"), &st);
+            .replace(&format!("{{{{{tag}_DECL}}}}"), &decl)
+            .replace(&format!("{{{{{tag}_BODY}}}}"), &body)
+            .replace(&format!("{{{{{tag}_STORE}}}}"), &store);
     }
-    for (tag, fa, fb, fs, tex) in [
-        ("BI", "bi_dout4", "bi_weight4", "bi_store", false),
-        ("BIT", "bit_a4", "bit_b4", "bi_store", true),
-    ] {
-        let (d, b, st) = gen_nn(tm, tv, sg, fa, fb, fs, tex);
-        s = s
-            .replace(&format!("{{{{{tag}_DECL}}}}"), &d)
-            .replace(&format!("{{{{{tag}_BODY}}}}"), &b)
-            .replace(&format!("{{{{{tag}_STORE}}}}"), &st);
-    }
-    for (tag, fa, fb, fs, tex) in [
-        ("BW", "bw_dout4", "bw_inp4", "bw_store", false),
-        ("BWT", "bwt_a4", "bwt_b4", "bw_store", true),
-    ] {
-        let (d, b, st) = gen_tn(tm, tv, sg, fa, fb, fs, tex);
-        s = s
-            .replace(&format!("{{{{{tag}_DECL}}}}"), &d)
-            .replace(&format!("{{{{{tag}_BODY}}}}"), &b)
-            .replace(&format!("{{{{{tag}_STORE}}}}"), &st);
-    }
-
     s.replace("{{LANE_BUILTINS}}", builtins)
         .replace("{{LANE_SETUP}}", setup)
         .replace("{{TM}}", &v.tm.to_string())
@@ -187,36 +192,21 @@ pub fn generate(v: &Variant) -> String {
 }
 
 /// NT micro-kernel (forward): scalar accumulators c_i_j over a TM x TN tile.
-/// `tex`: loaders take texel coordinates, computed here once per row.
-fn gen_nt(
-    tm: usize,
-    tn: usize,
-    sg: usize,
-    load_a: &str,
-    load_b: &str,
-    store_fn: &str,
-    tex: bool,
-) -> (String, String, String) {
+/// `a`, `b`: source tags; row handles are computed once per row.
+fn gen_nt(tm: usize, tn: usize, sg: usize, a: &str, b: &str) -> (String, String, String) {
     let (mut decl, mut body, mut store) = (String::new(), String::new(), String::new());
-    row_clamps(&mut decl, tm, sg);
-    if tex {
-        coords(&mut decl, tm, sg);
-    }
+    row_clamps(&mut decl, tm, sg, a);
     for j in 0..tn {
-        emit!(decl, "    let cb{j} = min(col0 + {j}u, nlast);");
-        if tex {
-            emit!(decl, "    let cbc{j} = b_coord(cb{j});");
-        }
+        emit!(decl, "    let cb{j} = b_row_{b}(min(col0 + {j}u, nlast));");
     }
-    let (ra, cb) = if tex { ("ca", "cbc") } else { ("ra", "cb") };
     for i in 0..tm {
         for j in 0..tn {
             emit!(decl, "    var c{i}_{j} = 0.0;");
         }
     }
-    a_rows(&mut body, tm, sg, ra, |r| format!("{load_a}({r}, k)"));
+    a_rows(&mut body, tm, sg, |r| format!("fw_a_{a}({r}, k)"));
     for j in 0..tn {
-        emit!(body, "        let b{j} = {load_b}({cb}{j}, k);");
+        emit!(body, "        let b{j} = fw_b_{b}(cb{j}, k);");
     }
     for i in 0..tm {
         for j in 0..tn {
@@ -225,27 +215,16 @@ fn gen_nt(
     }
     for i in 0..tm {
         for j in 0..tn {
-            emit!(store, "    {store_fn}(row0 + {i}u, col0 + {j}u, c{i}_{j});");
+            emit!(store, "    fw_store(row0 + {i}u, col0 + {j}u, c{i}_{j});");
         }
     }
     (decl, body, store)
 }
 
 /// NN micro-kernel (backward_input): vec4 accumulators c_i_v over TV vec4 columns.
-fn gen_nn(
-    tm: usize,
-    tv: usize,
-    sg: usize,
-    load_a: &str,
-    load_b: &str,
-    store_fn: &str,
-    tex: bool,
-) -> (String, String, String) {
+fn gen_nn(tm: usize, tv: usize, sg: usize, a: &str, b: &str) -> (String, String, String) {
     let (mut decl, mut body, mut store) = (String::new(), String::new(), String::new());
-    row_clamps(&mut decl, tm, sg);
-    if tex {
-        coords(&mut decl, tm, sg);
-    }
+    row_clamps(&mut decl, tm, sg, a);
     for c in 0..tv {
         emit!(decl, "    let cc{c} = col0 + {}u;", 4 * c);
     }
@@ -254,12 +233,11 @@ fn gen_nn(
             emit!(decl, "    var c{i}_{c} = vec4<f32>(0.0);");
         }
     }
-    a_rows(&mut body, tm, sg, if tex { "ca" } else { "ra" }, |r| {
-        format!("{load_a}({r}, n)")
-    });
+    a_rows(&mut body, tm, sg, |r| format!("bi_a_{a}({r}, n)"));
+    // B rows change every step: its loader takes the row itself.
     for u in 0..4 {
         for c in 0..tv {
-            emit!(body, "        let b{u}_{c} = {load_b}(n + {u}u, cc{c});");
+            emit!(body, "        let b{u}_{c} = bi_b_{b}(n + {u}u, cc{c});");
         }
     }
     for i in 0..tm {
@@ -269,7 +247,7 @@ fn gen_nn(
     }
     for i in 0..tm {
         for c in 0..tv {
-            emit!(store, "    {store_fn}(row0 + {i}u, cc{c}, c{i}_{c});");
+            emit!(store, "    bi_store(row0 + {i}u, cc{c}, c{i}_{c});");
         }
     }
     (decl, body, store)
@@ -277,24 +255,13 @@ fn gen_nn(
 
 /// Token-reduction micro-kernel (backward_weight): A = dout[m, row0..row0+TM]
 /// as TM/4 vec4s shared over the subgroup; B = inp[m, cols] as TV vec4s.
-fn gen_tn(
-    tm: usize,
-    tv: usize,
-    sg: usize,
-    load_a: &str,
-    load_b: &str,
-    store_fn: &str,
-    tex: bool,
-) -> (String, String, String) {
+fn gen_tn(tm: usize, tv: usize, sg: usize, a: &str, b: &str) -> (String, String, String) {
     let (mut decl, mut body, mut store) = (String::new(), String::new(), String::new());
-    // Both operands are read at token m: one coordinate pair per iteration.
-    let (ma, mb) = if tex { ("cma", "cmb") } else { ("m", "m") };
-    if tex {
-        emit!(
-            body,
-            "        let cma = a_coord(m);\n        let cmb = b_coord(m);"
-        );
-    }
+    // Both operands are read at token m: one handle each per iteration.
+    emit!(
+        body,
+        "        let cma = a_row_{a}(m);\n        let cmb = b_row_{b}(m);"
+    );
     let ta = tm.div_ceil(4);
     for c in 0..tv {
         emit!(decl, "    let cc{c} = col0 + {}u;", 4 * c);
@@ -308,7 +275,7 @@ fn gen_tn(
         for slot in 0..ta.div_ceil(sg) {
             emit!(
                 body,
-                "        let va{slot} = {load_a}({ma}, row0 + 4u * ({}u + lane));",
+                "        let va{slot} = bw_a_{a}(cma, row0 + 4u * ({}u + lane));",
                 slot * sg
             );
         }
@@ -322,15 +289,11 @@ fn gen_tn(
         }
     } else {
         for t in 0..ta {
-            emit!(
-                body,
-                "        let a{t} = {load_a}({ma}, row0 + {}u);",
-                4 * t
-            );
+            emit!(body, "        let a{t} = bw_a_{a}(cma, row0 + {}u);", 4 * t);
         }
     }
     for c in 0..tv {
-        emit!(body, "        let b{c} = {load_b}({mb}, cc{c});");
+        emit!(body, "        let b{c} = bw_b_{b}(cmb, cc{c});");
     }
     for i in 0..tm {
         for c in 0..tv {
@@ -344,46 +307,38 @@ fn gen_tn(
     }
     for i in 0..tm {
         for c in 0..tv {
-            emit!(store, "    {store_fn}(wg.z, row0 + {i}u, cc{c}, c{i}_{c});");
+            emit!(store, "    bw_store(wg.z, row0 + {i}u, cc{c}, c{i}_{c});");
         }
     }
     (decl, body, store)
 }
 
-/// Row indices (clamped into range) for the A operand of one tile.
-fn row_clamps(decl: &mut String, tm: usize, sg: usize) {
+/// Row handles `ca*` of the A rows of one tile (clamped into range).
+fn row_clamps(decl: &mut String, tm: usize, sg: usize, a: &str) {
     if sg > 1 {
         for slot in 0..tm.div_ceil(sg) {
             emit!(
                 decl,
-                "    let ra{slot} = min(row0 + {}u + lane, mlast);",
+                "    let ca{slot} = a_row_{a}(min(row0 + {}u + lane, mlast));",
                 slot * sg
             );
         }
     } else {
         for i in 0..tm {
-            emit!(decl, "    let ra{i} = min(row0 + {i}u, mlast);");
+            emit!(decl, "    let ca{i} = a_row_{a}(min(row0 + {i}u, mlast));");
         }
     }
 }
 
-/// Texel coordinates `ca*` of the A rows `ra*` (loop-invariant).
-fn coords(decl: &mut String, tm: usize, sg: usize) {
-    let n = if sg > 1 { tm.div_ceil(sg) } else { tm };
-    for i in 0..n {
-        emit!(decl, "    let ca{i} = a_coord(ra{i});");
-    }
-}
-
-/// Load the TM A rows `a0..`: directly, or one slot per lane then broadcast.
-/// `rows` names the per-row index variables (`ra`) or coordinates (`ca`).
-fn a_rows(body: &mut String, tm: usize, sg: usize, rows: &str, load: impl Fn(String) -> String) {
+/// Load the TM A rows `a0..` from handles `ca*`: directly, or one slot per
+/// lane then broadcast.
+fn a_rows(body: &mut String, tm: usize, sg: usize, load: impl Fn(String) -> String) {
     if sg > 1 {
         for slot in 0..tm.div_ceil(sg) {
             emit!(
                 body,
                 "        let va{slot} = {};",
-                load(format!("{rows}{slot}"))
+                load(format!("ca{slot}"))
             );
         }
         for i in 0..tm {
@@ -396,7 +351,7 @@ fn a_rows(body: &mut String, tm: usize, sg: usize, rows: &str, load: impl Fn(Str
         }
     } else {
         for i in 0..tm {
-            emit!(body, "        let a{i} = {};", load(format!("{rows}{i}")));
+            emit!(body, "        let a{i} = {};", load(format!("ca{i}")));
         }
     }
 }
@@ -414,12 +369,20 @@ pub fn all_variant_sources() -> Vec<(String, String)> {
         (16, 8, 4),
     ] {
         for aligned in [true, false] {
-            for layered in [false, true] {
+            for (a_src, b_src, layered) in [
+                (Source::Storage, Source::Storage, false),
+                (Source::Texture, Source::Texture, false),
+                (Source::Texture, Source::Texture, true),
+                (Source::Storage, Source::Texture, true),
+                (Source::Texture, Source::Storage, true),
+            ] {
                 let v = Variant {
                     tm,
                     tn,
                     sg,
                     aligned,
+                    a_src,
+                    b_src,
                     a_layered: layered,
                     b_layered: layered,
                 };
@@ -509,28 +472,214 @@ pub fn matmul_forward_ex(
     alpha: f32,
     accumulate: bool,
 ) -> Result<()> {
+    let scalars = (bias, alpha, accumulate);
+    matmul_forward_op(ctx, plan, out, inp, Bind::T(weight), scalars)
+}
+
+/// [`matmul_forward_ex`] with a weight packed once (frozen weights).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_forward_packed(
+    ctx: &Context,
+    plan: &mut Plan,
+    out: &Tensor,
+    inp: &Tensor,
+    weight: &TexMatrix,
+    bias: Option<&Tensor>,
+    alpha: f32,
+    accumulate: bool,
+) -> Result<()> {
+    let scalars = (bias, alpha, accumulate);
+    matmul_forward_op(ctx, plan, out, inp, Bind::X(weight), scalars)
+}
+
+/// The forward for a weight from either source: shape checks, then the
+/// operand sources ([`Operands`]), then [`forward`].
+fn matmul_forward_op(
+    ctx: &Context,
+    plan: &mut Plan,
+    out: &Tensor,
+    inp: &Tensor,
+    weight: Bind,
+    (bias, alpha, accumulate): (Option<&Tensor>, f32, bool),
+) -> Result<()> {
+    let fw = Forward {
+        bias,
+        alpha,
+        accumulate,
+    };
     let op = "matmul_forward";
     let [m, k] = dims(op, inp, "(M, K)")?;
-    let [n, k2] = dims(op, weight, "(N, K)")?;
-    if k2 != k {
-        expect_shape(op, weight, &[n, k])?;
-    }
+    let n = match weight {
+        Bind::T(w) => {
+            let [n, k2] = dims(op, w, "(N, K)")?;
+            if k2 != k {
+                expect_shape(op, w, &[n, k])?;
+            }
+            n
+        }
+        Bind::X(w) if w.cols() != k => return Err(packed_shape_error(op, w, w.rows(), k)),
+        Bind::X(w) => w.rows(),
+    };
     expect_shape(op, out, &[m, n])?;
-    if let Some(b) = bias {
+    if let Some(b) = fw.bias {
         expect_shape(op, b, &[n])?;
     }
     if m == 0 || n == 0 {
         return Ok(());
     }
-    if use_textures(ctx, &[(m, k), (n, k)]) {
-        let w = pack(ctx, plan, weight)?;
-        return matmul_forward_packed(ctx, plan, out, inp, &w, bias, alpha, accumulate);
+    let fits = use_textures(ctx, &[(m, k), (n, k)]);
+    let ops = Operands::new(ctx, plan, inp, weight, fits)?;
+    let (a, b) = ops.binds();
+    forward(ctx, plan, out, a, b, fw, [m, n, k])
+}
+
+/// The A operand and weight of a forward or backward_input, with their
+/// sources chosen: a buffer weight is packed (then A) when both fit
+/// textures (`fits`); a packed weight always gets a packed A.
+struct Operands<'a> {
+    a: &'a Tensor,
+    weight: Bind<'a>,
+    packed_a: Option<TexMatrix>,
+    packed_w: Option<TexMatrix>,
+}
+
+impl<'a> Operands<'a> {
+    fn new(
+        ctx: &Context,
+        plan: &mut Plan,
+        a: &'a Tensor,
+        weight: Bind<'a>,
+        fits: bool,
+    ) -> Result<Self> {
+        let packed_w = match weight {
+            Bind::T(w) if fits => Some(pack(ctx, plan, w)?),
+            _ => None,
+        };
+        let packed_a = if packed_w.is_some() || weight.source() == Source::Texture {
+            Some(pack(ctx, plan, a)?)
+        } else {
+            None
+        };
+        Ok(Operands {
+            a,
+            weight,
+            packed_a,
+            packed_w,
+        })
     }
-    let v = pick_variant(ctx, k % 4 == 0);
-    let (tile_m, tile_n) = v.tile();
-    let kern = spec(&v, op, &[W, R, R, R]);
+    fn binds(&self) -> (Bind<'_>, Bind<'_>) {
+        let a = self.packed_a.as_ref().map_or(Bind::T(self.a), Bind::X);
+        let w = self.packed_w.as_ref().map_or(self.weight, Bind::X);
+        (a, w)
+    }
+}
+
+/// A packed weight that is not (`n`, `k`).
+fn packed_shape_error(op: &str, weight: &TexMatrix, n: usize, k: usize) -> Error {
+    Error::Shape {
+        op: op.into(),
+        tensor: weight.label().into(),
+        expected: format!("[{n}, {k}]"),
+        got: vec![weight.rows(), weight.cols()],
+    }
+}
+
+/// The scalars of a forward.
+struct Forward<'a> {
+    bias: Option<&'a Tensor>,
+    alpha: f32,
+    accumulate: bool,
+}
+
+/// Rows `r0..r0 + n` of a `width`-column operand: a storage operand is
+/// narrowed to a view, a texture is bound whole and the kernel offsets its
+/// rows by `a_row0`.
+enum Rows<'a> {
+    View(Tensor),
+    Tex(&'a TexMatrix, usize),
+}
+
+impl<'a> Rows<'a> {
+    fn of(x: Bind<'a>, r0: usize, n: usize, width: usize) -> Result<Rows<'a>> {
+        Ok(match x {
+            Bind::T(t) => Rows::View(t.view(r0 * width, &[n, width], t.label())?),
+            Bind::X(t) => Rows::Tex(t, r0),
+        })
+    }
+    fn bind(&self) -> Bind<'_> {
+        match self {
+            Rows::View(t) => Bind::T(t),
+            Rows::Tex(t, _) => Bind::X(t),
+        }
+    }
+    /// The kernel's `a_row0`.
+    fn row0(&self) -> u32 {
+        match self {
+            Rows::View(_) => 0,
+            Rows::Tex(_, r0) => *r0 as u32,
+        }
+    }
+}
+
+/// Log2 rows per layer of a texture operand (unused for storage).
+fn shift(x: Bind) -> u32 {
+    match x {
+        Bind::T(_) => 0,
+        Bind::X(t) => t.layer_shift(),
+    }
+}
+
+/// `v` reading `a` and `b` from their sources.
+fn with_sources(v: Variant, a: Bind, b: Bind) -> Variant {
+    let layered = |x: Bind| matches!(x, Bind::X(t) if t.layer_shift() < 31);
+    Variant {
+        a_src: a.source(),
+        b_src: b.source(),
+        a_layered: layered(a),
+        b_layered: layered(b),
+        ..v
+    }
+}
+
+/// Rows per chunk of an operand: storage operands (rows of `width`) are
+/// chunked to fit a binding, textures are bound whole.
+fn operand_chunk(
+    ctx: &Context,
+    what: &str,
+    x: Bind,
+    rows: usize,
+    widths: &[usize],
+    multiple: usize,
+) -> Result<usize> {
+    match x {
+        Bind::T(_) => chunk_rows(ctx, what, rows, widths, multiple),
+        Bind::X(_) => Ok(rows),
+    }
+}
+
+/// out (M, N) (+)= alpha * a (M, K) . b (N, K)^T + bias, from any sources
+/// (shapes checked).
+fn forward(
+    ctx: &Context,
+    plan: &mut Plan,
+    out: &Tensor,
+    a: Bind,
+    b: Bind,
+    fw: Forward,
+    [m, n, k]: [usize; 3],
+) -> Result<()> {
+    let v = with_sources(pick_variant(ctx, k % 4 == 0), a, b);
+    let (mut tile_m, mut tile_n) = v.tile();
+    let both_tex = a.source() == Source::Texture && b.source() == Source::Texture;
+    let entry = if both_tex && m <= gemv_max_rows() {
+        (tile_m, tile_n) = (1, 64);
+        "matmul_gemv_tex"
+    } else {
+        "matmul_forward"
+    };
+    let kern = spec(&v, entry, &[W, a.source().access(), b.source().access(), R]);
     let dummy;
-    let bias_t = match bias {
+    let bias_t = match fw.bias {
         Some(b) => b,
         None => {
             dummy = Tensor::zeros(ctx, &[1], DType::F32, "no_bias")?;
@@ -539,39 +688,47 @@ pub fn matmul_forward_ex(
     };
     // Weight row chunks: whole rows of W, a multiple of 64 so that the bias
     // view stays 256-byte aligned.
-    let nc = chunk_rows(ctx, "matmul_forward weight", n, &[k], 64)?;
-    // Token chunks must fit both the input rows and the full-width output rows.
-    let mc = chunk_rows(ctx, "matmul_forward input", m, &[k, n], 1)?;
-    let flags = u32::from(accumulate) | (u32::from(bias.is_some()) << 1);
+    let nc = operand_chunk(ctx, "matmul_forward weight", b, n, &[k], 64)?;
+    // Token chunks must fit the input rows (when in a buffer) and the
+    // full-width output rows.
+    let mc = match a {
+        Bind::T(_) => chunk_rows(ctx, "matmul_forward input", m, &[k, n], 1)?,
+        Bind::X(_) => chunk_rows(ctx, "matmul_forward output", m, &[n], 1)?,
+    };
+    let flags = u32::from(fw.accumulate) | (u32::from(fw.bias.is_some()) << 1);
     for m0 in (0..m).step_by(mc) {
         let mr = mc.min(m - m0);
-        let x = inp.view(m0 * k, &[mr, k], inp.label())?;
+        let x = Rows::of(a, m0, mr, k)?;
         let o = out.view(m0 * n, &[mr, n], out.label())?;
         for n0 in (0..n).step_by(nc) {
             let nr = nc.min(n - n0);
-            let w = weight.view(n0 * k, &[nr, k], weight.label())?;
-            let b = if bias.is_some() {
+            let w = Rows::of(b, n0, nr, k)?;
+            let bv = if fw.bias.is_some() {
                 bias_t.view(n0, &[nr], bias_t.label())?
             } else {
                 bias_t.clone()
             };
-            let p = Params::new()
-                .u(mr)
-                .u(k)
-                .u(nr)
-                .u(n)
-                .u(n0)
-                .u(0)
-                .f(alpha)
-                .u(flags as usize)
-                .u(0)
-                .u(1);
+            let p = MatmulParams {
+                m: mr as u32,
+                k: k as u32,
+                n: nr as u32,
+                ld_out: n as u32,
+                col_off: n0 as u32,
+                alpha: fw.alpha,
+                flags,
+                splits: 1,
+                a_shift: shift(a),
+                b_shift: shift(b),
+                a_row0: x.row0(),
+                ..Default::default()
+            };
             let grid = [
                 (nr as u32).div_ceil(tile_n),
                 (mr as u32).div_ceil(tile_m),
                 1,
             ];
-            plan.dispatch(ctx, &kern, &p, &[&o, &x, &w, &b], grid)?;
+            let binds = [Bind::T(&o), x.bind(), w.bind(), Bind::T(&bv)];
+            plan.dispatch_with(ctx, &kern, &p, &binds, grid)?;
         }
     }
     plan.add_flops(2.0 * m as f64 * n as f64 * k as f64);
@@ -599,45 +756,98 @@ pub fn matmul_backward_input_ex(
     weight: &Tensor,
     alpha: f32,
 ) -> Result<()> {
+    matmul_backward_input_op(ctx, plan, dinp, dout, Bind::T(weight), alpha)
+}
+
+/// [`matmul_backward_input_ex`] with a weight packed once (frozen weights).
+pub fn matmul_backward_input_packed(
+    ctx: &Context,
+    plan: &mut Plan,
+    dinp: &Tensor,
+    dout: &Tensor,
+    weight: &TexMatrix,
+    alpha: f32,
+) -> Result<()> {
+    matmul_backward_input_op(ctx, plan, dinp, dout, Bind::X(weight), alpha)
+}
+
+/// The backward_input for a weight from either source, as
+/// [`matmul_forward_op`]: checks, operand sources, then [`backward_input`].
+fn matmul_backward_input_op(
+    ctx: &Context,
+    plan: &mut Plan,
+    dinp: &Tensor,
+    dout: &Tensor,
+    weight: Bind,
+    alpha: f32,
+) -> Result<()> {
     let op = "matmul_backward_input";
     let [m, n] = dims(op, dout, "(M, N)")?;
-    let [n2, k] = dims(op, weight, "(N, K)")?;
-    if n2 != n {
-        expect_shape(op, weight, &[n, k])?;
-    }
+    let k = match weight {
+        Bind::T(w) => {
+            let [n2, k] = dims(op, w, "(N, K)")?;
+            if n2 != n {
+                expect_shape(op, w, &[n, k])?;
+            }
+            k
+        }
+        Bind::X(w) if w.rows() != n => return Err(packed_shape_error(op, w, n, w.cols())),
+        Bind::X(w) => w.cols(),
+    };
     expect_shape(op, dinp, &[m, k])?;
     if m == 0 || k == 0 {
         return Ok(());
     }
-    if use_textures(ctx, &[(m, n), (n, k)]) {
-        let w = pack(ctx, plan, weight)?;
-        return matmul_backward_input_packed(ctx, plan, dinp, dout, &w, alpha);
-    }
-    let v = pick_variant(ctx, k % 4 == 0 && n % 4 == 0);
+    let fits = use_textures(ctx, &[(m, n), (n, k)]);
+    let ops = Operands::new(ctx, plan, dout, weight, fits)?;
+    let (a, b) = ops.binds();
+    backward_input(ctx, plan, dinp, a, b, alpha, [m, n, k])
+}
+
+/// dinp (M, K) += alpha * a (M, N) . b (N, K), from any sources (shapes checked).
+fn backward_input(
+    ctx: &Context,
+    plan: &mut Plan,
+    dinp: &Tensor,
+    a: Bind,
+    b: Bind,
+    alpha: f32,
+    [m, n, k]: [usize; 3],
+) -> Result<()> {
+    let op = "matmul_backward_input";
+    // Buffer rows of dout (N wide) must start on a vec4.
+    let aligned = k % 4 == 0 && (a.source() != Source::Storage || n % 4 == 0);
+    let v = with_sources(pick_variant(ctx, aligned), a, b);
     let (tile_m, tile_k) = v.tile();
-    let kern = spec(&v, op, &[W, R, R]);
-    let nc = chunk_rows(ctx, "matmul_backward_input weight", n, &[k], 4)?;
-    let mc = chunk_rows(ctx, "matmul_backward_input dout", m, &[k, n], 1)?;
+    let kern = spec(&v, op, &[W, a.source().access(), b.source().access()]);
+    let nc = operand_chunk(ctx, "matmul_backward_input weight", b, n, &[k], 4)?;
+    let mc = match a {
+        Bind::T(_) => chunk_rows(ctx, "matmul_backward_input dout", m, &[k, n], 1)?,
+        Bind::X(_) => chunk_rows(ctx, "matmul_backward_input dinp", m, &[k], 1)?,
+    };
     for m0 in (0..m).step_by(mc) {
         let mr = mc.min(m - m0);
         let dx = dinp.view(m0 * k, &[mr, k], dinp.label())?;
-        let dy = dout.view(m0 * n, &[mr, n], dout.label())?;
+        let dy = Rows::of(a, m0, mr, n)?;
         for n0 in (0..n).step_by(nc) {
             let nr = nc.min(n - n0);
-            let w = weight.view(n0 * k, &[nr, k], weight.label())?;
-            let p = Params::new()
-                .u(mr)
-                .u(k)
-                .u(nr)
-                .u(0)
-                .u(n0)
-                .u(n)
-                .f(alpha)
-                .u(1)
-                .u(0)
-                .u(1);
+            let w = Rows::of(b, n0, nr, k)?;
+            let p = MatmulParams {
+                m: mr as u32,
+                k: k as u32,
+                n: nr as u32,
+                col_off: n0 as u32,
+                ld_dout: n as u32,
+                alpha,
+                flags: 1,
+                splits: 1,
+                a_shift: shift(a),
+                b_shift: shift(b),
+                a_row0: dy.row0(),
+                ..Default::default()
+            };
             let grid = [(k as u32).div_ceil(tile_k), (mr as u32).div_ceil(tile_m), 1];
-            plan.dispatch(ctx, &kern, &p, &[&dx, &dy, &w], grid)?;
+            plan.dispatch_with(ctx, &kern, &p, &[Bind::T(&dx), dy.bind(), w.bind()], grid)?;
         }
     }
     plan.add_flops(2.0 * m as f64 * n as f64 * k as f64);
@@ -710,51 +920,31 @@ pub fn matmul_backward_weight_ex(
         (n as u32).div_ceil(tile_r),
         splits as u32,
     ];
-    let tex = use_textures(ctx, &[(m, n), (m, k)]);
-    let (a, b) = if tex {
-        (Some(pack(ctx, plan, dout)?), Some(pack(ctx, plan, inp)?))
+    let packed = if use_textures(ctx, &[(m, n), (m, k)]) {
+        Some((pack(ctx, plan, dout)?, pack(ctx, plan, inp)?))
     } else {
-        (None, None)
+        None
     };
-    let mut p = Params::new()
-        .u(m)
-        .u(k)
-        .u(n)
-        .u(0)
-        .u(0)
-        .u(n)
-        .f(alpha)
-        .u(0)
-        .u(m_split)
-        .u(splits);
-    let mut v = v;
-    if let (Some(a), Some(b)) = (&a, &b) {
-        p = p
-            .u(a.layer_shift() as usize)
-            .u(b.layer_shift() as usize)
-            .u(0);
-        v = layered(v, a, b);
-    }
-    let main = |plan: &mut Plan, target: &Tensor| -> Result<()> {
-        match (&a, &b) {
-            (Some(a), Some(b)) => plan.dispatch_with(
-                ctx,
-                &spec(&v, "matmul_backward_weight_tex", &[W, X, X]),
-                &p,
-                &[Bind::T(target), Bind::X(a), Bind::X(b)],
-                grid,
-            ),
-            _ => plan.dispatch(
-                ctx,
-                &spec(&v, op, &[W, R, R]),
-                &p,
-                &[target, dout, inp],
-                grid,
-            ),
-        }
+    let (a, b) = match &packed {
+        Some((a, b)) => (Bind::X(a), Bind::X(b)),
+        None => (Bind::T(dout), Bind::T(inp)),
     };
+    let v = with_sources(v, a, b);
+    let p = MatmulParams {
+        m: m as u32,
+        k: k as u32,
+        n: n as u32,
+        ld_dout: n as u32,
+        alpha,
+        m_split: m_split as u32,
+        splits: splits as u32,
+        a_shift: shift(a),
+        b_shift: shift(b),
+        ..Default::default()
+    };
+    let kern = spec(&v, op, &[W, a.source().access(), b.source().access()]);
     if splits == 1 {
-        main(plan, dweight)?;
+        plan.dispatch_with(ctx, &kern, &p, &[Bind::T(dweight), a, b], grid)?;
     } else {
         let partials = Tensor::zeros(
             ctx,
@@ -762,7 +952,7 @@ pub fn matmul_backward_weight_ex(
             DType::F32,
             &format!("{}.splitk", dweight.label()),
         )?;
-        main(plan, &partials)?;
+        plan.dispatch_with(ctx, &kern, &p, &[Bind::T(&partials), a, b], grid)?;
         let total = (n * k) as u32;
         plan.dispatch(
             ctx,
@@ -819,20 +1009,15 @@ pub fn matmul_pack(ctx: &Context, plan: &mut Plan, dst: &TexMatrix, src: &Tensor
     for r0 in (0..rows).step_by(rc) {
         let rr = rc.min(rows - r0);
         let chunk = src.view(r0 * cols, &[rr, cols], src.label())?;
-        let p = Params::new()
-            .u(rr)
-            .u(cols)
-            .u(0)
-            .u(0)
-            .u(0)
-            .u(0)
-            .f(1.0)
-            .u(0)
-            .u(0)
-            .u(1)
-            .u(dst.layer_shift() as usize)
-            .u(0)
-            .u(r0);
+        let p = MatmulParams {
+            m: rr as u32,
+            k: cols as u32,
+            alpha: 1.0,
+            splits: 1,
+            a_shift: dst.layer_shift(),
+            a_row0: r0 as u32,
+            ..Default::default()
+        };
         let texels = (cols.div_ceil(4) * rr) as u32;
         plan.dispatch_with(
             ctx,
@@ -863,145 +1048,3 @@ pub fn gemv_max_rows() -> usize {
         .unwrap_or(GEMV_MAX_ROWS)
 }
 const GEMV_MAX_ROWS: usize = 16;
-
-/// [`matmul_forward_ex`] with a weight packed once (frozen weights).
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_forward_packed(
-    ctx: &Context,
-    plan: &mut Plan,
-    out: &Tensor,
-    inp: &Tensor,
-    weight: &TexMatrix,
-    bias: Option<&Tensor>,
-    alpha: f32,
-    accumulate: bool,
-) -> Result<()> {
-    let op = "matmul_forward";
-    let [m, k] = dims(op, inp, "(M, K)")?;
-    let n = weight.rows();
-    if weight.cols() != k {
-        return Err(Error::Shape {
-            op: op.into(),
-            tensor: weight.label().into(),
-            expected: format!("[{n}, {k}]"),
-            got: vec![weight.rows(), weight.cols()],
-        });
-    }
-    expect_shape(op, out, &[m, n])?;
-    if let Some(b) = bias {
-        expect_shape(op, b, &[n])?;
-    }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    let a = pack(ctx, plan, inp)?;
-    let v = layered(pick_variant(ctx, k % 4 == 0), &a, weight);
-    let (mut tile_m, mut tile_n) = v.tile();
-    let gemv = m <= gemv_max_rows();
-    let kern = if gemv {
-        (tile_m, tile_n) = (1, 64);
-        spec(&v, "matmul_gemv_tex", &[W, X, X, R])
-    } else {
-        spec(&v, "matmul_forward_tex", &[W, X, X, R])
-    };
-    let dummy = Tensor::zeros(ctx, &[1], DType::F32, "no_bias")?;
-    let b = bias.unwrap_or(&dummy);
-    let flags = u32::from(accumulate) | (u32::from(bias.is_some()) << 1);
-    let mc = chunk_rows(ctx, "matmul_forward output", m, &[n], 1)?;
-    for m0 in (0..m).step_by(mc) {
-        let mr = mc.min(m - m0);
-        let o = out.view(m0 * n, &[mr, n], out.label())?;
-        let p = Params::new()
-            .u(mr)
-            .u(k)
-            .u(n)
-            .u(n)
-            .u(0)
-            .u(0)
-            .f(alpha)
-            .u(flags as usize)
-            .u(0)
-            .u(1)
-            .u(a.layer_shift() as usize)
-            .u(weight.layer_shift() as usize)
-            .u(m0);
-        let grid = [(n as u32).div_ceil(tile_n), (mr as u32).div_ceil(tile_m), 1];
-        plan.dispatch_with(
-            ctx,
-            &kern,
-            &p,
-            &[Bind::T(&o), Bind::X(&a), Bind::X(weight), Bind::T(b)],
-            grid,
-        )?;
-    }
-    plan.add_flops(2.0 * m as f64 * n as f64 * k as f64);
-    Ok(())
-}
-
-/// [`matmul_backward_input_ex`] with a weight packed once (frozen weights).
-pub fn matmul_backward_input_packed(
-    ctx: &Context,
-    plan: &mut Plan,
-    dinp: &Tensor,
-    dout: &Tensor,
-    weight: &TexMatrix,
-    alpha: f32,
-) -> Result<()> {
-    let op = "matmul_backward_input";
-    let [m, n] = dims(op, dout, "(M, N)")?;
-    let k = weight.cols();
-    if weight.rows() != n {
-        return Err(Error::Shape {
-            op: op.into(),
-            tensor: weight.label().into(),
-            expected: format!("[{n}, {k}]"),
-            got: vec![weight.rows(), weight.cols()],
-        });
-    }
-    expect_shape(op, dinp, &[m, k])?;
-    if m == 0 || k == 0 {
-        return Ok(());
-    }
-    let a = pack(ctx, plan, dout)?;
-    let v = layered(pick_variant(ctx, k.is_multiple_of(4)), &a, weight);
-    let (tile_m, tile_k) = v.tile();
-    let kern = spec(&v, "matmul_backward_input_tex", &[W, X, X]);
-    let mc = chunk_rows(ctx, "matmul_backward_input dinp", m, &[k], 1)?;
-    for m0 in (0..m).step_by(mc) {
-        let mr = mc.min(m - m0);
-        let dx = dinp.view(m0 * k, &[mr, k], dinp.label())?;
-        let p = Params::new()
-            .u(mr)
-            .u(k)
-            .u(n)
-            .u(0)
-            .u(0)
-            .u(n)
-            .f(alpha)
-            .u(1)
-            .u(0)
-            .u(1)
-            .u(a.layer_shift() as usize)
-            .u(weight.layer_shift() as usize)
-            .u(m0);
-        let grid = [(k as u32).div_ceil(tile_k), (mr as u32).div_ceil(tile_m), 1];
-        plan.dispatch_with(
-            ctx,
-            &kern,
-            &p,
-            &[Bind::T(&dx), Bind::X(&a), Bind::X(weight)],
-            grid,
-        )?;
-    }
-    plan.add_flops(2.0 * m as f64 * n as f64 * k as f64);
-    Ok(())
-}
-
-/// Set the layered flags of `v` from the textures it will read.
-fn layered(v: Variant, a: &TexMatrix, b: &TexMatrix) -> Variant {
-    Variant {
-        a_layered: a.layer_shift() < 31,
-        b_layered: b.layer_shift() < 31,
-        ..v
-    }
-}

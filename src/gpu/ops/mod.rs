@@ -19,7 +19,8 @@ use crate::error::{Error, Result};
 use crate::gpu::tensor::Tensor;
 
 pub use crate::gpu::kernels::Access::{Read as R, ReadWrite as W};
-pub use crate::gpu::plan::{grid_1d, Params, Plan};
+pub use crate::gpu::plan::{grid_1d, Plan};
+pub(crate) use crate::gpu::uniform::uniform;
 
 /// Check that `t` has exactly `shape`.
 pub(crate) fn expect_shape(op: &str, t: &Tensor, shape: &[usize]) -> Result<()> {

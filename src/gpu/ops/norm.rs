@@ -1,10 +1,15 @@
 //! RMSNorm and LayerNorm wrappers (`shaders/norm.wgsl`).
 
-use super::{dims, expect_shape, grid_1d, Params, Plan, R, W};
+use super::{dims, expect_shape, grid_1d, uniform, Plan, R, W};
 use crate::error::Result;
 use crate::gpu::context::Context;
 use crate::gpu::kernels::KernelSpec;
 use crate::gpu::tensor::Tensor;
+
+uniform! { "norm" "Params"
+    /// `Params` of `shaders/norm.wgsl` (eps is unused by the backward kernels).
+    pub struct NormParams { n: u32, c: u32, eps: f32, _pad: u32 }
+}
 
 /// Threads per row: enough to cover C in a few strides, at most 256.
 fn wg_for(c: usize) -> u32 {
@@ -34,7 +39,12 @@ pub fn rmsnorm_forward(
     expect_shape(op, out, &[n, c])?;
     expect_shape(op, rstd, &[n])?;
     expect_shape(op, weight, &[c])?;
-    let p = Params::new().u(n).u(c).f(eps);
+    let p = NormParams {
+        n: n as u32,
+        c: c as u32,
+        eps,
+        _pad: 0,
+    };
     plan.dispatch(
         ctx,
         &spec(op, &[W, W, R, R], c)?,
@@ -60,7 +70,11 @@ pub fn rmsnorm_backward(
     expect_shape(op, dout, &[n, c])?;
     expect_shape(op, weight, &[c])?;
     expect_shape(op, rstd, &[n])?;
-    let p = Params::new().u(n).u(c).f(0.0);
+    let p = NormParams {
+        n: n as u32,
+        c: c as u32,
+        ..Default::default()
+    };
     plan.dispatch(
         ctx,
         &spec(op, &[W, R, R, R, R], c)?,
@@ -90,7 +104,12 @@ pub fn layernorm_forward(
     expect_shape(op, rstd, &[n])?;
     expect_shape(op, weight, &[c])?;
     expect_shape(op, bias, &[c])?;
-    let p = Params::new().u(n).u(c).f(eps);
+    let p = NormParams {
+        n: n as u32,
+        c: c as u32,
+        eps,
+        _pad: 0,
+    };
     plan.dispatch(
         ctx,
         &spec(op, &[W, W, W, R, R, R], c)?,
@@ -119,7 +138,11 @@ pub fn layernorm_backward(
     expect_shape(op, weight, &[c])?;
     expect_shape(op, mean, &[n])?;
     expect_shape(op, rstd, &[n])?;
-    let p = Params::new().u(n).u(c).f(0.0);
+    let p = NormParams {
+        n: n as u32,
+        c: c as u32,
+        ..Default::default()
+    };
     plan.dispatch(
         ctx,
         &spec(op, &[W, R, R, R, R, R], c)?,

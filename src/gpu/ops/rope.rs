@@ -5,11 +5,16 @@
 //! in f64 on the host. H and D are read from `x`; B and T are passed because
 //! the (B*T, H, D) layout does not carry them.
 
-use super::{dims, expect_shape, grid_1d, Params, Plan, R, W};
+use super::{dims, expect_shape, grid_1d, uniform, Plan, R, W};
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
 use crate::gpu::kernels::KernelSpec;
 use crate::gpu::tensor::Tensor;
+
+uniform! { "rope" "Params"
+    /// `Params` of `shaders/rope.wgsl`.
+    pub struct RopeParams { b: u32, t: u32, h: u32, d: u32, pos_offset: u32, _p0: u32, _p1: u32, _p2: u32 }
+}
 
 const WG: u32 = 64;
 
@@ -133,14 +138,13 @@ fn rope(
     // One invocation per (row, pair group); each loops over the H heads.
     let groups = (b * t * per_row).div_ceil(WG as usize);
     let spec = KernelSpec::family("rope", entry, &[W, R, R])?.with("WG", WG as f64);
-    let p = Params::new()
-        .u(b)
-        .u(t)
-        .u(h)
-        .u(d)
-        .u(pos_offset)
-        .u(0)
-        .u(0)
-        .u(0);
+    let p = RopeParams {
+        b: b as u32,
+        t: t as u32,
+        h: h as u32,
+        d: d as u32,
+        pos_offset: pos_offset as u32,
+        ..Default::default()
+    };
     plan.dispatch(ctx, &spec, &p, &[x, cos, sin], grid_1d(ctx, groups as u32))
 }
