@@ -141,7 +141,7 @@ pub struct Kernel {
 
 pub(crate) fn build(ctx: &Context, spec: &KernelSpec) -> Result<Kernel> {
     let name = format!("{}::{}", spec.module, spec.entry);
-    let started = std::time::Instant::now();
+    let started = crate::clock::Stopwatch::start();
     let dev = &ctx.device;
     let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
     let desc = wgpu::ShaderModuleDescriptor {
@@ -213,10 +213,7 @@ pub(crate) fn build(ctx: &Context, spec: &KernelSpec) -> Result<Kernel> {
             message: e.to_string(),
         });
     }
-    log::debug!(
-        "built kernel {name} in {:.0} ms",
-        started.elapsed().as_secs_f64() * 1e3
-    );
+    log::debug!("built kernel {name} in {:.0} ms", started.secs() * 1e3);
     Ok(Kernel {
         name,
         pipeline,

@@ -396,10 +396,10 @@ impl Plan {
                 }],
                 flops: 0.0,
             };
-            let t0 = std::time::Instant::now();
+            let t0 = crate::clock::Stopwatch::start();
             one.run(ctx)?;
             let e = acc.entry(name).or_default();
-            e.0 += t0.elapsed().as_secs_f64();
+            e.0 += t0.secs();
             e.1 += 1;
         }
         let mut v: Vec<_> = acc.into_iter().map(|(k, (s, n))| (k, s, n)).collect();

@@ -2,7 +2,7 @@
 //! prefix rows of an adapter) is run once, then one token per step, each
 //! step reading only the last position's logits.
 
-use std::time::Instant;
+use crate::clock::Stopwatch;
 
 use crate::error::{Error, Result};
 use crate::gpu::ops::copy::{copy_rows, Layout};
@@ -164,7 +164,7 @@ pub fn generate(
         prompt_tokens: prompt.len(),
         ..Default::default()
     };
-    let t0 = Instant::now();
+    let t0 = Stopwatch::start();
     let ids: Vec<i32> = prompt.iter().map(|&x| x as i32).collect();
     let shape = FwdShape {
         b: 1,
@@ -173,8 +173,8 @@ pub fn generate(
         p: cache.len,
     };
     let mut next = step(ctx, model, hooks, &mut cache, shape, &ids, None)?;
-    stats.prefill_s = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
+    stats.prefill_s = t0.secs();
+    let t1 = Stopwatch::start();
     let one = FwdShape {
         b: 1,
         t: 1,
@@ -213,7 +213,7 @@ pub fn generate(
             Some(&decode_acts),
         )?;
     }
-    stats.decode_s = t1.elapsed().as_secs_f64();
+    stats.decode_s = t1.secs();
     Ok(stats)
 }
 
@@ -244,7 +244,7 @@ fn step(
     let last = Tensor::from_i32(ctx, &[(shape.s() - 1) as i32], &[1, 1], "last_row")?;
     let gathered = Tensor::zeros(ctx, &[1, 1, cfg.hidden], DType::F32, "last_hidden")?;
     let logits = Tensor::zeros(ctx, &[1, cfg.vocab], DType::F32, "logits")?;
-    let t0 = Instant::now();
+    let mut t = Stopwatch::start();
     let mut plan = Plan::new("generate step");
     model.forward(ctx, &mut plan, acts, &idt, hooks, Some(cache))?;
     model.logits_rows(ctx, &mut plan, &logits, &gathered, acts, &last)?;
@@ -253,14 +253,14 @@ fn step(
             log::info!("profile {shape:?}: {name} {n}x {:.1} ms", secs * 1e3);
         }
     }
-    let t1 = Instant::now();
+    let record_s = t.lap();
     plan.submit(ctx)?;
     cache.len += shape.s();
     let out = logits.read_f32(ctx)?;
     log::debug!(
         "step {shape:?}: record {:.1} ms, run {:.1} ms, {} dispatches",
-        (t1 - t0).as_secs_f64() * 1e3,
-        t1.elapsed().as_secs_f64() * 1e3,
+        record_s * 1e3,
+        t.secs() * 1e3,
         plan.dispatches()
     );
     Ok(out)
