@@ -39,6 +39,45 @@ fn small_data(dir: &Path) -> String {
     p.display().to_string()
 }
 
+/// A test's scratch folder with the small data, and `--out DIR/out`.
+struct Setup {
+    dir: PathBuf,
+    data: String,
+    model: String,
+    out: String,
+}
+
+impl Setup {
+    fn new(name: &str) -> Setup {
+        let dir = tmp(name);
+        let data = small_data(&dir);
+        let out = dir.join("out").display().to_string();
+        Setup {
+            dir,
+            data,
+            model: model(),
+            out,
+        }
+    }
+
+    /// `--method lora` on the small data, batch 2, one line per step.
+    fn lora(&self) -> Vec<&str> {
+        vec![
+            "--method",
+            "lora",
+            "--model",
+            &self.model,
+            "--data",
+            &self.data,
+            "--out",
+            &self.out,
+            "--batch-size",
+            "2",
+            "--no-progress",
+        ]
+    }
+}
+
 struct Run {
     code: Option<i32>,
     text: String,
@@ -341,23 +380,9 @@ fn bad_numbers_are_usage_errors_before_anything_is_created() {
 #[test]
 fn divergence_stops_the_run_and_keeps_the_last_good_adapter() {
     let _ctx = gpu!();
-    let dir = tmp("diverge");
-    let data = small_data(&dir);
-    let m = model();
-    let o = dir.join("out").display().to_string();
-    let base = [
-        "--method",
-        "lora",
-        "--model",
-        &m,
-        "--data",
-        &data,
-        "--out",
-        &o,
-        "--batch-size",
-        "2",
-        "--no-progress",
-    ];
+    let setup = Setup::new("diverge");
+    let dir = &setup.dir;
+    let base = setup.lora();
     let r = wgtune(&[&base[..], &["--steps", "2"]].concat(), &[]);
     assert!(r.ok(), "{}", r.text);
     let good = std::fs::read(dir.join("out/adapter_model.safetensors")).unwrap();
@@ -408,26 +433,12 @@ fn divergence_stops_the_run_and_keeps_the_last_good_adapter() {
 #[test]
 fn signals_stop_the_run_with_the_shells_exit_codes() {
     let _ctx = gpu!();
-    let dir = tmp("signals");
-    let data = small_data(&dir);
-    let m = model();
-    let o = dir.join("out").display().to_string();
-    let args = [
-        "--method",
-        "lora",
-        "--model",
-        &m,
-        "--data",
-        &data,
-        "--out",
-        &o,
-        "--batch-size",
-        "2",
-        "--no-progress",
-    ];
+    let setup = Setup::new("signals");
+    let dir = &setup.dir;
+    let args = setup.lora();
     let spawn = |pause: &str| {
         Command::new(env!("CARGO_BIN_EXE_wgtune"))
-            .args(args)
+            .args(&args)
             .args(["--steps", "400"])
             .env("WGTUNE_PAUSE_AT", pause)
             .stdout(Stdio::piped())

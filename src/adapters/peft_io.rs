@@ -447,10 +447,9 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
-    #[test]
-    fn test_adapter_from_bytes_matches_load_adapter() {
-        let d = scratch("bytes");
-        let cfg = AdapterConfig::Prompt(PromptConfig {
+    /// A 2-token prompt-tuning config of width 3.
+    fn tiny_prompt_config() -> AdapterConfig {
+        AdapterConfig::Prompt(PromptConfig {
             num_virtual_tokens: 2,
             token_dim: 3,
             num_attention_heads: 1,
@@ -459,7 +458,13 @@ mod tests {
             prompt_tuning_init_text: None,
             tokenizer_name_or_path: None,
             base_model_name_or_path: None,
-        });
+        })
+    }
+
+    #[test]
+    fn test_adapter_from_bytes_matches_load_adapter() {
+        let d = scratch("bytes");
+        let cfg = tiny_prompt_config();
         let t = [(PROMPT_EMBEDDINGS.to_string(), vec![2, 3], vec![0.5; 6])];
         save_adapter(&d, &cfg, &t).unwrap();
         let text = std::fs::read_to_string(d.join(CONFIG_FILE)).unwrap();
@@ -478,16 +483,7 @@ mod tests {
     #[test]
     fn test_save_refuses_mismatched_tensors_before_writing() {
         let d = scratch("refuse");
-        let cfg = AdapterConfig::Prompt(PromptConfig {
-            num_virtual_tokens: 2,
-            token_dim: 3,
-            num_attention_heads: 1,
-            num_layers: 1,
-            prompt_tuning_init: "RANDOM".into(),
-            prompt_tuning_init_text: None,
-            tokenizer_name_or_path: None,
-            base_model_name_or_path: None,
-        });
+        let cfg = tiny_prompt_config();
         let out = d.join("out");
         let bad = [(PROMPT_EMBEDDINGS.to_string(), vec![2, 3], vec![0.0; 5])];
         assert!(save_adapter(&out, &cfg, &bad).is_err());

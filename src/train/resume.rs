@@ -58,175 +58,112 @@ fn resolve_lora_targets(model: &Model, targets: &[String]) -> Vec<String> {
 /// `--flag given (source: recorded)` for every option the user gave that
 /// `cfg` (a checkpoint's or an initial adapter's) contradicts.
 pub fn adapter_conflicts(o: &TrainOptions, model: &Model, cfg: &AdapterConfig) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut differ = |id: &str, flag: &str, given: String, recorded: String| {
-        if o.given(id) && given != recorded {
-            out.push(format!("--{flag} {given} (recorded: {recorded})"));
-        }
-    };
     // Init options shape a new adapter only.
-    let only_new = "applies only to a new adapter".to_string();
-    match (&o.method, cfg) {
+    let new = || "applies only to a new adapter".to_string();
+    let rows: Vec<(&str, String, String)> = match (&o.method, cfg) {
         (MethodOptions::Lora(l), AdapterConfig::Lora(c)) => {
-            differ("lora_r", "lora-r", l.r.to_string(), c.r.to_string());
-            differ(
-                "lora_alpha",
-                "lora-alpha",
-                l.alpha.to_string(),
-                c.lora_alpha.to_string(),
-            );
-            differ(
-                "lora_dropout",
-                "lora-dropout",
-                l.dropout.to_string(),
-                c.lora_dropout.to_string(),
-            );
             let mut recorded = c.target_modules.clone();
             recorded.sort();
-            differ(
-                "lora_targets",
-                "lora-targets",
-                resolve_lora_targets(model, &l.targets).join(","),
-                recorded.join(","),
-            );
-            differ(
-                "rslora",
-                "rslora",
-                l.rslora.to_string(),
-                c.use_rslora.to_string(),
-            );
-            differ(
-                "lora_init",
-                "lora-init",
-                lora_init_name(l.init).into(),
-                only_new.clone(),
-            );
+            vec![
+                ("lora_r", s(l.r), s(c.r)),
+                ("lora_alpha", s(l.alpha), s(c.lora_alpha)),
+                ("lora_dropout", s(l.dropout), s(c.lora_dropout)),
+                (
+                    "lora_targets",
+                    resolve_lora_targets(model, &l.targets).join(","),
+                    recorded.join(","),
+                ),
+                ("rslora", s(l.rslora), s(c.use_rslora)),
+                ("lora_init", lora_init_name(l.init).into(), new()),
+            ]
         }
-        (MethodOptions::Prompt(p), AdapterConfig::Prompt(c)) => {
-            differ(
+        (MethodOptions::Prompt(p), AdapterConfig::Prompt(c)) => vec![
+            (
                 "num_virtual_tokens",
-                "num-virtual-tokens",
-                p.num_virtual_tokens.to_string(),
-                c.num_virtual_tokens.to_string(),
-            );
-            differ(
-                "prompt_init",
-                "prompt-init",
-                prompt_init_name(p.init).into(),
-                only_new.clone(),
-            );
-            differ(
+                s(p.num_virtual_tokens),
+                s(c.num_virtual_tokens),
+            ),
+            ("prompt_init", prompt_init_name(p.init).into(), new()),
+            (
                 "prompt_init_text",
-                "prompt-init-text",
                 p.init_text.clone().unwrap_or_default(),
-                only_new.clone(),
-            );
-        }
-        (MethodOptions::Prefix(p), AdapterConfig::Prefix(c)) => {
-            differ(
+                new(),
+            ),
+        ],
+        (MethodOptions::Prefix(p), AdapterConfig::Prefix(c)) => vec![
+            (
                 "num_virtual_tokens",
-                "num-virtual-tokens",
-                p.num_virtual_tokens.to_string(),
-                c.num_virtual_tokens.to_string(),
-            );
-            differ(
-                "prefix_projection",
-                "prefix-projection",
-                p.projection.to_string(),
-                c.prefix_projection.to_string(),
-            );
-            differ(
+                s(p.num_virtual_tokens),
+                s(c.num_virtual_tokens),
+            ),
+            ("prefix_projection", s(p.projection), s(c.prefix_projection)),
+            (
                 "encoder_hidden_size",
-                "encoder-hidden-size",
-                p.encoder_hidden_size.unwrap_or(0).to_string(),
+                s(p.encoder_hidden_size.unwrap_or(0)),
                 if c.prefix_projection {
-                    c.encoder_hidden_size().to_string()
+                    s(c.encoder_hidden_size())
                 } else {
                     "none (no projection)".into()
                 },
-            );
-            differ(
-                "prefix_init",
-                "prefix-init",
-                prefix_init_name(p.init).into(),
-                only_new.clone(),
-            );
-            differ(
+            ),
+            ("prefix_init", prefix_init_name(p.init).into(), new()),
+            (
                 "prefix_init_text",
-                "prefix-init-text",
                 p.init_text.clone().unwrap_or_default(),
-                only_new,
-            );
+                new(),
+            ),
+        ],
+        (m, _) => {
+            return vec![format!(
+                "--method {} (recorded: {})",
+                m.method().name(),
+                init::method_name(cfg)
+            )]
         }
-        (m, _) => out.push(format!(
-            "--method {} (recorded: {})",
-            m.method().name(),
-            init::method_name(cfg)
-        )),
-    }
-    out
+    };
+    given_and_different(o, rows)
+}
+
+fn s(x: impl ToString) -> String {
+    x.to_string()
+}
+
+/// `--flag given (recorded: value)` for each (clap id, given, recorded) row
+/// whose option the user gave with another value than the recorded one.
+fn given_and_different(o: &TrainOptions, rows: Vec<(&str, String, String)>) -> Vec<String> {
+    rows.into_iter()
+        .filter(|(id, given, recorded)| o.given(id) && given != recorded)
+        .map(|(id, given, recorded)| {
+            format!("--{} {given} (recorded: {recorded})", id.replace('_', "-"))
+        })
+        .collect()
 }
 
 /// Options the user gave that the checkpoint's run settings contradict.
-pub fn settings_conflicts(o: &TrainOptions, lr: f64, s: &RunSettings) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut differ = |id: &str, flag: &str, given: String, recorded: String| {
-        if o.given(id) && given != recorded {
-            out.push(format!("--{flag} {given} (recorded: {recorded})"));
-        }
-    };
-    differ("lr", "lr", lr.to_string(), s.lr.to_string());
-    differ(
-        "weight_decay",
-        "weight-decay",
-        o.weight_decay.to_string(),
-        s.weight_decay.to_string(),
-    );
-    differ(
-        "lr_schedule",
-        "lr-schedule",
-        schedule_name(o.schedule).into(),
-        s.lr_schedule.clone(),
-    );
-    differ(
-        "warmup_steps",
-        "warmup-steps",
-        o.warmup_steps.to_string(),
-        s.warmup_steps.to_string(),
-    );
-    differ(
-        "max_grad_norm",
-        "max-grad-norm",
-        o.max_grad_norm.to_string(),
-        s.max_grad_norm.to_string(),
-    );
-    differ("seed", "seed", o.seed.to_string(), s.seed.to_string());
-    differ(
-        "batch_size",
-        "batch-size",
-        o.batch_size.to_string(),
-        s.batch_size.to_string(),
-    );
-    differ(
-        "grad_accum",
-        "grad-accum",
-        o.grad_accum.to_string(),
-        s.grad_accum.to_string(),
-    );
-    let msl = |x: Option<usize>| x.map_or("auto".to_string(), |v| v.to_string());
-    differ(
-        "max_seq_len",
-        "max-seq-len",
-        msl(o.data_opts.max_seq_len),
-        msl(s.max_seq_len),
-    );
-    differ(
-        "train_on_prompt",
-        "train-on-prompt",
-        o.data_opts.train_on_prompt.to_string(),
-        s.train_on_prompt.to_string(),
-    );
-    out
+pub fn settings_conflicts(o: &TrainOptions, lr: f64, st: &RunSettings) -> Vec<String> {
+    let msl = |x: Option<usize>| x.map_or("auto".to_string(), s);
+    let d = &o.data_opts;
+    let rows = vec![
+        ("lr", s(lr), s(st.lr)),
+        ("weight_decay", s(o.weight_decay), s(st.weight_decay)),
+        (
+            "lr_schedule",
+            schedule_name(o.schedule).into(),
+            st.lr_schedule.clone(),
+        ),
+        ("warmup_steps", s(o.warmup_steps), s(st.warmup_steps)),
+        ("max_grad_norm", s(o.max_grad_norm), s(st.max_grad_norm)),
+        ("seed", s(o.seed), s(st.seed)),
+        ("batch_size", s(o.batch_size), s(st.batch_size)),
+        ("grad_accum", s(o.grad_accum), s(st.grad_accum)),
+        ("max_seq_len", msl(d.max_seq_len), msl(st.max_seq_len)),
+        (
+            "train_on_prompt",
+            s(d.train_on_prompt),
+            s(st.train_on_prompt),
+        ),
+    ];
+    given_and_different(o, rows)
 }
 
 /// The run's settings with the checkpoint's filled in where the user gave
