@@ -10,6 +10,7 @@ use super::peft_io::{lora_names, AdapterConfig, LoraConfig, PrefixConfig, Prompt
 use crate::error::{Error, Result};
 use crate::gpu::ops::embedding;
 use crate::gpu::{Context, DType, Plan, Tensor};
+use crate::model::kv::prefix_layout;
 use crate::model::transformer::{Acts, FwdShape, Linear, Model, NoHooks};
 use crate::rng::Rng;
 
@@ -132,14 +133,14 @@ pub fn kv_of_text(ctx: &Context, model: &Model, ids: &[u32], n: usize) -> Result
     model.forward(ctx, &mut plan, &acts, &idt, &NoHooks, None)?;
     plan.run(ctx)?;
     let kvd = cfg.kv_dim();
-    let width = cfg.layers * 2 * kvd;
+    let width = prefix_layout(cfg, 0, 0).rs;
     let mut table = vec![0f32; n * width];
     for (l, a) in acts.layers.iter().enumerate() {
         for (j, t) in [&a.k, &a.v].into_iter().enumerate() {
             let data = t.read_f32(ctx)?;
+            let at = prefix_layout(cfg, l, j);
             for i in 0..n {
-                table[i * width + (l * 2 + j) * kvd..][..kvd]
-                    .copy_from_slice(&data[i * kvd..(i + 1) * kvd]);
+                table[i * at.rs + at.off..][..kvd].copy_from_slice(&data[i * kvd..(i + 1) * kvd]);
             }
         }
     }
@@ -154,7 +155,7 @@ pub fn init_prefix(
     seed: u64,
 ) -> Result<HostTensors> {
     let n = cfg.num_virtual_tokens;
-    let width = model.cfg.layers * 2 * model.cfg.kv_dim();
+    let width = prefix_layout(&model.cfg, 0, 0).rs;
     let mut rng = Rng::new(seed);
     if cfg.prefix_projection {
         // Embedding ~ N(0, 1); Linear weights and biases ~ U(-1/sqrt(in), 1/sqrt(in)).
