@@ -26,7 +26,7 @@ fn dequantize_matches_gguf_py() {
     let g = gguf("quants.gguf");
     let want = Arrays::open("gguf/quants_expected.safetensors");
     let types = [
-        "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K",
+        "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K",
     ];
     for ty in types {
         let name = format!("quant.{ty}");
@@ -59,7 +59,7 @@ fn unsupported_type_is_named() {
     let t = &g.tensors[0];
     let e = g.dequantize(t).unwrap_err().to_string();
     assert!(
-        e.contains("Q5_0") && e.contains(&t.name) && e.contains("Q4_K"),
+        e.contains("Q2_K") && e.contains(&t.name) && e.contains("Q5_1"),
         "{e}"
     );
 }

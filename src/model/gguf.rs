@@ -87,6 +87,8 @@ pub enum GgmlType {
     BF16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
     Q4K,
     Q5K,
@@ -96,7 +98,7 @@ pub enum GgmlType {
 }
 
 /// For error messages.
-pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K";
+pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K";
 
 /// ggml's names for type numbers, so an unsupported type is named in errors.
 fn ggml_type_name(n: u32) -> &'static str {
@@ -145,6 +147,8 @@ impl GgmlType {
             30 => GgmlType::BF16,
             2 => GgmlType::Q4_0,
             3 => GgmlType::Q4_1,
+            6 => GgmlType::Q5_0,
+            7 => GgmlType::Q5_1,
             8 => GgmlType::Q8_0,
             12 => GgmlType::Q4K,
             13 => GgmlType::Q5K,
@@ -161,6 +165,8 @@ impl GgmlType {
             GgmlType::BF16 => "BF16".into(),
             GgmlType::Q4_0 => "Q4_0".into(),
             GgmlType::Q4_1 => "Q4_1".into(),
+            GgmlType::Q5_0 => "Q5_0".into(),
+            GgmlType::Q5_1 => "Q5_1".into(),
             GgmlType::Q8_0 => "Q8_0".into(),
             GgmlType::Q4K => "Q4_K".into(),
             GgmlType::Q5K => "Q5_K".into(),
@@ -176,6 +182,8 @@ impl GgmlType {
             GgmlType::F16 | GgmlType::BF16 => (1, 2),
             GgmlType::Q4_0 => (32, 18),
             GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q5_0 => (32, 22),
+            GgmlType::Q5_1 => (32, 24),
             GgmlType::Q8_0 => (32, 34),
             GgmlType::Q4K => (256, 144),
             GgmlType::Q5K => (256, 176),
@@ -510,6 +518,18 @@ fn f16(b: &[u8], i: usize) -> f32 {
 /// If `ty` is not a supported type (`ty.block()` is `None`). A file's
 /// tensors reach this only through [`Gguf::dequantize`], whose
 /// [`Gguf::raw`] turns an unsupported type into an error first.
+/// The 5-bit values of a Q5_0/Q5_1 block: elements 0..16 and 16..32.
+fn q5_pair(qh: &[u8], qs: &[u8]) -> [[u8; 16]; 2] {
+    let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    let mut out = [[0u8; 16]; 2];
+    for j in 0..16 {
+        let hi = |bit: usize| (((qh >> bit) & 1) << 4) as u8;
+        out[0][j] = (qs[j] & 0xF) | hi(j);
+        out[1][j] = (qs[j] >> 4) | hi(j + 16);
+    }
+    out
+}
+
 pub fn dequantize_into(ty: GgmlType, data: &[u8], out: &mut [f32]) {
     let (per, bytes) = ty.block().expect(
         "invariant: callers pass a supported type (Gguf::dequantize rejects others via Gguf::raw)",
@@ -539,6 +559,24 @@ pub fn dequantize_into(ty: GgmlType, data: &[u8], out: &mut [f32]) {
                 for j in 0..16 {
                     y[j] = d * (qs[j] & 0xF) as f32 + m;
                     y[j + 16] = d * (qs[j] >> 4) as f32 + m;
+                }
+            }
+            // 5-bit: the low 4 bits in qs' nibbles, the 5th of element j
+            // in bit j of the little-endian u32 qh.
+            GgmlType::Q5_0 => {
+                let d = f16(blk, 0);
+                let [q0, q1] = q5_pair(&blk[2..6], &blk[6..22]);
+                for j in 0..16 {
+                    y[j] = d * (q0[j] as i32 - 16) as f32;
+                    y[j + 16] = d * (q1[j] as i32 - 16) as f32;
+                }
+            }
+            GgmlType::Q5_1 => {
+                let (d, m) = (f16(blk, 0), f16(blk, 2));
+                let [q0, q1] = q5_pair(&blk[4..8], &blk[8..24]);
+                for j in 0..16 {
+                    y[j] = d * q0[j] as f32 + m;
+                    y[j + 16] = d * q1[j] as f32 + m;
                 }
             }
             GgmlType::Q4K => {

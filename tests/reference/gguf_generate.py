@@ -11,9 +11,9 @@ sentencepiece 0.2.3, numpy 2.4.6. Other versions are refused unless WGTUNE_REF_A
 
 Outputs (see the "GGUF" section of tests/reference/README.md):
   quants.gguf                 one [3, 512] tensor per ggml type wgtune reads (F32 F16 BF16 Q8_0 Q4_0 Q4_1
-                              Q4_K Q5_K Q6_K), named quant.<TYPE>
+                              Q5_0 Q5_1 Q4_K Q5_K Q6_K), named quant.<TYPE>
   quants_expected.safetensors the same names, F32 [3, 512]: gguf.quants.dequantize of the bytes read back
-  unsupported-quant.gguf      one Q5_0 tensor (a type wgtune rejects)
+  unsupported-quant.gguf      one Q2_K tensor (a type wgtune rejects)
   tok-{smollm,llama-bpe,qwen2,gpt2}.gguf   vocab-only byte-level BPE files (tokenizer.ggml.model "gpt2")
   tok-llama-spm.gguf          vocab-only sentencepiece-style file (tokenizer.ggml.model "llama")
   tokens.json                 reference ids/tokens for each tok-*.gguf
@@ -183,10 +183,10 @@ LLAMA_TYPES = {
         "ffn_gate": QT.Q6_K, "ffn_up": QT.Q4_K, "ffn_down": QT.F16},
 }
 QWEN2_TYPES = {
-    0: {"attn_q": QT.Q8_0, "attn_k": QT.F16, "attn_v": QT.Q8_0, "attn_output": QT.F16,
+    0: {"attn_q": QT.Q8_0, "attn_k": QT.F16, "attn_v": QT.Q5_0, "attn_output": QT.F16,
         "ffn_gate": QT.Q8_0, "ffn_up": QT.F16, "ffn_down": QT.Q8_0},
     1: {"attn_q": QT.F16, "attn_k": QT.Q8_0, "attn_v": QT.F16, "attn_output": QT.Q8_0,
-        "ffn_gate": QT.F16, "ffn_up": QT.Q8_0, "ffn_down": QT.F16},
+        "ffn_gate": QT.F16, "ffn_up": QT.Q5_1, "ffn_down": QT.F16},
 }
 GPT2_TYPES = {
     0: {"attn_qkv": QT.Q8_0, "attn_output": QT.F16, "ffn_up": QT.Q8_0, "ffn_down": QT.F16},
@@ -370,21 +370,21 @@ def make_quants(out):
     notes["BF16"] = ("gguf.quants.quantize(BF16) (round to nearest even) of N(0, 0.05^2); row 0 cols 0-5: "
                      "-0.0, subnormals 1e-40 and -3e-39, 3e38, -1.5e30, 1")
 
-    # Q8_0 / Q4_0 / Q4_1: real gguf quantization, then a few scales patched to edge values.
-    for qt in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
+    # Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1: real gguf quantization, then a few scales patched to edge values.
+    for qt in (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1):
         data = np.array(gguf.quants.quantize(base * (1 + np.arange(rows, dtype=np.float32)[:, None]), qt))
         blk = gguf.GGML_QUANT_SIZES[qt][1]
         blocks = data.reshape(rows, -1, blk)
         blocks[1, 3, 0:2] = f16_bytes([3.0e-6])[0]  # d: f16 subnormal
         blocks[2, 5, 0:2] = f16_bytes([-0.0123])[0]  # d: negative
-        if qt == QT.Q4_1:
-            blocks[2, 6, 2:4] = f16_bytes([0.0371])[0]  # m: positive (real Q4_1 mins are <= 0 here)
+        if qt in (QT.Q4_1, QT.Q5_1):
+            blocks[2, 6, 2:4] = f16_bytes([0.0371])[0]  # m: positive (real mins are <= 0 here)
             blocks[1, 7, 2:4] = f16_bytes([-2.0e-6])[0]  # m: negative subnormal
         w.add_tensor(f"quant.{qt.name}", data, raw_dtype=qt)
         notes[qt.name] = ("gguf.quants.quantize of N(0, 0.05^2) * (row+1); patched: row 1 block 3 d = 3e-6 "
                           "(f16 subnormal), row 2 block 5 d = -0.0123"
                           + ("; row 2 block 6 m = 0.0371, row 1 block 7 m = -2e-6 (subnormal)"
-                             if qt == QT.Q4_1 else ""))
+                             if qt in (QT.Q4_1, QT.Q5_1) else ""))
 
     # K-quants: random block bytes (every bit pattern of scales/quants), chosen f16 super-block scales.
     for qt in (QT.Q4_K, QT.Q5_K, QT.Q6_K):
@@ -422,7 +422,7 @@ def make_quants(out):
         assert np.isfinite(vals).all(), t.name
         assert t.name == f"quant.{t.tensor_type.name}", t.name
         expected[t.name] = torch.from_numpy(vals.copy())
-    assert len(expected) == 9
+    assert len(expected) == 11
     save_file(expected, str(out / "quants_expected.safetensors"), metadata=META)
 
     # Second opinion: transformers' own torch block decoder (integrations/gguf/dequant.py, used by its
@@ -430,8 +430,8 @@ def make_quants(out):
     from transformers.integrations.gguf.dequant import dequantize as tf_dequantize
     second = {}
     for t in reader.tensors:
-        if t.tensor_type in (QT.F32, QT.F16, QT.BF16):
-            continue
+        if t.tensor_type in (QT.F32, QT.F16, QT.BF16, QT.Q5_0, QT.Q5_1):
+            continue  # transformers' torch decoder has no Q5_0/Q5_1
         raw = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(-1))
         alt = tf_dequantize(raw, int(t.tensor_type)).reshape(rows, cols)
         second[t.name] = float((alt - expected[t.name]).abs().max())
@@ -439,7 +439,9 @@ def make_quants(out):
 
     w = GGUFWriter(str(out / "unsupported-quant.gguf"), arch="llama")
     w.add_name("wgtune unsupported quant")
-    w.add_tensor("quant.Q5_0", gguf.quants.quantize(base, QT.Q5_0), raw_dtype=QT.Q5_0)
+    # Q2_K: a type wgtune does not read (random block bytes; only the type matters).
+    q2k = rng.integers(0, 256, size=(rows * cols // 256, gguf.GGML_QUANT_SIZES[QT.Q2_K][1]), dtype=np.uint8)
+    w.add_tensor("quant.Q2_K", q2k.reshape(rows, -1), raw_dtype=QT.Q2_K)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
