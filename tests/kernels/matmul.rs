@@ -279,3 +279,34 @@ fn matmul_layered_textures_vs_cpu() {
     assert!(3 <= matmul::gemv_max_rows());
     check_all(ctx, "layered gemv", &[(3, 12, rows)]);
 }
+
+/// A dout too wide for a texture row (a 151,936-token vocabulary's dlogits:
+/// more than 4 x max_texture_dimension floats) against a packed weight: the
+/// dout stays in its buffer and the mixed-source variant reads both. Before,
+/// packing it failed and no model with such a vocabulary could train.
+#[test]
+fn matmul_backward_input_wide_dout_with_packed_weight_vs_cpu() {
+    let ctx = gpu!();
+    let n = 4 * ctx.limits.max_texture_dimension_2d as usize + 13;
+    for (m, k) in [(3, 64), (5, 7)] {
+        assert!(!matmul::use_textures(ctx, &[(m, n)]), "dout must not fit");
+        let mut r = Rng::new((m * 7 + k) as u64);
+        let (w, dy, dx0) = (r.vec(n * k, 1.0), r.vec(m * n, 1.0), r.vec(m * k, 1.0));
+        let (tw, tdy) = (up(ctx, &w, &[n, k], "w"), up(ctx, &dy, &[m, n], "dy"));
+        let dx = up(ctx, &dx0, &[m, k], "dx");
+        let mut plan = Plan::new("wide dout");
+        let packed = matmul::pack(ctx, &mut plan, &tw).unwrap();
+        matmul::matmul_backward_input_packed(ctx, &mut plan, &dx, &tdy, &packed, 1.0).unwrap();
+        run(ctx, &plan);
+        let mut want = to64(&dx0);
+        cpu::matmul::matmul_backward_input(&mut want, &to64(&dy), &to64(&w), m, k, n);
+        let tol = (2e-6 * (n as f64).sqrt()).max(1e-5);
+        assert_close(
+            &format!("wide dout M={m} K={k} N={n}"),
+            &read(ctx, &dx),
+            &want,
+            tol,
+            1e-4,
+        );
+    }
+}

@@ -539,7 +539,7 @@ fn matmul_forward_op(
 
 /// The A operand and weight of a forward or backward_input, with their
 /// sources chosen: a buffer weight is packed (then A) when both fit
-/// textures (`fits`); a packed weight always gets a packed A.
+/// textures (`fits`); a packed weight gets a packed A when A fits one.
 struct Operands<'a> {
     a: &'a Tensor,
     weight: Bind<'a>,
@@ -559,7 +559,13 @@ impl<'a> Operands<'a> {
             Bind::T(w) if fits => Some(pack(ctx, plan, w)?),
             _ => None,
         };
-        let packed_a = if packed_w.is_some() || weight.source() == Source::Texture {
+        // An A too wide for a texture row (dlogits of a 151,936-token
+        // vocabulary) stays in its buffer: the mixed variant reads it there.
+        let a_fits = match a.shape() {
+            &[rows, cols] => use_textures(ctx, &[(rows, cols)]),
+            _ => false,
+        };
+        let packed_a = if a_fits && (packed_w.is_some() || weight.source() == Source::Texture) {
             Some(pack(ctx, plan, a)?)
         } else {
             None
