@@ -220,6 +220,10 @@ fn random_model_dir(config: &std::path::Path) -> Result<std::path::PathBuf> {
     Ok(dir)
 }
 
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
 fn peak_rss_mib() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -264,9 +268,10 @@ pub fn train(
         let _ = std::fs::remove_dir_all(&dir);
     }
     let cfg = m.cfg.clone();
+    let weights_gpu = ctx.memory.live();
     println!(
-        "bench train: {:?} {} layers hidden {}, batch {b} x {t}, {steps} timed steps, {} ({:?})",
-        cfg.arch, cfg.layers, cfg.hidden, ctx.info.name, ctx.info.backend
+        "bench train: {:?} {} layers hidden {}, batch {b} x {t}, {steps} timed steps, {} ({:?}); {:.0} MiB of GPU buffers after loading",
+        cfg.arch, cfg.layers, cfg.hidden, ctx.info.name, ctx.info.backend, mib(weights_gpu)
     );
     let mut rng = crate::rng::Rng::new(7);
     let ids: Vec<i32> = (0..b * t)
@@ -366,6 +371,7 @@ pub fn train(
                 ))
             }
         };
+        ctx.memory.reset_peak();
         let ad = Adapter::new(&ctx, &m, acfg, tensors)?;
         let opt = OptimConfig {
             lr: 1e-4,
@@ -391,11 +397,13 @@ pub fn train(
         }
         let secs = t1.secs() / steps.max(1) as f64;
         println!(
-            "  {method:<12} {:>8.1} tok/s  {:>7.1} GFLOP/s (matmuls)  {:.2} s/step  (first step {warm:.1} s incl. pipeline builds, loss {first:.3}), {} trainable, peak RSS {:.0} MiB",
+            "  {method:<12} {:>8.1} tok/s  {:>7.1} GFLOP/s (matmuls)  {:.2} s/step  (first step {warm:.1} s incl. pipeline builds, loss {first:.3}), {} trainable, GPU bytes allocated {:.0} MiB at peak ({:.0} MiB weights), peak RSS {:.0} MiB",
             (b * t) as f64 / secs,
             tr.last_flops / secs / 1e9,
             secs,
             ad.num_params(),
+            mib(ctx.memory.peak()),
+            mib(weights_gpu),
             peak_rss_mib().unwrap_or(f64::NAN)
         );
     }

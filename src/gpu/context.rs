@@ -54,6 +54,60 @@ pub struct Context {
     /// Errors raised outside an error scope (validation, device lost); the
     /// next `check()` turns them into `Error::Gpu`.
     pending: Arc<Mutex<Vec<String>>>,
+    /// Bytes of every buffer and texture wgtune has created and not dropped.
+    pub memory: Arc<MemoryCounter>,
+}
+
+/// Live and peak bytes of GPU buffers and textures, counted where they are
+/// created (tensor.rs, plan.rs) and released when the last handle drops.
+#[derive(Debug, Default)]
+pub struct MemoryCounter {
+    live: std::sync::atomic::AtomicU64,
+    peak: std::sync::atomic::AtomicU64,
+}
+
+impl MemoryCounter {
+    /// Count `bytes` as allocated until the returned guard drops.
+    pub fn alloc(self: &Arc<Self>, bytes: u64) -> Allocation {
+        use std::sync::atomic::Ordering::Relaxed;
+        let live = self.live.fetch_add(bytes, Relaxed) + bytes;
+        self.peak.fetch_max(live, Relaxed);
+        Allocation {
+            bytes,
+            counter: self.clone(),
+        }
+    }
+
+    /// Bytes allocated now.
+    pub fn live(&self) -> u64 {
+        self.live.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The most bytes allocated at once since the last [`Self::reset_peak`].
+    pub fn peak(&self) -> u64 {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Start a new peak from what is allocated now.
+    pub fn reset_peak(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.peak.store(self.live.load(Relaxed), Relaxed);
+    }
+}
+
+/// One counted buffer or texture; uncounts it on drop.
+#[derive(Debug)]
+pub struct Allocation {
+    bytes: u64,
+    counter: Arc<MemoryCounter>,
+}
+
+impl Drop for Allocation {
+    fn drop(&mut self) {
+        self.counter
+            .live
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The backends to search. By default Vulkan, Metal and DX12 only: OpenGL
@@ -246,6 +300,7 @@ impl Context {
                 && !std::env::var("WGTUNE_NO_TEXTURES").is_ok_and(|v| v == "1"),
             pipelines: Mutex::new(HashMap::new()),
             pending,
+            memory: Arc::default(),
         })
     }
 

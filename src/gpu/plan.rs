@@ -60,6 +60,8 @@ pub struct Plan {
     label: String,
     steps: Vec<Step>,
     flops: f64,
+    /// The uniform buffers' bytes in `Context::memory`, while the plan lives.
+    uniforms: Vec<crate::gpu::context::Allocation>,
 }
 
 /// Split `n` workgroups into an x*y grid that respects the per-dimension cap.
@@ -80,6 +82,7 @@ impl Plan {
             label: label.to_string(),
             steps: Vec::new(),
             flops: 0.0,
+            uniforms: Vec::new(),
         }
     }
 
@@ -215,6 +218,7 @@ impl Plan {
                 contents: &bytes,
                 usage: wgpu::BufferUsages::UNIFORM,
             });
+        self.uniforms.push(ctx.memory.alloc(bytes.len() as u64));
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
             resource: uniform.as_entire_binding(),
@@ -395,6 +399,7 @@ impl Plan {
                     _ => unreachable!(),
                 }],
                 flops: 0.0,
+                uniforms: Vec::new(),
             };
             let t0 = crate::clock::Stopwatch::start();
             one.run(ctx)?;

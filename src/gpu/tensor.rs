@@ -8,7 +8,7 @@ use std::sync::Arc;
 use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
-use crate::gpu::context::Context;
+use crate::gpu::context::{Allocation, Context};
 
 /// Element type of a tensor (all 4 bytes wide).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,6 +22,8 @@ pub enum DType {
 #[derive(Clone)]
 pub struct Tensor {
     buffer: Arc<wgpu::Buffer>,
+    /// Counts the buffer in `Context::memory` while any view lives.
+    _mem: Arc<Allocation>,
     /// Byte offset of element 0 in `buffer`.
     offset: u64,
     shape: Vec<usize>,
@@ -70,6 +72,7 @@ impl Tensor {
         });
         Ok(Tensor {
             buffer: Arc::new(buffer),
+            _mem: Arc::new(ctx.memory.alloc(bytes)),
             offset: 0,
             shape: shape.to_vec(),
             label: label.into(),
@@ -108,6 +111,7 @@ impl Tensor {
             });
         Ok(Tensor {
             buffer: Arc::new(buffer),
+            _mem: Arc::new(ctx.memory.alloc(padded.len() as u64)),
             offset: 0,
             shape: shape.to_vec(),
             label: label.into(),
@@ -170,6 +174,7 @@ impl Tensor {
         let offset = self.offset + elem_offset as u64 * 4;
         Ok(Tensor {
             buffer: self.buffer.clone(),
+            _mem: self._mem.clone(),
             offset,
             shape: shape.to_vec(),
             label: label.into(),
@@ -242,6 +247,7 @@ impl Tensor {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
+        let _mem = ctx.memory.alloc(size);
         let mut enc = ctx
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -281,6 +287,8 @@ impl Tensor {
 /// Not bound by the storage binding limit, only by texture dimensions.
 pub struct TexMatrix {
     texture: wgpu::Texture,
+    /// Counts the texture in `Context::memory`.
+    _mem: Allocation,
     view: wgpu::TextureView,
     rows: usize,
     cols: usize,
@@ -353,6 +361,7 @@ impl TexMatrix {
         });
         Ok(TexMatrix {
             texture,
+            _mem: ctx.memory.alloc(w as u64 * h as u64 * layers as u64 * 16),
             view,
             rows,
             cols,

@@ -14,5 +14,6 @@ mod embedding;
 mod lora;
 mod loss;
 mod matmul;
+mod memory;
 mod norm;
 mod rope;
