@@ -632,10 +632,12 @@ impl Loop<'_> {
         *saved = Some(tr.step);
         let secs = t0.secs();
         println!(
-            "done: {} steps in {secs:.1} s, final loss {last_loss:.4}; adapter in {}, loss plot {}",
+            "done: {} steps in {secs:.1} s, final loss {last_loss:.4}; adapter in {}, loss plot {}; \
+             GPU buffers and textures peaked at {:.0} MiB",
             tr.step,
             o.out.display(),
-            o.out.join("loss.svg").display()
+            o.out.join("loss.svg").display(),
+            ctx.memory.peak() as f64 / (1u64 << 20) as f64
         );
         Ok(Outcome::Done { steps: tr.step })
     }
