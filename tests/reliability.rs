@@ -60,21 +60,27 @@ impl Setup {
         }
     }
 
-    /// `--method lora` on the small data, batch 2, one line per step.
-    fn lora(&self) -> Vec<&str> {
+    /// `--method METHOD` on the small data into `out`, batch 2, one line
+    /// per step.
+    fn method<'a>(&'a self, method: &'a str, out: &'a str) -> Vec<&'a str> {
         vec![
             "--method",
-            "lora",
+            method,
             "--model",
             &self.model,
             "--data",
             &self.data,
             "--out",
-            &self.out,
+            out,
             "--batch-size",
             "2",
             "--no-progress",
         ]
+    }
+
+    /// `--method lora` into `DIR/out`.
+    fn lora(&self) -> Vec<&str> {
+        self.method("lora", &self.out)
     }
 }
 
@@ -504,24 +510,10 @@ fn signals_stop_the_run_with_the_shells_exit_codes() {
 #[test]
 fn options_that_contradict_a_checkpoint_or_adapter_are_errors() {
     let _ctx = gpu!();
-    let dir = tmp("conflicts");
-    let data = small_data(&dir);
-    let m = model();
-    let o = dir.join("out").display().to_string();
+    let setup = Setup::new("conflicts");
+    let (dir, data, m) = (&setup.dir, &setup.data, &setup.model);
     let run = |method: &str, extra: &[&str]| {
-        let mut a = vec![
-            "--method",
-            method,
-            "--model",
-            &m,
-            "--data",
-            &data,
-            "--out",
-            &o,
-            "--batch-size",
-            "2",
-            "--no-progress",
-        ];
+        let mut a = setup.method(method, &setup.out);
         a.extend_from_slice(extra);
         wgtune(&a, &[])
     };
@@ -567,20 +559,8 @@ fn options_that_contradict_a_checkpoint_or_adapter_are_errors() {
         ("prompt", vec![], "--method prompt"),
         ("lora", vec!["--lora-r", "16"], "--lora-r 16 (recorded: 4)"),
     ] {
-        let mut a = vec![
-            "--method",
-            method,
-            "--model",
-            &m,
-            "--data",
-            &data,
-            "--out",
-            &o2,
-            "--steps",
-            "1",
-            "--init-adapter",
-            &init,
-        ];
+        let mut a = setup.method(method, &o2);
+        a.extend(["--steps", "1", "--init-adapter", &init]);
         a.extend(extra);
         let r = wgtune(&a, &[]);
         assert!(!r.ok() && r.text.contains(needle), "{a:?}:\n{}", r.text);
@@ -598,7 +578,7 @@ fn options_that_contradict_a_checkpoint_or_adapter_are_errors() {
             "--adapter",
             &init,
             "--data",
-            &data,
+            data,
         ],
         &[],
     );
@@ -608,7 +588,7 @@ fn options_that_contradict_a_checkpoint_or_adapter_are_errors() {
         r.text
     );
     let r = wgtune(
-        &["eval", "--model", &m, "--adapter", &init, "--data", &data],
+        &["eval", "--model", m, "--adapter", &init, "--data", data],
         &[],
     );
     assert!(r.ok(), "{}", r.text);
