@@ -27,8 +27,9 @@ steps=${STEPS:-16}
 out=${OUT:-runs/quickstart-lora}
 # Mesa's drivers want a runtime dir; a missing one only costs a warning.
 if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
-  export XDG_RUNTIME_DIR=/tmp/wgtune-xdg-$(id -u)
-  mkdir -p -m 700 "$XDG_RUNTIME_DIR"
+  # mktemp makes it private (mode 700), as the spec asks.
+  XDG_RUNTIME_DIR=$(mktemp -d)
+  export XDG_RUNTIME_DIR
 fi
 
 apt_install() {
