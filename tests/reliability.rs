@@ -596,7 +596,8 @@ fn options_that_contradict_a_checkpoint_or_adapter_are_errors() {
 
 /// Defects 7 and 8: errors reached before training leave nothing behind,
 /// temp files of a killed run are removed at the next start, and messages
-/// name the setting or the action at fault.
+/// name the setting or the action at fault. (Also: the last step's
+/// validation is written once, not twice, with --eval-every.)
 #[test]
 fn errors_leave_nothing_behind_and_name_the_cause() {
     let _ctx = gpu!();
@@ -656,6 +657,26 @@ fn errors_leave_nothing_behind_and_name_the_cause() {
     );
     assert!(r.ok(), "{}", r.text);
     assert!(!stale.exists() && !stale2.exists());
+
+    // The last step's validation is written once, with --eval-every too.
+    let val = root().join("assets/data/pirate-val.jsonl");
+    let r = wgtune(
+        &[
+            &["--method", "lora", "--steps", "2", "--batch-size", "2"],
+            &base[..],
+            &["--val-data", val.to_str().unwrap(), "--eval-every", "1"],
+        ]
+        .concat(),
+        &[],
+    );
+    assert!(r.ok(), "{}", r.text);
+    let vals: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("val_loss"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+        .collect();
+    assert_eq!(vals, [1, 2], "one validation per step");
 
     // generate says when the context, not --max-new-tokens, ended it.
     let r = wgtune(

@@ -509,6 +509,7 @@ impl Loop<'_> {
         let (mut tokens_at_log, mut t_log) = (pos.tokens, Stopwatch::start());
         let mut last_loss = f64::NAN;
         let mut last_finite: Option<(usize, f64)> = None;
+        let mut last_val: Option<(usize, f64)> = None;
         while tr.step < total {
             let batches: Vec<Batch> = self.data.batches(o.batch_size, pos.epoch, o.seed);
             let groups: Vec<&[Batch]> = batches.chunks(o.grad_accum).collect();
@@ -589,6 +590,7 @@ impl Loop<'_> {
                     let vl = val_loss(ctx, self.model, self.adapter, v, o.batch_size)?;
                     metrics.val(tr.step, ep, vl)?;
                     progress.line(&format!("step {}: val loss {vl:.4}", tr.step));
+                    last_val = Some((tr.step, vl));
                 }
             }
             let signal = signalled(self.stop);
@@ -615,8 +617,15 @@ impl Loop<'_> {
         }
         progress.end(true);
         if let Some(v) = self.val {
-            let vl = val_loss(ctx, self.model, self.adapter, v, o.batch_size)?;
-            metrics.val(tr.step, pos.epoch as f64, vl)?;
+            // The last step may have been evaluated already (--eval-every).
+            let vl = match last_val {
+                Some((s, vl)) if s == tr.step => vl,
+                _ => {
+                    let vl = val_loss(ctx, self.model, self.adapter, v, o.batch_size)?;
+                    metrics.val(tr.step, pos.epoch as f64, vl)?;
+                    vl
+                }
+            };
             println!("val loss {vl:.4} (ppl {:.2})", vl.exp());
         }
         if !save_all(ctx, o, tr, self.settings, pos, metrics)? {
