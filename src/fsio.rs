@@ -6,6 +6,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 
+/// A file's bytes: mapped from disk, or owned (a download, or a browser
+/// where there is no file system). Model loaders read either.
+pub enum Bytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
 /// Write `bytes` to `path` so that readers see the old file or the new one,
 /// never a part: write a temp file in the same folder, fsync it, rename it
 /// over `path`, then fsync the folder (Unix). The temp file is removed on

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::fsio::Bytes;
 
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]
@@ -221,24 +222,7 @@ pub struct Gguf {
     pub version: u32,
     pub meta: BTreeMap<String, Value>,
     pub tensors: Vec<TensorInfo>,
-    map: Data,
-}
-
-/// A GGUF file's bytes: mapped from disk, or owned (from a download, or a
-/// browser where there is no file system).
-enum Data {
-    Mapped(memmap2::Mmap),
-    Owned(Vec<u8>),
-}
-
-impl std::ops::Deref for Data {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Data::Mapped(m) => m,
-            Data::Owned(v) => v,
-        }
-    }
+    map: Bytes,
 }
 
 struct Reader<'a> {
@@ -346,15 +330,15 @@ impl Gguf {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(path, Data::Mapped(map))
+        Self::parse(path, Bytes::Mapped(map))
     }
 
     /// Parse a GGUF file held in memory; `name` is what messages call it.
     pub fn from_bytes(name: &Path, bytes: Vec<u8>) -> Result<Gguf> {
-        Self::parse(name, Data::Owned(bytes))
+        Self::parse(name, Bytes::Owned(bytes))
     }
 
-    fn parse(path: &Path, map: Data) -> Result<Gguf> {
+    fn parse(path: &Path, map: Bytes) -> Result<Gguf> {
         let mut r = Reader {
             buf: &map,
             pos: 0,

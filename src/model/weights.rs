@@ -10,22 +10,7 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
-
-/// One safetensors buffer.
-enum Bytes {
-    Mapped(memmap2::Mmap),
-    Owned(Vec<u8>),
-}
-
-impl std::ops::Deref for Bytes {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Bytes::Mapped(m) => m,
-            Bytes::Owned(v) => v,
-        }
-    }
-}
+use crate::fsio::Bytes;
 
 /// A set of safetensors buffers, each labelled by its file (or a name given
 /// with the bytes), and which tensor lives where.
