@@ -29,6 +29,15 @@
 //   a_row_<src>(row) / b_row_<src>(row)   row handle, hoisted out of loops
 //   <layout>_<a|b>_<src>(handle, col)     4 consecutive elements of a row
 // so a new source adds its bindings and these functions, not another body.
+//
+// Frozen weights (the B operand of forward and backward_input) may also be
+// compact textures: `tb` (bf16 bits in rgba16uint texels) and `tq` (block
+// quantized: 4 values per texel, 4-bit unsigned or 8-bit signed, and a
+// (scale, offset) pair per QSUB elements in an rg32float texture with the
+// same rows; value = scale * q + offset, which reproduces llama.cpp's
+// formula bit for bit, see docs/compact-weights.md). f16 weights are `tx`
+// too: an rgba16float texture reads as f32. They are decoded in registers;
+// no f32 copy of a compact weight exists.
 
 // Every storage operand is bound as array<vec4<f32>> (buffers are padded to 16 bytes).
 // ALIGNED variants need rows that start on a vec4 (K % 4 == 0 and so on);
@@ -81,6 +90,8 @@ fn tex_row(row: u32, shift: u32) -> vec2<u32> {
 }
 fn a_row_st(row: u32) -> u32 { return row; }
 fn b_row_st(row: u32) -> u32 { return row; }
+fn b_row_tb(row: u32) -> vec2<u32> { return b_row_tx(row); }
+fn b_row_tq(row: u32) -> vec2<u32> { return b_row_tx(row); }
 fn a_row_tx(row: u32) -> vec2<u32> {
     if (A_LAYERED) { return tex_row(p.a_row0 + row, p.a_shift); }
     return vec2<u32>(p.a_row0 + row, 0u);
@@ -128,6 +139,30 @@ fn fw_b_tx(c: vec2<u32>, k: u32) -> vec4<f32> {
     return textureLoad(fwt_b, vec2<u32>(k >> 2u, c.x), c.y, 0);
 }
 
+// Compact weight sources.
+const QBITS: u32 = {{QBITS}}u;   // 4 or 8 (tq)
+const QSUB: u32 = {{QSUB}}u;     // elements per (scale, offset) pair (tq)
+fn bf16x4(u: vec4<u32>) -> vec4<f32> {
+    return bitcast<vec4<f32>>(u << vec4<u32>(16u));
+}
+fn quant4(q: u32) -> vec4<f32> {
+    if (QBITS == 4u) {
+        return vec4<f32>((vec4<u32>(q) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u));
+    }
+    return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(q) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u));
+}
+@group(0) @binding(3) var fwu_b: texture_2d_array<u32>;   // bf16 bits or quants of weight (N, K)
+@group(0) @binding(5) var fwq_s: texture_2d_array<f32>;   // (scale, offset) of weight (N, K / QSUB)
+
+fn fw_b_tb(c: vec2<u32>, k: u32) -> vec4<f32> {
+    return bf16x4(textureLoad(fwu_b, vec2<u32>(k >> 2u, c.x), c.y, 0));
+}
+fn fw_b_tq(c: vec2<u32>, k: u32) -> vec4<f32> {
+    let q = textureLoad(fwu_b, vec2<u32>(k >> 2u, c.x), c.y, 0).x;
+    let s = textureLoad(fwq_s, vec2<u32>(k / QSUB, c.x), c.y, 0);
+    return s.x * quant4(q) + s.y;
+}
+
 fn fw_store(row: u32, col: u32, acc: f32) {
     if (row >= p.m || col >= p.n) { return; }
     var v = p.alpha * acc;
@@ -161,17 +196,37 @@ fn matmul_gemv_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
     let n = wg.x * 64u + lid;
     let m = wg.y;
     if (n >= p.n || m >= p.m) { return; }
-    let ca = a_row_tx(m);
-    let cb = b_row_tx(n);
+    let ca = a_row_{{A}}(m);
+    let cb = b_row_{{B}}(n);
     var acc = vec4<f32>(0.0);
     // Packed rows are zero-padded to whole texels.
-    let k4 = (p.k + 3u) >> 2u;
-    for (var k = 0u; k < k4; k++) {
-        let a = textureLoad(fwt_a, vec2<u32>(k, ca.x), ca.y, 0);
-        let b = textureLoad(fwt_b, vec2<u32>(k, cb.x), cb.y, 0);
-        acc = fma(a, b, acc);
+    for (var k = 0u; k < p.k; k += 4u) {
+        acc = fma(fw_a_{{A}}(ca, k), fw_b_{{B}}(cb, k), acc);
     }
     fw_store(m, n, (acc.x + acc.y) + (acc.z + acc.w));
+}
+
+// matmul_gather: the embedding lookup over a weight from any source:
+// out[b, col_off + t, :] = weight[ids[b, t], :], zero for an id outside
+// 0..a_row0 (= V). p.m = B*T ids, p.n = T, p.ld_out = S, p.k = C.
+// One invocation per 4 output columns.
+@group(0) @binding(2) var<storage, read> ga_ids: array<i32>;               // (B, T)
+
+@compute @workgroup_size(64)
+fn matmul_gather(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let w4 = (p.k + 3u) / 4u;
+    let i = flat_wg(wg, nwg) * 64u + lid;
+    if (i >= w4 * p.m) { return; }
+    let tok = i / w4;
+    let c4 = (i - tok * w4) * 4u;
+    let id = ga_ids[tok];
+    let dst = ((tok / p.n) * p.ld_out + p.col_off + tok % p.n) * p.k + c4;
+    var v = vec4<f32>(0.0);
+    if (id >= 0 && u32(id) < p.a_row0) { v = fw_b_{{B}}(b_row_{{B}}(u32(id)), c4); }
+    for (var j = 0u; j < 4u; j++) {
+        if (c4 + j < p.k) { fw_out[dst + j] = v[j]; }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -217,6 +272,23 @@ fn bi_b_tx(n: u32, col: u32) -> vec4<f32> {
     if (n >= p.n) { return vec4<f32>(0.0); }
     let c = b_row_tx(n);
     return textureLoad(bit_b, vec2<u32>(col >> 2u, c.x), c.y, 0);
+}
+
+// Compact weight sources (see the forward's).
+@group(0) @binding(3) var biu_b: texture_2d_array<u32>;                    // bf16 bits or quants of weight (N, K)
+@group(0) @binding(4) var biq_s: texture_2d_array<f32>;                    // (scale, offset) of weight (N, K / QSUB)
+
+fn bi_b_tb(n: u32, col: u32) -> vec4<f32> {
+    if (n >= p.n) { return vec4<f32>(0.0); }
+    let c = b_row_tx(n);
+    return bf16x4(textureLoad(biu_b, vec2<u32>(col >> 2u, c.x), c.y, 0));
+}
+fn bi_b_tq(n: u32, col: u32) -> vec4<f32> {
+    if (n >= p.n) { return vec4<f32>(0.0); }
+    let c = b_row_tx(n);
+    let q = textureLoad(biu_b, vec2<u32>(col >> 2u, c.x), c.y, 0).x;
+    let s = textureLoad(biq_s, vec2<u32>(col / QSUB, c.x), c.y, 0);
+    return s.x * quant4(q) + s.y;
 }
 
 fn bi_store(row: u32, col: u32, acc: vec4<f32>) {

@@ -8,7 +8,6 @@ use super::adapter::{
 };
 use super::peft_io::{lora_names, AdapterConfig, LoraConfig, PrefixConfig, PromptConfig};
 use crate::error::{Error, Result};
-use crate::gpu::ops::embedding;
 use crate::gpu::{Context, DType, Plan, Tensor};
 use crate::model::kv::prefix_layout;
 use crate::model::transformer::{Acts, FwdShape, Linear, Model, NoHooks};
@@ -60,7 +59,7 @@ pub fn embedding_rows(ctx: &Context, model: &Model, ids: &[u32]) -> Result<Vec<f
     let idt = Tensor::from_i32(ctx, &ids, &[1, ids.len()], "init_ids")?;
     let out = Tensor::zeros(ctx, &[1, ids.len(), c], DType::F32, "init_rows")?;
     let mut plan = Plan::new("embedding rows");
-    embedding::embedding_forward(ctx, &mut plan, &out, &idt, &model.wte, 0)?;
+    model.embed(ctx, &mut plan, &out, &idt, 0)?;
     plan.run(ctx)?;
     out.read_f32(ctx)
 }

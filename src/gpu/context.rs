@@ -102,6 +102,12 @@ pub struct Allocation {
     counter: Arc<MemoryCounter>,
 }
 
+impl Allocation {
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
 impl Drop for Allocation {
     fn drop(&mut self) {
         self.counter

@@ -45,6 +45,8 @@ pub enum Access {
     ReadWrite,
     /// `texture_2d_array<f32>` read with `textureLoad` (a packed matrix).
     Texture,
+    /// `texture_2d_array<u32>` read with `textureLoad` (compact weights).
+    TextureUint,
     /// `texture_storage_2d_array<rgba32float, write>` (packing target).
     StorageTexture,
 }
@@ -57,16 +59,32 @@ pub enum Access {
 pub enum Source {
     /// A storage buffer (`Tensor`).
     Storage,
-    /// A packed rgba32float texture (`TexMatrix`).
+    /// A packed rgba32float or rgba16float texture (`TexMatrix`).
     Texture,
+    /// bf16 bits in an rgba16uint texture (weights only).
+    TexBf16,
+    /// 4-bit quants with (scale, offset) per 32 (weights only).
+    TexQ4,
+    /// 8-bit quants with (scale, offset) per `sub` elements (weights only).
+    TexQ8 { sub: u32 },
 }
 
 impl Source {
-    /// Suffix of the source's WGSL functions and of module names.
+    /// Suffix of the source's WGSL functions.
     pub fn tag(self) -> &'static str {
         match self {
             Source::Storage => "st",
             Source::Texture => "tx",
+            Source::TexBf16 => "tb",
+            Source::TexQ4 | Source::TexQ8 { .. } => "tq",
+        }
+    }
+    /// Part of module names: distinct for every source.
+    pub fn name(self) -> String {
+        match self {
+            Source::TexQ4 => "q4".into(),
+            Source::TexQ8 { sub } => format!("q8s{sub}"),
+            s => s.tag().into(),
         }
     }
     /// How an operand of this source is bound for reading.
@@ -74,6 +92,23 @@ impl Source {
         match self {
             Source::Storage => Access::Read,
             Source::Texture => Access::Texture,
+            Source::TexBf16 | Source::TexQ4 | Source::TexQ8 { .. } => Access::TextureUint,
+        }
+    }
+    /// Whether the operand is a texture.
+    pub fn is_texture(self) -> bool {
+        self != Source::Storage
+    }
+    /// Whether the operand has a second (scale, offset) texture.
+    pub fn has_scales(self) -> bool {
+        matches!(self, Source::TexQ4 | Source::TexQ8 { .. })
+    }
+    /// (bits, elements per scale) of quantized sources, for the template.
+    pub fn quant(self) -> (u32, u32) {
+        match self {
+            Source::TexQ4 => (4, 32),
+            Source::TexQ8 { sub } => (8, sub),
+            _ => (8, 32),
         }
     }
 }
@@ -124,6 +159,7 @@ impl KernelSpec {
                 Access::Read => 'r',
                 Access::ReadWrite => 'w',
                 Access::Texture => 't',
+                Access::TextureUint => 'u',
                 Access::StorageTexture => 's',
             })
             .collect();
@@ -170,6 +206,11 @@ pub(crate) fn build(ctx: &Context, spec: &KernelSpec) -> Result<Kernel> {
             },
             Access::Texture => wgpu::BindingType::Texture {
                 sample_type: wgpu::TextureSampleType::Float { filterable: false },
+                view_dimension: wgpu::TextureViewDimension::D2Array,
+                multisampled: false,
+            },
+            Access::TextureUint => wgpu::BindingType::Texture {
+                sample_type: wgpu::TextureSampleType::Uint,
                 view_dimension: wgpu::TextureViewDimension::D2Array,
                 multisampled: false,
             },

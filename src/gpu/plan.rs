@@ -12,7 +12,7 @@ use wgpu::util::DeviceExt;
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
 use crate::gpu::kernels::{Kernel, KernelSpec, Source};
-use crate::gpu::tensor::{Tensor, TexMatrix};
+use crate::gpu::tensor::{Tensor, TexFormat, TexMatrix};
 use crate::gpu::uniform::Uniform;
 
 enum Step {
@@ -43,6 +43,8 @@ enum Step {
 pub enum Bind<'a> {
     T(&'a Tensor),
     X(&'a TexMatrix),
+    /// The (scale, offset) texture of a block-quantized matrix.
+    S(&'a TexMatrix),
 }
 
 impl Bind<'_> {
@@ -50,7 +52,12 @@ impl Bind<'_> {
     pub fn source(&self) -> Source {
         match self {
             Bind::T(_) => Source::Storage,
-            Bind::X(_) => Source::Texture,
+            Bind::X(x) | Bind::S(x) => match x.format() {
+                TexFormat::F32 | TexFormat::F16 => Source::Texture,
+                TexFormat::Bf16 => Source::TexBf16,
+                TexFormat::Q4 => Source::TexQ4,
+                TexFormat::Q8 { sub } => Source::TexQ8 { sub },
+            },
         }
     }
 }
@@ -227,6 +234,15 @@ impl Plan {
             let resource = match b {
                 Bind::T(t) => wgpu::BindingResource::Buffer(t.binding()),
                 Bind::X(x) => wgpu::BindingResource::TextureView(x.view()),
+                Bind::S(x) => match x.scales_view() {
+                    Some(v) => wgpu::BindingResource::TextureView(v),
+                    None => {
+                        return Err(Error::invalid(
+                            kernel.name.clone(),
+                            format!("`{}` has no scales to bind", x.label()),
+                        ))
+                    }
+                },
             };
             entries.push(wgpu::BindGroupEntry {
                 binding: i as u32 + 1,

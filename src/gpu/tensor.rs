@@ -279,17 +279,76 @@ impl Tensor {
     }
 }
 
-/// A row-major f32 matrix packed into an `rgba32float` 2-D array texture:
-/// texel (c, y, layer) holds columns 4c..4c+4 of row `layer * layer_rows + y`
-/// (zero-padded). Kernels read it with `textureLoad`, which llvmpipe
-/// compiles to a SIMD gather instead of a per-lane loop of checked loads
-/// (about 10x cheaper per load there), and GPUs serve from the texture cache.
-/// Not bound by the storage binding limit, only by texture dimensions.
+/// How a [`TexMatrix`] stores its elements. Frozen weights keep the
+/// precision they were stored in; kernels decode a texel into 4 f32 values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TexFormat {
+    /// `rgba32float`, 4 elements per texel.
+    F32,
+    /// `rgba16float`, 4 elements per texel (the texture unit converts).
+    F16,
+    /// `rgba16uint` holding bf16 bits, 4 elements per texel.
+    Bf16,
+    /// Block-quantized: 4 unsigned 4-bit values per `r16uint` texel, and a
+    /// (scale, offset) pair per 32 elements in a second `rg32float` texture.
+    Q4,
+    /// 4 signed 8-bit values per `r32uint` texel, (scale, offset) per `sub`
+    /// elements (32, or 16 for Q6_K).
+    Q8 { sub: u32 },
+}
+
+impl TexFormat {
+    /// Bytes of one 4-element texel.
+    pub fn texel_bytes(self) -> u64 {
+        match self {
+            TexFormat::F32 => 16,
+            TexFormat::F16 | TexFormat::Bf16 => 8,
+            TexFormat::Q4 => 2,
+            TexFormat::Q8 { .. } => 4,
+        }
+    }
+    /// Elements per (scale, offset) pair of block formats.
+    pub fn sub_block(self) -> Option<u32> {
+        match self {
+            TexFormat::Q4 => Some(32),
+            TexFormat::Q8 { sub } => Some(sub),
+            _ => None,
+        }
+    }
+    fn wgpu(self) -> wgpu::TextureFormat {
+        match self {
+            TexFormat::F32 => wgpu::TextureFormat::Rgba32Float,
+            TexFormat::F16 => wgpu::TextureFormat::Rgba16Float,
+            TexFormat::Bf16 => wgpu::TextureFormat::Rgba16Uint,
+            TexFormat::Q4 => wgpu::TextureFormat::R16Uint,
+            TexFormat::Q8 { .. } => wgpu::TextureFormat::R32Uint,
+        }
+    }
+    /// GPU bytes of a `rows x cols` matrix in this format (both textures).
+    pub fn matrix_bytes(self, rows: usize, cols: usize) -> u64 {
+        let texels = rows as u64 * cols.div_ceil(4) as u64 * self.texel_bytes();
+        let scales = self
+            .sub_block()
+            .map_or(0, |s| rows as u64 * cols.div_ceil(s as usize) as u64 * 8);
+        texels + scales
+    }
+}
+
+/// A row-major matrix packed into a 2-D array texture: texel (c, y, layer)
+/// holds columns 4c..4c+4 of row `layer * layer_rows + y` (zero-padded), in
+/// the matrix's [`TexFormat`]. Kernels read it with `textureLoad`, which
+/// llvmpipe compiles to a SIMD gather instead of a per-lane loop of checked
+/// loads (about 10x cheaper per load there), and GPUs serve from the texture
+/// cache. Not bound by the storage binding limit, only by texture dimensions.
+/// Block formats carry a second texture of (scale, offset) pairs with the
+/// same rows and layers.
 pub struct TexMatrix {
     texture: wgpu::Texture,
-    /// Counts the texture in `Context::memory`.
+    /// Counts the textures in `Context::memory`.
     _mem: Allocation,
     view: wgpu::TextureView,
+    scales: Option<(wgpu::Texture, wgpu::TextureView)>,
+    format: TexFormat,
     rows: usize,
     cols: usize,
     /// log2 of the rows per layer (31 when one layer holds everything).
@@ -332,42 +391,174 @@ impl TexMatrix {
         Some((width as u32, h as u32, layers as u32, shift))
     }
 
-    /// An uninitialised packed matrix (filled by `matmul_pack`).
+    /// An uninitialised packed f32 matrix (filled by `matmul_pack`).
     pub fn new(ctx: &Context, rows: usize, cols: usize, label: &str) -> Result<TexMatrix> {
+        Self::with_format(ctx, rows, cols, TexFormat::F32, label)
+    }
+
+    /// An uninitialised matrix of `format` (filled by [`TexMatrix::write_rows`],
+    /// or by `matmul_pack` for f32).
+    pub fn with_format(
+        ctx: &Context,
+        rows: usize,
+        cols: usize,
+        format: TexFormat,
+        label: &str,
+    ) -> Result<TexMatrix> {
         let (w, h, layers, layer_shift) = Self::geometry(ctx, rows, cols).ok_or_else(|| Error::Limits {
             what: format!("packing `{label}` [{rows}, {cols}] into a texture (max dimension {}, {} layers)", ctx.limits.max_texture_dimension_2d, ctx.limits.max_texture_array_layers),
-            need: (rows * cols * 4) as u64,
+            need: format.matrix_bytes(rows, cols),
             have: 0,
         })?;
-        let texture = ctx.device.create_texture(&wgpu::TextureDescriptor {
-            label: Some(label),
-            size: wgpu::Extent3d {
-                width: w,
-                height: h,
-                depth_or_array_layers: layers,
-            },
-            mip_level_count: 1,
-            sample_count: 1,
-            dimension: wgpu::TextureDimension::D2,
-            format: wgpu::TextureFormat::Rgba32Float,
-            usage: wgpu::TextureUsages::TEXTURE_BINDING
-                | wgpu::TextureUsages::STORAGE_BINDING
-                | wgpu::TextureUsages::COPY_DST,
-            view_formats: &[],
-        });
-        let view = texture.create_view(&wgpu::TextureViewDescriptor {
-            dimension: Some(wgpu::TextureViewDimension::D2Array),
-            ..Default::default()
+        if let Some(sub) = format.sub_block() {
+            if cols % sub as usize != 0 {
+                return Err(Error::invalid(
+                    "texture",
+                    format!("`{label}`: {cols} columns are not whole blocks of {sub}"),
+                ));
+            }
+        }
+        let storage = if format == TexFormat::F32 {
+            wgpu::TextureUsages::STORAGE_BINDING
+        } else {
+            wgpu::TextureUsages::empty()
+        };
+        let make = |width: u32,
+                    fmt: wgpu::TextureFormat,
+                    usage: wgpu::TextureUsages,
+                    label: &str| {
+            let texture = ctx.device.create_texture(&wgpu::TextureDescriptor {
+                label: Some(label),
+                size: wgpu::Extent3d {
+                    width,
+                    height: h,
+                    depth_or_array_layers: layers,
+                },
+                mip_level_count: 1,
+                sample_count: 1,
+                dimension: wgpu::TextureDimension::D2,
+                format: fmt,
+                usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST | usage,
+                view_formats: &[],
+            });
+            let view = texture.create_view(&wgpu::TextureViewDescriptor {
+                dimension: Some(wgpu::TextureViewDimension::D2Array),
+                ..Default::default()
+            });
+            (texture, view)
+        };
+        let (texture, view) = make(w, format.wgpu(), storage, label);
+        let mut bytes = w as u64 * h as u64 * layers as u64 * format.texel_bytes();
+        let scales = format.sub_block().map(|sub| {
+            let sw = (cols / sub as usize).max(1) as u32;
+            bytes += sw as u64 * h as u64 * layers as u64 * 8;
+            make(
+                sw,
+                wgpu::TextureFormat::Rg32Float,
+                wgpu::TextureUsages::empty(),
+                &format!("{label}.scales"),
+            )
         });
         Ok(TexMatrix {
             texture,
-            _mem: ctx.memory.alloc(w as u64 * h as u64 * layers as u64 * 16),
+            _mem: ctx.memory.alloc(bytes),
             view,
+            scales,
+            format,
             rows,
             cols,
             layer_shift,
             label: label.into(),
         })
+    }
+
+    /// Upload rows `r0..r0 + n` from host data in the texture layout: `texels`
+    /// holds `n * ceil(cols / 4)` texels of the format, `scales` (block
+    /// formats) `n * cols / sub` (scale, offset) pairs.
+    pub fn write_rows(
+        &self,
+        ctx: &Context,
+        r0: usize,
+        texels: &[u8],
+        scales: &[[f32; 2]],
+    ) -> Result<()> {
+        let width = self.cols.div_ceil(4);
+        let tb = self.format.texel_bytes() as usize;
+        let n = texels.len() / (width * tb).max(1);
+        let sw = self
+            .format
+            .sub_block()
+            .map_or(0, |s| self.cols / s as usize);
+        if texels.len() != n * width * tb || scales.len() != n * sw || r0 + n > self.rows {
+            return Err(Error::invalid(
+                "texture upload",
+                format!(
+                    "`{}`: {} texel bytes and {} scales do not make whole rows at row {r0} of {}",
+                    self.label,
+                    texels.len(),
+                    scales.len(),
+                    self.rows
+                ),
+            ));
+        }
+        let h = if self.layer_shift >= 31 {
+            self.rows
+        } else {
+            1usize << self.layer_shift
+        };
+        let write = |tex: &wgpu::Texture,
+                     data: &[u8],
+                     texels: usize,
+                     row_bytes: usize,
+                     rr: usize,
+                     y: usize,
+                     layer: usize| {
+            ctx.queue.write_texture(
+                wgpu::TexelCopyTextureInfo {
+                    texture: tex,
+                    mip_level: 0,
+                    origin: wgpu::Origin3d {
+                        x: 0,
+                        y: y as u32,
+                        z: layer as u32,
+                    },
+                    aspect: wgpu::TextureAspect::All,
+                },
+                data,
+                wgpu::TexelCopyBufferLayout {
+                    offset: 0,
+                    bytes_per_row: Some(row_bytes as u32),
+                    rows_per_image: Some(rr as u32),
+                },
+                wgpu::Extent3d {
+                    width: texels as u32,
+                    height: rr as u32,
+                    depth_or_array_layers: 1,
+                },
+            );
+        };
+        let mut i = 0;
+        while i < n {
+            let r = r0 + i;
+            let (y, layer) = (r % h, r / h);
+            let rr = (n - i).min(h - y);
+            let rb = width * tb;
+            write(
+                &self.texture,
+                &texels[i * rb..(i + rr) * rb],
+                width,
+                rb,
+                rr,
+                y,
+                layer,
+            );
+            if let Some((st, _)) = &self.scales {
+                let sc: &[u8] = bytemuck::cast_slice(&scales[i * sw..(i + rr) * sw]);
+                write(st, sc, sw, sw * 8, rr, y, layer);
+            }
+            i += rr;
+        }
+        Ok(())
     }
 
     pub fn rows(&self) -> usize {
@@ -387,5 +578,16 @@ impl TexMatrix {
     }
     pub fn texture(&self) -> &wgpu::Texture {
         &self.texture
+    }
+    pub fn format(&self) -> TexFormat {
+        self.format
+    }
+    /// The (scale, offset) texture of block formats.
+    pub fn scales_view(&self) -> Option<&wgpu::TextureView> {
+        self.scales.as_ref().map(|(_, v)| v)
+    }
+    /// GPU bytes of this matrix.
+    pub fn bytes(&self) -> u64 {
+        self._mem.bytes()
     }
 }

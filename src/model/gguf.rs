@@ -638,7 +638,7 @@ fn k_scales(d: f32, dmin: f32, scales: &[u8], g: usize) -> [f32; 4] {
 }
 
 /// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K super-block.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

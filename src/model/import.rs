@@ -108,11 +108,11 @@ fn hf_name(arch: Arch, name: &str) -> Option<String> {
 /// Undo llama.cpp's `permute` of q/k rows: GGUF row `h*hd + 2*i + s` is HF
 /// row `h*hd + s*hd/2 + i` (rotary halves interleaved for its rope kernel).
 /// Works on weights (`cols` > 1) and biases (`cols` == 1).
-pub fn unpermute_qk(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+pub fn unpermute_qk<T: Copy + Default>(w: &[T], heads: usize, cols: usize) -> Vec<T> {
     let rows = w.len() / cols;
     let hd = rows / heads;
     let half = hd / 2;
-    let mut out = vec![0f32; w.len()];
+    let mut out = vec![T::default(); w.len()];
     for h in 0..heads {
         for i in 0..half {
             for s in 0..2 {
@@ -214,8 +214,21 @@ fn config_json(g: &Gguf, arch: Arch, vocab: usize, tied: bool) -> Result<Json> {
     }))
 }
 
-/// Convert a GGUF model in memory.
-pub fn convert_gguf(g: &Gguf) -> Result<Imported> {
+/// A GGUF model's Hugging Face side, without its tensors: the config, the
+/// tokenizer files, and which GGUF tensor each HF tensor name reads.
+pub struct GgufMeta {
+    pub arch: Arch,
+    pub config: Json,
+    pub model: ModelConfig,
+    /// HF name -> index into `Gguf::tensors` (a tied LM head is absent).
+    pub names: BTreeMap<String, usize>,
+    pub tokenizer_json: Json,
+    pub tokenizer_config: Json,
+    pub generation_config: Json,
+}
+
+/// Read a GGUF's config, tokenizer and tensor names.
+pub fn gguf_meta(g: &Gguf) -> Result<GgufMeta> {
     let a = g.architecture()?;
     let arch = match a {
         "llama" => Arch::Llama,
@@ -242,9 +255,9 @@ pub fn convert_gguf(g: &Gguf) -> Result<Imported> {
     };
     let config = config_json(g, arch, vocab, tied)?;
     let cfg_path = g.path.join("config.json");
-    let mc = ModelConfig::from_json(&config.to_string(), &cfg_path)?;
-    let mut tensors = BTreeMap::new();
-    for t in &g.tensors {
+    let model = ModelConfig::from_json(&config.to_string(), &cfg_path)?;
+    let mut names = BTreeMap::new();
+    for (i, t) in g.tensors.iter().enumerate() {
         let Some(name) = hf_name(arch, &t.name) else {
             log::warn!(
                 "{}: skipping tensor `{}` (no HF counterpart)",
@@ -256,8 +269,7 @@ pub fn convert_gguf(g: &Gguf) -> Result<Imported> {
         if tied && name == "lm_head.weight" {
             continue;
         }
-        let (shape, data) = convert_tensor(g, arch, &mc, t, &name)?;
-        tensors.insert(name, (shape, data));
+        names.insert(name, i);
     }
     let mut generation_config = json!({});
     for (key, id) in [
@@ -275,17 +287,60 @@ pub fn convert_gguf(g: &Gguf) -> Result<Imported> {
             config[key] = v.clone();
         }
     }
-    Ok(Imported {
+    Ok(GgufMeta {
         arch,
         config,
-        tensors,
+        model,
+        names,
         tokenizer_json: tok.tokenizer_json,
         tokenizer_config: tok.tokenizer_config,
         generation_config,
     })
 }
 
-fn convert_tensor(
+/// Whether HF tensor `name` is a GPT-2 `Conv1D` weight ([in, out] in HF,
+/// [out, in] in GGUF).
+pub(crate) fn is_conv1d(arch: Arch, name: &str) -> bool {
+    arch == Arch::Gpt2
+        && (name.ends_with("c_attn.weight")
+            || name.ends_with("c_proj.weight")
+            || name.ends_with("c_fc.weight"))
+}
+
+/// The heads whose q/k rows llama.cpp permuted in HF tensor `name`, if any.
+pub(crate) fn permuted_heads(arch: Arch, mc: &ModelConfig, name: &str) -> Option<usize> {
+    if arch != Arch::Llama {
+        return None;
+    }
+    if name.ends_with("q_proj.weight") || name.ends_with("q_proj.bias") {
+        Some(mc.heads)
+    } else if name.ends_with("k_proj.weight") || name.ends_with("k_proj.bias") {
+        Some(mc.kv_heads)
+    } else {
+        None
+    }
+}
+
+/// Convert a GGUF model in memory.
+pub fn convert_gguf(g: &Gguf) -> Result<Imported> {
+    let meta = gguf_meta(g)?;
+    let mut tensors = BTreeMap::new();
+    for (name, &i) in &meta.names {
+        let (shape, data) = convert_tensor(g, meta.arch, &meta.model, &g.tensors[i], name)?;
+        tensors.insert(name.clone(), (shape, data));
+    }
+    Ok(Imported {
+        arch: meta.arch,
+        config: meta.config,
+        tensors,
+        tokenizer_json: meta.tokenizer_json,
+        tokenizer_config: meta.tokenizer_config,
+        generation_config: meta.generation_config,
+    })
+}
+
+/// One tensor as f32 under its HF name and shape.
+pub(crate) fn convert_tensor(
     g: &Gguf,
     arch: Arch,
     mc: &ModelConfig,
@@ -295,26 +350,16 @@ fn convert_tensor(
     let shape = t.shape();
     let data = g.dequantize(t)?;
     let cols = if shape.len() == 2 { shape[1] } else { 1 };
-    Ok(match arch {
-        Arch::Gpt2
-            if shape.len() == 2
-                && (name.ends_with("c_attn.weight")
-                    || name.ends_with("c_proj.weight")
-                    || name.ends_with("c_fc.weight")) =>
-        {
-            // HF Conv1D keeps [in, out]; llama.cpp stores [out, in].
-            (
-                vec![shape[1], shape[0]],
-                transpose(&data, shape[0], shape[1]),
-            )
-        }
-        Arch::Llama if name.ends_with("q_proj.weight") || name.ends_with("q_proj.bias") => {
-            (shape, unpermute_qk(&data, mc.heads, cols))
-        }
-        Arch::Llama if name.ends_with("k_proj.weight") || name.ends_with("k_proj.bias") => {
-            (shape, unpermute_qk(&data, mc.kv_heads, cols))
-        }
-        _ => (shape, data),
+    if shape.len() == 2 && is_conv1d(arch, name) {
+        // HF Conv1D keeps [in, out]; llama.cpp stores [out, in].
+        return Ok((
+            vec![shape[1], shape[0]],
+            transpose(&data, shape[0], shape[1]),
+        ));
+    }
+    Ok(match permuted_heads(arch, mc, name) {
+        Some(h) => (shape, unpermute_qk(&data, h, cols)),
+        None => (shape, data),
     })
 }
 

@@ -4,18 +4,66 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::ops::{matmul, norm};
+use std::sync::Arc;
+
 use crate::gpu::{Context, Plan, Tensor, TexMatrix};
 use crate::model::buffers::NormActs;
+use crate::model::compact::{self, StoredMatrix, WeightsMode};
 use crate::model::names::{BlockSpec, LinearSpec, NormSpec};
 use crate::model::transformer::Hooks;
 use crate::model::weights::Weights;
 
 /// A frozen weight matrix (out, in) as the matmul reads it.
+#[derive(Clone)]
 pub enum Store {
-    /// Packed once into a texture (the fast path on every adapter measured).
-    Packed(TexMatrix),
-    /// A storage buffer (textures disabled or the matrix beyond their limits).
+    /// A texture in the stored precision (the fast path on every adapter
+    /// measured); shared by a tied embedding and LM head.
+    Packed(Arc<TexMatrix>),
+    /// An f32 storage buffer (textures disabled or the matrix beyond their
+    /// limits).
     Buffer(Tensor),
+}
+
+impl Store {
+    /// Upload a stored matrix: as a texture in `mode`'s format where
+    /// textures apply, else expanded to an f32 buffer.
+    pub fn upload(
+        ctx: &Context,
+        m: &StoredMatrix,
+        mode: WeightsMode,
+        label: &str,
+    ) -> Result<Store> {
+        if matmul::use_textures(ctx, &[(m.rows, m.cols)]) {
+            let fmt = compact::target_format(m.ty, mode);
+            return Ok(Store::Packed(Arc::new(compact::upload(
+                ctx, m, fmt, label,
+            )?)));
+        }
+        m.check()?;
+        let data = m.rows_f32(0, m.rows);
+        Ok(Store::Buffer(Tensor::from_f32(
+            ctx,
+            &data,
+            &[m.rows, m.cols],
+            label,
+        )?))
+    }
+
+    /// GPU bytes.
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Store::Packed(t) => t.bytes(),
+            Store::Buffer(t) => t.bytes(),
+        }
+    }
+
+    /// (rows, cols).
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            Store::Packed(t) => (t.rows(), t.cols()),
+            Store::Buffer(t) => (t.shape()[0], t.shape()[1]),
+        }
+    }
 }
 
 /// A frozen linear layer `y = x W^T (+ b)`, named by its Hugging Face module
@@ -29,24 +77,14 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Upload `w` (out, in) and pack it when textures apply.
-    pub(crate) fn upload(
+    /// A layer over an uploaded weight (out, in).
+    pub(crate) fn new(
         ctx: &Context,
         name: &str,
-        w: &[f32],
-        out_f: usize,
-        in_f: usize,
+        w: Store,
         bias: Option<Vec<f32>>,
     ) -> Result<Linear> {
-        let t = Tensor::from_f32(ctx, w, &[out_f, in_f], &format!("{name}.weight"))?;
-        let w = if matmul::use_textures(ctx, &[(out_f, in_f)]) {
-            let mut plan = Plan::new(name);
-            let packed = matmul::pack(ctx, &mut plan, &t)?;
-            plan.run(ctx)?;
-            Store::Packed(packed)
-        } else {
-            Store::Buffer(t)
-        };
+        let (out_f, in_f) = w.dims();
         let bias = match bias {
             Some(b) => Some(Tensor::from_f32(
                 ctx,
@@ -66,26 +104,22 @@ impl Linear {
     }
 
     /// A Hugging Face `nn.Linear` (weight (out, in)) or, with `conv1d`, a
-    /// GPT-2 `Conv1D` (weight (in, out), transposed here once).
-    pub(crate) fn load(ctx: &Context, wts: &Weights, spec: &LinearSpec) -> Result<Linear> {
+    /// GPT-2 `Conv1D` (weight (in, out), transposed on load).
+    pub(crate) fn load(
+        ctx: &Context,
+        wts: &Weights,
+        spec: &LinearSpec,
+        mode: WeightsMode,
+    ) -> Result<Linear> {
         let (out_f, in_f) = (spec.out_f, spec.in_f);
-        let w = if spec.conv1d {
-            let w = wts.get_f32(&spec.weight(), &[in_f, out_f])?;
-            let mut t = vec![0f32; w.len()];
-            for i in 0..in_f {
-                for o in 0..out_f {
-                    t[o * in_f + i] = w[i * out_f + o];
-                }
-            }
-            t
-        } else {
-            wts.get_f32(&spec.weight(), &[out_f, in_f])?
-        };
+        let name = spec.weight();
+        let m = wts.matrix(&name, out_f, in_f, spec.conv1d)?;
+        let w = Store::upload(ctx, &m, mode, &name)?;
         let b = match spec.bias() {
             Some(name) => Some(wts.get_f32(&name, &[out_f])?),
             None => None,
         };
-        Linear::upload(ctx, &spec.name, &w, out_f, in_f, b)
+        Linear::new(ctx, &spec.name, w, b)
     }
 
     /// out (M, out) = inp (M, in) W^T + b.
@@ -166,11 +200,12 @@ impl Linear {
     }
 
     pub(crate) fn bytes(&self) -> u64 {
-        let w = match &self.w {
-            Store::Packed(t) => (t.rows() * t.cols().div_ceil(4) * 16) as u64,
-            Store::Buffer(t) => t.bytes(),
-        };
-        w + self.bias.as_ref().map_or(0, |b| b.bytes())
+        self.w.bytes() + self.bias.as_ref().map_or(0, |b| b.bytes())
+    }
+
+    /// The weight as the matmul reads it.
+    pub fn store(&self) -> &Store {
+        &self.w
     }
 }
 
@@ -321,10 +356,16 @@ pub struct Block {
 impl Block {
     /// Load the block `spec` names (norms first, then the linears in
     /// forward order, as the checkpoint table lists them).
-    pub(crate) fn load(ctx: &Context, wts: &Weights, spec: &BlockSpec, eps: f64) -> Result<Block> {
+    pub(crate) fn load(
+        ctx: &Context,
+        wts: &Weights,
+        spec: &BlockSpec,
+        eps: f64,
+        mode: WeightsMode,
+    ) -> Result<Block> {
         let ln1 = Norm::load(ctx, wts, &spec.ln1, eps)?;
         let ln2 = Norm::load(ctx, wts, &spec.ln2, eps)?;
-        let lin = |s: &LinearSpec| Linear::load(ctx, wts, s);
+        let lin = |s: &LinearSpec| Linear::load(ctx, wts, s, mode);
         let qkv = spec.qkv.try_map(lin)?;
         let o = lin(&spec.o)?;
         let mlp = spec.mlp.try_map(lin)?;

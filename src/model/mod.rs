@@ -16,6 +16,7 @@
 //! - `hub`: what `--model` names (folder, GGUF file, Hub repo id) to a folder.
 
 pub mod buffers;
+pub mod compact;
 pub mod config;
 pub mod generate;
 pub mod gguf;

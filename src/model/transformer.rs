@@ -14,12 +14,14 @@
 //! of the sequence has position `P + i` (PEFT's convention for prefixes).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::ops::attention::{attention_forward, MAX_HEAD_DIM};
 use crate::gpu::ops::copy::{copy_rows, scatter_rows, Layout};
-use crate::gpu::ops::{activation, embedding, loss, rope};
+use crate::gpu::ops::{activation, embedding, loss, matmul, rope};
 use crate::gpu::{Context, Plan, Tensor};
+use crate::model::compact::WeightsMode;
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::kv::{attention_backward_kv, kv_backward, kv_forward, overwrite, Front};
 use crate::model::names::ModelSpec;
@@ -97,8 +99,11 @@ impl Hooks for NoHooks {}
 /// A model on the GPU.
 pub struct Model {
     pub cfg: ModelConfig,
-    /// Token embeddings (V, C), gathered by id.
-    pub wte: Tensor,
+    /// Token embeddings (V, C), gathered by id ([`Model::embed`]); the same
+    /// matrix as a tied LM head's.
+    pub wte: Store,
+    /// The precision frozen weights were uploaded in.
+    pub weights_mode: WeightsMode,
     /// GPT-2's learned positions (max_positions, C).
     pub wpe: Option<Tensor>,
     pub blocks: Vec<Block>,
@@ -134,15 +139,32 @@ pub fn weights_fingerprint(cfg: &ModelConfig, wte: &[f32]) -> u64 {
 }
 
 impl Model {
-    /// Load a Hugging Face model folder (config.json + safetensors).
+    /// Load a Hugging Face model folder (config.json + safetensors, or a
+    /// link to a GGUF), frozen weights as stored.
     pub fn load(ctx: &Context, dir: &Path) -> Result<Model> {
-        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-        let wts = Weights::open(dir)?;
-        Model::from_weights(ctx, cfg, &wts)
+        Model::load_with(ctx, dir, WeightsMode::Stored)
     }
 
-    /// Upload `wts` for `cfg`, checking every shape against the config.
+    /// [`Model::load`] with the frozen weights' precision chosen.
+    pub fn load_with(ctx: &Context, dir: &Path, mode: WeightsMode) -> Result<Model> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let wts = Weights::open(dir)?;
+        Model::from_weights_with(ctx, cfg, &wts, mode)
+    }
+
+    /// Upload `wts` for `cfg` (weights as stored), checking every shape
+    /// against the config.
     pub fn from_weights(ctx: &Context, cfg: ModelConfig, wts: &Weights) -> Result<Model> {
+        Model::from_weights_with(ctx, cfg, wts, WeightsMode::Stored)
+    }
+
+    /// [`Model::from_weights`] with the frozen weights' precision chosen.
+    pub fn from_weights_with(
+        ctx: &Context,
+        cfg: ModelConfig,
+        wts: &Weights,
+        mode: WeightsMode,
+    ) -> Result<Model> {
         if cfg.head_dim > MAX_HEAD_DIM || !cfg.head_dim.is_multiple_of(4) {
             return Err(Error::Config {
                 path: "config.json".into(),
@@ -161,9 +183,17 @@ impl Model {
             .map(|(_, s)| s.iter().product::<usize>())
             .sum();
         let (emb_name, emb_shape) = &spec.wte;
-        let wte_host = wts.get_f32(emb_name, emb_shape)?;
-        let fingerprint = weights_fingerprint(&cfg, &wte_host);
-        let wte = Tensor::from_f32(ctx, &wte_host, &[v, c], emb_name)?;
+        if emb_shape != &[v, c] {
+            return Err(Error::invalid(
+                "loading weights",
+                format!("`{emb_name}` is not [{v}, {c}]"),
+            ));
+        }
+        let emb = wts.matrix(emb_name, v, c, false)?;
+        emb.check()?;
+        let fingerprint = weights_fingerprint(&cfg, &emb.sample_f32(((v * c) / 4096).max(1)));
+        let wte = Store::upload(ctx, &emb, mode, emb_name)?;
+        drop(emb);
         let wpe = match &spec.wpe {
             Some((name, shape)) => Some(Tensor::from_f32(
                 ctx,
@@ -174,15 +204,14 @@ impl Model {
             None => None,
         };
         let blocks = (spec.blocks.iter())
-            .map(|b| Block::load(ctx, wts, b, cfg.norm_eps))
+            .map(|b| Block::load(ctx, wts, b, cfg.norm_eps, mode))
             .collect::<Result<Vec<_>>>()?;
         let ln_f = Norm::load(ctx, wts, &spec.ln_f, cfg.norm_eps)?;
         // A checkpoint may carry lm_head.weight even when tied; the config decides.
         let lm_head = match &spec.lm_head {
-            Some(s) => Linear::load(ctx, wts, s)?,
-            None => Linear::upload(ctx, "lm_head", &wte_host, v, c, None)?,
+            Some(s) => Linear::load(ctx, wts, s, mode)?,
+            None => Linear::new(ctx, "lm_head", wte.clone(), None)?,
         };
-        drop(wte_host);
         let rope = if cfg.arch == Arch::Gpt2 {
             None
         } else {
@@ -196,6 +225,7 @@ impl Model {
         Ok(Model {
             cfg,
             wte,
+            weights_mode: mode,
             wpe,
             blocks,
             ln_f,
@@ -206,14 +236,31 @@ impl Model {
         })
     }
 
+    /// out (B, row_offset + T, C): rows `row_offset..` of each batch get the
+    /// token embeddings of `ids` (B, T).
+    pub fn embed(
+        &self,
+        ctx: &Context,
+        plan: &mut Plan,
+        out: &Tensor,
+        ids: &Tensor,
+        row_offset: usize,
+    ) -> Result<()> {
+        match &self.wte {
+            Store::Packed(t) => matmul::matmul_gather(ctx, plan, out, ids, t, row_offset),
+            Store::Buffer(t) => embedding::embedding_forward(ctx, plan, out, ids, t, row_offset),
+        }
+    }
+
     /// Bytes of GPU memory held by the frozen weights.
     pub fn weight_bytes(&self) -> u64 {
         let mut n = self.wte.bytes() + self.wpe.as_ref().map_or(0, |t| t.bytes());
+        let tied = matches!((&self.wte, self.lm_head.store()), (Store::Packed(a), Store::Packed(b)) if Arc::ptr_eq(a, b));
         for b in &self.blocks {
             n += b.ln1.bytes() + b.ln2.bytes();
             n += b.linears().iter().map(|l| l.bytes()).sum::<u64>();
         }
-        n += self.ln_f.bytes() + self.lm_head.bytes();
+        n += self.ln_f.bytes() + if tied { 0 } else { self.lm_head.bytes() };
         if let Some((c, s)) = &self.rope {
             n += c.bytes() + s.bytes();
         }
@@ -288,7 +335,7 @@ impl Model {
                 .ok_or_else(|| Error::invalid("forward", "virtual tokens without a prompt"))?;
             embedding::prompt_forward(ctx, plan, emb, prompt)?;
         }
-        embedding::embedding_forward(ctx, plan, emb, ids, &self.wte, nv)?;
+        self.embed(ctx, plan, emb, ids, nv)?;
         if let (Some(wpe), Some(pid), Some(pe)) = (&self.wpe, &acts.pos_ids, &acts.pos_emb) {
             // Positions are fixed by the shape, and a plan is replayed only
             // for its own shape, so they are written once, here.

@@ -1,24 +1,38 @@
 //! Weights from safetensors buffers: owned bytes (`from_bytes`, a reader),
 //! or the files of a Hugging Face folder (`model.safetensors`, or shards
-//! listed in `model.safetensors.index.json`), memory-mapped. Every fetch
-//! checks the tensor's shape and converts f32/f16/bf16 to f32. Errors name
-//! the file (or the buffer's label) and the tensor.
+//! listed in `model.safetensors.index.json`), memory-mapped; or a GGUF file,
+//! memory-mapped, under the tensors' Hugging Face names. Every fetch checks
+//! the tensor's shape. Small tensors are fetched as f32 (`get_f32`), matrices
+//! in their stored encoding (`matrix`). Errors name the file (or the
+//! buffer's label) and the tensor.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
 
+use std::borrow::Cow;
+
 use crate::error::{Error, Result};
 use crate::fsio::Bytes;
+use crate::model::compact::StoredMatrix;
+use crate::model::gguf::{GgmlType, Gguf};
+use crate::model::import::{
+    convert_tensor, gguf_meta, is_conv1d, permuted_heads, unpermute_qk, GgufMeta,
+};
 
 /// A set of safetensors buffers, each labelled by its file (or a name given
-/// with the bytes), and which tensor lives where.
+/// with the bytes), and which tensor lives where; or one GGUF file.
 pub struct Weights {
     files: Vec<(PathBuf, Bytes)>,
     /// tensor name -> index into `files`
     owner: HashMap<String, usize>,
+    gguf: Option<(Gguf, GgufMeta)>,
 }
+
+/// The file in a model folder that points at a GGUF whose weights the
+/// folder uses (written by `--model file.gguf`, instead of a converted copy).
+pub const GGUF_LINK: &str = "weights.gguf.json";
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |e| Error::Io {
@@ -37,6 +51,18 @@ fn corrupt(path: &Path, e: impl std::fmt::Display) -> Error {
 impl Weights {
     /// Open the weights of a model folder.
     pub fn open(dir: &Path) -> Result<Weights> {
+        let link = dir.join(GGUF_LINK);
+        if link.exists() {
+            let text = std::fs::read_to_string(&link).map_err(io(&link))?;
+            let target = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v.get("gguf")?.as_str().map(PathBuf::from))
+                .ok_or_else(|| Error::Weights {
+                    path: link.clone(),
+                    message: "expected {\"gguf\": \"<path of the .gguf file>\"}".into(),
+                })?;
+            return Self::from_gguf(Gguf::open(&target)?);
+        }
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         let shards: Vec<PathBuf> = if single.exists() {
@@ -114,10 +140,20 @@ impl Weights {
         Self::from_bytes(vec![(label.to_string(), bytes)])
     }
 
+    /// The tensors of a GGUF under their Hugging Face names.
+    pub fn from_gguf(g: Gguf) -> Result<Weights> {
+        let meta = gguf_meta(&g)?;
+        Ok(Weights {
+            gguf: Some((g, meta)),
+            ..Weights::empty()
+        })
+    }
+
     fn empty() -> Weights {
         Weights {
             files: Vec::new(),
             owner: HashMap::new(),
+            gguf: None,
         }
     }
 
@@ -133,13 +169,128 @@ impl Weights {
 
     /// All tensor names, sorted.
     pub fn names(&self) -> Vec<&str> {
+        if let Some((_, m)) = &self.gguf {
+            return m.names.keys().map(|s| s.as_str()).collect();
+        }
         let mut v: Vec<&str> = self.owner.keys().map(|s| s.as_str()).collect();
         v.sort_unstable();
         v
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.owner.contains_key(name)
+        match &self.gguf {
+            Some((_, m)) => m.names.contains_key(name),
+            None => self.owner.contains_key(name),
+        }
+    }
+
+    /// The GGUF tensor under HF name `name`.
+    fn gguf_tensor<'a>(
+        g: &'a Gguf,
+        m: &GgufMeta,
+        name: &str,
+    ) -> Result<&'a crate::model::gguf::TensorInfo> {
+        let i = m.names.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            file: g.path.display().to_string(),
+        })?;
+        Ok(&g.tensors[*i])
+    }
+
+    fn shape_error(path: &Path, name: &str, expected: &[usize], got: Vec<usize>) -> Error {
+        Error::Shape {
+            op: format!("loading {}", path.display()),
+            tensor: name.to_string(),
+            expected: format!("{expected:?} for this config"),
+            got,
+        }
+    }
+
+    /// Matrix `name` as `rows` x `cols` (out, in) in its stored encoding. A
+    /// GPT-2 `Conv1D` weight (`conv1d`, stored [in, out] by transformers) is
+    /// transposed; llama.cpp's q/k row permutation is undone.
+    pub fn matrix(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        conv1d: bool,
+    ) -> Result<StoredMatrix<'_>> {
+        if let Some((g, m)) = &self.gguf {
+            let t = Self::gguf_tensor(g, m, name)?;
+            // GGUF keeps Conv1D weights as [out, in] already.
+            if t.shape() != [rows, cols] {
+                let hf = if is_conv1d(m.arch, name) {
+                    vec![cols, rows]
+                } else {
+                    vec![rows, cols]
+                };
+                let got = if is_conv1d(m.arch, name) {
+                    t.shape().into_iter().rev().collect()
+                } else {
+                    t.shape()
+                };
+                return Err(Self::shape_error(&g.path, name, &hf, got));
+            }
+            let raw = g.raw(t)?;
+            let mut sm = StoredMatrix {
+                name: name.to_string(),
+                ty: t.ty,
+                data: Cow::Borrowed(raw),
+                rows,
+                cols,
+            };
+            if let Some(h) = permuted_heads(m.arch, &m.model, name) {
+                sm.data = Cow::Owned(unpermute_qk(raw, h, sm.row_bytes()));
+            }
+            return Ok(sm);
+        }
+        let (path, view) = self.view(name)?;
+        let expected = if conv1d { [cols, rows] } else { [rows, cols] };
+        if view.shape() != expected {
+            return Err(Self::shape_error(
+                path,
+                name,
+                &expected,
+                view.shape().to_vec(),
+            ));
+        }
+        let ty = match view.dtype() {
+            Dtype::F32 => GgmlType::F32,
+            Dtype::F16 => GgmlType::F16,
+            Dtype::BF16 => GgmlType::BF16,
+            other => {
+                return Err(Error::Weights {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "tensor `{name}` has dtype {other:?}; supported: F32, F16, BF16"
+                    ),
+                })
+            }
+        };
+        let data = view.data();
+        let data = if conv1d {
+            let eb = data.len() / (rows * cols).max(1);
+            let mut t = vec![0u8; data.len()];
+            for i in 0..cols {
+                for o in 0..rows {
+                    let (src, dst) = ((i * rows + o) * eb, (o * cols + i) * eb);
+                    t[dst..dst + eb].copy_from_slice(&data[src..src + eb]);
+                }
+            }
+            Cow::Owned(t)
+        } else {
+            Cow::Borrowed(data)
+        };
+        let sm = StoredMatrix {
+            name: name.to_string(),
+            ty,
+            data,
+            rows,
+            cols,
+        };
+        sm.check()?;
+        Ok(sm)
     }
 
     fn view(&self, name: &str) -> Result<(&Path, safetensors::tensor::TensorView<'_>)> {
@@ -160,11 +311,27 @@ impl Weights {
 
     /// Shape of a tensor.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        if let Some((g, m)) = &self.gguf {
+            let s = Self::gguf_tensor(g, m, name)?.shape();
+            return Ok(if is_conv1d(m.arch, name) {
+                s.into_iter().rev().collect()
+            } else {
+                s
+            });
+        }
         Ok(self.view(name)?.1.shape().to_vec())
     }
 
     /// A tensor as f32, checked against `expected` (its shape for this config).
     pub fn get_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        if let Some((g, m)) = &self.gguf {
+            let t = Self::gguf_tensor(g, m, name)?;
+            let (shape, data) = convert_tensor(g, m.arch, &m.model, t, name)?;
+            if shape != expected {
+                return Err(Self::shape_error(&g.path, name, expected, shape));
+            }
+            return Ok(data);
+        }
         let (path, view) = self.view(name)?;
         if view.shape() != expected {
             return Err(Error::Shape {

@@ -8,6 +8,7 @@ mod common;
 mod activation;
 mod adamw;
 mod attention;
+mod compact;
 mod copy;
 mod determinism;
 mod embedding;

@@ -28,7 +28,8 @@ use super::{dims, expect_shape, grid_1d, uniform, Plan, R, W};
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
 use crate::gpu::kernels::Access::StorageTexture as S;
-use crate::gpu::kernels::{KernelSpec, Source};
+use crate::gpu::kernels::Access::Texture as T;
+use crate::gpu::kernels::{Access, KernelSpec, Source};
 use crate::gpu::plan::Bind;
 use crate::gpu::tensor::{DType, Tensor, TexMatrix};
 
@@ -90,8 +91,8 @@ impl Variant {
             self.tn,
             self.sg,
             if self.aligned { "v4" } else { "s" },
-            self.a_src.tag(),
-            self.b_src.tag(),
+            self.a_src.name(),
+            self.b_src.name(),
             if self.a_layered { "_la" } else { "" },
             if self.b_layered { "_lb" } else { "" }
         )
@@ -176,14 +177,33 @@ pub fn generate(v: &Variant) -> String {
     for (tag, (decl, body, store)) in [
         ("FW", gen_nt(tm, tn, sg, a, b)),
         ("BI", gen_nn(tm, tv, sg, a, b)),
-        ("BW", gen_tn(tm, tv, sg, a, b)),
+        // Compact sources are weights only; backward_weight never reads one.
+        (
+            "BW",
+            gen_tn(
+                tm,
+                tv,
+                sg,
+                a,
+                if v.b_src.access() == Access::TextureUint {
+                    "st"
+                } else {
+                    b
+                },
+            ),
+        ),
     ] {
         s = s
             .replace(&format!("{{{{{tag}_DECL}}}}"), &decl)
             .replace(&format!("{{{{{tag}_BODY}}}}"), &body)
             .replace(&format!("{{{{{tag}_STORE}}}}"), &store);
     }
+    let (qbits, qsub) = v.b_src.quant();
     s.replace("{{LANE_BUILTINS}}", builtins)
+        .replace("{{A}}", a)
+        .replace("{{B}}", b)
+        .replace("{{QBITS}}", &qbits.to_string())
+        .replace("{{QSUB}}", &qsub.to_string())
         .replace("{{LANE_SETUP}}", setup)
         .replace("{{TM}}", &v.tm.to_string())
         .replace("{{TN}}", &v.tn.to_string())
@@ -379,6 +399,10 @@ pub fn all_variant_sources() -> Vec<(String, String)> {
                 (Source::Texture, Source::Texture, true),
                 (Source::Storage, Source::Texture, true),
                 (Source::Texture, Source::Storage, true),
+                (Source::Texture, Source::TexBf16, true),
+                (Source::Storage, Source::TexQ4, false),
+                (Source::Texture, Source::TexQ8 { sub: 32 }, true),
+                (Source::Texture, Source::TexQ8 { sub: 16 }, false),
             ] {
                 let v = Variant {
                     tm,
@@ -521,8 +545,10 @@ fn matmul_forward_op(
             }
             n
         }
-        Bind::X(w) if w.cols() != k => return Err(packed_shape_error(op, w, w.rows(), k)),
-        Bind::X(w) => w.rows(),
+        Bind::X(w) | Bind::S(w) if w.cols() != k => {
+            return Err(packed_shape_error(op, w, w.rows(), k))
+        }
+        Bind::X(w) | Bind::S(w) => w.rows(),
     };
     expect_shape(op, out, &[m, n])?;
     if let Some(b) = fw.bias {
@@ -565,7 +591,7 @@ impl<'a> Operands<'a> {
             &[rows, cols] => use_textures(ctx, &[(rows, cols)]),
             _ => false,
         };
-        let packed_a = if a_fits && (packed_w.is_some() || weight.source() == Source::Texture) {
+        let packed_a = if a_fits && (packed_w.is_some() || weight.source().is_texture()) {
             Some(pack(ctx, plan, a)?)
         } else {
             None
@@ -613,7 +639,7 @@ impl<'a> Rows<'a> {
     fn of(x: Bind<'a>, r0: usize, n: usize, width: usize) -> Result<Rows<'a>> {
         Ok(match x {
             Bind::T(t) => Rows::View(t.view(r0 * width, &[n, width], t.label())?),
-            Bind::X(t) => Rows::Tex(t, r0),
+            Bind::X(t) | Bind::S(t) => Rows::Tex(t, r0),
         })
     }
     fn bind(&self) -> Bind<'_> {
@@ -635,13 +661,13 @@ impl<'a> Rows<'a> {
 fn shift(x: Bind) -> u32 {
     match x {
         Bind::T(_) => 0,
-        Bind::X(t) => t.layer_shift(),
+        Bind::X(t) | Bind::S(t) => t.layer_shift(),
     }
 }
 
 /// `v` reading `a` and `b` from their sources.
 fn with_sources(v: Variant, a: Bind, b: Bind) -> Variant {
-    let layered = |x: Bind| matches!(x, Bind::X(t) if t.layer_shift() < 31);
+    let layered = |x: Bind| matches!(x, Bind::X(t) | Bind::S(t) if t.layer_shift() < 31);
     Variant {
         a_src: a.source(),
         b_src: b.source(),
@@ -663,7 +689,7 @@ fn operand_chunk(
 ) -> Result<usize> {
     match x {
         Bind::T(_) => chunk_rows(ctx, what, rows, widths, multiple),
-        Bind::X(_) => Ok(rows),
+        Bind::X(_) | Bind::S(_) => Ok(rows),
     }
 }
 
@@ -680,14 +706,18 @@ fn forward(
 ) -> Result<()> {
     let v = with_sources(pick_variant(ctx, k % 4 == 0), a, b);
     let (mut tile_m, mut tile_n) = v.tile();
-    let both_tex = a.source() == Source::Texture && b.source() == Source::Texture;
+    let both_tex = a.source().is_texture() && b.source().is_texture();
     let entry = if both_tex && m <= gemv_max_rows() {
         (tile_m, tile_n) = (1, 64);
         "matmul_gemv_tex"
     } else {
         "matmul_forward"
     };
-    let kern = spec(&v, entry, &[W, a.source().access(), b.source().access(), R]);
+    let mut layout = vec![W, a.source().access(), b.source().access(), R];
+    if b.source().has_scales() {
+        layout.push(T);
+    }
+    let kern = spec(&v, entry, &layout);
     let dummy;
     let bias_t = match fw.bias {
         Some(b) => b,
@@ -703,7 +733,7 @@ fn forward(
     // full-width output rows.
     let mc = match a {
         Bind::T(_) => chunk_rows(ctx, "matmul_forward input", m, &[k, n], 1)?,
-        Bind::X(_) => chunk_rows(ctx, "matmul_forward output", m, &[n], 1)?,
+        _ => chunk_rows(ctx, "matmul_forward output", m, &[n], 1)?,
     };
     let flags = u32::from(fw.accumulate) | (u32::from(fw.bias.is_some()) << 1);
     for m0 in (0..m).step_by(mc) {
@@ -737,7 +767,8 @@ fn forward(
                 (mr as u32).div_ceil(tile_m),
                 1,
             ];
-            let binds = [Bind::T(&o), x.bind(), w.bind(), Bind::T(&bv)];
+            let mut binds = vec![Bind::T(&o), x.bind(), w.bind(), Bind::T(&bv)];
+            binds.extend(scales(b));
             plan.dispatch_with(ctx, &kern, &p, &binds, grid)?;
         }
     }
@@ -801,8 +832,10 @@ fn matmul_backward_input_op(
             }
             k
         }
-        Bind::X(w) if w.rows() != n => return Err(packed_shape_error(op, w, n, w.cols())),
-        Bind::X(w) => w.cols(),
+        Bind::X(w) | Bind::S(w) if w.rows() != n => {
+            return Err(packed_shape_error(op, w, n, w.cols()))
+        }
+        Bind::X(w) | Bind::S(w) => w.cols(),
     };
     expect_shape(op, dinp, &[m, k])?;
     if m == 0 || k == 0 {
@@ -829,11 +862,15 @@ fn backward_input(
     let aligned = k % 4 == 0 && (a.source() != Source::Storage || n % 4 == 0);
     let v = with_sources(pick_variant(ctx, aligned), a, b);
     let (tile_m, tile_k) = v.tile();
-    let kern = spec(&v, op, &[W, a.source().access(), b.source().access()]);
+    let mut layout = vec![W, a.source().access(), b.source().access()];
+    if b.source().has_scales() {
+        layout.push(T);
+    }
+    let kern = spec(&v, op, &layout);
     let nc = operand_chunk(ctx, "matmul_backward_input weight", b, n, &[k], 4)?;
     let mc = match a {
         Bind::T(_) => chunk_rows(ctx, "matmul_backward_input dout", m, &[k, n], 1)?,
-        Bind::X(_) => chunk_rows(ctx, "matmul_backward_input dinp", m, &[k], 1)?,
+        _ => chunk_rows(ctx, "matmul_backward_input dinp", m, &[k], 1)?,
     };
     for m0 in (0..m).step_by(mc) {
         let mr = mc.min(m - m0);
@@ -857,7 +894,9 @@ fn backward_input(
                 ..Default::default()
             };
             let grid = [(k as u32).div_ceil(tile_k), (mr as u32).div_ceil(tile_m), 1];
-            plan.dispatch_with(ctx, &kern, &p, &[Bind::T(&dx), dy.bind(), w.bind()], grid)?;
+            let mut binds = vec![Bind::T(&dx), dy.bind(), w.bind()];
+            binds.extend(scales(b));
+            plan.dispatch_with(ctx, &kern, &p, &binds, grid)?;
         }
     }
     plan.add_flops(2.0 * m as f64 * n as f64 * k as f64);
@@ -974,6 +1013,63 @@ pub fn matmul_backward_weight_ex(
     }
     plan.add_flops(2.0 * m as f64 * n as f64 * k as f64);
     Ok(())
+}
+
+/// The extra (scale, offset) binding of a block-quantized weight.
+fn scales(b: Bind) -> Option<Bind> {
+    match b {
+        Bind::X(t) if b.source().has_scales() => Some(Bind::S(t)),
+        _ => None,
+    }
+}
+
+/// out (B, row_offset + T, C): rows `row_offset..` of each batch get the
+/// `table` (V, C) rows of `ids` (B, T) i32 (zero for ids outside 0..V):
+/// the embedding lookup over a packed table of any format.
+pub fn matmul_gather(
+    ctx: &Context,
+    plan: &mut Plan,
+    out: &Tensor,
+    ids: &Tensor,
+    table: &TexMatrix,
+    row_offset: usize,
+) -> Result<()> {
+    let op = "matmul_gather";
+    let [b, t] = dims(op, ids, "(B, T)")?;
+    let (v, c) = (table.rows(), table.cols());
+    expect_shape(op, out, &[b, row_offset + t, c])?;
+    if b * t == 0 {
+        return Ok(());
+    }
+    let x = Bind::X(table);
+    let v_ = with_sources(pick_variant(ctx, c % 4 == 0), Bind::T(ids), x);
+    let mut layout = vec![W, R, x.source().access(), R];
+    if x.source().has_scales() {
+        layout.push(T);
+    }
+    let kern = spec(&v_, op, &layout);
+    let p = MatmulParams {
+        m: (b * t) as u32,
+        k: c as u32,
+        n: t as u32,
+        ld_out: (row_offset + t) as u32,
+        col_off: row_offset as u32,
+        b_shift: table.layer_shift(),
+        a_row0: v as u32,
+        splits: 1,
+        ..Default::default()
+    };
+    let dummy = Tensor::zeros(ctx, &[1], DType::F32, "no_bias")?;
+    let mut binds = vec![Bind::T(out), Bind::T(ids), x, Bind::T(&dummy)];
+    binds.extend(scales(x));
+    let invocations = (b * t * c.div_ceil(4)) as u32;
+    plan.dispatch_with(
+        ctx,
+        &kern,
+        &p,
+        &binds,
+        grid_1d(ctx, invocations.div_ceil(64)),
+    )
 }
 
 /// Whether every `(rows, cols)` operand can be read from a packed texture.
