@@ -112,6 +112,33 @@ fn gguf_imports_match_transformers() {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
+/// The same GGUF models loaded directly (no import): frozen weights stay in
+/// their block formats on the GPU and the kernels decode them.
+#[test]
+fn gguf_direct_loads_match_transformers() {
+    let ctx = gpu!();
+    let models = json("gguf/models.json");
+    let want = Arrays::open("gguf/models_expected.safetensors");
+    for file in models.as_object().unwrap().keys() {
+        let stem = file.trim_end_matches(".gguf");
+        let g = wgtune::model::gguf::Gguf::open(&data_dir(&format!("gguf/{file}"))).unwrap();
+        let cfg = wgtune::model::import::gguf_meta(&g).unwrap().model;
+        let wts = wgtune::model::Weights::from_gguf(g).unwrap();
+        let m = Model::from_weights(ctx, cfg, &wts).unwrap();
+        let ids = want.i32(&format!("{stem}.input_ids"));
+        let t = ids.len();
+        let targets: Vec<i32> = ids[1..].iter().copied().chain([-100]).collect();
+        let (logits, _) = forward_all(ctx, &m, &ids, &targets, 1, t);
+        let exp = want.f32(&format!("{stem}.logits"));
+        let diff = max_diff_masked(&logits, &exp, &vec![1; t], m.cfg.vocab);
+        eprintln!(
+            "{file} (direct, {} weight bytes): max |logits diff| {diff:.3e}",
+            m.weight_bytes()
+        );
+        assert!(diff <= 1e-4, "{file}: logits differ by {diff}");
+    }
+}
+
 #[test]
 fn greedy_generation_matches_transformers() {
     let ctx = gpu!();

@@ -16,6 +16,7 @@ use super::gguf::{Gguf, TensorInfo};
 use super::gguf_tokenizer::tokenizer_from_gguf;
 use crate::error::{Error, Result};
 use crate::fsio::write_atomic;
+use crate::model::weights::GGUF_LINK;
 
 /// GGUF architectures wgtune imports.
 pub const SUPPORTED_GGUF_ARCHS: &str = "llama, qwen2, gpt2";
@@ -363,22 +364,52 @@ pub(crate) fn convert_tensor(
     })
 }
 
+/// The narrowest of f16, bf16 and f32 that holds every value of `d` exactly,
+/// and the little-endian bytes in it. GGUF f16/bf16 tensors stay 16-bit;
+/// dequantized blocks are exact in f32 (and sometimes in 16 bits).
+fn lossless_bytes(d: &[f32]) -> (Dtype, Vec<u8>) {
+    if d.iter()
+        .all(|x| half::f16::from_f32(*x).to_f32().to_bits() == x.to_bits())
+    {
+        return (
+            Dtype::F16,
+            d.iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect(),
+        );
+    }
+    if d.iter()
+        .all(|x| half::bf16::from_f32(*x).to_f32().to_bits() == x.to_bits())
+    {
+        return (
+            Dtype::BF16,
+            d.iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect(),
+        );
+    }
+    (Dtype::F32, bytemuck::cast_slice(d).to_vec())
+}
+
 /// Write an imported model as a Hugging Face folder: config.json,
-/// model.safetensors (f32), tokenizer.json, tokenizer_config.json and
+/// model.safetensors (each tensor in the narrowest exact dtype), tokenizer.json, tokenizer_config.json and
 /// generation_config.json. Each file is written to a temp file and renamed.
 pub fn write_folder(m: &Imported, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|source| Error::Io {
         path: out.to_path_buf(),
         source,
     })?;
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = m
+    let bytes: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = m
         .tensors
         .iter()
-        .map(|(n, (s, d))| (n.clone(), s.clone(), bytemuck::cast_slice(d).to_vec()))
+        .map(|(n, (s, d))| {
+            let (dt, b) = lossless_bytes(d);
+            (n.clone(), s.clone(), dt, b)
+        })
         .collect();
     let mut views = Vec::with_capacity(bytes.len());
-    for (n, s, b) in &bytes {
-        let v = TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| Error::Weights {
+    for (n, s, dt, b) in &bytes {
+        let v = TensorView::new(*dt, s.clone(), b).map_err(|e| Error::Weights {
             path: out.join("model.safetensors"),
             message: format!("tensor `{n}`: {e}"),
         })?;
@@ -392,21 +423,36 @@ pub fn write_folder(m: &Imported, out: &Path) -> Result<()> {
     drop(bytes);
     write_atomic(&out.join("model.safetensors"), &st)?;
     drop(st);
-    let pretty = |v: &Json| {
-        serde_json::to_vec_pretty(v)
-            .expect("invariant: a serde_json::Value (string keys) serializes into a Vec")
-    };
-    write_atomic(&out.join("tokenizer.json"), &pretty(&m.tokenizer_json))?;
+    write_meta_files(
+        out,
+        &m.tokenizer_json,
+        &m.tokenizer_config,
+        &m.generation_config,
+        &m.config,
+    )
+}
+
+fn pretty(v: &Json) -> Vec<u8> {
+    serde_json::to_vec_pretty(v)
+        .expect("invariant: a serde_json::Value (string keys) serializes into a Vec")
+}
+
+/// The tokenizer files, then config.json last, so that a folder with
+/// config.json is a complete one.
+fn write_meta_files(
+    out: &Path,
+    tokenizer: &Json,
+    tokenizer_config: &Json,
+    generation: &Json,
+    config: &Json,
+) -> Result<()> {
+    write_atomic(&out.join("tokenizer.json"), &pretty(tokenizer))?;
     write_atomic(
         &out.join("tokenizer_config.json"),
-        &pretty(&m.tokenizer_config),
+        &pretty(tokenizer_config),
     )?;
-    write_atomic(
-        &out.join("generation_config.json"),
-        &pretty(&m.generation_config),
-    )?;
-    // Last, so a folder with config.json is a complete one.
-    write_atomic(&out.join("config.json"), &pretty(&m.config))?;
+    write_atomic(&out.join("generation_config.json"), &pretty(generation))?;
+    write_atomic(&out.join("config.json"), &pretty(config))?;
     Ok(())
 }
 
@@ -458,14 +504,34 @@ pub(crate) fn home_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// A GGUF model as a folder: imported into the cache on first use.
+/// A GGUF model as a folder: its config and tokenizer files written into the
+/// cache on first use, with a link (`weights.gguf.json`) through which the
+/// weights are read from the GGUF itself, memory-mapped. No converted copy
+/// of the weights is written.
 pub fn gguf_as_folder(gguf: &Path) -> Result<PathBuf> {
     let dir = cache_dir_for(gguf)?;
-    if dir.join("config.json").exists() {
-        log::info!("using {} (imported from {})", dir.display(), gguf.display());
+    if dir.join("config.json").exists() && dir.join(GGUF_LINK).exists() {
+        log::info!("using {} (metadata of {})", dir.display(), gguf.display());
         return Ok(dir);
     }
-    println!("importing {} into {} (once)", gguf.display(), dir.display());
-    import_gguf(gguf, &dir)?;
+    let g = Gguf::open(gguf)?;
+    let meta = gguf_meta(&g)?;
+    let abs = std::fs::canonicalize(gguf).map_err(|source| Error::Io {
+        path: gguf.to_path_buf(),
+        source,
+    })?;
+    std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let link = json!({ "gguf": abs.to_string_lossy() });
+    write_atomic(&dir.join(GGUF_LINK), &pretty(&link))?;
+    write_meta_files(
+        &dir,
+        &meta.tokenizer_json,
+        &meta.tokenizer_config,
+        &meta.generation_config,
+        &meta.config,
+    )?;
     Ok(dir)
 }

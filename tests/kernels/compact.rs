@@ -180,3 +180,40 @@ fn compact_weights_taller_than_a_texture_vs_cpu() {
         check(ctx, "layered", &m, WeightsMode::Stored, 3);
     }
 }
+
+/// Every GGUF type of tests/reference/data/gguf/quants.gguf (written by
+/// gguf-py), uploaded in its stored format and read back through the GPU
+/// gather: equal to gguf-py's `dequantize` values (tests/reference/
+/// gguf_generate.py), up to the sign of a zero.
+#[test]
+fn compact_weights_decode_like_gguf_py() {
+    use crate::common::reference::{data_dir, Arrays};
+    let ctx = gpu!();
+    let g = wgtune::model::gguf::Gguf::open(&data_dir("gguf/quants.gguf")).unwrap();
+    let want = Arrays::open("gguf/quants_expected.safetensors");
+    for t in &g.tensors {
+        let [rows, cols] = t.shape()[..] else {
+            panic!("{} is not 2-D", t.name)
+        };
+        let m = StoredMatrix {
+            name: t.name.clone(),
+            ty: t.ty,
+            data: Cow::Borrowed(g.raw(t).unwrap()),
+            rows,
+            cols,
+        };
+        let fmt = compact::target_format(t.ty, WeightsMode::Stored);
+        let w = compact::upload(ctx, &m, fmt, &t.name).unwrap();
+        let ids: Vec<i32> = (0..rows as i32).collect();
+        let tids = wgtune::gpu::Tensor::from_i32(ctx, &ids, &[1, rows], "ids").unwrap();
+        let out = up(ctx, &vec![0.0; rows * cols], &[1, rows, cols], "rows");
+        let mut plan = Plan::new("gather");
+        matmul::matmul_gather(ctx, &mut plan, &out, &tids, &w, 0).unwrap();
+        run(ctx, &plan);
+        let got = read(ctx, &out);
+        let exp = want.f32(&t.name);
+        let bad = got.iter().zip(&exp).filter(|(a, b)| a != b).count();
+        eprintln!("{} ({fmt:?}): {} values, {bad} differ", t.name, got.len());
+        assert_eq!(bad, 0, "{}: GPU decode differs from gguf-py", t.name);
+    }
+}
