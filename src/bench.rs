@@ -242,6 +242,7 @@ pub fn train(
     b: usize,
     t: usize,
     steps: usize,
+    weights: crate::model::compact::WeightsMode,
 ) -> Result<()> {
     use crate::adapters::adapter::match_targets;
     use crate::adapters::init::{
@@ -263,15 +264,15 @@ pub fn train(
             ))
         }
     };
-    let m = crate::model::Model::load(&ctx, &dir)?;
+    let m = crate::model::Model::load_with(&ctx, &dir, weights)?;
     if tmp {
         let _ = std::fs::remove_dir_all(&dir);
     }
     let cfg = m.cfg.clone();
     let weights_gpu = ctx.memory.live();
     println!(
-        "bench train: {:?} {} layers hidden {}, batch {b} x {t}, {steps} timed steps, {} ({:?}); {:.0} MiB of GPU buffers after loading",
-        cfg.arch, cfg.layers, cfg.hidden, ctx.info.name, ctx.info.backend, mib(weights_gpu)
+        "bench train: {:?} {} layers hidden {}, weights {weights} ({:.0} MiB), batch {b} x {t}, {steps} timed steps, {} ({:?}); {:.0} MiB of GPU buffers after loading",
+        cfg.arch, cfg.layers, cfg.hidden, mib(m.weight_bytes()), ctx.info.name, ctx.info.backend, mib(weights_gpu)
     );
     let mut rng = crate::rng::Rng::new(7);
     let ids: Vec<i32> = (0..b * t)

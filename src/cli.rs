@@ -11,6 +11,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::error::Result;
 use crate::gpu::context::ContextOptions;
+use crate::model::compact::WeightsMode;
 use crate::train::data::DataOptions;
 use crate::train::template::PromptTemplate;
 
@@ -37,6 +38,15 @@ pub struct DeviceArgs {
     /// Use the GPU whose adapter name contains this text (env WGPU_ADAPTER_NAME)
     #[arg(long)]
     pub gpu: Option<String>,
+}
+
+/// `--weights`, shared by the commands that load a model.
+#[derive(Args, Debug, Clone, Default)]
+pub struct WeightsArgs {
+    /// Frozen weights on the GPU: stored (as in the file: f32, f16, bf16 or
+    /// the GGUF block format), f16, bf16 or f32 (exact, 4 bytes per weight)
+    #[arg(long, default_value = "stored")]
+    pub weights: WeightsMode,
 }
 
 impl DeviceArgs {
@@ -108,6 +118,8 @@ pub enum BenchCommand {
         /// Timed steps per method (after one warm-up step)
         #[arg(long, default_value_t = 3, value_parser = positive)]
         steps: usize,
+        #[command(flatten)]
+        weights: WeightsArgs,
     },
 }
 
@@ -197,6 +209,8 @@ pub struct TrainArgs {
     /// Output folder: the PEFT adapter, checkpoint/, metrics.jsonl, loss.svg
     #[arg(long, default_value = "wgtune-out")]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub weights: WeightsArgs,
     #[command(flatten)]
     pub data_args: DataArgs,
     /// Passes over the data (ignored when --steps is given)
@@ -313,6 +327,8 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[command(flatten)]
+    pub weights: WeightsArgs,
+    #[command(flatten)]
     pub device: DeviceArgs,
 }
 
@@ -329,6 +345,8 @@ pub struct EvalArgs {
     pub data_args: DataArgs,
     #[arg(long, default_value_t = 4, value_parser = positive)]
     pub batch_size: usize,
+    #[command(flatten)]
+    pub weights: WeightsArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -447,6 +465,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                     batch_size,
                     seq_len,
                     steps,
+                    weights,
                 },
         } => {
             let m: Vec<&str> = methods
@@ -462,6 +481,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 batch_size,
                 seq_len,
                 steps,
+                weights.weights,
             ))
         }
     }

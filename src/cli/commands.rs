@@ -67,9 +67,13 @@ pub(super) fn devices(d: &DeviceArgs) -> Result<()> {
 }
 
 /// Load a model folder and its tokenizer, and say what was loaded.
-fn load_model(ctx: &Context, arg: &std::path::Path) -> Result<(Model, Tokenizer)> {
+fn load_model(
+    ctx: &Context,
+    arg: &std::path::Path,
+    weights: crate::model::compact::WeightsMode,
+) -> Result<(Model, Tokenizer)> {
     let dir = crate::model::hub::resolve_model(arg)?;
-    let model = Model::load(ctx, &dir)?;
+    let model = Model::load_with(ctx, &dir, weights)?;
     let tok = Tokenizer::load(&dir)?;
     print_model(ctx, &model);
     Ok((model, tok))
@@ -96,7 +100,7 @@ fn load_adapter(
 
 pub(super) fn generate(a: &GenerateArgs) -> Result<()> {
     let ctx = Context::new(&a.device.options())?;
-    let (model, tok) = load_model(&ctx, &a.model)?;
+    let (model, tok) = load_model(&ctx, &a.model, a.weights.weights)?;
     let adapter = load_adapter(&ctx, &model, &a.model, a.adapter.as_ref())?;
     let hooks: &dyn Hooks = adapter.as_ref().map_or(&NoHooks, |ad| ad as &dyn Hooks);
     let ids = if a.chat {
@@ -161,7 +165,7 @@ pub(super) fn generate(a: &GenerateArgs) -> Result<()> {
 
 pub(super) fn eval(a: &EvalArgs) -> Result<()> {
     let ctx = Context::new(&a.device.options())?;
-    let (model, tok) = load_model(&ctx, &a.model)?;
+    let (model, tok) = load_model(&ctx, &a.model, a.weights.weights)?;
     let adapter = load_adapter(&ctx, &model, &a.model, a.adapter.as_ref())?;
     let hooks: &dyn Hooks = adapter.as_ref().map_or(&NoHooks, |ad| ad as &dyn Hooks);
     // Rows must leave room for the adapter's virtual tokens or prefix rows.

@@ -93,6 +93,7 @@ impl TrainArgs {
         Ok(TrainOptions {
             method: self.method_options(),
             model: self.model.clone(),
+            weights: self.weights.weights,
             data: self.data.clone(),
             val_data: self.val_data.clone(),
             out: self.out.clone(),

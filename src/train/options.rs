@@ -124,6 +124,8 @@ impl MethodOptions {
 pub struct TrainOptions {
     pub method: MethodOptions,
     pub model: PathBuf,
+    /// Precision of the frozen weights on the GPU.
+    pub weights: crate::model::compact::WeightsMode,
     pub data: PathBuf,
     pub val_data: Option<PathBuf>,
     pub out: PathBuf,

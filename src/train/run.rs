@@ -261,7 +261,7 @@ pub fn train(
         ));
     }
     let dir = crate::model::hub::resolve_model(&o.model)?;
-    let model = Model::load(ctx, &dir)?;
+    let model = Model::load_with(ctx, &dir, o.weights)?;
     let tok = Tokenizer::load(&dir)?;
     print_model(ctx, &model);
     pause_point("model-loaded");
