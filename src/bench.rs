@@ -128,7 +128,73 @@ pub fn kernels(opts: &ContextOptions, iters: usize) -> Result<()> {
             );
         }
     }
+    weight_formats(&ctx, iters)?;
     attention(&ctx, iters)?;
+    Ok(())
+}
+
+/// Forward and backward-input over a frozen weight in each storage format
+/// (random blocks; speed does not depend on the values), with the ratio to
+/// f32 and the weight's GPU bytes.
+pub fn weight_formats(ctx: &Context, iters: usize) -> Result<()> {
+    use crate::model::compact::{self, random_blocks, StoredMatrix, WeightsMode};
+    use crate::model::gguf::GgmlType;
+    if !ctx.textures() {
+        println!("frozen weight formats: skipped (textures disabled; weights are f32 buffers)");
+        return Ok(());
+    }
+    println!("frozen weight formats (decoded in the kernel; ms, GFLOP/s, x f32 time, weight MiB):");
+    let types = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+    ];
+    // K-quant rows are whole 256-element blocks.
+    for (m, k, n) in [(512, 768, 1536), (512, 1536, 768)] {
+        for layout in ["forward", "backward_input"] {
+            let mut base = None;
+            for ty in types {
+                let (per, _) = ty.block().unwrap_or((1, 4));
+                let sm = StoredMatrix {
+                    name: "w".into(),
+                    ty,
+                    data: std::borrow::Cow::Owned(random_blocks(ty, n * k / per, 5)),
+                    rows: n,
+                    cols: k,
+                };
+                let fmt = compact::target_format(ty, WeightsMode::Stored);
+                let w = compact::upload(ctx, &sm, fmt, "w")?;
+                let mut plan = Plan::new(layout);
+                if layout == "forward" {
+                    let (x, y) = (
+                        filled(ctx, &[m, k], "x")?,
+                        Tensor::zeros(ctx, &[m, n], DType::F32, "y")?,
+                    );
+                    matmul::matmul_forward_packed(ctx, &mut plan, &y, &x, &w, None, 1.0, false)?;
+                } else {
+                    let (dy, dx) = (
+                        filled(ctx, &[m, n], "dy")?,
+                        Tensor::zeros(ctx, &[m, k], DType::F32, "dx")?,
+                    );
+                    matmul::matmul_backward_input_packed(ctx, &mut plan, &dx, &dy, &w, 1.0)?;
+                }
+                let secs = time_plan(ctx, &plan, iters)?;
+                let b = *base.get_or_insert(secs);
+                println!(
+                    "  {layout:<15} {m:>5} {k:>5} {n:>5} {:<5} {:>9.2} {:>7.1} {:>6.2}x {:>7.2}",
+                    ty.name(),
+                    secs * 1e3,
+                    plan.flops() / secs / 1e9,
+                    secs / b,
+                    w.bytes() as f64 / (1 << 20) as f64
+                );
+            }
+        }
+    }
     Ok(())
 }
 
