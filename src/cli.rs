@@ -83,7 +83,7 @@ pub enum Command {
 pub struct ImportArgs {
     /// The .gguf file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K tensors)
     pub gguf: PathBuf,
-    /// Folder to write: config.json, model.safetensors (f32), tokenizer files
+    /// Folder to write: config.json, model.safetensors (narrowest exact dtype), tokenizer files
     #[arg(long)]
     pub out: PathBuf,
 }

@@ -204,7 +204,8 @@ fn gguf_import_and_gguf_as_model() {
         .as_str()
         .is_some_and(|t| t.contains("im_start")));
 
-    // `--model file.gguf`: imported into the cache once, then reused.
+    // `--model file.gguf`: weights read from the GGUF itself; only the
+    // config and tokenizer files go into the cache, once.
     let cache = dir.join("cache");
     let env = [("WGTUNE_CACHE", cache.as_path())];
     let m = gguf("tiny-llama.gguf");
@@ -222,13 +223,24 @@ fn gguf_import_and_gguf_as_model() {
         ],
         &env,
     );
-    assert!(ok && text.contains("importing"), "{text}");
+    assert!(ok, "{text}");
+    let cached: Vec<std::path::PathBuf> = std::fs::read_dir(cache.join("gguf"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    assert!(cached[0].join("weights.gguf.json").exists());
+    assert!(cached[0].join("tokenizer.json").exists());
+    assert!(
+        !cached[0].join("model.safetensors").exists(),
+        "no converted weights"
+    );
     let val = root().join("assets/data/pirate-val.jsonl");
     let (ok, text) = wgtune_env(
         &["eval", "--model", m, "--data", val.to_str().unwrap()],
         &env,
     );
-    assert!(ok && !text.contains("importing"), "{text}");
+    assert!(ok, "{text}");
     assert!(text.contains("perplexity"), "{text}");
 
     let (ok, text) = wgtune(&[

@@ -411,7 +411,7 @@ impl TexMatrix {
             have: 0,
         })?;
         if let Some(sub) = format.sub_block() {
-            if cols % sub as usize != 0 {
+            if !cols.is_multiple_of(sub as usize) {
                 return Err(Error::invalid(
                     "texture",
                     format!("`{label}`: {cols} columns are not whole blocks of {sub}"),

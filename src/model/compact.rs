@@ -183,9 +183,9 @@ fn decode_block(ty: GgmlType, blk: &[u8], q: &mut [i32], sc: &mut [[f32; 2]]) {
         GgmlType::Q4K | GgmlType::Q5K => {
             let (d, dmin) = (f16(0), f16(2));
             let scales = &blk[4..16];
-            for s in 0..8 {
+            for (s, pair) in sc.iter_mut().enumerate().take(8) {
                 let (a, m) = scale_min_k4(s, scales);
-                sc[s] = [d * a as f32, -(dmin * m as f32)];
+                *pair = [d * a as f32, -(dmin * m as f32)];
             }
             let (qh, qs) = if ty == GgmlType::Q4K {
                 (None, &blk[16..144])
@@ -318,6 +318,57 @@ pub fn upload(ctx: &Context, m: &StoredMatrix, fmt: TexFormat, label: &str) -> R
     Ok(t)
 }
 
+/// Random but valid stored blocks for tests: quant bytes are random, f16
+/// scale/min fields are small normal numbers of both signs.
+#[doc(hidden)]
+pub fn random_blocks(ty: GgmlType, n_blocks: usize, seed: u64) -> Vec<u8> {
+    let (_, bytes) = ty.block().unwrap_or((1, 4));
+    let mut s = seed | 1;
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let mut out: Vec<u8> = (0..n_blocks * bytes).map(|_| next() as u8).collect();
+    let f16_at: &[usize] = match ty {
+        GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 => &[0],
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+        GgmlType::Q6K => &[208],
+        GgmlType::F16 | GgmlType::BF16 | GgmlType::F32 => &[],
+        GgmlType::Other(_) => &[],
+    };
+    for b in 0..n_blocks {
+        for &o in f16_at {
+            let v = ((next() % 2000) as f32 / 2000.0 + 0.01) * 0.05;
+            let v = if next() % 2 == 0 { v } else { -v };
+            out[b * bytes + o..b * bytes + o + 2]
+                .copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+        }
+    }
+    // Plain float types: values in [-1, 1).
+    let floats = |i: u64| ((i >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+    match ty {
+        GgmlType::F32 => {
+            for c in out.chunks_exact_mut(4) {
+                c.copy_from_slice(&floats(next()).to_le_bytes());
+            }
+        }
+        GgmlType::F16 => {
+            for c in out.chunks_exact_mut(2) {
+                c.copy_from_slice(&half::f16::from_f32(floats(next())).to_le_bytes());
+            }
+        }
+        GgmlType::BF16 => {
+            for c in out.chunks_exact_mut(2) {
+                c.copy_from_slice(&half::bf16::from_f32(floats(next())).to_le_bytes());
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,55 +422,4 @@ mod tests {
             }
         }
     }
-}
-
-/// Random but valid stored blocks for tests: quant bytes are random, f16
-/// scale/min fields are small normal numbers of both signs.
-#[doc(hidden)]
-pub fn random_blocks(ty: GgmlType, n_blocks: usize, seed: u64) -> Vec<u8> {
-    let (_, bytes) = ty.block().unwrap_or((1, 4));
-    let mut s = seed | 1;
-    let mut next = || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s
-    };
-    let mut out: Vec<u8> = (0..n_blocks * bytes).map(|_| next() as u8).collect();
-    let f16_at: &[usize] = match ty {
-        GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 => &[0],
-        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
-        GgmlType::Q6K => &[208],
-        GgmlType::F16 | GgmlType::BF16 | GgmlType::F32 => &[],
-        GgmlType::Other(_) => &[],
-    };
-    for b in 0..n_blocks {
-        for &o in f16_at {
-            let v = ((next() % 2000) as f32 / 2000.0 + 0.01) * 0.05;
-            let v = if next() % 2 == 0 { v } else { -v };
-            out[b * bytes + o..b * bytes + o + 2]
-                .copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
-        }
-    }
-    // Plain float types: values in [-1, 1).
-    let floats = |i: u64| ((i >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
-    match ty {
-        GgmlType::F32 => {
-            for c in out.chunks_exact_mut(4) {
-                c.copy_from_slice(&floats(next()).to_le_bytes());
-            }
-        }
-        GgmlType::F16 => {
-            for c in out.chunks_exact_mut(2) {
-                c.copy_from_slice(&half::f16::from_f32(floats(next())).to_le_bytes());
-            }
-        }
-        GgmlType::BF16 => {
-            for c in out.chunks_exact_mut(2) {
-                c.copy_from_slice(&half::bf16::from_f32(floats(next())).to_le_bytes());
-            }
-        }
-        _ => {}
-    }
-    out
 }
