@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::{self, Kernel};
+use crate::gpu::tensor::TexMatrix;
 
 /// How to pick and open the device. Empty fields fall back to the
 /// `WGPU_BACKEND` / `WGPU_ADAPTER_NAME` environment variables, then to the
@@ -51,6 +52,11 @@ pub struct Context {
     subgroup_size: Option<u32>,
     textures: bool,
     pipelines: Mutex<HashMap<String, Arc<Kernel>>>,
+    /// Packed copies of activation operands, one per (columns, slot), shared
+    /// by every plan (see [`Context::scratch_texture`]).
+    scratch: Mutex<HashMap<(usize, usize), Arc<TexMatrix>>>,
+    /// Rows to give a new scratch texture at least (the largest batch).
+    scratch_rows: std::sync::atomic::AtomicUsize,
     /// Errors raised outside an error scope (validation, device lost); the
     /// next `check()` turns them into `Error::Gpu`.
     pending: Arc<Mutex<Vec<String>>>,
@@ -305,6 +311,8 @@ impl Context {
             textures: !opts.disable_textures
                 && !std::env::var("WGTUNE_NO_TEXTURES").is_ok_and(|v| v == "1"),
             pipelines: Mutex::new(HashMap::new()),
+            scratch: Mutex::new(HashMap::new()),
+            scratch_rows: Default::default(),
             pending,
             memory: Arc::default(),
         })
@@ -372,6 +380,45 @@ impl Context {
         rx.recv()
             .map_err(|e| err(e.to_string()))?
             .map_err(|e| err(e.to_string()))
+    }
+
+    /// A texture of at least `rows` x `cols` for a packed copy of an
+    /// activation operand. A packed copy is read only by the dispatch right
+    /// after its pack and the queue orders dispatches, so one texture per
+    /// width serves every matmul of every plan; `slot` tells apart the
+    /// operands one dispatch reads together. A request for more rows
+    /// replaces the pool's texture (plans recorded earlier keep theirs).
+    pub fn scratch_texture(&self, rows: usize, cols: usize, slot: usize) -> Result<Arc<TexMatrix>> {
+        let mut pool = self
+            .scratch
+            .lock()
+            .expect("invariant: scratch lock is held only for a get/insert, never poisoned");
+        if let Some(t) = pool.get(&(cols, slot)) {
+            if t.rows() >= rows {
+                return Ok(t.clone());
+            }
+        }
+        let hint = self.scratch_rows.load(std::sync::atomic::Ordering::Relaxed);
+        let want = if hint >= rows && TexMatrix::fits(self, hint, cols) {
+            hint
+        } else {
+            rows
+        };
+        let t = Arc::new(TexMatrix::new(
+            self,
+            want,
+            cols,
+            &format!("scratch.{cols}.{slot}"),
+        )?);
+        pool.insert((cols, slot), t.clone());
+        Ok(t)
+    }
+
+    /// Size scratch textures made from now on for `rows` rows (the largest
+    /// batch a run will see), so that every plan shares them.
+    pub fn reserve_scratch_rows(&self, rows: usize) {
+        self.scratch_rows
+            .fetch_max(rows, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The cached pipeline for `spec`, built on first use.

@@ -259,7 +259,7 @@ fn params(d: &AttnDims, groups: usize, shift: u32) -> AttentionParams {
 // One short-lived value per dispatch: boxing the textures buys nothing.
 #[allow(clippy::large_enum_variant)]
 enum Streamed<'a> {
-    Packed(TexMatrix, TexMatrix),
+    Packed(std::sync::Arc<TexMatrix>, std::sync::Arc<TexMatrix>),
     Buffers(&'a Tensor, &'a Tensor),
 }
 
@@ -276,8 +276,9 @@ impl<'a> Streamed<'a> {
         if !(on && ctx.textures() && TexMatrix::fits(ctx, rows, hd)) {
             return Ok(Streamed::Buffers(a, b));
         }
-        let pa = matmul::pack(ctx, plan, &a.reshape(&[rows, hd])?)?;
-        let pb = matmul::pack(ctx, plan, &b.reshape(&[rows, hd])?)?;
+        // Slots apart from the matmuls' (0, 1): both are read at once.
+        let pa = matmul::pack_scratch(ctx, plan, &a.reshape(&[rows, hd])?, 2)?;
+        let pb = matmul::pack_scratch(ctx, plan, &b.reshape(&[rows, hd])?, 3)?;
         Ok(Streamed::Packed(pa, pb))
     }
     fn source(&self) -> Source {

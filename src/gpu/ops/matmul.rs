@@ -23,6 +23,7 @@
 
 use std::borrow::Cow;
 use std::fmt::Write;
+use std::sync::Arc;
 
 use super::{dims, expect_shape, grid_1d, uniform, Plan, R, W};
 use crate::error::{Error, Result};
@@ -569,8 +570,8 @@ fn matmul_forward_op(
 struct Operands<'a> {
     a: &'a Tensor,
     weight: Bind<'a>,
-    packed_a: Option<TexMatrix>,
-    packed_w: Option<TexMatrix>,
+    packed_a: Option<Arc<TexMatrix>>,
+    packed_w: Option<Arc<TexMatrix>>,
 }
 
 impl<'a> Operands<'a> {
@@ -582,7 +583,7 @@ impl<'a> Operands<'a> {
         fits: bool,
     ) -> Result<Self> {
         let packed_w = match weight {
-            Bind::T(w) if fits => Some(pack(ctx, plan, w)?),
+            Bind::T(w) if fits => Some(pack_scratch(ctx, plan, w, 1)?),
             _ => None,
         };
         // An A too wide for a texture row (dlogits of a 151,936-token
@@ -592,7 +593,7 @@ impl<'a> Operands<'a> {
             _ => false,
         };
         let packed_a = if a_fits && (packed_w.is_some() || weight.source().is_texture()) {
-            Some(pack(ctx, plan, a)?)
+            Some(pack_scratch(ctx, plan, a, 0)?)
         } else {
             None
         };
@@ -604,8 +605,8 @@ impl<'a> Operands<'a> {
         })
     }
     fn binds(&self) -> (Bind<'_>, Bind<'_>) {
-        let a = self.packed_a.as_ref().map_or(Bind::T(self.a), Bind::X);
-        let w = self.packed_w.as_ref().map_or(self.weight, Bind::X);
+        let a = self.packed_a.as_deref().map_or(Bind::T(self.a), Bind::X);
+        let w = self.packed_w.as_deref().map_or(self.weight, Bind::X);
         (a, w)
     }
 }
@@ -970,7 +971,10 @@ pub fn matmul_backward_weight_ex(
         splits as u32,
     ];
     let packed = if use_textures(ctx, &[(m, n), (m, k)]) {
-        Some((pack(ctx, plan, dout)?, pack(ctx, plan, inp)?))
+        Some((
+            pack_scratch(ctx, plan, dout, 0)?,
+            pack_scratch(ctx, plan, inp, 1)?,
+        ))
     } else {
         None
     };
@@ -1077,16 +1081,18 @@ pub fn use_textures(ctx: &Context, mats: &[(usize, usize)]) -> bool {
     ctx.textures() && mats.iter().all(|&(r, c)| TexMatrix::fits(ctx, r, c))
 }
 
-/// Record the packing of `src` (rows, cols) into `dst`. Source rows are read
-/// in chunks that fit a storage binding.
+/// Record the packing of `src` (rows, cols) into the first rows of `dst`.
+/// Source rows are read in chunks that fit a storage binding.
 pub fn matmul_pack(ctx: &Context, plan: &mut Plan, dst: &TexMatrix, src: &Tensor) -> Result<()> {
     let op = "matmul_pack";
     let [rows, cols] = dims(op, src, "(ROWS, COLS)")?;
-    if dst.rows() != rows || dst.cols() != cols {
+    // A scratch texture may have more rows than this operand: the first
+    // `rows` are written and read.
+    if dst.rows() < rows || dst.cols() != cols {
         return Err(Error::Shape {
             op: op.into(),
             tensor: src.label().into(),
-            expected: format!("[{}, {}] like `{}`", dst.rows(), dst.cols(), dst.label()),
+            expected: format!("[<= {}, {}] like `{}`", dst.rows(), dst.cols(), dst.label()),
             got: src.shape().to_vec(),
         });
     }
@@ -1134,6 +1140,20 @@ pub fn matmul_pack(ctx: &Context, plan: &mut Plan, dst: &TexMatrix, src: &Tensor
         )?;
     }
     Ok(())
+}
+
+/// Record the packing of `src` (rows, cols) into the context's shared scratch
+/// texture of its width and `slot` ([`Context::scratch_texture`]).
+pub fn pack_scratch(
+    ctx: &Context,
+    plan: &mut Plan,
+    src: &Tensor,
+    slot: usize,
+) -> Result<Arc<TexMatrix>> {
+    let [rows, cols] = dims("matmul_pack", src, "(ROWS, COLS)")?;
+    let t = ctx.scratch_texture(rows, cols, slot)?;
+    matmul_pack(ctx, plan, &t, src)?;
+    Ok(t)
 }
 
 /// Allocate a packed copy of `src` and record its packing.
