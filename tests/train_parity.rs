@@ -406,10 +406,16 @@ fn chunked_logits_match_one_chunk() {
             // 3-row chunks, and 1-row chunks from a budget below one row.
             for budget in [3 * v as u64 * 4, 1] {
                 let rc = logits_chunk_rows_within(rows, v, c, budget);
-                assert!(rc < rows, "{model}/{case}: {rows} rows in one chunk of {rc}");
+                assert!(
+                    rc < rows,
+                    "{model}/{case}: {rows} rows in one chunk of {rc}"
+                );
                 let (cl, cg) = head_run(ctx, &m, model, case, Some(budget));
                 let rel = (cl - loss).abs() / loss.abs();
-                assert!(rel <= 1e-5, "{model}/{case} budget {budget}: loss {cl} vs {loss}");
+                assert!(
+                    rel <= 1e-5,
+                    "{model}/{case} budget {budget}: loss {cl} vs {loss}"
+                );
                 let mut worst = 0f64;
                 for ((name, _, g), (_, _, want)) in cg.iter().zip(&grads) {
                     let scale = want.iter().fold(0f64, |a, &x| a.max((x as f64).abs()));
@@ -442,7 +448,9 @@ fn chunked_logits_match_one_chunk() {
 
 #[test]
 fn logits_chunk_rows_fit_the_budget() {
-    use wgtune::model::buffers::{logits_chunk_rows, logits_chunk_rows_within, LOGITS_BUDGET_BYTES};
+    use wgtune::model::buffers::{
+        logits_chunk_rows, logits_chunk_rows_within, LOGITS_BUDGET_BYTES,
+    };
     // Gemma's vocabulary: 64 rows of 1 MiB in the 64 MiB budget.
     assert_eq!(LOGITS_BUDGET_BYTES, 64 << 20);
     assert_eq!(logits_chunk_rows(512, 262_144, 2304), 64);

@@ -396,7 +396,10 @@ impl Model {
             return Err(Error::invalid(op, "a logits workspace of 0 rows"));
         }
         expect_shape(op, &head.logits, &[rc, v])?;
-        Ok((0..r).step_by(rc).map(|r0| (r0, (r0 + rc).min(r))).collect())
+        Ok((0..r)
+            .step_by(rc)
+            .map(|r0| (r0, (r0 + rc).min(r)))
+            .collect())
     }
 
     /// logits of rows `r0..r1` into the first rows of `head.logits`.
@@ -476,7 +479,8 @@ impl Model {
         let dg = g.dgathered.reshape(&[r, c])?;
         for &(r0, r1) in &chunks {
             let logits = if chunks.len() == 1 {
-                head.logits.view(0, &[r1 - r0, cfg.vocab], head.logits.label())?
+                head.logits
+                    .view(0, &[r1 - r0, cfg.vocab], head.logits.label())?
             } else {
                 self.chunk_logits(ctx, plan, head, r0, r1)?
             };

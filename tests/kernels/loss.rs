@@ -204,7 +204,9 @@ fn crossentropy_inplace_chunks_vs_cpu() {
     check_inplace(ctx, "in place at row 5", 7, 1001, 20, 5);
     check_inplace(ctx, "in place last rows", 3, 384, 12, 9);
     // Bound in 64-row pieces too (10000-byte bindings), at an offset.
-    let Some(small) = small_ctx(10_000) else { return };
+    let Some(small) = small_ctx(10_000) else {
+        return;
+    };
     check_inplace(&small, "in place split at row 11", 150, 37, 170, 11);
 }
 
@@ -217,8 +219,9 @@ fn crossentropy_chunk_out_of_range_is_refused() {
     let mut plan = Plan::new("t");
     let err = loss::crossentropy_forward_at(ctx, &mut plan, &losses, &ws, &targets, 3).unwrap_err();
     assert!(err.to_string().contains("logits_ws"), "{err}");
-    let err = loss::crossentropy_softmax_backward_inplace(ctx, &mut plan, &ws, &losses, &targets, 3)
-        .unwrap_err();
+    let err =
+        loss::crossentropy_softmax_backward_inplace(ctx, &mut plan, &ws, &losses, &targets, 3)
+            .unwrap_err();
     assert!(err.to_string().contains("3..7"), "{err}");
     loss::crossentropy_forward_at(ctx, &mut plan, &losses, &ws, &targets, 2).unwrap();
 }
