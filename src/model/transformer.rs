@@ -439,12 +439,13 @@ impl Model {
 
     /// Record the backward of [`Model::forward`] + [`Model::head_losses`]:
     /// the forward list reversed. `dlosses` (R) holds each row's loss weight
-    /// (1 / targets for a mean). The head's backward goes chunk by chunk:
-    /// the logits' gradient is written over the chunk's logits (recomputed
-    /// first when there are several chunks; one chunk's are still there from
-    /// forward) and goes straight into the hidden-state gradient. Only adapter gradients are
-    /// produced (through `hooks`); frozen weights get none, and activation
-    /// gradients stop at the lowest layer an adapter needs.
+    /// (1 / targets for a mean). The head's backward goes chunk by chunk: the
+    /// logits' gradient is written over the chunk's logits (recomputed first
+    /// when there are several chunks; one chunk's are still there from
+    /// forward) and goes straight into the hidden-state gradient. Only
+    /// adapter gradients are produced (through `hooks`); frozen weights get
+    /// none, and activation gradients stop at the lowest layer an adapter
+    /// needs.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -486,6 +487,9 @@ impl Model {
             };
             loss::crossentropy_softmax_backward_inplace(ctx, plan, &logits, dlosses, targets, r0)?;
             let dgc = dg.view(r0 * c, &[r1 - r0, c], &format!("dgathered[{r0}..{r1}]"))?;
+            // Known cost: where V / 4 fits a texture row, the matmul packs each
+            // chunk's gradient into a texture of its own that the plan keeps
+            // (a shared pack scratch in ops::matmul would bound that too).
             self.lm_head.backward_input(ctx, plan, &dgc, &logits)?;
         }
         scatter_rows(ctx, plan, &g.dlnf, rows, &dg)?;
