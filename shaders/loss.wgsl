@@ -143,3 +143,53 @@ fn crossentropy_softmax_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(
         ceb_dlogits[base + j] += dl * (prob - hit);
     }
 }
+
+// ---------------------------------------------------------------------------
+// crossentropy_softmax_backward_inplace: the same gradient written over the
+// logits it comes from, so that the LM head needs one (rows, V) workspace
+// instead of logits plus dlogits:
+//   logits[i, j] <- dlosses[i] * (softmax(logits[i, :])_j - [j == t_i])
+// (an assignment, not +=), and zeros over ignored rows. The row is bound once,
+// read_write: wgpu refuses one buffer bound both read and read_write in a
+// dispatch. Each thread overwrites only the elements it read itself, and only
+// after merge_stats' barriers, so no read sees a gradient.
+@group(0) @binding(1) var<storage, read_write> cei_logits: array<f32>; // (n, V): rows r0..r0+n of (N, V); logits in, dlogits out
+@group(0) @binding(2) var<storage, read> cei_dlosses: array<f32>;      // (N)
+@group(0) @binding(3) var<storage, read> cei_targets: array<i32>;      // (N)
+
+@compute @workgroup_size(WG)
+fn crossentropy_softmax_backward_inplace(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                                         @builtin(local_invocation_index) lid: u32) {
+    let row = flat_wg(wg, nwg);
+    let live = row < p.n;
+    if (lid == 0u) {
+        var t = IGNORE_INDEX;
+        if (live) { t = cei_targets[p.r0 + row]; }
+        row_target = t;
+    }
+    let tgt = workgroupUniformLoad(&row_target);
+    let base = row * p.v;
+    if (tgt < 0 || tgt >= i32(p.v)) {
+        // The row's logits must not pass for its gradient.
+        if (live) {
+            for (var j = lid; j < p.v; j += WG) { cei_logits[base + j] = 0.0; }
+        }
+        return;
+    }
+    var ml = vec2<f32>(NEG_BIG, 0.0);
+    for (var j = lid; j < p.v; j += WG) {
+        ml = online_push(ml, cei_logits[base + j]);
+    }
+    red_m[lid] = ml.x;
+    red_l[lid] = ml.y;
+    workgroupBarrier();
+    merge_stats(lid);
+    let m = red_m[0];
+    let inv_l = 1.0 / red_l[0];
+    let dl = cei_dlosses[p.r0 + row];
+    for (var j = lid; j < p.v; j += WG) {
+        let prob = exp(cei_logits[base + j] - m) * inv_l;
+        let hit = select(0.0, 1.0, j == u32(tgt));
+        cei_logits[base + j] = dl * (prob - hit);
+    }
+}

@@ -357,3 +357,113 @@ fn lora_dropout_applies_in_training_only() {
         "dropout changed nothing in training ({dropped})"
     );
 }
+
+/// Loss and adapter gradients of one batch with the LM head's logits
+/// workspace bounded to `budget` bytes (`None`: the default).
+fn head_run(
+    ctx: &Context,
+    m: &Model,
+    model: &str,
+    case: &str,
+    budget: Option<u64>,
+) -> (f64, HostTensors) {
+    let (cfg, tensors) = initial(model, case);
+    let adapter = Adapter::new(ctx, m, cfg, tensors).unwrap();
+    let opt = OptimConfig {
+        lr: 0.0,
+        weight_decay: 0.0,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        max_grad_norm: 0.0,
+        schedule: Schedule::Constant,
+        warmup_steps: 0,
+        total_steps: 1,
+    };
+    let mut tr = Trainer::new(ctx, m, &adapter, opt).unwrap();
+    if let Some(b) = budget {
+        tr.set_logits_budget(b);
+    }
+    let loss = tr.gradients(&step_batch(model, case)).unwrap();
+    (loss, adapter.flat.read(ctx, &adapter.flat.grads).unwrap())
+}
+
+/// The head and loss in several row chunks (each chunk's logits recomputed
+/// in backward, the gradient written over them) give the one-chunk loss and
+/// gradients, and the same bits run to run.
+#[test]
+fn chunked_logits_match_one_chunk() {
+    use wgtune::model::buffers::{logits_chunk_rows, logits_chunk_rows_within};
+    let ctx = gpu!();
+    for model in ["tiny-llama", "tiny-gpt2"] {
+        let m = Model::load(ctx, &data_dir(model)).unwrap();
+        let (v, c) = (m.cfg.vocab, m.cfg.hidden);
+        // The tiny models' batches fit one chunk by default.
+        assert_eq!(logits_chunk_rows(64, v, c), 64);
+        for case in ["lora_all", "prompt", "prefix"] {
+            let (loss, grads) = head_run(ctx, &m, model, case, None);
+            let rows = step_batch(model, case).n_targets;
+            // 3-row chunks, and 1-row chunks from a budget below one row.
+            for budget in [3 * v as u64 * 4, 1] {
+                let rc = logits_chunk_rows_within(rows, v, c, budget);
+                assert!(
+                    rc < rows,
+                    "{model}/{case}: {rows} rows in one chunk of {rc}"
+                );
+                let (cl, cg) = head_run(ctx, &m, model, case, Some(budget));
+                let rel = (cl - loss).abs() / loss.abs();
+                assert!(
+                    rel <= 1e-5,
+                    "{model}/{case} budget {budget}: loss {cl} vs {loss}"
+                );
+                let mut worst = 0f64;
+                for ((name, _, g), (_, _, want)) in cg.iter().zip(&grads) {
+                    let scale = want.iter().fold(0f64, |a, &x| a.max((x as f64).abs()));
+                    let diff = g
+                        .iter()
+                        .zip(want)
+                        .fold(0f64, |a, (&x, &y)| a.max((x as f64 - y as f64).abs()));
+                    let rel = diff / scale.max(1e-30);
+                    worst = worst.max(rel);
+                    assert!(
+                        rel <= 1e-5,
+                        "{model}/{case} budget {budget}: gradient {name} rel err {rel:.2e}"
+                    );
+                }
+                eprintln!(
+                    "{model}/{case}: {rows} target rows in chunks of {rc}: loss rel err {rel:.1e}, worst gradient rel err {worst:.1e}"
+                );
+                let (again, ag) = head_run(ctx, &m, model, case, Some(budget));
+                assert_eq!(again.to_bits(), cl.to_bits(), "{model}/{case}: loss bits");
+                for ((name, _, a), (_, _, b)) in ag.iter().zip(&cg) {
+                    assert!(
+                        a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{model}/{case}: gradient {name} differs run to run"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn logits_chunk_rows_fit_the_budget() {
+    use wgtune::model::buffers::{
+        logits_chunk_rows, logits_chunk_rows_within, LOGITS_BUDGET_BYTES,
+    };
+    // Gemma's vocabulary: 64 rows of 1 MiB in the 64 MiB budget.
+    assert_eq!(LOGITS_BUDGET_BYTES, 64 << 20);
+    assert_eq!(logits_chunk_rows(512, 262_144, 2304), 64);
+    // All rows fit: one chunk of exactly the rows.
+    assert_eq!(logits_chunk_rows(512, 32_000, 2048), 512);
+    assert_eq!(logits_chunk_rows(0, 32_000, 2048), 1);
+    // Qwen2's 151,936: 110 rows fit.
+    assert_eq!(logits_chunk_rows(512, 151_936, 896), 110);
+    // Below one row: one row per chunk.
+    assert_eq!(logits_chunk_rows_within(10, 384, 64, 1), 1);
+    // A width that is not a multiple of 64 keeps chunk views 256-byte
+    // aligned: 40 = 8 * 5 needs multiples of 8 rows.
+    assert_eq!(logits_chunk_rows_within(100, 100, 40, 400 * 13), 8);
+    assert_eq!(logits_chunk_rows_within(100, 100, 40, 400), 8);
+    assert_eq!(logits_chunk_rows_within(5, 100, 40, 400), 5);
+}

@@ -73,6 +73,23 @@ pub fn crossentropy_softmax_backward(
     }
 }
 
+/// [`crossentropy_softmax_backward`] written over its input, as the in-place
+/// kernel does: `logits` rows become dlosses[i] * (softmax - onehot), and
+/// ignored rows become zeros.
+///
+/// Shapes: logits (N, V) in, dlogits (N, V) out; dlosses (N), targets (N).
+pub fn crossentropy_softmax_backward_inplace(
+    logits: &mut [f64],
+    dlosses: &[f64],
+    targets: &[i32],
+    n: usize,
+    v: usize,
+) {
+    let x = logits[..n * v].to_vec();
+    logits[..n * v].fill(0.0);
+    crossentropy_softmax_backward(logits, dlosses, &x, targets, n, v);
+}
+
 /// The seed of backward for a mean loss over the positions that have a target
 /// (llm.c's `dloss_mean`): returns `(num_targets, dlosses)` with
 /// dlosses[i] = 1/num_targets where targets[i] != -100, else 0. With no

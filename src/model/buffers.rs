@@ -246,17 +246,88 @@ pub fn position_ids(shape: FwdShape) -> Vec<i32> {
         .collect()
 }
 
+/// Bytes the LM head's logits workspace may take: with a Gemma-size
+/// vocabulary (262,144) that is 64 rows, where 512 rows of full logits
+/// would take 512 MiB (and their gradient as much again).
+pub const LOGITS_BUDGET_BYTES: u64 = 64 << 20;
+
+/// Rows of logits the head computes at a time for `rows` target rows of a
+/// `vocab`-wide head over `hidden`-wide states, within
+/// [`LOGITS_BUDGET_BYTES`]: all of them when they fit (then backward reuses
+/// the forward's logits), else as many as fit, at least one granule.
+pub fn logits_chunk_rows(rows: usize, vocab: usize, hidden: usize) -> usize {
+    logits_chunk_rows_within(rows, vocab, hidden, LOGITS_BUDGET_BYTES)
+}
+
+/// [`logits_chunk_rows`] for another byte budget. Several chunks come in a
+/// multiple of 64 / gcd(hidden, 64) rows (1 for the usual widths): the
+/// chunks are views of the (R, hidden) states, and a view must start 256-byte
+/// aligned (the largest storage offset alignment wgpu allows).
+pub fn logits_chunk_rows_within(rows: usize, vocab: usize, hidden: usize, budget: u64) -> usize {
+    let per = usize::try_from(budget / (vocab.max(1) as u64 * 4)).unwrap_or(usize::MAX);
+    if per >= rows {
+        return rows.max(1);
+    }
+    let granule = 64 / gcd(hidden, 64);
+    (per / granule * granule).max(granule).min(rows)
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a.max(1)
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// The LM head's buffers for `r` target rows: their hidden states, gathered
+/// once, and one logits workspace of at most [`logits_chunk_rows`] rows,
+/// which backward overwrites with the logits' gradient. Full (R, V) logits
+/// never exist: the head and the loss run a row chunk at a time.
+pub struct HeadBufs {
+    /// (1, R, C): the final-norm rows that have a target.
+    pub gathered: Tensor,
+    /// (rc, V), rc = the chunk rows.
+    pub logits: Tensor,
+}
+
+impl HeadBufs {
+    /// Buffers for `r` rows within [`LOGITS_BUDGET_BYTES`].
+    pub fn new(ctx: &Context, cfg: &ModelConfig, r: usize) -> Result<HeadBufs> {
+        HeadBufs::with_budget(ctx, cfg, r, LOGITS_BUDGET_BYTES)
+    }
+
+    /// Buffers for `r` rows whose logits workspace fits `budget` bytes.
+    pub fn with_budget(
+        ctx: &Context,
+        cfg: &ModelConfig,
+        r: usize,
+        budget: u64,
+    ) -> Result<HeadBufs> {
+        let rc = logits_chunk_rows_within(r, cfg.vocab, cfg.hidden, budget);
+        Ok(HeadBufs {
+            gathered: f32s(ctx, &[1, r, cfg.hidden], "gathered")?,
+            logits: f32s(ctx, &[rc, cfg.vocab], "logits")?,
+        })
+    }
+
+    /// The rows of logits computed at a time.
+    pub fn chunk_rows(&self) -> usize {
+        self.logits.shape()[0]
+    }
+}
+
 /// Activation gradients of one backward shape. What a layer needs is cleared
 /// by consecutive clears at its start (one pass break; every backward kernel
 /// accumulates); `dresid` carries the residual gradient from layer to layer.
 pub struct Grads {
     /// (B*S, C): gradient of the residual stream.
     pub dresid: Tensor,
-    /// Head buffers, cleared once per backward: dresid, dlnf, dgathered, dlogits.
+    /// Head buffers, cleared once per backward: dresid, dlnf, dgathered.
+    /// The logits' gradient lives in [`HeadBufs::logits`], written in place.
     pub(crate) head: Vec<Tensor>,
     pub dlnf: Tensor,
     pub dgathered: Tensor,
-    pub dlogits: Tensor,
     /// Layer buffers, cleared at the start of every layer's backward.
     pub(crate) layer: Vec<Tensor>,
     pub(crate) dln1: Tensor,
@@ -302,13 +373,12 @@ impl Arena {
 impl Grads {
     /// Gradient buffers for `shape` with `r` logit rows.
     pub fn new(ctx: &Context, cfg: &ModelConfig, shape: FwdShape, r: usize) -> Result<Grads> {
-        let (c, nh, kvh, hd, ff, v) = (
+        let (c, nh, kvh, hd, ff) = (
             cfg.hidden,
             cfg.heads,
             cfg.kv_heads,
             cfg.head_dim,
             cfg.intermediate,
-            cfg.vocab,
         );
         let (b, s, p, n) = (shape.b, shape.s(), shape.p, shape.rows());
         let gpt2 = cfg.arch == Arch::Gpt2;
@@ -316,7 +386,6 @@ impl Grads {
         let i_dresid = h.add("dresid", &[n, c]);
         let i_dlnf = h.add("dlnf", &[n, c]);
         let i_dg = h.add("dgathered", &[r, c]);
-        let i_dl = h.add("dlogits", &[r, v]);
         let (head, hv) = h.build(ctx, "grads.head")?;
         let mut a = Arena::new();
         let i1 = a.add("dln1", &[n, c]);
@@ -338,7 +407,6 @@ impl Grads {
             dresid: hv[i_dresid].clone(),
             dlnf: hv[i_dlnf].clone(),
             dgathered: hv[i_dg].clone(),
-            dlogits: hv[i_dl].clone(),
             head,
             dln1: g(i1),
             dln2: g(i2),

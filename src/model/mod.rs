@@ -5,7 +5,8 @@
 //! - `weights`: safetensors tensors by name, from bytes or memory-mapped files.
 //! - `names`: the checkpoint's tensor names and shapes, one table per family.
 //! - `layers`: the frozen `Linear`, `Norm` and `Block` on the GPU, and their loading.
-//! - `buffers`: activations (`Acts`), activation gradients (`Grads`), `KvCache`.
+//! - `buffers`: activations (`Acts`), activation gradients (`Grads`), the LM
+//!   head's chunked logits (`HeadBufs`), `KvCache`.
 //! - `kv`: the K/V rows attention reads (prefix or cache in front), PEFT's prefix layout.
 //! - `transformer`: `Model`, adapter `Hooks`, the forward/backward schedule.
 //! - `generate`: sampling with a KV cache.

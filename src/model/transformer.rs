@@ -19,7 +19,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::ops::attention::{attention_forward, MAX_HEAD_DIM};
 use crate::gpu::ops::copy::{copy_rows, scatter_rows, Layout};
-use crate::gpu::ops::{activation, embedding, loss, matmul, rope};
+use crate::gpu::ops::{activation, embedding, expect_shape, loss, matmul, rope};
 use crate::gpu::{Context, Plan, Tensor};
 use crate::model::compact::WeightsMode;
 use crate::model::config::{Arch, ModelConfig};
@@ -29,7 +29,7 @@ use crate::model::weights::Weights;
 
 // The types of the model's public surface, at their historical paths.
 pub use crate::model::buffers::{
-    position_ids, Acts, FwdShape, Grads, KvCache, LayerActs, NormActs,
+    position_ids, Acts, FwdShape, Grads, HeadBufs, KvCache, LayerActs, NormActs,
 };
 pub use crate::model::layers::{Block, Linear, Mlp, Norm, Qkv, Store};
 
@@ -401,6 +401,71 @@ impl Model {
         loss::crossentropy_forward(ctx, plan, losses, logits, targets)
     }
 
+    /// Per-row losses (R) of the LM head at the rows of `acts.lnf` listed in
+    /// `rows` (1, R) i32 against `targets` (R) i32, with the logits computed
+    /// `head.chunk_rows()` rows at a time in `head.logits`: full (R, V)
+    /// logits never exist. With one chunk the logits stay there for
+    /// [`Model::backward`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn head_losses(
+        &self,
+        ctx: &Context,
+        plan: &mut Plan,
+        losses: &Tensor,
+        head: &HeadBufs,
+        acts: &Acts,
+        rows: &Tensor,
+        targets: &Tensor,
+    ) -> Result<()> {
+        let chunks = self.head_chunks(head, rows, targets)?;
+        embedding::embedding_forward(ctx, plan, &head.gathered, rows, &acts.lnf.out, 0)?;
+        for &(r0, r1) in &chunks {
+            let logits = self.chunk_logits(ctx, plan, head, r0, r1)?;
+            loss::crossentropy_forward_at(ctx, plan, losses, &logits, targets, r0)?;
+        }
+        Ok(())
+    }
+
+    /// The row chunks of the head's R rows, after checking `head`'s shapes.
+    fn head_chunks(
+        &self,
+        head: &HeadBufs,
+        rows: &Tensor,
+        targets: &Tensor,
+    ) -> Result<Vec<(usize, usize)>> {
+        let op = "head_losses";
+        let (r, c, v) = (rows.numel(), self.cfg.hidden, self.cfg.vocab);
+        expect_shape(op, rows, &[1, r])?;
+        expect_shape(op, targets, &[r])?;
+        expect_shape(op, &head.gathered, &[1, r, c])?;
+        let rc = head.chunk_rows();
+        if rc == 0 {
+            return Err(Error::invalid(op, "a logits workspace of 0 rows"));
+        }
+        expect_shape(op, &head.logits, &[rc, v])?;
+        Ok((0..r)
+            .step_by(rc)
+            .map(|r0| (r0, (r0 + rc).min(r)))
+            .collect())
+    }
+
+    /// logits of rows `r0..r1` into the first rows of `head.logits`.
+    fn chunk_logits(
+        &self,
+        ctx: &Context,
+        plan: &mut Plan,
+        head: &HeadBufs,
+        r0: usize,
+        r1: usize,
+    ) -> Result<Tensor> {
+        let (n, c, v) = (r1 - r0, self.cfg.hidden, self.cfg.vocab);
+        let g = &head.gathered;
+        let hidden = g.view(r0 * c, &[n, c], &format!("{}[{r0}..{r1}]", g.label()))?;
+        let logits = head.logits.view(0, &[n, v], head.logits.label())?;
+        self.lm_head.forward(ctx, plan, &logits, &hidden)?;
+        Ok(logits)
+    }
+
     /// Lowest layer backward must reach for `hooks`, or `None` when the
     /// gradient must flow down to the embeddings (prompt tuning).
     fn backward_floor(&self, hooks: &dyn Hooks) -> Option<usize> {
@@ -419,11 +484,15 @@ impl Model {
         Some(lowest.unwrap_or(self.blocks.len()))
     }
 
-    /// Record the backward of [`Model::forward`] + [`Model::logits_rows`] +
-    /// cross-entropy: the forward list reversed. `dlosses` (R) holds each
-    /// row's loss weight (1 / targets for a mean). Only adapter gradients are
-    /// produced (through `hooks`); frozen weights get none, and activation
-    /// gradients stop at the lowest layer an adapter needs.
+    /// Record the backward of [`Model::forward`] + [`Model::head_losses`]:
+    /// the forward list reversed. `dlosses` (R) holds each row's loss weight
+    /// (1 / targets for a mean). The head's backward goes chunk by chunk: the
+    /// logits' gradient is written over the chunk's logits (recomputed first
+    /// when there are several chunks; one chunk's are still there from
+    /// forward) and goes straight into the hidden-state gradient. Only
+    /// adapter gradients are produced (through `hooks`); frozen weights get
+    /// none, and activation gradients stop at the lowest layer an adapter
+    /// needs.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -431,7 +500,7 @@ impl Model {
         plan: &mut Plan,
         acts: &Acts,
         g: &Grads,
-        logits: &Tensor,
+        head: &HeadBufs,
         rows: &Tensor,
         targets: &Tensor,
         dlosses: &Tensor,
@@ -443,6 +512,7 @@ impl Model {
         let (c, nh, hd) = (cfg.hidden, cfg.heads, cfg.head_dim);
         let n = sh.rows();
         let r = rows.numel();
+        let chunks = self.head_chunks(head, rows, targets)?;
         let floor = self.backward_floor(hooks);
         if floor == Some(self.blocks.len()) {
             return Err(Error::invalid(
@@ -454,9 +524,21 @@ impl Model {
         for t in &g.head {
             plan.clear(t);
         }
-        loss::crossentropy_softmax_backward(ctx, plan, &g.dlogits, dlosses, logits, targets)?;
         let dg = g.dgathered.reshape(&[r, c])?;
-        self.lm_head.backward_input(ctx, plan, &dg, &g.dlogits)?;
+        for &(r0, r1) in &chunks {
+            let logits = if chunks.len() == 1 {
+                head.logits
+                    .view(0, &[r1 - r0, cfg.vocab], head.logits.label())?
+            } else {
+                self.chunk_logits(ctx, plan, head, r0, r1)?
+            };
+            loss::crossentropy_softmax_backward_inplace(ctx, plan, &logits, dlosses, targets, r0)?;
+            let dgc = dg.view(r0 * c, &[r1 - r0, c], &format!("dgathered[{r0}..{r1}]"))?;
+            // Known cost: where V / 4 fits a texture row, the matmul packs each
+            // chunk's gradient into a texture of its own that the plan keeps
+            // (a shared pack scratch in ops::matmul would bound that too).
+            self.lm_head.backward_input(ctx, plan, &dgc, &logits)?;
+        }
         scatter_rows(ctx, plan, &g.dlnf, rows, &dg)?;
         let last = if self.blocks.is_empty() {
             acts.x0.reshape(&[n, c])?

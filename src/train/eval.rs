@@ -1,9 +1,10 @@
 //! Evaluation: mean per-token cross-entropy over the target tokens of a
-//! data set, forward only, logits computed only at target positions.
+//! data set, forward only, logits computed only at target positions, a row
+//! chunk at a time.
 
 use crate::error::Result;
 use crate::gpu::{Context, DType, Plan, Tensor};
-use crate::model::transformer::{Acts, FwdShape, Hooks, Model};
+use crate::model::transformer::{Acts, FwdShape, HeadBufs, Hooks, Model};
 use crate::train::data::Batch;
 
 /// Sum of target-token losses and the number of targets over `batches`.
@@ -51,13 +52,11 @@ pub fn eval_batches(
         let ids = Tensor::from_i32(ctx, &batch.ids, &[b, t], "ids")?;
         let rows_t = Tensor::from_i32(ctx, &rows, &[1, n], "rows")?;
         let tg = Tensor::from_i32(ctx, &targets, &[n], "targets")?;
-        let gathered = Tensor::zeros(ctx, &[1, n, cfg.hidden], DType::F32, "gathered")?;
-        let logits = Tensor::zeros(ctx, &[n, cfg.vocab], DType::F32, "logits")?;
+        let head = HeadBufs::new(ctx, cfg, n)?;
         let losses = Tensor::zeros(ctx, &[n], DType::F32, "losses")?;
         let mut plan = Plan::new("eval");
         model.forward(ctx, &mut plan, &acts, &ids, hooks, None)?;
-        model.logits_rows(ctx, &mut plan, &logits, &gathered, &acts, &rows_t)?;
-        model.losses(ctx, &mut plan, &losses, &logits, &tg)?;
+        model.head_losses(ctx, &mut plan, &losses, &head, &acts, &rows_t, &tg)?;
         plan.run(ctx)?;
         sum += losses.read_f32(ctx)?.iter().map(|&x| x as f64).sum::<f64>();
         count += n;

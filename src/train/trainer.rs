@@ -9,7 +9,8 @@ use crate::adapters::Adapter;
 use crate::error::{Error, Result};
 use crate::gpu::ops::adamw;
 use crate::gpu::{Context, DType, Plan, Tensor};
-use crate::model::transformer::{Acts, FwdShape, Grads, Model};
+use crate::model::buffers::LOGITS_BUDGET_BYTES;
+use crate::model::transformer::{Acts, FwdShape, Grads, HeadBufs, Model};
 use crate::train::data::Batch;
 
 /// Learning-rate schedule over optimizer steps.
@@ -66,8 +67,7 @@ struct StepPlan {
     /// Kept alive for the plan's bindings.
     _acts: Acts,
     _grads: Grads,
-    _logits: Tensor,
-    _gathered: Tensor,
+    _head: HeadBufs,
 }
 
 /// What a step reports when asked.
@@ -104,6 +104,8 @@ pub struct Trainer<'a> {
     pub step: usize,
     /// Matmul FLOPs of the last step's plans (for GFLOP/s reports).
     pub last_flops: f64,
+    /// Bytes of the LM head's logits workspace (see [`Trainer::set_logits_budget`]).
+    logits_budget: u64,
 }
 
 impl<'a> Trainer<'a> {
@@ -158,7 +160,17 @@ impl<'a> Trainer<'a> {
             plans: HashMap::new(),
             step: 0,
             last_flops: 0.0,
+            logits_budget: LOGITS_BUDGET_BYTES,
         })
+    }
+
+    /// Bound the LM head's logits workspace to `bytes` (default
+    /// [`LOGITS_BUDGET_BYTES`]); a smaller one means more row chunks, and a
+    /// recompute of each chunk's logits in backward. Plans already built
+    /// are dropped.
+    pub fn set_logits_budget(&mut self, bytes: u64) {
+        self.logits_budget = bytes;
+        self.plans.clear();
     }
 
     /// Virtual-token rows (prompt tuning) and K/V rows in front (prefix).
@@ -193,13 +205,12 @@ impl<'a> Trainer<'a> {
         let targets = Tensor::zeros(ctx, &[r], DType::I32, "targets")?;
         let dlosses = Tensor::zeros(ctx, &[r], DType::F32, "dlosses")?;
         let losses = Tensor::zeros(ctx, &[r], DType::F32, "losses")?;
-        let logits = Tensor::zeros(ctx, &[r, cfg.vocab], DType::F32, "logits")?;
-        let gathered = Tensor::zeros(ctx, &[1, r, cfg.hidden], DType::F32, "gathered")?;
+        let head = HeadBufs::with_budget(ctx, cfg, r, self.logits_budget)?;
         let mut plan = Plan::new(&plan_label(b, t, r));
         ad.set_training(true);
         let recorded = Self::record(
             ctx, model, ad, &mut plan, &acts, &grads, &ids, &rows, &targets, &dlosses, &losses,
-            &logits, &gathered,
+            &head,
         );
         ad.set_training(false);
         recorded?;
@@ -220,12 +231,11 @@ impl<'a> Trainer<'a> {
             nv,
             _acts: acts,
             _grads: grads,
-            _logits: logits,
-            _gathered: gathered,
+            _head: head,
         })
     }
 
-    /// The step's kernels: forward, logits at the target rows, loss,
+    /// The step's kernels: forward, the head and loss at the target rows,
     /// backward, and the adapter's own backward.
     #[allow(clippy::too_many_arguments)]
     fn record(
@@ -240,14 +250,12 @@ impl<'a> Trainer<'a> {
         targets: &Tensor,
         dlosses: &Tensor,
         losses: &Tensor,
-        logits: &Tensor,
-        gathered: &Tensor,
+        head: &HeadBufs,
     ) -> Result<()> {
         model.forward(ctx, plan, acts, ids, ad, None)?;
-        model.logits_rows(ctx, plan, logits, gathered, acts, rows)?;
-        model.losses(ctx, plan, losses, logits, targets)?;
+        model.head_losses(ctx, plan, losses, head, acts, rows, targets)?;
         ad.pre_backward(plan);
-        model.backward(ctx, plan, acts, grads, logits, rows, targets, dlosses, ad)?;
+        model.backward(ctx, plan, acts, grads, head, rows, targets, dlosses, ad)?;
         ad.post_backward(ctx, plan)
     }
 

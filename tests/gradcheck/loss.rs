@@ -1,5 +1,5 @@
-//! crossentropy_softmax_backward against finite differences of
-//! crossentropy_forward, and the host-side mean-loss scaling.
+//! crossentropy_softmax_backward (accumulating and in place) against finite
+//! differences of crossentropy_forward, and the host-side mean-loss scaling.
 
 use crate::common::{dot, fd_check, Rng};
 use wgtune::cpu::loss::*;
@@ -34,6 +34,30 @@ fn crossentropy_softmax_backward_matches_finite_differences() {
         "crossentropy_softmax_backward dlogits (offset 1000)",
         1000.0,
         2.0,
+    );
+}
+
+#[test]
+fn crossentropy_softmax_backward_inplace_matches_finite_differences() {
+    let (n, v) = (4, 5);
+    let mut r = Rng::new(10);
+    let logits = r.vec64(n * v, 2.0);
+    let targets = [3, IGNORE_INDEX, 0, 2];
+    let dlosses = r.vec64(n, 1.0);
+    let loss = |x: &[f64]| {
+        let mut losses = vec![0.0; n];
+        crossentropy_forward(&mut losses, x, &targets, n, v);
+        dot(&losses, &dlosses)
+    };
+    let mut dlogits = logits.clone();
+    crossentropy_softmax_backward_inplace(&mut dlogits, &dlosses, &targets, n, v);
+    // The ignored row's logits are overwritten with zeros, not left behind.
+    assert!(dlogits[v..2 * v].iter().all(|&d| d == 0.0));
+    fd_check(
+        "crossentropy_softmax_backward_inplace dlogits",
+        &logits,
+        &dlogits,
+        loss,
     );
 }
 

@@ -29,6 +29,7 @@ fn every_kernel_is_bit_reproducible() {
     let dy = rand(&[n, c], "dy");
     let dq_in = rand(&[b, t, nh, hd], "dattn");
     let logits = rand(&[n, v], "logits");
+    let logits_host = read(ctx, &logits);
     let la = rand(&[r, c], "lora_A");
     let lb = rand(&[c, r], "lora_B");
     let (cos, sin) = rope_tables(&default_inv_freq(hd, 10_000.0), s);
@@ -78,6 +79,8 @@ fn every_kernel_is_bit_reproducible() {
             o(&[b, nh, t], "delta"),
         );
         let (losses, dlogits) = (o(&[n], "losses"), o(&[n, v], "dlogits"));
+        // Overwritten in place: a fresh copy of the logits per run.
+        let ws = up(ctx, &logits_host, &[n, v], "logits_ws");
         let (lo, h, da, db, dh, ldx) = (
             o(&[n, c], "lora.out"),
             o(&[n, r], "h"),
@@ -112,6 +115,8 @@ fn every_kernel_is_bit_reproducible() {
         loss::crossentropy_forward(ctx, &mut plan, &losses, &logits, &targets).unwrap();
         loss::crossentropy_softmax_backward(ctx, &mut plan, &dlogits, &dlosses, &logits, &targets)
             .unwrap();
+        loss::crossentropy_softmax_backward_inplace(ctx, &mut plan, &ws, &dlosses, &targets, 0)
+            .unwrap();
         lora::lora_forward(ctx, &mut plan, &lo, &h, &x, &la, &lb, 2.0).unwrap();
         lora::lora_backward(
             ctx,
@@ -131,7 +136,7 @@ fn every_kernel_is_bit_reproducible() {
         run(ctx, &plan);
         [
             &y, &rstd, &dx, &y2, &dx2, &mm, &dmm, &dw, &sw, &dg, &du, &ge, &dge, &emb, &dprompt,
-            &att, &lse, &dq, &dk, &dv, &losses, &dlogits, &lo, &da, &db, &ldx,
+            &att, &lse, &dq, &dk, &dv, &losses, &dlogits, &ws, &lo, &da, &db, &ldx,
         ]
         .iter()
         .map(|t| read(ctx, t))

@@ -1,6 +1,7 @@
-//! crossentropy_forward and crossentropy_softmax_backward against their CPU
-//! twins: odd and real vocab sizes, ignored rows, large-magnitude logits, and
-//! logits split into row chunks by a small binding limit.
+//! crossentropy_forward and crossentropy_softmax_backward (accumulating and
+//! in place) against their CPU twins: odd and real vocab sizes, ignored rows,
+//! large-magnitude logits, logits split into row chunks by a small binding
+//! limit, and logits chunks that start at a row offset of the per-row tensors.
 
 use crate::common::{assert_close, read, run, to64, up, zeros, Rng};
 use crate::embedding::small_ctx;
@@ -148,6 +149,81 @@ fn crossentropy_chunked_logits_vs_cpu() {
         matches!(err, Error::Limits { .. }) && err.to_string().contains("wide_logits"),
         "{err}"
     );
+}
+
+/// The LM head's chunk path: logits (n, V) are rows row0..row0+n of N, the
+/// loss is written at those rows and the gradient over the logits. Checks the
+/// CPU twins, that rows outside the chunk keep their losses, and that the
+/// in-place gradient has the bits of the accumulating kernel's from zero.
+fn check_inplace(ctx: &Context, tag: &str, n: usize, v: usize, big_n: usize, row0: usize) {
+    let mut r = Rng::new((n * 31 + v + row0) as u64);
+    let logits = r.vec(n * v, 3.0);
+    let all_targets = random_targets(&mut r, big_n, v, true);
+    let (_, dl) = cpu::loss::mean_loss_scale(&all_targets);
+    let dl32: Vec<f32> = dl.iter().map(|&x| x as f32).collect();
+    let before = r.vec(big_n, 1.0);
+    let ws = up(ctx, &logits, &[n, v], "logits_ws");
+    let ttg = Tensor::from_i32(ctx, &all_targets, &[big_n], "targets").unwrap();
+    let (losses, tdl) = (
+        up(ctx, &before, &[big_n], "losses"),
+        up(ctx, &dl32, &[big_n], "dlosses"),
+    );
+    // The accumulating kernel from zero, on a copy of the chunk's rows.
+    let tl = up(ctx, &logits, &[n, v], "logits");
+    let dz = zeros(ctx, &[n, v], "dlogits");
+    let sub = |x: &[i32]| Tensor::from_i32(ctx, x, &[n], "sub_targets").unwrap();
+    let sub_dl = up(ctx, &dl32[row0..row0 + n], &[n], "sub_dlosses");
+    let sub_tg = sub(&all_targets[row0..row0 + n]);
+    let mut plan = Plan::new("crossentropy in place");
+    loss::crossentropy_forward_at(ctx, &mut plan, &losses, &ws, &ttg, row0).unwrap();
+    loss::crossentropy_softmax_backward_inplace(ctx, &mut plan, &ws, &tdl, &ttg, row0).unwrap();
+    loss::crossentropy_softmax_backward(ctx, &mut plan, &dz, &sub_dl, &tl, &sub_tg).unwrap();
+    run(ctx, &plan);
+
+    let targets = &all_targets[row0..row0 + n];
+    let x = to64(&logits);
+    let mut want = to64(&before);
+    cpu::loss::crossentropy_forward(&mut want[row0..row0 + n], &x, targets, n, v);
+    let mut wd = x.clone();
+    let dl64 = to64(&dl32[row0..row0 + n]);
+    cpu::loss::crossentropy_softmax_backward_inplace(&mut wd, &dl64, targets, n, v);
+    let (got, gd) = (read(ctx, &losses), read(ctx, &ws));
+    assert_close(&format!("{tag} losses"), &got, &want, 1e-5, 1e-5);
+    assert_close(&format!("{tag} dlogits in place"), &gd, &wd, 1e-7, 1e-5);
+    let acc = read(ctx, &dz);
+    assert!(
+        gd.iter().zip(&acc).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "{tag}: in-place gradient differs from the accumulating kernel's"
+    );
+}
+
+#[test]
+fn crossentropy_inplace_chunks_vs_cpu() {
+    let ctx = gpu!();
+    check_inplace(ctx, "in place whole", 9, 37, 9, 0);
+    check_inplace(ctx, "in place at row 5", 7, 1001, 20, 5);
+    check_inplace(ctx, "in place last rows", 3, 384, 12, 9);
+    // Bound in 64-row pieces too (10000-byte bindings), at an offset.
+    let Some(small) = small_ctx(10_000) else {
+        return;
+    };
+    check_inplace(&small, "in place split at row 11", 150, 37, 170, 11);
+}
+
+#[test]
+fn crossentropy_chunk_out_of_range_is_refused() {
+    let ctx = gpu!();
+    let ws = zeros(ctx, &[4, 9], "logits_ws");
+    let losses = zeros(ctx, &[6], "losses");
+    let targets = Tensor::from_i32(ctx, &[0; 6], &[6], "targets").unwrap();
+    let mut plan = Plan::new("t");
+    let err = loss::crossentropy_forward_at(ctx, &mut plan, &losses, &ws, &targets, 3).unwrap_err();
+    assert!(err.to_string().contains("logits_ws"), "{err}");
+    let err =
+        loss::crossentropy_softmax_backward_inplace(ctx, &mut plan, &ws, &losses, &targets, 3)
+            .unwrap_err();
+    assert!(err.to_string().contains("3..7"), "{err}");
+    loss::crossentropy_forward_at(ctx, &mut plan, &losses, &ws, &targets, 2).unwrap();
 }
 
 #[test]

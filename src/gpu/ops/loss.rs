@@ -37,6 +37,39 @@ fn logit_dims(op: &str, logits: &Tensor) -> Result<[usize; 2]> {
     Ok([n, v])
 }
 
+/// The uniform of a dispatch over `n` rows starting at row `r0` of the
+/// per-row tensors.
+fn params(r0: usize, n: usize, v: usize) -> LossParams {
+    LossParams {
+        n: n as u32,
+        v: v as u32,
+        r0: r0 as u32,
+        _pad: 0,
+    }
+}
+
+/// Checks that the per-row `a` and `targets` (N) cover the `logits` chunk
+/// at `row0`.
+fn chunk_rows(op: &str, logits: &Tensor, a: &Tensor, targets: &Tensor, row0: usize) -> Result<()> {
+    let n = logits.shape()[0];
+    let [total] = dims(op, a, "(N)")?;
+    expect_shape(op, targets, &[total])?;
+    expect_i32(op, targets)?;
+    if row0 + n > total {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "`{}` rows {row0}..{} out of range for `{}` {:?}",
+                logits.label(),
+                row0 + n,
+                a.label(),
+                a.shape()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// losses (N) <- logsumexp(logits (N, V)) - logits[targets (N)]; 0 where the
 /// target is -100.
 pub fn crossentropy_forward(
@@ -46,24 +79,32 @@ pub fn crossentropy_forward(
     logits: &Tensor,
     targets: &Tensor,
 ) -> Result<()> {
+    let [n, _] = logit_dims("crossentropy_forward", logits)?;
+    expect_shape("crossentropy_forward", losses, &[n])?;
+    crossentropy_forward_at(ctx, plan, losses, logits, targets, 0)
+}
+
+/// [`crossentropy_forward`] for one row chunk: `logits` (n, V) are rows
+/// `row0..row0 + n` of the N rows of `losses` and `targets` (N), so that the
+/// LM head can compute its logits a chunk at a time.
+pub fn crossentropy_forward_at(
+    ctx: &Context,
+    plan: &mut Plan,
+    losses: &Tensor,
+    logits: &Tensor,
+    targets: &Tensor,
+    row0: usize,
+) -> Result<()> {
     let op = "crossentropy_forward";
     let [n, v] = logit_dims(op, logits)?;
-    expect_shape(op, losses, &[n])?;
-    expect_shape(op, targets, &[n])?;
-    expect_i32(op, targets)?;
+    chunk_rows(op, logits, losses, targets, row0)?;
     let sp = spec(op, &[W, R, R], v)?;
     for (r0, r1) in row_chunks(ctx, op, logits, n, v)? {
         let chunk = row_view(logits, r0, r1, v)?;
-        let p = LossParams {
-            n: (r1 - r0) as u32,
-            v: v as u32,
-            r0: r0 as u32,
-            _pad: 0,
-        };
         plan.dispatch(
             ctx,
             &sp,
-            &p,
+            &params(row0 + r0, r1 - r0, v),
             &[losses, &chunk, targets],
             grid_1d(ctx, (r1 - r0) as u32),
         )?;
@@ -94,17 +135,41 @@ pub fn crossentropy_softmax_backward(
     for (r0, r1) in row_chunks(ctx, op, logits, n, v)? {
         let dchunk = row_view(dlogits, r0, r1, v)?;
         let chunk = row_view(logits, r0, r1, v)?;
-        let p = LossParams {
-            n: (r1 - r0) as u32,
-            v: v as u32,
-            r0: r0 as u32,
-            _pad: 0,
-        };
         plan.dispatch(
             ctx,
             &sp,
-            &p,
+            &params(r0, r1 - r0, v),
             &[&dchunk, dlosses, &chunk, targets],
+            grid_1d(ctx, (r1 - r0) as u32),
+        )?;
+    }
+    Ok(())
+}
+
+/// logits (n, V) <- dlosses (N) * (softmax(logits) - onehot(targets)) in
+/// place, zeros for ignored rows: the gradient of [`crossentropy_forward_at`]
+/// (same `row0`), written over the logits chunk so that the LM head's backward
+/// needs no separate dlogits buffer. An assignment, unlike
+/// [`crossentropy_softmax_backward`]'s accumulation.
+pub fn crossentropy_softmax_backward_inplace(
+    ctx: &Context,
+    plan: &mut Plan,
+    logits: &Tensor,
+    dlosses: &Tensor,
+    targets: &Tensor,
+    row0: usize,
+) -> Result<()> {
+    let op = "crossentropy_softmax_backward_inplace";
+    let [n, v] = logit_dims(op, logits)?;
+    chunk_rows(op, logits, dlosses, targets, row0)?;
+    let sp = spec(op, &[W, R, R], v)?;
+    for (r0, r1) in row_chunks(ctx, op, logits, n, v)? {
+        let chunk = row_view(logits, r0, r1, v)?;
+        plan.dispatch(
+            ctx,
+            &sp,
+            &params(row0 + r0, r1 - r0, v),
+            &[&chunk, dlosses, targets],
             grid_1d(ctx, (r1 - r0) as u32),
         )?;
     }
