@@ -56,7 +56,7 @@ fn meta_usize(g: &Gguf, key: &str) -> Result<usize> {
 
 /// The HF name of a llama.cpp tensor name, or None for tensors that have no
 /// place in the HF checkpoint.
-fn hf_name(arch: Arch, name: &str) -> Option<String> {
+pub fn hf_name(arch: Arch, name: &str) -> Option<String> {
     let (base, suffix) = name.rsplit_once('.')?;
     let top = |s: &str| Some(format!("{s}.{suffix}"));
     if arch == Arch::Gpt2 {
@@ -214,8 +214,10 @@ fn config_json(g: &Gguf, arch: Arch, vocab: usize, tied: bool) -> Result<Json> {
     }))
 }
 
-/// Convert a GGUF model in memory.
-pub fn convert_gguf(g: &Gguf) -> Result<Imported> {
+/// What a GGUF's header says: the architecture, the HF config.json, and
+/// whether the output matrix is the embedding (tied). Reads no tensor data
+/// except to compare a stored output matrix with the embedding.
+pub fn gguf_config(g: &Gguf) -> Result<(Arch, Json, bool)> {
     let a = g.architecture()?;
     let arch = match a {
         "llama" => Arch::Llama,
@@ -230,7 +232,6 @@ pub fn convert_gguf(g: &Gguf) -> Result<Imported> {
             ))
         }
     };
-    let tok = tokenizer_from_gguf(g)?;
     let embd = g
         .tensor("token_embd.weight")
         .ok_or_else(|| cfg_err(g, "GGUF has no tensor `token_embd.weight`".into()))?;
@@ -240,7 +241,13 @@ pub fn convert_gguf(g: &Gguf) -> Result<Imported> {
         // llama.cpp's GPT-2 conversion stores a copy of the embedding.
         Some(o) => o.ty == embd.ty && o.dims == embd.dims && g.raw(o)? == g.raw(embd)?,
     };
-    let config = config_json(g, arch, vocab, tied)?;
+    Ok((arch, config_json(g, arch, vocab, tied)?, tied))
+}
+
+/// Convert a GGUF model in memory.
+pub fn convert_gguf(g: &Gguf) -> Result<Imported> {
+    let (arch, config, tied) = gguf_config(g)?;
+    let tok = tokenizer_from_gguf(g)?;
     let cfg_path = g.path.join("config.json");
     let mc = ModelConfig::from_json(&config.to_string(), &cfg_path)?;
     let mut tensors = BTreeMap::new();

@@ -158,6 +158,11 @@ impl Weights {
         Ok((path, view))
     }
 
+    /// How a tensor is stored.
+    pub fn dtype(&self, name: &str) -> Result<Dtype> {
+        Ok(self.view(name)?.1.dtype())
+    }
+
     /// Shape of a tensor.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
         Ok(self.view(name)?.1.shape().to_vec())
