@@ -245,32 +245,47 @@ fn adapter_tensors(
     let numels = match method {
         MethodOptions::Lora(l) => {
             let spec = ModelSpec::saved(cfg);
+            let lins: Vec<_> = spec
+                .blocks
+                .iter()
+                .flat_map(|b| {
+                    let mut v = b.qkv.all();
+                    v.push(&b.o);
+                    v.extend(b.mlp.all());
+                    v
+                })
+                .collect();
             let all = l.targets.iter().any(|t| t == "all-linear");
-            let mut v = Vec::new();
-            for b in &spec.blocks {
-                let mut lins = b.qkv.all();
-                lins.push(&b.o);
-                lins.extend(b.mlp.all());
-                for lin in lins {
-                    if all || l.targets.iter().any(|t| module_matches(&lin.name, t)) {
-                        v.push(l.r * lin.in_f);
-                        v.push(lin.out_f * l.r);
-                        // h and dh (M, r); with dropout the masked input and its grad.
-                        extra += 2 * alloc_bytes(rows * l.r);
-                        if l.dropout > 0.0 {
-                            extra += 2 * alloc_bytes(rows * lin.in_f);
-                        }
-                    }
+            // The same message as `match_targets`, before anything loads.
+            for t in l.targets.iter().filter(|_| !all) {
+                if !lins.iter().any(|lin| module_matches(&lin.name, t)) {
+                    let mut names: Vec<&str> = lins
+                        .iter()
+                        .map(|l| l.name.rsplit('.').next().unwrap_or(""))
+                        .collect();
+                    names.sort_unstable();
+                    names.dedup();
+                    return Err(Error::invalid(
+                        "lora",
+                        format!(
+                            "target module `{t}` matches no linear layer of this model; its \
+                             linear modules are: {}",
+                            names.join(", ")
+                        ),
+                    ));
                 }
             }
-            if v.is_empty() {
-                return Err(Error::invalid(
-                    "lora",
-                    format!(
-                        "target modules {} match no linear layer of this model",
-                        l.targets.join(",")
-                    ),
-                ));
+            let mut v = Vec::new();
+            for lin in lins {
+                if all || l.targets.iter().any(|t| module_matches(&lin.name, t)) {
+                    v.push(l.r * lin.in_f);
+                    v.push(lin.out_f * l.r);
+                    // h and dh (M, r); with dropout the masked input and its grad.
+                    extra += 2 * alloc_bytes(rows * l.r);
+                    if l.dropout > 0.0 {
+                        extra += 2 * alloc_bytes(rows * lin.in_f);
+                    }
+                }
             }
             v
         }
@@ -320,7 +335,7 @@ impl Budget {
         if let Some(cap) = std::env::var(CAP_ENV).ok().and_then(|v| v.parse().ok()) {
             return Budget {
                 bytes: Some(cap),
-                what: format!("{CAP_ENV}"),
+                what: CAP_ENV.to_string(),
                 max_buffer,
             };
         }
@@ -484,7 +499,7 @@ impl MemoryPlan {
                 bytes: 4 * flat + extra,
                 note: format!(
                     "{n_params} trainable parameters x 4 copies{}",
-                    if extra > 16 {
+                    if mib(extra) >= 0.05 {
                         format!(", {:.1} MiB work buffers", mib(extra))
                     } else {
                         String::new()
@@ -602,6 +617,31 @@ pub fn suggestions(i: &PlanInput, budget: &Budget, grad_accum: usize) -> Result<
             break;
         }
         t /= 2;
+    }
+    if out.is_empty() {
+        // Neither alone: both, the largest batch first.
+        let mut b = i.b / 2;
+        'outer: while b >= 1 {
+            let mut t = i.t / 2;
+            while t >= 16 {
+                let r = i.r.min(b * (i.nv + t));
+                let x = PlanInput {
+                    b,
+                    t,
+                    r,
+                    ..i.clone()
+                };
+                if fits(&x)? {
+                    out.push(format!(
+                        "--batch-size {b} --grad-accum {} --max-seq-len {t}",
+                        grad_accum * i.b.div_ceil(b)
+                    ));
+                    break 'outer;
+                }
+                t /= 2;
+            }
+            b /= 2;
+        }
     }
     for mode in [WeightsMode::F16, WeightsMode::Stored] {
         if mode == i.mode {

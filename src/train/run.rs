@@ -336,10 +336,10 @@ pub fn train(
         return stopped(s);
     }
     let memory = plan_memory(ctx, &o_eff, &cfg, &dir, &data, adapter_rows)?;
-    println!("{}", memory.plan.render().trim_end());
     if !memory.plan.fits() {
         return Err(does_not_fit(&memory.plan, &memory.hints));
     }
+    println!("{}", memory.plan.render().trim_end());
     if let Some(s) = signalled(stop) {
         return stopped(s);
     }
