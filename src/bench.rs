@@ -372,7 +372,7 @@ pub fn train(
                 ))
             }
         };
-        let planned = bench_plan(&m.cfg, &frozen, method, b, t, &batch)?;
+        let (planned, load_temp) = bench_plan(&m.cfg, &frozen, method, b, t, &batch)?;
         ctx.memory.reset_peak();
         let ad = Adapter::new(&ctx, &m, acfg, tensors)?;
         let opt = OptimConfig {
@@ -399,7 +399,7 @@ pub fn train(
         }
         let secs = t1.secs() / steps.max(1) as f64;
         println!(
-            "  {method:<12} {:>8.1} tok/s  {:>7.1} GFLOP/s (matmuls)  {:.2} s/step  (first step {warm:.1} s incl. pipeline builds, loss {first:.3}), {} trainable, GPU bytes allocated {:.0} MiB at peak ({:.0} MiB weights; memory plan {:.0} MiB), peak RSS {:.0} MiB",
+            "  {method:<12} {:>8.1} tok/s  {:>7.1} GFLOP/s (matmuls)  {:.2} s/step  (first step {warm:.1} s incl. pipeline builds, loss {first:.3}), {} trainable, GPU bytes allocated {:.0} MiB at peak ({:.0} MiB weights; memory plan {:.0} MiB, {:.0} MiB without the load-time temporary the peak here excludes), peak RSS {:.0} MiB",
             (b * t) as f64 / secs,
             tr.last_flops / secs / 1e9,
             secs,
@@ -407,6 +407,7 @@ pub fn train(
             mib(ctx.memory.peak()),
             mib(weights_gpu),
             mib(planned),
+            mib(planned - load_temp),
             peak_rss_mib().unwrap_or(f64::NAN)
         );
     }
@@ -421,7 +422,7 @@ fn bench_plan(
     b: usize,
     t: usize,
     batch: &crate::train::data::Batch,
-) -> Result<u64> {
+) -> Result<(u64, u64)> {
     use crate::adapters::init::LoraInit;
     use crate::train::memory::{Budget, MemoryPlan, PlanInput, WeightsMode};
     use crate::train::options::{LoraOptions, MethodOptions, PrefixInitKind, PrefixOptions};
@@ -475,5 +476,6 @@ fn bench_plan(
         nv,
         p,
     };
-    Ok(MemoryPlan::new(&input, Budget::of(None, None))?.total())
+    let plan = MemoryPlan::new(&input, Budget::of(None, None))?;
+    Ok((plan.total(), plan.line("largest temporary")))
 }
