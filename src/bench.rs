@@ -331,6 +331,7 @@ pub fn train(
         }
     };
     let m = crate::model::Model::load_with(&ctx, &dir, weights)?;
+    let frozen = crate::train::memory::FrozenTensors::of_folder(&m.cfg, &dir)?;
     if tmp {
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -438,6 +439,7 @@ pub fn train(
                 ))
             }
         };
+        let (planned, load_temp) = bench_plan(&m.cfg, &frozen, method, b, t, &batch, weights)?;
         ctx.memory.reset_peak();
         let ad = Adapter::new(&ctx, &m, acfg, tensors)?;
         let opt = OptimConfig {
@@ -464,15 +466,84 @@ pub fn train(
         }
         let secs = t1.secs() / steps.max(1) as f64;
         println!(
-            "  {method:<12} {:>8.1} tok/s  {:>7.1} GFLOP/s (matmuls)  {:.2} s/step  (first step {warm:.1} s incl. pipeline builds, loss {first:.3}), {} trainable, GPU bytes allocated {:.0} MiB at peak ({:.0} MiB weights), peak RSS {:.0} MiB",
+            "  {method:<12} {:>8.1} tok/s  {:>7.1} GFLOP/s (matmuls)  {:.2} s/step  (first step {warm:.1} s incl. pipeline builds, loss {first:.3}), {} trainable, GPU bytes allocated {:.0} MiB at peak ({:.0} MiB weights; memory plan {:.0} MiB, {:.0} MiB without the load-time temporary the peak here excludes), peak RSS {:.0} MiB",
             (b * t) as f64 / secs,
             tr.last_flops / secs / 1e9,
             secs,
             ad.num_params(),
             mib(ctx.memory.peak()),
             mib(weights_gpu),
+            mib(planned),
+            mib(planned - load_temp),
             peak_rss_mib().unwrap_or(f64::NAN)
         );
     }
     Ok(())
+}
+
+/// The memory plan's total for one `bench train` method and batch.
+fn bench_plan(
+    cfg: &crate::model::ModelConfig,
+    frozen: &crate::train::memory::FrozenTensors,
+    method: &str,
+    b: usize,
+    t: usize,
+    batch: &crate::train::data::Batch,
+    weights: crate::model::compact::WeightsMode,
+) -> Result<(u64, u64)> {
+    use crate::adapters::init::LoraInit;
+    use crate::train::memory::{Budget, MemoryPlan, PlanInput};
+    use crate::train::options::{LoraOptions, MethodOptions, PrefixInitKind, PrefixOptions};
+    use crate::train::options::{PromptInitKind, PromptOptions};
+    let n = 20;
+    let lora = |targets: &[&str]| {
+        MethodOptions::Lora(LoraOptions {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: targets.iter().map(|s| s.to_string()).collect(),
+            rslora: false,
+            init: LoraInit::Kaiming,
+        })
+    };
+    let (mo, nv, p) = match method {
+        "lora" if cfg.arch == crate::model::Arch::Gpt2 => (lora(&["c_attn"]), 0, 0),
+        "lora" => (lora(&["q_proj", "v_proj"]), 0, 0),
+        "lora-all" => (lora(&["all-linear"]), 0, 0),
+        "prompt" => (
+            MethodOptions::Prompt(PromptOptions {
+                num_virtual_tokens: n,
+                init: PromptInitKind::Vocab,
+                init_text: None,
+            }),
+            n,
+            0,
+        ),
+        _ => (
+            MethodOptions::Prefix(PrefixOptions {
+                num_virtual_tokens: n,
+                projection: method == "prefix-proj",
+                encoder_hidden_size: None,
+                init: PrefixInitKind::Zero,
+                init_text: None,
+            }),
+            0,
+            n,
+        ),
+    };
+    let cap_t = cfg.max_positions.saturating_sub(nv + p);
+    let (b, t, r) = crate::train::trainer::bucket_shape(b, t, batch.loss_targets(nv), nv, cap_t);
+    let input = PlanInput {
+        cfg,
+        frozen,
+        mode: weights,
+        method: &mo,
+        b,
+        t,
+        r,
+        nv,
+        p,
+    };
+    let plan = MemoryPlan::new(&input, Budget::of(None, None))?;
+    Ok((plan.total(), plan.line("largest temporary")))
 }

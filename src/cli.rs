@@ -18,7 +18,7 @@ use crate::train::template::PromptTemplate;
 mod commands;
 mod training;
 
-use commands::{devices, eval, generate, import};
+use commands::{devices, eval, generate, import, plan};
 use training::train;
 
 /// Fine-tune small language models with prompt tuning, prefix tuning or LoRA on any GPU.
@@ -71,6 +71,8 @@ pub enum Command {
     Devices(DeviceArgs),
     /// Convert a GGUF model (llama.cpp, Ollama, LM Studio) into a Hugging Face folder
     Import(ImportArgs),
+    /// Print the memory plan of a training run without training or loading weights
+    Plan(PlanArgs),
     /// Benchmarks
     Bench {
         #[command(subcommand)]
@@ -86,6 +88,46 @@ pub struct ImportArgs {
     /// Folder to write: config.json, model.safetensors (narrowest exact dtype), tokenizer files
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// `wgtune plan --model M`: the memory plan `train` prints, from config.json
+/// (or a GGUF's header) alone.
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// Model: a folder (config.json alone is enough), a .gguf file (its header), or ORG/NAME
+    #[arg(long)]
+    pub model: PathBuf,
+    /// prompt, prefix or lora
+    #[arg(long, value_enum, default_value_t = MethodArg::Lora)]
+    pub method: MethodArg,
+    #[arg(long, default_value_t = 4, value_parser = positive)]
+    pub batch_size: usize,
+    /// Tokens per row, every one a target (the largest logits workspace)
+    #[arg(long, default_value_t = 512, value_parser = two_or_more)]
+    pub seq_len: usize,
+    /// Micro-batches per optimizer step (kept in the suggestions)
+    #[arg(long, default_value_t = 1, value_parser = positive)]
+    pub grad_accum: usize,
+    /// Virtual tokens (prompt and prefix tuning)
+    #[arg(long, default_value_t = 20, value_parser = positive)]
+    pub num_virtual_tokens: usize,
+    /// Prefix tuning: reparameterize through an MLP
+    #[arg(long)]
+    pub prefix_projection: bool,
+    /// Hidden size of the prefix MLP (default: the model's hidden size)
+    #[arg(long, value_parser = positive)]
+    pub encoder_hidden_size: Option<usize>,
+    #[arg(long, default_value_t = 8, value_parser = positive)]
+    pub lora_r: usize,
+    #[arg(long, default_value_t = 0.0, value_parser = dropout)]
+    pub lora_dropout: f64,
+    /// Comma-separated module names, or all-linear
+    #[arg(long, default_value = "q_proj,v_proj")]
+    pub lora_targets: String,
+    #[command(flatten)]
+    pub weights: WeightsArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -452,6 +494,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Eval(a) => done(eval(&a)),
         Command::Devices(d) => done(devices(&d)),
         Command::Import(a) => done(import(&a)),
+        Command::Plan(a) => done(plan(&a)),
         Command::Bench {
             what: BenchCommand::Kernels { device, iters },
         } => done(crate::bench::kernels(&device.options(), iters)),

@@ -81,6 +81,10 @@ pub enum Error {
     /// gradient. Nothing non-finite was saved.
     #[error("{0}")]
     Diverged(String),
+    /// The memory plan of a run does not fit the device (the message holds
+    /// the plan and what would fit). Nothing was allocated.
+    #[error("{0}")]
+    OutOfMemory(String),
     /// Reading a file failed.
     #[error("{path}: {source}")]
     Io {

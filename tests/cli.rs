@@ -376,3 +376,51 @@ fn bad_input_is_a_clear_error() {
     ]);
     assert!(!ok && text.contains("at least 1"), "{text}");
 }
+
+/// `wgtune plan` works from a config.json alone (no weights, no tokenizer:
+/// the weights' bytes come from the config) and from a GGUF's header, and
+/// loads nothing into the GPU.
+#[test]
+fn plan_works_from_a_config_alone_and_from_gguf() {
+    let d = tmp("plan-config");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(
+        root().join("tests/reference/data/tiny-llama/config.json"),
+        d.join("config.json"),
+    )
+    .unwrap();
+    let dir = d.display().to_string();
+    for method in ["lora", "prompt", "prefix"] {
+        let (ok, text) = wgtune(&[
+            "plan",
+            "--model",
+            &dir,
+            "--method",
+            method,
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "64",
+        ]);
+        assert!(ok, "{text}");
+        eprintln!("{text}");
+        for want in [
+            "memory plan",
+            "frozen weights",
+            "saved activations",
+            "activation gradients",
+            "logits workspace",
+            "adapter + grads + AdamW",
+            "largest temporary",
+            "total",
+            "no weights file: config.json, float32",
+        ] {
+            assert!(text.contains(want), "{method}: no `{want}` in:\n{text}");
+        }
+        assert!(!text.contains("GPU memory for weights"), "{text}");
+    }
+    let gguf = root().join("tests/reference/data/gguf/tiny-llama.gguf");
+    let (ok, text) = wgtune(&["plan", "--model", &gguf.display().to_string()]);
+    assert!(ok, "{text}");
+    assert!(text.contains("GGUF header"), "{text}");
+}

@@ -743,3 +743,58 @@ fn inputs_table_names_existing_tests() {
         }
     }
 }
+
+/// A run whose memory plan does not fit stops before anything goes to the
+/// GPU: the error shows the plan and what would fit, the exit status is
+/// non-zero and no output folder is left behind.
+#[test]
+fn a_run_that_does_not_fit_stops_before_allocating() {
+    let dir = tmp("nofit");
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("long.jsonl");
+    // Rows longer than the tiny model's 128 positions: 64 x 128 tokens.
+    let row = "Arr matey, the sea be calm and the wind be fair. ".repeat(12);
+    let rows: String = (0..64)
+        .map(|i| format!("{{\"text\": \"{row}{i}\"}}\n"))
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let out = dir.join("out");
+    let (data, out_s, model) = (
+        data.display().to_string(),
+        out.display().to_string(),
+        model(),
+    );
+    let args = [
+        "--method",
+        "lora",
+        "--model",
+        &model,
+        "--data",
+        &data,
+        "--out",
+        &out_s,
+        "--batch-size",
+        "64",
+        "--max-seq-len",
+        "8192",
+        "--no-progress",
+    ];
+    let r = wgtune(&args, &[("WGTUNE_MEMORY_CAP", "40000000")]);
+    eprintln!("{}", r.text);
+    assert!(!r.ok(), "{}", r.text);
+    for want in [
+        "memory plan",
+        "frozen weights",
+        "saved activations",
+        "logits workspace",
+        "does NOT fit",
+        "--batch-size",
+        "--grad-accum",
+        "--max-seq-len",
+    ] {
+        assert!(r.text.contains(want), "no `{want}` in:\n{}", r.text);
+    }
+    // Stopped before the weights were uploaded.
+    assert!(!r.text.contains("GPU memory for weights"), "{}", r.text);
+    assert!(!out.exists(), "{} was left behind", out.display());
+}

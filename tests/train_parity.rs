@@ -467,3 +467,132 @@ fn logits_chunk_rows_fit_the_budget() {
     assert_eq!(logits_chunk_rows_within(100, 100, 40, 400), 8);
     assert_eq!(logits_chunk_rows_within(5, 100, 40, 400), 5);
 }
+
+/// The memory plan counts what training allocates: on the tiny models, for
+/// LoRA and prefix tuning, the plan's total is within 10% of the peak that
+/// `ctx.memory` measured from an empty context through one training step;
+/// and a second, shorter batch shape reuses the step buffers (memory does
+/// not grow by another set of activations).
+#[test]
+fn memory_plan_matches_what_training_allocates() {
+    use wgtune::adapters::peft_io::AdapterConfig;
+    use wgtune::model::buffers::BufKind;
+    use wgtune::model::compact::WeightsMode;
+    use wgtune::train::memory::{Budget, FrozenTensors, MemoryPlan, PlanInput};
+    use wgtune::train::options::{LoraOptions, MethodOptions, PrefixInitKind, PrefixOptions};
+    use wgtune::train::trainer::{bucket_shape, step_specs};
+    if common::ctx().is_none() {
+        return;
+    }
+    for (model, case) in [("tiny-llama", "lora_qv"), ("tiny-gpt2", "prefix")] {
+        // A context of its own: the counter sees only this test.
+        let ctx = Context::new(&Default::default()).unwrap();
+        let dir = data_dir(model);
+        let m = Model::load(&ctx, &dir).unwrap();
+        let (acfg, tensors) = initial(model, case);
+        let (method, nv, p) = match &acfg {
+            AdapterConfig::Lora(l) => (
+                MethodOptions::Lora(LoraOptions {
+                    r: l.r,
+                    alpha: l.lora_alpha,
+                    dropout: 0.0,
+                    targets: l.target_modules.clone(),
+                    rslora: false,
+                    init: wgtune::adapters::init::LoraInit::Kaiming,
+                }),
+                0,
+                0,
+            ),
+            AdapterConfig::Prefix(pc) => (
+                MethodOptions::Prefix(PrefixOptions {
+                    num_virtual_tokens: pc.num_virtual_tokens,
+                    projection: pc.prefix_projection,
+                    encoder_hidden_size: pc.encoder_hidden_size,
+                    init: PrefixInitKind::Zero,
+                    init_text: None,
+                }),
+                0,
+                pc.num_virtual_tokens,
+            ),
+            AdapterConfig::Prompt(_) => unreachable!(),
+        };
+        let adapter = Adapter::new(&ctx, &m, acfg, tensors).unwrap();
+        let batch = step_batch(model, case);
+        let opt = OptimConfig {
+            lr: 1e-3,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: 1.0,
+            schedule: Schedule::Constant,
+            warmup_steps: 0,
+            total_steps: 2,
+        };
+        let mut tr = Trainer::new(&ctx, &m, &adapter, opt).unwrap();
+        tr.train_step(std::slice::from_ref(&batch), true).unwrap();
+        let measured = ctx.memory.peak();
+        let cap_t = m.cfg.max_positions - nv - p;
+        let (b, t, r) = bucket_shape(batch.b, batch.t, batch.loss_targets(nv), nv, cap_t);
+        let frozen = FrozenTensors::of_folder(&m.cfg, &dir).unwrap();
+        let input = PlanInput {
+            cfg: &m.cfg,
+            frozen: &frozen,
+            mode: WeightsMode::Stored,
+            method: &method,
+            b,
+            t,
+            r,
+            nv,
+            p,
+        };
+        let plan = MemoryPlan::new(&input, Budget::of(None, None)).unwrap();
+        eprintln!("{model}/{case}:\n{}", plan.render());
+        eprintln!(
+            "{model}/{case}: plan total {} B, ctx.memory peak {} B ({:+.1}%); weights planned {} B, loaded {} B",
+            plan.total(),
+            measured,
+            (plan.total() as f64 / measured as f64 - 1.0) * 100.0,
+            plan.line("frozen weights"),
+            m.weight_bytes()
+        );
+        let ratio = plan.total() as f64 / measured as f64;
+        assert!(
+            (0.9..=1.1).contains(&ratio),
+            "{model}/{case}: plan {} B vs measured {measured} B",
+            plan.total()
+        );
+
+        // A shorter batch: its plan views the same step buffers.
+        let live = ctx.memory.live();
+        let mut short = batch.clone();
+        let t2 = (batch.t / 2).max(2);
+        short.t = t2;
+        short.ids = (0..batch.b)
+            .flat_map(|r| batch.ids[r * batch.t..r * batch.t + t2].to_vec())
+            .collect();
+        short.targets = (0..batch.b)
+            .flat_map(|r| batch.targets[r * batch.t..r * batch.t + t2].to_vec())
+            .collect();
+        short.lens = batch.lens.iter().map(|&l| l.min(t2)).collect();
+        short.n_targets = short.targets.iter().filter(|&&x| x != -100).count();
+        tr.train_step(std::slice::from_ref(&short), true).unwrap();
+        let grown = ctx.memory.live() - live;
+        let shape = wgtune::model::buffers::FwdShape {
+            b,
+            t: bucket_shape(short.b, t2, short.loss_targets(nv), nv, cap_t).1,
+            n_virtual: nv,
+            p,
+        };
+        let acts: u64 = step_specs(&m.cfg, shape, 16)
+            .iter()
+            .filter(|s| s.kind == BufKind::Activation)
+            .map(|s| s.bytes())
+            .sum();
+        eprintln!("{model}/{case}: a second shape added {grown} B (its own activations would be {acts} B)");
+        assert!(
+            grown < acts / 2,
+            "{model}/{case}: {grown} B more for a second shape"
+        );
+    }
+}

@@ -49,6 +49,18 @@ pub struct Flat {
     pub len: usize,
 }
 
+/// Elements a tensor of `numel` takes in the flat arena (64-aligned
+/// slots, so every view meets the 256-byte offset alignment).
+fn flat_slot(numel: usize) -> usize {
+    numel.div_ceil(64) * 64
+}
+
+/// Length of the flat arena of tensors of these sizes (the memory plan
+/// counts with it).
+pub fn flat_len(numels: impl Iterator<Item = usize>) -> usize {
+    numels.map(flat_slot).sum::<usize>().max(64)
+}
+
 impl Flat {
     pub fn new(ctx: &Context, tensors: &HostTensors) -> Result<Flat> {
         let mut entries = Vec::new();
@@ -66,9 +78,10 @@ impl Flat {
                 shape: shape.clone(),
                 offset: n,
             });
-            n += k.div_ceil(64) * 64;
+            n += flat_slot(k);
         }
         let len = n.max(64);
+        debug_assert_eq!(len, flat_len(tensors.iter().map(|t| t.2.len())));
         let mut host = vec![0f32; len];
         for (e, (_, _, data)) in entries.iter().zip(tensors) {
             host[e.offset..e.offset + data.len()].copy_from_slice(data);

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use super::{DeviceArgs, EvalArgs, GenerateArgs, ImportArgs};
+use super::{DeviceArgs, EvalArgs, GenerateArgs, ImportArgs, MethodArg, PlanArgs};
 use crate::adapters::{peft_io, Adapter};
 use crate::error::{Error, Result};
 use crate::gpu::context::list_adapters;
@@ -29,6 +29,125 @@ pub(super) fn import(a: &ImportArgs) -> Result<()> {
         a.out.display(),
         t.secs()
     );
+    Ok(())
+}
+
+/// `wgtune plan`: the memory plan of a training run, from the config (or
+/// a GGUF's header) alone; nothing is loaded into the GPU.
+pub(super) fn plan(a: &PlanArgs) -> Result<()> {
+    use crate::adapters::init::LoraInit;
+    use crate::train::memory::{describe_model, suggestions, Budget, MemoryPlan, PlanInput};
+    use crate::train::options::{LoraOptions, MethodOptions, PrefixInitKind, PrefixOptions};
+    use crate::train::options::{PromptInitKind, PromptOptions};
+    use crate::train::trainer::bucket_shape;
+    let (cfg, frozen) = describe_model(&a.model)?;
+    let n = a.num_virtual_tokens;
+    let (method, nv, p) = match a.method {
+        MethodArg::Lora => (
+            MethodOptions::Lora(LoraOptions {
+                r: a.lora_r,
+                alpha: 16.0,
+                dropout: a.lora_dropout,
+                targets: a
+                    .lora_targets
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+                rslora: false,
+                init: LoraInit::Kaiming,
+            }),
+            0,
+            0,
+        ),
+        MethodArg::Prompt => (
+            MethodOptions::Prompt(PromptOptions {
+                num_virtual_tokens: n,
+                init: PromptInitKind::Vocab,
+                init_text: None,
+            }),
+            n,
+            0,
+        ),
+        MethodArg::Prefix => (
+            MethodOptions::Prefix(PrefixOptions {
+                num_virtual_tokens: n,
+                projection: a.prefix_projection,
+                encoder_hidden_size: a.encoder_hidden_size,
+                init: PrefixInitKind::Zero,
+                init_text: None,
+            }),
+            0,
+            n,
+        ),
+    };
+    let cap_t = cfg.max_positions.saturating_sub(nv + p);
+    if cap_t < 2 {
+        return Err(Error::invalid(
+            "plan",
+            format!(
+                "--num-virtual-tokens {n} leaves no room for tokens in the model's {} positions",
+                cfg.max_positions
+            ),
+        ));
+    }
+    if a.seq_len > cap_t {
+        eprintln!(
+            "--seq-len {} is cut to the {cap_t} positions the model and adapter leave",
+            a.seq_len
+        );
+    }
+    let t = a.seq_len.min(cap_t);
+    // Every token a target (prompt tuning: the first one too).
+    let targets = a.batch_size * (t + usize::from(nv > 0));
+    let (b, t, r) = bucket_shape(a.batch_size, t, targets, nv, cap_t);
+    // The adapter's kind decides the budget; opening it allocates nothing.
+    let budget = match Context::new(&a.device.options()) {
+        Ok(ctx) => {
+            println!(
+                "device: {} ({:?}, {:?})",
+                ctx.info.name, ctx.info.backend, ctx.info.device_type
+            );
+            Budget::of(Some(ctx.info.device_type), Some(ctx.limits.max_buffer_size))
+        }
+        Err(e) => {
+            log::warn!("{e}");
+            Budget::of(None, None)
+        }
+    };
+    println!(
+        "model: {} ({:?}, {} layers, hidden {}, vocab {}); {} with batch {} x {} tokens",
+        a.model.display(),
+        cfg.arch,
+        cfg.layers,
+        cfg.hidden,
+        cfg.vocab,
+        method.method().name(),
+        a.batch_size,
+        t
+    );
+    let input = PlanInput {
+        cfg: &cfg,
+        frozen: &frozen,
+        mode: a.weights.weights,
+        method: &method,
+        b,
+        t,
+        r,
+        nv,
+        p,
+    };
+    let plan = MemoryPlan::new(&input, budget.clone())?;
+    print!("{}", plan.render());
+    if !plan.fits() {
+        let hints = suggestions(&input, &budget, a.grad_accum)?;
+        if hints.is_empty() {
+            println!("no smaller batch or length fits: use a smaller model");
+        }
+        for h in hints {
+            println!("would fit: {h}");
+        }
+    }
     Ok(())
 }
 

@@ -56,13 +56,19 @@ fn check_size(ctx: &Context, label: &str, bytes: u64) -> Result<()> {
     Ok(())
 }
 
+/// Bytes [`Tensor::zeros`] allocates for `numel` elements (the memory
+/// planner counts with this too). wgpu rejects zero-sized bindings, so at
+/// least one element; rounded to 16 bytes so kernels may bind any tensor as
+/// array<vec4<f32>>.
+pub fn alloc_bytes(numel: usize) -> u64 {
+    ((numel.max(1) * 4) as u64).next_multiple_of(16)
+}
+
 impl Tensor {
     /// A zero-filled tensor.
     pub fn zeros(ctx: &Context, shape: &[usize], dtype: DType, label: &str) -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        // wgpu rejects zero-sized bindings; keep at least one element. Round
-        // to 16 bytes so kernels may bind any tensor as array<vec4<f32>>.
-        let bytes = ((n.max(1) * 4) as u64).next_multiple_of(16);
+        let bytes = alloc_bytes(n);
         check_size(ctx, label, bytes)?;
         let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),

@@ -2,7 +2,10 @@
 //! kept per layer when training), activation gradients (`Grads`), and the
 //! KV cache of generation.
 
-use crate::error::Result;
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+use crate::gpu::tensor::alloc_bytes;
 use crate::gpu::{Context, DType, Tensor};
 use crate::model::config::{Arch, ModelConfig};
 
@@ -25,6 +28,122 @@ impl FwdShape {
     }
 }
 
+/// What a step buffer holds: the memory plan's lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BufKind {
+    /// Token ids, target rows, loss weights.
+    Input,
+    /// Activations kept for backward.
+    Activation,
+    /// Activation gradients.
+    Gradient,
+    /// Logits and their gradient, and the gathered rows the LM head reads.
+    Logits,
+}
+
+/// One GPU buffer of a forward/backward shape. The allocation and the
+/// memory planner both read these lists, so the plan counts what is made.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BufSpec {
+    pub label: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub kind: BufKind,
+}
+
+impl BufSpec {
+    pub fn new(label: impl Into<String>, shape: &[usize], dtype: DType, kind: BufKind) -> BufSpec {
+        BufSpec {
+            label: label.into(),
+            shape: shape.to_vec(),
+            dtype,
+            kind,
+        }
+    }
+    fn f32(label: impl Into<String>, shape: &[usize], kind: BufKind) -> BufSpec {
+        BufSpec::new(label, shape, DType::F32, kind)
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// What `Tensor::zeros` allocates for it.
+    pub fn bytes(&self) -> u64 {
+        alloc_bytes(self.numel())
+    }
+}
+
+/// Bytes of `specs` of kind `kind` (all kinds with `None`).
+pub fn specs_bytes(specs: &[BufSpec], kind: Option<BufKind>) -> u64 {
+    specs
+        .iter()
+        .filter(|s| kind.is_none_or(|k| s.kind == k))
+        .map(BufSpec::bytes)
+        .sum()
+}
+
+/// Buffers by label, each sized for the largest shape it serves; a shape's
+/// tensors are views at offset 0 of them. One buffer per label, not views
+/// of one arena: wgpu tracks usage per buffer, so a dispatch may not read
+/// one view of a buffer while writing another.
+#[derive(Clone, Default)]
+pub struct Pool {
+    bufs: HashMap<String, Tensor>,
+}
+
+impl Pool {
+    /// Allocate one zeroed buffer per spec.
+    pub fn alloc(ctx: &Context, specs: &[BufSpec]) -> Result<Pool> {
+        let mut bufs = HashMap::new();
+        for s in specs {
+            bufs.insert(
+                s.label.clone(),
+                Tensor::zeros(ctx, &s.shape, s.dtype, &s.label)?,
+            );
+        }
+        Ok(Pool { bufs })
+    }
+
+    /// Whether every spec has a buffer at least its size.
+    pub fn fits(&self, specs: &[BufSpec]) -> bool {
+        specs.iter().all(|s| {
+            self.bufs
+                .get(&s.label)
+                .is_some_and(|t| t.numel() >= s.numel())
+        })
+    }
+
+    /// Views of `specs` into the pool, by label.
+    pub fn views(&self, specs: &[BufSpec]) -> Result<Views> {
+        let mut m = HashMap::new();
+        for s in specs {
+            let buf = self.bufs.get(&s.label).ok_or_else(|| {
+                Error::invalid(
+                    "buffers",
+                    format!("no buffer `{}` in the pool for {:?}", s.label, s.shape),
+                )
+            })?;
+            m.insert(s.label.clone(), buf.view(0, &s.shape, &s.label)?);
+        }
+        Ok(Views(m))
+    }
+}
+
+/// A shape's tensors by label (see [`Pool::views`]).
+pub struct Views(HashMap<String, Tensor>);
+
+impl Views {
+    pub fn get(&self, label: &str) -> Result<Tensor> {
+        self.0
+            .get(label)
+            .cloned()
+            .ok_or_else(|| Error::invalid("buffers", format!("no buffer `{label}` for this shape")))
+    }
+    /// Present only when the spec list has it.
+    pub fn opt(&self, label: &str) -> Option<Tensor> {
+        self.0.get(label).cloned()
+    }
+}
+
 /// A norm's output and the statistics its backward reads.
 #[derive(Clone)]
 pub struct NormActs {
@@ -35,16 +154,21 @@ pub struct NormActs {
 }
 
 impl NormActs {
-    /// Buffers for `n` rows of width `c`; `layernorm` adds the mean.
-    fn new(ctx: &Context, n: usize, c: usize, layernorm: bool, label: &str) -> Result<NormActs> {
+    /// Specs for `n` rows of width `c`; `layernorm` adds the mean.
+    fn specs(v: &mut Vec<BufSpec>, n: usize, c: usize, layernorm: bool, label: &str) {
+        let k = BufKind::Activation;
+        v.push(BufSpec::f32(label, &[n, c], k));
+        if layernorm {
+            v.push(BufSpec::f32(format!("{label}_mean"), &[n], k));
+        }
+        v.push(BufSpec::f32(format!("{label}_rstd"), &[n], k));
+    }
+
+    fn from_views(v: &Views, label: &str) -> Result<NormActs> {
         Ok(NormActs {
-            out: f32s(ctx, &[n, c], label)?,
-            mean: if layernorm {
-                Some(f32s(ctx, &[n], &format!("{label}_mean"))?)
-            } else {
-                None
-            },
-            rstd: f32s(ctx, &[n], &format!("{label}_rstd"))?,
+            out: v.get(label)?,
+            mean: v.opt(&format!("{label}_mean")),
+            rstd: v.get(&format!("{label}_rstd"))?,
         })
     }
 }
@@ -100,6 +224,7 @@ fn f32s(ctx: &Context, shape: &[usize], label: &str) -> Result<Tensor> {
 }
 
 impl Acts {
+    /// Allocate the activations of `shape` (see [`Acts::specs`]).
     pub fn new(
         ctx: &Context,
         cfg: &ModelConfig,
@@ -107,6 +232,78 @@ impl Acts {
         save: bool,
         cached: bool,
     ) -> Result<Acts> {
+        let specs = Acts::specs(cfg, shape, save, cached);
+        Acts::in_pool(&Pool::alloc(ctx, &specs)?, cfg, shape, save, cached)
+    }
+
+    /// The activations of `shape` as views into `pool` (sized for this
+    /// shape or a larger one).
+    pub fn in_pool(
+        pool: &Pool,
+        cfg: &ModelConfig,
+        shape: FwdShape,
+        save: bool,
+        cached: bool,
+    ) -> Result<Acts> {
+        let v = pool.views(&Acts::specs(cfg, shape, save, cached))?;
+        let n = shape.rows();
+        let c = cfg.hidden;
+        let x0 = v.get("x0")?;
+        let layer = |l: usize, resid: Tensor| -> Result<LayerActs> {
+            let tag = |x: &str| format!("L{l}.{x}");
+            Ok(LayerActs {
+                resid,
+                ln1: NormActs::from_views(&v, &tag("ln1"))?,
+                qkv: v.opt(&tag("qkv")),
+                q: v.get(&tag("q"))?,
+                k: v.get(&tag("k"))?,
+                v: v.get(&tag("v"))?,
+                kcat: v.opt(&tag("kcat")),
+                vcat: v.opt(&tag("vcat")),
+                att: v.get(&tag("att"))?,
+                lse: v.get(&tag("lse"))?,
+                proj: v.get(&tag("proj"))?,
+                resid_mid: v.get(&tag("resid_mid"))?,
+                ln2: NormActs::from_views(&v, &tag("ln2"))?,
+                h1: v.get(&tag("h1"))?,
+                h2: v.opt(&tag("h2")),
+                act: v.get(&tag("act"))?,
+                mlp_out: v.get(&tag("mlp_out"))?,
+            })
+        };
+        let mut layers: Vec<LayerActs> = Vec::new();
+        for l in 0..cfg.layers {
+            if l == 0 {
+                layers.push(layer(0, x0.reshape(&[n, c])?)?);
+            } else if save {
+                layers.push(layer(l, v.get(&format!("L{l}.resid"))?)?);
+            } else {
+                // Each layer overwrites the residual stream in place: it reads
+                // `resid` only before writing `resid_mid`, and writes the next
+                // residual from `resid_mid` and `mlp_out`.
+                layers.push(layers[0].clone());
+            }
+        }
+        let resid_out = match v.opt("resid_out") {
+            Some(t) => t,
+            None => x0.reshape(&[n, c])?,
+        };
+        Ok(Acts {
+            shape,
+            pos_ids: v.opt("pos_ids"),
+            pos_emb: v.opt("pos_emb"),
+            emb: v.opt("tok_emb"),
+            x0,
+            layers,
+            resid_out,
+            lnf: NormActs::from_views(&v, "lnf")?,
+        })
+    }
+
+    /// Every buffer of the activations of `shape`: with `save` one set per
+    /// layer (training), else one set for all; `cached` (generation) has no
+    /// kcat/vcat.
+    pub fn specs(cfg: &ModelConfig, shape: FwdShape, save: bool, cached: bool) -> Vec<BufSpec> {
         let (c, nh, kvh, hd, ff) = (
             cfg.hidden,
             cfg.heads,
@@ -117,91 +314,48 @@ impl Acts {
         let (b, s, p) = (shape.b, shape.s(), shape.p);
         let n = shape.rows();
         let ln = cfg.arch == Arch::Gpt2;
-        let swiglu = !ln;
-        let mk_layer = |l: usize, resid: Tensor| -> Result<LayerActs> {
+        let k = BufKind::Activation;
+        let mut v = vec![BufSpec::f32("x0", &[b, s, c], k)];
+        let per_layer = if save { cfg.layers } else { cfg.layers.min(1) };
+        for l in 0..per_layer {
             let tag = |x: &str| format!("L{l}.{x}");
-            Ok(LayerActs {
-                resid,
-                ln1: NormActs::new(ctx, n, c, ln, &tag("ln1"))?,
-                qkv: if ln {
-                    Some(f32s(ctx, &[n, 3 * c], &tag("qkv"))?)
-                } else {
-                    None
-                },
-                q: f32s(ctx, &[b, s, nh, hd], &tag("q"))?,
-                k: f32s(ctx, &[b, s, kvh, hd], &tag("k"))?,
-                v: f32s(ctx, &[b, s, kvh, hd], &tag("v"))?,
-                kcat: if p > 0 && !cached {
-                    Some(f32s(ctx, &[b, p + s, kvh, hd], &tag("kcat"))?)
-                } else {
-                    None
-                },
-                vcat: if p > 0 && !cached {
-                    Some(f32s(ctx, &[b, p + s, kvh, hd], &tag("vcat"))?)
-                } else {
-                    None
-                },
-                att: f32s(ctx, &[b, s, nh, hd], &tag("att"))?,
-                lse: f32s(ctx, &[b, nh, s], &tag("lse"))?,
-                proj: f32s(ctx, &[n, c], &tag("proj"))?,
-                resid_mid: f32s(ctx, &[n, c], &tag("resid_mid"))?,
-                ln2: NormActs::new(ctx, n, c, ln, &tag("ln2"))?,
-                h1: f32s(ctx, &[n, ff], &tag("h1"))?,
-                h2: if swiglu {
-                    Some(f32s(ctx, &[n, ff], &tag("h2"))?)
-                } else {
-                    None
-                },
-                act: f32s(ctx, &[n, ff], &tag("act"))?,
-                mlp_out: f32s(ctx, &[n, c], &tag("mlp_out"))?,
-            })
-        };
-        let x0 = f32s(ctx, &[b, s, c], "x0")?;
-        let mut layers: Vec<LayerActs> = Vec::new();
-        for l in 0..cfg.layers {
-            if save {
-                let resid = if l == 0 {
-                    x0.reshape(&[n, c])?
-                } else {
-                    f32s(ctx, &[n, c], &format!("L{l}.resid"))?
-                };
-                layers.push(mk_layer(l, resid)?);
-            } else if l == 0 {
-                layers.push(mk_layer(l, x0.reshape(&[n, c])?)?);
-            } else {
-                // Each layer overwrites the residual stream in place: it reads
-                // `resid` only before writing `resid_mid`, and writes the next
-                // residual from `resid_mid` and `mlp_out`.
-                layers.push(layers[0].clone());
+            // Layer 0 reads x0; later layers their own residual (training).
+            if l > 0 {
+                v.push(BufSpec::f32(tag("resid"), &[n, c], k));
             }
+            NormActs::specs(&mut v, n, c, ln, &tag("ln1"));
+            if ln {
+                v.push(BufSpec::f32(tag("qkv"), &[n, 3 * c], k));
+            }
+            v.push(BufSpec::f32(tag("q"), &[b, s, nh, hd], k));
+            v.push(BufSpec::f32(tag("k"), &[b, s, kvh, hd], k));
+            v.push(BufSpec::f32(tag("v"), &[b, s, kvh, hd], k));
+            if p > 0 && !cached {
+                v.push(BufSpec::f32(tag("kcat"), &[b, p + s, kvh, hd], k));
+                v.push(BufSpec::f32(tag("vcat"), &[b, p + s, kvh, hd], k));
+            }
+            v.push(BufSpec::f32(tag("att"), &[b, s, nh, hd], k));
+            v.push(BufSpec::f32(tag("lse"), &[b, nh, s], k));
+            v.push(BufSpec::f32(tag("proj"), &[n, c], k));
+            v.push(BufSpec::f32(tag("resid_mid"), &[n, c], k));
+            NormActs::specs(&mut v, n, c, ln, &tag("ln2"));
+            v.push(BufSpec::f32(tag("h1"), &[n, ff], k));
+            if !ln {
+                v.push(BufSpec::f32(tag("h2"), &[n, ff], k));
+            }
+            v.push(BufSpec::f32(tag("act"), &[n, ff], k));
+            v.push(BufSpec::f32(tag("mlp_out"), &[n, c], k));
         }
-        let resid_out = if save || cfg.layers == 0 {
-            f32s(ctx, &[n, c], "resid_out")?
-        } else {
-            x0.reshape(&[n, c])?
-        };
-        Ok(Acts {
-            shape,
-            pos_ids: if ln {
-                Some(Tensor::zeros(ctx, &[b, s], DType::I32, "pos_ids")?)
-            } else {
-                None
-            },
-            pos_emb: if ln {
-                Some(f32s(ctx, &[b, s, c], "pos_emb")?)
-            } else {
-                None
-            },
-            emb: if ln {
-                Some(f32s(ctx, &[b, s, c], "tok_emb")?)
-            } else {
-                None
-            },
-            x0,
-            layers,
-            resid_out,
-            lnf: NormActs::new(ctx, n, c, ln, "lnf")?,
-        })
+        if save || cfg.layers == 0 {
+            v.push(BufSpec::f32("resid_out", &[n, c], k));
+        }
+        if ln {
+            v.push(BufSpec::new("pos_ids", &[b, s], DType::I32, k));
+            v.push(BufSpec::f32("pos_emb", &[b, s, c], k));
+            v.push(BufSpec::f32("tok_emb", &[b, s, c], k));
+        }
+        NormActs::specs(&mut v, n, c, ln, "lnf");
+        v
     }
 }
 
@@ -345,34 +499,48 @@ pub struct Grads {
     pub(crate) dact: Tensor,
 }
 
-/// Named gradient buffers, cleared together. They are separate buffers, not
-/// views of one: wgpu tracks usage per buffer, so a dispatch may not read
-/// one view of a buffer while writing another.
-struct Arena {
-    sizes: Vec<(String, Vec<usize>)>,
+/// The logits workspace of `r` logit rows: one chunk of logits (at most
+/// [`logits_chunk_rows`] rows of V, which backward overwrites with their
+/// gradient), the gathered rows the LM head reads (1, R, C) and their
+/// gradient. The memory plan's "logits workspace" line is this list's bytes.
+pub fn logits_workspace(cfg: &ModelConfig, r: usize) -> Vec<BufSpec> {
+    logits_workspace_within(cfg, r, LOGITS_BUDGET_BYTES)
 }
 
-impl Arena {
-    fn new() -> Arena {
-        Arena { sizes: Vec::new() }
-    }
-    fn add(&mut self, name: &str, shape: &[usize]) -> usize {
-        self.sizes.push((name.to_string(), shape.to_vec()));
-        self.sizes.len() - 1
-    }
-    fn build(self, ctx: &Context, _label: &str) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
-        let v = self
-            .sizes
-            .iter()
-            .map(|(n, sh)| f32s(ctx, sh, n))
-            .collect::<Result<Vec<_>>>()?;
-        Ok((v.clone(), v))
-    }
+/// [`logits_workspace`] with the logits chunk sized for `budget` bytes.
+pub fn logits_workspace_within(cfg: &ModelConfig, r: usize, budget: u64) -> Vec<BufSpec> {
+    let (c, v) = (cfg.hidden, cfg.vocab);
+    let rc = logits_chunk_rows_within(r, v, c, budget);
+    let k = BufKind::Logits;
+    vec![
+        BufSpec::f32("logits", &[rc, v], k),
+        BufSpec::f32("gathered", &[1, r, c], k),
+        BufSpec::f32("dgathered", &[r, c], k),
+    ]
 }
+
+/// The gradient part of [`logits_workspace`] (what `Grads` holds).
+fn is_logits_grad(s: &BufSpec) -> bool {
+    s.label == "dgathered"
+}
+
+/// Gradient buffers cleared at the start of every layer's backward, in
+/// clearing order.
+const LAYER_GRADS: [&str; 13] = [
+    "dln1", "dln2", "dq", "dk", "dv", "dkcat", "dvcat", "datt", "delta", "dqkv", "dh1", "dh2",
+    "dact",
+];
 
 impl Grads {
     /// Gradient buffers for `shape` with `r` logit rows.
     pub fn new(ctx: &Context, cfg: &ModelConfig, shape: FwdShape, r: usize) -> Result<Grads> {
+        let specs = Grads::specs(cfg, shape, r);
+        Grads::in_pool(&Pool::alloc(ctx, &specs)?, cfg, shape, r)
+    }
+
+    /// Every buffer of the activation gradients of `shape` (the logits
+    /// gradient of `r` rows included).
+    pub fn specs(cfg: &ModelConfig, shape: FwdShape, r: usize) -> Vec<BufSpec> {
         let (c, nh, kvh, hd, ff) = (
             cfg.hidden,
             cfg.heads,
@@ -382,46 +550,58 @@ impl Grads {
         );
         let (b, s, p, n) = (shape.b, shape.s(), shape.p, shape.rows());
         let gpt2 = cfg.arch == Arch::Gpt2;
-        let mut h = Arena::new();
-        let i_dresid = h.add("dresid", &[n, c]);
-        let i_dlnf = h.add("dlnf", &[n, c]);
-        let i_dg = h.add("dgathered", &[r, c]);
-        let (head, hv) = h.build(ctx, "grads.head")?;
-        let mut a = Arena::new();
-        let i1 = a.add("dln1", &[n, c]);
-        let i2 = a.add("dln2", &[n, c]);
-        let iq = a.add("dq", &[b, s, nh, hd]);
-        let ik = a.add("dk", &[b, s, kvh, hd]);
-        let iv = a.add("dv", &[b, s, kvh, hd]);
-        let ikc = (p > 0).then(|| a.add("dkcat", &[b, p + s, kvh, hd]));
-        let ivc = (p > 0).then(|| a.add("dvcat", &[b, p + s, kvh, hd]));
-        let ia = a.add("datt", &[b, s, nh, hd]);
-        let idl = a.add("delta", &[b, nh, s]);
-        let iqkv = gpt2.then(|| a.add("dqkv", &[n, 3 * c]));
-        let ih1 = a.add("dh1", &[n, ff]);
-        let ih2 = (!gpt2).then(|| a.add("dh2", &[n, ff]));
-        let iact = a.add("dact", &[n, ff]);
-        let (layer, lv) = a.build(ctx, "grads.layer")?;
-        let g = |i: usize| lv[i].clone();
+        let k = BufKind::Gradient;
+        let mut v = vec![
+            BufSpec::f32("dresid", &[n, c], k),
+            BufSpec::f32("dlnf", &[n, c], k),
+        ];
+        v.extend(logits_workspace(cfg, r).into_iter().filter(is_logits_grad));
+        v.push(BufSpec::f32("dln1", &[n, c], k));
+        v.push(BufSpec::f32("dln2", &[n, c], k));
+        v.push(BufSpec::f32("dq", &[b, s, nh, hd], k));
+        v.push(BufSpec::f32("dk", &[b, s, kvh, hd], k));
+        v.push(BufSpec::f32("dv", &[b, s, kvh, hd], k));
+        if p > 0 {
+            v.push(BufSpec::f32("dkcat", &[b, p + s, kvh, hd], k));
+            v.push(BufSpec::f32("dvcat", &[b, p + s, kvh, hd], k));
+        }
+        v.push(BufSpec::f32("datt", &[b, s, nh, hd], k));
+        v.push(BufSpec::f32("delta", &[b, nh, s], k));
+        if gpt2 {
+            v.push(BufSpec::f32("dqkv", &[n, 3 * c], k));
+        }
+        v.push(BufSpec::f32("dh1", &[n, ff], k));
+        if !gpt2 {
+            v.push(BufSpec::f32("dh2", &[n, ff], k));
+        }
+        v.push(BufSpec::f32("dact", &[n, ff], k));
+        v
+    }
+
+    /// The gradients of `shape` as views into `pool`.
+    pub fn in_pool(pool: &Pool, cfg: &ModelConfig, shape: FwdShape, r: usize) -> Result<Grads> {
+        let v = pool.views(&Grads::specs(cfg, shape, r))?;
+        let (dresid, dlnf) = (v.get("dresid")?, v.get("dlnf")?);
+        let dgathered = v.get("dgathered")?;
         Ok(Grads {
-            dresid: hv[i_dresid].clone(),
-            dlnf: hv[i_dlnf].clone(),
-            dgathered: hv[i_dg].clone(),
-            head,
-            dln1: g(i1),
-            dln2: g(i2),
-            dq: g(iq),
-            dk: g(ik),
-            dv: g(iv),
-            dkcat: ikc.map(g),
-            dvcat: ivc.map(g),
-            datt: g(ia),
-            delta: g(idl),
-            dqkv: iqkv.map(g),
-            dh1: g(ih1),
-            dh2: ih2.map(g),
-            dact: g(iact),
-            layer,
+            head: vec![dresid.clone(), dlnf.clone(), dgathered.clone()],
+            dresid,
+            dlnf,
+            dgathered,
+            layer: LAYER_GRADS.iter().filter_map(|l| v.opt(l)).collect(),
+            dln1: v.get("dln1")?,
+            dln2: v.get("dln2")?,
+            dq: v.get("dq")?,
+            dk: v.get("dk")?,
+            dv: v.get("dv")?,
+            dkcat: v.opt("dkcat"),
+            dvcat: v.opt("dvcat"),
+            datt: v.get("datt")?,
+            delta: v.get("delta")?,
+            dqkv: v.opt("dqkv"),
+            dh1: v.get("dh1")?,
+            dh2: v.opt("dh2"),
+            dact: v.get("dact")?,
         })
     }
 }

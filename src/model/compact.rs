@@ -304,12 +304,15 @@ pub fn encode_rows(
     (texels, scales)
 }
 
-/// Upload `m` as a texture of `fmt`, a few MiB of rows at a time.
+/// Texture bytes uploaded at a time (the staging a load needs).
+pub const UPLOAD_CHUNK_BYTES: u64 = 8 << 20;
+
+/// Upload `m` as a texture of `fmt`, [`UPLOAD_CHUNK_BYTES`] of rows at a time.
 pub fn upload(ctx: &Context, m: &StoredMatrix, fmt: TexFormat, label: &str) -> Result<TexMatrix> {
     m.check()?;
     let t = TexMatrix::with_format(ctx, m.rows, m.cols, fmt, label)?;
-    let row = fmt.matrix_bytes(1, m.cols).max(1) as usize;
-    let step = ((8 << 20) / row).max(1);
+    let row = fmt.matrix_bytes(1, m.cols).max(1);
+    let step = (UPLOAD_CHUNK_BYTES / row).max(1) as usize;
     for r0 in (0..m.rows).step_by(step) {
         let r1 = (r0 + step).min(m.rows);
         let (texels, scales) = encode_rows(m, r0, r1, fmt);

@@ -42,7 +42,7 @@ pub fn is_repo_id(s: &str) -> bool {
     ok(org) && ok(name)
 }
 
-fn is_gguf(path: &Path) -> bool {
+pub fn is_gguf(path: &Path) -> bool {
     let mut magic = [0u8; 4];
     std::fs::File::open(path)
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))

@@ -57,7 +57,7 @@ fn meta_usize(g: &Gguf, key: &str) -> Result<usize> {
 
 /// The HF name of a llama.cpp tensor name, or None for tensors that have no
 /// place in the HF checkpoint.
-fn hf_name(arch: Arch, name: &str) -> Option<String> {
+pub fn hf_name(arch: Arch, name: &str) -> Option<String> {
     let (base, suffix) = name.rsplit_once('.')?;
     let top = |s: &str| Some(format!("{s}.{suffix}"));
     if arch == Arch::Gpt2 {
@@ -215,6 +215,36 @@ fn config_json(g: &Gguf, arch: Arch, vocab: usize, tied: bool) -> Result<Json> {
     }))
 }
 
+/// What a GGUF's header says: the architecture, the HF config.json, and
+/// whether the output matrix is the embedding (tied). Reads no tensor data
+/// except to compare a stored output matrix with the embedding.
+pub fn gguf_config(g: &Gguf) -> Result<(Arch, Json, bool)> {
+    let a = g.architecture()?;
+    let arch = match a {
+        "llama" => Arch::Llama,
+        "qwen2" => Arch::Qwen2,
+        "gpt2" => Arch::Gpt2,
+        other => {
+            return Err(cfg_err(
+                g,
+                format!(
+                    "unsupported GGUF architecture `{other}`; supported: {SUPPORTED_GGUF_ARCHS}"
+                ),
+            ))
+        }
+    };
+    let embd = g
+        .tensor("token_embd.weight")
+        .ok_or_else(|| cfg_err(g, "GGUF has no tensor `token_embd.weight`".into()))?;
+    let vocab = embd.shape()[0];
+    let tied = match g.tensor("output.weight") {
+        None => true,
+        // llama.cpp's GPT-2 conversion stores a copy of the embedding.
+        Some(o) => o.ty == embd.ty && o.dims == embd.dims && g.raw(o)? == g.raw(embd)?,
+    };
+    Ok((arch, config_json(g, arch, vocab, tied)?, tied))
+}
+
 /// A GGUF model's Hugging Face side, without its tensors: the config, the
 /// tokenizer files, and which GGUF tensor each HF tensor name reads.
 pub struct GgufMeta {
@@ -230,31 +260,8 @@ pub struct GgufMeta {
 
 /// Read a GGUF's config, tokenizer and tensor names.
 pub fn gguf_meta(g: &Gguf) -> Result<GgufMeta> {
-    let a = g.architecture()?;
-    let arch = match a {
-        "llama" => Arch::Llama,
-        "qwen2" => Arch::Qwen2,
-        "gpt2" => Arch::Gpt2,
-        other => {
-            return Err(cfg_err(
-                g,
-                format!(
-                    "unsupported GGUF architecture `{other}`; supported: {SUPPORTED_GGUF_ARCHS}"
-                ),
-            ))
-        }
-    };
+    let (arch, config, tied) = gguf_config(g)?;
     let tok = tokenizer_from_gguf(g)?;
-    let embd = g
-        .tensor("token_embd.weight")
-        .ok_or_else(|| cfg_err(g, "GGUF has no tensor `token_embd.weight`".into()))?;
-    let vocab = embd.shape()[0];
-    let tied = match g.tensor("output.weight") {
-        None => true,
-        // llama.cpp's GPT-2 conversion stores a copy of the embedding.
-        Some(o) => o.ty == embd.ty && o.dims == embd.dims && g.raw(o)? == g.raw(embd)?,
-    };
-    let config = config_json(g, arch, vocab, tied)?;
     let cfg_path = g.path.join("config.json");
     let model = ModelConfig::from_json(&config.to_string(), &cfg_path)?;
     let mut names = BTreeMap::new();

@@ -309,6 +309,26 @@ impl Weights {
         Ok((path, view))
     }
 
+    /// How a tensor is stored.
+    /// How tensor `name` is stored (safetensors F32/F16/BF16, or a GGUF type;
+    /// other safetensors dtypes read as `Other`).
+    pub fn stored_type(&self, name: &str) -> Result<GgmlType> {
+        if let Some((g, m)) = &self.gguf {
+            return Ok(Self::gguf_tensor(g, m, name)?.ty);
+        }
+        Ok(match self.view(name)?.1.dtype() {
+            Dtype::F32 => GgmlType::F32,
+            Dtype::F16 => GgmlType::F16,
+            Dtype::BF16 => GgmlType::BF16,
+            _ => GgmlType::Other(u32::MAX),
+        })
+    }
+
+    /// Whether the tensors come from a GGUF file.
+    pub fn is_gguf(&self) -> bool {
+        self.gguf.is_some()
+    }
+
     /// Shape of a tensor.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
         if let Some((g, m)) = &self.gguf {

@@ -4,6 +4,7 @@
 //! - `data`: the JSONL data set (rows to token ids, loss masks and batches).
 //! - `template`: the `--template` prompt template applied to every prompt.
 //! - `trainer`: one optimizer step (forward, backward, AdamW) on the GPU.
+//! - `memory`: the memory plan, checked before anything is allocated.
 //! - `run`: `wgtune train` from options to a saved adapter.
 //! - `resume`: the rules for `--resume` and `--init-adapter`.
 //! - `progress`: the `Progress` trait the step loop reports through.
@@ -15,6 +16,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod eval;
+pub mod memory;
 pub mod options;
 pub mod plot;
 pub mod progress;

@@ -14,11 +14,16 @@ use crate::clock::Stopwatch;
 use crate::error::{Error, Result};
 use crate::fsio::pause_point;
 use crate::gpu::Context;
+use crate::model::config::ModelConfig;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::transformer::Linear;
 use crate::model::Model;
 use crate::train::checkpoint::{self, Checkpoint, Position, RunSettings};
 use crate::train::data::{Batch, Dataset};
+use crate::train::memory::{
+    does_not_fit, suggestions, Budget, FrozenTensors, MemoryPlan, PlanInput,
+};
+use crate::train::options::Method;
 use crate::train::options::{MethodOptions, PrefixInitKind, PromptInitKind, TrainOptions};
 use crate::train::plot::write_loss_plot;
 use crate::train::progress::Progress;
@@ -26,7 +31,7 @@ use crate::train::report::{self, MetricsLog};
 use crate::train::resume::{
     adapter_conflicts, adopt_settings, check_adapter_base, conflict_error, settings_conflicts,
 };
-use crate::train::trainer::{OptimConfig, Trainer};
+use crate::train::trainer::{bucket_shape, OptimConfig, Trainer};
 
 fn base_name(model: &Path) -> Option<String> {
     Some(model.display().to_string())
@@ -261,8 +266,84 @@ pub fn train(
         ));
     }
     let dir = crate::model::hub::resolve_model(&o.model)?;
-    let model = Model::load_with(ctx, &dir, o.weights)?;
+    // The config, tokenizer and data first: the memory plan needs the
+    // longest row before anything goes to the GPU.
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let tok = Tokenizer::load(&dir)?;
+    let loaded_init = match &o.init_adapter {
+        Some(d) => Some(peft_io::load_adapter(d)?),
+        None => None,
+    };
+    // A resumed run's batch and length are the checkpoint's: they shape the
+    // data and the plan (contradicting options are errors once the model
+    // is loaded, below).
+    let mut o_eff = o.clone();
+    if let Some(ck) = &resumed {
+        adopt_settings(&mut o_eff, &ck.settings, &ck.config);
+    }
+    let adapter_rows = match (&o.method, &resumed, &loaded_init) {
+        (MethodOptions::Lora(_), _, _) => 0,
+        (_, Some(ck), _) => virtual_tokens(&ck.config),
+        (_, _, Some(l)) => virtual_tokens(&l.config),
+        (m, _, _) => m.num_virtual_tokens(),
+    };
+    // One row must remain to predict the next token.
+    if adapter_rows + 2 > cfg.max_positions {
+        return Err(Error::invalid(
+            "train",
+            format!(
+                "--num-virtual-tokens {adapter_rows} leaves no room for tokens: the model has {} \
+                 positions, and the virtual tokens take theirs from the same budget",
+                cfg.max_positions
+            ),
+        ));
+    }
+    let room = cfg.max_positions - adapter_rows;
+    let mut dopts = o_eff.data_opts.clone();
+    let limit = dopts.max_seq_len.unwrap_or(room).min(room);
+    dopts.max_seq_len = Some(limit);
+    let data = Dataset::load(&o.data, &tok, &dopts)?;
+    if data.truncated > 0 || data.dropped > 0 {
+        log::warn!(
+            "{}: {} rows truncated to {limit} tokens, {} dropped (no target left)",
+            o.data.display(),
+            data.truncated,
+            data.dropped
+        );
+    }
+    if let Some(w) = data.length_warning() {
+        log::warn!("{w}");
+    }
+    let val = match &o.val_data {
+        Some(p) => Some(Dataset::load(p, &tok, &dopts)?),
+        None => None,
+    };
+    println!(
+        "data: {} examples, {} target tokens ({} text, {} prompt/completion, {} alpaca, {} chat){}",
+        data.len(),
+        data.n_targets(),
+        data.kinds.text,
+        data.kinds.prompt_completion,
+        data.kinds.alpaca,
+        data.kinds.messages,
+        if data.truncated > 0 {
+            format!(", {} truncated to {limit} tokens", data.truncated)
+        } else {
+            String::new()
+        }
+    );
+    if let Some(s) = signalled(stop) {
+        return stopped(s);
+    }
+    let memory = plan_memory(ctx, &o_eff, &cfg, &dir, &data, adapter_rows)?;
+    if !memory.plan.fits() {
+        return Err(does_not_fit(&memory.plan, &memory.hints));
+    }
+    println!("{}", memory.plan.render().trim_end());
+    if let Some(s) = signalled(stop) {
+        return stopped(s);
+    }
+    let model = Model::load_with(ctx, &dir, o.weights)?;
     print_model(ctx, &model);
     pause_point("model-loaded");
     if let Some(s) = signalled(stop) {
@@ -271,10 +352,6 @@ pub fn train(
 
     // The adapter: from the checkpoint, an initial adapter, or new.
     let ckpt_path = ckpt_dir.join(checkpoint::STATE_FILE);
-    let loaded_init = match &o.init_adapter {
-        Some(d) => Some(peft_io::load_adapter(d)?),
-        None => None,
-    };
     if let Some(ck) = &resumed {
         if ck.settings.model_fingerprint != format!("{:016x}", model.fingerprint) {
             return Err(Error::Checkpoint {
@@ -312,60 +389,6 @@ pub fn train(
                 "drop them: training continues the adapter as it is",
             ));
         }
-    }
-    let adapter_rows = match (&o.method, &resumed, &loaded_init) {
-        (MethodOptions::Lora(_), _, _) => 0,
-        (_, Some(ck), _) => virtual_tokens(&ck.config),
-        (_, _, Some(l)) => virtual_tokens(&l.config),
-        (m, _, _) => m.num_virtual_tokens(),
-    };
-    // One row must remain to predict the next token.
-    if adapter_rows + 2 > model.cfg.max_positions {
-        return Err(Error::invalid(
-            "train",
-            format!(
-                "--num-virtual-tokens {adapter_rows} leaves no room for tokens: the model has {} \
-                 positions, and the virtual tokens take theirs from the same budget",
-                model.cfg.max_positions
-            ),
-        ));
-    }
-    let room = model.cfg.max_positions - adapter_rows;
-    let mut dopts = o.data_opts.clone();
-    let limit = dopts.max_seq_len.unwrap_or(room).min(room);
-    dopts.max_seq_len = Some(limit);
-    let data = Dataset::load(&o.data, &tok, &dopts)?;
-    if data.truncated > 0 || data.dropped > 0 {
-        log::warn!(
-            "{}: {} rows truncated to {limit} tokens, {} dropped (no target left)",
-            o.data.display(),
-            data.truncated,
-            data.dropped
-        );
-    }
-    if let Some(w) = data.length_warning() {
-        log::warn!("{w}");
-    }
-    let val = match &o.val_data {
-        Some(p) => Some(Dataset::load(p, &tok, &dopts)?),
-        None => None,
-    };
-    println!(
-        "data: {} examples, {} target tokens ({} text, {} prompt/completion, {} alpaca, {} chat){}",
-        data.len(),
-        data.n_targets(),
-        data.kinds.text,
-        data.kinds.prompt_completion,
-        data.kinds.alpaca,
-        data.kinds.messages,
-        if data.truncated > 0 {
-            format!(", {} truncated to {limit} tokens", data.truncated)
-        } else {
-            String::new()
-        }
-    );
-    if let Some(s) = signalled(stop) {
-        return stopped(s);
     }
     let mut pos = Position::default();
     let mut moments = None;
@@ -415,6 +438,8 @@ pub fn train(
         total_steps: total,
     };
     let mut tr = Trainer::new(ctx, &model, &adapter, opt)?;
+    // The step buffers for the data's largest shape, once (what the plan counted).
+    tr.reserve(memory.b, memory.t, memory.r)?;
     if let Some((m, v)) = &moments {
         adapter.flat.write(ctx, &adapter.flat.m, m)?;
         adapter.flat.write(ctx, &adapter.flat.v, v)?;
@@ -470,6 +495,82 @@ pub fn train(
         created.undo();
     }
     result
+}
+
+/// The memory plan of a run and, when it does not fit, what would.
+struct Memory {
+    plan: MemoryPlan,
+    hints: Vec<String>,
+    b: usize,
+    t: usize,
+    r: usize,
+}
+
+/// The largest step shape `data` can make: `batch_size` rows of its
+/// longest row, with the targets of its `batch_size` richest rows.
+fn largest_step(
+    data: &Dataset,
+    batch_size: usize,
+    nv: usize,
+    cap_t: usize,
+) -> (usize, usize, usize) {
+    let b = batch_size.min(data.len()).max(1);
+    let t = data.examples.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+    // Prompt tuning also trains each row's first token.
+    let first = |e: &crate::train::data::Example| {
+        usize::from(nv > 0 && e.labels.first().is_some_and(|&l| l != -100))
+    };
+    let mut per_row: Vec<usize> = data
+        .examples
+        .iter()
+        .map(|e| e.n_targets() + first(e))
+        .collect();
+    per_row.sort_unstable_by(|a, b| b.cmp(a));
+    let targets = per_row.iter().take(b).sum();
+    bucket_shape(b, t, targets, nv, cap_t)
+}
+
+fn plan_memory(
+    ctx: &Context,
+    o: &TrainOptions,
+    cfg: &ModelConfig,
+    dir: &Path,
+    data: &Dataset,
+    adapter_rows: usize,
+) -> Result<Memory> {
+    let (nv, p) = match o.method.method() {
+        Method::Prompt => (adapter_rows, 0),
+        Method::Prefix => (0, adapter_rows),
+        Method::Lora => (0, 0),
+    };
+    let cap_t = cfg.max_positions.saturating_sub(nv + p);
+    let (b, t, r) = largest_step(data, o.batch_size, nv, cap_t);
+    let frozen = FrozenTensors::of_folder(cfg, dir)?;
+    let input = PlanInput {
+        cfg,
+        frozen: &frozen,
+        mode: o.weights,
+        method: &o.method,
+        b,
+        t,
+        r,
+        nv,
+        p,
+    };
+    let budget = Budget::of(Some(ctx.info.device_type), Some(ctx.limits.max_buffer_size));
+    let plan = MemoryPlan::new(&input, budget.clone())?;
+    let hints = if plan.fits() {
+        Vec::new()
+    } else {
+        suggestions(&input, &budget, o.grad_accum)?
+    };
+    Ok(Memory {
+        plan,
+        hints,
+        b,
+        t,
+        r,
+    })
 }
 
 fn virtual_tokens(cfg: &AdapterConfig) -> usize {

@@ -9,7 +9,11 @@ use crate::adapters::Adapter;
 use crate::error::{Error, Result};
 use crate::gpu::ops::adamw;
 use crate::gpu::{Context, DType, Plan, Tensor};
-use crate::model::buffers::LOGITS_BUDGET_BYTES;
+use crate::model::buffers::{
+    logits_workspace, logits_workspace_within, position_ids, BufKind, BufSpec, Pool,
+    LOGITS_BUDGET_BYTES,
+};
+use crate::model::config::ModelConfig;
 use crate::model::transformer::{Acts, FwdShape, Grads, HeadBufs, Model};
 use crate::train::data::Batch;
 
@@ -64,6 +68,8 @@ struct StepPlan {
     r: usize,
     s: usize,
     nv: usize,
+    /// GPT-2's position ids, rewritten per step: buckets share the buffer.
+    pos_ids: Option<(Tensor, Vec<i32>)>,
     /// Kept alive for the plan's bindings.
     _acts: Acts,
     _grads: Grads,
@@ -89,6 +95,45 @@ fn bucket(x: usize, m: usize, cap: usize) -> usize {
     (x.div_ceil(m) * m).min(cap).max(x)
 }
 
+/// The plan shape (B, T, R) of a batch of `b` rows of `t` tokens with
+/// `targets` loss targets, `nv` virtual tokens and rows of at most `cap_t`
+/// tokens: T and R rounded up to multiples of 16 so that few plans serve
+/// a data set.
+pub fn bucket_shape(
+    b: usize,
+    t: usize,
+    targets: usize,
+    nv: usize,
+    cap_t: usize,
+) -> (usize, usize, usize) {
+    let t = bucket(t, 16, cap_t);
+    let r = bucket(targets.max(1), 16, b * (nv + t));
+    (b, t, r)
+}
+
+/// Every buffer of a training step of `shape` with `r` logit rows: inputs,
+/// saved activations, activation gradients and the logits workspace. The
+/// trainer allocates these (once, for the largest shape) and the memory
+/// plan counts them.
+pub fn step_specs(cfg: &ModelConfig, shape: FwdShape, r: usize) -> Vec<BufSpec> {
+    let i = BufKind::Input;
+    let mut v = vec![
+        BufSpec::new("ids", &[shape.b, shape.t], DType::I32, i),
+        BufSpec::new("target_rows", &[1, r], DType::I32, i),
+        BufSpec::new("targets", &[r], DType::I32, i),
+        BufSpec::new("dlosses", &[r], DType::F32, i),
+        BufSpec::new("losses", &[r], DType::F32, i),
+    ];
+    v.extend(Acts::specs(cfg, shape, true, false));
+    v.extend(Grads::specs(cfg, shape, r));
+    v.extend(
+        logits_workspace(cfg, r)
+            .into_iter()
+            .filter(|s| s.label == "logits" || s.label == "gathered"),
+    );
+    v
+}
+
 pub struct Trainer<'a> {
     ctx: &'a Context,
     pub model: &'a Model,
@@ -100,6 +145,10 @@ pub struct Trainer<'a> {
     scalars: Tensor,
     opt_plan: Plan,
     plans: HashMap<(usize, usize, usize), StepPlan>,
+    /// The step buffers every plan views, sized for `pool_max` (B, T, R):
+    /// memory follows the largest shape, not the variety of the data.
+    pool: Pool,
+    pool_max: (usize, usize, usize),
     /// Optimizer steps taken (AdamW's t is this + 1 during a step).
     pub step: usize,
     /// Matmul FLOPs of the last step's plans (for GFLOP/s reports).
@@ -158,6 +207,8 @@ impl<'a> Trainer<'a> {
             scalars,
             opt_plan,
             plans: HashMap::new(),
+            pool: Pool::default(),
+            pool_max: (0, 0, 0),
             step: 0,
             last_flops: 0.0,
             logits_budget: LOGITS_BUDGET_BYTES,
@@ -187,25 +238,53 @@ impl<'a> Trainer<'a> {
         self.model.cfg.max_positions.saturating_sub(nv + p)
     }
 
-    fn build(&self, b: usize, t: usize, r: usize) -> Result<StepPlan> {
-        let (ctx, model, ad) = (self.ctx, self.model, self.adapter);
-        let cfg = &model.cfg;
+    fn shape(&self, b: usize, t: usize) -> FwdShape {
         let (nv, p) = self.adapter_rows();
-        let shape = FwdShape {
+        FwdShape {
             b,
             t,
             n_virtual: nv,
             p,
-        };
+        }
+    }
+
+    /// Allocate the step buffers for shapes up to (B, T, R) now, so that
+    /// no later batch grows them (`train` reserves the data's largest).
+    pub fn reserve(&mut self, b: usize, t: usize, r: usize) -> Result<()> {
+        let (pb, pt, pr) = self.pool_max;
+        let want = (pb.max(b), pt.max(t), pr.max(r));
+        if want == self.pool_max {
+            return Ok(());
+        }
+        // Plans hold views of the old buffers: drop both before allocating.
+        self.plans.clear();
+        self.pool = Pool::default();
+        let shape = self.shape(want.0, want.1);
+        self.model.check_positions(shape)?;
+        self.pool = Pool::alloc(self.ctx, &step_specs(&self.model.cfg, shape, want.2))?;
+        self.pool_max = want;
+        Ok(())
+    }
+
+    fn build(&self, b: usize, t: usize, r: usize) -> Result<StepPlan> {
+        let (ctx, model, ad) = (self.ctx, self.model, self.adapter);
+        let cfg = &model.cfg;
+        let (nv, _) = self.adapter_rows();
+        let shape = self.shape(b, t);
         model.check_positions(shape)?;
-        let acts = Acts::new(ctx, cfg, shape, true, false)?;
-        let grads = Grads::new(ctx, cfg, shape, r)?;
-        let ids = Tensor::zeros(ctx, &[b, t], DType::I32, "ids")?;
-        let rows = Tensor::zeros(ctx, &[1, r], DType::I32, "target_rows")?;
-        let targets = Tensor::zeros(ctx, &[r], DType::I32, "targets")?;
-        let dlosses = Tensor::zeros(ctx, &[r], DType::F32, "dlosses")?;
-        let losses = Tensor::zeros(ctx, &[r], DType::F32, "losses")?;
-        let head = HeadBufs::with_budget(ctx, cfg, r, self.logits_budget)?;
+        let pool = &self.pool;
+        let acts = Acts::in_pool(pool, cfg, shape, true, false)?;
+        let grads = Grads::in_pool(pool, cfg, shape, r)?;
+        let v = pool.views(&step_specs(cfg, shape, r))?;
+        let (ids, rows, targets) = (v.get("ids")?, v.get("target_rows")?, v.get("targets")?);
+        let (dlosses, losses) = (v.get("dlosses")?, v.get("losses")?);
+        // The pool's logits chunk is sized for the default budget; a smaller
+        // budget (tests) views fewer rows of it.
+        let hv = pool.views(&logits_workspace_within(cfg, r, self.logits_budget))?;
+        let head = HeadBufs {
+            gathered: hv.get("gathered")?,
+            logits: hv.get("logits")?,
+        };
         let mut plan = Plan::new(&plan_label(b, t, r));
         ad.set_training(true);
         let recorded = Self::record(
@@ -229,6 +308,7 @@ impl<'a> Trainer<'a> {
             r,
             s: nv + t,
             nv,
+            pos_ids: acts.pos_ids.clone().map(|t| (t, position_ids(shape))),
             _acts: acts,
             _grads: grads,
             _head: head,
@@ -271,13 +351,11 @@ impl<'a> Trainer<'a> {
                 ),
             ));
         }
-        let t = bucket(batch.t, 16, cap_t);
-        let b = batch.b;
         let (nv, _) = self.adapter_rows();
-        let s = nv + t;
-        let r = bucket(batch.loss_targets(nv).max(1), 16, b * s);
+        let (b, t, r) = bucket_shape(batch.b, batch.t, batch.loss_targets(nv), nv, cap_t);
         let key = (b, t, r);
         if !self.plans.contains_key(&key) {
+            self.reserve(b, t, r)?;
             let sp = self.build(b, t, r)?;
             self.plans.insert(key, sp);
         }
@@ -332,6 +410,9 @@ impl<'a> Trainer<'a> {
             .iter()
             .map(|&x| if x == -100 { 0.0 } else { weight })
             .collect();
+        if let Some((pid, pos)) = &sp.pos_ids {
+            pid.write_i32(self.ctx, pos)?;
+        }
         sp.ids.write_i32(self.ctx, &ids)?;
         sp.rows.write_i32(self.ctx, &rows)?;
         sp.targets.write_i32(self.ctx, &targets)?;
