@@ -158,6 +158,69 @@ pub fn describe_model(model: &Path) -> Result<(ModelConfig, FrozenTensors)> {
     Ok((cfg, frozen))
 }
 
+/// Texture bytes of a packed `rows x cols` f32 operand (4 columns a texel).
+fn packed_bytes(rows: usize, cols: usize) -> u64 {
+    rows as u64 * cols.div_ceil(4) as u64 * 16
+}
+
+/// The shared scratch textures the matmuls and attention pack their
+/// activation operands into (`Context::scratch_texture`): one per operand
+/// width and slot, as tall as the most rows packed at that width. `rows`
+/// token rows, `rc` logits rows per chunk.
+fn packed_operand_bytes(
+    cfg: &ModelConfig,
+    method: &MethodOptions,
+    shape: FwdShape,
+    rc: usize,
+) -> u64 {
+    use std::collections::BTreeMap;
+    let n = shape.rows();
+    let (c, hd) = (cfg.hidden, cfg.head_dim);
+    // (width, slot) -> rows
+    let mut need: BTreeMap<(usize, usize), usize> = BTreeMap::new();
+    let mut add = |w: usize, slot: usize, rows: usize| {
+        let e = need.entry((w, slot)).or_insert(0);
+        *e = (*e).max(rows);
+    };
+    // Frozen linears: inputs forward, output gradients backward (slot 0).
+    let mut widths = vec![c, cfg.heads * hd, cfg.kv_dim(), cfg.intermediate];
+    if cfg.arch == Arch::Gpt2 {
+        widths.extend([3 * c, 4 * c]);
+    }
+    for w in widths {
+        add(w, 0, n);
+    }
+    // The logits gradient, where a chunk's row fits a texture (assumed
+    // 16384 texels, the common limit).
+    if cfg.vocab <= 4 * 16384 {
+        add(cfg.vocab, 0, rc);
+    }
+    // Attention streams K/V (and in backward dout/q) in slots 2 and 3.
+    let kv_rows = shape.b * (shape.p + shape.s()) * cfg.kv_heads;
+    let q_rows = shape.b * shape.s() * cfg.heads;
+    add(hd, 2, kv_rows.max(q_rows));
+    add(hd, 3, kv_rows.max(q_rows));
+    if let MethodOptions::Lora(l) = method {
+        // dB packs (dout, h), dA packs (dh, x): h and x go in slot 1.
+        add(l.r, 0, n);
+        add(l.r, 1, n);
+        let all = l.targets.iter().any(|t| t == "all-linear");
+        for b in &ModelSpec::saved(cfg).blocks {
+            let mut lins = b.qkv.all();
+            lins.push(&b.o);
+            lins.extend(b.mlp.all());
+            for lin in lins {
+                if all || l.targets.iter().any(|t| module_matches(&lin.name, t)) {
+                    add(lin.in_f, 1, n);
+                }
+            }
+        }
+    }
+    need.iter()
+        .map(|(&(w, _), &rows)| packed_bytes(rows, w))
+        .sum()
+}
+
 /// Shapes of the adapter's trainable tensors and its other GPU buffers
 /// (prefix MLP work buffers, LoRA scratch for `rows` rows).
 fn adapter_tensors(
@@ -343,6 +406,8 @@ impl MemoryPlan {
         };
         let specs = step_specs(cfg, shape, i.r);
         let weights = frozen_weight_bytes(cfg, &i.frozen.tensors, i.mode);
+        let rc = crate::model::buffers::logits_chunk_rows(i.r, cfg.vocab, cfg.hidden);
+        let packed = packed_operand_bytes(cfg, i.method, shape, rc);
         let (numels, extra) = adapter_tensors(cfg, i.method, shape.rows())?;
         let n_params: usize = numels.iter().sum();
         let flat = alloc_bytes(flat_len(numels.into_iter()));
@@ -434,6 +499,11 @@ impl MemoryPlan {
                         String::new()
                     }
                 ),
+            },
+            PlanLine {
+                name: "packed operands",
+                bytes: packed,
+                note: "shared textures the matmuls read activations from".into(),
             },
             PlanLine {
                 name: "largest temporary",
