@@ -310,8 +310,19 @@ fn matmul_backward_input(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
     let col0 = wg.x * (LC * TN) + lane * TN;
     let mlast = p.m - 1u;
 {{BI_DECL}}
-    for (var n = 0u; n < p.n; n += 4u) {
+    // 8 columns of the reduction per iteration: llvmpipe (lavapipe) silently
+    // ends a loop after 65535 iterations, and lm_head's backward reduces over
+    // the vocabulary: 262,144 (Gemma 3) in steps of 4 is 65,536 iterations.
+    // Steps of 8 keep vocabularies up to 524,280 whole there.
+    for (var n0 = 0u; n0 < p.n; n0 += 8u) {
+        {
+            let n = n0;
 {{BI_BODY}}
+        }
+        if (n0 + 4u < p.n) {
+            let n = n0 + 4u;
+{{BI_BODY}}
+        }
     }
 {{BI_STORE}}
 }

@@ -12,8 +12,8 @@ mod tokenizer;
 
 use std::path::Path;
 
-use common::reference::{data_dir, json, Arrays};
-use wgtune::model::gguf::Gguf;
+use common::reference::{data_dir, json, quant_case, Arrays, QUANT_TYPES};
+use wgtune::model::gguf::{dequantize_into, Gguf};
 use wgtune::model::import::convert_gguf;
 use wgtune::model::ModelConfig;
 
@@ -49,6 +49,43 @@ fn dequantize_matches_gguf_py() {
         assert_eq!(
             bad, 0,
             "{name}: {bad} values differ from gguf-py (max {max})"
+        );
+    }
+}
+
+/// Each type on its own odd-shaped tensor (tests/reference/quant_generate.py: 5 or 7 rows, 37
+/// columns or an odd number of blocks, random block bytes with edge-value scales), decoded whole
+/// and row by row: bit-identical to gguf-py (-0.0 included).
+#[test]
+fn dequantize_each_format_bit_exact() {
+    for ty in QUANT_TYPES {
+        let c = quant_case(ty);
+        let name = ty.name();
+        let mut whole = vec![f32::NAN; c.rows * c.cols];
+        dequantize_into(ty, &c.raw, &mut whole);
+        let row_bytes = c.raw.len() / c.rows;
+        let mut by_row = vec![f32::NAN; c.rows * c.cols];
+        for (r, out) in by_row.chunks_exact_mut(c.cols).enumerate() {
+            dequantize_into(ty, &c.raw[r * row_bytes..(r + 1) * row_bytes], out);
+        }
+        assert_eq!(c.expected.len(), whole.len(), "{name}");
+        for (got, how) in [(&whole, "whole"), (&by_row, "by row")] {
+            let bad: Vec<usize> = (0..got.len())
+                .filter(|&i| got[i].to_bits() != c.expected[i].to_bits())
+                .collect();
+            if let Some(&i) = bad.first() {
+                panic!(
+                    "{name} [{}, {}] ({how}): {} of {} values differ from gguf-py; first at row {} col {}: {:e} vs {:e}",
+                    c.rows, c.cols, bad.len(), got.len(), i / c.cols, i % c.cols, got[i], c.expected[i]
+                );
+            }
+        }
+        let max = c.expected.iter().fold(0f32, |a, x| a.max(x.abs()));
+        eprintln!(
+            "{name} [{}, {}]: {} raw bytes, bit-exact (max |value| {max:e})",
+            c.rows,
+            c.cols,
+            c.raw.len()
         );
     }
 }

@@ -97,3 +97,58 @@ pub fn max_diff_masked(a: &[f32], b: &[f32], mask: &[i32], width: usize) -> f64 
     }
     m
 }
+
+impl Arrays {
+    /// A U8 tensor's bytes.
+    pub fn u8(&self, name: &str) -> Vec<u8> {
+        let st = self.st();
+        let t = st.tensor(name).unwrap_or_else(|_| panic!("no `{name}`"));
+        assert_eq!(t.dtype(), Dtype::U8, "{name}");
+        t.data().to_vec()
+    }
+    /// The file's `__metadata__` value for `key`.
+    pub fn meta(&self, key: &str) -> String {
+        let (_, m) = SafeTensors::read_metadata(&self.bytes).unwrap();
+        m.metadata()
+            .as_ref()
+            .and_then(|m| m.get(key).cloned())
+            .unwrap_or_else(|| panic!("no metadata `{key}`"))
+    }
+}
+
+/// The ggml types of tests/reference/data/quant/ (tests/reference/quant_generate.py), in its order.
+pub const QUANT_TYPES: [wgtune::model::gguf::GgmlType; 11] = {
+    use wgtune::model::gguf::GgmlType::*;
+    [F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4K, Q5K, Q6K]
+};
+
+/// One per-format dequantization reference (tests/reference/data/quant/<type>.safetensors): a
+/// [rows, cols] tensor of type `ty` (odd shapes: 5 or 7 rows, 37 columns or an odd number of
+/// blocks), its bytes exactly as a GGUF file stores them (row-major), and the f32 values
+/// `gguf.quants.dequantize` computes from those bytes.
+pub struct QuantCase {
+    pub ty: wgtune::model::gguf::GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub raw: Vec<u8>,
+    pub expected: Vec<f32>,
+}
+
+/// The reference for `ty` (one of [`QUANT_TYPES`]), checked against its metadata and sizes.
+pub fn quant_case(ty: wgtune::model::gguf::GgmlType) -> QuantCase {
+    let name = ty.name();
+    let a = Arrays::open(&format!("quant/{}.safetensors", name.to_lowercase()));
+    assert_eq!(a.meta("ggml_type"), name);
+    let rows: usize = a.meta("rows").parse().unwrap();
+    let cols: usize = a.meta("cols").parse().unwrap();
+    assert_eq!(a.shape("expected"), [rows, cols], "{name}");
+    let (per, bytes) = ty.block().unwrap();
+    assert_eq!(a.shape("raw"), [rows, cols / per * bytes], "{name}");
+    QuantCase {
+        ty,
+        rows,
+        cols,
+        raw: a.u8("raw"),
+        expected: a.f32("expected"),
+    }
+}

@@ -310,3 +310,34 @@ fn matmul_backward_input_wide_dout_with_packed_weight_vs_cpu() {
         );
     }
 }
+
+/// A backward_input reduction longer than 65535 steps of 4 (lm_head's
+/// backward over a 262,144-token vocabulary): llvmpipe silently ends a shader
+/// loop after 65535 iterations, which dropped the last 4 vocabulary columns
+/// (the wide_vocab tests' gradients were 13-29% off). Storage and packed
+/// weight, aligned and not.
+#[test]
+fn matmul_backward_input_reduction_over_65535_steps_vs_cpu() {
+    let ctx = gpu!();
+    for (m, k, n) in [(2, 8, 262_144), (3, 5, 4 * 65_536 + 9)] {
+        let mut r = Rng::new((m * 31 + k) as u64);
+        let (w, dy) = (r.vec(n * k, 1.0), r.vec(m * n, 1.0));
+        let (tw, tdy) = (up(ctx, &w, &[n, k], "w"), up(ctx, &dy, &[m, n], "dy"));
+        let (dx1, dx2) = (
+            common::zeros(ctx, &[m, k], "dx1"),
+            common::zeros(ctx, &[m, k], "dx2"),
+        );
+        let mut plan = Plan::new("long reduction");
+        matmul::matmul_backward_input(ctx, &mut plan, &dx1, &tdy, &tw).unwrap();
+        let packed = matmul::pack(ctx, &mut plan, &tw).unwrap();
+        matmul::matmul_backward_input_packed(ctx, &mut plan, &dx2, &tdy, &packed, 1.0).unwrap();
+        run(ctx, &plan);
+        let mut want = vec![0f64; m * k];
+        cpu::matmul::matmul_backward_input(&mut want, &to64(&dy), &to64(&w), m, k, n);
+        let tol = 2e-6 * (n as f64).sqrt();
+        for (dx, how) in [(&dx1, "storage"), (&dx2, "packed")] {
+            let what = format!("backward_input {how} M={m} K={k} N={n}");
+            assert_close(&what, &read(ctx, dx), &want, tol, 1e-4);
+        }
+    }
+}
