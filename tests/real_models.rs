@@ -29,7 +29,9 @@ use wgtune::train::data::Batch;
 use wgtune::train::trainer::{OptimConfig, Schedule, Trainer};
 
 fn home_cache(rel: &str) -> PathBuf {
-    PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/wgtune-ref").join(rel)
+    PathBuf::from(std::env::var("HOME").expect("HOME"))
+        .join(".cache/wgtune-ref")
+        .join(rel)
 }
 
 fn gguf_path() -> PathBuf {
@@ -141,7 +143,10 @@ fn check_forward(mode: WeightsMode) {
          max |logits diff| {diff:.3e} (max |logit| {scale:.2}); forward {secs:.1} s",
         bt.n_targets
     );
-    assert!(rel <= 1e-4, "{mode:?}: loss {loss} vs {want_loss} (rel {rel:.2e})");
+    assert!(
+        rel <= 1e-4,
+        "{mode:?}: loss {loss} vs {want_loss} (rel {rel:.2e})"
+    );
 }
 
 /// Check 1: the base model's loss (and logits, reported) with the weights as
