@@ -24,9 +24,13 @@ pub struct Arrays {
 
 impl Arrays {
     pub fn open(rel: &str) -> Arrays {
-        let p = data_dir(rel);
+        Arrays::open_path(&data_dir(rel))
+    }
+    /// A .safetensors anywhere (the real-model references live outside the
+    /// repository).
+    pub fn open_path(p: &std::path::Path) -> Arrays {
         Arrays {
-            bytes: std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+            bytes: std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
         }
     }
     fn st(&self) -> SafeTensors<'_> {
