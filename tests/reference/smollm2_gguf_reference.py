@@ -6,7 +6,7 @@
 GGUF defaults to $WGTUNE_SMOLLM2_GGUF, else the file get-smollm2.sh keeps,
 ~/.cache/wgtune-ref/gguf/SmolLM2-135M-Instruct.Q4_1.gguf. DIR defaults to
 $WGTUNE_SMOLLM2_REF, else ~/.cache/wgtune-ref/smollm2-gguf. Nothing it writes
-is committed; tests/real_models.rs (ignored tests) reads it.
+is committed; tests/real_model_gguf.rs (ignored tests) reads it.
 
 The model is transformers' own GGUF loading,
 AutoModelForCausalLM.from_pretrained(dir, gguf_file=name), which dequantizes

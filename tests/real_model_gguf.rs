@@ -5,7 +5,7 @@
 //!
 //!   tests/reference/get-smollm2.sh          # fetches the GGUF (once)
 //!   ~/.cache/wgtune-ref/venv/bin/python tests/reference/smollm2_gguf_reference.py
-//!   cargo test --test real_models -- --ignored --nocapture
+//!   cargo test --test real_model_gguf -- --ignored --nocapture
 //!
 //! The GGUF is $WGTUNE_SMOLLM2_GGUF, else
 //! ~/.cache/wgtune-ref/gguf/SmolLM2-135M-Instruct.Q4_1.gguf; the reference
