@@ -447,7 +447,7 @@ impl MemoryPlan {
                 name: "frozen weights",
                 bytes: weights,
                 note: format!(
-                    "{:.1} M parameters as {:?} ({}){}",
+                    "{:.1} M parameters, weights {} ({}){}",
                     params as f64 / 1e6,
                     i.mode,
                     i.frozen.source,
@@ -484,8 +484,8 @@ impl MemoryPlan {
                 name: "logits workspace",
                 bytes: logits_workspace_bytes(&specs),
                 note: format!(
-                    "{} target rows x {} vocab, and the gradient",
-                    i.r, cfg.vocab
+                    "{} of {} target rows at a time x {} vocab (the gradient overwrites it), and the gathered rows",
+                    rc, i.r, cfg.vocab
                 ),
             },
             PlanLine {

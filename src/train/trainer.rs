@@ -261,6 +261,8 @@ impl<'a> Trainer<'a> {
         self.pool = Pool::default();
         let shape = self.shape(want.0, want.1);
         self.model.check_positions(shape)?;
+        // Packed operands too are sized once for the largest shape.
+        self.ctx.reserve_scratch_rows(shape.rows());
         self.pool = Pool::alloc(self.ctx, &step_specs(&self.model.cfg, shape, want.2))?;
         self.pool_max = want;
         Ok(())
