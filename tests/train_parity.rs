@@ -451,14 +451,14 @@ fn logits_chunk_rows_fit_the_budget() {
     use wgtune::model::buffers::{
         logits_chunk_rows, logits_chunk_rows_within, LOGITS_BUDGET_BYTES,
     };
-    // Gemma's vocabulary: 64 rows of 1 MiB in the 64 MiB budget.
-    assert_eq!(LOGITS_BUDGET_BYTES, 64 << 20);
-    assert_eq!(logits_chunk_rows(512, 262_144, 2304), 64);
+    // Gemma's vocabulary: 128 rows of 1 MiB in the 128 MiB budget.
+    assert_eq!(LOGITS_BUDGET_BYTES, 128 << 20);
+    assert_eq!(logits_chunk_rows(512, 262_144, 2304), 128);
     // All rows fit: one chunk of exactly the rows.
     assert_eq!(logits_chunk_rows(512, 32_000, 2048), 512);
     assert_eq!(logits_chunk_rows(0, 32_000, 2048), 1);
-    // Qwen2's 151,936: 110 rows fit.
-    assert_eq!(logits_chunk_rows(512, 151_936, 896), 110);
+    // Qwen2's 151,936: 220 rows fit.
+    assert_eq!(logits_chunk_rows(512, 151_936, 896), 220);
     // Below one row: one row per chunk.
     assert_eq!(logits_chunk_rows_within(10, 384, 64, 1), 1);
     // A width that is not a multiple of 64 keeps chunk views 256-byte
