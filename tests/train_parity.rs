@@ -8,7 +8,7 @@
 #[macro_use]
 mod common;
 
-use common::reference::{data_dir, json, shift_targets, Arrays};
+use common::reference::{data_dir, json, Arrays};
 use wgtune::adapters::peft_io::load_adapter;
 use wgtune::adapters::{Adapter, HostTensors};
 use wgtune::gpu::Context;
@@ -42,25 +42,7 @@ fn initial(model: &str, case: &str) -> (wgtune::adapters::peft_io::AdapterConfig
 }
 
 fn step_batch(model: &str, case: &str) -> Batch {
-    let a = Arrays::open(&format!("{model}/peft/{case}/step.safetensors"));
-    let sh = a.shape("input_ids");
-    let (b, t) = (sh[0], sh[1]);
-    let labels = a.i32("labels");
-    let mask = a.i32("attention_mask");
-    let targets = shift_targets(&labels, b, t);
-    let lens = (0..b)
-        .map(|r| mask[r * t..(r + 1) * t].iter().filter(|&&m| m != 0).count())
-        .collect();
-    let n_targets = targets.iter().filter(|&&x| x != -100).count();
-    Batch {
-        b,
-        t,
-        ids: a.i32("input_ids"),
-        targets,
-        lens,
-        n_targets,
-        first: (0..b).map(|r| labels[r * t]).collect(),
-    }
+    common::reference::peft_batch(&format!("{model}/peft/{case}/step.safetensors"))
 }
 
 /// The reference gradient's name for one of our flat entries.

@@ -10,7 +10,7 @@
 #[macro_use]
 mod common;
 
-use common::reference::{data_dir, json, shift_targets, Arrays};
+use common::reference::{data_dir, json, Arrays};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use wgtune::adapters::peft_io::load_adapter;
@@ -110,25 +110,7 @@ fn wide_model(ctx: &Context, model: &str) -> Model {
 }
 
 fn step_batch(rel: &str) -> Batch {
-    let a = Arrays::open(rel);
-    let sh = a.shape("input_ids");
-    let (b, t) = (sh[0], sh[1]);
-    let labels = a.i32("labels");
-    let mask = a.i32("attention_mask");
-    let targets = shift_targets(&labels, b, t);
-    let lens = (0..b)
-        .map(|r| mask[r * t..(r + 1) * t].iter().filter(|&&m| m != 0).count())
-        .collect();
-    let n_targets = targets.iter().filter(|&&x| x != -100).count();
-    Batch {
-        b,
-        t,
-        ids: a.i32("input_ids"),
-        targets,
-        lens,
-        n_targets,
-        first: (0..b).map(|r| labels[r * t]).collect(),
-    }
+    common::reference::peft_batch(rel)
 }
 
 fn opt(lr: f64, weight_decay: f64, max_grad_norm: f64, total_steps: usize) -> OptimConfig {

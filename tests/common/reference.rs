@@ -156,3 +156,27 @@ pub fn quant_case(ty: wgtune::model::gguf::GgmlType) -> QuantCase {
         expected: a.f32("expected"),
     }
 }
+
+/// The batch of a PEFT reference step file (`input_ids`, `labels`,
+/// `attention_mask` under `data/`), as the trainer takes it.
+pub fn peft_batch(rel: &str) -> wgtune::train::data::Batch {
+    let a = Arrays::open(rel);
+    let sh = a.shape("input_ids");
+    let (b, t) = (sh[0], sh[1]);
+    let labels = a.i32("labels");
+    let mask = a.i32("attention_mask");
+    let targets = shift_targets(&labels, b, t);
+    let lens = (0..b)
+        .map(|r| mask[r * t..(r + 1) * t].iter().filter(|&&m| m != 0).count())
+        .collect();
+    let n_targets = targets.iter().filter(|&&x| x != -100).count();
+    wgtune::train::data::Batch {
+        b,
+        t,
+        ids: a.i32("input_ids"),
+        targets,
+        lens,
+        n_targets,
+        first: (0..b).map(|r| labels[r * t]).collect(),
+    }
+}
