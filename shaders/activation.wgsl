@@ -1,5 +1,7 @@
 // activation.wgsl: the elementwise ops of a transformer block, forward and
-// backward: SwiGLU (Llama MLP), GELU in its tanh form (GPT-2 "gelu_new"),
+// backward: the gated MLP middle act(gate) * up (SwiGLU for Llama, GeGLU
+// with the tanh GELU for Gemma: the GATE override), GELU in its tanh form
+// (GPT-2 "gelu_new"),
 // tanh (the prefix-tuning projection MLP) and the residual add. Backward entries accumulate (+=) into their gradients, so
 // residual fan-in and a gradient shared by several consumers need no extra code.
 //
@@ -26,6 +28,7 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 
 override WG: u32 = 64u;
+override GATE: u32 = 0u; // swiglu_* entries: 0 silu (SwiGLU), 1 tanh-GELU (GeGLU)
 
 // This invocation's group of 4 elements (its vec4 slot).
 fn slot(wg: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
@@ -46,8 +49,9 @@ fn tanh_safe4(x: vec4<f32>) -> vec4<f32> {
     return vec4<f32>(tanh_safe(x.x), tanh_safe(x.y), tanh_safe(x.z), tanh_safe(x.w));
 }
 
-// out = silu(gate) * up = gate * sigmoid(gate) * up
+// out = act(gate) * up: silu(gate) = gate * sigmoid(gate), or gelu4(gate).
 fn swiglu4(g: vec4<f32>, u: vec4<f32>) -> vec4<f32> {
+    if (GATE == 1u) { return gelu4(g) * u; }
     return g * sigmoid4(g) * u;
 }
 
@@ -57,8 +61,10 @@ struct Grad2 {
 }
 
 // Differentiates out = g * s(g) * u with s = sigmoid:
-// d/dg = u * (s + g*s*(1-s)) = u * s * (1 + g*(1-s)); d/du = g * s.
+// d/dg = u * (s + g*s*(1-s)) = u * s * (1 + g*(1-s)); d/du = g * s;
+// GeGLU: d/dg = u * gelu'(g), d/du = gelu(g).
 fn swiglu_grad4(dout: vec4<f32>, g: vec4<f32>, u: vec4<f32>) -> Grad2 {
+    if (GATE == 1u) { return Grad2(dout * u * gelu_grad4(g), dout * gelu4(g)); }
     let s = sigmoid4(g);
     return Grad2(dout * u * s * (1.0 + g * (1.0 - s)), dout * g * s);
 }

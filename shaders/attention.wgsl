@@ -16,7 +16,9 @@
 // (B, S, KVH, HD) with S = P + T and the prefix in rows 0..P of every batch;
 // lse, delta (B, NH, T). Query head h reads KV head h / G, G = NH / KVH.
 // Query t (0-based among the T real tokens) sees keys s < P + t + 1: every
-// prefix key plus the real keys up to itself. Scale 1/sqrt(HD).
+// prefix key plus the real keys up to itself; with a sliding window W > 0
+// only those with (P + t) - s < W (key rows are positions, prefix rows
+// included, as in transformers' mask). The score scale comes in `scale`.
 //
 // Backward recomputes the probabilities from lse (nothing (T, T) is stored)
 // and is split in three kernels to stay within 8 storage bindings. Each
@@ -56,9 +58,9 @@ struct Params {
     pre: u32,    // learned prefix rows P in front of every batch's keys
     s: u32,      // key rows S = P + T
     groups: u32, // row groups (SG lanes x R rows) this dispatch covers
-    scale: f32,  // 1 / sqrt(HD)
+    scale: f32,  // score scale (1 / sqrt(HD), or the model's)
     shift: u32,  // texture source: log2 rows per texture layer (31 = one layer)
-    _p0: u32,
+    window: u32, // sliding window W (0: none)
     _p1: u32,
     _p2: u32,
 }
@@ -68,8 +70,10 @@ struct Params {
 override WG: u32 = 64u;  // invocations per workgroup (a multiple of SG)
 override SG: u32 = 1u;   // lanes per row group: 1, or the fixed subgroup size
 override R: u32 = 1u;    // rows per lane: 1, 2 or 4
-override HD4: u32 = 16u; // head dim / 4 (HD <= 128)
-const MAXC: u32 = 32u;   // register row capacity in vec4s (HD <= 128)
+override HD4: u32 = 16u; // head dim / 4 (HD <= 4 * MAXC)
+// Register row capacity in vec4s: an array size cannot be an override, so
+// src/gpu/ops/attention.rs rewrites this line for head dims over 128.
+const MAXC: u32 = 32u;
 const LOG2E: f32 = 1.4426950408889634;
 const LN2: f32 = 0.6931471805599453;
 
@@ -127,18 +131,25 @@ struct QGeo {
     h: u32,
     kh: u32,
     t: u32,
+    k0_grp: u32,
     nk_grp: u32,
 }
 
+// The group walks keys k0_grp..nk_grp: from its first row's window start
+// (0 without a window) to its last row's causal bound.
 fn q_geo(sl: Slot) -> QGeo {
     let h = sl.head % p.nh;
     let nk_grp = p.pre + min(sl.first + SG * R, p.t);
-    return QGeo(sl.head / p.nh, h, h / (p.nh / p.kvh), sl.first + sl.lane, nk_grp);
+    let reach = p.pre + sl.first + 1u;
+    let k0_grp = select(0u, reach - min(reach, p.window), p.window > 0u);
+    return QGeo(sl.head / p.nh, h, h / (p.nh / p.kvh), sl.first + sl.lane, k0_grp, nk_grp);
 }
 
-// Row t sees key j iff j < P + t + 1, i.e. j is a prefix key or j - P <= t.
+// Row t sees key j iff j < P + t + 1, i.e. j is a prefix key or j - P <= t,
+// and, with a window, (P + t) - j < W.
 fn sees(j: u32, t: u32) -> bool {
-    return j < p.pre || j - p.pre <= t;
+    let causal = j < p.pre || j - p.pre <= t;
+    return causal && (p.window == 0u || p.pre + t - j < p.window);
 }
 
 // ---------------------------------------------------------------------------
@@ -253,7 +264,7 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgrou
     var m0: vec2<f32>; var m1: vec2<f32>; var m2: vec2<f32>; var m3: vec2<f32>;
     fw_begin(&q0, &q1, &q2, &q3, &a0, &a1, &a2, &a3, &m0, &m1, &m2, &m3, g);
     // Keys in order, as the CPU twin's softmax sums them, rescaled online.
-    for (var j = 0u; j < g.nk_grp; j++) {
+    for (var j = g.k0_grp; j < g.nk_grp; j++) {
         let hr = row_{{SRC}}((g.b * p.s + j) * p.kvh + g.kh);
         var kr: Row;
         var vr: Row;
@@ -395,7 +406,7 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_work
     var a0: Row; var a1: Row; var a2: Row; var a3: Row;
     var l0: vec2<f32>; var l1: vec2<f32>; var l2: vec2<f32>; var l3: vec2<f32>;
     dq_begin(&q0, &q1, &q2, &q3, &o0, &o1, &o2, &o3, &a0, &a1, &a2, &a3, &l0, &l1, &l2, &l3, g);
-    for (var j = 0u; j < g.nk_grp; j++) {
+    for (var j = g.k0_grp; j < g.nk_grp; j++) {
         let hr = row_{{SRC}}((g.b * p.s + j) * p.kvh + g.kh);
         var kr: Row;
         var vr: Row;
@@ -435,18 +446,23 @@ fn kv_dout_tx(h: vec2<u32>, i: u32) -> vec4<f32> { return textureLoad(kvx_dout, 
 fn kv_q_tx(h: vec2<u32>, i: u32) -> vec4<f32> { return textureLoad(kvx_q, vec2<u32>(i, h.x), h.y, 0); }
 
 // Geometry of a key-row invocation: batch, KV head, first row s (row r is
-// s + r * SG) and the first query its group walks: key s is seen by queries
+// s + r * SG) and the queries its group walks: key s is seen by queries
 // t >= s - P (all of them for prefix keys), so the group starts at its first
-// key's bound.
+// key's bound; with a window W only by t < s + W - P, so it ends at its
+// last key's.
 struct KGeo {
     b: u32,
     kh: u32,
     s: u32,
     t_grp: u32,
+    t_end: u32,
 }
 
 fn k_geo(sl: Slot) -> KGeo {
-    return KGeo(sl.head / p.kvh, sl.head % p.kvh, sl.first + sl.lane, max(sl.first, p.pre) - p.pre);
+    let last = sl.first + SG * R - 1u;
+    let t_end = select(p.t, min(p.t, max(last + p.window, p.pre) - p.pre), p.window > 0u);
+    return KGeo(sl.head / p.kvh, sl.head % p.kvh, sl.first + sl.lane,
+                max(sl.first, p.pre) - p.pre, t_end);
 }
 
 // Load key/value row `s` (clamped; k in log2 units); clear dk, dv.
@@ -501,18 +517,19 @@ fn kv_begin(k0: RowP, k1: RowP, k2: RowP, k3: RowP, v0: RowP, v1: RowP, v2: RowP
 }
 
 // Query t of head h (shares qr, gr) for every row: key s' is visible to
-// query t iff s' < P + t + 1.
+// query t iff sees(s', t).
 fn kv_query(k0: RowP, k1: RowP, k2: RowP, k3: RowP, v0: RowP, v1: RowP, v2: RowP, v3: RowP,
             x0: RowP, x1: RowP, x2: RowP, x3: RowP, y0: RowP, y1: RowP, y2: RowP, y3: RowP,
             qr: RowP, gr: RowP, h: u32, t: u32, g: KGeo) {
     let row = (g.b * p.nh + h) * p.t + t;
     let ld = vec2<f32>(kv_lse[row] * LOG2E, kv_delta[row]);
+    // Rows past S (clamped loads, never stored) are never live.
     let lim = p.pre + t + 1u;
-    kv_step(k0, v0, x0, y0, qr, gr, ld, g.s < lim);
-    if (R > 1u) { kv_step(k1, v1, x1, y1, qr, gr, ld, g.s + SG < lim); }
+    kv_step(k0, v0, x0, y0, qr, gr, ld, g.s < lim && sees(g.s, t));
+    if (R > 1u) { kv_step(k1, v1, x1, y1, qr, gr, ld, g.s + SG < lim && sees(g.s + SG, t)); }
     if (R > 2u) {
-        kv_step(k2, v2, x2, y2, qr, gr, ld, g.s + 2u * SG < lim);
-        kv_step(k3, v3, x3, y3, qr, gr, ld, g.s + 3u * SG < lim);
+        kv_step(k2, v2, x2, y2, qr, gr, ld, g.s + 2u * SG < lim && sees(g.s + 2u * SG, t));
+        kv_step(k3, v3, x3, y3, qr, gr, ld, g.s + 3u * SG < lim && sees(g.s + 3u * SG, t));
     }
 }
 
@@ -541,7 +558,7 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_wor
     kv_begin(&k0, &k1, &k2, &k3, &v0, &v1, &v2, &v3, &x0, &x1, &x2, &x3, &y0, &y1, &y2, &y3, g);
     // The fixed summation order: query heads of the group, then queries.
     for (var h = g.kh * gs; h < (g.kh + 1u) * gs; h++) {
-        for (var t = g.t_grp; t < p.t; t++) {
+        for (var t = g.t_grp; t < g.t_end; t++) {
             let hr = row_{{SRC}}((g.b * p.t + t) * p.nh + h);
             var qr: Row;
             var gr: Row;

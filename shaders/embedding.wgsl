@@ -18,6 +18,10 @@ struct Params {
     v: u32,       // full vocab size V; ids outside [0, V) give zero rows
     v0: u32,      // first table row bound by this dispatch (chunk start)
     v1: u32,      // one past the last bound table row (chunk end)
+    scale: f32,   // embedding_forward: factor on the rows (Gemma's sqrt(C))
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -52,7 +56,7 @@ fn embedding_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgrou
         // Rows are addressed relative to the chunk's view of the table.
         let src = (u32(id) - p.v0) * p.c;
         for (var i = lid; i < p.c; i += WG) {
-            emb_out[dst + i] = emb_table[src + i];
+            emb_out[dst + i] = emb_table[src + i] * p.scale;
         }
     } else if (p.v0 == 0u && (id < 0 || id >= i32(p.v))) {
         // Invalid id: a defined result instead of an out-of-bounds read.

@@ -207,7 +207,7 @@ fn matmul_gemv_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
 }
 
 // matmul_gather: the embedding lookup over a weight from any source:
-// out[b, col_off + t, :] = weight[ids[b, t], :], zero for an id outside
+// out[b, col_off + t, :] = alpha * weight[ids[b, t], :], zero for an id outside
 // 0..a_row0 (= V). p.m = B*T ids, p.n = T, p.ld_out = S, p.k = C.
 // One invocation per 4 output columns.
 @group(0) @binding(2) var<storage, read> ga_ids: array<i32>;               // (B, T)
@@ -223,7 +223,7 @@ fn matmul_gather(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) 
     let id = ga_ids[tok];
     let dst = ((tok / p.n) * p.ld_out + p.col_off + tok % p.n) * p.k + c4;
     var v = vec4<f32>(0.0);
-    if (id >= 0 && u32(id) < p.a_row0) { v = fw_b_{{B}}(b_row_{{B}}(u32(id)), c4); }
+    if (id >= 0 && u32(id) < p.a_row0) { v = p.alpha * fw_b_{{B}}(b_row_{{B}}(u32(id)), c4); }
     for (var j = 0u; j < 4u; j++) {
         if (c4 + j < p.k) { fw_out[dst + j] = v[j]; }
     }

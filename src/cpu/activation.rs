@@ -62,6 +62,33 @@ pub fn gelu_backward(dinp: &mut [f64], dout: &[f64], inp: &[f64], n: usize) {
     }
 }
 
+/// out = gelu(gate) * up (Gemma's GeGLU, tanh GELU as in [`gelu_forward`]).
+pub fn geglu_forward(out: &mut [f64], gate: &[f64], up: &[f64], n: usize) {
+    gelu_forward(out, gate, n);
+    for i in 0..n {
+        out[i] *= up[i];
+    }
+}
+
+/// Differentiates `out = gelu(gate) * up`: dgate += dout * up * gelu'(gate);
+/// dup += dout * gelu(gate).
+pub fn geglu_backward(
+    dgate: &mut [f64],
+    dup: &mut [f64],
+    dout: &[f64],
+    gate: &[f64],
+    up: &[f64],
+    n: usize,
+) {
+    let mut g = vec![0.0; n];
+    gelu_forward(&mut g, gate, n);
+    let scaled: Vec<f64> = (0..n).map(|i| dout[i] * up[i]).collect();
+    gelu_backward(dgate, &scaled, gate, n);
+    for i in 0..n {
+        dup[i] += dout[i] * g[i];
+    }
+}
+
 /// out = inp1 + inp2 (the skip connection).
 pub fn residual_forward(out: &mut [f64], inp1: &[f64], inp2: &[f64], n: usize) {
     for i in 0..n {

@@ -4,7 +4,30 @@
 //! learned key/value prefix. Layouts (row-major):
 //! q, out, dout, dq (B, T, NH, HD); k, v, dk, dv (B, S, KVH, HD) with
 //! S = P + T and the prefix in rows 0..P of every batch; lse (B, NH, T).
-//! Query head h reads KV head h / (NH / KVH). Query t sees keys s < P + t + 1.
+//! Query head h reads KV head h / (NH / KVH). Query t sees keys s < P + t + 1,
+//! and with a sliding window W only those with (P + t) - s < W: key rows are
+//! positions, prefix rows included.
+
+/// Score scale and sliding window of one attention.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Mask {
+    pub scale: f64,
+    pub window: Option<usize>,
+}
+
+impl Mask {
+    /// Plain causal attention scaled by 1/sqrt(HD).
+    pub fn causal(hd: usize) -> Mask {
+        Mask {
+            scale: 1.0 / (hd as f64).sqrt(),
+            window: None,
+        }
+    }
+    /// The first key query row `ti` sees (after `p` prefix rows).
+    pub fn first_key(&self, p: usize, ti: usize) -> usize {
+        self.window.map_or(0, |w| (p + ti + 1).saturating_sub(w))
+    }
+}
 
 /// Index of element (b, t, h, 0) in a (B, T, H, HD) tensor.
 fn row(b: usize, t: usize, h: usize, nt: usize, nh: usize, hd: usize) -> usize {
@@ -31,18 +54,38 @@ pub fn attention_forward(
     hd: usize,
     p: usize,
 ) {
+    let m = Mask::causal(hd);
+    attention_forward_masked(out, lse, q, k, v, b, t, nh, kvh, hd, p, m);
+}
+
+/// [`attention_forward`] with another scale and a sliding window.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_masked(
+    out: &mut [f64],
+    lse: &mut [f64],
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    b: usize,
+    t: usize,
+    nh: usize,
+    kvh: usize,
+    hd: usize,
+    p: usize,
+    mask: Mask,
+) {
     let s = p + t;
     let g = nh / kvh; // query heads per KV head
-    let scale = 1.0 / (hd as f64).sqrt();
+    let scale = mask.scale;
     for bi in 0..b {
         for h in 0..nh {
             let kh = h / g;
             for ti in 0..t {
                 let qr = &q[row(bi, ti, h, t, nh, hd)..][..hd];
-                // Every prefix key and the real keys up to ti.
-                let nk = p + ti + 1;
+                // Every prefix key and the real keys up to ti (in the window).
+                let (lo, nk) = (mask.first_key(p, ti), p + ti + 1);
                 // Scores, then a max-subtracted softmax.
-                let sc: Vec<f64> = (0..nk)
+                let sc: Vec<f64> = (lo..nk)
                     .map(|j| scale * dot(qr, &k[row(bi, j, kh, s, kvh, hd)..][..hd]))
                     .collect();
                 let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -51,7 +94,7 @@ pub fn attention_forward(
                 // out = sum_j p_j v_j with p_j = exp(sc_j - m) / z.
                 let o = &mut out[row(bi, ti, h, t, nh, hd)..][..hd];
                 o.fill(0.0);
-                for (j, x) in sc.iter().enumerate() {
+                for (j, x) in (lo..).zip(&sc) {
                     let pj = (x - m).exp() / z;
                     let vr = &v[row(bi, j, kh, s, kvh, hd)..][..hd];
                     for d in 0..hd {
@@ -87,9 +130,33 @@ pub fn attention_backward(
     hd: usize,
     p: usize,
 ) {
+    let m = Mask::causal(hd);
+    attention_backward_masked(dq, dk, dv, dout, q, k, v, out, lse, b, t, nh, kvh, hd, p, m);
+}
+
+/// [`attention_backward`] with another scale and a sliding window.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_masked(
+    dq: &mut [f64],
+    dk: &mut [f64],
+    dv: &mut [f64],
+    dout: &[f64],
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    out: &[f64],
+    lse: &[f64],
+    b: usize,
+    t: usize,
+    nh: usize,
+    kvh: usize,
+    hd: usize,
+    p: usize,
+    mask: Mask,
+) {
     let s = p + t;
     let g = nh / kvh;
-    let scale = 1.0 / (hd as f64).sqrt();
+    let scale = mask.scale;
     for bi in 0..b {
         for h in 0..nh {
             let kh = h / g;
@@ -99,7 +166,7 @@ pub fn attention_backward(
                 let l = lse[(bi * nh + h) * t + ti];
                 // sum_j p_j dp_j = dout . sum_j p_j v_j = dout . out.
                 let delta = dot(go, &out[qi..][..hd]);
-                for j in 0..p + ti + 1 {
+                for j in mask.first_key(p, ti)..p + ti + 1 {
                     let ki = row(bi, j, kh, s, kvh, hd);
                     // Recompute the probability from lse, as the kernels do.
                     let pj = (scale * dot(qr, &k[ki..][..hd]) - l).exp();

@@ -181,6 +181,12 @@ pub struct LayerActs {
     pub ln1: NormActs,
     /// GPT-2's fused projection (B*S, 3C).
     pub qkv: Option<Tensor>,
+    /// q and k as projected, before their per-head norms (qwen3, gemma3),
+    /// and the norms' statistics (B*S*NH), (B*S*KVH).
+    pub q_pre: Option<Tensor>,
+    pub k_pre: Option<Tensor>,
+    pub q_rstd: Option<Tensor>,
+    pub k_rstd: Option<Tensor>,
     /// (B, S, NH, HD), rotated.
     pub q: Tensor,
     /// (B, S, KVH, HD), k rotated.
@@ -192,6 +198,8 @@ pub struct LayerActs {
     pub att: Tensor,
     pub lse: Tensor,
     pub proj: Tensor,
+    /// The attention output's norm (gemma3), added to the residual.
+    pub post_attn: Option<NormActs>,
     pub resid_mid: Tensor,
     pub ln2: NormActs,
     /// gate (SwiGLU) or fc (GELU) output (B*S, I).
@@ -200,6 +208,8 @@ pub struct LayerActs {
     pub h2: Option<Tensor>,
     pub act: Tensor,
     pub mlp_out: Tensor,
+    /// The MLP output's norm (gemma3), added to the residual.
+    pub post_mlp: Option<NormActs>,
 }
 
 /// Activations of one forward shape. With `save`, each layer has its own
@@ -217,6 +227,14 @@ pub struct Acts {
     /// The final residual (B*S, C) and the final norm.
     pub resid_out: Tensor,
     pub lnf: NormActs,
+}
+
+/// The norm `label` when the spec list has it.
+fn opt_norm(v: &Views, label: &str) -> Result<Option<NormActs>> {
+    match v.opt(label) {
+        Some(_) => NormActs::from_views(v, label).map(Some),
+        None => Ok(None),
+    }
 }
 
 fn f32s(ctx: &Context, shape: &[usize], label: &str) -> Result<Tensor> {
@@ -255,6 +273,10 @@ impl Acts {
                 resid,
                 ln1: NormActs::from_views(&v, &tag("ln1"))?,
                 qkv: v.opt(&tag("qkv")),
+                q_pre: v.opt(&tag("q_pre")),
+                k_pre: v.opt(&tag("k_pre")),
+                q_rstd: v.opt(&tag("q_rstd")),
+                k_rstd: v.opt(&tag("k_rstd")),
                 q: v.get(&tag("q"))?,
                 k: v.get(&tag("k"))?,
                 v: v.get(&tag("v"))?,
@@ -263,12 +285,14 @@ impl Acts {
                 att: v.get(&tag("att"))?,
                 lse: v.get(&tag("lse"))?,
                 proj: v.get(&tag("proj"))?,
+                post_attn: opt_norm(&v, &tag("post_attn"))?,
                 resid_mid: v.get(&tag("resid_mid"))?,
                 ln2: NormActs::from_views(&v, &tag("ln2"))?,
                 h1: v.get(&tag("h1"))?,
                 h2: v.opt(&tag("h2")),
                 act: v.get(&tag("act"))?,
                 mlp_out: v.get(&tag("mlp_out"))?,
+                post_mlp: opt_norm(&v, &tag("post_mlp"))?,
             })
         };
         let mut layers: Vec<LayerActs> = Vec::new();
@@ -327,6 +351,12 @@ impl Acts {
             if ln {
                 v.push(BufSpec::f32(tag("qkv"), &[n, 3 * c], k));
             }
+            if cfg.qk_norm {
+                v.push(BufSpec::f32(tag("q_pre"), &[b, s, nh, hd], k));
+                v.push(BufSpec::f32(tag("k_pre"), &[b, s, kvh, hd], k));
+                v.push(BufSpec::f32(tag("q_rstd"), &[n * nh], k));
+                v.push(BufSpec::f32(tag("k_rstd"), &[n * kvh], k));
+            }
             v.push(BufSpec::f32(tag("q"), &[b, s, nh, hd], k));
             v.push(BufSpec::f32(tag("k"), &[b, s, kvh, hd], k));
             v.push(BufSpec::f32(tag("v"), &[b, s, kvh, hd], k));
@@ -337,6 +367,9 @@ impl Acts {
             v.push(BufSpec::f32(tag("att"), &[b, s, nh, hd], k));
             v.push(BufSpec::f32(tag("lse"), &[b, nh, s], k));
             v.push(BufSpec::f32(tag("proj"), &[n, c], k));
+            if cfg.sandwich_norms {
+                NormActs::specs(&mut v, n, c, false, &tag("post_attn"));
+            }
             v.push(BufSpec::f32(tag("resid_mid"), &[n, c], k));
             NormActs::specs(&mut v, n, c, ln, &tag("ln2"));
             v.push(BufSpec::f32(tag("h1"), &[n, ff], k));
@@ -345,6 +378,9 @@ impl Acts {
             }
             v.push(BufSpec::f32(tag("act"), &[n, ff], k));
             v.push(BufSpec::f32(tag("mlp_out"), &[n, c], k));
+            if cfg.sandwich_norms {
+                NormActs::specs(&mut v, n, c, false, &tag("post_mlp"));
+            }
         }
         if save || cfg.layers == 0 {
             v.push(BufSpec::f32("resid_out", &[n, c], k));
@@ -490,6 +526,13 @@ pub struct Grads {
     pub(crate) dln2: Tensor,
     pub(crate) dq: Tensor,
     pub(crate) dk: Tensor,
+    /// Gradients of q and k before their per-head norms (qwen3, gemma3).
+    pub(crate) dq_pre: Option<Tensor>,
+    pub(crate) dk_pre: Option<Tensor>,
+    /// Gradients of the attention and MLP outputs before their norms
+    /// (gemma3).
+    pub(crate) dproj: Option<Tensor>,
+    pub(crate) dmlp_out: Option<Tensor>,
     pub(crate) dv: Tensor,
     pub(crate) dkcat: Option<Tensor>,
     pub(crate) dvcat: Option<Tensor>,
@@ -528,9 +571,9 @@ fn is_logits_grad(s: &BufSpec) -> bool {
 
 /// Gradient buffers cleared at the start of every layer's backward, in
 /// clearing order.
-const LAYER_GRADS: [&str; 13] = [
+const LAYER_GRADS: [&str; 17] = [
     "dln1", "dln2", "dq", "dk", "dv", "dkcat", "dvcat", "datt", "delta", "dqkv", "dh1", "dh2",
-    "dact",
+    "dact", "dq_pre", "dk_pre", "dproj", "dmlp_out",
 ];
 
 impl Grads {
@@ -577,6 +620,14 @@ impl Grads {
             v.push(BufSpec::f32("dh2", &[n, ff], k));
         }
         v.push(BufSpec::f32("dact", &[n, ff], k));
+        if cfg.qk_norm {
+            v.push(BufSpec::f32("dq_pre", &[b, s, nh, hd], k));
+            v.push(BufSpec::f32("dk_pre", &[b, s, kvh, hd], k));
+        }
+        if cfg.sandwich_norms {
+            v.push(BufSpec::f32("dproj", &[n, c], k));
+            v.push(BufSpec::f32("dmlp_out", &[n, c], k));
+        }
         v
     }
 
@@ -595,6 +646,10 @@ impl Grads {
             dln2: v.get("dln2")?,
             dq: v.get("dq")?,
             dk: v.get("dk")?,
+            dq_pre: v.opt("dq_pre"),
+            dk_pre: v.opt("dk_pre"),
+            dproj: v.opt("dproj"),
+            dmlp_out: v.opt("dmlp_out"),
             dv: v.get("dv")?,
             dkcat: v.opt("dkcat"),
             dvcat: v.opt("dvcat"),

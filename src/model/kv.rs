@@ -3,7 +3,7 @@
 //! forward's own `S`. Assembly, its backward, and PEFT's prefix layout.
 
 use crate::error::{Error, Result};
-use crate::gpu::ops::attention::attention_backward;
+use crate::gpu::ops::attention::{attention_backward_masked, AttnMask};
 use crate::gpu::ops::copy::{copy_rows, Layout, RowBlock};
 use crate::gpu::{Context, Plan, Tensor};
 use crate::model::buffers::{FwdShape, Grads, KvCache, LayerActs};
@@ -106,14 +106,15 @@ pub fn attention_backward_kv(
     a: &LayerActs,
     g: &Grads,
     p: usize,
+    mask: AttnMask,
 ) -> Result<()> {
     let ((k, v), (dk, dv)) = match p {
         0 => ((&a.k, &a.v), (&g.dk, &g.dv)),
         _ => (cat(a), dcat(g)),
     };
     let (q, att, lse) = (&a.q, &a.att, &a.lse);
-    attention_backward(
-        ctx, plan, &g.dq, dk, dv, &g.delta, &g.datt, q, k, v, att, lse,
+    attention_backward_masked(
+        ctx, plan, &g.dq, dk, dv, &g.delta, &g.datt, q, k, v, att, lse, mask,
     )
 }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::gpu::{Context, Plan, Tensor, TexMatrix};
 use crate::model::buffers::NormActs;
 use crate::model::compact::{self, StoredMatrix, WeightsMode};
+use crate::model::config::ModelConfig;
 use crate::model::names::{BlockSpec, LinearSpec, NormSpec};
 use crate::model::transformer::Hooks;
 use crate::model::weights::Weights;
@@ -217,9 +218,22 @@ pub struct Norm {
 }
 
 impl Norm {
-    pub(crate) fn load(ctx: &Context, wts: &Weights, spec: &NormSpec, eps: f64) -> Result<Norm> {
+    /// `plus_one`: the norm scales by (1 + weight) (Gemma), folded into
+    /// the weight here, in f32 as transformers adds it.
+    pub(crate) fn load(
+        ctx: &Context,
+        wts: &Weights,
+        spec: &NormSpec,
+        eps: f64,
+        plus_one: bool,
+    ) -> Result<Norm> {
         let c = spec.c;
-        let w = wts.get_f32(&spec.weight(), &[c])?;
+        let mut w = wts.get_f32(&spec.weight(), &[c])?;
+        if plus_one {
+            for x in w.iter_mut() {
+                *x += 1.0;
+            }
+        }
         let b = match spec.bias() {
             Some(name) => Some(Tensor::from_f32(
                 ctx,
@@ -348,9 +362,16 @@ impl<L> Mlp<L> {
 pub struct Block {
     pub ln1: Norm,
     pub qkv: Qkv,
+    /// Per-head norms of q and k (qwen3, gemma3).
+    pub q_norm: Option<Norm>,
+    pub k_norm: Option<Norm>,
     pub o: Linear,
+    /// Norm of the attention output before the residual add (gemma3).
+    pub post_attn: Option<Norm>,
     pub ln2: Norm,
     pub mlp: Mlp,
+    /// Norm of the MLP output before the residual add (gemma3).
+    pub post_mlp: Option<Norm>,
 }
 
 impl Block {
@@ -360,11 +381,13 @@ impl Block {
         ctx: &Context,
         wts: &Weights,
         spec: &BlockSpec,
-        eps: f64,
+        cfg: &ModelConfig,
         mode: WeightsMode,
     ) -> Result<Block> {
-        let ln1 = Norm::load(ctx, wts, &spec.ln1, eps)?;
-        let ln2 = Norm::load(ctx, wts, &spec.ln2, eps)?;
+        let norm = |s: &NormSpec| Norm::load(ctx, wts, s, cfg.norm_eps, cfg.norm_plus_one);
+        let opt = |s: &Option<NormSpec>| s.as_ref().map(norm).transpose();
+        let ln1 = norm(&spec.ln1)?;
+        let ln2 = norm(&spec.ln2)?;
         let lin = |s: &LinearSpec| Linear::load(ctx, wts, s, mode);
         let qkv = spec.qkv.try_map(lin)?;
         let o = lin(&spec.o)?;
@@ -372,10 +395,21 @@ impl Block {
         Ok(Block {
             ln1,
             qkv,
+            q_norm: opt(&spec.q_norm)?,
+            k_norm: opt(&spec.k_norm)?,
             o,
+            post_attn: opt(&spec.post_attn)?,
             ln2,
             mlp,
+            post_mlp: opt(&spec.post_mlp)?,
         })
+    }
+
+    /// The optional norms (q, k, post-attention, post-MLP).
+    pub fn extra_norms(&self) -> impl Iterator<Item = &Norm> {
+        [&self.q_norm, &self.k_norm, &self.post_attn, &self.post_mlp]
+            .into_iter()
+            .flatten()
     }
 
     /// Every linear layer of the block, in forward order.

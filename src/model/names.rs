@@ -87,9 +87,25 @@ impl NormSpec {
 pub struct BlockSpec {
     pub ln1: NormSpec,
     pub qkv: Qkv<LinearSpec>,
+    /// Per-head norms of q and k (width head_dim): qwen3, gemma3.
+    pub q_norm: Option<NormSpec>,
+    pub k_norm: Option<NormSpec>,
     pub o: LinearSpec,
+    /// Norm of the attention output before the residual add (gemma3).
+    pub post_attn: Option<NormSpec>,
     pub ln2: NormSpec,
     pub mlp: Mlp<LinearSpec>,
+    /// Norm of the MLP output before the residual add (gemma3).
+    pub post_mlp: Option<NormSpec>,
+}
+
+impl BlockSpec {
+    /// The optional norms, in table order.
+    pub fn extra_norms(&self) -> impl Iterator<Item = &NormSpec> {
+        [&self.q_norm, &self.k_norm, &self.post_attn, &self.post_mlp]
+            .into_iter()
+            .flatten()
+    }
 }
 
 /// Every entry of a checkpoint for one config.
@@ -110,7 +126,9 @@ impl ModelSpec {
     pub fn new(cfg: &ModelConfig, root: &Scope) -> ModelSpec {
         match cfg.arch {
             Arch::Gpt2 => gpt2(cfg, root),
-            Arch::Llama | Arch::Mistral | Arch::Qwen2 => llama(cfg, root),
+            Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => {
+                llama(cfg, root)
+            }
         }
     }
 
@@ -118,7 +136,7 @@ impl ModelSpec {
     pub fn saved(cfg: &ModelConfig) -> ModelSpec {
         let root = match cfg.arch {
             Arch::Gpt2 => "transformer",
-            Arch::Llama | Arch::Mistral | Arch::Qwen2 => "model",
+            _ => "model",
         };
         ModelSpec::new(cfg, &Scope::root(root))
     }
@@ -140,6 +158,7 @@ impl ModelSpec {
         for b in &self.blocks {
             v.extend(b.ln1.tensors());
             v.extend(b.ln2.tensors());
+            v.extend(b.extra_norms().flat_map(NormSpec::tensors));
             let lins = b.qkv.all().into_iter().chain([&b.o]).chain(b.mlp.all());
             v.extend(lins.flat_map(LinearSpec::tensors));
         }
@@ -159,7 +178,10 @@ fn lm_head(cfg: &ModelConfig) -> Option<LinearSpec> {
     })
 }
 
-/// Llama, Mistral, Qwen2: `model.layers.{i}.self_attn.q_proj`, ...
+/// Llama, Mistral, Qwen2/3, Gemma 3: `model.layers.{i}.self_attn.q_proj`,
+/// ... Gemma 3's `post_attention_layernorm` follows attention (its MLP's
+/// input norm is `pre_feedforward_layernorm`); Llama's is the MLP's input
+/// norm.
 fn llama(cfg: &ModelConfig, root: &Scope) -> ModelSpec {
     let (c, ff, qd, kvd) = (
         cfg.hidden,
@@ -167,11 +189,12 @@ fn llama(cfg: &ModelConfig, root: &Scope) -> ModelSpec {
         cfg.heads * cfg.head_dim,
         cfg.kv_dim(),
     );
-    let norm = |s: Scope| NormSpec {
+    let norm_of = |s: Scope, c: usize| NormSpec {
         name: s.0,
         c,
         bias: false,
     };
+    let norm = |s: Scope| norm_of(s, c);
     let lin = |s: Scope, out_f, in_f, bias| LinearSpec {
         name: s.0,
         out_f,
@@ -179,9 +202,11 @@ fn llama(cfg: &ModelConfig, root: &Scope) -> ModelSpec {
         bias,
         conv1d: false,
     };
+    let sandwich = cfg.sandwich_norms;
     let block = |i: usize| {
         let p = root.pp("layers").pp(i);
         let (a, m) = (p.pp("self_attn"), p.pp("mlp"));
+        let qk = |n: &str| cfg.qk_norm.then(|| norm_of(a.pp(n), cfg.head_dim));
         BlockSpec {
             ln1: norm(p.pp("input_layernorm")),
             qkv: Qkv::Split {
@@ -189,8 +214,16 @@ fn llama(cfg: &ModelConfig, root: &Scope) -> ModelSpec {
                 k: lin(a.pp("k_proj"), kvd, c, cfg.qkv_bias),
                 v: lin(a.pp("v_proj"), kvd, c, cfg.qkv_bias),
             },
+            q_norm: qk("q_norm"),
+            k_norm: qk("k_norm"),
             o: lin(a.pp("o_proj"), c, qd, false),
-            ln2: norm(p.pp("post_attention_layernorm")),
+            post_attn: sandwich.then(|| norm(p.pp("post_attention_layernorm"))),
+            post_mlp: sandwich.then(|| norm(p.pp("post_feedforward_layernorm"))),
+            ln2: norm(p.pp(if sandwich {
+                "pre_feedforward_layernorm"
+            } else {
+                "post_attention_layernorm"
+            })),
             mlp: Mlp::SwiGlu {
                 gate: lin(m.pp("gate_proj"), ff, c, false),
                 up: lin(m.pp("up_proj"), ff, c, false),
@@ -227,7 +260,11 @@ fn gpt2(cfg: &ModelConfig, root: &Scope) -> ModelSpec {
         BlockSpec {
             ln1: norm(p.pp("ln_1")),
             qkv: Qkv::Fused(conv(p.pp("attn.c_attn"), 3 * c, c)),
+            q_norm: None,
+            k_norm: None,
             o: conv(p.pp("attn.c_proj"), c, c),
+            post_attn: None,
+            post_mlp: None,
             ln2: norm(p.pp("ln_2")),
             mlp: Mlp::Gelu {
                 fc: conv(p.pp("mlp.c_fc"), ff, c),

@@ -17,12 +17,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::gpu::ops::attention::{attention_forward, MAX_HEAD_DIM};
+use crate::gpu::ops::attention::{attention_forward_masked, AttnMask, MAX_HEAD_DIM};
 use crate::gpu::ops::copy::{copy_rows, scatter_rows, Layout};
 use crate::gpu::ops::{activation, embedding, expect_shape, loss, matmul, rope};
 use crate::gpu::{Context, Plan, Tensor};
 use crate::model::compact::WeightsMode;
-use crate::model::config::{Arch, ModelConfig};
+use crate::model::config::{Arch, GluAct, LayerAttn, ModelConfig};
 use crate::model::kv::{attention_backward_kv, kv_backward, kv_forward, overwrite, Front};
 use crate::model::names::ModelSpec;
 use crate::model::weights::Weights;
@@ -111,6 +111,8 @@ pub struct Model {
     pub lm_head: Linear,
     /// RoPE tables (max_positions, head_dim / 2), llama family only.
     pub rope: Option<(Tensor, Tensor)>,
+    /// The sliding-window layers' RoPE tables when they differ (Gemma 3).
+    pub rope_local: Option<(Tensor, Tensor)>,
     /// Parameters in the checkpoint (tied matrices counted once).
     pub params: usize,
     /// Identifies the weights (shape and sampled embedding values), so that
@@ -204,23 +206,30 @@ impl Model {
             None => None,
         };
         let blocks = (spec.blocks.iter())
-            .map(|b| Block::load(ctx, wts, b, cfg.norm_eps, mode))
+            .map(|b| Block::load(ctx, wts, b, &cfg, mode))
             .collect::<Result<Vec<_>>>()?;
-        let ln_f = Norm::load(ctx, wts, &spec.ln_f, cfg.norm_eps)?;
+        let ln_f = Norm::load(ctx, wts, &spec.ln_f, cfg.norm_eps, cfg.norm_plus_one)?;
         // A checkpoint may carry lm_head.weight even when tied; the config decides.
         let lm_head = match &spec.lm_head {
             Some(s) => Linear::load(ctx, wts, s, mode)?,
             None => Linear::new(ctx, "lm_head", wte.clone(), None)?,
         };
+        let half = cfg.head_dim / 2;
+        let tables = |(cos, sin): (Vec<f32>, Vec<f32>), tag: &str| -> Result<(Tensor, Tensor)> {
+            let shape = [cfg.max_positions, half];
+            Ok((
+                Tensor::from_f32(ctx, &cos, &shape, &format!("rope{tag}.cos"))?,
+                Tensor::from_f32(ctx, &sin, &shape, &format!("rope{tag}.sin"))?,
+            ))
+        };
         let rope = if cfg.arch == Arch::Gpt2 {
             None
         } else {
-            let (cos, sin) = cfg.rope_tables();
-            let half = cfg.head_dim / 2;
-            Some((
-                Tensor::from_f32(ctx, &cos, &[cfg.max_positions, half], "rope.cos")?,
-                Tensor::from_f32(ctx, &sin, &[cfg.max_positions, half], "rope.sin")?,
-            ))
+            Some(tables(cfg.rope_tables(), "")?)
+        };
+        let rope_local = match cfg.rope_local_tables() {
+            Some(t) => Some(tables(t, "_local")?),
+            None => None,
         };
         Ok(Model {
             cfg,
@@ -231,6 +240,7 @@ impl Model {
             ln_f,
             lm_head,
             rope,
+            rope_local,
             params,
             fingerprint,
         })
@@ -246,9 +256,12 @@ impl Model {
         ids: &Tensor,
         row_offset: usize,
     ) -> Result<()> {
+        let scale = self.cfg.embed_scale.unwrap_or(1.0);
         match &self.wte {
-            Store::Packed(t) => matmul::matmul_gather(ctx, plan, out, ids, t, row_offset),
-            Store::Buffer(t) => embedding::embedding_forward(ctx, plan, out, ids, t, row_offset),
+            Store::Packed(t) => matmul::matmul_gather(ctx, plan, out, ids, t, row_offset, scale),
+            Store::Buffer(t) => {
+                embedding::embedding_forward_scaled(ctx, plan, out, ids, t, row_offset, scale)
+            }
         }
     }
 
@@ -258,10 +271,11 @@ impl Model {
         let tied = matches!((&self.wte, self.lm_head.store()), (Store::Packed(a), Store::Packed(b)) if Arc::ptr_eq(a, b));
         for b in &self.blocks {
             n += b.ln1.bytes() + b.ln2.bytes();
+            n += b.extra_norms().map(|x| x.bytes()).sum::<u64>();
             n += b.linears().iter().map(|l| l.bytes()).sum::<u64>();
         }
         n += self.ln_f.bytes() + if tied { 0 } else { self.lm_head.bytes() };
-        if let Some((c, s)) = &self.rope {
+        for (c, s) in self.rope.iter().chain(&self.rope_local) {
             n += c.bytes() + s.bytes();
         }
         n
@@ -356,15 +370,19 @@ impl Model {
             let (ln1, qkv, o, ln2, mlp) = (&blk.ln1, &blk.qkv, &blk.o, &blk.ln2, &blk.mlp);
             plan.push_group(&format!("layer {l}"));
             ln1.forward(ctx, plan, &a.ln1, &a.resid)?;
-            qkv.forward(ctx, plan, hooks, l, a)?;
-            self.rope_forward(ctx, plan, &a.q, &a.k, sh)?;
+            let (q_out, k_out) = qk_outputs(a);
+            qkv.forward(ctx, plan, hooks, l, a, q_out, k_out)?;
+            blk.qk_norm_forward(ctx, plan, a)?;
+            self.rope_forward(ctx, plan, l, &a.q, &a.k, sh)?;
             let (k, v) = kv_forward(ctx, plan, cfg, l, a, sh, front)?;
-            attention_forward(ctx, plan, &a.att, &a.lse, &a.q, &k, &v)?;
+            attention_forward_masked(ctx, plan, &a.att, &a.lse, &a.q, &k, &v, self.mask(l))?;
             o.forward_hooked(ctx, plan, hooks, l, &a.proj, &att2)?;
-            residual(ctx, plan, &a.resid_mid, &a.resid, &a.proj)?;
+            let attn_out = post_norm_forward(ctx, plan, &blk.post_attn, &a.post_attn, &a.proj)?;
+            residual(ctx, plan, &a.resid_mid, &a.resid, attn_out)?;
             ln2.forward(ctx, plan, &a.ln2, &a.resid_mid)?;
-            mlp.forward(ctx, plan, hooks, l, a)?;
-            residual(ctx, plan, next, &a.resid_mid, &a.mlp_out)?;
+            mlp.forward(ctx, plan, hooks, l, a, cfg.glu_act)?;
+            let mlp_out = post_norm_forward(ctx, plan, &blk.post_mlp, &a.post_mlp, &a.mlp_out)?;
+            residual(ctx, plan, next, &a.resid_mid, mlp_out)?;
             plan.pop_group();
         }
         let last = acts.layers.last().map_or(&acts.x0, |_| &acts.resid_out);
@@ -565,15 +583,18 @@ impl Model {
             for t in &g.layer {
                 plan.clear(t);
             }
-            mlp.backward(ctx, plan, hooks, l, a, g)?;
+            let dmlp = post_norm_backward(ctx, plan, &blk.post_mlp, &a.post_mlp, &a.mlp_out, g.dmlp_out.as_ref(), &g.dresid)?;
+            mlp.backward(ctx, plan, hooks, l, a, g, dmlp, cfg.glu_act)?;
             ln2.backward(ctx, plan, &g.dresid, &g.dln2, &a.resid_mid, &a.ln2)?;
-            o.backward_hooked(ctx, plan, hooks, l, Some(&datt2), &g.dresid, &att2)?;
-            attention_backward_kv(ctx, plan, a, g, p)?;
+            let dproj = post_norm_backward(ctx, plan, &blk.post_attn, &a.post_attn, &a.proj, g.dproj.as_ref(), &g.dresid)?;
+            o.backward_hooked(ctx, plan, hooks, l, Some(&datt2), dproj, &att2)?;
+            attention_backward_kv(ctx, plan, a, g, p, self.mask(l))?;
             kv_backward(ctx, plan, cfg, l, g, sh, dprefix)?;
             // At the floor layer q/k/v's backward serves only their adapters.
             if below || qkv.all().iter().any(|x| hooks.adapts(l, x)) {
-                self.rope_backward(ctx, plan, &g.dq, &g.dk, sh)?;
-                qkv.backward(ctx, plan, hooks, l, a, g, below.then_some(&g.dln1))?;
+                self.rope_backward(ctx, plan, l, &g.dq, &g.dk, sh)?;
+                let (dq, dk) = blk.qk_norm_backward(ctx, plan, a, g)?;
+                qkv.backward(ctx, plan, hooks, l, a, g, dq, dk, below.then_some(&g.dln1))?;
                 if below {
                     ln1.backward(ctx, plan, &g.dresid, &g.dln1, &a.resid, &a.ln1)?;
                 }
@@ -591,16 +612,34 @@ impl Model {
         Ok(())
     }
 
-    /// Rotate q and k (B, S, *, HD) at positions P.. (llama family).
+    /// The RoPE tables of layer `l`.
+    fn rope_of(&self, l: usize) -> Option<&(Tensor, Tensor)> {
+        match (&self.rope_local, self.cfg.layer_types.get(l)) {
+            (Some(t), Some(LayerAttn::Sliding)) => Some(t),
+            _ => self.rope.as_ref(),
+        }
+    }
+
+    /// The attention scale and window of layer `l`.
+    pub fn mask(&self, l: usize) -> AttnMask {
+        AttnMask {
+            scale: self.cfg.attn_scale(),
+            window: self.cfg.layer_window(l),
+        }
+    }
+
+    /// Rotate q and k (B, S, *, HD) of layer `l` at positions P.. (llama
+    /// family).
     fn rope_forward(
         &self,
         ctx: &Context,
         plan: &mut Plan,
+        l: usize,
         q: &Tensor,
         k: &Tensor,
         sh: FwdShape,
     ) -> Result<()> {
-        if let Some((cos, sin)) = &self.rope {
+        if let Some((cos, sin)) = self.rope_of(l) {
             rope::rope_forward(ctx, plan, q, cos, sin, sh.b, sh.s(), sh.p)?;
             rope::rope_forward(ctx, plan, k, cos, sin, sh.b, sh.s(), sh.p)?;
         }
@@ -612,11 +651,12 @@ impl Model {
         &self,
         ctx: &Context,
         plan: &mut Plan,
+        l: usize,
         dq: &Tensor,
         dk: &Tensor,
         sh: FwdShape,
     ) -> Result<()> {
-        if let Some((cos, sin)) = &self.rope {
+        if let Some((cos, sin)) = self.rope_of(l) {
             rope::rope_backward(ctx, plan, dq, cos, sin, sh.b, sh.s(), sh.p)?;
             rope::rope_backward(ctx, plan, dk, cos, sin, sh.b, sh.s(), sh.p)?;
         }
@@ -626,7 +666,9 @@ impl Model {
 
 /// The steps of the schedule that differ between families: q/k/v ...
 impl Qkv {
-    /// q, k, v (B, S, *, HD) <- ln1 output; GPT-2 splits its fused c_attn.
+    /// q, k, v (B, S, *, HD) <- ln1 output into `q`, `k` and `a.v`; GPT-2
+    /// splits its fused c_attn.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         ctx: &Context,
@@ -634,8 +676,10 @@ impl Qkv {
         hooks: &dyn Hooks,
         l: usize,
         a: &LayerActs,
+        q: &Tensor,
+        k: &Tensor,
     ) -> Result<()> {
-        let [q2, k2, v2] = qkv_rows(a.q.shape()[..2].iter().product(), &a.q, &a.k, &a.v)?;
+        let [q2, k2, v2] = qkv_rows(a.q.shape()[..2].iter().product(), q, k, &a.v)?;
         match self {
             Qkv::Split { q, k, v } => {
                 q.forward_hooked(ctx, plan, hooks, l, &q2, &a.ln1.out)?;
@@ -666,8 +710,9 @@ impl Qkv {
         Ok(())
     }
 
-    /// Backward of [`Qkv::forward`]: dq, dk, dv into `dln1` (when given)
-    /// and the adapters' gradients.
+    /// Backward of [`Qkv::forward`]: `dq`, `dk` (the projections' output
+    /// gradients) and dv into `dln1` (when given) and the adapters'
+    /// gradients.
     #[allow(clippy::too_many_arguments)] // forward's operands plus grads
     fn backward(
         &self,
@@ -677,9 +722,11 @@ impl Qkv {
         l: usize,
         a: &LayerActs,
         g: &Grads,
+        dq: &Tensor,
+        dk: &Tensor,
         dln1: Option<&Tensor>,
     ) -> Result<()> {
-        let [dq2, dk2, dv2] = qkv_rows(a.q.shape()[..2].iter().product(), &g.dq, &g.dk, &g.dv)?;
+        let [dq2, dk2, dv2] = qkv_rows(a.q.shape()[..2].iter().product(), dq, dk, &g.dv)?;
         let ln1 = &a.ln1.out;
         match self {
             Qkv::Split { q, k, v } => {
@@ -714,7 +761,8 @@ impl Qkv {
 
 /// ... and the MLP.
 impl Mlp {
-    /// mlp_out <- ln2 output: SwiGLU (gate, up, down) or GELU (fc, proj).
+    /// mlp_out <- ln2 output: SwiGLU/GeGLU (gate, up, down) or GELU (fc,
+    /// proj).
     fn forward(
         &self,
         ctx: &Context,
@@ -722,6 +770,7 @@ impl Mlp {
         hooks: &dyn Hooks,
         l: usize,
         a: &LayerActs,
+        act: GluAct,
     ) -> Result<()> {
         let x = &a.ln2.out;
         match self {
@@ -732,7 +781,8 @@ impl Mlp {
                     .expect("invariant: Acts::new allocates h2 for every non-GPT-2 (SwiGLU) arch");
                 gate.forward_hooked(ctx, plan, hooks, l, &a.h1, x)?;
                 up.forward_hooked(ctx, plan, hooks, l, h2, x)?;
-                activation::swiglu_forward(ctx, plan, &a.act, &a.h1, h2)?;
+                let gelu = act == GluAct::GeluTanh;
+                activation::glu_forward(ctx, plan, &a.act, &a.h1, h2, gelu)?;
                 down.forward_hooked(ctx, plan, hooks, l, &a.mlp_out, &a.act)?;
             }
             Mlp::Gelu { fc, proj } => {
@@ -744,8 +794,9 @@ impl Mlp {
         Ok(())
     }
 
-    /// Backward of [`Mlp::forward`]: `g.dresid` (the layer output's
-    /// gradient) into `g.dln2`.
+    /// Backward of [`Mlp::forward`]: `dy` (the MLP output's gradient) into
+    /// `g.dln2`.
+    #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
         ctx: &Context,
@@ -754,8 +805,10 @@ impl Mlp {
         l: usize,
         a: &LayerActs,
         g: &Grads,
+        dy: &Tensor,
+        act: GluAct,
     ) -> Result<()> {
-        let (x, dx, dy) = (&a.ln2.out, Some(&g.dln2), &g.dresid);
+        let (x, dx) = (&a.ln2.out, Some(&g.dln2));
         match self {
             Mlp::SwiGlu { gate, up, down } => {
                 let h2 = a
@@ -766,7 +819,8 @@ impl Mlp {
                     "invariant: Grads::new allocates dh2 for every non-GPT-2 (SwiGLU) arch",
                 );
                 down.backward_hooked(ctx, plan, hooks, l, Some(&g.dact), dy, &a.act)?;
-                activation::swiglu_backward(ctx, plan, &g.dh1, dh2, &g.dact, &a.h1, h2)?;
+                let gelu = act == GluAct::GeluTanh;
+                activation::glu_backward(ctx, plan, &g.dh1, dh2, &g.dact, &a.h1, h2, gelu)?;
                 gate.backward_hooked(ctx, plan, hooks, l, dx, &g.dh1, x)?;
                 up.backward_hooked(ctx, plan, hooks, l, dx, dh2, x)?;
             }
@@ -777,6 +831,109 @@ impl Mlp {
             }
         }
         Ok(())
+    }
+}
+
+/// Where the q and k projections write: before their per-head norms when
+/// the model has them.
+fn qk_outputs(a: &LayerActs) -> (&Tensor, &Tensor) {
+    match (&a.q_pre, &a.k_pre) {
+        (Some(q), Some(k)) => (q, k),
+        _ => (&a.q, &a.k),
+    }
+}
+
+/// ... the per-head q/k norms (qwen3, gemma3) ...
+impl Block {
+    /// q, k <- their per-head norms of q_pre, k_pre (rows of HD).
+    fn qk_norm_forward(&self, ctx: &Context, plan: &mut Plan, a: &LayerActs) -> Result<()> {
+        for (norm, pre, out, rstd) in self.qk_norms(a) {
+            let hd = out.shape()[3];
+            let rows = out.numel() / hd;
+            let acts = NormActs {
+                out: out.reshape(&[rows, hd])?,
+                mean: None,
+                rstd: rstd.clone(),
+            };
+            norm.forward(ctx, plan, &acts, &pre.reshape(&[rows, hd])?)?;
+        }
+        Ok(())
+    }
+
+    /// Backward of [`Block::qk_norm_forward`]: the gradients of the q and k
+    /// projections' outputs (`g.dq`, `g.dk` themselves without norms).
+    fn qk_norm_backward<'g>(
+        &self,
+        ctx: &Context,
+        plan: &mut Plan,
+        a: &LayerActs,
+        g: &'g Grads,
+    ) -> Result<(&'g Tensor, &'g Tensor)> {
+        let (Some(dq_pre), Some(dk_pre)) = (&g.dq_pre, &g.dk_pre) else {
+            return Ok((&g.dq, &g.dk));
+        };
+        for ((norm, pre, out, rstd), (dpre, dout)) in
+            self.qk_norms(a).into_iter().zip([(dq_pre, &g.dq), (dk_pre, &g.dk)])
+        {
+            let hd = out.shape()[3];
+            let rows = out.numel() / hd;
+            let saved = NormActs {
+                out: out.reshape(&[rows, hd])?,
+                mean: None,
+                rstd: rstd.clone(),
+            };
+            let flat = |t: &Tensor| t.reshape(&[rows, hd]);
+            norm.backward(ctx, plan, &flat(dpre)?, &flat(dout)?, &flat(pre)?, &saved)?;
+        }
+        Ok((dq_pre, dk_pre))
+    }
+
+    /// (norm, input, output, rstd) of the q and k norms, when present.
+    fn qk_norms<'a>(&'a self, a: &'a LayerActs) -> Vec<(&'a Norm, &'a Tensor, &'a Tensor, &'a Tensor)> {
+        match (&self.q_norm, &self.k_norm, &a.q_pre, &a.k_pre, &a.q_rstd, &a.k_rstd) {
+            (Some(qn), Some(kn), Some(qp), Some(kp), Some(qr), Some(kr)) => {
+                vec![(qn, qp, &a.q, qr), (kn, kp, &a.k, kr)]
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// ... and the norms after attention and the MLP (gemma3): what the residual
+/// adds, `x` itself without a norm.
+fn post_norm_forward<'a>(
+    ctx: &Context,
+    plan: &mut Plan,
+    norm: &Option<Norm>,
+    acts: &'a Option<NormActs>,
+    x: &'a Tensor,
+) -> Result<&'a Tensor> {
+    match (norm, acts) {
+        (Some(n), Some(acts)) => {
+            n.forward(ctx, plan, acts, x)?;
+            Ok(&acts.out)
+        }
+        _ => Ok(x),
+    }
+}
+
+/// Backward of [`post_norm_forward`]: the gradient of `x` from `dout` (the
+/// residual's), written into `dx` (cleared), or `dout` itself without a norm.
+fn post_norm_backward<'a>(
+    ctx: &Context,
+    plan: &mut Plan,
+    norm: &Option<Norm>,
+    acts: &Option<NormActs>,
+    x: &Tensor,
+    dx: Option<&'a Tensor>,
+    dout: &'a Tensor,
+) -> Result<&'a Tensor> {
+    match (norm, acts, dx) {
+        (Some(n), Some(acts), Some(dx)) => {
+            n.backward(ctx, plan, dx, dout, x, acts)?;
+            Ok(dx)
+        }
+        _ => Ok(dout),
     }
 }
 

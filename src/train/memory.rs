@@ -49,9 +49,8 @@ pub fn frozen_weight_bytes(
         _ => alloc_bytes(shape.iter().product()),
     };
     let mut n: u64 = tensors.iter().map(|(s, t)| one(s, *t)).sum();
-    if cfg.arch != Arch::Gpt2 {
-        n += 2 * alloc_bytes(cfg.max_positions * cfg.head_dim / 2);
-    }
+    let tables = 2 * cfg.rope_table_count() as u64;
+    n += tables * alloc_bytes(cfg.max_positions * cfg.head_dim / 2);
     n
 }
 

@@ -18,6 +18,22 @@ fn swiglu_backward_matches_finite_differences() {
 }
 
 #[test]
+fn geglu_backward_matches_finite_differences() {
+    let n = 3 * 7;
+    let mut r = Rng::new(15);
+    let (g, u, dout) = (r.vec64(n, 4.0), r.vec64(n, 2.0), r.vec64(n, 1.0));
+    let fwd = |g: &[f64], u: &[f64]| {
+        let mut out = vec![0.0; n];
+        geglu_forward(&mut out, g, u, n);
+        dot(&out, &dout)
+    };
+    let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
+    geglu_backward(&mut dg, &mut du, &dout, &g, &u, n);
+    fd_check("geglu_backward dgate", &g, &dg, |g| fwd(g, &u));
+    fd_check("geglu_backward dup", &u, &du, |u| fwd(&g, u));
+}
+
+#[test]
 fn gelu_backward_matches_finite_differences() {
     let n = 3 * 5;
     let mut r = Rng::new(12);

@@ -4,14 +4,29 @@ use wgtune::cpu::attention::*;
 /// (B, T, NH, KVH, HD, P)
 type Dims = (usize, usize, usize, usize, usize, usize);
 
-fn forward(q: &[f64], k: &[f64], v: &[f64], (b, t, nh, kvh, hd, p): Dims) -> (Vec<f64>, Vec<f64>) {
+fn forward(q: &[f64], k: &[f64], v: &[f64], dims: Dims) -> (Vec<f64>, Vec<f64>) {
+    forward_masked(q, k, v, dims, Mask::causal(dims.4))
+}
+
+fn forward_masked(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    (b, t, nh, kvh, hd, p): Dims,
+    m: Mask,
+) -> (Vec<f64>, Vec<f64>) {
     let (mut out, mut lse) = (vec![0.0; b * t * nh * hd], vec![0.0; b * nh * t]);
-    attention_forward(&mut out, &mut lse, q, k, v, b, t, nh, kvh, hd, p);
+    attention_forward_masked(&mut out, &mut lse, q, k, v, b, t, nh, kvh, hd, p, m);
     (out, lse)
 }
 
 /// dq, dk, dv of L = sum(out * dout) against central finite differences.
 fn check(tag: &str, dims: Dims, seed: u64) {
+    check_masked(tag, dims, seed, Mask::causal(dims.4));
+}
+
+fn check_masked(tag: &str, dims: Dims, seed: u64, m: Mask) {
+    let forward = |q: &[f64], k: &[f64], v: &[f64], d: Dims| forward_masked(q, k, v, d, m);
     let (b, t, nh, kvh, hd, p) = dims;
     let (nq, nk) = (b * t * nh * hd, b * (p + t) * kvh * hd);
     let mut r = Rng::new(seed);
@@ -23,8 +38,8 @@ fn check(tag: &str, dims: Dims, seed: u64) {
     );
     let (out, lse) = forward(&q, &k, &v, dims);
     let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
-    attention_backward(
-        &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, b, t, nh, kvh, hd, p,
+    attention_backward_masked(
+        &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, b, t, nh, kvh, hd, p, m,
     );
     fd_check(&format!("{tag} dq"), &q, &dq, |x| {
         dot(&forward(x, &k, &v, dims).0, &dout)
@@ -39,8 +54,8 @@ fn check(tag: &str, dims: Dims, seed: u64) {
     // Backward accumulates: starting from g0 gives g0 + gradient.
     let g0 = r.vec64(nk, 1.0);
     let (mut dq2, mut dk2, mut dv2) = (vec![0.0; nq], g0.clone(), vec![0.0; nk]);
-    attention_backward(
-        &mut dq2, &mut dk2, &mut dv2, &dout, &q, &k, &v, &out, &lse, b, t, nh, kvh, hd, p,
+    attention_backward_masked(
+        &mut dq2, &mut dk2, &mut dv2, &dout, &q, &k, &v, &out, &lse, b, t, nh, kvh, hd, p, m,
     );
     for i in 0..nk {
         assert!(
@@ -53,6 +68,16 @@ fn check(tag: &str, dims: Dims, seed: u64) {
 #[test]
 fn attention_backward_matches_finite_differences_gqa_prefix() {
     check("attention GQA P=2", (2, 3, 4, 2, 4, 2), 11);
+}
+
+#[test]
+fn attention_backward_matches_finite_differences_sliding_window() {
+    let m = |w| Mask {
+        scale: 0.3,
+        window: Some(w),
+    };
+    check_masked("attention window 2 P=2", (2, 5, 4, 2, 4, 2), 15, m(2));
+    check_masked("attention window 3 P=0", (1, 6, 2, 1, 4, 0), 16, m(3));
 }
 
 #[test]

@@ -21,9 +21,9 @@ fn with_extremes(r: &mut Rng, n: usize, scale: f32, big: f32) -> Vec<f32> {
 }
 
 #[test]
-fn swiglu_forward_backward_vs_cpu() {
+fn glu_forward_backward_vs_cpu() {
     let ctx = gpu!();
-    for &(n, f) in SHAPES {
+    for (gelu, &(n, f)) in [false, true].into_iter().flat_map(|g| SHAPES.iter().map(move |s| (g, s))) {
         let k = n * f;
         let mut r = Rng::new(n as u64 * 131 + f as u64);
         let (g, u, dout) = (
@@ -44,15 +44,26 @@ fn swiglu_forward_backward_vs_cpu() {
             up(ctx, &du0, &[n, f], "dup"),
         );
         let mut plan = Plan::new("swiglu");
-        act::swiglu_forward(ctx, &mut plan, &out, &tg, &tu).unwrap();
-        act::swiglu_backward(ctx, &mut plan, &dgate, &dup, &tdout, &tg, &tu).unwrap();
+        if gelu {
+            act::glu_forward(ctx, &mut plan, &out, &tg, &tu, true).unwrap();
+            act::glu_backward(ctx, &mut plan, &dgate, &dup, &tdout, &tg, &tu, true).unwrap();
+        } else {
+            act::swiglu_forward(ctx, &mut plan, &out, &tg, &tu).unwrap();
+            act::swiglu_backward(ctx, &mut plan, &dgate, &dup, &tdout, &tg, &tu).unwrap();
+        }
         run(ctx, &plan);
 
         let mut ro = vec![0.0; k];
-        cpu::activation::swiglu_forward(&mut ro, &to64(&g), &to64(&u), k);
         let (mut rdg, mut rdu) = (to64(&dg0), to64(&du0));
-        cpu::activation::swiglu_backward(&mut rdg, &mut rdu, &to64(&dout), &to64(&g), &to64(&u), k);
-        let tag = format!("swiglu N={n} F={f}");
+        let (g64, u64, d64) = (to64(&g), to64(&u), to64(&dout));
+        if gelu {
+            cpu::activation::geglu_forward(&mut ro, &g64, &u64, k);
+            cpu::activation::geglu_backward(&mut rdg, &mut rdu, &d64, &g64, &u64, k);
+        } else {
+            cpu::activation::swiglu_forward(&mut ro, &g64, &u64, k);
+            cpu::activation::swiglu_backward(&mut rdg, &mut rdu, &d64, &g64, &u64, k);
+        }
+        let tag = format!("{} N={n} F={f}", if gelu { "geglu" } else { "swiglu" });
         assert_close(&format!("{tag} out"), &read(ctx, &out), &ro, 1e-5, 1e-5);
         assert_close(
             &format!("{tag} dgate"),

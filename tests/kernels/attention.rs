@@ -2,7 +2,7 @@ use crate::common::{assert_close, read, run, to64, up, zeros, Rng};
 
 use wgtune::cpu;
 use wgtune::gpu::ops::attention::{
-    self, attention_backward_with, attention_forward_with, AttnConfig, AttnDims,
+    self, attention_backward_with, attention_forward_with, AttnConfig, AttnDims, AttnMask,
 };
 use wgtune::gpu::{Context, Plan};
 use wgtune::Error;
@@ -38,6 +38,12 @@ fn dims((b, t, nh, kvh, hd, p): Shape) -> AttnDims {
 /// Forward then backward (onto non-zero gradients) on the GPU, compared with
 /// the CPU twins. `cfg: None` goes through the public wrappers.
 fn check(ctx: &Context, cfg: Option<AttnConfig>, shape: Shape) {
+    check_masked(ctx, cfg, shape, None);
+}
+
+/// [`check`] with a score scale and sliding window (`None`: the causal
+/// default through the unmasked wrappers).
+fn check_masked(ctx: &Context, cfg: Option<AttnConfig>, shape: Shape, mask: Option<AttnMask>) {
     let (b, t, nh, kvh, hd, p) = shape;
     let s = p + t;
     let (nq, nk, nl) = (b * t * nh * hd, b * s * kvh * hd, b * nh * t);
@@ -69,18 +75,27 @@ fn check(ctx: &Context, cfg: Option<AttnConfig>, shape: Shape) {
     let started = std::time::Instant::now();
     let mut plan = Plan::new("attention");
     let used = cfg.unwrap_or_else(|| AttnConfig::for_context(ctx, &dims(shape)));
-    match cfg {
-        None => {
+    let m = mask.unwrap_or(AttnMask::causal(hd));
+    match (cfg, mask) {
+        (None, None) => {
             attention::attention_forward(ctx, &mut plan, &out, &lse, &tq, &tk, &tv).unwrap();
             attention::attention_backward(
                 ctx, &mut plan, &dq, &dk, &dv, &delta, &tdout, &tq, &tk, &tv, &out, &lse,
             )
             .unwrap();
         }
-        Some(c) => {
-            attention_forward_with(ctx, &mut plan, &out, &lse, &tq, &tk, &tv, c).unwrap();
+        (None, Some(m)) => {
+            attention::attention_forward_masked(ctx, &mut plan, &out, &lse, &tq, &tk, &tv, m)
+                .unwrap();
+            attention::attention_backward_masked(
+                ctx, &mut plan, &dq, &dk, &dv, &delta, &tdout, &tq, &tk, &tv, &out, &lse, m,
+            )
+            .unwrap();
+        }
+        (Some(c), _) => {
+            attention_forward_with(ctx, &mut plan, &out, &lse, &tq, &tk, &tv, m, c).unwrap();
             attention_backward_with(
-                ctx, &mut plan, &dq, &dk, &dv, &delta, &tdout, &tq, &tk, &tv, &out, &lse, c,
+                ctx, &mut plan, &dq, &dk, &dv, &delta, &tdout, &tq, &tk, &tv, &out, &lse, m, c,
             )
             .unwrap();
         }
@@ -90,10 +105,17 @@ fn check(ctx: &Context, cfg: Option<AttnConfig>, shape: Shape) {
 
     let (q64, k64, v64, dout64) = (to64(&q), to64(&k), to64(&v), to64(&dout));
     let (mut ro, mut rl) = (vec![0.0; nq], vec![0.0; nl]);
-    cpu::attention::attention_forward(&mut ro, &mut rl, &q64, &k64, &v64, b, t, nh, kvh, hd, p);
+    let cm = cpu::attention::Mask {
+        scale: m.scale as f64,
+        window: m.window,
+    };
+    cpu::attention::attention_forward_masked(
+        &mut ro, &mut rl, &q64, &k64, &v64, b, t, nh, kvh, hd, p, cm,
+    );
     let (mut rdq, mut rdk, mut rdv) = (to64(&dq0), to64(&dk0), to64(&dv0));
-    cpu::attention::attention_backward(
+    cpu::attention::attention_backward_masked(
         &mut rdq, &mut rdk, &mut rdv, &dout64, &q64, &k64, &v64, &ro, &rl, b, t, nh, kvh, hd, p,
+        cm,
     );
     // delta (B, NH, T) = rowsum(dout * out) of the (B, T, NH, HD) rows.
     let rdelta: Vec<f64> = (0..nl)
@@ -105,7 +127,7 @@ fn check(ctx: &Context, cfg: Option<AttnConfig>, shape: Shape) {
         .collect();
 
     let tag = format!(
-        "attention {} lanes={} rows={}/{}/{} B={b} T={t} NH={nh} KVH={kvh} HD={hd} P={p}",
+        "attention {} lanes={} rows={}/{}/{} B={b} T={t} NH={nh} KVH={kvh} HD={hd} P={p} {m:?}",
         if used.textures { "tex" } else { "buf" },
         used.lanes,
         used.fwd_rows,
@@ -133,6 +155,40 @@ fn attention_forward_backward_vs_cpu() {
     let ctx = gpu!();
     for &shape in SHAPES {
         check(ctx, None, shape);
+    }
+}
+
+/// Sliding windows (Gemma 3, Mistral) shorter than the keys, with and
+/// without a prefix (whose rows are positions the window can drop), odd T,
+/// a window of 1, a scale other than 1/sqrt(HD), and HD=256 (Gemma's head
+/// dim, a build with larger register rows).
+#[test]
+fn attention_sliding_window_vs_cpu() {
+    let ctx = gpu!();
+    let mask = |scale: f32, w| {
+        Some(AttnMask {
+            scale,
+            window: Some(w),
+        })
+    };
+    check_masked(ctx, None, (2, 13, 6, 2, 8, 3), mask(0.2, 4));
+    check_masked(ctx, None, (1, 9, 4, 2, 12, 0), mask(0.3, 1));
+    check_masked(ctx, None, (1, 40, 6, 2, 64, 3), mask(0.125, 7));
+    check_masked(ctx, None, (2, 7, 6, 2, 8, 5), mask(0.35, 3));
+    check_masked(ctx, None, (1, 5, 2, 1, 256, 1), mask(0.0625, 3));
+    // A window past every key changes nothing (and is passed as none).
+    check_masked(ctx, None, (2, 7, 6, 2, 8, 3), mask(0.35, 64));
+    // Groups of several rows, where the window starts differ within a group.
+    let lanes = ctx.subgroup_size().unwrap_or(1);
+    for (textures, rows) in [(false, (4, 2, 2)), (false, (2, 4, 4)), (true, (4, 2, 4))] {
+        let cfg = AttnConfig {
+            textures,
+            lanes,
+            fwd_rows: rows.0,
+            dq_rows: rows.1,
+            dkv_rows: rows.2,
+        };
+        check_masked(ctx, Some(cfg), (1, 40, 6, 2, 8, 3), mask(0.3, 5));
     }
 }
 

@@ -80,7 +80,7 @@ fn check(ctx: &Context, tag: &str, m: &StoredMatrix, mode: WeightsMode, rows: us
     let mut plan = Plan::new("compact");
     matmul::matmul_forward_packed(ctx, &mut plan, &out, &tx, &w, None, 1.0, false).unwrap();
     matmul::matmul_backward_input_packed(ctx, &mut plan, &dx, &tdy, &w, 1.0).unwrap();
-    matmul::matmul_gather(ctx, &mut plan, &rows_out, &tids, &w, 2).unwrap();
+    matmul::matmul_gather(ctx, &mut plan, &rows_out, &tids, &w, 2, 1.0).unwrap();
     run(ctx, &plan);
 
     let w64 = to64(&wv);
@@ -208,7 +208,7 @@ fn compact_weights_decode_like_gguf_py() {
         let tids = wgtune::gpu::Tensor::from_i32(ctx, &ids, &[1, rows], "ids").unwrap();
         let out = up(ctx, &vec![0.0; rows * cols], &[1, rows, cols], "rows");
         let mut plan = Plan::new("gather");
-        matmul::matmul_gather(ctx, &mut plan, &out, &tids, &w, 0).unwrap();
+        matmul::matmul_gather(ctx, &mut plan, &out, &tids, &w, 0, 1.0).unwrap();
         run(ctx, &plan);
         let got = read(ctx, &out);
         let exp = want.f32(&t.name);

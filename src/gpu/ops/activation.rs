@@ -1,4 +1,5 @@
-//! SwiGLU, GELU, tanh and residual-add wrappers (`shaders/activation.wgsl`).
+//! SwiGLU/GeGLU, GELU, tanh and residual-add wrappers
+//! (`shaders/activation.wgsl`).
 //!
 //! The kernels treat every tensor as a flat array. When the element count is a
 //! multiple of 4 the vec4 entry point runs (one vec4 per invocation, the fast
@@ -43,6 +44,21 @@ fn dispatch_flat(
     bindings: &[&Tensor],
     n: usize,
 ) -> Result<()> {
+    dispatch_gated(ctx, plan, entry, entry_x1, layout, bindings, n, false)
+}
+
+/// [`dispatch_flat`] with the `GATE` override: tanh-GELU instead of silu.
+#[allow(clippy::too_many_arguments)]
+fn dispatch_gated(
+    ctx: &Context,
+    plan: &mut Plan,
+    entry: &'static str,
+    entry_x1: &'static str,
+    layout: &[Access],
+    bindings: &[&Tensor],
+    n: usize,
+    gelu: bool,
+) -> Result<()> {
     // Nothing to do; empty tensors are only placeholder buffers.
     if n == 0 {
         return Ok(());
@@ -50,7 +66,10 @@ fn dispatch_flat(
     let entry = if n.is_multiple_of(4) { entry } else { entry_x1 };
     // Both entries cover 4 elements per invocation.
     let groups = n.div_ceil(4).div_ceil(WG as usize);
-    let spec = KernelSpec::family("activation", entry, layout)?.with("WG", WG as f64);
+    let mut spec = KernelSpec::family("activation", entry, layout)?.with("WG", WG as f64);
+    if gelu {
+        spec = spec.with("GATE", 1.0);
+    }
     plan.dispatch(
         ctx,
         &spec,
@@ -71,18 +90,25 @@ pub fn swiglu_forward(
     gate: &Tensor,
     up: &Tensor,
 ) -> Result<()> {
-    let op = "swiglu_forward";
+    glu_forward(ctx, plan, out, gate, up, false)
+}
+
+/// out (N, F) <- act(gate (N, F)) * up (N, F): silu (SwiGLU) or, with
+/// `gelu`, the tanh GELU (GeGLU).
+pub fn glu_forward(
+    ctx: &Context,
+    plan: &mut Plan,
+    out: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+    gelu: bool,
+) -> Result<()> {
+    let op = if gelu { "geglu_forward" } else { "swiglu_forward" };
     expect_shape(op, out, gate.shape())?;
     expect_shape(op, up, gate.shape())?;
-    dispatch_flat(
-        ctx,
-        plan,
-        op,
-        "swiglu_forward_x1",
-        &[W, R, R],
-        &[out, gate, up],
-        gate.numel(),
-    )
+    let n = gate.numel();
+    let (e, x1) = ("swiglu_forward", "swiglu_forward_x1");
+    dispatch_gated(ctx, plan, e, x1, &[W, R, R], &[out, gate, up], n, gelu)
 }
 
 /// dgate (N, F) +=, dup (N, F) += d swiglu . dout (N, F).
@@ -95,19 +121,28 @@ pub fn swiglu_backward(
     gate: &Tensor,
     up: &Tensor,
 ) -> Result<()> {
-    let op = "swiglu_backward";
+    glu_backward(ctx, plan, dgate, dup, dout, gate, up, false)
+}
+
+/// Backward of [`glu_forward`]: dgate (N, F) +=, dup (N, F) +=.
+#[allow(clippy::too_many_arguments)]
+pub fn glu_backward(
+    ctx: &Context,
+    plan: &mut Plan,
+    dgate: &Tensor,
+    dup: &Tensor,
+    dout: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+    gelu: bool,
+) -> Result<()> {
+    let op = if gelu { "geglu_backward" } else { "swiglu_backward" };
     for t in [dgate, dup, dout, up] {
         expect_shape(op, t, gate.shape())?;
     }
-    dispatch_flat(
-        ctx,
-        plan,
-        op,
-        "swiglu_backward_x1",
-        &[W, W, R, R, R],
-        &[dgate, dup, dout, gate, up],
-        gate.numel(),
-    )
+    let (e, x1) = ("swiglu_backward", "swiglu_backward_x1");
+    let b = [dgate, dup, dout, gate, up];
+    dispatch_gated(ctx, plan, e, x1, &[W, W, R, R, R], &b, gate.numel(), gelu)
 }
 
 /// out (N, C) <- gelu(inp (N, C)), tanh approximation (GPT-2 "gelu_new").

@@ -3,7 +3,8 @@
 //!
 //! Shapes: q, out (B, T, NH, HD); k, v (B, S, KVH, HD) with S = P + T, the
 //! prefix length P being `S - T`; lse (B, NH, T). NH % KVH == 0,
-//! HD % 4 == 0 and HD <= 128.
+//! HD % 4 == 0 and HD <= 256. The score scale and an optional sliding
+//! window come in an [`AttnMask`].
 //!
 //! Kernel configuration ([`AttnConfig`], see the shader header):
 //! - When the context allows textures (`Context::textures`), the streamed
@@ -28,8 +29,32 @@ use crate::gpu::kernels::{Access, KernelSpec, Source};
 use crate::gpu::plan::Bind;
 use crate::gpu::tensor::{Tensor, TexMatrix};
 
-/// Largest head dim the register rows hold (`MAXC` vec4s in the shader).
-pub const MAX_HEAD_DIM: usize = 128;
+/// Largest head dim supported (Gemma 3's 256). Head dims over 128 get a
+/// shader build with larger register rows (`MAXC`).
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// The shader's register row capacity line and its default (HD <= 128).
+const MAXC_LINE: &str = "const MAXC: u32 = 32u;";
+const MAXC_DEFAULT: usize = 32;
+
+/// Score scale and sliding window of an attention (the twin of
+/// `cpu::attention::Mask`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnMask {
+    pub scale: f32,
+    /// Keys within this many positions of the query (`None`: all earlier).
+    pub window: Option<usize>,
+}
+
+impl AttnMask {
+    /// Plain causal attention scaled by 1/sqrt(HD).
+    pub fn causal(hd: usize) -> AttnMask {
+        AttnMask {
+            scale: 1.0 / (hd as f32).sqrt(),
+            window: None,
+        }
+    }
+}
 
 const TEMPLATE: &str = include_str!("../../../shaders/attention.wgsl");
 
@@ -54,9 +79,14 @@ impl AttnDims {
     pub fn s(&self) -> usize {
         self.p + self.t
     }
-    /// (query, key) pairs the causal mask keeps.
+    /// (query, key) pairs the causal mask keeps (an upper bound with a
+    /// window).
     fn pairs(&self) -> f64 {
         (self.b * self.nh) as f64 * (self.t * self.p + self.t * (self.t + 1) / 2) as f64
+    }
+    /// Vec4s per register row the shader build needs.
+    fn maxc(&self) -> usize {
+        (self.hd / 4).max(MAXC_DEFAULT)
     }
 }
 
@@ -184,8 +214,26 @@ fn wg_for(ctx: &Context, sg: u32, invocations: usize) -> u32 {
 /// when `sg > 1`.
 #[doc(hidden)]
 pub fn source(src: Source, sg: u32) -> Result<String> {
+    source_for(src, sg, MAXC_DEFAULT)
+}
+
+/// [`source`] with register rows of `maxc` vec4s.
+fn source_for(src: Source, sg: u32, maxc: usize) -> Result<String> {
     let text = format!("{}\n{TEMPLATE}", crate::gpu::kernels::COMMON);
     let text = text.replace("{{SRC}}", src.tag());
+    if maxc != MAXC_DEFAULT {
+        if !text.contains(MAXC_LINE) {
+            return Err(Error::invalid(
+                "attention",
+                "attention.wgsl lost its `MAXC` line",
+            ));
+        }
+        return source_tail(text.replace(MAXC_LINE, &format!("const MAXC: u32 = {maxc}u;")), sg);
+    }
+    source_tail(text, sg)
+}
+
+fn source_tail(text: String, sg: u32) -> Result<String> {
     if sg <= 1 {
         return Ok(text);
     }
@@ -209,15 +257,21 @@ fn spec(
     rows: u32,
     wg: u32,
 ) -> Result<KernelSpec> {
+    let maxc = d.maxc();
     let module = format!(
-        "attention{}_{}",
+        "attention{}_{}{}",
         if sg > 1 { "_subgroup" } else { "" },
-        src.tag()
+        src.tag(),
+        if maxc == MAXC_DEFAULT {
+            String::new()
+        } else {
+            format!("_c{maxc}")
+        }
     );
     let layout = layout.iter().map(|a| a.unwrap_or(src.access())).collect();
     Ok(KernelSpec {
         module: Cow::Owned(module),
-        source: Cow::Owned(source(src, sg)?),
+        source: Cow::Owned(source_for(src, sg, maxc)?),
         entry,
         constants: Vec::new(),
         layout,
@@ -232,13 +286,13 @@ uniform! { "attention" "Params"
     /// `Params` of `shaders/attention.wgsl`.
     pub struct AttentionParams {
         b: u32, t: u32, nh: u32, kvh: u32, pre: u32, s: u32, groups: u32,
-        scale: f32, shift: u32, _p0: u32, _p1: u32, _p2: u32,
+        scale: f32, shift: u32, window: u32, _p1: u32, _p2: u32,
     }
 }
 
 /// The uniform block of one dispatch; `shift` is the packed textures' log2
 /// rows per layer (31 for storage operands).
-fn params(d: &AttnDims, groups: usize, shift: u32) -> AttentionParams {
+fn params(d: &AttnDims, m: &AttnMask, groups: usize, shift: u32) -> AttentionParams {
     AttentionParams {
         b: d.b as u32,
         t: d.t as u32,
@@ -247,8 +301,10 @@ fn params(d: &AttnDims, groups: usize, shift: u32) -> AttentionParams {
         pre: d.p as u32,
         s: d.s() as u32,
         groups: groups as u32,
-        scale: 1.0 / (d.hd as f32).sqrt(),
+        scale: m.scale,
         shift,
+        // A window past every key is no window (and fits the u32).
+        window: m.window.filter(|&w| w < d.s()).map_or(0, |w| w as u32),
         ..Default::default()
     }
 }
@@ -332,16 +388,24 @@ pub fn attention_forward(
     v: &Tensor,
 ) -> Result<()> {
     let d = attn_dims("attention_forward", q, k, v)?;
-    attention_forward_with(
-        ctx,
-        plan,
-        out,
-        lse,
-        q,
-        k,
-        v,
-        AttnConfig::for_context(ctx, &d),
-    )
+    attention_forward_masked(ctx, plan, out, lse, q, k, v, AttnMask::causal(d.hd))
+}
+
+/// [`attention_forward`] with the model's score scale and sliding window.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_masked(
+    ctx: &Context,
+    plan: &mut Plan,
+    out: &Tensor,
+    lse: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: AttnMask,
+) -> Result<()> {
+    let d = attn_dims("attention_forward", q, k, v)?;
+    let cfg = AttnConfig::for_context(ctx, &d);
+    attention_forward_with(ctx, plan, out, lse, q, k, v, mask, cfg)
 }
 
 /// [`attention_forward`] with an explicit kernel configuration.
@@ -355,6 +419,7 @@ pub fn attention_forward_with(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    mask: AttnMask,
     cfg: AttnConfig,
 ) -> Result<()> {
     let op = "attention_forward";
@@ -369,7 +434,7 @@ pub fn attention_forward_with(
     let spec = spec(op, &lay, kv.source(), &d, cfg.lanes, cfg.fwd_rows, l.wg)?;
     let [kb, vb] = kv.binds();
     let b = [Bind::T(out), Bind::T(lse), Bind::T(q), kb, vb];
-    plan.dispatch_with(ctx, &spec, &params(&d, l.groups, kv.shift()), &b, l.grid)
+    plan.dispatch_with(ctx, &spec, &params(&d, &mask, l.groups, kv.shift()), &b, l.grid)
 }
 
 /// dq (B, T, NH, HD) +=, dk, dv (B, S, KVH, HD) += the attention gradients
@@ -391,8 +456,30 @@ pub fn attention_backward(
     lse: &Tensor,
 ) -> Result<()> {
     let d = attn_dims("attention_backward", q, k, v)?;
+    let m = AttnMask::causal(d.hd);
+    attention_backward_masked(ctx, plan, dq, dk, dv, delta, dout, q, k, v, out, lse, m)
+}
+
+/// [`attention_backward`] of [`attention_forward_masked`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_masked(
+    ctx: &Context,
+    plan: &mut Plan,
+    dq: &Tensor,
+    dk: &Tensor,
+    dv: &Tensor,
+    delta: &Tensor,
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    mask: AttnMask,
+) -> Result<()> {
+    let d = attn_dims("attention_backward", q, k, v)?;
     let cfg = AttnConfig::for_context(ctx, &d);
-    attention_backward_with(ctx, plan, dq, dk, dv, delta, dout, q, k, v, out, lse, cfg)
+    attention_backward_with(ctx, plan, dq, dk, dv, delta, dout, q, k, v, out, lse, mask, cfg)
 }
 
 /// [`attention_backward`] with an explicit kernel configuration.
@@ -411,6 +498,7 @@ pub fn attention_backward_with(
     v: &Tensor,
     out: &Tensor,
     lse: &Tensor,
+    mask: AttnMask,
     cfg: AttnConfig,
 ) -> Result<()> {
     let op = "attention_backward";
@@ -433,7 +521,7 @@ pub fn attention_backward_with(
     plan.dispatch(
         ctx,
         &spec(e, &lay, Source::Storage, &d, 1, 1, l.wg)?,
-        &params(&d, rows, 31),
+        &params(&d, &mask, rows, 31),
         &[delta, dout, out],
         l.grid,
     )?;
@@ -454,7 +542,7 @@ pub fn attention_backward_with(
         Bind::T(lse),
         Bind::T(delta),
     ];
-    let p = params(&d, l.groups, kv.shift());
+    let p = params(&d, &mask, l.groups, kv.shift());
     plan.dispatch_with(ctx, &spec_dq, &p, &b, l.grid)?;
 
     // dk, dv: groups of keys of one (b, kvh); streams q and dout.
@@ -483,7 +571,7 @@ pub fn attention_backward_with(
         Bind::T(lse),
         Bind::T(delta),
     ];
-    let p = params(&d, l.groups, gq.shift());
+    let p = params(&d, &mask, l.groups, gq.shift());
     plan.dispatch_with(ctx, &spec_dkv, &p, &b, l.grid)?;
 
     // dq: 3 dots per pair (scores, dp, ds k); dkv: 4 (scores, dp, dv, dk).

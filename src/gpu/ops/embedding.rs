@@ -11,7 +11,10 @@ use crate::gpu::tensor::{DType, Tensor};
 
 uniform! { "embedding" "Params"
     /// `Params` of `shaders/embedding.wgsl`.
-    pub struct EmbeddingParams { b: u32, s: u32, t: u32, c: u32, row_off: u32, v: u32, v0: u32, v1: u32 }
+    pub struct EmbeddingParams {
+        b: u32, s: u32, t: u32, c: u32, row_off: u32, v: u32, v0: u32, v1: u32,
+        scale: f32, _p0: u32, _p1: u32, _p2: u32,
+    }
 }
 
 /// Threads per row: enough to cover C in a few strides, at most 256.
@@ -113,6 +116,20 @@ pub fn embedding_forward(
     table: &Tensor,
     row_offset: usize,
 ) -> Result<()> {
+    embedding_forward_scaled(ctx, plan, out, ids, table, row_offset, 1.0)
+}
+
+/// [`embedding_forward`] with the rows multiplied by `scale` (in f32, as
+/// transformers scales Gemma's embeddings).
+pub fn embedding_forward_scaled(
+    ctx: &Context,
+    plan: &mut Plan,
+    out: &Tensor,
+    ids: &Tensor,
+    table: &Tensor,
+    row_offset: usize,
+    scale: f32,
+) -> Result<()> {
     let op = "embedding_forward";
     let [b, t] = dims(op, ids, "(B, T)")?;
     let [v, c] = dims(op, table, "(V, C)")?;
@@ -143,6 +160,8 @@ pub fn embedding_forward(
             v: v as u32,
             v0: v0 as u32,
             v1: v1 as u32,
+            scale,
+            ..Default::default()
         };
         plan.dispatch(
             ctx,

@@ -1028,8 +1028,8 @@ fn scales(b: Bind) -> Option<Bind> {
 }
 
 /// out (B, row_offset + T, C): rows `row_offset..` of each batch get the
-/// `table` (V, C) rows of `ids` (B, T) i32 (zero for ids outside 0..V):
-/// the embedding lookup over a packed table of any format.
+/// `table` (V, C) rows of `ids` (B, T) i32 times `scale` (zero for ids
+/// outside 0..V): the embedding lookup over a packed table of any format.
 pub fn matmul_gather(
     ctx: &Context,
     plan: &mut Plan,
@@ -1037,6 +1037,7 @@ pub fn matmul_gather(
     ids: &Tensor,
     table: &TexMatrix,
     row_offset: usize,
+    scale: f32,
 ) -> Result<()> {
     let op = "matmul_gather";
     let [b, t] = dims(op, ids, "(B, T)")?;
@@ -1060,6 +1061,7 @@ pub fn matmul_gather(
         col_off: row_offset as u32,
         b_shift: table.layer_shift(),
         a_row0: v as u32,
+        alpha: scale,
         splits: 1,
         ..Default::default()
     };
