@@ -695,8 +695,9 @@ def step_examples(method):
 
 
 def step_batch(tok, ids, rows=STEP_EXAMPLES):
-    exs = data_examples(tok, ids)
+    exs = data_examples(tok, ids, errors=[])
     chosen = [exs[i] for i in rows]
+    assert all(x is not None for _, x, _ in chosen), rows
     T = max(len(x) for _, x, _ in chosen)
     input_ids = torch.full((len(chosen), T), ids["pad"], dtype=torch.long)
     labels = torch.full((len(chosen), T), -100, dtype=torch.long)

@@ -429,11 +429,13 @@ def kv_reference(name):
     assert diff < 1e-4, (name, diff)
     save_file({"prompt_ids": G.i32(pid), "generated_ids": G.i32(new), "logits": G.f32(logits),
                "full_forward_logits": G.f32(full)}, model_dir / "kv_reference.safetensors", metadata=G.META)
-    cache = type(getattr(out, "past_key_values", None)).__name__
+    pkv = out.past_key_values
+    cache = type(pkv).__name__
+    layers = [type(l).__name__ for l in getattr(pkv, "layers", [])]
     G.write_json(model_dir / "kv_reference.json", {
         "case": "generate[0]", "prompt": case["prompt"], "prompt_len": len(pid), "steps": len(new),
         "max_new_tokens": G.MAX_NEW_TOKENS, "eos_token_id": ids["gen_eos"],
-        "cache_class": cache,
+        "cache_class": cache, "cache_layer_classes": layers,
         "max_abs_diff_cached_vs_full_forward": diff,
         "note": "logits[s] = generate(output_logits=True) step s (the raw logits that picked generated_ids[s]); "
                 "full_forward_logits[s] = one uncached forward over prompt + generated_ids[:-1], position P-1+s",
