@@ -56,6 +56,35 @@ CROSS_OVERRIDES = {
 }
 CONFIG_KEYS = ("rope_parameters", "layer_types", "sliding_window", "query_pre_attn_scalar", "tie_word_embeddings",
                "rms_norm_eps", "head_dim", "n_positions", "max_position_embeddings")
+NOTES = {
+    "tiny-gemma3": [
+        "The converter writes no layer pattern (gemma3.attention.sliding_window_pattern) and no "
+        "query_pre_attn_scalar. llama.cpp's gemma3 loader (src/models/gemma3.cpp in the same sdist) then uses "
+        "pattern 6 (layer il is sliding iff il % 6 < 5: all 3 layers sliding here, where the folder has "
+        "sliding/full/sliding) and the attention scale 1/sqrt(head_dim) = 1/4 (1/sqrt(n_embd/n_head) for 27B), "
+        "where the folder has 24**-0.5. Real Gemma 3 checkpoints have pattern 6 and query_pre_attn_scalar = "
+        "head_dim (except 27B), so they are not affected; this tiny model is, on purpose: its GGUF read the "
+        "llama.cpp way does NOT give the folder's logits.",
+        "Norm weights are stored as the folder's w + 1.0 (Gemma3Model.norm_shift, in f32), for all norms "
+        "including q_norm/k_norm; the reader must not add 1 again.",
+        "Q/K are not permuted. token_embd is truncated to the SentencePiece vocabulary size (400 = no change).",
+        "Vocabulary: tokenizer.ggml.model llama (SentencePiece) from tokenizer.model, pre 'default', "
+        "add_space_prefix false, add_bos true; the chat template is the folder's.",
+        "rope.freq_base is the full-attention theta (1e6), rope.freq_base_swa the sliding one (1e4); "
+        "rope.scaling.type linear, factor 2.0 (llama.cpp applies it to full-attention layers only).",
+        "Embedding scale: llama.cpp multiplies by sqrtf(n_embd) in f32 (src/models/gemma3.cpp); transformers by "
+        "a float32 buffer sqrt(hidden) cast to the weight dtype (8.0 exactly here).",
+    ],
+    "tiny-llama": ["rope_freqs.weight (F32 [head_dim/2]) carries the llama3 rope scaling, as in Llama 3.1/3.2 "
+                   "GGUFs; Q/K are permuted (LlamaModel.permute); tied: no output.weight."],
+    "tiny-mistral": ["MistralForCausalLM converts as llama (general.architecture llama); BF16 weights upcast to "
+                     "F32 exactly; Q/K permuted; untied: output.weight."],
+    "tiny-qwen2": ["Three shards + index read as one model; q/k/v biases; not permuted."],
+    "tiny-qwen3": ["head_dim 24 is in attention.key_length/value_length; q_norm/k_norm as attn_q_norm/attn_k_norm "
+                   "[24]; not permuted. transformers' GGUF loader ignores key_length (builds head_dim 16 and "
+                   "fails to load) unless head_dim is passed."],
+    "tiny-gpt2": ["transformers 5 writes no n_ctx in GPT2Config; the converter needs it (config patch)."],
+}
 KEYS_OF_INTEREST = (
     "general.architecture", "general.file_type", "general.name",
     ".context_length", ".embedding_length", ".block_count", ".feed_forward_length",
@@ -107,6 +136,42 @@ def describe(path):
     tmpl = field_value(r.fields["tokenizer.chat_template"]) if "tokenizer.chat_template" in r.fields else None
     tensors = {t.name: {"type": t.tensor_type.name, "shape": [int(x) for x in t.shape]} for t in r.tensors}
     return r, meta, tok, tmpl, tensors
+
+
+def layout_checks(name, reader, cfg):
+    """How the converter laid out layer 0's q/k and the norms, checked against the folder's weights."""
+    import numpy as np
+    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import generate as G
+    sd = {k: v.float().numpy() for k, v in G.load_base(DATA_REL / name).state_dict().items()}
+    t = {x.name: np.array(x.data).reshape([int(d) for d in reversed(x.shape)]) for x in reader.tensors}
+    out = {}
+    if name == "tiny-gpt2":
+        w = sd["transformer.h.0.attn.c_attn.weight"]  # Conv1D [in, 3*out]
+        out["attn_qkv"] = "transposed Conv1D [out, in]" if np.array_equal(t["blk.0.attn_qkv.weight"], w.T) else "?"
+        return out
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+
+    def permute(w, n):  # llama.cpp LlamaModel.permute
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    for proj, g, n in (("q_proj", "attn_q", n_head), ("k_proj", "attn_k", n_kv)):
+        w, x = sd[f"model.layers.0.self_attn.{proj}.weight"], t[f"blk.0.{g}.weight"]
+        out[g] = ("as in the folder" if np.array_equal(x, w) else
+                  "llama.cpp permute (rotate-half -> interleaved pairs)" if np.array_equal(x, permute(w, n)) else "?")
+    norms = {"attn_norm": "model.layers.0.input_layernorm.weight", "output_norm": "model.norm.weight"}
+    if name == "tiny-gemma3":
+        norms.update({"attn_q_norm": "model.layers.0.self_attn.q_norm.weight",
+                      "post_ffw_norm": "model.layers.0.post_feedforward_layernorm.weight"})
+    elif name == "tiny-qwen3":
+        norms["attn_q_norm"] = "model.layers.0.self_attn.q_norm.weight"
+    for g, hf in norms.items():
+        x = t["output_norm.weight" if g == "output_norm" else f"blk.0.{g}.weight"]
+        w = sd[hf]
+        out[g] = ("as in the folder" if np.array_equal(x, w) else
+                  "folder + 1.0 (f32)" if np.array_equal(x, (torch.tensor(w) + 1.0).numpy()) else "?")
+    return out
 
 
 def crosscheck(name, gguf_path, report):
@@ -219,6 +284,8 @@ def main():
                                                       "rope_parameters", "rope_theta", "rope_scaling")
                               if k in cfg},
         }
+        rep["notes"] = NOTES.get(name, [])
+        rep["layout_checks"] = layout_checks(name, r, cfg)
         crosscheck(name, dst, rep)
         families[name] = rep
         print(f"{name}: {dst} {rep['bytes']} bytes, {len(tensors)} tensors, pre {rep['pre_tokenizer_override']}, "
