@@ -391,11 +391,14 @@ def legacy_rope_config(path):
     write_json(path, dict(sorted(cfg.items())))
 
 
-def build_model(name, model_dir, ids, save_dtype, model_seed):
-    cfg = make_config(name, ids)
+def build_model(name, model_dir, ids, save_dtype, model_seed, cfg=None, post_init=None):
+    """cfg/post_init: used by generate_more.py (its own configs; post_init(model) randomizes norm weights)."""
+    cfg = cfg if cfg is not None else make_config(name, ids)
     torch.manual_seed(model_seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     model.eval()
+    if post_init is not None:
+        post_init(model)
     model.generation_config = GenerationConfig(
         bos_token_id=ids["bos"],
         eos_token_id=ids["gen_eos"] if len(ids["gen_eos"]) > 1 else ids["gen_eos"][0],
@@ -544,6 +547,11 @@ def render(tok, messages, gen):
     return tok.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False)
 
 
+class TemplateNotPrefixStable(Exception):
+    """The rendering of the first i messages is not a prefix of a longer rendering (Qwen3's template drops
+    the <think> block of earlier assistant turns), so assistant turns cannot be located."""
+
+
 def tokenize_example(ex, tok, eos, bos_added):
     """The masking rules (README): returns (kind, ids, labels)."""
     enc = lambda s, sp: tok(s, add_special_tokens=sp).input_ids  # noqa: E731
@@ -575,30 +583,44 @@ def tokenize_example(ex, tok, eos, bos_added):
                 continue
             with_gen = render(tok, msgs[:i], True)
             full_i = render(tok, msgs[: i + 1], False)
-            assert with_gen.startswith(done) and full_i.startswith(with_gen)
+            if not (with_gen.startswith(done) and full_i.startswith(with_gen)):
+                raise TemplateNotPrefixStable(i)
             segments.append((with_gen[len(done):], False))
             segments.append((full_i[len(with_gen):], True))
             done = full_i
         full = render(tok, msgs, False)
-        assert full.startswith(done)
+        if not full.startswith(done):
+            raise TemplateNotPrefixStable(len(msgs))
         segments.append((full[len(done):], False))
         ids, labels = [], []
-        if bos_added is not None:
-            ids.append(bos_added)
-            labels.append(-100)
         for text, labelled in segments:
             if not text:
                 continue
             t = enc(text, False)
             ids += t
             labels += t if labelled else [-100] * len(t)
+        # BOS once: a template that renders bos_token itself (Gemma's) already starts with it.
+        if bos_added is not None and (not ids or ids[0] != bos_added):
+            ids.insert(0, bos_added)
+            labels.insert(0, -100)
         return "messages", ids, labels
     raise ValueError(ex)
 
 
-def data_examples(tok, ids):
+def data_examples(tok, ids, errors=None):
+    """errors=None: raise on a prefix-unstable template; a list: append the example index and return
+    (kind, None, None) for it."""
     bos_added = ids["bos"] if adds_bos(tok) else None
-    return [tokenize_example(ex, tok, ids["eos"], bos_added) for ex in SAMPLE_JSONL]
+    out = []
+    for i, ex in enumerate(SAMPLE_JSONL):
+        try:
+            out.append(tokenize_example(ex, tok, ids["eos"], bos_added))
+        except TemplateNotPrefixStable:
+            if errors is None:
+                raise
+            errors.append(i)
+            out.append(("messages", None, None))
+    return out
 
 
 def adds_bos(tok):
@@ -608,9 +630,14 @@ def adds_bos(tok):
 
 
 def part_b(model, tok, ids):
-    exs = data_examples(tok, ids)
+    errors = []
+    exs = data_examples(tok, ids, errors)
     out, total, count = [], 0.0, 0
     for kind, x, y in exs:
+        if x is None:
+            out.append({"kind": kind, "error": "template_not_prefix_stable", "ids": [], "labels": [],
+                        "loss_sum": 0.0, "targets": 0})
+            continue
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([x])).logits[0].double()
         lp = torch.log_softmax(logits[:-1], -1)
@@ -622,8 +649,12 @@ def part_b(model, tok, ids):
         count += n
         out.append({"kind": kind, "ids": x, "labels": y, "loss_sum": nll, "targets": n})
     mean = total / count
-    return {"file": "sample.jsonl", "eos_id": ids["eos"], "bos_prepended_for_messages": adds_bos(tok),
-            "examples": out, "eval_loss": mean, "eval_ppl": math.exp(mean), "eval_tokens": count}
+    res = {"file": "sample.jsonl", "eos_id": ids["eos"], "bos_prepended_for_messages": adds_bos(tok),
+           "examples": out, "eval_loss": mean, "eval_ppl": math.exp(mean), "eval_tokens": count}
+    if errors:
+        res["template_not_prefix_stable"] = errors
+        res["eval_note"] = "eval_* exclude the examples in template_not_prefix_stable"
+    return res
 
 
 # ----------------------------------------------------------------------------- part C
@@ -664,8 +695,9 @@ def step_examples(method):
 
 
 def step_batch(tok, ids, rows=STEP_EXAMPLES):
-    exs = data_examples(tok, ids)
+    exs = data_examples(tok, ids, errors=[])
     chosen = [exs[i] for i in rows]
+    assert all(x is not None for _, x, _ in chosen), rows
     T = max(len(x) for _, x, _ in chosen)
     input_ids = torch.full((len(chosen), T), ids["pad"], dtype=torch.long)
     labels = torch.full((len(chosen), T), -100, dtype=torch.long)
@@ -736,8 +768,10 @@ def part_c(name, model_dir_rel, tok, ids, arch, method_seed):
         if cfg.peft_type.value == "PROMPT_TUNING":
             init_ids = tok("answer the question")["input_ids"]
             extra["prompt_init_token_ids"] = (init_ids * 8)[:8]
-            emb = base.get_input_embeddings().weight
-            assert torch.equal(trainable(model)[0][1], emb[torch.tensor(extra["prompt_init_token_ids"])])
+            # PEFT calls the embedding module: for Gemma that includes the sqrt(hidden) scale.
+            with torch.no_grad():
+                emb = base.get_input_embeddings()(torch.tensor(extra["prompt_init_token_ids"]))
+            assert torch.equal(trainable(model)[0][1], emb)
 
         # initial adapter, as PEFT saves it
         model.save_pretrained(d / "initial")
