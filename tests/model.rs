@@ -11,7 +11,14 @@ use wgtune::gpu::{Context, DType, Plan, Tensor};
 use wgtune::model::generate::{generate, GenOptions};
 use wgtune::model::{Acts, FwdShape, Model, NoHooks};
 
-const MODELS: &[&str] = &["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"];
+const MODELS: &[&str] = &[
+    "tiny-llama",
+    "tiny-qwen2",
+    "tiny-mistral",
+    "tiny-gpt2",
+    "tiny-qwen3",
+    "tiny-gemma3",
+];
 
 /// Logits (B*T, V) and per-row losses for a (B, T) batch, all rows.
 fn forward_all(
@@ -216,4 +223,146 @@ fn eval_matches_transformers_on_the_sample_data() {
             "{name}: eval loss {loss} vs {want}"
         );
     }
+}
+
+/// Greedy generation with the KV cache, step by step: the logits each token
+/// was chosen from, against transformers' cached `generate(output_logits=True)`
+/// (kv_reference.safetensors), for every family (Gemma 3's window included:
+/// the prompt plus new tokens is longer than its window of 4).
+#[test]
+fn kv_cached_generation_logits_match_transformers() {
+    use wgtune::model::generate::generate_with_logits;
+    let ctx = gpu!();
+    for name in MODELS {
+        let m = Model::load(ctx, &data_dir(name)).unwrap();
+        let r = Arrays::open(&format!("{name}/kv_reference.safetensors"));
+        let prompt: Vec<u32> = r.i32("prompt_ids").iter().map(|&x| x as u32).collect();
+        let want_ids: Vec<u32> = r.i32("generated_ids").iter().map(|&x| x as u32).collect();
+        let want = r.f32("logits");
+        let v = m.cfg.vocab;
+        let opts = GenOptions {
+            max_new_tokens: want_ids.len(),
+            ..Default::default()
+        };
+        let (mut got_ids, mut diff) = (Vec::new(), 0f32);
+        generate_with_logits(ctx, &m, &NoHooks, &prompt, &opts, |tok, logits| {
+            let s = got_ids.len();
+            for (a, b) in logits.iter().zip(&want[s * v..(s + 1) * v]) {
+                diff = diff.max((a - b).abs());
+            }
+            got_ids.push(tok);
+            Ok(())
+        })
+        .unwrap();
+        eprintln!("{name}: {} cached steps, max |logits diff| {diff:.3e}", got_ids.len());
+        assert_eq!(got_ids, want_ids, "{name}: cached greedy tokens");
+        assert!(diff <= 1e-4, "{name}: cached logits differ by {diff}");
+    }
+}
+
+/// Max |logits - transformers| of the reference forward batch of `name`,
+/// on a model whose config `edit` may change.
+fn forward_diff(ctx: &wgtune::gpu::Context, name: &str, m: &Model) -> f64 {
+    let r = Arrays::open(&format!("{name}/reference.safetensors"));
+    let shape = r.shape("forward.input_ids");
+    let (b, t) = (shape[0], shape[1]);
+    let targets = shift_targets(&r.i32("forward.labels"), b, t);
+    let (logits, _) = forward_all(ctx, m, &r.i32("forward.input_ids"), &targets, b, t);
+    let mask = r.i32("forward.attention_mask");
+    max_diff_masked(&logits, &r.f32("forward.logits"), &mask, m.cfg.vocab)
+}
+
+/// Gemma 3's sliding window matters in the reference batch (sequences of
+/// 20+ tokens, window 4): the same model with the window turned off misses
+/// transformers' logits by far more than the tolerance.
+#[test]
+fn gemma3_sliding_window_is_what_matches() {
+    let ctx = gpu!();
+    let dir = data_dir("tiny-gemma3");
+    let cfg = wgtune::model::ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    assert_eq!(cfg.sliding_window, Some(4));
+    let wts = wgtune::model::Weights::open(&dir).unwrap();
+    let with = Model::from_weights(ctx, cfg.clone(), &wts).unwrap();
+    let mut off = cfg;
+    off.sliding_window = None;
+    let without = Model::from_weights(ctx, off, &wts).unwrap();
+    let (d_with, d_without) = (forward_diff(ctx, "tiny-gemma3", &with), forward_diff(ctx, "tiny-gemma3", &without));
+    eprintln!("tiny-gemma3: window on {d_with:.3e}, off {d_without:.3e}");
+    assert!(d_with <= 1e-4, "with the window: {d_with}");
+    assert!(d_without > 1e-2, "without the window the logits should be off, got {d_without}");
+}
+
+/// Hub-style Gemma 3 config.json (rope_theta, rope_local_base_freq,
+/// rope_scaling, sliding_window_pattern) resolves to the same model as
+/// transformers 5's spelling.
+#[test]
+fn gemma3_hub_config_spelling_resolves_the_same() {
+    use wgtune::model::ModelConfig;
+    let dir = data_dir("tiny-gemma3");
+    let a = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let b = ModelConfig::from_file(&dir.join("config.hub.json")).unwrap();
+    assert_eq!(a, b);
+    assert!(a.qk_norm && a.sandwich_norms && a.norm_plus_one && a.tie_embeddings);
+    assert_eq!(a.embed_scale, Some(8.0));
+    assert_eq!(a.query_pre_attn_scalar, Some(24.0));
+}
+
+/// The six tiny folder models converted by llama.cpp's own
+/// convert_hf_to_gguf.py (f32; tests/reference/data/gguf/families): loaded
+/// straight from the GGUF and through `wgtune import`, each gives its
+/// folder's transformers logits, and its GGUF tokenizer the folder
+/// tokenizer's ids. Llama's file carries `rope_freqs.weight` (Llama 3.1-style
+/// scaling, here against the folder's rope_scaling llama3). Gemma 3's GGUF
+/// records neither the layer pattern nor query_pre_attn_scalar: llama.cpp
+/// fixes them (every 6th layer global, 1/sqrt(head_dim), as every released
+/// Gemma 3 below 27B has), so the folder's values are put back first.
+#[test]
+fn gguf_family_exports_match_their_folders() {
+    use wgtune::model::gguf::Gguf;
+    use wgtune::model::import::{gguf_meta, import_gguf};
+    use wgtune::model::tokenizer::Tokenizer;
+    use wgtune::model::{ModelConfig, Weights};
+    let ctx = gpu!();
+    let tmp = std::env::temp_dir().join(format!("wgtune-gguf-families-{}", std::process::id()));
+    for name in MODELS {
+        let path = data_dir(&format!("gguf/families/{name}.gguf"));
+        let folder_cfg = ModelConfig::from_file(&data_dir(name).join("config.json")).unwrap();
+        let g = Gguf::open(&path).unwrap();
+        let mut cfg = gguf_meta(&g).unwrap().model;
+        if name.contains("llama") {
+            assert!(cfg.rope_freq_factors.is_some(), "{name}: rope_freqs.weight");
+        }
+        if name.contains("gemma3") {
+            assert!(cfg.layer_types.iter().all(|t| *t == wgtune::model::config::LayerAttn::Sliding));
+            assert_eq!(cfg.query_pre_attn_scalar, Some(cfg.head_dim as f64));
+            cfg.layer_types = folder_cfg.layer_types.clone();
+            cfg.query_pre_attn_scalar = folder_cfg.query_pre_attn_scalar;
+        }
+        let direct = Model::from_weights(ctx, cfg, &Weights::from_gguf(g).unwrap()).unwrap();
+        let d_direct = forward_diff(ctx, name, &direct);
+        let out = tmp.join(name);
+        import_gguf(&path, &out).unwrap();
+        let d_import = if name.contains("gemma3") {
+            f64::NAN
+        } else {
+            forward_diff(ctx, name, &Model::load(ctx, &out).unwrap())
+        };
+        eprintln!("{name}.gguf: max |logits diff| direct {d_direct:.3e}, imported {d_import:.3e}");
+        assert!(d_direct <= 1e-4, "{name}.gguf: direct logits differ by {d_direct}");
+        assert!(d_import.is_nan() || d_import <= 1e-4, "{name}.gguf: imported logits differ by {d_import}");
+        // The tokenizer rebuilt from tokenizer.ggml.* against the folder's.
+        let (ours, theirs) = (Tokenizer::load(&out).unwrap(), Tokenizer::load(&data_dir(name)).unwrap());
+        let meta = json(&format!("{name}/reference.json"));
+        for case in meta["tokenization"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            for special in [false, true] {
+                assert_eq!(
+                    ours.encode(text, special).unwrap(),
+                    theirs.encode(text, special).unwrap(),
+                    "{name}.gguf: ids of {text:?} (special tokens {special})"
+                );
+            }
+        }
+    }
+    std::fs::remove_dir_all(&tmp).ok();
 }

@@ -472,6 +472,15 @@ impl ModelConfig {
                 self.heads, self.kv_heads
             ));
         }
+        if let Some(f) = &self.rope_freq_factors {
+            if f.len() * 2 != self.head_dim {
+                return bad(format!(
+                    "{} RoPE frequency factors for head_dim {}",
+                    f.len(),
+                    self.head_dim
+                ));
+            }
+        }
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} must be positive and even",

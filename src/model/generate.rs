@@ -117,6 +117,19 @@ pub fn generate(
     opts: &GenOptions,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<GenStats> {
+    generate_with_logits(ctx, model, hooks, prompt, opts, |tok, _| on_token(tok))
+}
+
+/// [`generate`], passing each token with the logits it was chosen from
+/// (the KV-cached forward's last row).
+pub fn generate_with_logits(
+    ctx: &Context,
+    model: &Model,
+    hooks: &dyn Hooks,
+    prompt: &[u32],
+    opts: &GenOptions,
+    mut on_token: impl FnMut(u32, &[f32]) -> Result<()>,
+) -> Result<GenStats> {
     let cfg = &model.cfg;
     if prompt.is_empty() {
         return Err(Error::invalid("generate", "the prompt has no tokens"));
@@ -187,7 +200,7 @@ pub fn generate(
         let tok = sample(&next, opts, &mut rng);
         produced += 1;
         stats.new_tokens = produced;
-        on_token(tok)?;
+        on_token(tok, &next)?;
         if opts.stop.contains(&tok) {
             stats.stopped_at_eos = true;
             break;

@@ -19,7 +19,7 @@ use crate::fsio::write_atomic;
 use crate::model::weights::GGUF_LINK;
 
 /// GGUF architectures wgtune imports.
-pub const SUPPORTED_GGUF_ARCHS: &str = "llama, qwen2, gpt2";
+pub const SUPPORTED_GGUF_ARCHS: &str = "llama, qwen2, qwen3, gemma3, gpt2";
 
 /// A GGUF model converted in memory: config.json, the tensors (HF name ->
 /// shape, f32 data) and the tokenizer files.
@@ -89,12 +89,19 @@ pub fn hf_name(arch: Arch, name: &str) -> Option<String> {
         _ => {
             let rest = base.strip_prefix("blk.")?;
             let (n, part) = rest.split_once('.')?;
+            let gemma = arch == Arch::Gemma3;
             let hf = match part {
                 "attn_norm" => "input_layernorm",
                 "attn_q" => "self_attn.q_proj",
                 "attn_k" => "self_attn.k_proj",
                 "attn_v" => "self_attn.v_proj",
                 "attn_output" => "self_attn.o_proj",
+                "attn_q_norm" => "self_attn.q_norm",
+                "attn_k_norm" => "self_attn.k_norm",
+                // Gemma 3's four norms: llama.cpp's names by position.
+                "post_attention_norm" if gemma => "post_attention_layernorm",
+                "ffn_norm" if gemma => "pre_feedforward_layernorm",
+                "post_ffw_norm" if gemma => "post_feedforward_layernorm",
                 "ffn_norm" => "post_attention_layernorm",
                 "ffn_gate" => "mlp.gate_proj",
                 "ffn_up" => "mlp.up_proj",
@@ -166,21 +173,24 @@ fn config_json(g: &Gguf, arch: Arch, vocab: usize, tied: bool) -> Result<Json> {
     if let Some(t) = g
         .get(&k("rope.scaling.type"))
         .and_then(|v| v.as_str())
-        .filter(|t| *t != "none")
+        .filter(|t| *t != "none" && !(arch == Arch::Gemma3 && *t == "linear"))
     {
         return Err(cfg_err(
             g,
             format!("RoPE scaling `{t}` ({a}.rope.scaling.type) is not supported"),
         ));
     }
-    if g.tensor("rope_freqs.weight").is_some() {
-        return Err(cfg_err(
-            g,
-            "this GGUF carries `rope_freqs.weight` (Llama 3.1-style RoPE scaling), whose \
-             parameters GGUF does not record; import the Hugging Face checkpoint instead"
-                .into(),
-        ));
-    }
+    // Llama 3.1/3.2: per-dimension divisors of the RoPE frequencies.
+    let rope_freq_factors = match g.tensor("rope_freqs.weight") {
+        Some(t) => {
+            let f = g.dequantize(t)?;
+            if f.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
+                return Err(cfg_err(g, "`rope_freqs.weight` has a value that is not positive".into()));
+            }
+            Some(f)
+        }
+        None => None,
+    };
     let kv_heads = g
         .get(&k("attention.head_count_kv"))
         .and_then(|v| v.as_u64())
@@ -191,12 +201,15 @@ fn config_json(g: &Gguf, arch: Arch, vocab: usize, tied: bool) -> Result<Json> {
         .and_then(|v| v.as_u64())
         .map_or(hidden / heads.max(1), |v| v as usize);
     let eps = meta_f64(g, &k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-6);
-    let theta = meta_f64(g, &k("rope.freq_base")).unwrap_or(10_000.0);
+    let gemma = arch == Arch::Gemma3;
+    let theta = meta_f64(g, &k("rope.freq_base")).unwrap_or(if gemma { 1e6 } else { 10_000.0 });
     let (arch_name, model_type) = match arch {
         Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+        Arch::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
+        Arch::Gemma3 => ("Gemma3ForCausalLM", "gemma3_text"),
         _ => ("LlamaForCausalLM", "llama"),
     };
-    Ok(json!({
+    let mut cfg = json!({
         "architectures": [arch_name],
         "model_type": model_type,
         "hidden_size": hidden,
@@ -212,7 +225,61 @@ fn config_json(g: &Gguf, arch: Arch, vocab: usize, tied: bool) -> Result<Json> {
         "tie_word_embeddings": tied,
         "hidden_act": "silu",
         "torch_dtype": "float32",
-    }))
+    });
+    if let Some(f) = rope_freq_factors {
+        cfg["rope_freq_factors"] = json!(f);
+    }
+    if gemma {
+        gemma3_config(g, &mut cfg, layers, head_dim)?;
+    }
+    Ok(cfg)
+}
+
+/// Gemma 3's keys, as llama.cpp reads them: the window, which layers slide
+/// (every 6th is global unless the file says), the sliding layers' RoPE base
+/// (10,000 unless the file says) and the attention scale (1/sqrt(head_dim)
+/// unless the file says).
+fn gemma3_config(g: &Gguf, cfg: &mut Json, layers: usize, head_dim: usize) -> Result<()> {
+    let a = g.architecture()?.to_string();
+    let k = |s: &str| format!("{a}.{s}");
+    let window = meta_usize(g, &k("attention.sliding_window"))?;
+    let types: Vec<&str> = match g.get(&k("attention.sliding_window_pattern")) {
+        Some(v) if v.as_array().is_some() => {
+            let flags = v.as_array().unwrap_or_default();
+            if flags.len() != layers {
+                return Err(cfg_err(
+                    g,
+                    format!("{a}.attention.sliding_window_pattern has {} entries for {layers} layers", flags.len()),
+                ));
+            }
+            flags
+                .iter()
+                .map(|f| if f.as_bool() == Some(true) { "sliding_attention" } else { "full_attention" })
+                .collect()
+        }
+        other => {
+            let every = other.and_then(|v| v.as_u64()).unwrap_or(6).max(1) as usize;
+            (0..layers)
+                .map(|i| if (i + 1) % every == 0 { "full_attention" } else { "sliding_attention" })
+                .collect()
+        }
+    };
+    let scalar = match meta_f64(g, &k("attention.scale")) {
+        Some(s) if s > 0.0 => 1.0 / (s * s),
+        _ => head_dim as f64,
+    };
+    cfg["sliding_window"] = json!(window);
+    cfg["layer_types"] = json!(types);
+    cfg["rope_local_base_freq"] = json!(meta_f64(g, &k("rope.freq_base_swa")).unwrap_or(10_000.0));
+    cfg["query_pre_attn_scalar"] = json!(scalar);
+    cfg["hidden_activation"] = json!("gelu_pytorch_tanh");
+    cfg.as_object_mut().map(|o| o.remove("hidden_act"));
+    if let Some(f) = meta_f64(g, &k("rope.scaling.factor")).filter(|_| {
+        g.get(&k("rope.scaling.type")).and_then(|v| v.as_str()) == Some("linear")
+    }) {
+        cfg["rope_scaling"] = json!({"rope_type": "linear", "factor": f});
+    }
+    Ok(())
 }
 
 /// What a GGUF's header says: the architecture, the HF config.json, and
@@ -223,6 +290,8 @@ pub fn gguf_config(g: &Gguf) -> Result<(Arch, Json, bool)> {
     let arch = match a {
         "llama" => Arch::Llama,
         "qwen2" => Arch::Qwen2,
+        "qwen3" => Arch::Qwen3,
+        "gemma3" => Arch::Gemma3,
         "gpt2" => Arch::Gpt2,
         other => {
             return Err(cfg_err(
@@ -364,6 +433,10 @@ pub(crate) fn convert_tensor(
             vec![shape[1], shape[0]],
             transpose(&data, shape[0], shape[1]),
         ));
+    }
+    if arch == Arch::Gemma3 && name.ends_with("norm.weight") {
+        // llama.cpp's converter stores Gemma's (1 + w); HF stores w.
+        return Ok((shape, data.into_iter().map(|x| x - 1.0).collect()));
     }
     Ok(match permuted_heads(arch, mc, name) {
         Some(h) => (shape, unpermute_qk(&data, h, cols)),
