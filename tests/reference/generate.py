@@ -939,7 +939,8 @@ def generate_all(versions):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check-adapter", metavar="DIR", help="adapter folder to evaluate (check mode)")
-    ap.add_argument("--model", choices=PEFT_MODELS, help="check mode: base model")
+    ap.add_argument("--model", choices=PEFT_MODELS + ["tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3"],
+                    help="check mode: base model (the last four: peft/ by generate_more.py)")
     ap.add_argument("--case", choices=PEFT_METHODS, help="check mode: the case whose step batch to use")
     ap.add_argument("--json", metavar="OUT", help="check mode: also write the result here")
     args = ap.parse_args()
