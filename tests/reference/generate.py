@@ -25,6 +25,9 @@ Outputs (see tests/reference/README.md for every tensor name and shape):
       train.json                         10 AdamW steps: loss before each step, grad norm before clipping
       final_state.safetensors            trainable parameters after the 10 steps
 
+generate_more.py imports this module to add tiny-qwen3, tiny-gemma3, kv_reference.* and more PEFT cases
+(without rewriting anything this script writes); gguf_families.py converts all six folders to GGUF.
+
 Second mode, to check an adapter folder that wgtune wrote:
 
     python tests/reference/generate.py --check-adapter DIR --model tiny-llama --case lora_qv [--json OUT]
