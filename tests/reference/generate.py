@@ -905,6 +905,11 @@ def generate_all(versions):
         model_dir = data / name
         # check_wgtune_adapters.sh's records are not this script's output: keep them across the rewrite.
         kept = {p.relative_to(model_dir): p.read_bytes() for p in model_dir.glob("peft/*/wgtune_check.json")}
+        # generate_more.py's files (kv_reference.*, and peft/ of the models this script gives none): kept too.
+        others = list(model_dir.glob("kv_reference.*"))
+        if name not in PEFT_MODELS:
+            others += [p for p in model_dir.glob("peft/**/*") if p.is_file()]
+        others = {p.relative_to(model_dir): p.read_bytes() for p in others}
         if model_dir.exists():
             shutil.rmtree(model_dir)
         model_dir.mkdir(parents=True)
@@ -937,6 +942,9 @@ def generate_all(versions):
         for rel, content in kept.items():
             if (model_dir / rel).parent.is_dir():
                 (model_dir / rel).write_bytes(content)
+        for rel, content in others.items():
+            (model_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            (model_dir / rel).write_bytes(content)
 
 
 def main():
