@@ -25,6 +25,9 @@ Outputs (see tests/reference/README.md for every tensor name and shape):
       train.json                         10 AdamW steps: loss before each step, grad norm before clipping
       final_state.safetensors            trainable parameters after the 10 steps
 
+generate_more.py imports this module to add tiny-qwen3, tiny-gemma3, kv_reference.* and more PEFT cases
+(without rewriting anything this script writes); gguf_families.py converts all six folders to GGUF.
+
 Second mode, to check an adapter folder that wgtune wrote:
 
     python tests/reference/generate.py --check-adapter DIR --model tiny-llama --case lora_qv [--json OUT]
@@ -902,6 +905,11 @@ def generate_all(versions):
         model_dir = data / name
         # check_wgtune_adapters.sh's records are not this script's output: keep them across the rewrite.
         kept = {p.relative_to(model_dir): p.read_bytes() for p in model_dir.glob("peft/*/wgtune_check.json")}
+        # generate_more.py's files (kv_reference.*, and peft/ of the models this script gives none): kept too.
+        others = list(model_dir.glob("kv_reference.*"))
+        if name not in PEFT_MODELS:
+            others += [p for p in model_dir.glob("peft/**/*") if p.is_file()]
+        others = {p.relative_to(model_dir): p.read_bytes() for p in others}
         if model_dir.exists():
             shutil.rmtree(model_dir)
         model_dir.mkdir(parents=True)
@@ -934,12 +942,16 @@ def generate_all(versions):
         for rel, content in kept.items():
             if (model_dir / rel).parent.is_dir():
                 (model_dir / rel).write_bytes(content)
+        for rel, content in others.items():
+            (model_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            (model_dir / rel).write_bytes(content)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check-adapter", metavar="DIR", help="adapter folder to evaluate (check mode)")
-    ap.add_argument("--model", choices=PEFT_MODELS, help="check mode: base model")
+    ap.add_argument("--model", choices=PEFT_MODELS + ["tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3"],
+                    help="check mode: base model (the last four: peft/ by generate_more.py)")
     ap.add_argument("--case", choices=PEFT_METHODS, help="check mode: the case whose step batch to use")
     ap.add_argument("--json", metavar="OUT", help="check mode: also write the result here")
     args = ap.parse_args()
