@@ -1,4 +1,4 @@
-//! Tier 3: training against PEFT. For tiny llama and gpt2 models and each
+//! Tier 3: training against PEFT. For every tiny model family and each
 //! method (LoRA q,v; LoRA all-linear; prompt; prefix; prefix with
 //! projection), from the same initial adapter as PEFT's run
 //! (tests/reference/generate.py): the loss and every adapter gradient of one
@@ -101,9 +101,13 @@ fn check_case(ctx: &Context, m: &Model, model: &str, case: &str) {
         "{model}/{case}: loss {loss} vs {want}"
     );
     if let Some(without) = step["loss_without_first"].as_f64() {
-        // Without PEFT's first-token target the loss would be this, far
-        // outside the tolerance above: the case tells the two apart.
-        assert!((without - want).abs() > 1e-4 * want.abs());
+        // Without PEFT's first-token target the loss would be this: ours
+        // must be nearer PEFT's (the gap is 6e-4 on tiny-qwen3, 1e-2 on
+        // tiny-llama; our error is ~1e-6).
+        assert!(
+            (loss - want).abs() < (without - want).abs() / 2.0,
+            "{model}/{case}: loss {loss} is not nearer PEFT's {want} than the no-first-target {without}"
+        );
     }
 
     // 10 AdamW steps from the same start, as in PEFT's run.
@@ -203,6 +207,28 @@ fn llama_adapters_match_peft() {
 #[test]
 fn gpt2_adapters_match_peft() {
     run_model("tiny-gpt2");
+}
+
+#[test]
+fn mistral_adapters_match_peft() {
+    run_model("tiny-mistral");
+}
+
+#[test]
+fn qwen2_adapters_match_peft() {
+    run_model("tiny-qwen2");
+}
+
+#[test]
+fn qwen3_adapters_match_peft() {
+    run_model("tiny-qwen3");
+}
+
+/// Gemma 3: prefix rows are positions 0..P-1, so the sliding window (4)
+/// drops them for later tokens in the local layers, as in PEFT.
+#[test]
+fn gemma3_adapters_match_peft() {
+    run_model("tiny-gemma3");
 }
 
 /// Our name for a trained tensor of PEFT's final state.

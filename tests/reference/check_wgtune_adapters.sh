@@ -11,7 +11,7 @@ py=$(tests/reference/setup-env.sh | tail -n 1)/bin/python
 # Write the adapters (the records may not exist yet, hence the env var).
 WGTUNE_WRITE_ADAPTERS_ONLY=1 cargo test --quiet --test train_parity adapters_match
 adapters=target/tmp/wgtune-adapters
-for model in tiny-llama tiny-gpt2; do
+for model in ${WGTUNE_CHECK_MODELS:-tiny-llama tiny-gpt2 tiny-mistral tiny-qwen2 tiny-qwen3 tiny-gemma3}; do
   for case in ${WGTUNE_CHECK_CASES:-lora_qv lora_all prompt prefix prefix_proj prompt_text}; do
     "$py" tests/reference/generate.py --check-adapter "$adapters/$model/$case" --model "$model" --case "$case" \
       --json "tests/reference/data/$model/peft/$case/wgtune_check.json" | grep -E '"(peft_type|loss_on_step_batch)"'

@@ -875,7 +875,9 @@ def check_adapter(args):
     train = json.loads((case_dir / "train.json").read_text())
     greedy = greedy_full(model, train["greedy_prompt_ids"], train["greedy_max_new_tokens"], eos_ids)
     res = {
-        "adapter": str(args.check_adapter), "model": args.model, "case": args.case,
+        # Repo-relative when inside the repository: no absolute paths in committed records.
+        "adapter": os.path.relpath(args.check_adapter, ROOT) if Path(args.check_adapter).is_relative_to(ROOT)
+        else str(args.check_adapter), "model": args.model, "case": args.case,
         "peft_type": model.peft_config["default"].peft_type.value,
         "loss_on_step_batch": loss,
         "reference_initial_loss": json.loads((case_dir / "step.json").read_text())["loss"],
