@@ -21,7 +21,16 @@
 // included, as in transformers' mask). The score scale comes in `scale`.
 //
 // Backward recomputes the probabilities from lse (nothing (T, T) is stored)
-// and is split in three kernels to stay within 8 storage bindings. Each
+// and is split in three kernels to stay within 8 storage bindings.
+//
+// llvmpipe caps the loop iterations of one invocation at 65,535, summed over
+// every loop the compiler did not unroll, and silently stops there (a row
+// loop of HD4 = 64 is not unrolled; at HD 256 forward broke after ~480 keys,
+// dq at HD 128 after ~980). So a dispatch walks only keys p.lo..p.hi
+// (queries for dkv) and the host splits long sequences over several: dq, dk
+// and dv accumulate anyway, and forward resumes from the (out, lse) the
+// previous block stored, which is exactly the online-softmax state
+// (max = lse, sum = 1, acc = out). Each
 // gradient row has exactly one owner that loops over its contributions in a
 // fixed order, so there are no atomics and results are bit-reproducible.
 //
@@ -61,8 +70,8 @@ struct Params {
     scale: f32,  // score scale (1 / sqrt(HD), or the model's)
     shift: u32,  // texture source: log2 rows per texture layer (31 = one layer)
     window: u32, // sliding window W (0: none)
-    _p1: u32,
-    _p2: u32,
+    lo: u32,     // forward, dq: keys lo..hi of this dispatch; dkv: queries lo..hi
+    hi: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -174,15 +183,20 @@ fn fw_v_st(h: u32, i: u32) -> vec4<f32> { return fw_v[h + i]; }
 fn fw_k_tx(h: vec2<u32>, i: u32) -> vec4<f32> { return textureLoad(fwx_k, vec2<u32>(i, h.x), h.y, 0); }
 fn fw_v_tx(h: vec2<u32>, i: u32) -> vec4<f32> { return textureLoad(fwx_v, vec2<u32>(i, h.x), h.y, 0); }
 
-// Load query row `t` (clamped) pre-scaled to log2 units; reset its state.
+// Load query row `t` (clamped) pre-scaled to log2 units; reset its state,
+// or resume it from the previous key block's (out, lse).
 fn fw_init(q: RowP, acc: RowP, ml: V2P, b: u32, h: u32, t: u32) {
-    let base = ((b * p.t + min(t, p.t - 1u)) * p.nh + h) * HD4;
+    let tc = min(t, p.t - 1u);
+    let base = ((b * p.t + tc) * p.nh + h) * HD4;
     let c2 = p.scale * LOG2E;
+    let lse = fw_lse[(b * p.nh + h) * p.t + tc];
+    // A row that saw no key yet stored NEG_BIG (fw_finish).
+    let resume = p.lo > 0u && lse > 0.5 * NEG_BIG;
     for (var c = 0u; c < HD4; c++) {
         (*q)[c] = fw_q[base + c] * c2;
-        (*acc)[c] = vec4<f32>(0.0);
+        (*acc)[c] = select(vec4<f32>(0.0), fw_out[base + c], resume);
     }
-    *ml = vec2<f32>(NEG_BIG, 0.0);
+    *ml = select(vec2<f32>(NEG_BIG, 0.0), vec2<f32>(lse * LOG2E, 1.0), resume);
 }
 
 // One online-softmax step of a row against the key/value shares kr, vr.
@@ -208,11 +222,14 @@ fn fw_step(q: RowP, acc: RowP, ml: V2P, kr: RowP, vr: RowP, live: bool) {
 fn fw_finish(acc: RowP, ml: vec2<f32>, b: u32, h: u32, t: u32) {
     if (t >= p.t) { return; }
     let base = ((b * p.t + t) * p.nh + h) * HD4;
-    let inv = 1.0 / ml.y; // >= 1: the max key contributes exp2(0)
+    // >= 1 once a key was seen (the max key contributes exp2(0)); 0 while a
+    // row's keys are all in later blocks.
+    let seen = ml.y > 0.0;
+    let inv = select(0.0, 1.0 / ml.y, seen);
     for (var c = 0u; c < HD4; c++) {
         fw_out[base + c] = (*acc)[c] * inv;
     }
-    fw_lse[(b * p.nh + h) * p.t + t] = (ml.x + log2(ml.y)) * LN2;
+    fw_lse[(b * p.nh + h) * p.t + t] = select(NEG_BIG, (ml.x + log2(ml.y)) * LN2, seen);
 }
 
 // The R-row helpers take rows r = 0..3 as separate pointers (not a struct
@@ -264,7 +281,7 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgrou
     var m0: vec2<f32>; var m1: vec2<f32>; var m2: vec2<f32>; var m3: vec2<f32>;
     fw_begin(&q0, &q1, &q2, &q3, &a0, &a1, &a2, &a3, &m0, &m1, &m2, &m3, g);
     // Keys in order, as the CPU twin's softmax sums them, rescaled online.
-    for (var j = g.k0_grp; j < g.nk_grp; j++) {
+    for (var j = max(g.k0_grp, p.lo); j < min(g.nk_grp, p.hi); j++) {
         let hr = row_{{SRC}}((g.b * p.s + j) * p.kvh + g.kh);
         var kr: Row;
         var vr: Row;
@@ -406,7 +423,7 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_work
     var a0: Row; var a1: Row; var a2: Row; var a3: Row;
     var l0: vec2<f32>; var l1: vec2<f32>; var l2: vec2<f32>; var l3: vec2<f32>;
     dq_begin(&q0, &q1, &q2, &q3, &o0, &o1, &o2, &o3, &a0, &a1, &a2, &a3, &l0, &l1, &l2, &l3, g);
-    for (var j = g.k0_grp; j < g.nk_grp; j++) {
+    for (var j = max(g.k0_grp, p.lo); j < min(g.nk_grp, p.hi); j++) {
         let hr = row_{{SRC}}((g.b * p.s + j) * p.kvh + g.kh);
         var kr: Row;
         var vr: Row;
@@ -558,7 +575,7 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_wor
     kv_begin(&k0, &k1, &k2, &k3, &v0, &v1, &v2, &v3, &x0, &x1, &x2, &x3, &y0, &y1, &y2, &y3, g);
     // The fixed summation order: query heads of the group, then queries.
     for (var h = g.kh * gs; h < (g.kh + 1u) * gs; h++) {
-        for (var t = g.t_grp; t < g.t_end; t++) {
+        for (var t = max(g.t_grp, p.lo); t < min(g.t_end, p.hi); t++) {
             let hr = row_{{SRC}}((g.b * p.t + t) * p.nh + h);
             var qr: Row;
             var gr: Row;

