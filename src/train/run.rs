@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
-use crate::adapters::adapter::{match_targets, HostTensors};
+use crate::adapters::adapter::{match_targets, resolve_targets, HostTensors};
 use crate::adapters::init::{self, LoraInit, PrefixInit, PromptInit};
 use crate::adapters::peft_io::{self, AdapterConfig, LoraConfig, PrefixConfig, PromptConfig};
 use crate::adapters::Adapter;
@@ -63,7 +63,10 @@ fn fresh_adapter<'m>(
                 names.dedup();
                 names
             } else {
-                l.targets.clone()
+                resolve_targets(
+                    &l.targets,
+                    model.linears().iter().map(|(_, l)| l.name.as_str()),
+                )?
             };
             lc.lora_dropout = l.dropout;
             lc.use_rslora = l.rslora;
