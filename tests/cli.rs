@@ -461,6 +461,14 @@ fn lora_default_targets_train_gpt2() {
     let (ok, text) = wgtune(&args);
     assert!(ok, "wgtune {args:?} failed:\n{text}");
     assert_eq!(losses(&out.join("metrics.jsonl")).len(), 2, "{text}");
+    let names: Vec<&str> = want
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let line = format!("adapter: lora on {} with", names.join(","));
+    assert!(text.contains(&line), "no `{line}` in:\n{text}");
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
             .unwrap();

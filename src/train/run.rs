@@ -422,9 +422,17 @@ pub fn train(
         }
         println!("resuming from {} at step {}", ckpt_dir.display(), pos.step);
     }
+    // LoRA's targets may be the model's default: say which.
+    let method = match &adapter.config {
+        AdapterConfig::Lora(c) => format!(
+            "{} on {}",
+            init::method_name(&adapter.config),
+            c.target_modules.join(",")
+        ),
+        c => init::method_name(c).to_string(),
+    };
     println!(
-        "adapter: {} with {} trainable parameters; {total} steps ({steps_per_epoch}/epoch), batch {} x {} accum, lr {lr:.1e}",
-        init::method_name(&adapter.config),
+        "adapter: {method} with {} trainable parameters; {total} steps ({steps_per_epoch}/epoch), batch {} x {} accum, lr {lr:.1e}",
         adapter.num_params(),
         o.batch_size,
         o.grad_accum

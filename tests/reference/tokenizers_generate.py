@@ -125,6 +125,17 @@ CONVERSATIONS = [
         {"role": "assistant", "content": "A2 done"},
     ]},
     # Qwen3: reasoning in assistant content; the template keeps it only after the last user turn.
+    {"name": "system-only", "messages": [{"role": "system", "content": "Only a system prompt."}]},
+    # Qwen3 only (Gemma 3 has no tool role): tool results fold into user turns; a user turn that is
+    # a <tool_response> does not count as the last query.
+    {"name": "tool", "qwen3_only": True, "messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "<think>\ncall it\n</think>\n\nChecking."},
+        {"role": "tool", "content": "sunny"},
+        {"role": "tool", "content": "22C"},
+        {"role": "user", "content": "<tool_response>\nlate\n</tool_response>"},
+        {"role": "assistant", "content": "<think>\nsummarize\n</think>\n\nSunny, 22C."},
+    ]},
     # Reasoning after the last user turn is kept even when empty; before it, dropped.
     {"name": "think-last", "messages": [
         {"role": "system", "content": "Think first."},
@@ -461,7 +472,7 @@ def main():
     qwen_specials = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
     for conv in CONVERSATIONS:
         for gen in (False, True):
-            if not conv["name"].startswith("think"):
+            if not conv["name"].startswith("think") and not conv.get("qwen3_only"):
                 chat["gemma3"].append({"name": conv["name"], "add_generation_prompt": gen,
                                        "messages": conv["messages"],
                                        "rendered": render(GEMMA3_TEMPLATE, conv["messages"], gen,
