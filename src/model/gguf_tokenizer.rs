@@ -611,7 +611,9 @@ fn sentencepiece(m: &Meta) -> Result<TokenizerFiles> {
     // turned into "▁" by a normalizer, as Gemma's tokenizer.json does; its
     // user-defined whitespace tokens ("  ", "\n\n") are written with spaces
     // by llama.cpp's converter and match the raw text as added tokens, as
-    // llama.cpp's partition does.
+    // llama.cpp's partition does. (Text that itself contains "▁▁" differs:
+    // transformers' Gemma matches its "▁▁" token there, llama.cpp and we
+    // cannot, the file spelling it with spaces.)
     let gemma = arch.starts_with("gemma");
     // llama.cpp and transformers add BOS to a SentencePiece vocabulary that
     // does not say otherwise.

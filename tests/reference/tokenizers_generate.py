@@ -92,6 +92,8 @@ HARD_TEXTS = [
     "",
     " ",
     "x",
+    "a\n\n\n\nb   \n  \n",
+    "non\u00a0breaking and\u3000ideographic spaces",
 ]
 
 GEMMA_VOCAB_SIZE = 600
