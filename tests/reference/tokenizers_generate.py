@@ -220,7 +220,7 @@ def gemma_gguf_vocab(model_bytes, hf):
     # no longer writes that key, so it is rebuilt here from the backend's added tokens by that rule.
     named = {"<pad>", "<eos>", "<bos>", "<unk>"} | GEMMA_SPECIAL
     cfg = {"added_tokens_decoder": {
-        str(t.id if hasattr(t, "id") else i): {"content": t.content, "special": t.content in named}
+        str(i): {"content": t.content, "special": t.content in named}
         for i, t in hf.backend_tokenizer.get_added_tokens_decoder().items() if i < n
     }}
     for tid, data in cfg["added_tokens_decoder"].items():
@@ -447,7 +447,7 @@ def main():
             write_gemma(out / name, tokens, scores, types, bos, eos, GEMMA3_TEMPLATE)
             r = GGUFReader(str(out / name))
             assert gg.field_value(r, "tokenizer.ggml.tokens") == tokens
-            h = gemma_hf(model_bytes, tmp, bos, eos) if (bos, eos) != (True, False) else hf
+            h = hf if (bos, eos) == (True, False) else gemma_hf(model_bytes, tmp, bos, eos)
             result[name] = {
                 "model": "llama", "add_bos": bos, "add_eos": eos,
                 "reference": "transformers GemmaTokenizer from the same tokenizer.model",
