@@ -121,9 +121,10 @@ pub struct PlanArgs {
     pub lora_r: usize,
     #[arg(long, default_value_t = 0.0, value_parser = dropout)]
     pub lora_dropout: f64,
-    /// Comma-separated module names, or all-linear
-    #[arg(long, default_value = "q_proj,v_proj")]
-    pub lora_targets: String,
+    /// Comma-separated module names, or all-linear (default: PEFT's for the
+    /// model: c_attn for gpt2, q_proj,v_proj for llama, mistral, qwen2, qwen3, gemma3)
+    #[arg(long)]
+    pub lora_targets: Option<String>,
     #[command(flatten)]
     pub weights: WeightsArgs,
     #[command(flatten)]
@@ -324,9 +325,10 @@ pub struct TrainArgs {
     pub lora_alpha: f64,
     #[arg(long, default_value_t = 0.0, value_parser = dropout)]
     pub lora_dropout: f64,
-    /// Comma-separated module names, or all-linear
-    #[arg(long, default_value = "q_proj,v_proj")]
-    pub lora_targets: String,
+    /// Comma-separated module names, or all-linear (default: PEFT's for the
+    /// model: c_attn for gpt2, q_proj,v_proj for llama, mistral, qwen2, qwen3, gemma3)
+    #[arg(long)]
+    pub lora_targets: Option<String>,
     /// Scale by alpha/sqrt(r) instead of alpha/r
     #[arg(long)]
     pub rslora: bool,

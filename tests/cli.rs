@@ -424,3 +424,53 @@ fn plan_works_from_a_config_alone_and_from_gguf() {
     assert!(ok, "{text}");
     assert!(text.contains("GGUF header"), "{text}");
 }
+
+/// Without `--lora-targets`, LoRA adapts PEFT's default modules of the model
+/// loaded: `c_attn` on GPT-2 (which has no `q_proj`), for `plan` and `train`.
+#[test]
+fn lora_default_targets_train_gpt2() {
+    let _ctx = gpu!();
+    let model = root().join("tests/reference/data/tiny-gpt2");
+    let data = root().join("tests/reference/data/sample.jsonl");
+    let peft = common::reference::json("tokenizers/lora_targets.json");
+    let want = &peft["models"]["tiny-gpt2"]["default"];
+    let (ok, text) = wgtune(&[
+        "plan",
+        "--model",
+        model.to_str().unwrap(),
+        "--method",
+        "lora",
+    ]);
+    assert!(ok, "plan: {text}");
+    let out = tmp("lora-default-gpt2");
+    let args = [
+        "--method",
+        "lora",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ];
+    let (ok, text) = wgtune(&args);
+    assert!(ok, "wgtune {args:?} failed:\n{text}");
+    assert_eq!(losses(&out.join("metrics.jsonl")).len(), 2, "{text}");
+    let names: Vec<&str> = want
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let line = format!("adapter: lora on {} with", names.join(","));
+    assert!(text.contains(&line), "no `{line}` in:\n{text}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(&cfg["target_modules"], want, "saved target_modules");
+}

@@ -224,11 +224,55 @@ struct Scratch {
     g: Option<Tensor>,
 }
 
+/// PEFT's default LoRA targets (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`)
+/// for a model with these linear module paths: GPT-2's fused `c_attn`, and
+/// `q_proj`, `v_proj` for llama, mistral, qwen2, qwen3 and gemma3_text.
+/// Keyed on the modules the model has, so every architecture with those
+/// names gets the same default.
+pub fn default_targets<'a>(linear_names: impl IntoIterator<Item = &'a str>) -> Result<Vec<String>> {
+    let mut names: Vec<&str> = linear_names
+        .into_iter()
+        .map(|n| n.rsplit('.').next().unwrap_or(""))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let has = |n: &str| names.binary_search(&n).is_ok();
+    if has("c_attn") {
+        Ok(vec!["c_attn".into()])
+    } else if has("q_proj") && has("v_proj") {
+        Ok(vec!["q_proj".into(), "v_proj".into()])
+    } else {
+        Err(Error::invalid(
+            "lora",
+            format!(
+                "no default LoRA target modules for this model; pass --lora-targets (its linear modules are: {})",
+                names.join(", ")
+            ),
+        ))
+    }
+}
+
+/// `targets` as given, or [`default_targets`] when empty (no `--lora-targets`).
+pub fn resolve_targets<'a>(
+    targets: &[String],
+    linear_names: impl IntoIterator<Item = &'a str>,
+) -> Result<Vec<String>> {
+    if targets.is_empty() {
+        default_targets(linear_names)
+    } else {
+        Ok(targets.to_vec())
+    }
+}
+
 /// The linear layers of `model` whose module name matches `targets`
 /// (PEFT's rule: a target matches the last component(s) of the module path;
-/// `all-linear` is every linear except the output head).
+/// `all-linear` is every linear except the output head; empty is the
+/// model's [`default_targets`]).
 pub fn match_targets<'m>(model: &'m Model, targets: &[String]) -> Result<Vec<&'m Linear>> {
+    // The output head is not among `linears()` (nor is GPT-2's tied wte),
+    // so `all-linear` leaves it out as PEFT does.
     let all: Vec<&Linear> = model.linears().into_iter().map(|(_, l)| l).collect();
+    let targets = &resolve_targets(targets, all.iter().map(|l| l.name.as_str()))?;
     let names: Vec<String> = {
         let mut v: Vec<String> = all
             .iter()

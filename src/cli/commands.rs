@@ -50,6 +50,8 @@ pub(super) fn plan(a: &PlanArgs) -> Result<()> {
                 dropout: a.lora_dropout,
                 targets: a
                     .lora_targets
+                    .as_deref()
+                    .unwrap_or_default()
                     .split(',')
                     .map(|s| s.trim().to_string())
                     .filter(|s| !s.is_empty())

@@ -55,6 +55,8 @@ impl TrainArgs {
                 dropout: self.lora_dropout,
                 targets: self
                     .lora_targets
+                    .as_deref()
+                    .unwrap_or_default()
                     .split(',')
                     .map(|s| s.trim().to_string())
                     .filter(|s| !s.is_empty())

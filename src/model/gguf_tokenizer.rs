@@ -12,7 +12,13 @@
 //! - `llama`: SentencePiece-style BPE with byte fallback, built the way
 //!   transformers 5 (`integrations/gguf/gguf_tokenizer_mapping.py`,
 //!   `LlamaTokenizer`) builds it: merges recovered from the scores when the
-//!   file has none, `Metaspace(prepend_scheme="first")`.
+//!   file has none, `Metaspace(prepend_scheme="first")`. Gemma files
+//!   (`general.architecture` gemma*) follow Gemma's own tokenizer.json
+//!   instead: `Replace(" ", "▁")` normalizer, no dummy prefix.
+//!
+//! `tokenizer.ggml.add_bos_token` / `add_eos_token` become the
+//! post-processor (defaults as llama.cpp: BOS for SentencePiece and the
+//! Llama 3 group, no EOS).
 //!
 //! Control tokens (type 3) become special added tokens and user-defined ones
 //! (type 4) plain added tokens, so that `<|im_start|>` written in text is one
@@ -44,9 +50,9 @@ pub struct TokenizerFiles {
 }
 
 /// `tokenizer.ggml.pre` values supported, for error messages.
-pub const SUPPORTED_PRE: &str = "gpt-2 (alias gpt2), phi-2; smollm, starcoder, refact, codeshell; \
-     llama3, llama-v3, llama-bpe, falcon3, falcon-h1, pixtral, midm-2.0, lfm2, jina-v5-nano, \
-     dbrx, smaug-bpe; qwen2, deepseek-r1-qwen, kormo, f2llmv2, megrez";
+pub const SUPPORTED_PRE: &str = "default; gpt-2 (alias gpt2), phi-2; smollm, starcoder, refact, \
+     codeshell; llama3, llama-v3, llama-bpe, falcon3, falcon-h1, pixtral, midm-2.0, lfm2, \
+     jina-v5-nano, dbrx, smaug-bpe; qwen2, deepseek-r1-qwen, kormo, f2llmv2, megrez";
 
 /// `tokenizer.ggml.model` values supported, for error messages.
 pub const SUPPORTED_MODELS: &str = "gpt2 (byte-level BPE), llama (SentencePiece BPE)";
@@ -59,6 +65,16 @@ const TYPE_USER_DEFINED: i64 = 4;
 
 /// The Llama 3 split regex, as in Llama 3's tokenizer.json.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// llama.cpp's LLAMA_VOCAB_PRE_TYPE_DEFAULT: these split one after the
+/// other, each cutting the previous pieces into matches and the text
+/// between them (`unicode_regex_split`). The second is GPT-2's, whose
+/// trailing `|\s+` the kept gaps make unnecessary.
+const DEFAULT_SPLITS: [&str; 4] = [
+    r"[\p{P}\$\+<=>\^~\|]+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+    r"\p{N}+",
+    r"[0-9][0-9][0-9]",
+];
 /// Qwen2's: Llama 3's with single digits.
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -73,6 +89,8 @@ enum Pre {
     Llama3 { ignore_merges: bool },
     /// Qwen2's regex, NFC first as Qwen2's tokenizer.json does.
     Qwen2,
+    /// llama.cpp's generic split ([`DEFAULT_SPLITS`]).
+    Default,
 }
 
 fn pre_type(pre: &str) -> Option<Pre> {
@@ -89,6 +107,7 @@ fn pre_type(pre: &str) -> Option<Pre> {
             ignore_merges: false,
         },
         "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => Pre::Qwen2,
+        "default" => Pre::Default,
         _ => return None,
     })
 }
@@ -473,14 +492,8 @@ fn byte_level(m: &Meta) -> Result<TokenizerFiles> {
             .ok_or_else(|| m.err(format!("`tokenizer.ggml.pre` is not a string: {v:?}")))?,
     };
     let Some(pre) = pre_type(pre_name) else {
-        let why = if pre_name == "default" {
-            " (llama.cpp's generic fallback for an unrecognized pre-tokenizer, which the \
-             original tokenizer does not use)"
-        } else {
-            ""
-        };
         return Err(m.err(format!(
-            "tokenizer.ggml.pre `{pre_name}` is not supported{why}; supported: {SUPPORTED_PRE}"
+            "tokenizer.ggml.pre `{pre_name}` is not supported; supported: {SUPPORTED_PRE}"
         )));
     };
     // llama.cpp adds BOS by default only for the Llama 3 group (the one
@@ -568,6 +581,15 @@ fn byte_level(m: &Meta) -> Result<TokenizerFiles> {
             json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level_pre(false)]}),
             false,
         ),
+        Pre::Default => {
+            let mut seq: Vec<Json> = DEFAULT_SPLITS.iter().map(|re| split(re)).collect();
+            seq.push(byte_level_pre(false));
+            (
+                Json::Null,
+                json!({"type": "Sequence", "pretokenizers": seq}),
+                false,
+            )
+        }
     };
     let tokenizer_json = tokenizer_json(
         added_tokens.into_values().collect(),
@@ -585,12 +607,14 @@ fn sentencepiece(m: &Meta) -> Result<TokenizerFiles> {
         m.g.get("general.architecture")
             .and_then(Value::as_str)
             .unwrap_or("");
-    // transformers respells and reorders Gemma's vocabulary; not reproduced.
-    if arch.starts_with("gemma") {
-        return Err(m.err(format!(
-            "the SentencePiece vocabulary of architecture `{arch}` (Gemma) is not supported"
-        )));
-    }
+    // Gemma: no dummy prefix (the file says add_space_prefix false), spaces
+    // turned into "▁" by a normalizer, as Gemma's tokenizer.json does; its
+    // user-defined whitespace tokens ("  ", "\n\n") are written with spaces
+    // by llama.cpp's converter and match the raw text as added tokens, as
+    // llama.cpp's partition does. (Text that itself contains "▁▁" differs:
+    // transformers' Gemma matches its "▁▁" token there, llama.cpp and we
+    // cannot, the file spelling it with spaces.)
+    let gemma = arch.starts_with("gemma");
     // llama.cpp and transformers add BOS to a SentencePiece vocabulary that
     // does not say otherwise.
     let s = Specials::read(m, true)?;
@@ -640,8 +664,9 @@ fn sentencepiece(m: &Meta) -> Result<TokenizerFiles> {
     // transformers ignores `add_space_prefix`; llama.cpp honours it, and so
     // do we (it only ever says false on purpose).
     let prefix = m.flag("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
-    let (normalizer, pre_tokenizer) = if arch == "phi3" {
-        // transformers' `phi3_tokenizer`: the prefix comes from a normalizer.
+    let (normalizer, pre_tokenizer) = if arch == "phi3" || gemma {
+        // transformers' `phi3_tokenizer` and Gemma's tokenizer.json: the
+        // prefix (if any) and the spaces come from a normalizer.
         let mut n = Vec::new();
         if prefix {
             n.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
@@ -871,7 +896,7 @@ mod tests {
 
     #[test]
     fn unsupported_values_are_named() {
-        for pre in ["default", "deepseek-llm"] {
+        for pre in ["deepseek-llm", "no-such-pre"] {
             let g = byte_level_gguf(pre, pre, &[]);
             let e = tokenizer_from_gguf(&g).err().unwrap().to_string();
             assert!(

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use crate::adapters::adapter::flat_len;
+use crate::adapters::adapter::{flat_len, resolve_targets};
 use crate::adapters::peft_io::module_matches;
 use crate::error::{Error, Result};
 use crate::gpu::tensor::alloc_bytes;
@@ -204,14 +204,23 @@ fn packed_operand_bytes(
         add(l.r, 0, n);
         add(l.r, 1, n);
         let all = l.targets.iter().any(|t| t == "all-linear");
-        for b in &ModelSpec::saved(cfg).blocks {
-            let mut lins = b.qkv.all();
-            lins.push(&b.o);
-            lins.extend(b.mlp.all());
-            for lin in lins {
-                if all || l.targets.iter().any(|t| module_matches(&lin.name, t)) {
-                    add(lin.in_f, 1, n);
-                }
+        let spec = ModelSpec::saved(cfg);
+        let lins: Vec<_> = spec
+            .blocks
+            .iter()
+            .flat_map(|b| {
+                let mut v = b.qkv.all();
+                v.push(&b.o);
+                v.extend(b.mlp.all());
+                v
+            })
+            .collect();
+        // `adapter_tensors` has already reported targets that cannot resolve.
+        let targets =
+            resolve_targets(&l.targets, lins.iter().map(|l| l.name.as_str())).unwrap_or_default();
+        for lin in lins {
+            if all || targets.iter().any(|t| module_matches(&lin.name, t)) {
+                add(lin.in_f, 1, n);
             }
         }
     }
@@ -243,8 +252,9 @@ fn adapter_tensors(
                 })
                 .collect();
             let all = l.targets.iter().any(|t| t == "all-linear");
+            let targets = resolve_targets(&l.targets, lins.iter().map(|l| l.name.as_str()))?;
             // The same message as `match_targets`, before anything loads.
-            for t in l.targets.iter().filter(|_| !all) {
+            for t in targets.iter().filter(|_| !all) {
                 if !lins.iter().any(|lin| module_matches(&lin.name, t)) {
                     let mut names: Vec<&str> = lins
                         .iter()
@@ -264,7 +274,7 @@ fn adapter_tensors(
             }
             let mut v = Vec::new();
             for lin in lins {
-                if all || l.targets.iter().any(|t| module_matches(&lin.name, t)) {
+                if all || targets.iter().any(|t| module_matches(&lin.name, t)) {
                     v.push(l.r * lin.in_f);
                     v.push(lin.out_f * l.r);
                     // h and dh (M, r); with dropout the masked input and its grad.

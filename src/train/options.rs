@@ -66,7 +66,8 @@ pub struct LoraOptions {
     pub r: usize,
     pub alpha: f64,
     pub dropout: f64,
-    /// Module names, or `all-linear`.
+    /// Module names, or `all-linear`; empty: PEFT's default for the model
+    /// (`adapters::adapter::default_targets`).
     pub targets: Vec<String>,
     pub rslora: bool,
     pub init: LoraInit,

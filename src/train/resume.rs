@@ -39,7 +39,7 @@ fn prefix_init_name(i: PrefixInitKind) -> &'static str {
 }
 
 /// The LoRA target modules as saved: `all-linear` resolved to the model's
-/// module names, as PEFT saves it; sorted.
+/// module names, as PEFT saves it, none to the default; sorted.
 fn resolve_lora_targets(model: &Model, targets: &[String]) -> Vec<String> {
     let mut names: Vec<String> = if targets.iter().any(|t| t == "all-linear") {
         model
@@ -48,7 +48,10 @@ fn resolve_lora_targets(model: &Model, targets: &[String]) -> Vec<String> {
             .filter_map(|(_, l)| l.name.rsplit('.').next().map(str::to_string))
             .collect()
     } else {
-        targets.to_vec()
+        // No targets: the model's default, as a fresh run saves it.
+        let lin = model.linears();
+        crate::adapters::adapter::resolve_targets(targets, lin.iter().map(|(_, l)| l.name.as_str()))
+            .unwrap_or_default()
     };
     names.sort();
     names.dedup();

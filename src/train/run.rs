@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
-use crate::adapters::adapter::{match_targets, HostTensors};
+use crate::adapters::adapter::{match_targets, resolve_targets, HostTensors};
 use crate::adapters::init::{self, LoraInit, PrefixInit, PromptInit};
 use crate::adapters::peft_io::{self, AdapterConfig, LoraConfig, PrefixConfig, PromptConfig};
 use crate::adapters::Adapter;
@@ -63,7 +63,10 @@ fn fresh_adapter<'m>(
                 names.dedup();
                 names
             } else {
-                l.targets.clone()
+                resolve_targets(
+                    &l.targets,
+                    model.linears().iter().map(|(_, l)| l.name.as_str()),
+                )?
             };
             lc.lora_dropout = l.dropout;
             lc.use_rslora = l.rslora;
@@ -419,9 +422,17 @@ pub fn train(
         }
         println!("resuming from {} at step {}", ckpt_dir.display(), pos.step);
     }
+    // LoRA's targets may be the model's default: say which.
+    let method = match &adapter.config {
+        AdapterConfig::Lora(c) => format!(
+            "{} on {}",
+            init::method_name(&adapter.config),
+            c.target_modules.join(",")
+        ),
+        c => init::method_name(c).to_string(),
+    };
     println!(
-        "adapter: {} with {} trainable parameters; {total} steps ({steps_per_epoch}/epoch), batch {} x {} accum, lr {lr:.1e}",
-        init::method_name(&adapter.config),
+        "adapter: {method} with {} trainable parameters; {total} steps ({steps_per_epoch}/epoch), batch {} x {} accum, lr {lr:.1e}",
         adapter.num_params(),
         o.batch_size,
         o.grad_accum

@@ -212,7 +212,7 @@ fn patched(src: &str, key: &str, new: &str, dir: &TempDir) -> PathBuf {
 #[test]
 fn tokenizer_unknown_pre_and_model_are_named() {
     let dir = TempDir::new("errors");
-    for pre in ["default", "deepseek-llm", "no-such-pre"] {
+    for pre in ["deepseek-llm", "no-such-pre"] {
         let g = Gguf::open(&patched("tok-gpt2.gguf", "tokenizer.ggml.pre", pre, &dir)).unwrap();
         let e = tokenizer_from_gguf(&g).err().expect(pre).to_string();
         assert!(

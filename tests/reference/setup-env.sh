@@ -26,6 +26,7 @@ pins=(
   # gguf_generate.py also checks these two.
   numpy==2.4.6
   sentencepiece==0.2.3
+  protobuf==7.36.2
   # Needed at import time by transformers/peft paths the scripts use; their
   # versions do not change the numbers.
   accelerate
