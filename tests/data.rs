@@ -12,7 +12,14 @@ use serde_json::Value;
 use wgtune::model::tokenizer::{ChatMessage, Tokenizer};
 use wgtune::train::{Batch, DataOptions, Dataset};
 
-const MODELS: [&str; 4] = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"];
+const MODELS: [&str; 6] = [
+    "tiny-llama",
+    "tiny-qwen2",
+    "tiny-mistral",
+    "tiny-gpt2",
+    "tiny-qwen3",
+    "tiny-gemma3",
+];
 
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
@@ -199,8 +206,22 @@ fn dataset_matches_reference() {
         let want = data["examples"].as_array().unwrap();
         assert_eq!(ds.len(), want.len(), "{model}: example count");
         assert_eq!((ds.truncated, ds.dropped), (0, 0));
+        let mut unstable_targets = 0;
         for (i, (got, w)) in ds.examples.iter().zip(want).enumerate() {
             let kind = w["kind"].as_str().unwrap();
+            if w["error"].as_str() == Some("template_not_prefix_stable") {
+                // transformers has no rule here (Qwen3's template is not
+                // prefix-stable): ours trains each assistant text and its
+                // closing markup, found in the full rendering.
+                let trained: Vec<u32> = (got.ids.iter().zip(&got.labels))
+                    .filter(|(_, &l)| l != -100)
+                    .map(|(&t, _)| t)
+                    .collect();
+                let text = tok.decode(&trained, false).unwrap();
+                assert_eq!(text, "One, two, three.<|im_end|>\nFour!<|im_end|>\n", "{model} example {i}");
+                unstable_targets += got.n_targets();
+                continue;
+            }
             assert_eq!(got.ids, ids(&w["ids"]), "{model} example {i} ({kind}) ids");
             assert_eq!(
                 got.labels,
@@ -214,7 +235,7 @@ fn dataset_matches_reference() {
             );
         }
         assert_eq!(
-            ds.n_targets(),
+            ds.n_targets() - unstable_targets,
             data["eval_tokens"].as_u64().unwrap() as usize,
             "{model} eval tokens"
         );

@@ -201,7 +201,18 @@ fn eval_matches_transformers_on_the_sample_data() {
         let dir = data_dir(name);
         let m = Model::load(ctx, &dir).unwrap();
         let tok = Tokenizer::load(&dir).unwrap();
-        let data = Dataset::load(&data_dir("sample.jsonl"), &tok, &DataOptions::default()).unwrap();
+        let mut data =
+            Dataset::load(&data_dir("sample.jsonl"), &tok, &DataOptions::default()).unwrap();
+        let meta = json(&format!("{name}/reference.json"));
+        // Conversations transformers' rule cannot mask (Qwen3's template is
+        // not prefix-stable) are not in the reference's eval.
+        let unstable: Vec<usize> = meta["data"]["template_not_prefix_stable"]
+            .as_array()
+            .map_or(Vec::new(), |a| a.iter().map(|x| x.as_u64().unwrap() as usize).collect());
+        data.examples = (data.examples.into_iter().enumerate())
+            .filter(|(i, _)| !unstable.contains(i))
+            .map(|(_, e)| e)
+            .collect();
         // Batches of 3 with padding: padding must not change the result.
         let batches: Vec<Batch> = data
             .examples
@@ -209,7 +220,6 @@ fn eval_matches_transformers_on_the_sample_data() {
             .map(|c| Batch::from_examples(&c.iter().collect::<Vec<_>>(), data.pad_id))
             .collect();
         let (sum, n) = wgtune::train::eval::eval_batches(ctx, &m, &NoHooks, &batches).unwrap();
-        let meta = json(&format!("{name}/reference.json"));
         let want = meta["data"]["eval_loss"].as_f64().unwrap();
         let want_n = meta["data"]["eval_tokens"].as_u64().unwrap() as usize;
         let loss = sum / n as f64;

@@ -16,7 +16,8 @@
 //!       ~/.cache/wgtune-ref/gguf/gemma-3-270m-q4_k_m.gguf
 //!   ~/.cache/wgtune-ref/venv/bin/python tests/reference/gemma3_swa_reference.py
 //!
-//! then `cargo test --test real_model_gguf -- --ignored --nocapture`.
+//! then `cargo test --test real_model_gguf -- --ignored --nocapture`
+//! (`WGTUNE_REAL_WEIGHTS=f32` runs the LoRA checks with the weights expanded).
 //!
 //! The files are $WGTUNE_SMOLLM2_GGUF / $WGTUNE_GEMMA3_GGUF, else under
 //! ~/.cache/wgtune-ref/gguf/; the reference outputs in $WGTUNE_SMOLLM2_REF /
@@ -231,7 +232,7 @@ fn check_lora(real: Real) {
     let r = Arrays::open_path(&real.ref_dir().join("reference.safetensors"));
     let meta = ref_json(real);
     let train = &meta["train"];
-    let m = load(ctx, real, WeightsMode::Stored);
+    let m = load(ctx, real, std::env::var("WGTUNE_REAL_WEIGHTS").map_or(WeightsMode::Stored, |w| w.parse().unwrap()));
     let bt = batch(&r);
     let loaded = load_adapter(&real.ref_dir().join("lora_initial")).unwrap();
     let tensors = loaded.sorted_tensors();
@@ -264,6 +265,12 @@ fn check_lora(real: Real) {
             .zip(&want_g)
             .fold(0f64, |a, (&x, &y)| a.max((x as f64 - y as f64).abs()));
         let rel = diff / scale.max(1e-12);
+        if rel > 1e-3 || std::env::var("WGTUNE_DEBUG_GRADS").is_ok() {
+            let dot = g.iter().zip(&want_g).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>();
+            let rr = want_g.iter().map(|&y| y as f64 * y as f64).sum::<f64>();
+            let gg = g.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
+            eprintln!("  {name}: max|diff|/max|ref| {rel:.2e} (max |ref| {scale:.2e}) proj {:.4} cos {:.4}", dot / rr, dot / (rr * gg).sqrt());
+        }
         if rel > worst.0 {
             worst = (rel, name.clone());
         }

@@ -277,17 +277,27 @@ fn tokenize_row(
 
 /// Splits a conversation's rendering into (text, trained) segments: each
 /// assistant message's own text is trained, everything around it is not.
+///
+/// A turn is what the rendering gains when the message is added after the
+/// generation prompt. Templates that change earlier text when messages are
+/// added (Qwen3 drops the empty `<think>` block of all but the last
+/// assistant turn) have no such prefix; for them each assistant message is
+/// found in the full rendering by its (trimmed) text, and that text plus the
+/// turn's closing markup (`<|im_end|>\n`) is trained: what TRL's
+/// prefix-stable Qwen3 training template marks.
 pub fn chat_segments(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<Vec<(String, bool)>> {
-    let inconsistent = |i: usize| {
-        Error::invalid(
-            "chat template",
-            format!(
-            "the rendering of the first {i} messages is not a prefix of the rendering with more \
-             messages, so assistant turns cannot be located (the template changes earlier text \
-             when messages are added)"
-        ),
-        )
-    };
+    match chat_segments_by_prefix(tok, messages)? {
+        Some(s) => Ok(s),
+        None => chat_segments_by_content(tok, messages),
+    }
+}
+
+/// [`chat_segments`] by growing prefixes; `None` when the template is not
+/// prefix-stable.
+fn chat_segments_by_prefix(
+    tok: &Tokenizer,
+    messages: &[ChatMessage],
+) -> Result<Option<Vec<(String, bool)>>> {
     let mut segments = Vec::new();
     let mut done = String::new();
     for (i, m) in messages.iter().enumerate() {
@@ -296,11 +306,11 @@ pub fn chat_segments(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<Vec<(S
         }
         let before = tok.render_chat(&messages[..i], true)?;
         let with = tok.render_chat(&messages[..=i], false)?;
-        let Some(context) = before.strip_prefix(done.as_str()) else {
-            return Err(inconsistent(i));
-        };
-        let Some(answer) = with.strip_prefix(before.as_str()) else {
-            return Err(inconsistent(i));
+        let (Some(context), Some(answer)) = (
+            before.strip_prefix(done.as_str()),
+            with.strip_prefix(before.as_str()),
+        ) else {
+            return Ok(None);
         };
         segments.push((context.to_string(), false));
         segments.push((answer.to_string(), true));
@@ -308,11 +318,51 @@ pub fn chat_segments(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<Vec<(S
     }
     let full = tok.render_chat(messages, false)?;
     let Some(rest) = full.strip_prefix(done.as_str()) else {
-        return Err(inconsistent(messages.len()));
+        return Ok(None);
     };
     segments.push((rest.to_string(), false));
+    Ok(Some(segments))
+}
+
+/// [`chat_segments`] by finding each assistant message's text in the full
+/// rendering.
+fn chat_segments_by_content(
+    tok: &Tokenizer,
+    messages: &[ChatMessage],
+) -> Result<Vec<(String, bool)>> {
+    let full = tok.render_chat(messages, false)?;
+    let mut segments = Vec::new();
+    let mut cursor = 0;
+    for (i, m) in messages.iter().enumerate() {
+        if m.role != "assistant" {
+            continue;
+        }
+        let text = m.content.trim();
+        let Some(at) = full[cursor..].find(text).map(|p| cursor + p) else {
+            return Err(Error::invalid(
+                "chat template",
+                format!(
+                    "assistant message {} is not in the rendered conversation as written, so its \
+                     turn cannot be located",
+                    i + 1
+                ),
+            ));
+        };
+        // The closing markup: what follows the text when it ends the rendering.
+        let alone = tok.render_chat(&messages[..=i], false)?;
+        let close = alone.rfind(text).map_or("", |p| &alone[p + text.len()..]);
+        let mut end = at + text.len();
+        if full[end..].starts_with(close) {
+            end += close.len();
+        }
+        segments.push((full[cursor..at].to_string(), false));
+        segments.push((full[at..end].to_string(), true));
+        cursor = end;
+    }
+    segments.push((full[cursor..].to_string(), false));
     Ok(segments)
 }
+
 
 // ------------------------------------------------------------------ data set
 

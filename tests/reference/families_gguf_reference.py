@@ -241,7 +241,8 @@ def run_one(gguf_path: Path, out: Path, versions):
         l.backward()
         if step == 0:
             for nm, prm in trainable:
-                tensors[nm.replace(".default", "") + ".grad"] = prm.grad.detach().float().contiguous()
+                # clone: clip_grad_norm_ below scales .grad in place (a view would be saved clipped)
+                tensors[nm.replace(".default", "") + ".grad"] = prm.grad.detach().float().clone()
         norms.append(torch.nn.utils.clip_grad_norm_(params, 1.0).item())
         losses.append(l.item())
         opt.step()
