@@ -20,7 +20,7 @@ Outputs:
   tok-default-bos-eos.gguf  the same with add_bos_token and add_eos_token true
   tokens.json             per file: ids of every HARD_TEXTS string (add_special_tokens=True), their
                           tokens, and the decoded text of the ids without BOS/EOS
-  lora_targets.json       per tiny model in tests/reference/data: PEFT's target_modules for LoraConfig()
+  lora_targets.json       per tiny model in tests/reference/data (all six families): PEFT's target_modules for LoraConfig()
                           without target_modules (its TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
                           default) and with "all-linear", as get_peft_model resolves them, plus the mapping
                           entries for the 2026 families
@@ -416,7 +416,7 @@ def lora_targets():
     out = {"peft": peft.__version__, "mapping": {}, "models": {}}
     for mt in ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2"]:
         out["mapping"][mt] = sorted(mapping[mt])
-    for name in ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"]:
+    for name in ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2", "tiny-qwen3", "tiny-gemma3"]:
         entry = {}
         for key, targets in [("default", None), ("all-linear", "all-linear")]:
             model = AutoModelForCausalLM.from_pretrained(str(ROOT / "tests/reference/data" / name))
