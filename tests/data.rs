@@ -218,7 +218,10 @@ fn dataset_matches_reference() {
                     .map(|(&t, _)| t)
                     .collect();
                 let text = tok.decode(&trained, false).unwrap();
-                assert_eq!(text, "One, two, three.<|im_end|>\nFour!<|im_end|>\n", "{model} example {i}");
+                assert_eq!(
+                    text, "One, two, three.<|im_end|>\nFour!<|im_end|>\n",
+                    "{model} example {i}"
+                );
                 unstable_targets += got.n_targets();
                 continue;
             }

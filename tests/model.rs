@@ -208,7 +208,9 @@ fn eval_matches_transformers_on_the_sample_data() {
         // not prefix-stable) are not in the reference's eval.
         let unstable: Vec<usize> = meta["data"]["template_not_prefix_stable"]
             .as_array()
-            .map_or(Vec::new(), |a| a.iter().map(|x| x.as_u64().unwrap() as usize).collect());
+            .map_or(Vec::new(), |a| {
+                a.iter().map(|x| x.as_u64().unwrap() as usize).collect()
+            });
         data.examples = (data.examples.into_iter().enumerate())
             .filter(|(i, _)| !unstable.contains(i))
             .map(|(_, e)| e)
@@ -264,7 +266,10 @@ fn kv_cached_generation_logits_match_transformers() {
             Ok(())
         })
         .unwrap();
-        eprintln!("{name}: {} cached steps, max |logits diff| {diff:.3e}", got_ids.len());
+        eprintln!(
+            "{name}: {} cached steps, max |logits diff| {diff:.3e}",
+            got_ids.len()
+        );
         assert_eq!(got_ids, want_ids, "{name}: cached greedy tokens");
         assert!(diff <= 1e-4, "{name}: cached logits differ by {diff}");
     }
@@ -296,10 +301,16 @@ fn gemma3_sliding_window_is_what_matches() {
     let mut off = cfg;
     off.sliding_window = None;
     let without = Model::from_weights(ctx, off, &wts).unwrap();
-    let (d_with, d_without) = (forward_diff(ctx, "tiny-gemma3", &with), forward_diff(ctx, "tiny-gemma3", &without));
+    let (d_with, d_without) = (
+        forward_diff(ctx, "tiny-gemma3", &with),
+        forward_diff(ctx, "tiny-gemma3", &without),
+    );
     eprintln!("tiny-gemma3: window on {d_with:.3e}, off {d_without:.3e}");
     assert!(d_with <= 1e-4, "with the window: {d_with}");
-    assert!(d_without > 1e-2, "without the window the logits should be off, got {d_without}");
+    assert!(
+        d_without > 1e-2,
+        "without the window the logits should be off, got {d_without}"
+    );
 }
 
 /// Hub-style Gemma 3 config.json (rope_theta, rope_local_base_freq,
@@ -343,7 +354,10 @@ fn gguf_family_exports_match_their_folders() {
             assert!(cfg.rope_freq_factors.is_some(), "{name}: rope_freqs.weight");
         }
         if name.contains("gemma3") {
-            assert!(cfg.layer_types.iter().all(|t| *t == wgtune::model::config::LayerAttn::Sliding));
+            assert!(cfg
+                .layer_types
+                .iter()
+                .all(|t| *t == wgtune::model::config::LayerAttn::Sliding));
             assert_eq!(cfg.query_pre_attn_scalar, Some(cfg.head_dim as f64));
             cfg.layer_types = folder_cfg.layer_types.clone();
             cfg.query_pre_attn_scalar = folder_cfg.query_pre_attn_scalar;
@@ -358,10 +372,19 @@ fn gguf_family_exports_match_their_folders() {
             forward_diff(ctx, name, &Model::load(ctx, &out).unwrap())
         };
         eprintln!("{name}.gguf: max |logits diff| direct {d_direct:.3e}, imported {d_import:.3e}");
-        assert!(d_direct <= 1e-4, "{name}.gguf: direct logits differ by {d_direct}");
-        assert!(d_import.is_nan() || d_import <= 1e-4, "{name}.gguf: imported logits differ by {d_import}");
+        assert!(
+            d_direct <= 1e-4,
+            "{name}.gguf: direct logits differ by {d_direct}"
+        );
+        assert!(
+            d_import.is_nan() || d_import <= 1e-4,
+            "{name}.gguf: imported logits differ by {d_import}"
+        );
         // The tokenizer rebuilt from tokenizer.ggml.* against the folder's.
-        let (ours, theirs) = (Tokenizer::load(&out).unwrap(), Tokenizer::load(&data_dir(name)).unwrap());
+        let (ours, theirs) = (
+            Tokenizer::load(&out).unwrap(),
+            Tokenizer::load(&data_dir(name)).unwrap(),
+        );
         let meta = json(&format!("{name}/reference.json"));
         for case in meta["tokenization"].as_array().unwrap() {
             let text = case["text"].as_str().unwrap();

@@ -233,7 +233,10 @@ fn lora_default_targets_follow_peft() {
             .cloned()
             .collect();
         peft_modules.sort();
-        assert_eq!(all, peft_modules, "{name}: all-linear (output head excluded)");
+        assert_eq!(
+            all, peft_modules,
+            "{name}: all-linear (output head excluded)"
+        );
     }
     // Qwen3 and Gemma 3 use the q_proj/v_proj names, as llama does.
     for mt in ["qwen3", "gemma3_text"] {

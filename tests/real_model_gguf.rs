@@ -58,7 +58,10 @@ use Real::*;
 impl Real {
     fn gguf_path(self) -> PathBuf {
         let (var, file) = match self {
-            SmolLm2 => ("WGTUNE_SMOLLM2_GGUF", "gguf/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            SmolLm2 => (
+                "WGTUNE_SMOLLM2_GGUF",
+                "gguf/SmolLM2-135M-Instruct.Q4_1.gguf",
+            ),
             Gemma3 => ("WGTUNE_GEMMA3_GGUF", "gguf/gemma-3-270m-q4_k_m.gguf"),
         };
         std::env::var(var)
@@ -232,7 +235,11 @@ fn check_lora(real: Real) {
     let r = Arrays::open_path(&real.ref_dir().join("reference.safetensors"));
     let meta = ref_json(real);
     let train = &meta["train"];
-    let m = load(ctx, real, std::env::var("WGTUNE_REAL_WEIGHTS").map_or(WeightsMode::Stored, |w| w.parse().unwrap()));
+    let m = load(
+        ctx,
+        real,
+        std::env::var("WGTUNE_REAL_WEIGHTS").map_or(WeightsMode::Stored, |w| w.parse().unwrap()),
+    );
     let bt = batch(&r);
     let loaded = load_adapter(&real.ref_dir().join("lora_initial")).unwrap();
     let tensors = loaded.sorted_tensors();
@@ -266,7 +273,11 @@ fn check_lora(real: Real) {
             .fold(0f64, |a, (&x, &y)| a.max((x as f64 - y as f64).abs()));
         let rel = diff / scale.max(1e-12);
         if rel > 5e-4 || std::env::var("WGTUNE_DEBUG_GRADS").is_ok() {
-            let dot = g.iter().zip(&want_g).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>();
+            let dot = g
+                .iter()
+                .zip(&want_g)
+                .map(|(&x, &y)| x as f64 * y as f64)
+                .sum::<f64>();
             let rr = want_g.iter().map(|&y| y as f64 * y as f64).sum::<f64>();
             let gg = g.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
             eprintln!("  {name}: max|diff|/max|ref| {rel:.2e} (max |ref| {scale:.2e}) proj {:.4} cos {:.4}", dot / rr, dot / (rr * gg).sqrt());
@@ -456,9 +467,12 @@ fn gemma3_gguf_sliding_window_matches_transformers() {
     let losses = Tensor::zeros(ctx, &[t], DType::F32, "losses").unwrap();
     let head = wgtune::model::transformer::HeadBufs::new(ctx, &m.cfg, t).unwrap();
     let mut plan = Plan::new("forward");
-    m.forward(ctx, &mut plan, &acts, &idt, &NoHooks, None).unwrap();
-    m.logits_rows(ctx, &mut plan, &logits, &gathered, &acts, &pos).unwrap();
-    m.head_losses(ctx, &mut plan, &losses, &head, &acts, &rows, &tg).unwrap();
+    m.forward(ctx, &mut plan, &acts, &idt, &NoHooks, None)
+        .unwrap();
+    m.logits_rows(ctx, &mut plan, &logits, &gathered, &acts, &pos)
+        .unwrap();
+    m.head_losses(ctx, &mut plan, &losses, &head, &acts, &rows, &tg)
+        .unwrap();
     plan.run(ctx).unwrap();
     let (logits, losses) = (logits.read_f32(ctx).unwrap(), losses.read_f32(ctx).unwrap());
     let want = r.f32("logits");

@@ -57,7 +57,9 @@ pub enum LayerAttn {
 pub enum RopeScaling {
     Llama3(Llama3Scaling),
     /// Every frequency divided by `factor` (`rope_type: linear`).
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
 }
 
 /// Llama 3 style RoPE frequency scaling (`rope_scaling.rope_type == "llama3"`).
@@ -259,9 +261,11 @@ impl HfConfig {
             let theta_of = |v: Option<&serde_json::Value>| {
                 v.and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64())
             };
-            let rope_theta = theta_of(full_rp)
-                .or(self.rope_theta)
-                .unwrap_or(if gemma { 1_000_000.0 } else { 10_000.0 });
+            let rope_theta = theta_of(full_rp).or(self.rope_theta).unwrap_or(if gemma {
+                1_000_000.0
+            } else {
+                10_000.0
+            });
             let rope_scaling = parse_scaling(full_rp.or(self.rope_scaling.as_ref()), path)?;
             let rope_local_theta = if gemma {
                 if parse_scaling(local_rp, path)?.is_some() {
@@ -336,9 +340,10 @@ impl HfConfig {
                 (None, _) if sliding_window.is_some() => vec![LayerAttn::Sliding; layers],
                 (None, _) => vec![LayerAttn::Full; layers],
             };
-            if layer_types.contains(&LayerAttn::Sliding) && sliding_window.is_none_or(|w| w == 0)
-            {
-                return Err(bad("sliding-window layers without a `sliding_window`".into()));
+            if layer_types.contains(&LayerAttn::Sliding) && sliding_window.is_none_or(|w| w == 0) {
+                return Err(bad(
+                    "sliding-window layers without a `sliding_window`".into()
+                ));
             }
             ModelConfig {
                 arch,

@@ -185,7 +185,10 @@ fn config_json(g: &Gguf, arch: Arch, vocab: usize, tied: bool) -> Result<Json> {
         Some(t) => {
             let f = g.dequantize(t)?;
             if f.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
-                return Err(cfg_err(g, "`rope_freqs.weight` has a value that is not positive".into()));
+                return Err(cfg_err(
+                    g,
+                    "`rope_freqs.weight` has a value that is not positive".into(),
+                ));
             }
             Some(f)
         }
@@ -249,18 +252,33 @@ fn gemma3_config(g: &Gguf, cfg: &mut Json, layers: usize, head_dim: usize) -> Re
             if flags.len() != layers {
                 return Err(cfg_err(
                     g,
-                    format!("{a}.attention.sliding_window_pattern has {} entries for {layers} layers", flags.len()),
+                    format!(
+                        "{a}.attention.sliding_window_pattern has {} entries for {layers} layers",
+                        flags.len()
+                    ),
                 ));
             }
             flags
                 .iter()
-                .map(|f| if f.as_bool() == Some(true) { "sliding_attention" } else { "full_attention" })
+                .map(|f| {
+                    if f.as_bool() == Some(true) {
+                        "sliding_attention"
+                    } else {
+                        "full_attention"
+                    }
+                })
                 .collect()
         }
         other => {
             let every = other.and_then(|v| v.as_u64()).unwrap_or(6).max(1) as usize;
             (0..layers)
-                .map(|i| if (i + 1) % every == 0 { "full_attention" } else { "sliding_attention" })
+                .map(|i| {
+                    if (i + 1) % every == 0 {
+                        "full_attention"
+                    } else {
+                        "sliding_attention"
+                    }
+                })
                 .collect()
         }
     };
@@ -274,9 +292,9 @@ fn gemma3_config(g: &Gguf, cfg: &mut Json, layers: usize, head_dim: usize) -> Re
     cfg["query_pre_attn_scalar"] = json!(scalar);
     cfg["hidden_activation"] = json!("gelu_pytorch_tanh");
     cfg.as_object_mut().map(|o| o.remove("hidden_act"));
-    if let Some(f) = meta_f64(g, &k("rope.scaling.factor")).filter(|_| {
-        g.get(&k("rope.scaling.type")).and_then(|v| v.as_str()) == Some("linear")
-    }) {
+    if let Some(f) = meta_f64(g, &k("rope.scaling.factor"))
+        .filter(|_| g.get(&k("rope.scaling.type")).and_then(|v| v.as_str()) == Some("linear"))
+    {
         cfg["rope_scaling"] = json!({"rope_type": "linear", "factor": f});
     }
     Ok(())

@@ -583,10 +583,26 @@ impl Model {
             for t in &g.layer {
                 plan.clear(t);
             }
-            let dmlp = post_norm_backward(ctx, plan, &blk.post_mlp, &a.post_mlp, &a.mlp_out, g.dmlp_out.as_ref(), &g.dresid)?;
+            let dmlp = post_norm_backward(
+                ctx,
+                plan,
+                &blk.post_mlp,
+                &a.post_mlp,
+                &a.mlp_out,
+                g.dmlp_out.as_ref(),
+                &g.dresid,
+            )?;
             mlp.backward(ctx, plan, hooks, l, a, g, dmlp, cfg.glu_act)?;
             ln2.backward(ctx, plan, &g.dresid, &g.dln2, &a.resid_mid, &a.ln2)?;
-            let dproj = post_norm_backward(ctx, plan, &blk.post_attn, &a.post_attn, &a.proj, g.dproj.as_ref(), &g.dresid)?;
+            let dproj = post_norm_backward(
+                ctx,
+                plan,
+                &blk.post_attn,
+                &a.post_attn,
+                &a.proj,
+                g.dproj.as_ref(),
+                &g.dresid,
+            )?;
             o.backward_hooked(ctx, plan, hooks, l, Some(&datt2), dproj, &att2)?;
             attention_backward_kv(ctx, plan, a, g, p, self.mask(l))?;
             kv_backward(ctx, plan, cfg, l, g, sh, dprefix)?;
@@ -872,8 +888,10 @@ impl Block {
         let (Some(dq_pre), Some(dk_pre)) = (&g.dq_pre, &g.dk_pre) else {
             return Ok((&g.dq, &g.dk));
         };
-        for ((norm, pre, out, rstd), (dpre, dout)) in
-            self.qk_norms(a).into_iter().zip([(dq_pre, &g.dq), (dk_pre, &g.dk)])
+        for ((norm, pre, out, rstd), (dpre, dout)) in self
+            .qk_norms(a)
+            .into_iter()
+            .zip([(dq_pre, &g.dq), (dk_pre, &g.dk)])
         {
             let hd = out.shape()[3];
             let rows = out.numel() / hd;
@@ -889,8 +907,18 @@ impl Block {
     }
 
     /// (norm, input, output, rstd) of the q and k norms, when present.
-    fn qk_norms<'a>(&'a self, a: &'a LayerActs) -> Vec<(&'a Norm, &'a Tensor, &'a Tensor, &'a Tensor)> {
-        match (&self.q_norm, &self.k_norm, &a.q_pre, &a.k_pre, &a.q_rstd, &a.k_rstd) {
+    fn qk_norms<'a>(
+        &'a self,
+        a: &'a LayerActs,
+    ) -> Vec<(&'a Norm, &'a Tensor, &'a Tensor, &'a Tensor)> {
+        match (
+            &self.q_norm,
+            &self.k_norm,
+            &a.q_pre,
+            &a.k_pre,
+            &a.q_rstd,
+            &a.k_rstd,
+        ) {
             (Some(qn), Some(kn), Some(qp), Some(kp), Some(qr), Some(kr)) => {
                 vec![(qn, qp, &a.q, qr), (kn, kp, &a.k, kr)]
             }

@@ -363,7 +363,6 @@ fn chat_segments_by_content(
     Ok(segments)
 }
 
-
 // ------------------------------------------------------------------ data set
 
 impl Dataset {

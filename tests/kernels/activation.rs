@@ -23,7 +23,10 @@ fn with_extremes(r: &mut Rng, n: usize, scale: f32, big: f32) -> Vec<f32> {
 #[test]
 fn glu_forward_backward_vs_cpu() {
     let ctx = gpu!();
-    for (gelu, &(n, f)) in [false, true].into_iter().flat_map(|g| SHAPES.iter().map(move |s| (g, s))) {
+    for (gelu, &(n, f)) in [false, true]
+        .into_iter()
+        .flat_map(|g| SHAPES.iter().map(move |s| (g, s)))
+    {
         let k = n * f;
         let mut r = Rng::new(n as u64 * 131 + f as u64);
         let (g, u, dout) = (

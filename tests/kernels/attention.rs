@@ -114,8 +114,7 @@ fn check_masked(ctx: &Context, cfg: Option<AttnConfig>, shape: Shape, mask: Opti
     );
     let (mut rdq, mut rdk, mut rdv) = (to64(&dq0), to64(&dk0), to64(&dv0));
     cpu::attention::attention_backward_masked(
-        &mut rdq, &mut rdk, &mut rdv, &dout64, &q64, &k64, &v64, &ro, &rl, b, t, nh, kvh, hd, p,
-        cm,
+        &mut rdq, &mut rdk, &mut rdv, &dout64, &q64, &k64, &v64, &ro, &rl, b, t, nh, kvh, hd, p, cm,
     );
     // delta (B, NH, T) = rowsum(dout * out) of the (B, T, NH, HD) rows.
     let rdelta: Vec<f64> = (0..nl)
@@ -208,7 +207,12 @@ fn attention_long_sequences_vs_cpu() {
         })
     };
     check_masked(ctx, None, (1, 600, 2, 1, 256, 2), window(0.0625, 100));
-    check_masked(ctx, None, (1, 1000, 1, 1, 128, 0), Some(AttnMask::causal(128)));
+    check_masked(
+        ctx,
+        None,
+        (1, 1000, 1, 1, 128, 0),
+        Some(AttnMask::causal(128)),
+    );
 }
 
 /// More packed rows than one texture layer holds (16384 on lavapipe): k, v

@@ -103,7 +103,11 @@ pub fn glu_forward(
     up: &Tensor,
     gelu: bool,
 ) -> Result<()> {
-    let op = if gelu { "geglu_forward" } else { "swiglu_forward" };
+    let op = if gelu {
+        "geglu_forward"
+    } else {
+        "swiglu_forward"
+    };
     expect_shape(op, out, gate.shape())?;
     expect_shape(op, up, gate.shape())?;
     let n = gate.numel();
@@ -136,7 +140,11 @@ pub fn glu_backward(
     up: &Tensor,
     gelu: bool,
 ) -> Result<()> {
-    let op = if gelu { "geglu_backward" } else { "swiglu_backward" };
+    let op = if gelu {
+        "geglu_backward"
+    } else {
+        "swiglu_backward"
+    };
     for t in [dgate, dup, dout, up] {
         expect_shape(op, t, gate.shape())?;
     }

@@ -228,7 +228,10 @@ fn source_for(src: Source, sg: u32, maxc: usize) -> Result<String> {
                 "attention.wgsl lost its `MAXC` line",
             ));
         }
-        return source_tail(text.replace(MAXC_LINE, &format!("const MAXC: u32 = {maxc}u;")), sg);
+        return source_tail(
+            text.replace(MAXC_LINE, &format!("const MAXC: u32 = {maxc}u;")),
+            sg,
+        );
     }
     source_tail(text, sg)
 }
@@ -516,7 +519,9 @@ pub fn attention_backward_masked(
 ) -> Result<()> {
     let d = attn_dims("attention_backward", q, k, v)?;
     let cfg = AttnConfig::for_context(ctx, &d);
-    attention_backward_with(ctx, plan, dq, dk, dv, delta, dout, q, k, v, out, lse, mask, cfg)
+    attention_backward_with(
+        ctx, plan, dq, dk, dv, delta, dout, q, k, v, out, lse, mask, cfg,
+    )
 }
 
 /// [`attention_backward`] with an explicit kernel configuration.
