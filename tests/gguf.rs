@@ -109,7 +109,7 @@ fn unknown_architecture_is_an_error() {
         .expect("falcon must be rejected")
         .to_string();
     assert!(
-        e.contains("falcon") && e.contains("llama, qwen2, gpt2"),
+        e.contains("falcon") && e.contains("llama, qwen2, qwen3, gemma3, gpt2"),
         "{e}"
     );
 }

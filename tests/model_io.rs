@@ -71,7 +71,7 @@ fn bad_configs_are_clear_errors() {
         .to_string();
     assert!(
         e.contains("mamba")
-            && e.contains("llama, mistral, qwen2, gpt2")
+            && e.contains("llama, mistral, qwen2, qwen3, gemma3_text (gemma3), gpt2")
             && e.contains("/models/x/config.json"),
         "{e}"
     );
@@ -86,6 +86,41 @@ fn bad_configs_are_clear_errors() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("key/value heads"), "{e}");
+    // Gemma 3: the multimodal checkpoint, logit soft-capping, a layer list
+    // of the wrong length; Llama 3.1: RoPE factors of the wrong length.
+    for (edit, want) in [
+        (
+            r#"{"model_type": "gemma3", "text_config": {}}"#.to_string(),
+            "multimodal",
+        ),
+        (
+            LLAMA.replace("\"llama\"", "\"gemma3_text\"").replacen(
+                "{",
+                r#"{"final_logit_softcapping": 30.0,"#,
+                1,
+            ),
+            "final_logit_softcapping",
+        ),
+        (
+            LLAMA.replacen("{", r#"{"layer_types": ["full_attention"],"#, 1),
+            "layer_types",
+        ),
+        (
+            LLAMA.replacen("{", r#"{"rope_freq_factors": [1.0, 2.0],"#, 1),
+            "RoPE frequency factors",
+        ),
+        (
+            LLAMA.replacen(
+                "{",
+                r#"{"layer_types": ["sliding_attention", "full_attention"],"#,
+                1,
+            ),
+            "sliding_window",
+        ),
+    ] {
+        let e = ModelConfig::from_json(&edit, p).unwrap_err().to_string();
+        assert!(e.contains(want) && e.contains("config.json"), "{e}");
+    }
     let e = ModelConfig::from_json("{not json", p)
         .unwrap_err()
         .to_string();
