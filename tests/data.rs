@@ -12,14 +12,7 @@ use serde_json::Value;
 use wgtune::model::tokenizer::{ChatMessage, Tokenizer};
 use wgtune::train::{Batch, DataOptions, Dataset};
 
-const MODELS: [&str; 6] = [
-    "tiny-llama",
-    "tiny-qwen2",
-    "tiny-mistral",
-    "tiny-gpt2",
-    "tiny-qwen3",
-    "tiny-gemma3",
-];
+const MODELS: &[&str] = reference::TINY_MODELS;
 
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()

@@ -11,14 +11,7 @@ use wgtune::gpu::{Context, DType, Plan, Tensor};
 use wgtune::model::generate::{generate, GenOptions};
 use wgtune::model::{Acts, FwdShape, Model, NoHooks};
 
-const MODELS: &[&str] = &[
-    "tiny-llama",
-    "tiny-qwen2",
-    "tiny-mistral",
-    "tiny-gpt2",
-    "tiny-qwen3",
-    "tiny-gemma3",
-];
+const MODELS: &[&str] = common::reference::TINY_MODELS;
 
 /// Logits (B*T, V) and per-row losses for a (B, T) batch, all rows.
 fn forward_all(

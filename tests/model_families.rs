@@ -194,16 +194,7 @@ fn lora_default_targets_follow_peft() {
         let cfg = ModelConfig::from_file(&data_dir(&format!("{name}/config.json"))).unwrap();
         let spec = ModelSpec::saved(&cfg);
         // The linears wgtune adapts: every block's (the output head is not one).
-        let names: Vec<String> = spec
-            .blocks
-            .iter()
-            .flat_map(|b| {
-                let mut v = b.qkv.all();
-                v.push(&b.o);
-                v.extend(b.mlp.all());
-                v.into_iter().map(|l| l.name.clone()).collect::<Vec<_>>()
-            })
-            .collect();
+        let names: Vec<String> = spec.linears().iter().map(|l| l.name.clone()).collect();
         let targets = default_targets(names.iter().map(String::as_str)).unwrap();
         let peft: Vec<String> = serde_json::from_value(want["default"].clone()).unwrap();
         assert_eq!(targets, peft, "{name}: default targets");

@@ -240,8 +240,8 @@ fn config_json(g: &Gguf, arch: Arch, vocab: usize, tied: bool) -> Result<Json> {
 
 /// Gemma 3's keys, as llama.cpp reads them: the window, which layers slide
 /// (every 6th is global unless the file says), the sliding layers' RoPE base
-/// (10,000 unless the file says) and the attention scale (1/sqrt(head_dim)
-/// unless the file says).
+/// (10,000 unless the file says) and the attention scale (1/sqrt(head_dim),
+/// for the 27B 1/sqrt(hidden / heads), unless the file says).
 fn gemma3_config(g: &Gguf, cfg: &mut Json, layers: usize, head_dim: usize) -> Result<()> {
     let a = g.architecture()?.to_string();
     let k = |s: &str| format!("{a}.{s}");
@@ -282,8 +282,13 @@ fn gemma3_config(g: &Gguf, cfg: &mut Json, layers: usize, head_dim: usize) -> Re
                 .collect()
         }
     };
+    // llama.cpp: Gemma 3 27B (62 layers) scales by (hidden / heads)^-0.5,
+    // the others by head_dim^-0.5, as their query_pre_attn_scalar says.
+    let hidden = meta_usize(g, &k("embedding_length"))?;
+    let heads = meta_usize(g, &k("attention.head_count"))?.max(1);
     let scalar = match meta_f64(g, &k("attention.scale")) {
         Some(s) if s > 0.0 => 1.0 / (s * s),
+        _ if layers == 62 => (hidden / heads) as f64,
         _ => head_dim as f64,
     };
     cfg["sliding_window"] = json!(window);

@@ -100,6 +100,14 @@ pub struct BlockSpec {
 }
 
 impl BlockSpec {
+    /// The linear layers, in forward order (what LoRA can target).
+    pub fn linears(&self) -> Vec<&LinearSpec> {
+        let mut v = self.qkv.all();
+        v.push(&self.o);
+        v.extend(self.mlp.all());
+        v
+    }
+
     /// The optional norms, in table order.
     pub fn extra_norms(&self) -> impl Iterator<Item = &NormSpec> {
         [&self.q_norm, &self.k_norm, &self.post_attn, &self.post_mlp]
@@ -151,6 +159,11 @@ impl ModelSpec {
         }
     }
 
+    /// Every block's linear layers (the output head is not one of them).
+    pub fn linears(&self) -> Vec<&LinearSpec> {
+        self.blocks.iter().flat_map(BlockSpec::linears).collect()
+    }
+
     /// Every tensor name and its Hugging Face shape, in table order.
     pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
         let mut v = vec![self.wte.clone()];
@@ -159,8 +172,7 @@ impl ModelSpec {
             v.extend(b.ln1.tensors());
             v.extend(b.ln2.tensors());
             v.extend(b.extra_norms().flat_map(NormSpec::tensors));
-            let lins = b.qkv.all().into_iter().chain([&b.o]).chain(b.mlp.all());
-            v.extend(lins.flat_map(LinearSpec::tensors));
+            v.extend(b.linears().into_iter().flat_map(LinearSpec::tensors));
         }
         v.extend(self.ln_f.tensors());
         v.extend(self.lm_head.iter().flat_map(LinearSpec::tensors));

@@ -205,16 +205,7 @@ fn packed_operand_bytes(
         add(l.r, 1, n);
         let all = l.targets.iter().any(|t| t == "all-linear");
         let spec = ModelSpec::saved(cfg);
-        let lins: Vec<_> = spec
-            .blocks
-            .iter()
-            .flat_map(|b| {
-                let mut v = b.qkv.all();
-                v.push(&b.o);
-                v.extend(b.mlp.all());
-                v
-            })
-            .collect();
+        let lins = spec.linears();
         // `adapter_tensors` has already reported targets that cannot resolve.
         let targets =
             resolve_targets(&l.targets, lins.iter().map(|l| l.name.as_str())).unwrap_or_default();
@@ -241,16 +232,7 @@ fn adapter_tensors(
     let numels = match method {
         MethodOptions::Lora(l) => {
             let spec = ModelSpec::saved(cfg);
-            let lins: Vec<_> = spec
-                .blocks
-                .iter()
-                .flat_map(|b| {
-                    let mut v = b.qkv.all();
-                    v.push(&b.o);
-                    v.extend(b.mlp.all());
-                    v
-                })
-                .collect();
+            let lins = spec.linears();
             let all = l.targets.iter().any(|t| t == "all-linear");
             let targets = resolve_targets(&l.targets, lins.iter().map(|l| l.name.as_str()))?;
             // The same message as `match_targets`, before anything loads.

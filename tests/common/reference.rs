@@ -4,6 +4,17 @@ use std::path::PathBuf;
 
 use safetensors::{Dtype, SafeTensors};
 
+/// The tiny reference model of every family (tests/reference/generate.py
+/// and generate_more.py).
+pub const TINY_MODELS: &[&str] = &[
+    "tiny-llama",
+    "tiny-qwen2",
+    "tiny-mistral",
+    "tiny-gpt2",
+    "tiny-qwen3",
+    "tiny-gemma3",
+];
+
 /// tests/reference/data/<rel>.
 pub fn data_dir(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

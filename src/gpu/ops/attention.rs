@@ -333,6 +333,26 @@ fn blocks(ctx: &Context, n: usize, per: usize) -> Vec<(u32, u32)> {
         .collect()
 }
 
+/// Record `spec` once per block of [`blocks`] over `n` rows, `p` with the
+/// block's `lo..hi`.
+#[allow(clippy::too_many_arguments)]
+fn dispatch_blocks(
+    ctx: &Context,
+    plan: &mut Plan,
+    spec: &KernelSpec,
+    p: AttentionParams,
+    binds: &[Bind],
+    grid: [u32; 3],
+    n: usize,
+    per: usize,
+) -> Result<()> {
+    for (lo, hi) in blocks(ctx, n, per) {
+        let p = AttentionParams { lo, hi, ..p };
+        plan.dispatch_with(ctx, spec, &p, binds, grid)?;
+    }
+    Ok(())
+}
+
 /// Loop iterations per streamed row of an invocation with `rows` rows:
 /// the share loads, then two row loops per row.
 fn iters_per_row(d: &AttnDims, lanes: u32, rows: u32) -> usize {
@@ -466,15 +486,8 @@ pub fn attention_forward_with(
     let [kb, vb] = kv.binds();
     let b = [Bind::T(out), Bind::T(lse), Bind::T(q), kb, vb];
     let per = iters_per_row(&d, cfg.lanes, cfg.fwd_rows);
-    for (lo, hi) in blocks(ctx, d.s(), per) {
-        let p = AttentionParams {
-            lo,
-            hi,
-            ..params(&d, &mask, l.groups, kv.shift())
-        };
-        plan.dispatch_with(ctx, &spec, &p, &b, l.grid)?;
-    }
-    Ok(())
+    let p = params(&d, &mask, l.groups, kv.shift());
+    dispatch_blocks(ctx, plan, &spec, p, &b, l.grid, d.s(), per)
 }
 
 /// dq (B, T, NH, HD) +=, dk, dv (B, S, KVH, HD) += the attention gradients
@@ -585,14 +598,8 @@ pub fn attention_backward_with(
         Bind::T(delta),
     ];
     let per = iters_per_row(&d, cfg.lanes, cfg.dq_rows);
-    for (lo, hi) in blocks(ctx, d.s(), per) {
-        let p = AttentionParams {
-            lo,
-            hi,
-            ..params(&d, &mask, l.groups, kv.shift())
-        };
-        plan.dispatch_with(ctx, &spec_dq, &p, &b, l.grid)?;
-    }
+    let p = params(&d, &mask, l.groups, kv.shift());
+    dispatch_blocks(ctx, plan, &spec_dq, p, &b, l.grid, d.s(), per)?;
 
     // dk, dv: groups of keys of one (b, kvh); streams q and dout.
     let l = layout(ctx, d.b * d.kvh, d.s(), cfg.lanes, cfg.dkv_rows);
@@ -622,14 +629,8 @@ pub fn attention_backward_with(
     ];
     // Each query is walked once per query head of the group.
     let per = iters_per_row(&d, cfg.lanes, cfg.dkv_rows) * (d.nh / d.kvh);
-    for (lo, hi) in blocks(ctx, d.t, per) {
-        let p = AttentionParams {
-            lo,
-            hi,
-            ..params(&d, &mask, l.groups, gq.shift())
-        };
-        plan.dispatch_with(ctx, &spec_dkv, &p, &b, l.grid)?;
-    }
+    let p = params(&d, &mask, l.groups, gq.shift());
+    dispatch_blocks(ctx, plan, &spec_dkv, p, &b, l.grid, d.t, per)?;
 
     // dq: 3 dots per pair (scores, dp, ds k); dkv: 4 (scores, dp, dv, dk).
     plan.add_flops(14.0 * d.pairs() * d.hd as f64 + 2.0 * (rows * d.hd) as f64);
