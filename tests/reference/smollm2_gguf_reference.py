@@ -188,7 +188,8 @@ def main():
         l.backward()
         if step == 0:
             for n, p in trainable:
-                tensors[n.replace(".default", "") + ".grad"] = p.grad.detach().float().contiguous()
+                # clone: clip_grad_norm_ below scales .grad in place
+                tensors[n.replace(".default", "") + ".grad"] = p.grad.detach().float().clone()
         norms.append(torch.nn.utils.clip_grad_norm_(params, 1.0).item())
         losses.append(l.item())
         opt.step()
