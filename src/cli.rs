@@ -18,7 +18,7 @@ use crate::train::template::PromptTemplate;
 mod commands;
 mod training;
 
-use commands::{devices, eval, generate, import, plan};
+use commands::{devices, eval, export, generate, import, plan};
 use training::train;
 
 /// Fine-tune small language models with prompt tuning, prefix tuning or LoRA on any GPU.
@@ -73,6 +73,8 @@ pub enum Command {
     Import(ImportArgs),
     /// Print the memory plan of a training run without training or loading weights
     Plan(PlanArgs),
+    /// Write a LoRA adapter in another format: llama.cpp's GGUF LoRA (for llama.cpp, Ollama, LM Studio)
+    Export(ExportArgs),
     /// Benchmarks
     Bench {
         #[command(subcommand)]
@@ -88,6 +90,40 @@ pub struct ImportArgs {
     /// Folder to write: config.json, model.safetensors (narrowest exact dtype), tokenizer files
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// `wgtune export --adapter DIR --format gguf-lora --out FILE.gguf`.
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors), wgtune's or not
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// gguf-lora: llama.cpp's adapter format, loaded next to the GGUF base (llama.cpp --lora, Ollama ADAPTER)
+    #[arg(long, value_enum)]
+    pub format: ExportFormat,
+    /// The file to write
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The base model (folder, .gguf or ORG/NAME); default: the adapter's base_model_name_or_path
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// Tensor type: f32, f16 or q8_0 (rows that are not whole 32-value blocks stay f16)
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: ExportDtype,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    #[value(name = "gguf-lora")]
+    GgufLora,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportDtype {
+    F32,
+    F16,
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 /// `wgtune plan --model M`: the memory plan `train` prints, from config.json
@@ -497,6 +533,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Devices(d) => done(devices(&d)),
         Command::Import(a) => done(import(&a)),
         Command::Plan(a) => done(plan(&a)),
+        Command::Export(a) => done(export(&a)),
         Command::Bench {
             what: BenchCommand::Kernels { device, iters },
         } => done(crate::bench::kernels(&device.options(), iters)),

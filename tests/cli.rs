@@ -474,3 +474,56 @@ fn lora_default_targets_train_gpt2() {
             .unwrap();
     assert_eq!(&cfg["target_modules"], want, "saved target_modules");
 }
+
+/// `wgtune export --format gguf-lora`: a LoRA adapter becomes a GGUF LoRA
+/// file (base from adapter_config.json, or --base); a prompt adapter is
+/// refused with the reason, and nothing is written.
+#[test]
+fn export_gguf_lora_and_refusals() {
+    let out = tmp("export");
+    std::fs::create_dir_all(&out).unwrap();
+    let file = out.join("lora.gguf");
+    let adapter = root().join("tests/reference/data/tiny-qwen3/peft/lora_all/initial");
+    let base = root().join("tests/reference/data/tiny-qwen3");
+    let (ok, text) = wgtune(&[
+        "export",
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--format",
+        "gguf-lora",
+        "--base",
+        base.to_str().unwrap(),
+        "--dtype",
+        "f16",
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("qwen3 LoRA") && text.contains("14 modules"),
+        "{text}"
+    );
+    let g = wgtune::model::gguf::Gguf::open(&file).unwrap();
+    assert_eq!(g.get("adapter.type").and_then(|v| v.as_str()), Some("lora"));
+    assert_eq!(g.tensors.len(), 28);
+    let prompt = root().join("tests/reference/data/tiny-qwen3/peft/prompt/initial");
+    let refused = out.join("prompt.gguf");
+    let (ok, text) = wgtune(&[
+        "export",
+        "--adapter",
+        prompt.to_str().unwrap(),
+        "--format",
+        "gguf-lora",
+        "--out",
+        refused.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && text.contains("no llama.cpp format") && text.contains("wgtune generate"),
+        "{text}"
+    );
+    assert!(
+        !refused.exists(),
+        "a refused export wrote {}",
+        refused.display()
+    );
+}

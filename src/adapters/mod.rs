@@ -6,8 +6,10 @@
 //! - `init`: fresh adapters, initialized as PEFT does.
 //! - `peft_config`: `adapter_config.json` and its one set of value rules.
 //! - `peft_io`: adapter folders (tensor names, save, load).
+//! - `gguf_lora`: a LoRA adapter as llama.cpp's GGUF LoRA.
 
 pub mod adapter;
+pub mod gguf_lora;
 pub mod init;
 pub mod peft_config;
 pub mod peft_io;

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use super::{DeviceArgs, EvalArgs, GenerateArgs, ImportArgs, MethodArg, PlanArgs};
+use super::{DeviceArgs, EvalArgs, ExportArgs, GenerateArgs, ImportArgs, MethodArg, PlanArgs};
 use crate::adapters::{peft_io, Adapter};
 use crate::error::{Error, Result};
 use crate::gpu::context::list_adapters;
@@ -28,6 +28,45 @@ pub(super) fn import(a: &ImportArgs) -> Result<()> {
         params as f64 / 1e6,
         a.out.display(),
         t.secs()
+    );
+    Ok(())
+}
+
+/// `wgtune export`: a LoRA adapter as llama.cpp's GGUF LoRA.
+pub(super) fn export(a: &ExportArgs) -> Result<()> {
+    use super::{ExportDtype, ExportFormat};
+    use crate::model::gguf::GgmlType;
+    let ExportFormat::GgufLora = a.format;
+    let adapter = peft_io::load_adapter(&a.adapter)?;
+    let lora = crate::adapters::gguf_lora::lora_config(&adapter, &a.adapter)?;
+    let base = match (&a.base, &lora.base_model_name_or_path) {
+        (Some(b), _) => b.clone(),
+        (None, Some(b)) if !b.is_empty() => PathBuf::from(b),
+        (None, _) => {
+            return Err(Error::Adapter {
+                path: a.adapter.clone(),
+                message: "adapter_config.json names no base model; give --base".into(),
+            })
+        }
+    };
+    let dir = crate::model::hub::resolve_model(&base)?;
+    let cfg = crate::model::ModelConfig::from_file(&dir.join("config.json"))?;
+    let ty = match a.dtype {
+        ExportDtype::F32 => GgmlType::F32,
+        ExportDtype::F16 => GgmlType::F16,
+        ExportDtype::Q8_0 => GgmlType::Q8_0,
+    };
+    let (w, info) = crate::adapters::gguf_lora::gguf_lora(&adapter, &a.adapter, &cfg, ty)?;
+    w.write(&a.out)?;
+    println!(
+        "wrote {} ({} LoRA, {} modules, rank {}, alpha {}): load it next to the GGUF base, e.g. \
+         `llama-cli -m base.gguf --lora {}`",
+        a.out.display(),
+        info.arch,
+        info.modules,
+        info.rank,
+        info.alpha,
+        a.out.display()
     );
     Ok(())
 }

@@ -158,6 +158,24 @@ impl GgmlType {
         }
     }
 
+    /// ggml's number of the type.
+    pub fn number(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::BF16 => 30,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Q4K => 12,
+            GgmlType::Q5K => 13,
+            GgmlType::Q6K => 14,
+            GgmlType::Other(n) => n,
+        }
+    }
+
     /// ggml's name of the type.
     pub fn name(self) -> String {
         match self {

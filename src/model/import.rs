@@ -113,6 +113,74 @@ pub fn hf_name(arch: Arch, name: &str) -> Option<String> {
     }
 }
 
+/// The llama.cpp tensor name (without `.weight`) of a Hugging Face linear
+/// module path such as `model.layers.0.self_attn.q_proj`: the inverse of
+/// [`hf_name`] for the modules LoRA adapts.
+pub fn gguf_module_name(arch: Arch, module: &str) -> Option<String> {
+    let (prefix, table): (&str, &[(&str, &str)]) = if arch == Arch::Gpt2 {
+        (
+            "transformer.h.",
+            &[
+                ("attn.c_attn", "attn_qkv"),
+                ("attn.c_proj", "attn_output"),
+                ("mlp.c_fc", "ffn_up"),
+                ("mlp.c_proj", "ffn_down"),
+            ],
+        )
+    } else {
+        (
+            "model.layers.",
+            &[
+                ("self_attn.q_proj", "attn_q"),
+                ("self_attn.k_proj", "attn_k"),
+                ("self_attn.v_proj", "attn_v"),
+                ("self_attn.o_proj", "attn_output"),
+                ("mlp.gate_proj", "ffn_gate"),
+                ("mlp.up_proj", "ffn_up"),
+                ("mlp.down_proj", "ffn_down"),
+            ],
+        )
+    };
+    // PEFT's paths may keep the root scope or not (GPT-2 without `transformer.`).
+    let rest = module
+        .strip_prefix(prefix)
+        .or_else(|| module.strip_prefix(prefix.trim_start_matches("transformer.")))?;
+    let (n, part) = rest.split_once('.')?;
+    n.parse::<usize>().ok()?;
+    let (_, gguf) = table.iter().find(|(hf, _)| *hf == part)?;
+    Some(format!("blk.{n}.{gguf}"))
+}
+
+/// The GGUF `general.architecture` of a model family (llama.cpp writes
+/// Mistral as `llama`).
+pub fn gguf_arch_name(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Llama | Arch::Mistral => "llama",
+        Arch::Qwen2 => "qwen2",
+        Arch::Qwen3 => "qwen3",
+        Arch::Gemma3 => "gemma3",
+        Arch::Gpt2 => "gpt2",
+    }
+}
+
+/// llama.cpp's `permute` of q/k rows (the inverse of [`unpermute_qk`]): HF
+/// row `h*hd + s*hd/2 + i` goes to GGUF row `h*hd + 2*i + s`.
+pub fn permute_qk<T: Copy + Default>(w: &[T], heads: usize, cols: usize) -> Vec<T> {
+    let rows = w.len() / cols;
+    let hd = rows / heads;
+    let mut out = vec![T::default(); w.len()];
+    for h in 0..heads {
+        for i in 0..hd / 2 {
+            for s in 0..2 {
+                let src = h * hd + s * hd / 2 + i;
+                let dst = h * hd + 2 * i + s;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
 /// Undo llama.cpp's `permute` of q/k rows: GGUF row `h*hd + 2*i + s` is HF
 /// row `h*hd + s*hd/2 + i` (rotary halves interleaved for its rope kernel).
 /// Works on weights (`cols` > 1) and biases (`cols` == 1).

@@ -22,6 +22,7 @@ pub mod config;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_tokenizer;
+pub mod gguf_write;
 pub mod hub;
 pub mod import;
 pub mod kv;
