@@ -45,9 +45,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import peft
 import torch
 import transformers
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import PeftModel
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+# The LoRA run is SmolLM2's (same seeds, steps and optimizer).
+from smollm2_gguf_reference import lora_reference
 
 SEED = 1234
 STEPS = 5
@@ -213,43 +216,8 @@ def run_one(gguf_path: Path, out: Path, versions):
 
     # --- LoRA
     base_sd = {k: v.clone() for k, v in model.state_dict().items()}
-    lcfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16, lora_dropout=0.0,
-                      target_modules=["q_proj", "v_proj"], bias="none")
-    torch.manual_seed(SEED + 1)
-    pm = get_peft_model(model, lcfg)
-    pm.eval()
-    g = torch.Generator().manual_seed(SEED + 2)
-    trainable = [(nm, prm) for nm, prm in pm.named_parameters() if prm.requires_grad]
-    with torch.no_grad():
-        for nm, prm in trainable:
-            if "lora_B" in nm:
-                prm.copy_(torch.randn(prm.shape, generator=g) * 0.02)
-    init_dir = out / "lora_initial"
-    pm.save_pretrained(init_dir)
-    ap = init_dir / "adapter_config.json"
-    acfg = json.loads(ap.read_text())
-    acfg["target_modules"] = sorted(acfg["target_modules"])
-    acfg["base_model_name_or_path"] = name
-    ap.write_text(json.dumps(acfg, indent=2, sort_keys=True))
-
-    params = [prm for _, prm in trainable]
-    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    losses, norms = [], []
-    for step in range(STEPS):
-        opt.zero_grad()
-        l = pm(input_ids=input_ids, labels=labels).loss
-        l.backward()
-        if step == 0:
-            for nm, prm in trainable:
-                # clone: clip_grad_norm_ below scales .grad in place (a view would be saved clipped)
-                tensors[nm.replace(".default", "") + ".grad"] = prm.grad.detach().float().clone()
-        norms.append(torch.nn.utils.clip_grad_norm_(params, 1.0).item())
-        losses.append(l.item())
-        opt.step()
-        print(f"[{name}] step {step}: loss {losses[-1]:.7f}, grad norm {norms[-1]:.7f}", flush=True)
-    with torch.no_grad():
-        after = pm(input_ids=input_ids, labels=labels).loss.item()
-    print(f"[{name}] after {STEPS} steps: {after:.7f}", flush=True)
+    init_dir, losses, norms, after = lora_reference(model, name, input_ids, labels, out, tensors,
+                                                    tag=f"[{name}] ")
 
     # The saved initial adapter reloads to the first step's loss (on a fresh plain copy).
     base2 = plain_copy(loaded)

@@ -115,6 +115,52 @@ def batch_loss(model, ids, labels):
     return model(input_ids=ids, labels=labels).loss
 
 
+def lora_reference(model, name, input_ids, labels, out, tensors, tag=""):
+    """PEFT LoRA r 8, alpha 16, dropout 0 on q_proj + v_proj (A: PEFT's kaiming init after
+    torch.manual_seed(SEED + 1); B redrawn N(0, 0.02^2) from a Generator seeded SEED + 2), saved to
+    out/lora_initial (target_modules sorted, base = `name`); the first step's gradients into
+    `tensors` (before clipping); STEPS AdamW steps (lr LR, betas (0.9, 0.999), eps 1e-8, weight decay
+    0.01, clip 1.0) on the same batch. Returns (init_dir, losses, grad norms, loss after)."""
+    lcfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16, lora_dropout=0.0,
+                      target_modules=["q_proj", "v_proj"], bias="none")
+    torch.manual_seed(SEED + 1)
+    pm = get_peft_model(model, lcfg)
+    pm.eval()
+    g = torch.Generator().manual_seed(SEED + 2)
+    trainable = [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        for n, p in trainable:
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    init_dir = out / "lora_initial"
+    pm.save_pretrained(init_dir)
+    p = init_dir / "adapter_config.json"
+    acfg = json.loads(p.read_text())
+    acfg["target_modules"] = sorted(acfg["target_modules"])
+    acfg["base_model_name_or_path"] = name
+    p.write_text(json.dumps(acfg, indent=2, sort_keys=True))
+
+    params = [p for _, p in trainable]
+    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    losses, norms = [], []
+    for step in range(STEPS):
+        opt.zero_grad()
+        l = batch_loss(pm, input_ids, labels)
+        l.backward()
+        if step == 0:
+            for n, p in trainable:
+                # clone: clip_grad_norm_ below scales .grad in place
+                tensors[n.replace(".default", "") + ".grad"] = p.grad.detach().float().clone()
+        norms.append(torch.nn.utils.clip_grad_norm_(params, 1.0).item())
+        losses.append(l.item())
+        opt.step()
+        print(f"{tag}step {step}: loss {losses[-1]:.7f}, grad norm {norms[-1]:.7f}", flush=True)
+    with torch.no_grad():
+        after = batch_loss(pm, input_ids, labels).item()
+    print(f"{tag}after {STEPS} steps: {after:.7f}", flush=True)
+    return init_dir, losses, norms, after
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("gguf", nargs="?", type=Path,
@@ -160,43 +206,7 @@ def main():
     del loaded
 
     # LoRA: initial adapter, one step's gradients, 5 AdamW steps.
-    lcfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16, lora_dropout=0.0,
-                      target_modules=["q_proj", "v_proj"], bias="none")
-    torch.manual_seed(SEED + 1)
-    pm = get_peft_model(model, lcfg)
-    pm.eval()
-    g = torch.Generator().manual_seed(SEED + 2)
-    trainable = [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
-    with torch.no_grad():
-        for n, p in trainable:
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    init_dir = out / "lora_initial"
-    pm.save_pretrained(init_dir)
-    p = init_dir / "adapter_config.json"
-    acfg = json.loads(p.read_text())
-    acfg["target_modules"] = sorted(acfg["target_modules"])
-    acfg["base_model_name_or_path"] = name
-    p.write_text(json.dumps(acfg, indent=2, sort_keys=True))
-
-    params = [p for _, p in trainable]
-    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    losses, norms = [], []
-    for step in range(STEPS):
-        opt.zero_grad()
-        l = batch_loss(pm, input_ids, labels)
-        l.backward()
-        if step == 0:
-            for n, p in trainable:
-                # clone: clip_grad_norm_ below scales .grad in place
-                tensors[n.replace(".default", "") + ".grad"] = p.grad.detach().float().clone()
-        norms.append(torch.nn.utils.clip_grad_norm_(params, 1.0).item())
-        losses.append(l.item())
-        opt.step()
-        print(f"step {step}: loss {losses[-1]:.7f}, grad norm {norms[-1]:.7f}", flush=True)
-    with torch.no_grad():
-        after = batch_loss(pm, input_ids, labels).item()
-    print(f"after {STEPS} steps: {after:.7f}", flush=True)
+    init_dir, losses, norms, after = lora_reference(model, name, input_ids, labels, out, tensors)
 
     # The saved initial adapter reloads to the first step's loss.
     with torch.no_grad():
