@@ -92,28 +92,44 @@ pub struct ImportArgs {
     pub out: PathBuf,
 }
 
-/// `wgtune export --adapter DIR --format gguf-lora --out FILE.gguf`.
+/// `wgtune export --adapter DIR --out FILE.gguf` (llama.cpp's GGUF LoRA), or
+/// `--merge --out DIR` / `--merge --format gguf --out FILE.gguf` (the
+/// adapter folded into its base).
 #[derive(Args, Debug)]
 pub struct ExportArgs {
     /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors), wgtune's or not
     #[arg(long)]
     pub adapter: PathBuf,
-    /// gguf-lora: llama.cpp's adapter format, loaded next to the GGUF base (llama.cpp --lora, Ollama ADAPTER)
+    /// gguf-lora (default without --merge): llama.cpp's adapter format, next to the GGUF base; with --merge: hf (default, a Hugging Face folder) or gguf (needs a GGUF base)
     #[arg(long, value_enum)]
-    pub format: ExportFormat,
-    /// The file to write
+    pub format: Option<ExportFormat>,
+    /// Fold W + (alpha/r)·B·A into the base and write the whole model
+    #[arg(long)]
+    pub merge: bool,
+    /// The file (or, for --merge --format hf, the folder) to write; never one of the inputs
     #[arg(long)]
     pub out: PathBuf,
     /// The base model (folder, .gguf or ORG/NAME); default: the adapter's base_model_name_or_path
     #[arg(long)]
     pub base: Option<PathBuf>,
-    /// Tensor type: f32, f16 or q8_0 (rows that are not whole 32-value blocks stay f16)
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: ExportDtype,
+    /// GGUF tensor type: f32, f16 or q8_0 (rows that are not whole 32-value blocks stay f16); default f32 for gguf-lora, f16 for a merged gguf
+    #[arg(long, value_enum)]
+    pub dtype: Option<ExportDtype>,
+    /// Write no Ollama Modelfile next to a GGUF output
+    #[arg(long)]
+    pub no_modelfile: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExportFormat {
+    #[value(name = "gguf-lora")]
+    GgufLora,
+    Hf,
+    Gguf,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrainExport {
     #[value(name = "gguf-lora")]
     GgufLora,
 }
@@ -374,6 +390,9 @@ pub struct TrainArgs {
     /// No progress bar (one line per logged step)
     #[arg(long)]
     pub no_progress: bool,
+    /// After training, also write the adapter as llama.cpp's GGUF LoRA (OUT/adapter.gguf) with an Ollama Modelfile beside it
+    #[arg(long, value_enum)]
+    pub export: Option<TrainExport>,
     #[command(flatten)]
     pub device: DeviceArgs,
     /// The options given on the command line (set by [`parse`]).

@@ -2,7 +2,9 @@
 //! needs, runs, and prints its result to stdout.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use crate::model::gguf::GgmlType;
 
 use super::{DeviceArgs, EvalArgs, ExportArgs, GenerateArgs, ImportArgs, MethodArg, PlanArgs};
 use crate::adapters::{peft_io, Adapter};
@@ -32,42 +34,185 @@ pub(super) fn import(a: &ImportArgs) -> Result<()> {
     Ok(())
 }
 
-/// `wgtune export`: a LoRA adapter as llama.cpp's GGUF LoRA.
+/// `wgtune export`: a LoRA adapter as llama.cpp's GGUF LoRA, or merged into
+/// its base.
 pub(super) fn export(a: &ExportArgs) -> Result<()> {
+    use super::ExportFormat;
+    let format = match (a.merge, a.format) {
+        (false, None | Some(ExportFormat::GgufLora)) => ExportFormat::GgufLora,
+        (true, None) => ExportFormat::Hf,
+        (true, Some(ExportFormat::GgufLora)) => {
+            return Err(Error::invalid(
+                "export",
+                "--merge writes a whole model: --format hf (a folder) or gguf; gguf-lora is the                  adapter alone, without --merge",
+            ))
+        }
+        (false, Some(f)) => {
+            return Err(Error::invalid(
+                "export",
+                format!(
+                    "--format {} writes a merged model: add --merge",
+                    if f == ExportFormat::Hf { "hf" } else { "gguf" }
+                ),
+            ))
+        }
+        (true, Some(f)) => f,
+    };
+    export_as(
+        &a.adapter,
+        a.base.as_deref(),
+        format,
+        &a.out,
+        a.dtype,
+        !a.no_modelfile,
+    )
+}
+
+/// The GGUF type of `--dtype`, defaulting to `default`.
+fn ggml_type(d: Option<super::ExportDtype>, default: super::ExportDtype) -> GgmlType {
+    use super::ExportDtype;
+    match d.unwrap_or(default) {
+        ExportDtype::F32 => GgmlType::F32,
+        ExportDtype::F16 => GgmlType::F16,
+        ExportDtype::Q8_0 => GgmlType::Q8_0,
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Write an Ollama Modelfile beside `out` and print how to use it.
+fn write_modelfile(out: &Path, from: &Path, adapter: Option<&Path>, tok_dir: &Path) -> Result<()> {
+    let tok = Tokenizer::load(tok_dir)?;
+    let (text, has_template) =
+        crate::adapters::modelfile::modelfile(&absolute(from), adapter.map(absolute).as_deref(), &tok);
+    let stem = out
+        .file_stem()
+        .map_or("wgtune".into(), |s| s.to_string_lossy().to_string());
+    let path = out.with_file_name(format!("{stem}.Modelfile"));
+    crate::fsio::write_atomic(&path, text.as_bytes())?;
+    let name: String = stem
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+        .collect();
+    println!(
+        "wrote {}{}; for Ollama:\n  ollama create {name} -f {}\n  ollama run {name}",
+        path.display(),
+        if has_template { "" } else { " (no TEMPLATE: Ollama uses the GGUF's chat template)" },
+        path.display()
+    );
+    if !from.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        println!(
+            "  (FROM is a Hugging Face folder, which Ollama converts itself; point FROM at the \
+             base's GGUF if you have one)"
+        );
+    }
+    Ok(())
+}
+
+/// Export the LoRA adapter in `adapter_dir` as `format` at `out` (shared by
+/// `wgtune export` and `wgtune train --export`).
+pub(super) fn export_as(
+    adapter_dir: &Path,
+    base: Option<&Path>,
+    format: super::ExportFormat,
+    out: &Path,
+    dtype: Option<super::ExportDtype>,
+    modelfile: bool,
+) -> Result<()> {
     use super::{ExportDtype, ExportFormat};
-    use crate::model::gguf::GgmlType;
-    let ExportFormat::GgufLora = a.format;
-    let adapter = peft_io::load_adapter(&a.adapter)?;
-    let lora = crate::adapters::gguf_lora::lora_config(&adapter, &a.adapter)?;
-    let base = match (&a.base, &lora.base_model_name_or_path) {
-        (Some(b), _) => b.clone(),
+    use crate::adapters::merge;
+    let adapter = peft_io::load_adapter(adapter_dir)?;
+    let lora = merge::lora_config(&adapter, adapter_dir)?;
+    let base = match (base, &lora.base_model_name_or_path) {
+        (Some(b), _) => b.to_path_buf(),
         (None, Some(b)) if !b.is_empty() => PathBuf::from(b),
         (None, _) => {
             return Err(Error::Adapter {
-                path: a.adapter.clone(),
+                path: adapter_dir.to_path_buf(),
                 message: "adapter_config.json names no base model; give --base".into(),
             })
         }
     };
     let dir = crate::model::hub::resolve_model(&base)?;
     let cfg = crate::model::ModelConfig::from_file(&dir.join("config.json"))?;
-    let ty = match a.dtype {
-        ExportDtype::F32 => GgmlType::F32,
-        ExportDtype::F16 => GgmlType::F16,
-        ExportDtype::Q8_0 => GgmlType::Q8_0,
-    };
-    let (w, info) = crate::adapters::gguf_lora::gguf_lora(&adapter, &a.adapter, &cfg, ty)?;
-    w.write(&a.out)?;
-    println!(
-        "wrote {} ({} LoRA, {} modules, rank {}, alpha {}): load it next to the GGUF base, e.g. \
-         `llama-cli -m base.gguf --lora {}`",
-        a.out.display(),
-        info.arch,
-        info.modules,
-        info.rank,
-        info.alpha,
-        a.out.display()
-    );
+    let base_gguf = crate::model::weights::linked_gguf(&dir)?;
+    let mut inputs = vec![base.as_path(), dir.as_path()];
+    if let Some(g) = &base_gguf {
+        inputs.push(g);
+    }
+    merge::check_not_input(out, adapter_dir, &inputs)?;
+    let t = crate::clock::Stopwatch::start();
+    match format {
+        ExportFormat::GgufLora => {
+            let ty = ggml_type(dtype, ExportDtype::F32);
+            let (w, info) = crate::adapters::gguf_lora::gguf_lora(&adapter, adapter_dir, &cfg, ty)?;
+            w.write(out)?;
+            println!(
+                "wrote {} ({} LoRA, {} modules, rank {}, alpha {}): load it next to the GGUF \
+                 base, e.g. `llama-cli -m base.gguf --lora {}`",
+                out.display(),
+                info.arch,
+                info.modules,
+                info.rank,
+                info.alpha,
+                out.display()
+            );
+            if modelfile {
+                let from = base_gguf.as_deref().unwrap_or(&dir);
+                write_modelfile(out, from, Some(out), &dir)?;
+            }
+        }
+        ExportFormat::Hf => {
+            if dtype.is_some() {
+                return Err(Error::invalid(
+                    "export",
+                    "--dtype is for GGUF outputs; a merged folder keeps the base's dtype",
+                ));
+            }
+            let updates = merge::lora_updates(&adapter, adapter_dir, &cfg)?;
+            let r = merge::merge_folder(&dir, &updates, merge::lora_scale(lora), out)?;
+            println!(
+                "wrote {} (a Hugging Face folder: {} weights merged, {} copied) in {:.1} s",
+                out.display(),
+                r.merged,
+                r.copied,
+                t.secs()
+            );
+        }
+        ExportFormat::Gguf => {
+            let Some(g) = &base_gguf else {
+                return Err(Error::invalid(
+                    "export",
+                    format!(
+                        "a merged GGUF is written from a GGUF base (its tokenizer and metadata \
+                         are copied); {} is a Hugging Face folder. Give --base FILE.gguf, or \
+                         write a folder (--format hf) and convert it with llama.cpp's \
+                         convert_hf_to_gguf.py",
+                        base.display()
+                    ),
+                ));
+            };
+            let ty = ggml_type(dtype, ExportDtype::F16);
+            let updates = merge::lora_updates(&adapter, adapter_dir, &cfg)?;
+            let gguf = crate::model::gguf::Gguf::open(g)?;
+            let (w, r) = merge::merge_gguf(&gguf, &cfg, &updates, merge::lora_scale(lora), ty)?;
+            w.write(out)?;
+            println!(
+                "wrote {} (GGUF: {} weights merged as {}, {} tensors copied) in {:.1} s",
+                out.display(),
+                r.merged,
+                ty.name(),
+                r.copied,
+                t.secs()
+            );
+            if modelfile {
+                write_modelfile(out, out, None, &dir)?;
+            }
+        }
+    }
     Ok(())
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::{LoraInitArg, MethodArg, PrefixInitArg, PromptInitArg, ScheduleArg, TrainArgs};
 use crate::adapters::init::LoraInit;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::Context;
 use crate::train::options::{
     LoraOptions, MethodOptions, PrefixInitKind, PrefixOptions, PromptInitKind, PromptOptions,
@@ -167,6 +167,14 @@ impl Progress for Bar {
 }
 
 pub(super) fn train(a: &TrainArgs) -> Result<u8> {
+    if a.export.is_some() && a.method != MethodArg::Lora {
+        // Refused before training, not after it.
+        return Err(Error::invalid(
+            "--export",
+            "gguf-lora is llama.cpp's LoRA format; a prompt or prefix adapter has none \
+             (`wgtune generate --adapter OUT` runs it)",
+        ));
+    }
     let stop = install_stop_handlers();
     let ctx = Context::new(&a.device.options())?;
     let o = a.options()?;
@@ -174,7 +182,19 @@ pub(super) fn train(a: &TrainArgs) -> Result<u8> {
     let mut lines = Lines;
     let progress: &mut dyn Progress = if a.no_progress { &mut lines } else { &mut bar };
     Ok(match train_run(&ctx, &o, &stop, progress)? {
-        Outcome::Done { .. } | Outcome::NothingToDo { .. } => 0,
+        Outcome::Done { .. } | Outcome::NothingToDo { .. } => {
+            if a.export.is_some() {
+                super::commands::export_as(
+                    &a.out,
+                    Some(&a.model),
+                    super::ExportFormat::GgufLora,
+                    &a.out.join("adapter.gguf"),
+                    None,
+                    true,
+                )?;
+            }
+            0
+        }
         Outcome::Interrupted { signal, saved_step } => {
             if saved_step.is_none() {
                 println!("interrupted before any step was saved: nothing written");

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::fsio::write_atomic;
-use crate::model::gguf::GgmlType;
+use crate::model::gguf::{GgmlType, Value};
 
 const ALIGNMENT: usize = 32;
 
@@ -21,6 +21,8 @@ pub enum MetaValue {
     StrArray(Vec<String>),
     I32Array(Vec<i32>),
     F32Array(Vec<f32>),
+    /// A value read from another GGUF, written back as it was typed.
+    Copied(Value),
 }
 
 /// A GGUF file being assembled in memory.
@@ -72,6 +74,30 @@ impl GgufWriter {
             }
             other => return Err(bad(format!("{} is not written", other.name()))),
         };
+        self.tensor_raw(name, shape, ty, bytes)
+    }
+
+    /// Add a tensor from bytes already encoded as `ty` (a copy from
+    /// another GGUF).
+    pub fn tensor_raw(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        ty: GgmlType,
+        bytes: Vec<u8>,
+    ) -> Result<()> {
+        let bad = |m: String| Error::invalid("gguf write", format!("tensor `{name}`: {m}"));
+        let n: usize = shape.iter().product();
+        match ty.block() {
+            Some((per, size)) if n % per == 0 && n / per * size == bytes.len() => {}
+            _ => {
+                return Err(bad(format!(
+                    "{} bytes do not hold {shape:?} as {}",
+                    bytes.len(),
+                    ty.name()
+                )))
+            }
+        }
         if self.tensors.iter().any(|t| t.0 == name) {
             return Err(bad("written twice".into()));
         }
@@ -168,6 +194,56 @@ fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
             array(out, T_F32, a.len());
             for x in a {
                 out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        MetaValue::Copied(v) => {
+            out.extend_from_slice(&value_type(v).to_le_bytes());
+            put_copied(out, v);
+        }
+    }
+}
+
+/// The GGUF type number of a value read from a file.
+fn value_type(v: &Value) -> u32 {
+    match v {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => T_U32,
+        Value::I32(_) => T_I32,
+        Value::F32(_) => T_F32,
+        Value::Bool(_) => T_BOOL,
+        Value::Str(_) => T_STR,
+        Value::Array(_) => T_ARRAY,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
+    }
+}
+
+/// A copied value's payload (its type number already written).
+fn put_copied(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::U8(x) => out.push(*x),
+        Value::I8(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::Bool(x) => out.push(*x as u8),
+        Value::Str(s) => put_str(out, s),
+        Value::Array(a) => {
+            // An empty array's element type is lost on reading; any will do.
+            let ty = a.first().map_or(T_U32, value_type);
+            out.extend_from_slice(&ty.to_le_bytes());
+            out.extend_from_slice(&(a.len() as u64).to_le_bytes());
+            for x in a {
+                put_copied(out, x);
             }
         }
     }

@@ -48,19 +48,28 @@ fn corrupt(path: &Path, e: impl std::fmt::Display) -> Error {
     }
 }
 
+/// The GGUF file a cache folder of `wgtune --model file.gguf` links to, if
+/// `dir` is such a folder.
+pub fn linked_gguf(dir: &Path) -> Result<Option<PathBuf>> {
+    let link = dir.join(GGUF_LINK);
+    if !link.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&link).map_err(io(&link))?;
+    serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("gguf")?.as_str().map(PathBuf::from))
+        .map(Some)
+        .ok_or_else(|| Error::Weights {
+            path: link.clone(),
+            message: "expected {\"gguf\": \"<path of the .gguf file>\"}".into(),
+        })
+}
+
 impl Weights {
     /// Open the weights of a model folder.
     pub fn open(dir: &Path) -> Result<Weights> {
-        let link = dir.join(GGUF_LINK);
-        if link.exists() {
-            let text = std::fs::read_to_string(&link).map_err(io(&link))?;
-            let target = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| v.get("gguf")?.as_str().map(PathBuf::from))
-                .ok_or_else(|| Error::Weights {
-                    path: link.clone(),
-                    message: "expected {\"gguf\": \"<path of the .gguf file>\"}".into(),
-                })?;
+        if let Some(target) = linked_gguf(dir)? {
             return Self::from_gguf(Gguf::open(&target)?);
         }
         let single = dir.join("model.safetensors");
