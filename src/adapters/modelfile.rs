@@ -53,8 +53,12 @@ impl ChatPieces {
     /// The pieces of `tok`'s chat template, if it is a plain sequence of
     /// per-message blocks (verified by rendering).
     pub fn read(tok: &Tokenizer) -> Option<ChatPieces> {
+        // llama.cpp adds BOS itself where the tokenizer does, so a template's
+        // leading BOS is left out (SmolLM2's `<|im_start|>` is its BOS but is
+        // not added, so it stays).
         let bos = tok
             .bos_id()
+            .filter(|_| tok.adds_bos())
             .and_then(|id| tok.id_to_token(id))
             .unwrap_or_default();
         let render = |m: &[ChatMessage], gen: bool| -> Option<String> {

@@ -92,7 +92,12 @@ fn write_modelfile(out: &Path, from: &Path, adapter: Option<&Path>, tok_dir: &Pa
         .map_or("wgtune".into(), |s| s.to_string_lossy().to_string());
     let path = out.with_file_name(format!("{stem}.Modelfile"));
     crate::fsio::write_atomic(&path, text.as_bytes())?;
-    let name: String = stem
+    // `train --export` writes OUT/adapter.gguf: name the model after OUT.
+    let label = match (stem.as_str(), out.parent().and_then(|p| absolute(p).file_name().map(|n| n.to_string_lossy().to_string()))) {
+        ("adapter", Some(dir)) => dir,
+        _ => stem.clone(),
+    };
+    let name: String = label
         .to_ascii_lowercase()
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
