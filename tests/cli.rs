@@ -16,7 +16,20 @@ fn wgtune(args: &[&str]) -> (bool, String) {
 }
 
 fn wgtune_env(args: &[&str], env: &[(&str, &Path)]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_wgtune"))
+    wgtune_at(None, args, env)
+}
+
+/// `wgtune args` run from the folder `dir`.
+fn wgtune_in(dir: &Path, args: &[&str]) -> (bool, String) {
+    wgtune_at(Some(dir), args, &[])
+}
+
+fn wgtune_at(dir: Option<&Path>, args: &[&str], env: &[(&str, &Path)]) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wgtune"));
+    if let Some(d) = dir {
+        cmd.current_dir(d);
+    }
+    let out = cmd
         .args(args)
         .envs(env.iter().copied())
         .env("RUST_LOG", "error")
@@ -58,7 +71,10 @@ fn every_method_trains_on_the_sample_data_and_the_adapter_is_usable() {
     // Projection, all-linear and dropout are covered by train_parity; each
     // extra run here costs CI a cold pipeline build in a new process.
     for (method, extra) in [
-        ("lora", vec!["--lora-dropout", "0.1"]),
+        (
+            "lora",
+            vec!["--lora-dropout", "0.1", "--export", "gguf-lora"],
+        ),
         ("prompt", vec![]),
         ("prefix", vec![]),
     ] {
@@ -85,6 +101,12 @@ fn every_method_trains_on_the_sample_data_and_the_adapter_is_usable() {
         assert!(ok, "wgtune {args:?} failed:\n{text}");
         let l = losses(&out.join("metrics.jsonl"));
         assert_eq!(l.len(), 30, "{method}: one metrics line per step\n{text}");
+        if method == "lora" {
+            // --export gguf-lora: the llama.cpp file and its Modelfile.
+            let g = wgtune::model::gguf::Gguf::open(&out.join("adapter.gguf")).unwrap();
+            assert_eq!(g.tensors.len(), 2 * 2 * 2, "q,v LoRA on 2 layers");
+            assert!(out.join("adapter.Modelfile").exists(), "{text}");
+        }
         let first: f64 = l[..3].iter().sum::<f64>() / 3.0;
         let last: f64 = l[l.len() - 3..].iter().sum::<f64>() / 3.0;
         eprintln!("{method} {extra:?}: loss {first:.3} -> {last:.3}");
@@ -525,5 +547,133 @@ fn export_gguf_lora_and_refusals() {
         !refused.exists(),
         "a refused export wrote {}",
         refused.display()
+    );
+}
+
+#[test]
+fn export_merge_modelfile_and_refusals() {
+    let out = tmp("export-merge");
+    std::fs::create_dir_all(&out).unwrap();
+    let data = root().join("tests/reference/data");
+    let adapter = data.join("tiny-llama/peft/lora_qv/initial");
+    let base = data.join("tiny-llama");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["export", "--adapter", adapter.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        wgtune(&args)
+    };
+    // A merged folder (the base is the adapter's base_model_name_or_path,
+    // relative to the repository root).
+    let merged = out.join("merged");
+    let (ok, text) = wgtune_in(
+        &root(),
+        &[
+            "export",
+            "--adapter",
+            &s(&adapter),
+            "--merge",
+            "--out",
+            &s(&merged),
+        ],
+    );
+    assert!(
+        ok && text.contains("Hugging Face folder: 4 weights merged"),
+        "{text}"
+    );
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(merged.join(f).exists(), "{f}");
+    }
+    // Never over an input: the base folder, a file in it, the adapter folder.
+    let before = std::fs::read(base.join("model.safetensors")).unwrap();
+    for target in [
+        base.clone(),
+        base.join("model.safetensors"),
+        adapter.clone(),
+    ] {
+        let (ok, text) = run(&["--base", &s(&base), "--merge", "--out", &s(&target)]);
+        assert!(!ok && text.contains("never overwrites its input"), "{text}");
+    }
+    assert_eq!(
+        std::fs::read(base.join("model.safetensors")).unwrap(),
+        before
+    );
+    // Format and flag mistakes.
+    let x = out.join("x.gguf");
+    let (ok, text) = run(&[
+        "--base",
+        &s(&base),
+        "--merge",
+        "--format",
+        "gguf",
+        "--out",
+        &s(&x),
+    ]);
+    assert!(!ok && text.contains("from a GGUF base"), "{text}");
+    let (ok, text) = run(&["--base", &s(&base), "--format", "hf", "--out", &s(&x)]);
+    assert!(!ok && text.contains("add --merge"), "{text}");
+    let (ok, text) = run(&[
+        "--base",
+        &s(&base),
+        "--merge",
+        "--format",
+        "gguf-lora",
+        "--out",
+        &s(&x),
+    ]);
+    assert!(!ok && text.contains("without --merge"), "{text}");
+    assert!(!x.exists());
+    // A merged GGUF from the GGUF base, with its Modelfile.
+    let gguf_base = data.join("gguf/families/tiny-llama.gguf");
+    let (ok, text) = run(&[
+        "--base",
+        &s(&gguf_base),
+        "--merge",
+        "--format",
+        "gguf",
+        "--dtype",
+        "q8_0",
+        "--out",
+        &s(&x),
+    ]);
+    assert!(ok && text.contains("4 weights merged as Q8_0"), "{text}");
+    let mf = std::fs::read_to_string(out.join("x.Modelfile")).unwrap();
+    assert!(
+        mf.contains(&format!("FROM {}", s(&x))) && !mf.contains("ADAPTER"),
+        "{mf}"
+    );
+    assert!(text.contains("ollama create x -f"), "{text}");
+    // train --export gguf-lora with a prompt adapter: refused before training.
+    let never = out.join("never");
+    let (ok, text) = wgtune(&[
+        "--method",
+        "prompt",
+        "--model",
+        &s(&base),
+        "--data",
+        &s(&root().join("assets/data/pirate-train.jsonl")),
+        "--out",
+        &s(&never),
+        "--export",
+        "gguf-lora",
+    ]);
+    assert!(!ok && text.contains("llama.cpp's LoRA format"), "{text}");
+    assert!(!never.exists());
+    // A GGUF LoRA's Modelfile names the base GGUF and the adapter.
+    let lora = out.join("lora.gguf");
+    let (ok, text) = run(&["--base", &s(&gguf_base), "--out", &s(&lora)]);
+    assert!(ok, "{text}");
+    let mf = std::fs::read_to_string(out.join("lora.Modelfile")).unwrap();
+    let canon = std::fs::canonicalize(&gguf_base).unwrap();
+    assert!(
+        mf.contains(&format!("FROM {}\nADAPTER {}", canon.display(), s(&lora)))
+            && mf.contains("TEMPLATE \"\"\"")
+            && mf.contains("PARAMETER stop \"<|im_end|>\""),
+        "{mf}"
     );
 }

@@ -268,8 +268,13 @@ fn merged_folder_gives_peft_loss() {
             let m = Model::load(ctx, &out).unwrap();
             let (loss, want) = loss_with(ctx, &m, model, case, true);
             let rel = (loss - want).abs() / want;
-            eprintln!("{model}/{case}: merged folder loss {loss:.6} vs PEFT {want:.6} (rel {rel:.1e})");
-            assert!(rel <= merged_tolerance(model), "{model}/{case}: {loss} vs {want}");
+            eprintln!(
+                "{model}/{case}: merged folder loss {loss:.6} vs PEFT {want:.6} (rel {rel:.1e})"
+            );
+            assert!(
+                rel <= merged_tolerance(model),
+                "{model}/{case}: {loss} vs {want}"
+            );
             // Tokenizer and chat template travel with it.
             for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
                 assert!(out.join(f).exists(), "{model}: {f}");
@@ -317,15 +322,150 @@ fn merged_gguf_gives_peft_loss() {
             .iter()
             .filter(|t| g.raw(t).unwrap() != base.raw(base.tensor(&t.name).unwrap()).unwrap())
             .count();
-        assert_eq!(changed, updates.len(), "{model}: only adapted tensors change");
+        assert_eq!(
+            changed,
+            updates.len(),
+            "{model}: only adapted tensors change"
+        );
         let (merged, want) = loss_with(ctx, &load(g), model, case, true);
         let (pair, _) = loss_with(ctx, &load(Gguf::open(&path).unwrap()), model, case, false);
         eprintln!(
             "{model}/{case}: merged GGUF loss {merged:.6}, base GGUF + adapter {pair:.6}, PEFT {want:.6}"
         );
-        assert!((merged - pair).abs() <= 1e-5 * pair, "{model}: {merged} vs {pair}");
+        assert!(
+            (merged - pair).abs() <= 1e-5 * pair,
+            "{model}: {merged} vs {pair}"
+        );
         if *model != "tiny-gemma3" {
-            assert!((merged - want).abs() <= 1e-4 * want, "{model}: {merged} vs {want}");
+            assert!(
+                (merged - want).abs() <= 1e-4 * want,
+                "{model}: {merged} vs {want}"
+            );
         }
+    }
+}
+
+/// What llama.cpp's own GGUF reader (gguf-py) listed for wgtune's exports
+/// (tests/reference/gguf_lora_lists.py): the same metadata, tensor names,
+/// shapes and types come out of an export now, for every family, as GGUF
+/// LoRA (f32, q8_0) and as a merged GGUF (f16).
+#[test]
+fn exports_match_what_gguf_py_listed() {
+    use wgtune::adapters::merge::{lora_config, lora_scale, lora_updates, merge_gguf};
+    let lists = common::reference::json("gguf/lora_lists.json");
+    let exports = lists["exports"].as_object().unwrap();
+    assert_eq!(exports.len(), 4 * TINY_MODELS.len());
+    for (key, want) in exports {
+        let parts: Vec<&str> = key.split('/').collect();
+        let (model, case, kind) = (parts[0], parts[1], parts[2]);
+        let dir = data_dir(&format!("{model}/peft/{case}/initial"));
+        let adapter = load_adapter(&dir).unwrap();
+        let ty = |s: &str| match s {
+            "f32" => GgmlType::F32,
+            "f16" => GgmlType::F16,
+            "q8_0" => GgmlType::Q8_0,
+            other => panic!("{other}"),
+        };
+        let bytes = match kind.strip_prefix("merged-") {
+            None => {
+                let cfg =
+                    ModelConfig::from_file(&data_dir(&format!("{model}/config.json"))).unwrap();
+                gguf_lora(&adapter, &dir, &cfg, ty(kind))
+                    .unwrap()
+                    .0
+                    .to_bytes()
+            }
+            Some(dtype) => {
+                let base = Gguf::open(&data_dir(&format!("gguf/families/{model}.gguf"))).unwrap();
+                let cfg = wgtune::model::import::gguf_meta(&base).unwrap().model;
+                let updates = lora_updates(&adapter, &dir, &cfg).unwrap();
+                let scale = lora_scale(lora_config(&adapter, &dir).unwrap());
+                merge_gguf(&base, &cfg, &updates, scale, ty(dtype))
+                    .unwrap()
+                    .0
+                    .to_bytes()
+            }
+        };
+        let g = Gguf::from_bytes(Path::new(key), bytes).unwrap();
+        assert_eq!(
+            g.meta.len() as u64,
+            want["n_meta"].as_u64().unwrap(),
+            "{key}"
+        );
+        for (k, v) in want["meta"].as_object().unwrap() {
+            let ours = g.get(k).unwrap_or_else(|| panic!("{key}: no {k}"));
+            match v {
+                serde_json::Value::String(s) => {
+                    assert_eq!(ours.as_str(), Some(s.as_str()), "{key} {k}")
+                }
+                n => assert_eq!(ours.as_f64(), n.as_f64(), "{key} {k}"),
+            }
+        }
+        let listed = want["tensors"].as_array().unwrap();
+        assert_eq!(g.tensors.len(), listed.len(), "{key}");
+        for (t, w) in g.tensors.iter().zip(listed) {
+            assert_eq!(t.name, w[0].as_str().unwrap(), "{key}");
+            let ne: Vec<u64> = w[1]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect();
+            assert_eq!(t.dims, ne, "{key}: {} (innermost first)", t.name);
+            assert_eq!(t.ty.name(), w[2].as_str().unwrap(), "{key}: {}", t.name);
+        }
+    }
+}
+
+/// The Ollama TEMPLATE read off each family's chat template: ChatML
+/// (SmolLM2, Qwen), Gemma's turns (no system turn: Gemma folds the system
+/// prompt into the first user turn, which a per-message Go template cannot
+/// say). The pieces are checked against the formats' published shapes; the
+/// read itself already checks that they rebuild the Jinja renderings.
+#[test]
+fn modelfile_template_follows_the_chat_template() {
+    use wgtune::adapters::modelfile::{modelfile, ChatPieces};
+    use wgtune::model::tokenizer::Tokenizer;
+    let chatml = |role: &str| (format!("<|im_start|>{role}\n"), "<|im_end|>\n".to_string());
+    for model in ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3"] {
+        let tok = Tokenizer::load(&data_dir(model)).unwrap();
+        let p = ChatPieces::read(&tok).unwrap_or_else(|| panic!("{model}: no pieces"));
+        eprintln!("{model}: {p:?}");
+        if model == "tiny-gemma3" {
+            assert_eq!(p.system, None);
+            assert_eq!(
+                p.user,
+                ("<start_of_turn>user\n".into(), "<end_of_turn>\n".into())
+            );
+            assert_eq!(
+                p.assistant,
+                ("<start_of_turn>model\n".into(), "<end_of_turn>\n".into())
+            );
+            assert_eq!(p.generation, "<start_of_turn>model\n");
+        } else {
+            assert_eq!(p.system, Some(chatml("system")), "{model}");
+            assert_eq!(p.user, chatml("user"), "{model}");
+            assert_eq!(p.assistant, chatml("assistant"), "{model}");
+            assert_eq!(p.generation, "<|im_start|>assistant\n", "{model}");
+        }
+        let (text, has_template) = modelfile(
+            Path::new("/m/base.gguf"),
+            Some(Path::new("/m/lora.gguf")),
+            &tok,
+        );
+        assert!(has_template, "{model}");
+        assert!(
+            text.contains("FROM /m/base.gguf\nADAPTER /m/lora.gguf\nTEMPLATE \"\"\""),
+            "{text}"
+        );
+        let stop = if model == "tiny-gemma3" {
+            "<end_of_turn>"
+        } else {
+            "<|im_end|>"
+        };
+        assert!(
+            text.contains(&format!("PARAMETER stop \"{stop}\"")),
+            "{model}: {text}"
+        );
     }
 }

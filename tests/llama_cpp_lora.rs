@@ -7,8 +7,13 @@
 //!   q,v, all-linear, and the q,v LoRA merged into the base by
 //!   `wgtune export --merge --format gguf`), wgtune's greedy tokens from
 //!   the prompt llama.cpp tokenized equal llama.cpp's for 32 tokens;
-//! - the logits of every step differ from llama.cpp's by no more with an
-//!   adapter than without one (the base's own difference sets the bar).
+//! - the logits of every step (teacher-forced on llama.cpp's tokens) differ from llama.cpp's by no more with an
+//!   adapter than without one (the base's own difference sets the bar, with
+//!   [`SLACK`]).
+//!
+//! On the Q4_1 base, llama.cpp quantizes activations to 8 bits for its
+//! matmuls, which wgtune does not; greedy tokens may then differ only at a
+//! step whose top-2 margin is within the base's own logit difference.
 //!
 //! `WGTUNE_RECORD=1` writes the measured numbers to
 //! tests/reference/data/llama_cpp/wgtune_vs_llama_cpp.json.
@@ -22,8 +27,52 @@ use std::path::PathBuf;
 use common::reference::data_dir;
 use wgtune::adapters::peft_io::load_adapter;
 use wgtune::adapters::Adapter;
+use wgtune::gpu::{Context, DType, Plan, Tensor};
 use wgtune::model::generate::{generate_with_logits, GenOptions};
-use wgtune::model::{Hooks, Model, NoHooks};
+use wgtune::model::{Acts, FwdShape, Hooks, Model, NoHooks};
+
+/// wgtune's logits for each of llama.cpp's steps, teacher-forced on its
+/// tokens (prompt, then its greedy ids), so every step is compared even
+/// after the two greedy texts part.
+fn teacher_forced(
+    ctx: &Context,
+    m: &Model,
+    hooks: &dyn Hooks,
+    prompt: &[u32],
+    greedy: &[u32],
+) -> Vec<Vec<f32>> {
+    let ids: Vec<i32> = prompt
+        .iter()
+        .chain(&greedy[..greedy.len() - 1])
+        .map(|&x| x as i32)
+        .collect();
+    let t = ids.len();
+    let (c, v) = (m.cfg.hidden, m.cfg.vocab);
+    let shape = FwdShape {
+        b: 1,
+        t,
+        n_virtual: 0,
+        p: 0,
+    };
+    let acts = Acts::new(ctx, &m.cfg, shape, false, false).unwrap();
+    let idt = Tensor::from_i32(ctx, &ids, &[1, t], "ids").unwrap();
+    let rows: Vec<i32> = (prompt.len() as i32 - 1..t as i32).collect();
+    let n = rows.len();
+    let rows = Tensor::from_i32(ctx, &rows, &[1, n], "rows").unwrap();
+    let gathered = Tensor::zeros(ctx, &[1, n, c], DType::F32, "g").unwrap();
+    let logits = Tensor::zeros(ctx, &[n, v], DType::F32, "logits").unwrap();
+    let mut plan = Plan::new("teacher-forced");
+    m.forward(ctx, &mut plan, &acts, &idt, hooks, None).unwrap();
+    m.logits_rows(ctx, &mut plan, &logits, &gathered, &acts, &rows)
+        .unwrap();
+    plan.run(ctx).unwrap();
+    logits
+        .read_f32(ctx)
+        .unwrap()
+        .chunks_exact(v)
+        .map(<[f32]>::to_vec)
+        .collect()
+}
 
 fn cache(rel: &str) -> PathBuf {
     PathBuf::from(std::env::var("HOME").expect("HOME"))
@@ -43,9 +92,11 @@ struct Measured {
     max_diff: f32,
     median_diff: f32,
     full_vocab: bool,
+    /// llama.cpp's top-2 margin at the first step where the tokens differ.
+    flip_margin: Option<f32>,
 }
 
-fn measure(ctx: &wgtune::gpu::Context, tag: &str, base: &str, case: &str) -> Measured {
+fn measure(ctx: &Context, tag: &str, base: &str, case: &str) -> Measured {
     let rec: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(data_dir(&format!("llama_cpp/{tag}-{case}.json"))).unwrap(),
     )
@@ -83,21 +134,18 @@ fn measure(ctx: &wgtune::gpu::Context, tag: &str, base: &str, case: &str) -> Mea
         ..Default::default()
     };
     let mut got = Vec::new();
-    let mut logits: Vec<Vec<f32>> = Vec::new();
-    generate_with_logits(ctx, &m, hooks, &prompt, &opts, |t, l| {
+    generate_with_logits(ctx, &m, hooks, &prompt, &opts, |t, _| {
         got.push(t);
-        logits.push(l.to_vec());
         Ok(())
     })
     .unwrap();
     let same_tokens = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+    let logits = teacher_forced(ctx, &m, hooks, &prompt, &want);
     // Full logits when llama_cpp_lora_reference.py left them in the cache,
     // else its committed top-8 per step.
     let full = cache(&format!("llama-cpp-lora/{tag}-{case}.f32"));
     let v = m.cfg.vocab;
     let mut diffs = Vec::new();
-    // Steps up to and including the first divergence share their context.
-    let steps = (same_tokens + 1).min(want.len());
     let full_vocab = full.exists();
     if full_vocab {
         let bytes = std::fs::read(&full).unwrap();
@@ -105,15 +153,22 @@ fn measure(ctx: &wgtune::gpu::Context, tag: &str, base: &str, case: &str) -> Mea
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
-        for (s, ours) in logits.iter().enumerate().take(steps) {
+        for (s, ours) in logits.iter().enumerate() {
             let t = &theirs[s * v..(s + 1) * v];
-            diffs.push(ours.iter().zip(t).fold(0f32, |a, (x, y)| a.max((x - y).abs())));
+            diffs.push(
+                ours.iter()
+                    .zip(t)
+                    .fold(0f32, |a, (x, y)| a.max((x - y).abs())),
+            );
         }
     } else {
-        for (s, ours) in logits.iter().enumerate().take(steps) {
+        for (s, ours) in logits.iter().enumerate() {
             let top = rec["top8"][s].as_array().unwrap();
             diffs.push(top.iter().fold(0f32, |a, p| {
-                let (i, l) = (p[0].as_u64().unwrap() as usize, p[1].as_f64().unwrap() as f32);
+                let (i, l) = (
+                    p[0].as_u64().unwrap() as usize,
+                    p[1].as_f64().unwrap() as f32,
+                );
                 a.max((ours[i] - l).abs())
             }));
         }
@@ -129,13 +184,21 @@ fn measure(ctx: &wgtune::gpu::Context, tag: &str, base: &str, case: &str) -> Mea
         diffs.len(),
         rec["min_margin"].as_f64().unwrap()
     );
+    let flip_margin =
+        (same_tokens < want.len()).then(|| rec["margins"][same_tokens].as_f64().unwrap() as f32);
     Measured {
         same_tokens,
         max_diff,
         median_diff,
         full_vocab,
+        flip_margin,
     }
 }
+
+/// How far above the base's own difference an adapter's may go: the
+/// differences (summation order; on Q4_1, llama.cpp's 8-bit activations)
+/// grow with activation size, which an adapter changes.
+const SLACK: f32 = 1.25;
 
 #[test]
 #[ignore = "needs the SmolLM2 GGUFs and tests/reference/llama_cpp_lora.sh outputs"]
@@ -151,11 +214,18 @@ fn exported_lora_matches_llama_cpp() {
             } else {
                 measure(ctx, tag, base, case)
             };
-            if r.same_tokens < 32 {
-                failures.push(format!("{tag}/{case}: greedy differs at token {}", r.same_tokens));
+            // With an F32 base the text must match. With a quantized one,
+            // llama.cpp's 8-bit activations move logits by up to the base's
+            // own difference (`off.max_diff`), so tokens may flip only where
+            // llama.cpp's top-2 margin is within it.
+            match r.flip_margin {
+                Some(m) if *tag == "f32" || m > off.max_diff => failures.push(format!(
+                    "{tag}/{case}: greedy differs at token {} (llama.cpp margin {m})",
+                    r.same_tokens
+                )),
+                _ => {}
             }
-            // The adapter adds no more difference than the base has (10% slack).
-            if r.max_diff > 1.1 * off.max_diff.max(1e-4) {
+            if r.max_diff > SLACK * off.max_diff.max(1e-4) {
                 failures.push(format!(
                     "{tag}/{case}: max |logit diff| {} vs {} without the adapter",
                     r.max_diff, off.max_diff
@@ -165,6 +235,7 @@ fn exported_lora_matches_llama_cpp() {
                 "base": tag, "case": case, "greedy_tokens_identical": r.same_tokens,
                 "max_abs_logit_diff": r.max_diff, "median_abs_logit_diff": r.median_diff,
                 "over": if r.full_vocab { "vocabulary" } else { "llama.cpp top 8" },
+                "llama_cpp_margin_at_first_difference": r.flip_margin,
             }));
         }
     }

@@ -77,7 +77,12 @@ pub fn gguf_lora(
             GgmlType::Q8_0 if !cols.is_multiple_of(32) => GgmlType::F16,
             t => t,
         };
-        w.tensor(&format!("{gguf}.weight.lora_a"), &[r, u.in_f], &u.a, fit(u.in_f))?;
+        w.tensor(
+            &format!("{gguf}.weight.lora_a"),
+            &[r, u.in_f],
+            &u.a,
+            fit(u.in_f),
+        )?;
         w.tensor(&format!("{gguf}.weight.lora_b"), &[u.out_f, r], &b, fit(r))?;
     }
     Ok((

@@ -356,7 +356,9 @@ pub fn merge_folder(
                 Some(u) => {
                     let mut w = to_f32(dtype, view.data()).ok_or_else(|| Error::Weights {
                         path: path.clone(),
-                        message: format!("tensor `{name}` is {dtype:?}; a merge needs F32/F16/BF16"),
+                        message: format!(
+                            "tensor `{name}` is {dtype:?}; a merge needs F32/F16/BF16"
+                        ),
                     })?;
                     if w.len() != u.out_f * u.in_f {
                         return Err(Error::Weights {
@@ -380,12 +382,13 @@ pub fn merge_folder(
         }
         let mut views = Vec::with_capacity(owned.len());
         for (name, dtype, shape, data) in &owned {
-            let v = safetensors::tensor::TensorView::new(*dtype, shape.clone(), data).map_err(
-                |e| Error::Weights {
-                    path: out.join(&file),
-                    message: format!("tensor `{name}`: {e}"),
-                },
-            )?;
+            let v =
+                safetensors::tensor::TensorView::new(*dtype, shape.clone(), data).map_err(|e| {
+                    Error::Weights {
+                        path: out.join(&file),
+                        message: format!("tensor `{name}`: {e}"),
+                    }
+                })?;
             views.push((name.clone(), v));
         }
         let meta = header.metadata().clone().unwrap_or_default();
@@ -412,7 +415,10 @@ pub fn merge_folder(
         })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file())
-        .filter(|p| p.file_name().is_some_and(|n| is_side_file(&n.to_string_lossy())))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| is_side_file(&n.to_string_lossy()))
+        })
         .collect();
     side.sort_by_key(|p| p.file_name() == Some("config.json".as_ref()));
     for p in side {
@@ -420,7 +426,9 @@ pub fn merge_folder(
             path: p.clone(),
             source,
         })?;
-        let name = p.file_name().expect("invariant: read_dir entries have names");
+        let name = p
+            .file_name()
+            .expect("invariant: read_dir entries have names");
         write_atomic(&out.join(name), &bytes)?;
     }
     Ok(report)

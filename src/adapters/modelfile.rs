@@ -204,15 +204,19 @@ fn stops(tok: &Tokenizer, pieces: Option<&ChatPieces>) -> Vec<String> {
 pub fn modelfile(from: &Path, adapter: Option<&Path>, tok: &Tokenizer) -> (String, bool) {
     let pieces = ChatPieces::read(tok);
     let template = pieces.as_ref().and_then(ChatPieces::go_template);
-    let mut s = String::from("# Written by `wgtune export`. Build it with `ollama create NAME -f THIS_FILE`.\n");
+    let mut s = String::from(
+        "# Written by `wgtune export`. Build it with `ollama create NAME -f THIS_FILE`.\n",
+    );
     s += &format!("FROM {}\n", from.display());
     if let Some(a) = adapter {
         s += &format!("ADAPTER {}\n", a.display());
     }
     match &template {
         Some(t) => s += &format!("TEMPLATE \"\"\"{t}\"\"\"\n"),
-        None => s += "# No TEMPLATE: the chat template is not a plain sequence of turns; Ollama \
-                      uses the one in the GGUF's metadata.\n",
+        None => {
+            s += "# No TEMPLATE: the chat template is not a plain sequence of turns; Ollama \
+                      uses the one in the GGUF's metadata.\n"
+        }
     }
     if let Some(d) = pieces.as_ref().and_then(|p| p.default_system.as_ref()) {
         if !d.contains("\"\"\"") {

@@ -85,30 +85,53 @@ fn absolute(p: &Path) -> PathBuf {
 /// Write an Ollama Modelfile beside `out` and print how to use it.
 fn write_modelfile(out: &Path, from: &Path, adapter: Option<&Path>, tok_dir: &Path) -> Result<()> {
     let tok = Tokenizer::load(tok_dir)?;
-    let (text, has_template) =
-        crate::adapters::modelfile::modelfile(&absolute(from), adapter.map(absolute).as_deref(), &tok);
+    let (text, has_template) = crate::adapters::modelfile::modelfile(
+        &absolute(from),
+        adapter.map(absolute).as_deref(),
+        &tok,
+    );
     let stem = out
         .file_stem()
         .map_or("wgtune".into(), |s| s.to_string_lossy().to_string());
     let path = out.with_file_name(format!("{stem}.Modelfile"));
     crate::fsio::write_atomic(&path, text.as_bytes())?;
     // `train --export` writes OUT/adapter.gguf: name the model after OUT.
-    let label = match (stem.as_str(), out.parent().and_then(|p| absolute(p).file_name().map(|n| n.to_string_lossy().to_string()))) {
+    let label = match (
+        stem.as_str(),
+        out.parent().and_then(|p| {
+            absolute(p)
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+        }),
+    ) {
         ("adapter", Some(dir)) => dir,
         _ => stem.clone(),
     };
     let name: String = label
         .to_ascii_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     println!(
         "wrote {}{}; for Ollama:\n  ollama create {name} -f {}\n  ollama run {name}",
         path.display(),
-        if has_template { "" } else { " (no TEMPLATE: Ollama uses the GGUF's chat template)" },
+        if has_template {
+            ""
+        } else {
+            " (no TEMPLATE: Ollama uses the GGUF's chat template)"
+        },
         path.display()
     );
-    if !from.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+    if !from
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
         println!(
             "  (FROM is a Hugging Face folder, which Ollama converts itself; point FROM at the \
              base's GGUF if you have one)"

@@ -26,7 +26,10 @@ STEPS = 32
 
 
 def run(base, lora, prompt):
-    kw = dict(model_path=str(base), n_ctx=256, verbose=False, n_threads=2, seed=0, logits_all=True)
+    # An f32 KV cache (llama.cpp's default is f16), so that with an F32 base
+    # the only arithmetic difference left is summation order.
+    kw = dict(model_path=str(base), n_ctx=256, verbose=False, n_threads=2, seed=0, logits_all=True,
+              type_k=0, type_v=0)
     if lora:
         kw["lora_path"] = str(lora)
     llm = llama_cpp.Llama(**kw)
@@ -74,6 +77,8 @@ def main():
             "greedy_ids": greedy,
             "text": text,
             "min_margin": min(margins),
+            "margins": margins,
+            "kv_cache": "f32",
             "top8": top,
         }
         stem = f"{a.tag}-{name}"
