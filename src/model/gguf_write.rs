@@ -89,7 +89,7 @@ impl GgufWriter {
         let bad = |m: String| Error::invalid("gguf write", format!("tensor `{name}`: {m}"));
         let n: usize = shape.iter().product();
         match ty.block() {
-            Some((per, size)) if n % per == 0 && n / per * size == bytes.len() => {}
+            Some((per, size)) if n.is_multiple_of(per) && n / per * size == bytes.len() => {}
             _ => {
                 return Err(bad(format!(
                     "{} bytes do not hold {shape:?} as {}",
