@@ -24,7 +24,7 @@ use crate::model::gguf::{GgmlType, Gguf};
 use crate::model::gguf_write::{GgufWriter, MetaValue};
 use crate::model::import::{convert_gguf, gguf_module_name, permute_qk, write_folder};
 use crate::model::names::ModelSpec;
-use crate::model::weights::linked_gguf;
+use crate::model::weights::{dtype_to_f32, linked_gguf};
 
 /// One adapted linear layer.
 pub struct LoraUpdate {
@@ -266,24 +266,6 @@ fn shard_files(base: &Path) -> Result<Vec<String>> {
     Ok(files)
 }
 
-fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    Some(match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        _ => return None,
-    })
-}
-
 fn from_f32(dtype: Dtype, v: &[f32]) -> Vec<u8> {
     match dtype {
         Dtype::F16 => v
@@ -354,7 +336,7 @@ pub fn merge_folder(
                     view.data().to_vec()
                 }
                 Some(u) => {
-                    let mut w = to_f32(dtype, view.data()).ok_or_else(|| Error::Weights {
+                    let mut w = dtype_to_f32(dtype, view.data()).ok_or_else(|| Error::Weights {
                         path: path.clone(),
                         message: format!(
                             "tensor `{name}` is {dtype:?}; a merge needs F32/F16/BF16"

@@ -370,28 +370,15 @@ impl Weights {
                 got: view.shape().to_vec(),
             });
         }
-        let bytes = view.data();
-        Ok(match view.dtype() {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(Error::Weights {
-                    path: path.to_path_buf(),
-                    message: format!(
-                        "tensor `{name}` has dtype {other:?}; supported: F32, F16, BF16"
-                    ),
-                })
-            }
+        if let Some(v) = dtype_to_f32(view.dtype(), view.data()) {
+            return Ok(v);
+        }
+        Err(Error::Weights {
+            path: path.to_path_buf(),
+            message: format!(
+                "tensor `{name}` has dtype {:?}; supported: F32, F16, BF16",
+                view.dtype()
+            ),
         })
     }
 }
@@ -400,4 +387,23 @@ impl Weights {
 /// transformers saves it (the table in `names.rs`).
 pub fn checkpoint_specs(cfg: &crate::model::ModelConfig) -> Vec<(String, Vec<usize>)> {
     crate::model::names::ModelSpec::saved(cfg).tensors()
+}
+
+/// Safetensors F32/F16/BF16 bytes as f32; `None` for other dtypes.
+pub fn dtype_to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
 }
