@@ -195,7 +195,7 @@ fn loss_with(
     zero_b: bool,
 ) -> (f64, f64) {
     use wgtune::adapters::Adapter;
-    use wgtune::train::trainer::{OptimConfig, Schedule, Trainer};
+    use wgtune::train::trainer::Trainer;
     let loaded = load_adapter(&data_dir(&format!("{model}/peft/{case}/initial"))).unwrap();
     let zero_b: Vec<_> = loaded
         .sorted_tensors()
@@ -208,17 +208,7 @@ fn loss_with(
         })
         .collect();
     let adapter = Adapter::new(ctx, m, loaded.config.clone(), zero_b).unwrap();
-    let opt = OptimConfig {
-        lr: 0.0,
-        weight_decay: 0.0,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        max_grad_norm: 0.0,
-        schedule: Schedule::Constant,
-        warmup_steps: 0,
-        total_steps: 1,
-    };
+    let opt = common::reference::gradients_only();
     let batch = common::reference::peft_batch(&format!("{model}/peft/{case}/step.safetensors"));
     let loss = Trainer::new(ctx, m, &adapter, opt)
         .unwrap()

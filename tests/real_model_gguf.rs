@@ -246,17 +246,7 @@ fn check_lora(real: Real) {
 
     // One batch's gradients from the initial adapter (before clipping).
     let adapter = Adapter::new(ctx, &m, loaded.config.clone(), tensors.clone()).unwrap();
-    let opt0 = OptimConfig {
-        lr: 0.0,
-        weight_decay: 0.0,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        max_grad_norm: 0.0,
-        schedule: Schedule::Constant,
-        warmup_steps: 0,
-        total_steps: 1,
-    };
+    let opt0 = common::reference::gradients_only();
     let t0 = std::time::Instant::now();
     let mut tr = Trainer::new(ctx, &m, &adapter, opt0).unwrap();
     let loss0 = tr.gradients(&bt).unwrap();

@@ -60,17 +60,7 @@ fn check_case(ctx: &Context, m: &Model, model: &str, case: &str) {
     let adapter = Adapter::new(ctx, m, cfg.clone(), tensors.clone()).unwrap();
     let batch = step_batch(model, case);
     let step = json(&format!("{model}/peft/{case}/step.json"));
-    let opt = OptimConfig {
-        lr: 0.0,
-        weight_decay: 0.0,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        max_grad_norm: 0.0,
-        schedule: Schedule::Constant,
-        warmup_steps: 0,
-        total_steps: 1,
-    };
+    let opt = common::reference::gradients_only();
     let mut tr = Trainer::new(ctx, m, &adapter, opt).unwrap();
     let loss = tr.gradients(&batch).unwrap();
     let want = step["loss"].as_f64().unwrap();

@@ -191,3 +191,20 @@ pub fn peft_batch(rel: &str) -> wgtune::train::data::Batch {
         first: (0..b).map(|r| labels[r * t]).collect(),
     }
 }
+
+/// An optimizer config for a gradients-only step: lr 0, no clipping (the
+/// gradients are compared before any update).
+#[allow(dead_code)]
+pub fn gradients_only() -> wgtune::train::trainer::OptimConfig {
+    wgtune::train::trainer::OptimConfig {
+        lr: 0.0,
+        weight_decay: 0.0,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        max_grad_norm: 0.0,
+        schedule: wgtune::train::trainer::Schedule::Constant,
+        warmup_steps: 0,
+        total_steps: 1,
+    }
+}
