@@ -12,9 +12,11 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use crate::error::Result;
 use crate::gpu::context::ContextOptions;
 use crate::model::compact::WeightsMode;
+use crate::model::generate::GenOptions;
 use crate::train::data::DataOptions;
 use crate::train::template::PromptTemplate;
 
+mod chat;
 mod commands;
 mod training;
 
@@ -65,6 +67,8 @@ pub enum Command {
     Train(Box<TrainArgs>),
     /// Generate text, streaming tokens, optionally with an adapter
     Generate(GenerateArgs),
+    /// Chat with a model (and adapter) turn by turn; the KV cache is kept across turns
+    Chat(ChatArgs),
     /// Mean per-token cross-entropy and perplexity over a JSONL data set
     Eval(EvalArgs),
     /// List every GPU adapter with its backend, type, driver and key limits
@@ -408,27 +412,117 @@ pub struct GenerateArgs {
     /// PEFT adapter folder (LoRA, prompt or prefix tuning)
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// The prompt; `-` reads it from stdin (trailing newlines removed)
     #[arg(long)]
     pub prompt: String,
-    /// Render the prompt with the model's chat template
-    #[arg(long)]
+    /// Require the model's chat template (an error when it has none); it is
+    /// already the default when the model has one
+    #[arg(long, conflicts_with = "raw")]
     pub chat: bool,
-    /// System message (with --chat)
+    /// Tokenize the prompt as it is, without the model's chat template
+    #[arg(long)]
+    pub raw: bool,
+    /// System message (chat template only)
     #[arg(long)]
     pub system: Option<String>,
     #[arg(long, default_value_t = 128, value_parser = positive)]
     pub max_new_tokens: usize,
+    #[command(flatten)]
+    pub template: TemplateArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print the rendered prompt and its token ids to stderr
+    #[arg(long)]
+    pub show_prompt: bool,
+    #[command(flatten)]
+    pub weights: WeightsArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// `wgtune chat --model M [--adapter A]`: lines from stdin, answers to stdout.
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    /// Model with a chat template: a Hugging Face folder, a .gguf file, or a repo id ORG/NAME
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT adapter folder (LoRA, prompt or prefix tuning)
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// System message at the start of the conversation (kept by /reset)
+    #[arg(long)]
+    pub system: Option<String>,
+    /// New tokens per answer at most
+    #[arg(long, default_value_t = 512, value_parser = positive)]
+    pub max_new_tokens: usize,
+    /// Positions the conversation may fill (default: the model's, at most 4096)
+    #[arg(long, value_parser = two_or_more)]
+    pub max_context: Option<usize>,
+    #[command(flatten)]
+    pub template: TemplateArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print each turn's rendered prompt and its token ids to stderr
+    #[arg(long)]
+    pub show_prompt: bool,
+    #[command(flatten)]
+    pub weights: WeightsArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// `--template`/`--no-template` of `generate` and `chat`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TemplateArgs {
+    /// Prompt template applied to the prompt: text or a file, with a
+    /// {prompt} placeholder (default: the adapter's prompt_template.txt)
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Apply no prompt template, not even the adapter's
+    #[arg(long, conflicts_with = "template")]
+    pub no_template: bool,
+}
+
+/// Sampling options of `generate` and `chat`, applied in transformers'
+/// order: repetition penalty, temperature, top-k, top-p, min-p.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
     /// 0 = greedy
     #[arg(long, default_value_t = 0.0, value_parser = non_negative_f32)]
     pub temperature: f32,
     #[arg(long, default_value_t = 1.0, value_parser = top_p)]
     pub top_p: f32,
+    /// Sample from the k most likely tokens only (0: all)
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Drop tokens less likely than this fraction of the most likely one (0: off)
+    #[arg(long, default_value_t = 0.0, value_parser = unit_f32)]
+    pub min_p: f32,
+    /// Divide positive logits (multiply negative ones) of tokens already in
+    /// the prompt or output by this, as transformers does; also when greedy (1: off)
+    #[arg(long, default_value_t = 1.0, value_parser = positive_f32)]
+    pub repetition_penalty: f32,
+    /// Stop when the output reaches this text, which is not printed (repeatable)
+    #[arg(long)]
+    pub stop: Vec<String>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[command(flatten)]
-    pub weights: WeightsArgs,
-    #[command(flatten)]
-    pub device: DeviceArgs,
+}
+
+impl SamplingArgs {
+    /// The generation options; `eos` ids end generation.
+    pub fn options(&self, max_new_tokens: usize, eos: &[u32]) -> GenOptions {
+        GenOptions {
+            max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+            stop: eos.to_vec(),
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -442,6 +536,9 @@ pub struct EvalArgs {
     pub data: PathBuf,
     #[command(flatten)]
     pub data_args: DataArgs,
+    /// Apply no prompt template, not even the adapter's prompt_template.txt
+    #[arg(long, conflicts_with = "template")]
+    pub no_template: bool,
     #[arg(long, default_value_t = 4, value_parser = positive)]
     pub batch_size: usize,
     #[command(flatten)]
@@ -504,6 +601,18 @@ fn non_negative_f32(s: &str) -> std::result::Result<f32, String> {
     non_negative_f64(s).map(|v| v as f32)
 }
 
+fn positive_f32(s: &str) -> std::result::Result<f32, String> {
+    positive_f64(s).map(|v| v as f32)
+}
+
+fn unit_f32(s: &str) -> std::result::Result<f32, String> {
+    let v = finite(s)?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err("must be in [0, 1]".into());
+    }
+    Ok(v as f32)
+}
+
 fn top_p(s: &str) -> std::result::Result<f32, String> {
     let v = finite(s)?;
     if !(v > 0.0 && v <= 1.0) {
@@ -548,6 +657,7 @@ pub fn run(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Train(a) => train(&a),
         Command::Generate(a) => done(generate(&a)),
+        Command::Chat(a) => done(chat::chat(&a)),
         Command::Eval(a) => done(eval(&a)),
         Command::Devices(d) => done(devices(&d)),
         Command::Import(a) => done(import(&a)),

@@ -1,7 +1,7 @@
 //! `wgtune import`, `devices`, `generate` and `eval`: each loads what it
 //! needs, runs, and prints its result to stdout.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::model::gguf::GgmlType;
@@ -11,12 +11,13 @@ use crate::adapters::{peft_io, Adapter};
 use crate::error::{Error, Result};
 use crate::gpu::context::list_adapters;
 use crate::gpu::Context;
-use crate::model::generate::{generate as gen, GenOptions};
-use crate::model::tokenizer::{ChatMessage, Tokenizer};
+use crate::model::generate::{chat_prompt_ids, generate_until, Flow, GenStats, StopText};
+use crate::model::tokenizer::{ChatMessage, StreamDecoder, Tokenizer};
 use crate::model::{Hooks, Model, NoHooks};
 use crate::train::data::Dataset;
 use crate::train::resume::check_adapter_base;
-use crate::train::run::print_model;
+use crate::train::run::print_model_to;
+use crate::train::template::{load_beside_adapter, PromptTemplate, TEMPLATE_FILE};
 
 pub(super) fn import(a: &ImportArgs) -> Result<()> {
     let t = crate::clock::Stopwatch::start();
@@ -399,8 +400,9 @@ pub(super) fn devices(d: &DeviceArgs) -> Result<()> {
     Ok(())
 }
 
-/// Load a model folder and its tokenizer, and say what was loaded.
-fn load_model(
+/// Load a model folder and its tokenizer, and say on stderr what was
+/// loaded (stdout is for results).
+pub(super) fn load_model(
     ctx: &Context,
     arg: &std::path::Path,
     weights: crate::model::compact::WeightsMode,
@@ -408,12 +410,12 @@ fn load_model(
     let dir = crate::model::hub::resolve_model(arg)?;
     let model = Model::load_with(ctx, &dir, weights)?;
     let tok = Tokenizer::load(&dir)?;
-    print_model(ctx, &model);
+    let _ = print_model_to(ctx, &model, &mut std::io::stderr());
     Ok((model, tok))
 }
 
 /// Load an optional PEFT adapter for inference.
-fn load_adapter(
+pub(super) fn load_adapter(
     ctx: &Context,
     model: &Model,
     model_arg: &std::path::Path,
@@ -423,7 +425,7 @@ fn load_adapter(
     let loaded = peft_io::load_adapter(dir)?;
     check_adapter_base(model, model_arg, &loaded, dir)?;
     let ad = Adapter::new(ctx, model, loaded.config.clone(), loaded.sorted_tensors())?;
-    println!(
+    eprintln!(
         "adapter: {} ({} parameters)",
         dir.display(),
         ad.num_params()
@@ -431,49 +433,194 @@ fn load_adapter(
     Ok(Some(ad))
 }
 
+/// The prompt template to apply: `given` (`--template`), else the one
+/// saved beside the adapter unless `skip` (`--no-template`). Says on
+/// stderr which one applies.
+pub(super) fn prompt_template(
+    given: Option<PromptTemplate>,
+    skip: bool,
+    adapter: Option<&PathBuf>,
+) -> Result<Option<PromptTemplate>> {
+    if skip {
+        return Ok(None);
+    }
+    if let Some(t) = given {
+        eprintln!("prompt template: --template {:?}", t.text());
+        return Ok(Some(t));
+    }
+    let Some(dir) = adapter else { return Ok(None) };
+    let saved = load_beside_adapter(dir)?;
+    if let Some(t) = &saved {
+        eprintln!(
+            "prompt template: {} {:?} (the adapter's; --no-template skips it)",
+            dir.join(TEMPLATE_FILE).display(),
+            t.text()
+        );
+    }
+    Ok(saved)
+}
+
+/// Whether the prompt is rendered with the chat template: by default when
+/// the model has one; `--chat` requires it, `--raw` turns it off.
+fn use_chat_template(tok: &Tokenizer, require: bool, raw: bool) -> Result<bool> {
+    let has = tok.chat_template().is_some();
+    if require && !has {
+        return Err(Error::invalid(
+            "generate",
+            "--chat: the model has no chat template; leave out --chat to use the prompt as it is",
+        ));
+    }
+    Ok(has && !raw)
+}
+
+/// `--prompt -` reads the prompt from stdin, without its trailing newlines.
+fn read_prompt(arg: &str) -> Result<String> {
+    if arg != "-" {
+        return Ok(arg.to_string());
+    }
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .map_err(|source| Error::Io {
+            path: PathBuf::from("<stdin>"),
+            source,
+        })?;
+    let text = text.trim_end_matches(['\n', '\r']);
+    if text.is_empty() {
+        return Err(Error::invalid(
+            "generate",
+            "--prompt -: stdin holds no text",
+        ));
+    }
+    Ok(text.to_string())
+}
+
+/// `--show-prompt`: the rendered prompt and its ids, on stderr.
+pub(super) fn show_prompt(text: &str, ids: &[u32]) {
+    eprintln!("prompt ({} tokens):\n{text}", ids.len());
+    eprintln!("prompt ids: {ids:?}");
+}
+
+/// Streams generated ids to stdout as text, cut at the first `--stop`
+/// string; keeps what it printed.
+pub(super) struct Printer<'t> {
+    dec: StreamDecoder<'t>,
+    stops: StopText,
+    stopped: bool,
+    text: String,
+}
+
+impl<'t> Printer<'t> {
+    pub(super) fn new(tok: &'t Tokenizer, stops: &[String]) -> Printer<'t> {
+        Printer {
+            dec: tok.stream_decoder(true),
+            stops: StopText::new(stops),
+            stopped: false,
+            text: String::new(),
+        }
+    }
+
+    /// Adds an id; `Flow::Stop` once a stop string is reached.
+    pub(super) fn push(&mut self, id: u32) -> Result<Flow> {
+        if let Some(t) = self.dec.push(id)? {
+            let (out, hit) = self.stops.push(&t);
+            emit(&mut self.text, &out);
+            if hit {
+                self.stopped = true;
+                return Ok(Flow::Stop);
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Prints what is held back and returns the whole text.
+    pub(super) fn finish(self) -> Result<String> {
+        let Printer {
+            dec,
+            mut stops,
+            stopped,
+            mut text,
+        } = self;
+        if !stopped {
+            let (out, hit) = stops.push(&dec.finish()?);
+            emit(&mut text, &out);
+            if !hit {
+                emit(&mut text, &stops.finish());
+            }
+        }
+        Ok(text)
+    }
+}
+
+/// Prints `s` at once and keeps it in `text`.
+fn emit(text: &mut String, s: &str) {
+    if !s.is_empty() {
+        print!("{s}");
+        let _ = std::io::stdout().flush();
+        text.push_str(s);
+    }
+}
+
+/// Why a generation ended, for the stats line.
+pub(super) fn stop_reason(stats: &GenStats, positions: usize, max_new_tokens: usize) -> String {
+    if stats.stopped_at_eos {
+        ", stopped at EOS".to_string()
+    } else if stats.stopped_by_caller {
+        ", stopped at a --stop string".to_string()
+    } else if stats.stopped_at_context {
+        format!(
+            ", stopped at the context limit of {positions} positions before \
+             --max-new-tokens {max_new_tokens}"
+        )
+    } else {
+        String::new()
+    }
+}
+
 pub(super) fn generate(a: &GenerateArgs) -> Result<()> {
+    // Read first: a bad pipe fails before the model loads.
+    let prompt = read_prompt(&a.prompt)?;
     let ctx = Context::new(&a.device.options())?;
     let (model, tok) = load_model(&ctx, &a.model, a.weights.weights)?;
     let adapter = load_adapter(&ctx, &model, &a.model, a.adapter.as_ref())?;
     let hooks: &dyn Hooks = adapter.as_ref().map_or(&NoHooks, |ad| ad as &dyn Hooks);
-    let ids = if a.chat {
+    let given = a.template.template.as_deref().map(PromptTemplate::parse);
+    let template = prompt_template(
+        given.transpose()?,
+        a.template.no_template,
+        a.adapter.as_ref(),
+    )?;
+    let prompt = match &template {
+        Some(t) => t.apply_prompt(&prompt)?,
+        None => prompt,
+    };
+    let (text, ids) = if use_chat_template(&tok, a.chat, a.raw)? {
+        if !a.chat {
+            eprintln!("chat template: the model's (--raw turns it off)");
+        }
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {
             msgs.push(ChatMessage::new("system", s.clone()));
         }
-        msgs.push(ChatMessage::new("user", a.prompt.clone()));
-        let text = tok.render_chat(&msgs, true)?;
-        let mut ids = tok.encode(&text, false)?;
-        if let Some(bos) = tok
-            .bos_id()
-            .filter(|b| tok.adds_bos() && ids.first() != Some(b))
-        {
-            ids.insert(0, bos);
-        }
-        ids
+        msgs.push(ChatMessage::new("user", prompt));
+        chat_prompt_ids(&tok, &msgs)?
     } else {
         if a.system.is_some() {
-            return Err(Error::invalid("generate", "--system needs --chat"));
+            return Err(Error::invalid(
+                "generate",
+                "--system needs the chat template (the model has none, or --raw was given)",
+            ));
         }
-        tok.encode(&a.prompt, true)?
+        let ids = tok.encode(&prompt, true)?;
+        (prompt, ids)
     };
-    let opts = GenOptions {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_p: a.top_p,
-        seed: a.seed,
-        stop: tok.eos_ids().to_vec(),
-    };
-    let mut dec = tok.stream_decoder(true);
-    let mut out = std::io::stdout();
-    let stats = gen(&ctx, &model, hooks, &ids, &opts, |t| {
-        if let Some(text) = dec.push(t)? {
-            print!("{text}");
-            let _ = out.flush();
-        }
-        Ok(())
-    })?;
-    print!("{}", dec.finish()?);
+    if a.show_prompt {
+        show_prompt(&text, &ids);
+    }
+    let opts = a.sampling.options(a.max_new_tokens, tok.eos_ids());
+    let mut printer = Printer::new(&tok, &a.sampling.stop);
+    let stats = generate_until(&ctx, &model, hooks, &ids, &opts, |t, _| printer.push(t))?;
+    printer.finish()?;
     println!();
     eprintln!(
         "[{} prompt tokens, {} new tokens; prefill {:.2} s, {:.2} tok/s{}]",
@@ -481,17 +628,7 @@ pub(super) fn generate(a: &GenerateArgs) -> Result<()> {
         stats.new_tokens,
         stats.prefill_s,
         stats.decode_tokens_per_s(),
-        if stats.stopped_at_eos {
-            ", stopped at EOS".to_string()
-        } else if stats.stopped_at_context {
-            format!(
-                ", stopped at the model's context limit of {} positions before \
-                 --max-new-tokens {}",
-                model.cfg.max_positions, a.max_new_tokens
-            )
-        } else {
-            String::new()
-        }
+        stop_reason(&stats, model.cfg.max_positions, a.max_new_tokens)
     );
     Ok(())
 }
@@ -506,6 +643,7 @@ pub(super) fn eval(a: &EvalArgs) -> Result<()> {
         hooks.prompt().map_or(0, |t| t.shape()[0]) + hooks.prefix().map_or(0, |t| t.shape()[0]);
     let room = model.cfg.max_positions.saturating_sub(rows);
     let mut dopts = a.data_args.options()?;
+    dopts.template = prompt_template(dopts.template, a.no_template, a.adapter.as_ref())?;
     dopts.max_seq_len = Some(dopts.max_seq_len.unwrap_or(room).min(room));
     let data = Dataset::load(&a.data, &tok, &dopts)?;
     if data.truncated > 0 {

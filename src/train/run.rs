@@ -196,6 +196,7 @@ fn save_all(
     let ad = tr.adapter;
     let tensors = ad.peft_tensors(ctx)?;
     peft_io::save_adapter_with(&o.out, &ad.config, &tensors, Some(tr.model.fingerprint))?;
+    crate::train::template::save_beside_adapter(&o.out, o.data_opts.template.as_ref())?;
     pause_point("between-adapter-and-checkpoint");
     let (m, v) = tr.moments()?;
     let ck = Checkpoint {
@@ -775,15 +776,26 @@ fn val_loss(
     Ok(sum / n.max(1) as f64)
 }
 
-/// What `train`, `generate` and `eval` print at load.
+/// What `train` prints at load.
 pub fn print_model(ctx: &Context, model: &Model) {
-    println!(
+    let _ = print_model_to(ctx, model, &mut std::io::stdout());
+}
+
+/// [`print_model`] into `w` (`generate`, `eval`, `chat`: stderr, so that
+/// stdout holds only their results).
+pub fn print_model_to(
+    ctx: &Context,
+    model: &Model,
+    w: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
+    writeln!(
+        w,
         "model: {:?}, {} layers, hidden {}, {:.1} M parameters, {:.0} MiB of GPU memory for weights",
         model.cfg.arch,
         model.cfg.layers,
         model.cfg.hidden,
         model.params as f64 / 1e6,
         model.weight_bytes() as f64 / (1 << 20) as f64
-    );
-    println!("device: {} ({:?})", ctx.info.name, ctx.info.backend);
+    )?;
+    writeln!(w, "device: {} ({:?})", ctx.info.name, ctx.info.backend)
 }

@@ -1,6 +1,7 @@
 //! The `--template` prompt template: text (or a file of it) with
 //! `{prompt}`, `{instruction}` and `{input}` placeholders, applied to every
-//! prompt of a data set.
+//! prompt of a data set. It is saved beside the adapter it trained
+//! ([`TEMPLATE_FILE`]) so that `eval`, `generate` and `chat` apply it too.
 
 use std::path::Path;
 
@@ -24,6 +25,10 @@ pub struct PromptTemplate {
 }
 
 const PLACEHOLDERS: &str = "{prompt}, {instruction}, {input}";
+
+/// The file in an adapter folder that holds the prompt template the adapter
+/// was trained with, as template text (see [`PromptTemplate::text`]).
+pub const TEMPLATE_FILE: &str = "prompt_template.txt";
 
 impl PromptTemplate {
     /// Reads the template from the file `text_or_file` names if it exists
@@ -105,6 +110,28 @@ impl PromptTemplate {
         Ok(PromptTemplate { pieces })
     }
 
+    /// The template as text that parses back to it (literal braces
+    /// doubled).
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        for p in &self.pieces {
+            match p {
+                Piece::Text(t) => s.push_str(&t.replace('{', "{{").replace('}', "}}")),
+                Piece::Prompt => s.push_str("{prompt}"),
+                Piece::Instruction => s.push_str("{instruction}"),
+                Piece::Input => s.push_str("{input}"),
+            }
+        }
+        s
+    }
+
+    /// Fills the template for a prompt typed at inference (`generate`,
+    /// `chat`): `{prompt}` and `{instruction}` are the text, `{input}` is
+    /// empty.
+    pub fn apply_prompt(&self, prompt: &str) -> Result<String> {
+        self.apply(prompt, Some(prompt), Some(""))
+    }
+
     /// Fills the template. A placeholder the row has no value for (`None`:
     /// `{instruction}`/`{input}` on a prompt/completion row) is an error.
     pub fn apply(
@@ -131,6 +158,46 @@ impl PromptTemplate {
             }
         }
         Ok(out)
+    }
+}
+
+/// Save `template` beside the adapter in `dir` ([`TEMPLATE_FILE`],
+/// atomically) and name the file in the folder's README.md; with `None`,
+/// remove a stale file from an earlier run.
+pub fn save_beside_adapter(dir: &Path, template: Option<&PromptTemplate>) -> Result<()> {
+    let path = dir.join(TEMPLATE_FILE);
+    let Some(t) = template else {
+        return match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::Io { path, source: e })
+            }
+            _ => Ok(()),
+        };
+    };
+    crate::fsio::write_atomic(&path, t.text().as_bytes())?;
+    let readme = dir.join(crate::adapters::peft_io::README_FILE);
+    if let Ok(card) = std::fs::read_to_string(&readme) {
+        if !card.contains(TEMPLATE_FILE) {
+            let note = format!(
+                "\n## Prompt template\n\n`{TEMPLATE_FILE}` holds the prompt template this adapter \
+                 was trained with (`{{prompt}}` stands for the prompt). `wgtune eval`, `generate` \
+                 and `chat` apply it by default; with PEFT, fill it in before tokenizing.\n"
+            );
+            crate::fsio::write_atomic(&readme, (card + &note).as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+/// The prompt template saved beside the adapter in `dir`, if there is one.
+pub fn load_beside_adapter(dir: &Path) -> Result<Option<PromptTemplate>> {
+    let path = dir.join(TEMPLATE_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => PromptTemplate::from_text(&text)
+            .map(Some)
+            .map_err(|m| Error::invalid(format!("prompt template {}", path.display()), m)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::Io { path, source: e }),
     }
 }
 
@@ -190,5 +257,29 @@ mod tests {
             "{err}"
         );
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn prompt_template_round_trips_beside_the_adapter() {
+        let dir = std::env::temp_dir().join(format!("wgtune-tpl-dir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let readme = dir.join("README.md");
+        std::fs::write(&readme, "# card\n").unwrap();
+        let t = PromptTemplate::parse("{{json}} Q: {prompt}\n{instruction}|{input}\nA:").unwrap();
+        assert_eq!(PromptTemplate::parse(&t.text()).unwrap(), t);
+        assert_eq!(load_beside_adapter(&dir).unwrap(), None);
+        save_beside_adapter(&dir, Some(&t)).unwrap();
+        assert_eq!(load_beside_adapter(&dir).unwrap(), Some(t.clone()));
+        assert_eq!(t.apply_prompt("hi").unwrap(), "{json} Q: hi\nhi|\nA:");
+        // The README names the file, once.
+        save_beside_adapter(&dir, Some(&t)).unwrap();
+        let card = std::fs::read_to_string(&readme).unwrap();
+        assert_eq!(card.matches(TEMPLATE_FILE).count(), 1, "{card}");
+        // A run without a template removes the stale file.
+        save_beside_adapter(&dir, None).unwrap();
+        assert!(!dir.join(TEMPLATE_FILE).exists());
+        save_beside_adapter(&dir, None).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
