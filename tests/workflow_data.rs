@@ -379,22 +379,37 @@ fn data_command_shows_what_training_sees() {
     ] {
         assert!(text.contains(want), "no `{want}` in:\n{text}");
     }
-    let (ok, text) = wgtune(&[
+    // Cut two tokens off the raw row: truncated, its target partly kept.
+    let valid = dir.join("valid.jsonl");
+    let off = [
         "data",
         "--model",
         s(&m),
         "--data",
-        s(&dir.join("valid.jsonl")),
+        s(&valid),
         "--chat-template",
         "off",
-        "--max-seq-len",
-        "8",
-    ]);
+    ];
+    let (ok, text) = wgtune(&off);
     assert!(ok, "{text}");
     assert!(
-        text.contains("chat template for prompt/completion and alpaca rows: off")
-            && text.contains("max sequence length: 8 tokens (--max-seq-len)")
-            && text.contains("examples: 1 kept, 1 truncated"),
+        text.contains("chat template for prompt/completion and alpaca rows: off"),
+        "{text}"
+    );
+    let len: usize = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tokens per example:  p50 "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no length in:\n{text}"));
+    let cut = (len - 2).to_string();
+    let (ok, text) = wgtune(&[&off[..], &["--max-seq-len", &cut]].concat());
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!(
+            "max sequence length: {cut} tokens (--max-seq-len)"
+        )) && text.contains("examples: 1 kept, 1 truncated")
+            && text.contains(&format!("tokens per example:  p50 {cut} ")),
         "{text}"
     );
     let empty = tmp("data-cmd-empty");
