@@ -556,6 +556,10 @@ fn resume_keeps_the_chat_template_choice() {
     };
     let (ok, text) = run(&["--steps", "1", "--chat-template", "off"]);
     assert!(ok, "{text}");
+    assert!(
+        text.contains("chat template for prompt/completion and alpaca rows: off"),
+        "{text}"
+    );
     let (ok, text) = run(&["--steps", "2", "--resume", "--chat-template", "on"]);
     assert!(!ok);
     assert!(
@@ -564,5 +568,9 @@ fn resume_keeps_the_chat_template_choice() {
     );
     let (ok, text) = run(&["--steps", "2", "--resume"]);
     assert!(ok, "{text}");
+    assert!(
+        text.contains("chat template for prompt/completion and alpaca rows: off"),
+        "the resumed run keeps the recorded choice:\n{text}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

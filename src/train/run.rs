@@ -332,13 +332,19 @@ pub fn train(
         data.kinds.text,
         data.kinds.prompt_completion,
         data.kinds.alpaca,
-        data.kinds.messages,
+        data.kinds.messages + data.kinds.sharegpt,
         if data.truncated > 0 {
             format!(", {} truncated to {limit} tokens", data.truncated)
         } else {
             String::new()
         }
     );
+    if data.kinds.prompt_completion + data.kinds.alpaca > 0 {
+        println!(
+            "chat template for prompt/completion and alpaca rows: {} (--chat-template)",
+            o_eff.data_opts.chat_template.name()
+        );
+    }
     if let Some(s) = signalled(stop) {
         return stopped(s);
     }
