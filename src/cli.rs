@@ -13,14 +13,16 @@ use crate::error::Result;
 use crate::gpu::context::ContextOptions;
 use crate::model::compact::WeightsMode;
 use crate::model::generate::GenOptions;
-use crate::train::data::DataOptions;
+use crate::train::data::{ChatTemplateMode, DataOptions};
 use crate::train::template::PromptTemplate;
 
 mod chat;
 mod commands;
+mod data_cmd;
 mod training;
 
 use commands::{devices, eval, export, generate, import, plan};
+use data_cmd::data;
 use training::train;
 
 /// Fine-tune small language models with prompt tuning, prefix tuning or LoRA on any GPU.
@@ -79,6 +81,8 @@ pub enum Command {
     Plan(PlanArgs),
     /// Write a LoRA adapter in another format: llama.cpp's GGUF LoRA (for llama.cpp, Ollama, LM Studio)
     Export(ExportArgs),
+    /// Show what training will see of a data set: rows per kind, token lengths, an example
+    Data(DataCmdArgs),
     /// Benchmarks
     Bench {
         #[command(subcommand)]
@@ -275,6 +279,18 @@ pub struct DataArgs {
     /// Truncate rows to this many tokens (default: what the model allows)
     #[arg(long, value_parser = two_or_more)]
     pub max_seq_len: Option<usize>,
+    /// Render prompt/completion and alpaca rows with the model's chat
+    /// template (auto: when it has one; on: error if it has none; off: raw text)
+    #[arg(long, value_enum, default_value_t = ChatTemplateArg::Auto)]
+    pub chat_template: ChatTemplateArg,
+}
+
+/// `--chat-template`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChatTemplateArg {
+    Auto,
+    On,
+    Off,
 }
 
 impl DataArgs {
@@ -287,6 +303,11 @@ impl DataArgs {
                 .transpose()?,
             train_on_prompt: self.train_on_prompt,
             max_seq_len: self.max_seq_len,
+            chat_template: match self.chat_template {
+                ChatTemplateArg::Auto => ChatTemplateMode::Auto,
+                ChatTemplateArg::On => ChatTemplateMode::On,
+                ChatTemplateArg::Off => ChatTemplateMode::Off,
+            },
         })
     }
 }
@@ -299,7 +320,9 @@ pub struct TrainArgs {
     /// Model: a Hugging Face folder, a .gguf file, or a repo id ORG/NAME
     #[arg(long)]
     pub model: PathBuf,
-    /// Training data, JSONL: {"text"}, {"prompt","completion"}, {"messages"} or alpaca rows
+    /// Training data: a JSONL file or a JSON array of {"text"}, {"prompt","completion"},
+    /// {"messages"}, ShareGPT {"conversations"} or alpaca rows; or a folder with
+    /// train.jsonl (and valid.jsonl for validation, test.jsonl for eval; or .json)
     #[arg(long)]
     pub data: PathBuf,
     /// Validation data (same format), evaluated every --eval-every steps and at the end
@@ -532,6 +555,7 @@ pub struct EvalArgs {
     pub model: PathBuf,
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// A data file, or a folder: its test.jsonl (else valid.jsonl)
     #[arg(long)]
     pub data: PathBuf,
     #[command(flatten)]
@@ -539,12 +563,32 @@ pub struct EvalArgs {
     /// Apply no prompt template, not even the adapter's prompt_template.txt
     #[arg(long, conflicts_with = "template")]
     pub no_template: bool,
+    /// Raw text for prompt/completion and alpaca rows (--chat-template off)
+    #[arg(long, conflicts_with = "chat_template")]
+    pub raw: bool,
     #[arg(long, default_value_t = 4, value_parser = positive)]
     pub batch_size: usize,
     #[command(flatten)]
     pub weights: WeightsArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+/// `wgtune data --model M --data D`: what training will see, from the
+/// tokenizer alone.
+#[derive(Args, Debug)]
+pub struct DataCmdArgs {
+    /// Model (its tokenizer and config.json): a folder, a .gguf file, or ORG/NAME
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A data file, or a folder (each of train, valid and test it holds)
+    #[arg(long)]
+    pub data: PathBuf,
+    #[command(flatten)]
+    pub data_args: DataArgs,
+    /// Which kept example to show rendered (1 = the first)
+    #[arg(long, default_value_t = 1, value_parser = positive)]
+    pub show: usize,
 }
 
 // Value parsers: a bad number is a clear error before anything runs.
@@ -663,6 +707,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Import(a) => done(import(&a)),
         Command::Plan(a) => done(plan(&a)),
         Command::Export(a) => done(export(&a)),
+        Command::Data(a) => done(data(&a)),
         Command::Bench {
             what: BenchCommand::Kernels { device, iters },
         } => done(crate::bench::kernels(&device.options(), iters)),

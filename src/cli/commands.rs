@@ -645,7 +645,14 @@ pub(super) fn eval(a: &EvalArgs) -> Result<()> {
     let mut dopts = a.data_args.options()?;
     dopts.template = prompt_template(dopts.template, a.no_template, a.adapter.as_ref())?;
     dopts.max_seq_len = Some(dopts.max_seq_len.unwrap_or(room).min(room));
-    let data = Dataset::load(&a.data, &tok, &dopts)?;
+    if a.raw {
+        dopts.chat_template = crate::train::data::ChatTemplateMode::Off;
+    }
+    let (path, split) = crate::train::rows::eval_file(&a.data)?;
+    if let Some(split) = split {
+        println!("evaluating {} ({split})", path.display());
+    }
+    let data = Dataset::load(&path, &tok, &dopts)?;
     if data.truncated > 0 {
         println!(
             "{} rows truncated to {} tokens",
@@ -658,13 +665,13 @@ pub(super) fn eval(a: &EvalArgs) -> Result<()> {
     if n == 0 {
         return Err(Error::invalid(
             "eval",
-            format!("{}: no target tokens", a.data.display()),
+            format!("{}: no target tokens", path.display()),
         ));
     }
     let mean = sum / n as f64;
     println!(
         "{}: {} examples, {n} target tokens",
-        a.data.display(),
+        path.display(),
         data.len()
     );
     println!("loss {mean:.6}  perplexity {:.4}", mean.exp());

@@ -52,6 +52,14 @@ pub struct RunSettings {
     pub grad_accum: usize,
     pub max_seq_len: Option<usize>,
     pub train_on_prompt: bool,
+    /// `--chat-template` as resolved (on or off); checkpoints from before
+    /// the option trained raw text.
+    #[serde(default = "chat_template_off")]
+    pub chat_template: String,
+}
+
+fn chat_template_off() -> String {
+    "off".into()
 }
 
 /// Everything a checkpoint holds.

@@ -1,41 +1,37 @@
-//! The JSONL data set shared by `wgtune train` and `wgtune eval`: one JSON
-//! object per line, tokenized with the model's tokenizer into `Example`s
-//! (ids plus unshifted labels, -100 = not trained), then shuffled per epoch
-//! with a fixed seed and cut into right-padded `Batch`es with shifted targets.
-//!
-//! Row kinds, detected per line (when a row has the keys of several kinds
-//! the first in this list wins, so alpaca dumps with a rendered `text`
-//! column train as alpaca):
+//! The data set shared by `wgtune train`, `wgtune eval` and `wgtune data`:
+//! rows (JSONL, or a JSON array; parsed in `rows.rs`, which lists the row
+//! kinds) tokenized with the model's tokenizer into `Example`s (ids plus
+//! unshifted labels, -100 = not trained), then shuffled per epoch with a
+//! fixed seed and cut into right-padded `Batch`es with shifted targets.
 //!
 //! | row | ids | trained labels |
 //! |---|---|---|
-//! | `{"messages": [{"role", "content"}..]}` | the chat template's rendering, segment by segment | assistant turns |
-//! | `{"prompt", "completion"}` | `encode(prompt, true) ++ encode(completion, false) ++ [eos]` | the completion and EOS |
-//! | `{"instruction", "input"?, "output"}` | as prompt/completion with prompt `"{instruction}\n\n{input}\n\n"` (or `"{instruction}\n\n"`) | the output and EOS |
+//! | chat (`messages`, ShareGPT `conversations`) | the chat template's rendering, segment by segment | assistant turns |
+//! | prompt/completion, raw | `encode(prompt, true) ++ encode(completion, false) ++ [eos]` | the completion and EOS |
+//! | alpaca, raw | as prompt/completion with prompt `"{instruction}\n\n{input}\n\n"` (or `"{instruction}\n\n"`), after any system and history text | the output, each history response, and EOS |
+//! | prompt/completion and alpaca with the chat template | as chat rows | assistant turns |
 //! | `{"text"}` | `encode(text, true) ++ [eos]` | all |
 //!
 //! EOS is appended only when the ids do not already end with it. With
 //! `train_on_prompt` every label is trained. Rows longer than `max_seq_len`
 //! keep their first `max_seq_len` tokens; rows left with no trained target
-//! are dropped. Both are counted for the caller to report.
+//! are dropped. Both are counted for the caller to report, and keys no row
+//! kind reads are reported once per key per file.
 //!
 //! Chat rows: for the i-th assistant message, the text before it is
 //! `render(messages[..i], add_generation_prompt=true)` and its own text is
 //! what `render(messages[..=i], false)` adds to that. Every segment is
 //! encoded with `add_special_tokens = false`; BOS is prepended once (not
 //! trained) when the tokenizer adds BOS and the template did not write it.
-//!
-//! Length: rows, data set and batches belong together and stay here (about
-//! 580 lines); the rest is their unit tests, which share a toy tokenizer.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
-use serde_json::{Map, Value as Json};
-
 use crate::error::{Error, Result};
 use crate::model::tokenizer::{ChatMessage, Tokenizer};
 use crate::rng::Rng;
+use crate::train::rows::{parse_row, row_prefix, split_rows, KeyTally, Row};
+pub use crate::train::rows::{ChatTemplateMode, UnusedKey};
 use crate::train::template::PromptTemplate;
 
 /// The label of a position that is not trained (PyTorch's `ignore_index`).
@@ -50,6 +46,8 @@ pub struct DataOptions {
     pub train_on_prompt: bool,
     /// Truncate longer rows to this many tokens.
     pub max_seq_len: Option<usize>,
+    /// Render prompt/completion and alpaca rows with the chat template.
+    pub chat_template: ChatTemplateMode,
 }
 
 /// One tokenized row.
@@ -76,6 +74,20 @@ pub struct KindCounts {
     pub prompt_completion: usize,
     pub alpaca: usize,
     pub messages: usize,
+    /// ShareGPT `conversations` rows.
+    pub sharegpt: usize,
+}
+
+/// What loading found besides the examples (`wgtune data` shows it).
+#[derive(Clone, Debug, Default)]
+pub struct LoadReport {
+    /// Keys no row kind reads, once per key, in the order first seen.
+    pub unused_keys: Vec<UnusedKey>,
+    /// Whether prompt/completion and alpaca rows were rendered with the
+    /// chat template.
+    pub chat_template: bool,
+    /// The source line of each example, in `Dataset::examples` order.
+    pub lines: Vec<usize>,
 }
 
 /// A tokenized JSONL file.
@@ -95,117 +107,6 @@ pub struct Dataset {
 }
 
 // ------------------------------------------------------------------ rows
-
-/// A parsed row, before tokenization.
-enum Row {
-    Text(String),
-    /// (prompt text after the template, completion)
-    PromptCompletion(String, String),
-    Messages(Vec<ChatMessage>),
-}
-
-/// A row field that must be a string.
-fn string_field(obj: &Map<String, Json>, key: &str) -> std::result::Result<String, String> {
-    match obj.get(key) {
-        Some(Json::String(s)) => Ok(s.clone()),
-        Some(other) => Err(format!(
-            "field `{key}` must be a string, got {}",
-            json_type(other)
-        )),
-        None => Err(format!("missing field `{key}`")),
-    }
-}
-
-fn json_type(v: &Json) -> &'static str {
-    match v {
-        Json::Null => "null",
-        Json::Bool(_) => "a boolean",
-        Json::Number(_) => "a number",
-        Json::String(_) => "a string",
-        Json::Array(_) => "an array",
-        Json::Object(_) => "an object",
-    }
-}
-
-/// Parses one line into a row; the error is the message for `Error::Data`.
-fn parse_row(
-    line: &str,
-    opts: &DataOptions,
-    kinds: &mut KindCounts,
-) -> std::result::Result<Row, String> {
-    let json: Json = serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
-    let Json::Object(obj) = json else {
-        return Err(format!("expected a JSON object, got {}", json_type(&json)));
-    };
-    let template = opts.template.as_ref();
-    if obj.contains_key("messages") {
-        kinds.messages += 1;
-        let Some(Json::Array(list)) = obj.get("messages") else {
-            return Err("field `messages` must be an array of {\"role\", \"content\"}".into());
-        };
-        if list.is_empty() {
-            return Err("`messages` is empty".into());
-        }
-        let mut messages = Vec::with_capacity(list.len());
-        for (i, m) in list.iter().enumerate() {
-            let Json::Object(m) = m else {
-                return Err(format!(
-                    "messages[{i}] must be an object with `role` and `content`"
-                ));
-            };
-            let role = string_field(m, "role").map_err(|e| format!("messages[{i}]: {e}"))?;
-            let content = string_field(m, "content").map_err(|e| format!("messages[{i}]: {e}"))?;
-            messages.push(ChatMessage { role, content });
-        }
-        return Ok(Row::Messages(messages));
-    }
-    if obj.contains_key("prompt") || obj.contains_key("completion") {
-        kinds.prompt_completion += 1;
-        let prompt = string_field(&obj, "prompt")?;
-        let completion = string_field(&obj, "completion")?;
-        if completion.is_empty() {
-            return Err("`completion` is empty".into());
-        }
-        let prompt = match template {
-            Some(t) => t.apply(&prompt, None, None).map_err(|e| e.to_string())?,
-            None => prompt,
-        };
-        return Ok(Row::PromptCompletion(prompt, completion));
-    }
-    if obj.contains_key("instruction") || obj.contains_key("output") {
-        kinds.alpaca += 1;
-        let instruction = string_field(&obj, "instruction")?;
-        let input = match obj.get("input") {
-            None | Some(Json::Null) => String::new(),
-            Some(_) => string_field(&obj, "input")?,
-        };
-        let output = string_field(&obj, "output")?;
-        if output.is_empty() {
-            return Err("`output` is empty".into());
-        }
-        let alpaca = if input.is_empty() {
-            format!("{instruction}\n\n")
-        } else {
-            format!("{instruction}\n\n{input}\n\n")
-        };
-        let prompt = match template {
-            Some(t) => t
-                .apply(&alpaca, Some(&instruction), Some(&input))
-                .map_err(|e| e.to_string())?,
-            None => alpaca,
-        };
-        return Ok(Row::PromptCompletion(prompt, output));
-    }
-    if obj.contains_key("text") {
-        kinds.text += 1;
-        return Ok(Row::Text(string_field(&obj, "text")?));
-    }
-    let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
-    Err(format!(
-        "the row matches no kind; expected {{\"text\"}}, {{\"prompt\", \"completion\"}}, \
-         {{\"instruction\", \"input\"?, \"output\"}} or {{\"messages\"}}, found keys {keys:?}"
-    ))
-}
 
 /// Tokenizes a row into (ids, labels) before truncation.
 fn tokenize_row(
@@ -231,17 +132,23 @@ fn tokenize_row(
             let labels = ids.iter().map(|&i| i as i32).collect();
             (ids, labels)
         }
-        Row::PromptCompletion(prompt, completion) => {
-            let p = tok.encode(&prompt, true).map_err(err)?;
-            let mut c = tok.encode(&completion, false).map_err(err)?;
-            let eos = eos()?;
-            if c.last() != Some(&eos) {
-                c.push(eos);
+        Row::Segments(segments) => {
+            let mut ids = Vec::new();
+            let mut labels = Vec::new();
+            for (i, (text, trained)) in segments.iter().enumerate() {
+                let t = tok.encode(text, i == 0).map_err(err)?;
+                if *trained {
+                    labels.extend(t.iter().map(|&i| i as i32));
+                } else {
+                    labels.extend(std::iter::repeat_n(IGNORE, t.len()));
+                }
+                ids.extend(t);
             }
-            let mut labels = vec![IGNORE; p.len()];
-            labels.extend(c.iter().map(|&i| i as i32));
-            let mut ids = p;
-            ids.extend(c);
+            let eos = eos()?;
+            if ids.last() != Some(&eos) {
+                ids.push(eos);
+                labels.push(eos as i32);
+            }
             (ids, labels)
         }
         Row::Messages(messages) => {
@@ -366,28 +273,77 @@ fn chat_segments_by_content(
 // ------------------------------------------------------------------ data set
 
 impl Dataset {
-    /// Reads and tokenizes the JSONL file `path`.
+    /// Reads and tokenizes the file `path` (JSONL or a JSON array), and
+    /// warns once per key no row kind reads.
     pub fn load(path: &Path, tok: &Tokenizer, opts: &DataOptions) -> Result<Dataset> {
-        let file = std::fs::File::open(path).map_err(|source| Error::Io {
+        let (ds, report) = Dataset::load_with_report(path, tok, opts)?;
+        report.warn(path);
+        Ok(ds)
+    }
+
+    /// [`Dataset::load`] without the warnings, which the report holds.
+    pub fn load_with_report(
+        path: &Path,
+        tok: &Tokenizer,
+        opts: &DataOptions,
+    ) -> Result<(Dataset, LoadReport)> {
+        if path.is_dir() {
+            return Err(Error::Data {
+                path: path.to_path_buf(),
+                line: None,
+                message: "is a folder, not a data file\n---> HINT: `--data` takes a folder \
+                          (train.jsonl, valid.jsonl, test.jsonl); other options take a file"
+                    .into(),
+            });
+        }
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        Dataset::from_reader(std::io::BufReader::new(file), path, tok, opts)
+        Dataset::from_bytes(bytes, path, tok, opts)
     }
 
-    /// Reads and tokenizes JSONL rows from `reader`; `path` names the
-    /// source in messages and in [`Dataset::path`].
+    /// Reads and tokenizes rows (JSONL or a JSON array) from `reader`;
+    /// `path` names the source in messages and in [`Dataset::path`].
     pub fn from_reader(
-        reader: impl BufRead,
+        mut reader: impl BufRead,
         path: &Path,
         tok: &Tokenizer,
         opts: &DataOptions,
     ) -> Result<Dataset> {
+        let mut bytes = Vec::new();
+        reader.read_to_end(&mut bytes).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (ds, report) = Dataset::from_bytes(bytes, path, tok, opts)?;
+        report.warn(path);
+        Ok(ds)
+    }
+
+    fn from_bytes(
+        bytes: Vec<u8>,
+        path: &Path,
+        tok: &Tokenizer,
+        opts: &DataOptions,
+    ) -> Result<(Dataset, LoadReport)> {
         let data_err = |line: Option<usize>, message: String| Error::Data {
             path: path.to_path_buf(),
             line,
             message,
         };
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
+            data_err(Some(line), "not UTF-8 text".into())
+        })?;
+        let rows = split_rows(&text).map_err(|(line, m)| data_err(Some(line), m))?;
+        let chat = opts.chat_template.resolve(tok)? == ChatTemplateMode::On;
+        let mut report = LoadReport {
+            chat_template: chat,
+            ..LoadReport::default()
+        };
+        let mut keys = KeyTally::default();
         let mut ds = Dataset {
             path: path.to_path_buf(),
             examples: Vec::new(),
@@ -396,20 +352,15 @@ impl Dataset {
             kinds: KindCounts::default(),
             pad_id: tok.pad_id().or(tok.eos_id()).unwrap_or(0),
         };
-        for (i, line) in reader.lines().enumerate() {
-            let n = i + 1;
-            let line = line.map_err(|e| data_err(Some(n), format!("cannot read the line: {e}")))?;
-            let line = if n == 1 {
-                line.trim_start_matches('\u{feff}')
-            } else {
-                &line
-            };
-            if line.trim().is_empty() {
-                continue;
+        for raw in &rows {
+            let n = raw.line;
+            let at = |m: String| data_err(Some(n), format!("{}{m}", row_prefix(raw)));
+            let parsed = parse_row(raw.json, opts, chat, &mut ds.kinds).map_err(at)?;
+            for k in parsed.unused {
+                keys.add(k, parsed.kind, n);
             }
-            let row = parse_row(line, opts, &mut ds.kinds).map_err(|m| data_err(Some(n), m))?;
             let (mut ids, mut labels) =
-                tokenize_row(row, tok, opts.train_on_prompt).map_err(|m| data_err(Some(n), m))?;
+                tokenize_row(parsed.row, tok, opts.train_on_prompt).map_err(at)?;
             if let Some(max) = opts.max_seq_len {
                 if ids.len() > max {
                     ids.truncate(max);
@@ -424,7 +375,9 @@ impl Dataset {
                 continue;
             }
             ds.examples.push(ex);
+            report.lines.push(n);
         }
+        report.unused_keys = keys.into_list();
         if ds.examples.is_empty() {
             let why = match opts.max_seq_len {
                 Some(max) if ds.dropped > 0 && ds.truncated > 0 => format!(
@@ -442,7 +395,7 @@ impl Dataset {
             };
             return Err(data_err(None, why));
         }
-        Ok(ds)
+        Ok((ds, report))
     }
 
     /// The number of examples.
@@ -521,6 +474,15 @@ impl Dataset {
                 Batch::from_examples(&exs, self.pad_id)
             })
             .collect()
+    }
+}
+
+impl LoadReport {
+    /// Logs each unused key once.
+    pub fn warn(&self, path: &Path) {
+        for k in &self.unused_keys {
+            log::warn!("{}", k.message(path));
+        }
     }
 }
 
@@ -641,68 +603,6 @@ mod tests {
     }
 
     #[test]
-    fn parse_row_errors() {
-        let opts = DataOptions::default();
-        let mut k = KindCounts::default();
-        let mut err = |line: &str| match parse_row(line, &opts, &mut k) {
-            Ok(_) => panic!("{line} parsed"),
-            Err(e) => e,
-        };
-        assert!(err("{\"text\": ").contains("malformed JSON"));
-        assert!(err("[1, 2]").contains("expected a JSON object"));
-        assert!(err("{\"foo\": 1}").contains("matches no kind"));
-        assert!(err("{\"text\": 3}").contains("`text` must be a string"));
-        assert!(err("{\"prompt\": \"a\"}").contains("missing field `completion`"));
-        assert!(err("{\"prompt\": \"a\", \"completion\": \"\"}").contains("`completion` is empty"));
-        assert!(err("{\"instruction\": \"a\", \"output\": \"\"}").contains("`output` is empty"));
-        assert!(
-            err("{\"instruction\": \"a\", \"input\": 1, \"output\": \"b\"}")
-                .contains("`input` must be a string")
-        );
-        assert!(err("{\"messages\": []}").contains("empty"));
-        assert!(err("{\"messages\": [{\"role\": \"user\"}]}")
-            .contains("messages[0]: missing field `content`"));
-        assert!(err("{\"messages\": \"hi\"}").contains("must be an array"));
-    }
-
-    #[test]
-    fn parse_row_kinds_and_precedence() {
-        let opts = DataOptions::default();
-        let mut k = KindCounts::default();
-        let row = parse_row(
-            r#"{"instruction": "Do", "input": "x", "output": "y", "text": "z"}"#,
-            &opts,
-            &mut k,
-        )
-        .unwrap();
-        assert!(
-            matches!(row, Row::PromptCompletion(ref p, ref c) if p == "Do\n\nx\n\n" && c == "y")
-        );
-        let row = parse_row(
-            r#"{"instruction": "Do", "input": null, "output": "y"}"#,
-            &opts,
-            &mut k,
-        )
-        .unwrap();
-        assert!(matches!(row, Row::PromptCompletion(ref p, _) if p == "Do\n\n"));
-        let opts = DataOptions {
-            template: Some(PromptTemplate::parse("<{prompt}>").unwrap()),
-            ..DataOptions::default()
-        };
-        let row = parse_row(r#"{"prompt": "a", "completion": "b"}"#, &opts, &mut k).unwrap();
-        assert!(matches!(row, Row::PromptCompletion(ref p, _) if p == "<a>"));
-        assert_eq!(
-            k,
-            KindCounts {
-                text: 0,
-                prompt_completion: 1,
-                alpaca: 2,
-                messages: 0
-            }
-        );
-    }
-
-    #[test]
     fn data_error_names_file_and_line() {
         let e = Error::Data {
             path: PathBuf::from("train.jsonl"),
@@ -788,7 +688,8 @@ mod tests {
                 text: 1,
                 prompt_completion: 1,
                 alpaca: 1,
-                messages: 1
+                messages: 1,
+                sharegpt: 0,
             }
         );
         assert_eq!(ds.pad_id, 2);

@@ -2,6 +2,7 @@
 //!
 //! - `options`: what `wgtune train` takes (`TrainOptions`, `MethodOptions`).
 //! - `data`: the JSONL data set (rows to token ids, loss masks and batches).
+//! - `rows`: data folders, JSON arrays and the row kinds, up to the parsed row.
 //! - `template`: the `--template` prompt template applied to every prompt.
 //! - `trainer`: one optimizer step (forward, backward, AdamW) on the GPU.
 //! - `memory`: the memory plan, checked before anything is allocated.
@@ -22,6 +23,7 @@ pub mod plot;
 pub mod progress;
 pub mod report;
 pub mod resume;
+pub mod rows;
 pub mod run;
 pub mod template;
 pub mod trainer;

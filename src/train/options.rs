@@ -180,6 +180,7 @@ impl TrainOptions {
             grad_accum: self.grad_accum,
             max_seq_len: self.data_opts.max_seq_len,
             train_on_prompt: self.data_opts.train_on_prompt,
+            chat_template: self.data_opts.chat_template.name().into(),
         }
     }
 }

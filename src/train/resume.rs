@@ -165,6 +165,11 @@ pub fn settings_conflicts(o: &TrainOptions, lr: f64, st: &RunSettings) -> Vec<St
             s(d.train_on_prompt),
             s(st.train_on_prompt),
         ),
+        (
+            "chat_template",
+            d.chat_template.name().into(),
+            st.chat_template.clone(),
+        ),
     ];
     given_and_different(o, rows)
 }
@@ -205,6 +210,11 @@ pub fn adopt_settings(o: &mut TrainOptions, s: &RunSettings, c: &AdapterConfig) 
     }
     if !o.given("train_on_prompt") {
         o.data_opts.train_on_prompt = s.train_on_prompt;
+    }
+    if !o.given("chat_template") {
+        if let Some(m) = crate::train::data::ChatTemplateMode::from_name(&s.chat_template) {
+            o.data_opts.chat_template = m;
+        }
     }
     if let (MethodOptions::Lora(lo), AdapterConfig::Lora(l)) = (&mut o.method, c) {
         lo.dropout = l.lora_dropout;

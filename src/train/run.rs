@@ -274,6 +274,8 @@ pub fn train(
     // longest row before anything goes to the GPU.
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let tok = Tokenizer::load(&dir)?;
+    // `auto` becomes on or off here, so the checkpoint records the choice.
+    o.data_opts.chat_template = o.data_opts.chat_template.resolve(&tok)?;
     let loaded_init = match &o.init_adapter {
         Some(d) => Some(peft_io::load_adapter(d)?),
         None => None,
@@ -306,11 +308,13 @@ pub fn train(
     let mut dopts = o_eff.data_opts.clone();
     let limit = dopts.max_seq_len.unwrap_or(room).min(room);
     dopts.max_seq_len = Some(limit);
-    let data = Dataset::load(&o.data, &tok, &dopts)?;
+    let (train_path, val_path) =
+        crate::train::rows::train_and_valid(&o.data, o.val_data.as_deref())?;
+    let data = Dataset::load(&train_path, &tok, &dopts)?;
     if data.truncated > 0 || data.dropped > 0 {
         log::warn!(
             "{}: {} rows truncated to {limit} tokens, {} dropped (no target left)",
-            o.data.display(),
+            train_path.display(),
             data.truncated,
             data.dropped
         );
@@ -318,7 +322,7 @@ pub fn train(
     if let Some(w) = data.length_warning() {
         log::warn!("{w}");
     }
-    let val = match &o.val_data {
+    let val = match &val_path {
         Some(p) => Some(Dataset::load(p, &tok, &dopts)?),
         None => None,
     };
@@ -329,13 +333,19 @@ pub fn train(
         data.kinds.text,
         data.kinds.prompt_completion,
         data.kinds.alpaca,
-        data.kinds.messages,
+        data.kinds.messages + data.kinds.sharegpt,
         if data.truncated > 0 {
             format!(", {} truncated to {limit} tokens", data.truncated)
         } else {
             String::new()
         }
     );
+    if data.kinds.prompt_completion + data.kinds.alpaca > 0 {
+        println!(
+            "chat template for prompt/completion and alpaca rows: {} (--chat-template)",
+            o_eff.data_opts.chat_template.name()
+        );
+    }
     if let Some(s) = signalled(stop) {
         return stopped(s);
     }
