@@ -223,6 +223,9 @@ fn killed_at_every_save_point_then_resumed_gives_the_same_adapter() {
         let mut b = a.clone();
         if has_ckpt {
             b.push("--resume");
+        } else {
+            // Start again over what the killed run left.
+            b.push("--overwrite");
         }
         let r = wgtune(&b, &[]);
         if !r.ok() {
