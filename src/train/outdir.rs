@@ -72,7 +72,11 @@ pub fn check(out: &Path, resume: bool, overwrite: bool) -> Result<()> {
     if resume || !out.is_dir() {
         return Ok(());
     }
-    let names = entries(out)?;
+    // Folders holding nothing (or temp files a killed run left) do not count.
+    let names: Vec<String> = entries(out)?
+        .into_iter()
+        .filter(|n| !entries(&out.join(n)).is_ok_and(|e| e.is_empty()))
+        .collect();
     if names.is_empty() {
         return Ok(());
     }
