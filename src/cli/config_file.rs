@@ -15,12 +15,14 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// (long option name, key as written) for each key of a config file.
+type Keys = Vec<(String, String)>;
+
 /// The config file of a command line and the option each key set.
 #[derive(Debug)]
 pub struct FromFile {
     path: PathBuf,
-    /// (long option name, key as written)
-    keys: Vec<(String, String)>,
+    keys: Keys,
 }
 
 impl FromFile {
@@ -78,7 +80,7 @@ pub fn expand(args: &mut Vec<String>, cli: &clap::Command) -> Result<Option<From
 
 /// The command-line tokens of the config file at `path`, and the long
 /// option each key set.
-pub fn tokens(path: &Path, train: &clap::Command) -> Result<(Vec<String>, Vec<(String, String)>)> {
+pub fn tokens(path: &Path, train: &clap::Command) -> Result<(Vec<String>, Keys)> {
     let err = |message: String| Error::Config {
         path: path.to_path_buf(),
         message,
