@@ -3,7 +3,7 @@
 //! to stderr. The commands themselves are in `cli/commands.rs` and
 //! `cli/training.rs`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use clap::parser::ValueSource;
@@ -19,6 +19,8 @@ use crate::train::template::PromptTemplate;
 mod chat;
 mod commands;
 mod data_cmd;
+mod config_file;
+pub mod record;
 mod training;
 
 use commands::{devices, eval, export, generate, import, plan};
@@ -36,11 +38,11 @@ pub struct Cli {
 /// Device selection shared by every subcommand.
 #[derive(Args, Debug, Clone, Default)]
 pub struct DeviceArgs {
-    /// GPU backend: vulkan, metal, dx12 or gl (default: all; env WGPU_BACKEND)
-    #[arg(long)]
+    /// GPU backend: vulkan, metal, dx12 or gl (default: all)
+    #[arg(long, env = "WGPU_BACKEND")]
     pub backend: Option<String>,
-    /// Use the GPU whose adapter name contains this text (env WGPU_ADAPTER_NAME)
-    #[arg(long)]
+    /// Use the GPU whose adapter name contains this text
+    #[arg(long, env = "WGPU_ADAPTER_NAME")]
     pub gpu: Option<String>,
 }
 
@@ -66,6 +68,9 @@ impl DeviceArgs {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Train a prompt-tuning, prefix-tuning or LoRA adapter (also: `wgtune --method ...`)
+    // A later flag overrides an earlier one: the config file's options come
+    // first, so the command line wins.
+    #[command(args_override_self = true)]
     Train(Box<TrainArgs>),
     /// Generate text, streaming tokens, optionally with an adapter
     Generate(GenerateArgs),
@@ -83,6 +88,12 @@ pub enum Command {
     Export(ExportArgs),
     /// Show what training will see of a data set: rows per kind, token lengths, an example
     Data(DataCmdArgs),
+    /// Print a shell completion script to stdout (e.g. `wgtune completions bash > /etc/bash_completion.d/wgtune`)
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Benchmarks
     Bench {
         #[command(subcommand)]
@@ -277,7 +288,7 @@ pub struct DataArgs {
     #[arg(long)]
     pub train_on_prompt: bool,
     /// Truncate rows to this many tokens (default: what the model allows)
-    #[arg(long, value_parser = two_or_more)]
+    #[arg(long, visible_aliases = ["max-seq-length", "cutoff-len"], value_parser = two_or_more)]
     pub max_seq_len: Option<usize>,
     /// Render prompt/completion and alpaca rows with the model's chat
     /// template (auto: when it has one; on: error if it has none; off: raw text)
@@ -314,6 +325,12 @@ impl DataArgs {
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
+    /// Read options from a TOML file: keys are the long option names (or
+    /// their aliases, `_` or `-`), e.g. `lr = 2e-3`, `lora_r = 8`,
+    /// `rslora = true`; options on the command line override it. Relative
+    /// paths in it are relative to the current folder, as on the command line
+    #[arg(short = 'c', long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
     /// prompt, prefix or lora
     #[arg(long, value_enum)]
     pub method: MethodArg,
@@ -328,26 +345,27 @@ pub struct TrainArgs {
     /// Validation data (same format), evaluated every --eval-every steps and at the end
     #[arg(long)]
     pub val_data: Option<PathBuf>,
-    /// Output folder: the PEFT adapter, checkpoint/, metrics.jsonl, loss.svg
-    #[arg(long, default_value = "wgtune-out")]
+    /// Output folder: the PEFT adapter, checkpoint/, metrics.jsonl, loss.svg,
+    /// train_args.json; if it holds files, give --resume or --overwrite
+    #[arg(long, visible_aliases = ["adapter-path", "output-dir"], default_value = "wgtune-out")]
     pub out: PathBuf,
     #[command(flatten)]
     pub weights: WeightsArgs,
     #[command(flatten)]
     pub data_args: DataArgs,
     /// Passes over the data (ignored when --steps is given)
-    #[arg(long, default_value_t = 3, value_parser = positive)]
+    #[arg(long, visible_alias = "num-train-epochs", default_value_t = 3, value_parser = positive)]
     pub epochs: usize,
     /// Optimizer steps (overrides --epochs)
-    #[arg(long, value_parser = positive)]
+    #[arg(long, visible_alias = "iters", value_parser = positive)]
     pub steps: Option<usize>,
-    #[arg(long, default_value_t = 4, value_parser = positive)]
+    #[arg(long, visible_alias = "per-device-train-batch-size", default_value_t = 4, value_parser = positive)]
     pub batch_size: usize,
     /// Micro-batches per optimizer step
-    #[arg(long, default_value_t = 1, value_parser = positive)]
+    #[arg(long, visible_alias = "gradient-accumulation-steps", default_value_t = 1, value_parser = positive)]
     pub grad_accum: usize,
     /// Learning rate (default per method: lora 2e-3, prompt 3e-2, prefix 1e-2)
-    #[arg(long, value_parser = positive_f64)]
+    #[arg(long, visible_alias = "learning-rate", value_parser = positive_f64)]
     pub lr: Option<f64>,
     #[arg(long, default_value_t = 0.0, value_parser = non_negative_f64)]
     pub weight_decay: f64,
@@ -376,9 +394,17 @@ pub struct TrainArgs {
     /// Start from an existing PEFT adapter folder
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
-    /// Continue from <out>/checkpoint
+    /// Continue from <out>/checkpoint; options not given are taken from
+    /// <out>/train_args.json (--steps, --epochs, --log-every, --eval-every,
+    /// --save-every, --max-bad-steps, --val-data, --export and the device
+    /// and progress options may change; the others must match)
     #[arg(long)]
     pub resume: bool,
+    /// Start a new run in a non-empty --out: first remove what an earlier
+    /// run wrote there (adapter, checkpoints, metrics, plot, train_args.json);
+    /// other files are kept
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Virtual tokens (prompt and prefix tuning)
     #[arg(long, default_value_t = 20, value_parser = positive)]
     pub num_virtual_tokens: usize,
@@ -398,7 +424,7 @@ pub struct TrainArgs {
     pub prefix_init: PrefixInitArg,
     #[arg(long)]
     pub prefix_init_text: Option<String>,
-    #[arg(long, default_value_t = 8, value_parser = positive)]
+    #[arg(long, visible_alias = "lora-rank", default_value_t = 8, value_parser = positive)]
     pub lora_r: usize,
     #[arg(long, default_value_t = 16.0, value_parser = positive_f64)]
     pub lora_alpha: f64,
@@ -406,7 +432,7 @@ pub struct TrainArgs {
     pub lora_dropout: f64,
     /// Comma-separated module names, or all-linear (default: PEFT's for the
     /// model: c_attn for gpt2, q_proj,v_proj for llama, mistral, qwen2, qwen3, gemma3)
-    #[arg(long)]
+    #[arg(long, visible_alias = "lora-target")]
     pub lora_targets: Option<String>,
     /// Scale by alpha/sqrt(r) instead of alpha/r
     #[arg(long)]
@@ -422,9 +448,13 @@ pub struct TrainArgs {
     pub export: Option<TrainExport>,
     #[command(flatten)]
     pub device: DeviceArgs,
-    /// The options given on the command line (set by [`parse`]).
+    /// The options given on the command line or in the config file (set by [`parse`]).
     #[arg(skip)]
     pub explicit: BTreeSet<String>,
+    /// Every option's value as text (clap id to value; set by [`parse`]):
+    /// what train_args.json records.
+    #[arg(skip)]
+    pub resolved: BTreeMap<String, String>,
 }
 
 #[derive(Args, Debug)]
@@ -666,23 +696,51 @@ fn top_p(s: &str) -> std::result::Result<f32, String> {
 }
 
 /// Parse the command line (exits with clap's message on a usage error),
-/// and record which train options were given, for the resume rules.
+/// and record which train options were given, for the resume rules. A
+/// `train -c FILE` has the file's options inserted right after `train`.
 pub fn parse(args: Vec<String>) -> Cli {
-    let matches = Cli::command().get_matches_from(normalize_args(args));
+    let mut args = normalize_args(args);
+    let mut cmd = Cli::command();
+    let from_file = match config_file::expand(&mut args, &cmd) {
+        Ok(f) => f,
+        Err(e) => clap::Error::raw(clap::error::ErrorKind::Io, format!("{e}\n")).exit(),
+    };
+    let matches = match cmd.try_get_matches_from_mut(args) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = e.print();
+            if let Some(note) = from_file.as_ref().and_then(|f| f.note(&e)) {
+                eprintln!("{note}");
+            }
+            std::process::exit(e.exit_code());
+        }
+    };
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let (Command::Train(a), Some(("train", m))) = (&mut cli.command, matches.subcommand()) {
-        a.explicit = m
-            .ids()
-            .filter(|id| {
-                matches!(
-                    m.value_source(id.as_str()),
-                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-                )
-            })
-            .map(|id| id.to_string())
-            .collect();
+        a.explicit = explicit_ids(m);
+        a.resolved = record::resolved(m, train_command(&cmd));
     }
     cli
+}
+
+/// The ids of the options given on the command line (or the config file,
+/// whose options are command-line tokens) or through the environment.
+fn explicit_ids(m: &clap::ArgMatches) -> BTreeSet<String> {
+    m.ids()
+        .filter(|id| {
+            matches!(
+                m.value_source(id.as_str()),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        })
+        .map(|id| id.to_string())
+        .collect()
+}
+
+/// The `train` subcommand's definition.
+fn train_command(cmd: &clap::Command) -> &clap::Command {
+    cmd.find_subcommand("train")
+        .expect("invariant: the CLI has a train subcommand")
 }
 
 /// `wgtune --method ...` without a subcommand means `wgtune train ...`.
@@ -708,6 +766,21 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Plan(a) => done(plan(&a)),
         Command::Export(a) => done(export(&a)),
         Command::Data(a) => done(data(&a)),
+        Command::Completions { shell } => {
+            // Into memory first: clap_complete panics on a failed write.
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "wgtune", &mut buf);
+            match std::io::Write::write_all(&mut std::io::stdout(), &buf) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    Err(crate::error::Error::IoWhile {
+                        action: "cannot write the completion script to".into(),
+                        path: "stdout".into(),
+                        source: e,
+                    })
+                }
+                _ => Ok(0),
+            }
+        }
         Command::Bench {
             what: BenchCommand::Kernels { device, iters },
         } => done(crate::bench::kernels(&device.options(), iters)),
@@ -756,6 +829,87 @@ mod tests {
             Command::Train(a) => *a,
             _ => unreachable!("a train command line"),
         }
+    }
+
+    #[test]
+    fn aliases_of_mlx_lm_trl_and_llama_factory_parse_as_the_canonical_options() {
+        let a = train_args(&[
+            "--method",
+            "lora",
+            "--iters",
+            "7",
+            "--learning-rate",
+            "3e-3",
+            "--adapter-path",
+            "ad",
+            "--max-seq-length",
+            "64",
+            "--lora-rank",
+            "4",
+            "--lora-target",
+            "q_proj,v_proj",
+            "--num-train-epochs",
+            "2",
+            "--gradient-accumulation-steps",
+            "3",
+            "--per-device-train-batch-size",
+            "5",
+        ]);
+        assert_eq!(a.steps, Some(7));
+        assert_eq!(a.lr, Some(3e-3));
+        assert_eq!(a.out, PathBuf::from("ad"));
+        assert_eq!(a.data_args.max_seq_len, Some(64));
+        assert_eq!(a.lora_r, 4);
+        assert_eq!(a.lora_targets.as_deref(), Some("q_proj,v_proj"));
+        assert_eq!((a.epochs, a.grad_accum, a.batch_size), (2, 3, 5));
+        let a = train_args(&[
+            "--method",
+            "lora",
+            "--cutoff-len",
+            "32",
+            "--output-dir",
+            "o",
+        ]);
+        assert_eq!(a.data_args.max_seq_len, Some(32));
+        assert_eq!(a.out, PathBuf::from("o"));
+        // A later flag overrides an earlier one (the config file comes first).
+        let a = train_args(&[
+            "--method",
+            "lora",
+            "--lr",
+            "1e-3",
+            "--learning-rate",
+            "2e-3",
+        ]);
+        assert_eq!(a.lr, Some(2e-3));
+    }
+
+    #[test]
+    fn parse_records_the_given_options_and_every_value() {
+        let cli = parse(
+            [
+                "wgtune", "--method", "lora", "--model", "m", "--data", "d", "--iters", "3",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        );
+        let Command::Train(a) = cli.command else {
+            panic!("a train command line")
+        };
+        for id in ["method", "model", "data", "steps"] {
+            assert!(a.explicit.contains(id), "{id}: {:?}", a.explicit);
+        }
+        assert!(!a.explicit.contains("lr"));
+        assert_eq!(a.resolved.get("steps").map(String::as_str), Some("3"));
+        assert_eq!(
+            a.resolved.get("lr_schedule").map(String::as_str),
+            Some("cosine")
+        );
+        assert_eq!(a.resolved.get("lora_alpha").map(String::as_str), Some("16"));
+        let rec = record::to_json(&a);
+        assert_eq!(rec["lr"], 2e-3, "the method's default, filled in");
+        assert!(rec.get("prompt_init").is_none() && rec.get("resume").is_none());
     }
 
     #[test]

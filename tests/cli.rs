@@ -378,7 +378,7 @@ fn bad_input_is_a_clear_error() {
         "--lora-targets",
         "nope",
         "--out",
-        dir.to_str().unwrap(),
+        dir.join("out").to_str().unwrap(),
     ]);
     assert!(
         !ok && text.contains("q_proj") && text.contains("nope"),

@@ -223,6 +223,9 @@ fn killed_at_every_save_point_then_resumed_gives_the_same_adapter() {
         let mut b = a.clone();
         if has_ckpt {
             b.push("--resume");
+        } else {
+            // Start again over what the killed run left.
+            b.push("--overwrite");
         }
         let r = wgtune(&b, &[]);
         if !r.ok() {
@@ -395,7 +398,15 @@ fn divergence_stops_the_run_and_keeps_the_last_good_adapter() {
     let r = wgtune(
         &[
             &base[..],
-            &["--steps", "20", "--lr", "1e30", "--save-every", "1"],
+            &[
+                "--steps",
+                "20",
+                "--lr",
+                "1e30",
+                "--save-every",
+                "1",
+                "--overwrite",
+            ],
         ]
         .concat(),
         &[],
@@ -415,18 +426,24 @@ fn divergence_stops_the_run_and_keeps_the_last_good_adapter() {
         .all(|(_, d)| d.iter().all(|x| x.is_finite())));
     let lines = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 6, "steps 1..=6 logged:\n{lines}");
-    // With the default of 5 and no save, a fresh run leaves the earlier
-    // adapter alone.
+    // With the default of 5 and no save, a fresh run writes no adapter
+    // (into a new folder), and leaves an earlier run alone (refused there).
     std::fs::write(dir.join("out/adapter_model.safetensors"), &good).unwrap();
-    let r = wgtune(
-        &[&base[..], &["--steps", "20", "--lr", "1e30"]].concat(),
-        &[],
-    );
+    let fresh = dir.join("fresh").display().to_string();
+    let mut fresh_args = setup.method("lora", &fresh);
+    fresh_args.extend(["--steps", "20", "--lr", "1e30"]);
+    let r = wgtune(&fresh_args, &[]);
     assert!(
         !r.ok() && r.text.contains("Nothing was saved"),
         "{}",
         r.text
     );
+    assert!(!dir.join("fresh/adapter_model.safetensors").exists());
+    let r = wgtune(
+        &[&base[..], &["--steps", "20", "--lr", "1e30"]].concat(),
+        &[],
+    );
+    assert!(!r.ok() && r.text.contains("not empty"), "{}", r.text);
     assert_eq!(
         std::fs::read(dir.join("out/adapter_model.safetensors")).unwrap(),
         good
@@ -665,6 +682,7 @@ fn errors_leave_nothing_behind_and_name_the_cause() {
             &["--method", "lora", "--steps", "2", "--batch-size", "2"],
             &base[..],
             &["--val-data", val.to_str().unwrap(), "--eval-every", "1"],
+            &["--overwrite"],
         ]
         .concat(),
         &[],

@@ -141,6 +141,14 @@ fn write_modelfile(out: &Path, from: &Path, adapter: Option<&Path>, tok_dir: &Pa
     Ok(())
 }
 
+/// The local `model` that `adapter_dir/train_args.json` records, if it
+/// still exists.
+fn recorded_model(adapter_dir: &Path) -> Option<PathBuf> {
+    let rec = super::record::read(adapter_dir).ok()??;
+    let p = PathBuf::from(rec.get("model")?);
+    p.exists().then_some(p)
+}
+
 /// Export the LoRA adapter in `adapter_dir` as `format` at `out` (shared by
 /// `wgtune export` and `wgtune train --export`).
 pub(super) fn export_as(
@@ -155,10 +163,17 @@ pub(super) fn export_as(
     use crate::adapters::merge;
     let adapter = peft_io::load_adapter(adapter_dir)?;
     let lora = merge::lora_config(&adapter, adapter_dir)?;
-    let base = match (base, &lora.base_model_name_or_path) {
-        (Some(b), _) => b.to_path_buf(),
-        (None, Some(b)) if !b.is_empty() => PathBuf::from(b),
-        (None, _) => {
+    // The adapter names its base by repo id where one is known; the run's
+    // record knows the local model it was trained on.
+    let recorded = base
+        .is_none()
+        .then(|| recorded_model(adapter_dir))
+        .flatten();
+    let base = match (base, recorded, &lora.base_model_name_or_path) {
+        (Some(b), _, _) => b.to_path_buf(),
+        (None, Some(r), _) => r,
+        (None, None, Some(b)) if !b.is_empty() => PathBuf::from(b),
+        (None, None, _) => {
             return Err(Error::Adapter {
                 path: adapter_dir.to_path_buf(),
                 message: "adapter_config.json names no base model; give --base".into(),

@@ -119,6 +119,8 @@ impl TrainArgs {
             save_every: self.save_every,
             init_adapter: self.init_adapter.clone(),
             resume: self.resume,
+            overwrite: self.overwrite,
+            record: Some(super::record::to_json(self)),
             max_bad_steps: self.max_bad_steps,
             explicit: self.explicit.clone(),
         })
@@ -167,6 +169,13 @@ impl Progress for Bar {
 }
 
 pub(super) fn train(a: &TrainArgs) -> Result<u8> {
+    // A resume takes the options not given from <out>/train_args.json.
+    let resumed = if a.resume {
+        super::record::resume_args(a)?
+    } else {
+        None
+    };
+    let a = resumed.as_ref().unwrap_or(a);
     if a.export.is_some() && a.method != MethodArg::Lora {
         // Refused before training, not after it.
         return Err(Error::invalid(

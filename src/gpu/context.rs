@@ -14,9 +14,11 @@ use crate::error::{Error, Result};
 use crate::gpu::kernels::{self, Kernel};
 use crate::gpu::tensor::TexMatrix;
 
-/// How to pick and open the device. Empty fields fall back to the
-/// `WGPU_BACKEND` / `WGPU_ADAPTER_NAME` environment variables, then to the
-/// ranking discrete > integrated > virtual > software.
+/// How to pick and open the device. Empty fields fall back to the ranking
+/// discrete > integrated > virtual > software. The library reads no
+/// environment variable itself: [`ContextOptions::from_env`] takes wgpu's
+/// `WGPU_BACKEND` / `WGPU_ADAPTER_NAME` for those who want them (the
+/// command line does it through clap's `env`).
 #[derive(Clone, Debug, Default)]
 pub struct ContextOptions {
     /// `vulkan`, `metal`, `dx12` or `gl` (a comma list is accepted).
@@ -31,6 +33,19 @@ pub struct ContextOptions {
     /// Read matmul and attention operands from storage buffers instead of
     /// packed textures.
     pub disable_textures: bool,
+}
+
+impl ContextOptions {
+    /// The defaults with `backend` and `adapter` from wgpu's `WGPU_BACKEND`
+    /// and `WGPU_ADAPTER_NAME` variables (empty ones ignored).
+    pub fn from_env() -> ContextOptions {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        ContextOptions {
+            backend: var("WGPU_BACKEND"),
+            adapter: var("WGPU_ADAPTER_NAME"),
+            ..Default::default()
+        }
+    }
 }
 
 /// One adapter as `wgtune devices` lists it.
@@ -126,8 +141,7 @@ impl Drop for Allocation {
 /// lacks what the kernels need to be fast, and probing it on a headless
 /// machine logs EGL errors. It is tried when nothing else exists, or on request.
 fn backends_from(opt: Option<&str>) -> Result<wgpu::Backends> {
-    let from_env = std::env::var("WGPU_BACKEND").ok();
-    match opt.or(from_env.as_deref()) {
+    match opt {
         None => Ok(wgpu::Backends::PRIMARY),
         Some(list) => {
             let mut b = wgpu::Backends::empty();
@@ -203,8 +217,7 @@ impl Context {
     /// Open the best adapter (see [`ContextOptions`]).
     pub fn new(opts: &ContextOptions) -> Result<Context> {
         let backends = backends_from(opts.backend.as_deref())?;
-        let name_env = std::env::var("WGPU_ADAPTER_NAME").ok();
-        let want = opts.adapter.clone().or(name_env).map(|s| s.to_lowercase());
+        let want = opts.adapter.as_ref().map(|s| s.to_lowercase());
         let mut adapters = enumerate(backends);
         if adapters.is_empty() {
             return Err(Error::NoAdapter(String::new()));

@@ -7,6 +7,8 @@
 //! - `trainer`: one optimizer step (forward, backward, AdamW) on the GPU.
 //! - `memory`: the memory plan, checked before anything is allocated.
 //! - `run`: `wgtune train` from options to a saved adapter.
+//! - `outdir`: the output folder's rule (`--resume`, `--overwrite`).
+//! - `base_id`: the base model's repo id that adapters record.
 //! - `resume`: the rules for `--resume` and `--init-adapter`.
 //! - `progress`: the `Progress` trait the step loop reports through.
 //! - `checkpoint`: the crash-safe one-file checkpoint.
@@ -14,11 +16,13 @@
 //! - `report`: `metrics.jsonl`.
 //! - `plot`: the SVG loss plot.
 
+pub mod base_id;
 pub mod checkpoint;
 pub mod data;
 pub mod eval;
 pub mod memory;
 pub mod options;
+pub mod outdir;
 pub mod plot;
 pub mod progress;
 pub mod report;

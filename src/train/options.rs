@@ -147,6 +147,11 @@ pub struct TrainOptions {
     pub save_every: usize,
     pub init_adapter: Option<PathBuf>,
     pub resume: bool,
+    /// Start again in a non-empty `out`, removing what an earlier run wrote.
+    pub overwrite: bool,
+    /// What `out/train_args.json` records of this run (written when the
+    /// run touches `out`); None writes none.
+    pub record: Option<serde_json::Value>,
     /// Stop with an error after this many skipped (non-finite) steps in a row.
     pub max_bad_steps: usize,
     /// The options the user gave (clap ids, i.e. field names): on a resume

@@ -12,12 +12,13 @@ use crate::adapters::peft_io::{self, AdapterConfig, LoraConfig, PrefixConfig, Pr
 use crate::adapters::Adapter;
 use crate::clock::Stopwatch;
 use crate::error::{Error, Result};
-use crate::fsio::pause_point;
+use crate::fsio::{pause_point, write_atomic};
 use crate::gpu::Context;
 use crate::model::config::ModelConfig;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::transformer::Linear;
 use crate::model::Model;
+use crate::train::base_id::base_model_id;
 use crate::train::checkpoint::{self, Checkpoint, Position, RunSettings};
 use crate::train::data::{Batch, Dataset};
 use crate::train::memory::{
@@ -25,6 +26,7 @@ use crate::train::memory::{
 };
 use crate::train::options::Method;
 use crate::train::options::{MethodOptions, PrefixInitKind, PromptInitKind, TrainOptions};
+use crate::train::outdir;
 use crate::train::plot::write_loss_plot;
 use crate::train::progress::Progress;
 use crate::train::report::{self, MetricsLog};
@@ -32,10 +34,6 @@ use crate::train::resume::{
     adapter_conflicts, adopt_settings, check_adapter_base, conflict_error, settings_conflicts,
 };
 use crate::train::trainer::{bucket_shape, OptimConfig, Trainer};
-
-fn base_name(model: &Path) -> Option<String> {
-    Some(model.display().to_string())
-}
 
 /// Build the adapter config and initial tensors for a fresh run, and for
 /// LoRA the layers it adapts.
@@ -45,6 +43,7 @@ fn fresh_adapter<'m>(
     tok: &Tokenizer,
     o: &TrainOptions,
     data: &Dataset,
+    base: &str,
 ) -> Result<(AdapterConfig, HostTensors, Vec<&'m Linear>)> {
     let cfg = &model.cfg;
     let mut layers = Vec::new();
@@ -70,7 +69,7 @@ fn fresh_adapter<'m>(
             };
             lc.lora_dropout = l.dropout;
             lc.use_rslora = l.rslora;
-            lc.base_model_name_or_path = base_name(&o.model);
+            lc.base_model_name_or_path = Some(base.to_string());
             if l.init == LoraInit::Gaussian {
                 lc.init_lora_weights = serde_json::Value::String("gaussian".into());
             }
@@ -101,8 +100,8 @@ fn fresh_adapter<'m>(
                 }
                 .into(),
                 prompt_tuning_init_text: p.init_text.clone(),
-                tokenizer_name_or_path: base_name(&o.model),
-                base_model_name_or_path: base_name(&o.model),
+                tokenizer_name_or_path: Some(base.to_string()),
+                base_model_name_or_path: Some(base.to_string()),
             };
             let t = init::init_prompt(ctx, model, &pc, &init, o.seed)?;
             (AdapterConfig::Prompt(pc), t)
@@ -127,7 +126,7 @@ fn fresh_adapter<'m>(
                 num_layers: cfg.layers,
                 encoder_hidden_size: Some(p.encoder_hidden_size.unwrap_or(cfg.hidden)),
                 prefix_projection: p.projection,
-                base_model_name_or_path: base_name(&o.model),
+                base_model_name_or_path: Some(base.to_string()),
             };
             let t = init::init_prefix(ctx, model, &pc, &init, o.seed)?;
             (AdapterConfig::Prefix(pc), t)
@@ -161,12 +160,13 @@ pub type StopFlag = std::sync::atomic::AtomicI32;
 struct Created {
     dir: Option<PathBuf>,
     metrics: Option<PathBuf>,
+    record: Option<PathBuf>,
 }
 
 impl Created {
     fn undo(&self) {
-        if let Some(m) = &self.metrics {
-            let _ = std::fs::remove_file(m);
+        for f in [&self.metrics, &self.record].into_iter().flatten() {
+            let _ = std::fs::remove_file(f);
         }
         if let Some(d) = &self.dir {
             // Only if empty: never remove what someone else put there.
@@ -247,6 +247,8 @@ pub fn train(
             format!("--out {} is a file, not a folder", o.out.display()),
         ));
     }
+    // A new run never silently replaces an earlier one.
+    outdir::check(&o.out, o.resume, o.overwrite)?;
     let ckpt_dir = o.out.join("checkpoint");
     for d in [&o.out, &ckpt_dir] {
         let n = checkpoint::remove_stale_temp_files(d);
@@ -414,7 +416,8 @@ pub fn train(
         println!("starting from adapter {}", dir.display());
         Adapter::new(ctx, &model, loaded.config.clone(), loaded.sorted_tensors())?
     } else {
-        let (cfg, tensors, layers) = fresh_adapter(ctx, &model, &tok, &o, &data)?;
+        let base = base_model_id(&o.model, &dir);
+        let (cfg, tensors, layers) = fresh_adapter(ctx, &model, &tok, &o, &data, &base)?;
         Adapter::on_layers(ctx, &model, cfg, tensors, &layers)?
     };
     let lr = o.lr();
@@ -475,7 +478,11 @@ pub fn train(
     let mut created = Created {
         dir: None,
         metrics: None,
+        record: None,
     };
+    if o.overwrite && o.out.is_dir() {
+        outdir::clear(&o.out)?;
+    }
     if !o.out.exists() {
         std::fs::create_dir_all(&o.out).map_err(|source| Error::IoWhile {
             action: "cannot create the output folder".into(),
@@ -498,6 +505,18 @@ pub fn train(
     };
     if !o.resume {
         created.metrics = Some(metrics.path().to_path_buf());
+    }
+    if let Some(rec) = &o.record {
+        let path = o.out.join(outdir::ARGS_FILE);
+        let mut text = serde_json::to_string_pretty(rec).unwrap_or_default();
+        text.push('\n');
+        if let Err(e) = write_atomic(&path, text.as_bytes()) {
+            created.undo();
+            return Err(e);
+        }
+        if !o.resume {
+            created.record = Some(path);
+        }
     }
     log::info!("setup took {:.1} s", t_load.secs());
     let run = Loop {

@@ -15,7 +15,7 @@ static CTX: OnceLock<Option<Context>> = OnceLock::new();
 pub fn ctx() -> Option<&'static Context> {
     // RUST_LOG=wgtune=debug shows kernel build times.
     let _ = env_logger::builder().is_test(true).try_init();
-    CTX.get_or_init(|| match Context::new(&ContextOptions::default()) {
+    CTX.get_or_init(|| match Context::new(&ContextOptions::from_env()) {
         Ok(c) => {
             eprintln!("test adapter: {} ({:?})", c.info.name, c.info.backend);
             Some(c)
