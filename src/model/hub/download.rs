@@ -404,6 +404,25 @@ fn link_snapshot(folder: &Path, commit: &str, file: &str, etag: &str) -> std::io
     std::fs::rename(&tmp, &pointer)
 }
 
+/// An exclusive lock on `file`, the flock Python's filelock takes on Unix
+/// (`File::lock` needs Rust 1.89, above the crate's MSRV).
+#[cfg(unix)]
+fn flock(file: &std::fs::File, wait: bool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let op = libc::LOCK_EX | if wait { 0 } else { libc::LOCK_NB };
+    // SAFETY: flock takes a descriptor this File owns and no memory.
+    if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(unix))]
+fn flock(_file: &std::fs::File, _wait: bool) -> std::io::Result<()> {
+    Ok(())
+}
+
 /// One file into the cache: its blob (unless there), then its snapshot link.
 fn fetch_file(
     hub: &Hub,
@@ -429,9 +448,9 @@ fn fetch_file(
         std::fs::create_dir_all(&locks).map_err(|e| io(&locks, e))?;
         let lock_path = locks.join(format!("{}.lock", meta.etag));
         let lock = std::fs::File::create(&lock_path).map_err(|e| io(&lock_path, e))?;
-        if lock.try_lock().is_err() {
+        if flock(&lock, false).is_err() {
             eprintln!("{label}: waiting for another download of it to finish");
-            lock.lock().map_err(|e| io(&lock_path, e))?;
+            flock(&lock, true).map_err(|e| io(&lock_path, e))?;
         }
         // Another process may have finished it meanwhile.
         if std::fs::metadata(&blob).ok().map(|m| m.len()) != Some(meta.size) {
