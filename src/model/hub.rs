@@ -2,12 +2,17 @@
 //! wgtune's cache on first use), or a Hugging Face repo id `ORG/NAME`,
 //! taken from the local Hugging Face cache (`HF_HUB_CACHE`, else
 //! `HF_HOME/hub`, else `~/.cache/huggingface/hub`) and downloaded into it
-//! when it is not there and the network allows.
+//! when it is not there and the network allows (`download`, the `hub`
+//! feature). A cached snapshot counts only when it holds config.json and
+//! every weights file, so a download that broke off is fetched again.
 
 use std::path::{Path, PathBuf};
 
 use super::import::{gguf_as_folder, home_dir};
 use crate::error::{Error, Result};
+
+#[cfg(feature = "hub")]
+mod download;
 
 /// The Hugging Face hub cache folder, as huggingface_hub resolves it.
 pub fn hf_hub_cache() -> PathBuf {
@@ -87,36 +92,83 @@ pub fn resolve_model_in(arg: &Path, hub_cache: &Path, offline: bool) -> Result<P
     let folder = hub_cache.join(format!("models--{}", text.replace('/', "--")));
     if offline {
         return Err(err(format!(
-            "not in the Hugging Face cache ({} has no snapshot with config.json) and \
-             HF_HUB_OFFLINE is set, so it cannot be downloaded",
+            "not in the Hugging Face cache ({} has no snapshot with config.json and the \
+             weights) and HF_HUB_OFFLINE is set, so it cannot be downloaded",
             folder.display()
         )));
     }
-    download(&text, hub_cache).map_err(|e| {
+    let dir = download(&text, hub_cache).map_err(|e| {
         err(format!(
             "not in the Hugging Face cache ({}), and downloading it failed: {e}\n---> HINT: \
-             offline? Copy the model folder here and pass its path, or fill the cache on a \
-             machine that is online",
+             check the repo id and the network (HF_ENDPOINT, HF_TOKEN); offline, copy the \
+             model folder here and pass its path, or fill the cache on a machine that is online",
             folder.display()
         ))
-    })
+    })?;
+    if let Some(missing) = snapshot_missing(&dir).first() {
+        return Err(err(format!(
+            "downloaded into {}, but {missing} is missing there",
+            dir.display()
+        )));
+    }
+    Ok(dir)
+}
+
+/// The shard file names of a `model.safetensors.index.json`.
+pub fn index_shards(index: &Path) -> std::result::Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(index).map_err(|e| format!("{}: {e}", index.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", index.display()))?;
+    let map = v["weight_map"]
+        .as_object()
+        .ok_or_else(|| format!("{}: no `weight_map` object", index.display()))?;
+    let mut shards: Vec<String> = map
+        .values()
+        .filter_map(|f| f.as_str().map(String::from))
+        .collect();
+    shards.sort();
+    shards.dedup();
+    Ok(shards)
+}
+
+/// What a cached snapshot lacks of config.json and the weights (a broken
+/// link counts as missing); empty when it is complete.
+pub fn snapshot_missing(dir: &Path) -> Vec<String> {
+    let mut missing = Vec::new();
+    if !dir.join("config.json").exists() {
+        missing.push("config.json".to_string());
+    }
+    if dir.join("model.safetensors").exists() {
+        return missing;
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.exists() {
+        missing.push("model.safetensors".into());
+        return missing;
+    }
+    match index_shards(&index) {
+        Ok(shards) => missing.extend(shards.into_iter().filter(|s| !dir.join(s).exists())),
+        Err(e) => missing.push(e),
+    }
+    missing
 }
 
 /// The snapshot folder of `repo` in the hub cache: the one `refs/main`
-/// names, else the only one there is; it must hold config.json.
+/// names, else the only one there is; it must hold config.json and the
+/// weights ([`snapshot_missing`]).
 pub fn cached_snapshot(hub_cache: &Path, repo: &str) -> Option<PathBuf> {
     let folder = hub_cache.join(format!("models--{}", repo.replace('/', "--")));
     let snaps = folder.join("snapshots");
     if let Ok(hash) = std::fs::read_to_string(folder.join("refs").join("main")) {
         let dir = snaps.join(hash.trim());
-        if dir.join("config.json").exists() {
+        if snapshot_missing(&dir).is_empty() {
             return Some(dir);
         }
     }
     let dirs: Vec<PathBuf> = std::fs::read_dir(&snaps)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("config.json").exists())
+        .filter(|p| snapshot_missing(p).is_empty())
         .collect();
     match dirs.as_slice() {
         [one] => Some(one.clone()),
@@ -124,66 +176,13 @@ pub fn cached_snapshot(hub_cache: &Path, repo: &str) -> Option<PathBuf> {
     }
 }
 
-/// Files of a model folder wgtune reads; weights are chosen from the listing.
-#[cfg(feature = "hub")]
-const WANTED: [&str; 6] = [
-    "config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "generation_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-];
-
 #[cfg(not(feature = "hub"))]
 fn download(_repo: &str, _hub_cache: &Path) -> std::result::Result<PathBuf, String> {
     Err("this wgtune was built without the `hub` feature, so it cannot download".into())
 }
 
 #[cfg(feature = "hub")]
-fn download(repo: &str, hub_cache: &Path) -> std::result::Result<PathBuf, String> {
-    use hf_hub::api::sync::ApiBuilder;
-    let api = ApiBuilder::from_env()
-        .with_cache_dir(hub_cache.to_path_buf())
-        .with_progress(true)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let r = api.model(repo.to_string());
-    let info = r.info().map_err(|e| e.to_string())?;
-    let names: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
-    if !names.contains(&"config.json") {
-        return Err(format!(
-            "the repo has no config.json (files: {}); for a GGUF repo, download the .gguf and \
-             pass its path",
-            names.join(", ")
-        ));
-    }
-    let mut files: Vec<&str> = WANTED
-        .iter()
-        .copied()
-        .filter(|w| names.contains(w))
-        .collect();
-    if names.contains(&"model.safetensors") {
-        files.push("model.safetensors");
-    } else if names.contains(&"model.safetensors.index.json") {
-        files.push("model.safetensors.index.json");
-        files.extend(
-            names
-                .iter()
-                .copied()
-                .filter(|n| n.starts_with("model-") && n.ends_with(".safetensors")),
-        );
-    } else {
-        return Err("the repo has no model.safetensors (wgtune does not read .bin)".into());
-    }
-    let mut dir = None;
-    for f in files {
-        println!("downloading {repo}/{f}");
-        let p = r.get(f).map_err(|e| format!("{f}: {e}"))?;
-        dir = p.parent().map(Path::to_path_buf);
-    }
-    dir.ok_or_else(|| "nothing downloaded".into())
-}
+use download::download;
 
 #[cfg(test)]
 mod tests {
@@ -215,12 +214,34 @@ mod tests {
         std::fs::create_dir_all(repo.join("refs")).unwrap();
         std::fs::write(repo.join("refs/main"), "abc123\n").unwrap();
         std::fs::write(snap.join("config.json"), "{}").unwrap();
+        std::fs::write(snap.join("model.safetensors"), "").unwrap();
         // An older snapshot must not confuse the lookup.
         let old = repo.join("snapshots").join("old");
         std::fs::create_dir_all(&old).unwrap();
         std::fs::write(old.join("config.json"), "{}").unwrap();
+        std::fs::write(old.join("model.safetensors"), "").unwrap();
         let got = resolve_model_in(Path::new("Org/Tiny"), &hub, true).unwrap();
         assert_eq!(got, snap);
+        std::fs::remove_dir_all(&hub).unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_without_its_weights_is_not_taken() {
+        let hub = tmp("partial");
+        let snap = hub.join("models--Org--Part").join("snapshots").join("c1");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::write(snap.join("config.json"), "{}").unwrap();
+        assert_eq!(snapshot_missing(&snap), ["model.safetensors"]);
+        assert_eq!(cached_snapshot(&hub, "Org/Part"), None);
+        let index = r#"{"weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors"}}"#;
+        std::fs::write(snap.join("model.safetensors.index.json"), index).unwrap();
+        std::fs::write(snap.join("model-1.safetensors"), "").unwrap();
+        assert_eq!(snapshot_missing(&snap), ["model-2.safetensors"]);
+        assert_eq!(cached_snapshot(&hub, "Org/Part"), None);
+        std::fs::write(snap.join("model-2.safetensors"), "").unwrap();
+        assert_eq!(cached_snapshot(&hub, "Org/Part"), Some(snap.clone()));
+        let e = resolve_model_in(Path::new("Org/Part2"), &hub, true).unwrap_err();
+        assert!(e.to_string().contains("HF_HUB_OFFLINE"), "{e}");
         std::fs::remove_dir_all(&hub).unwrap();
     }
 
