@@ -192,7 +192,9 @@ const STEP_FIELDS: [&str; 11] = [
 ];
 
 /// A plain step line parsed: (step, total, name -> value).
-fn parse_line(line: &str) -> Option<(u64, u64, Vec<(String, f64)>)> {
+type Parsed = (u64, u64, Vec<(String, f64)>);
+
+fn parse_line(line: &str) -> Option<Parsed> {
     let mut fields = line.split("  ");
     let (s, t) = fields.next()?.strip_prefix("step ")?.split_once('/')?;
     let pairs = fields

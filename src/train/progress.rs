@@ -140,7 +140,7 @@ mod tests {
             .map(|f| f.split_once(' ').unwrap())
             .collect();
         assert_eq!(pairs[0], ("loss", "2.5000"));
-        assert_eq!(pairs.len(), 12, "{line}");
+        assert_eq!(pairs.len(), 11, "{line}");
         assert!(
             pairs.iter().all(|(_, v)| v.parse::<f64>().is_ok()),
             "{line}"
