@@ -345,8 +345,8 @@ pub struct TrainArgs {
     /// Validation data (same format), evaluated every --eval-every steps and at the end
     #[arg(long)]
     pub val_data: Option<PathBuf>,
-    /// Output folder: the PEFT adapter, checkpoint/, metrics.jsonl, loss.svg,
-    /// train_args.json; if it holds files, give --resume or --overwrite
+    /// Output folder: the PEFT adapter, checkpoint-N/, best/, metrics.jsonl,
+    /// loss.svg, train_args.json; if it holds files, give --resume or --overwrite
     #[arg(long, visible_aliases = ["adapter-path", "output-dir"], default_value = "wgtune-out")]
     pub out: PathBuf,
     #[command(flatten)]
@@ -391,13 +391,23 @@ pub struct TrainArgs {
     /// Checkpoint every N steps (0: only at the end and on Ctrl-C)
     #[arg(long, default_value_t = 0)]
     pub save_every: usize,
+    /// Keep only the newest K checkpoint-N folders (plus the best step's with --keep-best)
+    #[arg(long, value_parser = positive)]
+    pub save_total_limit: Option<usize>,
+    /// Keep the adapter with the lowest validation loss in OUT/best (needs --val-data)
+    #[arg(long)]
+    pub keep_best: bool,
+    /// Stop after K evaluations without a lower validation loss (needs --val-data and --eval-every)
+    #[arg(long, value_parser = positive)]
+    pub early_stopping_patience: Option<usize>,
     /// Start from an existing PEFT adapter folder
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
-    /// Continue from <out>/checkpoint; options not given are taken from
-    /// <out>/train_args.json (--steps, --epochs, --log-every, --eval-every,
-    /// --save-every, --max-bad-steps, --val-data, --export and the device
-    /// and progress options may change; the others must match)
+    /// Continue from the newest OUT/checkpoint-N (or a legacy OUT/checkpoint);
+    /// options not given are taken from OUT/train_args.json (--steps, --epochs,
+    /// --log-every, --eval-every, --save-every, --save-total-limit,
+    /// --early-stopping-patience, --max-bad-steps, --val-data, --export and
+    /// the device and progress options may change; the others must match)
     #[arg(long)]
     pub resume: bool,
     /// Start a new run in a non-empty --out: first remove what an earlier
@@ -440,7 +450,7 @@ pub struct TrainArgs {
     /// LoRA A init: kaiming (PEFT's default; also: default) or gaussian
     #[arg(long, value_enum, default_value_t = LoraInitArg::Kaiming)]
     pub lora_init: LoraInitArg,
-    /// No progress bar (one line per logged step)
+    /// No progress bar: one plain line per logged step on stderr (also when stderr is not a terminal)
     #[arg(long)]
     pub no_progress: bool,
     /// After training, also write the adapter as llama.cpp's GGUF LoRA (OUT/adapter.gguf) with an Ollama Modelfile beside it

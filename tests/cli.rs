@@ -118,7 +118,8 @@ fn every_method_trains_on_the_sample_data_and_the_adapter_is_usable() {
             "adapter_config.json",
             "adapter_model.safetensors",
             "loss.svg",
-            "checkpoint/state.safetensors",
+            "checkpoint-30/state.safetensors",
+            "checkpoint-30/adapter_model.safetensors",
         ] {
             assert!(out.join(f).exists(), "{method}: {f} missing");
         }

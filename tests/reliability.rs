@@ -219,7 +219,7 @@ fn killed_at_every_save_point_then_resumed_gives_the_same_adapter() {
             continue;
         }
         killed += 1;
-        let has_ckpt = out.join("checkpoint/state.safetensors").exists();
+        let has_ckpt = !wgtune::train::checkpoint::list(&out).is_empty();
         let mut b = a.clone();
         if has_ckpt {
             b.push("--resume");

@@ -11,7 +11,7 @@ use crate::train::options::{
     LoraOptions, MethodOptions, PrefixInitKind, PrefixOptions, PromptInitKind, PromptOptions,
     TrainOptions,
 };
-use crate::train::progress::{Lines, Progress};
+use crate::train::progress::{Lines, Progress, StepLog};
 use crate::train::run::{train as train_run, Outcome, StopFlag};
 use crate::train::trainer::Schedule;
 
@@ -117,6 +117,9 @@ impl TrainArgs {
             log_every: self.log_every,
             eval_every: self.eval_every,
             save_every: self.save_every,
+            save_total_limit: self.save_total_limit,
+            keep_best: self.keep_best,
+            early_stopping_patience: self.early_stopping_patience,
             init_adapter: self.init_adapter.clone(),
             resume: self.resume,
             overwrite: self.overwrite,
@@ -141,10 +144,10 @@ impl Progress for Bar {
         self.0 = Some(b);
     }
 
-    fn step(&mut self, step: usize, _total: usize, summary: Option<&str>) {
+    fn step(&mut self, step: usize, _total: usize, log: Option<&StepLog>) {
         if let Some(b) = &self.0 {
-            if let Some(s) = summary {
-                b.set_message(s.to_string());
+            if let Some(l) = log {
+                b.set_message(l.short());
             }
             b.set_position(step as u64);
         }
@@ -189,9 +192,12 @@ pub(super) fn train(a: &TrainArgs) -> Result<u8> {
     let o = a.options()?;
     let mut bar = Bar(None);
     let mut lines = Lines;
-    let progress: &mut dyn Progress = if a.no_progress { &mut lines } else { &mut bar };
+    // A bar redraws one line in place: in a file or a pipe only plain lines survive.
+    use std::io::IsTerminal;
+    let plain = a.no_progress || !std::io::stderr().is_terminal();
+    let progress: &mut dyn Progress = if plain { &mut lines } else { &mut bar };
     Ok(match train_run(&ctx, &o, &stop, progress)? {
-        Outcome::Done { .. } | Outcome::NothingToDo { .. } => {
+        Outcome::Done { .. } | Outcome::NothingToDo { .. } | Outcome::EarlyStopped { .. } => {
             if a.export.is_some() {
                 super::commands::export_as(
                     &a.out,

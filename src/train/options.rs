@@ -145,6 +145,13 @@ pub struct TrainOptions {
     pub log_every: usize,
     pub eval_every: usize,
     pub save_every: usize,
+    /// Keep only the newest K `checkpoint-N` folders (and the best step's
+    /// under `keep_best`); None keeps all.
+    pub save_total_limit: Option<usize>,
+    /// Keep the adapter of the lowest validation loss in `<out>/best`.
+    pub keep_best: bool,
+    /// Stop after this many evaluations without a lower validation loss.
+    pub early_stopping_patience: Option<usize>,
     pub init_adapter: Option<PathBuf>,
     pub resume: bool,
     /// Start again in a non-empty `out`, removing what an earlier run wrote.

@@ -1,16 +1,21 @@
-//! Training reports: `metrics.jsonl` (one JSON object per logged step, for
-//! scripts and for re-plotting after a resume); the SVG loss plot drawn from
-//! it is in `plot`.
+//! Training reports: `metrics.jsonl` (one JSON object per logged step and
+//! per validation, for scripts and for re-plotting after a resume); the SVG
+//! loss plot drawn from it is in `plot`.
 //!
-//! Line formats, keys in this order, non-finite numbers written as `null`:
+//! Lines are [`TrainRecord`] and [`ValRecord`] through serde: keys in field
+//! order, non-finite numbers written as `null`:
 //! ```text
-//! {"step":10,"epoch":0.5,"loss":3.41,"lr":0.0002,"grad_norm":0.8,"tokens":5120,"tokens_per_s":180.2,"elapsed_s":28.4}
+//! {"step":10,"epoch":0.5,"loss":3.41,"lr":0.0002,"grad_norm":0.8,"tokens":5120,"target_tokens":2100,"tokens_per_s":180.2,"target_tokens_per_s":73.9,"elapsed_s":28.4,"gpu_mib":41.5,"gpu_peak_mib":52.0}
 //! {"step":10,"epoch":0.5,"val_loss":3.52}
 //! ```
+//! `tokens` counts every input token (prompt and completion, not padding
+//! or virtual tokens), `target_tokens` only those the loss is computed on.
+//! Lines of older versions (without the target and GPU fields) still read.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::adapters::peft_io::write_atomic;
@@ -31,9 +36,39 @@ pub struct LossHistory {
     pub val: Vec<(usize, f64)>,
 }
 
-/// A JSON number, or `null` for NaN/inf (which JSON cannot hold).
-fn num(x: f64) -> String {
-    Value::from(x).to_string()
+/// One logged optimizer step in metrics.jsonl.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainRecord {
+    pub step: usize,
+    /// Epochs done, fractional.
+    pub epoch: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Input tokens trained on so far (not padding, not virtual tokens).
+    pub tokens: u64,
+    /// Loss targets trained on so far.
+    #[serde(default)]
+    pub target_tokens: u64,
+    /// Input tokens per second since the previous logged step.
+    pub tokens_per_s: f64,
+    #[serde(default)]
+    pub target_tokens_per_s: f64,
+    /// Seconds since this process started its steps.
+    pub elapsed_s: f64,
+    /// GPU buffers and textures wgtune holds, now and at their peak.
+    #[serde(default)]
+    pub gpu_mib: f64,
+    #[serde(default)]
+    pub gpu_peak_mib: f64,
+}
+
+/// One validation pass in metrics.jsonl: at most one per step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ValRecord {
+    pub step: usize,
+    pub epoch: f64,
+    pub val_loss: f64,
 }
 
 impl MetricsLog {
@@ -110,38 +145,23 @@ impl MetricsLog {
             })
     }
 
-    /// Log one optimizer step. `tokens` counts the loss targets seen so far.
-    #[allow(clippy::too_many_arguments)]
-    pub fn train(
-        &mut self,
-        step: usize,
-        epoch: f64,
-        loss: f64,
-        lr: f64,
-        grad_norm: f64,
-        tokens: u64,
-        tokens_per_s: f64,
-        elapsed_s: f64,
-    ) -> Result<()> {
-        self.write_line(format!(
-            "{{\"step\":{step},\"epoch\":{},\"loss\":{},\"lr\":{},\"grad_norm\":{},\
-             \"tokens\":{tokens},\"tokens_per_s\":{},\"elapsed_s\":{}}}",
-            num(epoch),
-            num(loss),
-            num(lr),
-            num(grad_norm),
-            num(tokens_per_s),
-            num(elapsed_s)
-        ))
+    fn write_record<T: Serialize>(&mut self, r: &T) -> Result<()> {
+        // serde_json writes NaN/inf as null; a plain struct cannot fail.
+        let line = serde_json::to_string(r).map_err(|e| Error::Io {
+            path: self.path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        self.write_line(line)
+    }
+
+    /// Log one optimizer step.
+    pub fn train(&mut self, r: &TrainRecord) -> Result<()> {
+        self.write_record(r)
     }
 
     /// Log one validation pass.
-    pub fn val(&mut self, step: usize, epoch: f64, val_loss: f64) -> Result<()> {
-        self.write_line(format!(
-            "{{\"step\":{step},\"epoch\":{},\"val_loss\":{}}}",
-            num(epoch),
-            num(val_loss)
-        ))
+    pub fn val(&mut self, r: &ValRecord) -> Result<()> {
+        self.write_record(r)
     }
 }
 
@@ -183,21 +203,42 @@ mod tests {
         d
     }
 
+    fn rec(step: usize, epoch: f64, loss: f64, grad_norm: f64, tokens: u64) -> TrainRecord {
+        TrainRecord {
+            step,
+            epoch,
+            loss,
+            lr: 2e-4,
+            grad_norm,
+            tokens,
+            target_tokens: tokens / 2,
+            tokens_per_s: 180.5,
+            target_tokens_per_s: 90.25,
+            elapsed_s: 28.0,
+            gpu_mib: 1.5,
+            gpu_peak_mib: 2.0,
+        }
+    }
+
     #[test]
     fn test_metrics_log_lines_and_resume() {
         let d = scratch("metrics");
         let mut log = MetricsLog::create(&d).unwrap();
-        log.train(10, 0.5, 3.25, 2e-4, 0.75, 5120, 180.5, 28.0)
-            .unwrap();
-        log.val(10, 0.5, 3.5).unwrap();
-        log.train(20, 1.0, f64::NAN, 1e-4, f64::INFINITY, 10240, 181.0, 56.0)
+        log.train(&rec(10, 0.5, 3.25, 0.75, 5120)).unwrap();
+        log.val(&ValRecord {
+            step: 10,
+            epoch: 0.5,
+            val_loss: 3.5,
+        })
+        .unwrap();
+        log.train(&rec(20, 1.0, f64::NAN, f64::INFINITY, 10240))
             .unwrap();
         drop(log);
         let text = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            r#"{"step":10,"epoch":0.5,"loss":3.25,"lr":0.0002,"grad_norm":0.75,"tokens":5120,"tokens_per_s":180.5,"elapsed_s":28.0}"#
+            r#"{"step":10,"epoch":0.5,"loss":3.25,"lr":0.0002,"grad_norm":0.75,"tokens":5120,"target_tokens":2560,"tokens_per_s":180.5,"target_tokens_per_s":90.25,"elapsed_s":28.0,"gpu_mib":1.5,"gpu_peak_mib":2.0}"#
         );
         assert_eq!(lines[1], r#"{"step":10,"epoch":0.5,"val_loss":3.5}"#);
         let v: Value = serde_json::from_str(lines[2]).unwrap();
@@ -211,11 +252,15 @@ mod tests {
             .write_all(b"{\"step\":30,\"ep")
             .unwrap();
         let mut log = MetricsLog::resume(&d, 10).unwrap();
-        log.train(20, 1.0, 3.0, 1e-4, 0.5, 10240, 181.0, 56.0)
-            .unwrap();
+        log.train(&rec(20, 1.0, 3.0, 0.5, 10240)).unwrap();
         let h = read_loss_history(log.path()).unwrap();
         assert_eq!(h.train, [(10, 3.25), (20, 3.0)]);
         assert_eq!(h.val, [(10, 3.5)]);
+
+        // a line of an older version (no target or GPU fields) reads
+        let old = r#"{"step":10,"epoch":0.5,"loss":3.25,"lr":0.0002,"grad_norm":0.75,"tokens":5120,"tokens_per_s":180.5,"elapsed_s":28.0}"#;
+        let r: TrainRecord = serde_json::from_str(old).unwrap();
+        assert_eq!((r.step, r.tokens, r.target_tokens), (10, 5120, 0));
 
         // a fresh run truncates
         let log = MetricsLog::create(&d).unwrap();

@@ -19,7 +19,7 @@ use crate::model::tokenizer::Tokenizer;
 use crate::model::transformer::Linear;
 use crate::model::Model;
 use crate::train::base_id::base_model_id;
-use crate::train::checkpoint::{self, Checkpoint, Position, RunSettings};
+use crate::train::checkpoint::{self, Checkpoint, EvalState, Position, RunSettings};
 use crate::train::data::{Batch, Dataset};
 use crate::train::memory::{
     does_not_fit, suggestions, Budget, FrozenTensors, MemoryPlan, PlanInput,
@@ -28,8 +28,8 @@ use crate::train::options::Method;
 use crate::train::options::{MethodOptions, PrefixInitKind, PromptInitKind, TrainOptions};
 use crate::train::outdir;
 use crate::train::plot::write_loss_plot;
-use crate::train::progress::Progress;
-use crate::train::report::{self, MetricsLog};
+use crate::train::progress::{Progress, StepLog};
+use crate::train::report::{self, MetricsLog, TrainRecord, ValRecord};
 use crate::train::resume::{
     adapter_conflicts, adopt_settings, check_adapter_base, conflict_error, settings_conflicts,
 };
@@ -143,6 +143,12 @@ pub enum Outcome {
     /// `--resume` found the checkpoint at or past the last step: nothing
     /// was trained or written.
     NothingToDo { step: usize },
+    /// `--early-stopping-patience` stopped it at `step`, saved like a
+    /// normal end; `best_step` had the lowest validation loss.
+    EarlyStopped {
+        step: usize,
+        best_step: Option<usize>,
+    },
     /// Stopped by signal `signal`. What training had done is saved
     /// (`saved_step`); None when it stopped before the first step.
     Interrupted {
@@ -175,9 +181,23 @@ impl Created {
     }
 }
 
-/// Write the adapter, the checkpoint and the loss plot. Returns false (and
-/// writes nothing) when the last step was skipped for a non-finite
-/// gradient: a diverging run must not replace the last good state.
+/// Validation bookkeeping: what the checkpoint keeps ([`EvalState`], the
+/// best adapter's tensors) and this process's last evaluation.
+#[derive(Default)]
+struct Evals {
+    state: EvalState,
+    /// (step, loss) of the last validation this process ran: the end of
+    /// the run reuses it instead of evaluating (and logging) a step twice.
+    last: Option<(usize, f64)>,
+    /// PEFT tensors of the best step's adapter, under `--keep-best`.
+    best_tensors: HostTensors,
+}
+
+/// Write the adapter, the checkpoint `checkpoint-N` (N = the step, with
+/// the step's adapter beside its state) and the loss plot, then drop
+/// checkpoints past `--save-total-limit`. Returns false (and writes
+/// nothing) when the last step was skipped for a non-finite gradient: a
+/// diverging run must not replace the last good state.
 fn save_all(
     ctx: &Context,
     o: &TrainOptions,
@@ -185,6 +205,7 @@ fn save_all(
     settings: &RunSettings,
     pos: Position,
     metrics: &MetricsLog,
+    ev: &Evals,
 ) -> Result<bool> {
     if tr.skipped_in_a_row()? > 0 {
         log::warn!(
@@ -195,7 +216,8 @@ fn save_all(
     }
     let ad = tr.adapter;
     let tensors = ad.peft_tensors(ctx)?;
-    peft_io::save_adapter_with(&o.out, &ad.config, &tensors, Some(tr.model.fingerprint))?;
+    let fp = Some(tr.model.fingerprint);
+    peft_io::save_adapter_with(&o.out, &ad.config, &tensors, fp)?;
     crate::train::template::save_beside_adapter(&o.out, o.data_opts.template.as_ref())?;
     pause_point("between-adapter-and-checkpoint");
     let (m, v) = tr.moments()?;
@@ -206,8 +228,23 @@ fn save_all(
         params: ad.flat.read(ctx, &ad.flat.params)?,
         m,
         v,
+        eval: ev.state.clone(),
+        best: ev.best_tensors.clone(),
     };
-    checkpoint::save(&o.out.join("checkpoint"), &ck)?;
+    checkpoint::save_numbered(&o.out, &ck, |d| {
+        peft_io::save_adapter_with(d, &ad.config, &tensors, fp)
+    })?;
+    if let Some(k) = o.save_total_limit {
+        // Never the one just written, nor the best step's.
+        let mut protect = vec![pos.step];
+        if let (true, Some((s, _))) = (o.keep_best, ev.state.best) {
+            protect.push(s);
+        }
+        let removed = checkpoint::prune(&o.out, k, &protect);
+        if !removed.is_empty() {
+            log::info!("--save-total-limit {k}: removed the checkpoints of steps {removed:?}");
+        }
+    }
     let hist = report::read_loss_history(metrics.path())?;
     write_loss_plot(
         &o.out.join("loss.svg"),
@@ -249,9 +286,25 @@ pub fn train(
     }
     // A new run never silently replaces an earlier one.
     outdir::check(&o.out, o.resume, o.overwrite)?;
-    let ckpt_dir = o.out.join("checkpoint");
-    for d in [&o.out, &ckpt_dir] {
-        let n = checkpoint::remove_stale_temp_files(d);
+    if o.keep_best && o.val_data.is_none() {
+        return Err(Error::invalid(
+            "--keep-best",
+            "needs --val-data: the best adapter is the one with the lowest validation loss",
+        ));
+    }
+    if let Some(k) = o.early_stopping_patience {
+        if o.val_data.is_none() || o.eval_every == 0 {
+            return Err(Error::invalid(
+                "--early-stopping-patience",
+                format!(
+                    "needs --val-data and --eval-every N: the run stops after {k} evaluations \
+                     without a lower validation loss"
+                ),
+            ));
+        }
+    }
+    for d in [o.out.clone(), o.out.join(checkpoint::LEGACY_DIR)] {
+        let n = checkpoint::remove_stale_temp_files(&d);
         if n > 0 {
             log::info!(
                 "{}: removed {n} temp files of an interrupted run",
@@ -260,6 +313,11 @@ pub fn train(
         }
     }
     // A missing or torn checkpoint is an error before anything loads.
+    let ckpt_dir = if o.resume {
+        checkpoint::latest(&o.out)?
+    } else {
+        o.out.join(checkpoint::LEGACY_DIR)
+    };
     let resumed = if o.resume {
         Some(checkpoint::load(&ckpt_dir)?)
     } else {
@@ -408,9 +466,12 @@ pub fn train(
     }
     let mut pos = Position::default();
     let mut moments = None;
+    let mut evals = Evals::default();
     let adapter = if let Some(ck) = resumed {
         pos = ck.position;
         moments = Some((ck.m, ck.v));
+        evals.state = ck.eval;
+        evals.best_tensors = ck.best;
         Adapter::new(ctx, &model, ck.config, ck.params)?
     } else if let (Some(dir), Some(loaded)) = (&o.init_adapter, loaded_init) {
         println!("starting from adapter {}", dir.display());
@@ -433,6 +494,17 @@ pub fn train(
                 pos.step
             );
             return Ok(Outcome::NothingToDo { step: pos.step });
+        }
+        if let (Some(k), Some((s, b))) = (o.early_stopping_patience, evals.state.best) {
+            if evals.state.since_best >= k {
+                println!(
+                    "nothing to do: the run stopped early at step {}: {} evaluations without a \
+                     validation loss below {b:.4} (step {s}); raise --early-stopping-patience \
+                     to train further",
+                    pos.step, evals.state.since_best
+                );
+                return Ok(Outcome::NothingToDo { step: pos.step });
+            }
         }
         println!("resuming from {} at step {}", ckpt_dir.display(), pos.step);
     }
@@ -505,6 +577,19 @@ pub fn train(
     };
     if !o.resume {
         created.metrics = Some(metrics.path().to_path_buf());
+        // A new run's checkpoints and best adapter replace an old run's.
+        let old = checkpoint::list(&o.out).into_iter().map(|(_, d)| d);
+        for d in old.chain([
+            o.out.join(checkpoint::LEGACY_DIR),
+            o.out.join(checkpoint::BEST_DIR),
+        ]) {
+            if d.is_dir() {
+                log::info!("{}: removed (a new run in this folder)", d.display());
+                let _ = std::fs::remove_dir_all(&d);
+            }
+        }
+    } else if o.keep_best {
+        restore_best(&o.out, &adapter, model.fingerprint, &evals)?;
     }
     if let Some(rec) = &o.record {
         let path = o.out.join(outdir::ARGS_FILE);
@@ -531,7 +616,7 @@ pub fn train(
         stop,
     };
     let mut saved = None;
-    let result = run.run(&mut tr, &mut metrics, pos, &mut saved, progress);
+    let result = run.run(&mut tr, &mut metrics, pos, &mut saved, &mut evals, progress);
     if result.is_err() && saved.is_none() {
         created.undo();
     }
@@ -622,6 +707,30 @@ fn virtual_tokens(cfg: &AdapterConfig) -> usize {
     }
 }
 
+/// On a resume with `--keep-best`, make `<out>/best` the checkpoint's best
+/// step again: a run killed after a later best left one from the steps the
+/// resume repeats.
+fn restore_best(out: &Path, adapter: &Adapter, fingerprint: u64, ev: &Evals) -> Result<()> {
+    let Some((step, loss)) = ev.state.best else {
+        return Ok(());
+    };
+    if checkpoint::best_step(out) == Some(step) {
+        return Ok(());
+    }
+    if ev.best_tensors.is_empty() {
+        log::warn!(
+            "the checkpoint records the best validation loss {loss:.4} at step {step} but not \
+             its adapter (that run had no --keep-best): {} will hold the best adapter from \
+             the next lower loss on",
+            out.join(checkpoint::BEST_DIR).display()
+        );
+        return Ok(());
+    }
+    checkpoint::save_best(out, step, loss, |d| {
+        peft_io::save_adapter_with(d, &adapter.config, &ev.best_tensors, Some(fingerprint))
+    })
+}
+
 /// The step loop and what it needs.
 struct Loop<'a> {
     ctx: &'a Context,
@@ -635,7 +744,68 @@ struct Loop<'a> {
     stop: &'a StopFlag,
 }
 
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
 impl Loop<'_> {
+    /// Validation loss at the trainer's step, once per step: a step already
+    /// evaluated returns its loss without running or logging it again.
+    /// Tracks the best loss (and under `--keep-best` writes its adapter to
+    /// `<out>/best`) and early stopping's counter.
+    fn evaluate(
+        &self,
+        step: usize,
+        epoch: f64,
+        metrics: &mut MetricsLog,
+        ev: &mut Evals,
+        progress: &mut dyn Progress,
+    ) -> Result<Option<f64>> {
+        let Some(v) = self.val else {
+            return Ok(None);
+        };
+        if let Some((s, vl)) = ev.last {
+            if s == step {
+                return Ok(Some(vl));
+            }
+        }
+        let vl = val_loss(self.ctx, self.model, self.adapter, v, self.o.batch_size)?;
+        metrics.val(&ValRecord {
+            step,
+            epoch,
+            val_loss: vl,
+        })?;
+        ev.last = Some((step, vl));
+        let improved = vl.is_finite()
+            && match ev.state.best {
+                Some((_, b)) => vl < b,
+                None => true,
+            };
+        if improved {
+            ev.state.best = Some((step, vl));
+            ev.state.since_best = 0;
+            if self.o.keep_best {
+                let (ad, fp) = (self.adapter, self.model.fingerprint);
+                let t = ad.peft_tensors(self.ctx)?;
+                checkpoint::save_best(&self.o.out, step, vl, |d| {
+                    peft_io::save_adapter_with(d, &ad.config, &t, Some(fp))
+                })?;
+                ev.best_tensors = t;
+            }
+        } else {
+            ev.state.since_best += 1;
+        }
+        let best = match ev.state.best {
+            Some((s, b)) => format!("  best_val_loss {b:.4}  best_step {s}"),
+            None => String::new(),
+        };
+        progress.line(&format!(
+            "step {step}/{}  val_loss {vl:.4}{best}",
+            self.total
+        ));
+        Ok(Some(vl))
+    }
+
     /// Train from `pos` to `total`; `saved` is the last step saved.
     fn run(
         &self,
@@ -643,15 +813,25 @@ impl Loop<'_> {
         metrics: &mut MetricsLog,
         mut pos: Position,
         saved: &mut Option<usize>,
+        ev: &mut Evals,
         progress: &mut dyn Progress,
     ) -> Result<Outcome> {
         let (ctx, o, total) = (self.ctx, self.o, self.total);
+        // A resume past an early stop runs on with a larger patience.
+        ev.state.stopped_early = false;
         progress.start(tr.step, total);
         let t0 = Stopwatch::start();
-        let (mut tokens_at_log, mut t_log) = (pos.tokens, Stopwatch::start());
+        let (start_step, start_tokens, start_targets) = (tr.step, pos.tokens, pos.target_tokens);
+        let (mut tokens_at_log, mut targets_at_log) = (pos.tokens, pos.target_tokens);
+        let mut t_log = Stopwatch::start();
+        // Prompt tuning also trains each row's first token.
+        let nv = match &self.adapter.config {
+            AdapterConfig::Prompt(c) => c.num_virtual_tokens,
+            _ => 0,
+        };
         let mut last_loss = f64::NAN;
         let mut last_finite: Option<(usize, f64)> = None;
-        let mut last_val: Option<(usize, f64)> = None;
+        let mut ep = pos.epoch as f64;
         while tr.step < total {
             let batches: Vec<Batch> = self.data.batches(o.batch_size, pos.epoch, o.seed);
             let groups: Vec<&[Batch]> = batches.chunks(o.grad_accum).collect();
@@ -671,37 +851,49 @@ impl Loop<'_> {
                 .iter()
                 .map(|b| b.lens.iter().sum::<usize>() as u64)
                 .sum::<u64>();
+            pos.target_tokens += micro.iter().map(|b| b.loss_targets(nv) as u64).sum::<u64>();
             pos.batch_in_epoch += 1;
             pos.step = tr.step;
-            let ep = pos.epoch as f64 + pos.batch_in_epoch as f64 / groups.len() as f64;
+            ep = pos.epoch as f64 + pos.batch_in_epoch as f64 / groups.len() as f64;
             if let Some(st) = stats {
-                let dt = t_log.lap();
-                let tps = (pos.tokens - tokens_at_log) as f64 / dt.max(1e-9);
-                tokens_at_log = pos.tokens;
+                let dt = t_log.lap().max(1e-9);
+                let elapsed = t0.secs();
+                let log = StepLog {
+                    step: tr.step,
+                    total,
+                    loss: st.loss,
+                    lr: lr_now,
+                    grad_norm: st.grad_norm,
+                    tokens_per_s: (pos.tokens - tokens_at_log) as f64 / dt,
+                    target_tokens_per_s: (pos.target_tokens - targets_at_log) as f64 / dt,
+                    tokens: pos.tokens,
+                    target_tokens: pos.target_tokens,
+                    elapsed_s: elapsed,
+                    eta_s: elapsed / (tr.step - start_step) as f64 * (total - tr.step) as f64,
+                    gpu_mib: mib(ctx.memory.live()),
+                    gpu_peak_mib: mib(ctx.memory.peak()),
+                    skipped: st.skipped,
+                };
+                (tokens_at_log, targets_at_log) = (pos.tokens, pos.target_tokens);
                 last_loss = st.loss;
                 if st.loss.is_finite() && !st.skipped {
                     last_finite = Some((tr.step, st.loss));
                 }
-                metrics.train(
-                    tr.step,
-                    ep,
-                    st.loss,
-                    lr_now,
-                    st.grad_norm,
-                    pos.tokens,
-                    tps,
-                    t0.secs(),
-                )?;
-                let msg = format!(
-                    "loss {:.4}  lr {lr_now:.2e}  {tps:.0} tok/s{}",
-                    st.loss,
-                    if st.skipped {
-                        "  (non-finite grad: step skipped)"
-                    } else {
-                        ""
-                    }
-                );
-                progress.step(tr.step, total, Some(&msg));
+                metrics.train(&TrainRecord {
+                    step: tr.step,
+                    epoch: ep,
+                    loss: st.loss,
+                    lr: lr_now,
+                    grad_norm: st.grad_norm,
+                    tokens: pos.tokens,
+                    target_tokens: pos.target_tokens,
+                    tokens_per_s: log.tokens_per_s,
+                    target_tokens_per_s: log.target_tokens_per_s,
+                    elapsed_s: elapsed,
+                    gpu_mib: log.gpu_mib,
+                    gpu_peak_mib: log.gpu_peak_mib,
+                })?;
+                progress.step(tr.step, total, Some(&log));
                 if st.skipped_in_a_row >= o.max_bad_steps {
                     progress.end(false);
                     return Err(Error::Diverged(format!(
@@ -728,16 +920,17 @@ impl Loop<'_> {
                 progress.step(tr.step, total, None);
             }
             if o.eval_every > 0 && tr.step.is_multiple_of(o.eval_every) {
-                if let Some(v) = self.val {
-                    let vl = val_loss(ctx, self.model, self.adapter, v, o.batch_size)?;
-                    metrics.val(tr.step, ep, vl)?;
-                    progress.line(&format!("step {}: val loss {vl:.4}", tr.step));
-                    last_val = Some((tr.step, vl));
+                self.evaluate(tr.step, ep, metrics, ev, progress)?;
+                if let Some(k) = o.early_stopping_patience {
+                    ev.state.stopped_early = ev.state.since_best >= k;
                 }
             }
             let signal = signalled(self.stop);
-            if ((o.save_every > 0 && tr.step.is_multiple_of(o.save_every)) || signal.is_some())
-                && save_all(ctx, o, tr, self.settings, pos, metrics)?
+            // The end of the run saves its last step: not here too.
+            let ends = tr.step == total || ev.state.stopped_early;
+            let periodic = o.save_every > 0 && tr.step.is_multiple_of(o.save_every) && !ends;
+            if (periodic || signal.is_some())
+                && save_all(ctx, o, tr, self.settings, pos, metrics, ev)?
             {
                 *saved = Some(tr.step);
             }
@@ -756,21 +949,25 @@ impl Loop<'_> {
                     saved_step: *saved,
                 });
             }
+            if ev.state.stopped_early {
+                break;
+            }
         }
         progress.end(true);
-        if let Some(v) = self.val {
-            // The last step may have been evaluated already (--eval-every).
-            let vl = match last_val {
-                Some((s, vl)) if s == tr.step => vl,
-                _ => {
-                    let vl = val_loss(ctx, self.model, self.adapter, v, o.batch_size)?;
-                    metrics.val(tr.step, pos.epoch as f64, vl)?;
-                    vl
-                }
-            };
+        if ev.state.stopped_early {
+            if let Some((s, b)) = ev.state.best {
+                println!(
+                    "early stopping at step {}: the last {} evaluations found no validation loss \
+                     below {b:.4} (step {s})",
+                    tr.step, ev.state.since_best
+                );
+            }
+        }
+        // Evaluated already when --eval-every hit the last step.
+        if let Some(vl) = self.evaluate(tr.step, ep, metrics, ev, progress)? {
             println!("val loss {vl:.4} (ppl {:.2})", vl.exp());
         }
-        if !save_all(ctx, o, tr, self.settings, pos, metrics)? {
+        if !save_all(ctx, o, tr, self.settings, pos, metrics, ev)? {
             return Err(Error::Diverged(format!(
                 "the last step was skipped for a non-finite gradient: the final adapter was \
                  not written{}",
@@ -781,16 +978,37 @@ impl Loop<'_> {
             )));
         }
         *saved = Some(tr.step);
+        if let Some((s, b)) = ev.state.best {
+            let kept = if o.keep_best {
+                format!(
+                    "; its adapter is in {}",
+                    o.out.join(checkpoint::BEST_DIR).display()
+                )
+            } else {
+                String::new()
+            };
+            println!("best val loss {b:.4} at step {s}{kept}");
+        }
         let secs = t0.secs();
         println!(
-            "done: {} steps in {secs:.1} s, final loss {last_loss:.4}; adapter in {}, loss plot {}; \
-             GPU buffers and textures peaked at {:.0} MiB",
+            "done: {} steps in {secs:.1} s ({:.0} tok/s, {:.0} target tok/s), final loss \
+             {last_loss:.4}; adapter in {}, loss plot {}; GPU buffers and textures peaked at \
+             {:.0} MiB",
             tr.step,
+            (pos.tokens - start_tokens) as f64 / secs.max(1e-9),
+            (pos.target_tokens - start_targets) as f64 / secs.max(1e-9),
             o.out.display(),
             o.out.join("loss.svg").display(),
-            ctx.memory.peak() as f64 / (1u64 << 20) as f64
+            mib(ctx.memory.peak())
         );
-        Ok(Outcome::Done { steps: tr.step })
+        Ok(if ev.state.stopped_early {
+            Outcome::EarlyStopped {
+                step: tr.step,
+                best_step: ev.state.best.map(|(s, _)| s),
+            }
+        } else {
+            Outcome::Done { steps: tr.step }
+        })
     }
 }
 
