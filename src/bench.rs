@@ -309,6 +309,8 @@ pub fn train(
     t: usize,
     steps: usize,
     weights: crate::model::compact::WeightsMode,
+    grad_checkpoint: bool,
+    num_layers: Option<usize>,
 ) -> Result<()> {
     use crate::adapters::adapter::match_targets;
     use crate::adapters::init::{
@@ -341,6 +343,22 @@ pub fn train(
         "bench train: {:?} {} layers hidden {}, weights {weights} ({:.0} MiB), batch {b} x {t}, {steps} timed steps, {} ({:?}); {:.0} MiB of GPU buffers after loading",
         cfg.arch, cfg.layers, cfg.hidden, mib(m.weight_bytes()), ctx.info.name, ctx.info.backend, mib(weights_gpu)
     );
+    let from = crate::train::memory::lora_first_layer(&cfg, num_layers)?;
+    // LoRA on the top layers only (`--num-layers`).
+    let top = |mut lc: LoraConfig| {
+        if num_layers.is_some() {
+            lc.layers_to_transform = Some((from..cfg.layers).collect());
+        }
+        lc
+    };
+    let lora_layers = |lc: &LoraConfig| -> Result<Vec<&crate::model::transformer::Linear>> {
+        let mut v = match_targets(&m, &lc.target_modules)?;
+        v.retain(|l| lc.transforms_layer(&l.name));
+        Ok(v)
+    };
+    if num_layers.is_some() {
+        println!("LoRA methods adapt layers {from}..{} only", cfg.layers);
+    }
     let mut rng = crate::rng::Rng::new(7);
     let ids: Vec<i32> = (0..b * t)
         .map(|_| rng.below(cfg.vocab as u64) as i32)
@@ -366,17 +384,12 @@ pub fn train(
         let (acfg, tensors) = match method {
             "lora" => {
                 let lc = LoraConfig::new(8, 16.0, &["q_proj", "v_proj"]);
-                let lc = if cfg.arch == crate::model::Arch::Gpt2 {
+                let lc = top(if cfg.arch == crate::model::Arch::Gpt2 {
                     LoraConfig::new(8, 16.0, &["c_attn"])
                 } else {
                     lc
-                };
-                let t = init_lora(
-                    &match_targets(&m, &lc.target_modules)?,
-                    &lc,
-                    LoraInit::Kaiming,
-                    1,
-                );
+                });
+                let t = init_lora(&lora_layers(&lc)?, &lc, LoraInit::Kaiming, 1);
                 (AdapterConfig::Lora(lc), t)
             }
             "lora-all" => {
@@ -394,13 +407,8 @@ pub fn train(
                 names.sort();
                 names.dedup();
                 let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
-                let lc = LoraConfig::new(8, 16.0, &refs);
-                let t = init_lora(
-                    &match_targets(&m, &lc.target_modules)?,
-                    &lc,
-                    LoraInit::Kaiming,
-                    1,
-                );
+                let lc = top(LoraConfig::new(8, 16.0, &refs));
+                let t = init_lora(&lora_layers(&lc)?, &lc, LoraInit::Kaiming, 1);
                 (AdapterConfig::Lora(lc), t)
             }
             "prompt" => {
@@ -439,34 +447,53 @@ pub fn train(
                 ))
             }
         };
-        let (planned, load_temp) = bench_plan(&m.cfg, &frozen, method, b, t, &batch, weights)?;
-        ctx.memory.reset_peak();
-        let ad = Adapter::new(&ctx, &m, acfg, tensors)?;
-        let opt = OptimConfig {
-            lr: 1e-4,
-            weight_decay: 0.0,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            max_grad_norm: 1.0,
-            schedule: Schedule::Constant,
-            warmup_steps: 0,
-            total_steps: steps + 1,
-        };
-        let mut tr = Trainer::new(&ctx, &m, &ad, opt)?;
-        let t0 = Stopwatch::start();
-        let first = tr
-            .train_step(std::slice::from_ref(&batch), true)?
-            .map(|s| s.loss)
-            .unwrap_or(f64::NAN);
-        let warm = t0.secs();
-        let t1 = Stopwatch::start();
-        for i in 0..steps {
-            tr.train_step(std::slice::from_ref(&batch), i + 1 == steps)?;
-        }
-        let secs = t1.secs() / steps.max(1) as f64;
-        println!(
-            "  {method:<12} {:>8.1} tok/s  {:>7.1} GFLOP/s (matmuls)  {:.2} s/step  (first step {warm:.1} s incl. pipeline builds, loss {first:.3}), {} trainable, GPU bytes allocated {:.0} MiB at peak ({:.0} MiB weights; memory plan {:.0} MiB, {:.0} MiB without the load-time temporary the peak here excludes), peak RSS {:.0} MiB",
+        for gc in [false, true]
+            .into_iter()
+            .take(1 + usize::from(grad_checkpoint))
+        {
+            let (planned, load_temp) = bench_plan(
+                &m.cfg,
+                &frozen,
+                method,
+                b,
+                t,
+                &batch,
+                weights,
+                (num_layers, gc),
+            )?;
+            ctx.memory.reset_peak();
+            let ad = Adapter::new(&ctx, &m, acfg.clone(), tensors.clone())?;
+            let opt = OptimConfig {
+                lr: 1e-4,
+                weight_decay: 0.0,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                max_grad_norm: 1.0,
+                schedule: Schedule::Constant,
+                warmup_steps: 0,
+                total_steps: steps + 1,
+            };
+            let mut tr = Trainer::new(&ctx, &m, &ad, opt)?;
+            tr.set_grad_checkpoint(gc);
+            let t0 = Stopwatch::start();
+            let first = tr
+                .train_step(std::slice::from_ref(&batch), true)?
+                .map(|s| s.loss)
+                .unwrap_or(f64::NAN);
+            let warm = t0.secs();
+            let t1 = Stopwatch::start();
+            for i in 0..steps {
+                tr.train_step(std::slice::from_ref(&batch), i + 1 == steps)?;
+            }
+            let secs = t1.secs() / steps.max(1) as f64;
+            let label = if gc {
+                format!("{method}+gc")
+            } else {
+                method.to_string()
+            };
+            println!(
+            "  {label:<12} {:>8.1} tok/s  {:>7.1} GFLOP/s (matmuls)  {:.2} s/step  (first step {warm:.1} s incl. pipeline builds, loss {first:.3}), {} trainable, GPU bytes allocated {:.0} MiB at peak ({:.0} MiB weights; memory plan {:.0} MiB, {:.0} MiB without the load-time temporary the peak here excludes), peak RSS {:.0} MiB",
             (b * t) as f64 / secs,
             tr.last_flops / secs / 1e9,
             secs,
@@ -477,11 +504,14 @@ pub fn train(
             mib(planned - load_temp),
             peak_rss_mib().unwrap_or(f64::NAN)
         );
+        }
     }
     Ok(())
 }
 
-/// The memory plan's total for one `bench train` method and batch.
+/// The memory plan's total for one `bench train` method and batch, with
+/// (`--num-layers`, gradient checkpointing).
+#[allow(clippy::too_many_arguments)]
 fn bench_plan(
     cfg: &crate::model::ModelConfig,
     frozen: &crate::train::memory::FrozenTensors,
@@ -490,6 +520,7 @@ fn bench_plan(
     t: usize,
     batch: &crate::train::data::Batch,
     weights: crate::model::compact::WeightsMode,
+    (num_layers, gc): (Option<usize>, bool),
 ) -> Result<(u64, u64)> {
     use crate::adapters::init::LoraInit;
     use crate::train::memory::{Budget, MemoryPlan, PlanInput};
@@ -504,6 +535,7 @@ fn bench_plan(
             targets: targets.iter().map(|s| s.to_string()).collect(),
             rslora: false,
             init: LoraInit::Kaiming,
+            num_layers,
         })
     };
     let (mo, nv, p) = match method {
@@ -543,6 +575,7 @@ fn bench_plan(
         r,
         nv,
         p,
+        keep: crate::train::memory::plan_keep(cfg, &mo, gc)?,
     };
     let plan = MemoryPlan::new(&input, Budget::of(None, None))?;
     Ok((plan.total(), plan.line("largest temporary")))

@@ -196,6 +196,12 @@ pub struct PlanArgs {
     /// model: c_attn for gpt2, q_proj,v_proj for llama, mistral, qwen2, qwen3, gemma3)
     #[arg(long)]
     pub lora_targets: Option<String>,
+    /// LoRA: adapt only the top N layers
+    #[arg(long, value_parser = positive)]
+    pub num_layers: Option<usize>,
+    /// Recompute each layer's activations in backward instead of keeping them
+    #[arg(long)]
+    pub grad_checkpoint: bool,
     #[command(flatten)]
     pub weights: WeightsArgs,
     #[command(flatten)]
@@ -234,6 +240,12 @@ pub enum BenchCommand {
         steps: usize,
         #[command(flatten)]
         weights: WeightsArgs,
+        /// Also time each method with gradient checkpointing (a second row)
+        #[arg(long)]
+        grad_checkpoint: bool,
+        /// LoRA methods adapt only the top N layers
+        #[arg(long, value_parser = positive)]
+        num_layers: Option<usize>,
     },
 }
 
@@ -450,6 +462,12 @@ pub struct TrainArgs {
     /// LoRA A init: kaiming (PEFT's default; also: default) or gaussian
     #[arg(long, value_enum, default_value_t = LoraInitArg::Kaiming)]
     pub lora_init: LoraInitArg,
+    /// LoRA: adapt only the top N layers (saved as PEFT's layers_to_transform); backward stops below them
+    #[arg(long, value_parser = positive)]
+    pub num_layers: Option<usize>,
+    /// Recompute each layer's activations in backward instead of keeping them: less memory, one more forward per step
+    #[arg(long)]
+    pub grad_checkpoint: bool,
     /// No progress bar: one plain line per logged step on stderr (also when stderr is not a terminal)
     #[arg(long)]
     pub no_progress: bool,
@@ -805,6 +823,8 @@ pub fn run(cli: Cli) -> Result<u8> {
                     seq_len,
                     steps,
                     weights,
+                    grad_checkpoint,
+                    num_layers,
                 },
         } => {
             let m: Vec<&str> = methods
@@ -821,6 +841,8 @@ pub fn run(cli: Cli) -> Result<u8> {
                 seq_len,
                 steps,
                 weights.weights,
+                grad_checkpoint,
+                num_layers,
             ))
         }
     }

@@ -497,6 +497,7 @@ fn memory_plan_matches_what_training_allocates() {
                     targets: l.target_modules.clone(),
                     rslora: false,
                     init: wgtune::adapters::init::LoraInit::Kaiming,
+                    num_layers: None,
                 }),
                 0,
                 0,
@@ -543,6 +544,7 @@ fn memory_plan_matches_what_training_allocates() {
             r,
             nv,
             p,
+            keep: Default::default(),
         };
         let plan = MemoryPlan::new(&input, Budget::of(None, None)).unwrap();
         eprintln!("{model}/{case}:\n{}", plan.render());

@@ -315,7 +315,23 @@ impl Adapter {
         tensors: HostTensors,
     ) -> Result<Adapter> {
         let layers = match &config {
-            AdapterConfig::Lora(lc) => match_targets(model, &lc.target_modules)?,
+            AdapterConfig::Lora(lc) => {
+                let hits: Vec<&Linear> = match_targets(model, &lc.target_modules)?
+                    .into_iter()
+                    .filter(|l| lc.transforms_layer(&l.name))
+                    .collect();
+                if hits.is_empty() {
+                    return Err(Error::invalid(
+                        "lora",
+                        format!(
+                            "layers_to_transform {:?} selects no layer of this model (it has {})",
+                            lc.layers_to_transform.as_deref().unwrap_or_default(),
+                            model.cfg.layers
+                        ),
+                    ));
+                }
+                hits
+            }
             _ => Vec::new(),
         };
         Adapter::on_layers(ctx, model, config, tensors, &layers)

@@ -44,6 +44,96 @@ pub struct LoraConfig {
     /// `true` (kaiming-uniform A, zero B), `false`, `"gaussian"`, ...
     #[serde(default = "default_init_lora_weights")]
     pub init_lora_weights: Value,
+    /// Only these layer indices are adapted (PEFT's `layers_to_transform`,
+    /// an int or a list); `None` or empty: every layer.
+    #[serde(default, deserialize_with = "layers_de")]
+    pub layers_to_transform: Option<Vec<usize>>,
+    /// The module-list names that precede a layer index (PEFT's
+    /// `layers_pattern`, a string or a list, read as plain names); empty:
+    /// PEFT's default rule ([`peft_layer_index`]).
+    #[serde(default, deserialize_with = "names_de")]
+    pub layers_pattern: Vec<String>,
+}
+
+/// `layers_to_transform`: null, an int, or a list of ints.
+fn layers_de<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Vec<usize>>, D::Error> {
+    use serde::de::Error as _;
+    let idx = |v: &Value| {
+        v.as_u64().map(|x| x as usize).ok_or_else(|| {
+            D::Error::custom(format!(
+                "layers_to_transform entries must be layer indices (ints >= 0), got {v}"
+            ))
+        })
+    };
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        Value::Array(items) => items.iter().map(idx).collect::<Result<_, _>>().map(Some),
+        v @ Value::Number(_) => Ok(Some(vec![idx(&v)?])),
+        other => Err(D::Error::custom(format!(
+            "layers_to_transform must be an int or a list of ints, got {other}"
+        ))),
+    }
+}
+
+/// `layers_pattern`: null, a name, or a list of names. PEFT matches them as
+/// regexes; plain names (letters, digits, `_`, `.`) are what wgtune reads.
+fn names_de<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    use serde::de::Error as _;
+    let names = match Value::deserialize(d)? {
+        Value::Null => Vec::new(),
+        Value::String(s) => vec![s],
+        Value::Array(items) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                other => Err(D::Error::custom(format!(
+                    "layers_pattern entries must be strings, got {other}"
+                ))),
+            })
+            .collect::<Result<_, _>>()?,
+        other => {
+            return Err(D::Error::custom(format!(
+                "layers_pattern must be a string or a list of strings, got {other}"
+            )))
+        }
+    };
+    for n in &names {
+        if !n
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+        {
+            return Err(D::Error::custom(format!(
+                "unsupported: regex layers_pattern \"{n}\"; give the module list's name (e.g. \"layers\")"
+            )));
+        }
+    }
+    Ok(names)
+}
+
+/// The layer index PEFT reads from a module path when `layers_to_transform`
+/// is set (`check_target_module_exists`, PEFT 0.21): without a pattern the
+/// first all-digit component that follows two others and is not the last
+/// (regex `.*?\.[^.]*\.(\d+)\.`), e.g. `model.layers.3.self_attn.q_proj` and
+/// `transformer.h.3.attn.c_attn` give 3; with patterns, the first pattern
+/// that is followed by `.<digits>.` (regex `(?:^|.*?\.)P\.(\d+)\.`).
+pub fn peft_layer_index(module_path: &str, layers_pattern: &[String]) -> Option<usize> {
+    let parts: Vec<&str> = module_path.split('.').collect();
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if layers_pattern.is_empty() {
+        // Components 0..j-1 then `.<name>.<digits>.`: j - 1 >= 1.
+        return (2..parts.len().saturating_sub(1))
+            .find(|&j| digits(parts[j]))
+            .and_then(|j| parts[j].parse().ok());
+    }
+    for pat in layers_pattern {
+        let k = pat.split('.').count();
+        for j in k..parts.len().saturating_sub(1) {
+            if parts[j - k..j].join(".") == *pat && digits(parts[j]) {
+                return parts[j].parse().ok();
+            }
+        }
+    }
+    None
 }
 
 fn default_r() -> usize {
@@ -104,6 +194,17 @@ impl LoraConfig {
             fan_in_fan_out: false,
             base_model_name_or_path: None,
             init_lora_weights: Value::Bool(true),
+            layers_to_transform: None,
+            layers_pattern: Vec::new(),
+        }
+    }
+
+    /// Whether `module_path` sits in a layer the adapter transforms.
+    pub fn transforms_layer(&self, module_path: &str) -> bool {
+        match self.layers_to_transform.as_deref() {
+            None | Some([]) => true,
+            Some(layers) => peft_layer_index(module_path, &self.layers_pattern)
+                .is_some_and(|l| layers.contains(&l)),
         }
     }
 
@@ -117,11 +218,13 @@ impl LoraConfig {
         }
     }
 
-    /// Whether `module_path` (e.g. `model.layers.0.self_attn.q_proj`) is a target.
+    /// Whether `module_path` (e.g. `model.layers.0.self_attn.q_proj`) is a
+    /// target: its name is in `target_modules` and its layer is transformed.
     pub fn targets(&self, module_path: &str) -> bool {
         self.target_modules
             .iter()
             .any(|t| module_matches(module_path, t))
+            && self.transforms_layer(module_path)
     }
 }
 
@@ -195,14 +298,13 @@ pub enum AdapterConfig {
 
 /// Keys that change what a LoRA adapter computes. wgtune implements none of
 /// them, so a config that sets one is refused rather than silently misread.
-const LORA_UNSUPPORTED_KEYS: [&str; 14] = [
+const LORA_UNSUPPORTED_KEYS: [&str; 13] = [
     "use_dora",
     "use_qalora",
     "bias",
     "lora_bias",
     "rank_pattern",
     "alpha_pattern",
-    "layers_to_transform",
     "modules_to_save",
     "layer_replication",
     "exclude_modules",
@@ -298,6 +400,14 @@ impl AdapterConfig {
                 m.insert("use_rslora", json!(c.use_rslora));
                 m.insert("fan_in_fan_out", json!(c.fan_in_fan_out));
                 m.insert("init_lora_weights", c.init_lora_weights.clone());
+                if let Some(layers) = c.layers_to_transform.as_ref().filter(|l| !l.is_empty()) {
+                    m.insert("layers_to_transform", json!(layers));
+                }
+                if let [one] = c.layers_pattern.as_slice() {
+                    m.insert("layers_pattern", json!(one));
+                } else if !c.layers_pattern.is_empty() {
+                    m.insert("layers_pattern", json!(c.layers_pattern));
+                }
             }
             AdapterConfig::Prompt(c) => {
                 m.insert("num_virtual_tokens", json!(c.num_virtual_tokens));
@@ -429,6 +539,10 @@ impl AdapterConfig {
                 if c.target_modules.is_empty() {
                     return Err("target_modules is empty".into());
                 }
+                if !c.layers_pattern.is_empty() && c.layers_to_transform.is_none() {
+                    // PEFT's LoraConfig refuses this too.
+                    return Err("layers_pattern is set without layers_to_transform".into());
+                }
                 if !(0.0..1.0).contains(&c.lora_dropout) {
                     return Err(format!("lora_dropout {} is not in [0, 1)", c.lora_dropout));
                 }
@@ -487,8 +601,12 @@ impl AdapterConfig {
                         )
                     })?;
                     if !c.targets(module) {
+                        let layers = match &c.layers_to_transform {
+                            Some(l) if !l.is_empty() => format!(" on layers_to_transform {l:?}"),
+                            _ => String::new(),
+                        };
                         return Err(format!(
-                            "tensor `{name}`: module `{module}` is not in target_modules {:?}",
+                            "tensor `{name}`: module `{module}` is not in target_modules {:?}{layers}",
                             c.target_modules
                         ));
                     }
@@ -631,7 +749,6 @@ mod tests {
             r#""use_dora": true"#,
             r#""bias": "all""#,
             r#""rank_pattern": {"q_proj": 8}"#,
-            r#""layers_to_transform": [0]"#,
             r#""modules_to_save": ["lm_head"]"#,
         ] {
             let text = format!(r#"{{"peft_type": "LORA", "target_modules": ["q_proj"], {extra}}}"#);
@@ -644,6 +761,58 @@ mod tests {
         let text = r#"{"peft_type": "LORA", "target_modules": ["q_proj"], "use_dora": false,
             "bias": "none", "rank_pattern": {}, "layers_to_transform": null, "modules_to_save": null}"#;
         AdapterConfig::from_json_str(p, text).unwrap();
+    }
+
+    #[test]
+    fn test_peft_layer_index() {
+        let none: &[String] = &[];
+        for (path, want) in [
+            ("model.layers.3.self_attn.q_proj", Some(3)),
+            ("transformer.h.12.attn.c_attn", Some(12)),
+            ("model.language_model.layers.1.mlp.up_proj", Some(1)),
+            // the number must be a whole component followed by another
+            ("model.layers.3", None),
+            ("layers.3.q_proj", None),
+            ("a.b.x3.q", None),
+        ] {
+            assert_eq!(peft_layer_index(path, none), want, "{path}");
+        }
+        let pats = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let path = "model.layers.3.self_attn.q_proj";
+        assert_eq!(peft_layer_index(path, &pats(&["layers"])), Some(3));
+        assert_eq!(peft_layer_index(path, &pats(&["h", "layers"])), Some(3));
+        assert_eq!(peft_layer_index(path, &pats(&["model.layers"])), Some(3));
+        assert_eq!(peft_layer_index(path, &pats(&["h"])), None);
+        assert_eq!(
+            peft_layer_index("layers.3.q_proj", &pats(&["layers"])),
+            Some(3)
+        );
+    }
+
+    #[test]
+    fn test_layers_to_transform_round_trip() {
+        let p = Path::new("a/adapter_config.json");
+        let text =
+            r#"{"peft_type": "LORA", "target_modules": ["q_proj"], "layers_to_transform": 2}"#;
+        let AdapterConfig::Lora(c) = AdapterConfig::from_json_str(p, text).unwrap() else {
+            panic!("not LoRA")
+        };
+        assert_eq!(c.layers_to_transform, Some(vec![2]));
+        assert!(c.targets("model.layers.2.self_attn.q_proj"));
+        assert!(!c.targets("model.layers.1.self_attn.q_proj"));
+        let j = AdapterConfig::Lora(c.clone()).to_json();
+        assert_eq!(j["layers_to_transform"], json!([2]));
+        assert_eq!(j["layers_pattern"], Value::Null);
+        let back =
+            AdapterConfig::from_json_str(p, &AdapterConfig::Lora(c.clone()).to_json_string());
+        assert_eq!(back.unwrap(), AdapterConfig::Lora(c));
+        // an empty list is PEFT's "every layer"
+        let text =
+            r#"{"peft_type": "LORA", "target_modules": ["q_proj"], "layers_to_transform": []}"#;
+        let AdapterConfig::Lora(c) = AdapterConfig::from_json_str(p, text).unwrap() else {
+            panic!("not LoRA")
+        };
+        assert!(c.targets("model.layers.7.self_attn.q_proj"));
     }
 
     #[test]

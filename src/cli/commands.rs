@@ -264,11 +264,19 @@ pub(super) fn export_as(
 /// a GGUF's header) alone; nothing is loaded into the GPU.
 pub(super) fn plan(a: &PlanArgs) -> Result<()> {
     use crate::adapters::init::LoraInit;
-    use crate::train::memory::{describe_model, suggestions, Budget, MemoryPlan, PlanInput};
+    use crate::train::memory::{
+        describe_model, plan_keep, suggestions, Budget, MemoryPlan, PlanInput,
+    };
     use crate::train::options::{LoraOptions, MethodOptions, PrefixInitKind, PrefixOptions};
     use crate::train::options::{PromptInitKind, PromptOptions};
     use crate::train::trainer::bucket_shape;
     let (cfg, frozen) = describe_model(&a.model)?;
+    if a.num_layers.is_some() && a.method != MethodArg::Lora {
+        return Err(Error::invalid(
+            "--num-layers",
+            "applies to --method lora only",
+        ));
+    }
     let n = a.num_virtual_tokens;
     let (method, nv, p) = match a.method {
         MethodArg::Lora => (
@@ -286,6 +294,7 @@ pub(super) fn plan(a: &PlanArgs) -> Result<()> {
                     .collect(),
                 rslora: false,
                 init: LoraInit::Kaiming,
+                num_layers: a.num_layers,
             }),
             0,
             0,
@@ -366,6 +375,7 @@ pub(super) fn plan(a: &PlanArgs) -> Result<()> {
         r,
         nv,
         p,
+        keep: plan_keep(&cfg, &method, a.grad_checkpoint)?,
     };
     let plan = MemoryPlan::new(&input, budget.clone())?;
     print!("{}", plan.render());

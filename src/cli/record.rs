@@ -31,8 +31,9 @@ const NOT_RECORDED: [&str; 3] = ["config", "resume", "overwrite"];
 /// and display, and the initial adapter (which a resume cannot take).
 const FREE: [&str; 4] = ["backend", "gpu", "no_progress", "init_adapter"];
 /// May change on resume; taken from the record when not given.
-const CHANGEABLE: [&str; 10] = [
+const CHANGEABLE: [&str; 11] = [
     "export",
+    "grad_checkpoint",
     "save_total_limit",
     "early_stopping_patience",
     "steps",

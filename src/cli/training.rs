@@ -66,6 +66,7 @@ impl TrainArgs {
                     LoraInitArg::Kaiming => LoraInit::Kaiming,
                     LoraInitArg::Gaussian => LoraInit::Gaussian,
                 },
+                num_layers: self.num_layers,
             }),
             MethodArg::Prompt => MethodOptions::Prompt(PromptOptions {
                 num_virtual_tokens: self.num_virtual_tokens,
@@ -92,6 +93,14 @@ impl TrainArgs {
 
     /// The library's options, built once from the arguments.
     pub fn options(&self) -> Result<TrainOptions> {
+        if self.num_layers.is_some() && self.method != MethodArg::Lora {
+            // PEFT has no layer choice for prompt or prefix tuning.
+            return Err(Error::invalid(
+                "--num-layers",
+                "applies to --method lora only (prompt tuning adds tokens at the input; \
+                 prefix tuning trains every layer's prefix, as PEFT does)",
+            ));
+        }
         Ok(TrainOptions {
             method: self.method_options(),
             model: self.model.clone(),
@@ -125,6 +134,7 @@ impl TrainArgs {
             overwrite: self.overwrite,
             record: Some(super::record::to_json(self)),
             max_bad_steps: self.max_bad_steps,
+            grad_checkpoint: self.grad_checkpoint,
             explicit: self.explicit.clone(),
         })
     }

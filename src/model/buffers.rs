@@ -212,11 +212,26 @@ pub struct LayerActs {
     pub post_mlp: Option<NormActs>,
 }
 
+/// Which activations a training forward keeps for backward. Every layer
+/// keeps its input (the residual stream); the rest is a layer's own set of
+/// buffers, or one set shared by the layers that keep none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Keep {
+    /// Layers below this one keep nothing of their own: backward stops
+    /// above them (`Model::backward_floor`).
+    pub from: usize,
+    /// Gradient checkpointing: no layer keeps a set of its own, and backward
+    /// recomputes each layer's from its input before using it.
+    pub recompute: bool,
+}
+
 /// Activations of one forward shape. With `save`, each layer has its own
 /// buffers (backward reads them); without, all layers share one set.
 #[derive(Clone)]
 pub struct Acts {
     pub shape: FwdShape,
+    /// The layers share one set that backward must refill ([`Keep::recompute`]).
+    pub recompute: bool,
     /// Embedding output / first layer input (B*S, C); the positions' ids.
     pub x0: Tensor,
     pub pos_ids: Option<Tensor>,
@@ -263,7 +278,19 @@ impl Acts {
         save: bool,
         cached: bool,
     ) -> Result<Acts> {
-        let v = pool.views(&Acts::specs(cfg, shape, save, cached))?;
+        Acts::in_pool_kept(pool, cfg, shape, save.then(Keep::default), cached)
+    }
+
+    /// [`Acts::in_pool`] for training with `keep` (`None`: inference, one
+    /// set for all layers and the residual stream overwritten in place).
+    pub fn in_pool_kept(
+        pool: &Pool,
+        cfg: &ModelConfig,
+        shape: FwdShape,
+        keep: Option<Keep>,
+        cached: bool,
+    ) -> Result<Acts> {
+        let v = pool.views(&Acts::specs_kept(cfg, shape, keep, cached))?;
         let n = shape.rows();
         let c = cfg.hidden;
         let x0 = v.get("x0")?;
@@ -299,8 +326,13 @@ impl Acts {
         for l in 0..cfg.layers {
             if l == 0 {
                 layers.push(layer(0, x0.reshape(&[n, c])?)?);
-            } else if save {
+            } else if owns_set(keep, l) {
                 layers.push(layer(l, v.get(&format!("L{l}.resid"))?)?);
+            } else if keep.is_some() {
+                // Layer 0's set, with this layer's own input.
+                let mut a = layers[0].clone();
+                a.resid = v.get(&format!("L{l}.resid"))?;
+                layers.push(a);
             } else {
                 // Each layer overwrites the residual stream in place: it reads
                 // `resid` only before writing `resid_mid`, and writes the next
@@ -314,6 +346,7 @@ impl Acts {
         };
         Ok(Acts {
             shape,
+            recompute: keep.is_some_and(|k| k.recompute),
             pos_ids: v.opt("pos_ids"),
             pos_emb: v.opt("pos_emb"),
             emb: v.opt("tok_emb"),
@@ -328,6 +361,17 @@ impl Acts {
     /// layer (training), else one set for all; `cached` (generation) has no
     /// kcat/vcat.
     pub fn specs(cfg: &ModelConfig, shape: FwdShape, save: bool, cached: bool) -> Vec<BufSpec> {
+        Acts::specs_kept(cfg, shape, save.then(Keep::default), cached)
+    }
+
+    /// [`Acts::specs`] for training with `keep` (`None`: inference). Layer
+    /// 0's set (`L0.*`) is the one the layers without a set of their own share.
+    pub fn specs_kept(
+        cfg: &ModelConfig,
+        shape: FwdShape,
+        keep: Option<Keep>,
+        cached: bool,
+    ) -> Vec<BufSpec> {
         let (c, nh, kvh, hd, ff) = (
             cfg.hidden,
             cfg.heads,
@@ -340,12 +384,14 @@ impl Acts {
         let ln = cfg.arch == Arch::Gpt2;
         let k = BufKind::Activation;
         let mut v = vec![BufSpec::f32("x0", &[b, s, c], k)];
-        let per_layer = if save { cfg.layers } else { cfg.layers.min(1) };
-        for l in 0..per_layer {
+        for l in 0..cfg.layers {
             let tag = |x: &str| format!("L{l}.{x}");
             // Layer 0 reads x0; later layers their own residual (training).
-            if l > 0 {
+            if l > 0 && keep.is_some() {
                 v.push(BufSpec::f32(tag("resid"), &[n, c], k));
+            }
+            if l > 0 && !owns_set(keep, l) {
+                continue;
             }
             NormActs::specs(&mut v, n, c, ln, &tag("ln1"));
             if ln {
@@ -382,7 +428,7 @@ impl Acts {
                 NormActs::specs(&mut v, n, c, false, &tag("post_mlp"));
             }
         }
-        if save || cfg.layers == 0 {
+        if keep.is_some() || cfg.layers == 0 {
             v.push(BufSpec::f32("resid_out", &[n, c], k));
         }
         if ln {
@@ -393,6 +439,12 @@ impl Acts {
         NormActs::specs(&mut v, n, c, ln, "lnf");
         v
     }
+}
+
+/// Whether layer `l` has a set of activations of its own (layer 0 always
+/// has one: the set the others share).
+fn owns_set(keep: Option<Keep>, l: usize) -> bool {
+    l == 0 || keep.is_some_and(|k| !k.recompute && l >= k.from)
 }
 
 impl Acts {

@@ -322,7 +322,7 @@ impl Model {
         let cfg = &self.cfg;
         let sh = acts.shape;
         let (b, s, nv, p) = (sh.b, sh.s(), sh.n_virtual, sh.p);
-        let (c, nh, hd) = (cfg.hidden, cfg.heads, cfg.head_dim);
+        let c = cfg.hidden;
         self.check_positions(sh)?;
         if let Some(kc) = cache {
             if kc.len != p || b != 1 || p + s > kc.cap {
@@ -364,30 +364,51 @@ impl Model {
             None if p > 0 => Front::Prefix(hooks.prefix()),
             None => Front::None,
         };
-        for (l, blk) in self.blocks.iter().enumerate() {
-            let (a, next) = (&acts.layers[l], acts.layer_output(l));
-            let att2 = a.att.reshape(&[n, nh * hd])?;
-            let (ln1, qkv, o, ln2, mlp) = (&blk.ln1, &blk.qkv, &blk.o, &blk.ln2, &blk.mlp);
+        for l in 0..self.blocks.len() {
             plan.push_group(&format!("layer {l}"));
-            ln1.forward(ctx, plan, &a.ln1, &a.resid)?;
-            let (q_out, k_out) = qk_outputs(a);
-            qkv.forward(ctx, plan, hooks, l, a, q_out, k_out)?;
-            blk.qk_norm_forward(ctx, plan, a)?;
-            self.rope_forward(ctx, plan, l, &a.q, &a.k, sh)?;
-            let (k, v) = kv_forward(ctx, plan, cfg, l, a, sh, front)?;
-            attention_forward_masked(ctx, plan, &a.att, &a.lse, &a.q, &k, &v, self.mask(l))?;
-            o.forward_hooked(ctx, plan, hooks, l, &a.proj, &att2)?;
-            let attn_out = post_norm_forward(ctx, plan, &blk.post_attn, &a.post_attn, &a.proj)?;
-            residual(ctx, plan, &a.resid_mid, &a.resid, attn_out)?;
-            ln2.forward(ctx, plan, &a.ln2, &a.resid_mid)?;
-            mlp.forward(ctx, plan, hooks, l, a, cfg.glu_act)?;
-            let mlp_out = post_norm_forward(ctx, plan, &blk.post_mlp, &a.post_mlp, &a.mlp_out)?;
-            residual(ctx, plan, next, &a.resid_mid, mlp_out)?;
+            let next = acts.layer_output(l);
+            self.layer_forward(ctx, plan, hooks, l, &acts.layers[l], Some(next), sh, front)?;
             plan.pop_group();
         }
         let last = acts.layers.last().map_or(&acts.x0, |_| &acts.resid_out);
         self.ln_f
             .forward(ctx, plan, &acts.lnf, &last.reshape(&[n, c])?)
+    }
+
+    /// Layer `l` from its input `a.resid`; the output residual goes to
+    /// `next` (backward's recompute passes none: the output is kept).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        ctx: &Context,
+        plan: &mut Plan,
+        hooks: &dyn Hooks,
+        l: usize,
+        a: &LayerActs,
+        next: Option<&Tensor>,
+        sh: FwdShape,
+        front: Front,
+    ) -> Result<()> {
+        let (cfg, blk) = (&self.cfg, &self.blocks[l]);
+        let att2 = a.att.reshape(&[sh.rows(), cfg.heads * cfg.head_dim])?;
+        let (ln1, qkv, o, ln2, mlp) = (&blk.ln1, &blk.qkv, &blk.o, &blk.ln2, &blk.mlp);
+        ln1.forward(ctx, plan, &a.ln1, &a.resid)?;
+        let (q_out, k_out) = qk_outputs(a);
+        qkv.forward(ctx, plan, hooks, l, a, q_out, k_out)?;
+        blk.qk_norm_forward(ctx, plan, a)?;
+        self.rope_forward(ctx, plan, l, &a.q, &a.k, sh)?;
+        let (k, v) = kv_forward(ctx, plan, cfg, l, a, sh, front)?;
+        attention_forward_masked(ctx, plan, &a.att, &a.lse, &a.q, &k, &v, self.mask(l))?;
+        o.forward_hooked(ctx, plan, hooks, l, &a.proj, &att2)?;
+        let attn_out = post_norm_forward(ctx, plan, &blk.post_attn, &a.post_attn, &a.proj)?;
+        residual(ctx, plan, &a.resid_mid, &a.resid, attn_out)?;
+        ln2.forward(ctx, plan, &a.ln2, &a.resid_mid)?;
+        mlp.forward(ctx, plan, hooks, l, a, cfg.glu_act)?;
+        let mlp_out = post_norm_forward(ctx, plan, &blk.post_mlp, &a.post_mlp, &a.mlp_out)?;
+        if let Some(next) = next {
+            residual(ctx, plan, next, &a.resid_mid, mlp_out)?;
+        }
+        Ok(())
     }
 
     /// logits (R, V) for the rows of `acts.lnf` listed in `rows` (1, R) i32
@@ -486,7 +507,7 @@ impl Model {
 
     /// Lowest layer backward must reach for `hooks`, or `None` when the
     /// gradient must flow down to the embeddings (prompt tuning).
-    fn backward_floor(&self, hooks: &dyn Hooks) -> Option<usize> {
+    pub fn backward_floor(&self, hooks: &dyn Hooks) -> Option<usize> {
         if hooks.prompt_grad().is_some() {
             return None;
         }
@@ -567,6 +588,11 @@ impl Model {
             .backward(ctx, plan, &g.dresid, &g.dlnf, &last, &acts.lnf)?;
         plan.pop_group();
         let dprefix = hooks.prefix_grad();
+        let front = if p > 0 {
+            Front::Prefix(hooks.prefix())
+        } else {
+            Front::None
+        };
         // A residual add's backward is `dresid` flowing on unchanged (each
         // branch's backward accumulates into it), so it has no line here.
         for (l, blk) in self.blocks.iter().enumerate().rev() {
@@ -579,6 +605,13 @@ impl Model {
             let att2 = a.att.reshape(&[n, nh * hd])?;
             let datt2 = g.datt.reshape(&[n, nh * hd])?;
             let (ln1, qkv, o, ln2, mlp) = (&blk.ln1, &blk.qkv, &blk.o, &blk.ln2, &blk.mlp);
+            // Gradient checkpointing: refill the shared set from the kept
+            // input (the top layer's is still there from forward).
+            if acts.recompute && l + 1 < self.blocks.len() {
+                plan.push_group(&format!("layer {l} recompute"));
+                self.layer_forward(ctx, plan, hooks, l, a, None, sh, front)?;
+                plan.pop_group();
+            }
             plan.push_group(&format!("layer {l} backward"));
             for t in &g.layer {
                 plan.clear(t);

@@ -10,13 +10,40 @@ use crate::adapters::adapter::{flat_len, resolve_targets};
 use crate::adapters::peft_io::module_matches;
 use crate::error::{Error, Result};
 use crate::gpu::tensor::alloc_bytes;
-use crate::model::buffers::{specs_bytes, BufKind, BufSpec, FwdShape};
+use crate::model::buffers::{specs_bytes, BufKind, BufSpec, FwdShape, Keep};
 use crate::model::compact::{target_format, WeightsMode};
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::gguf::{GgmlType, Gguf};
 use crate::model::names::ModelSpec;
 use crate::train::options::MethodOptions;
-use crate::train::trainer::step_specs;
+use crate::train::trainer::step_specs_kept;
+
+/// The lowest layer a LoRA of `--num-layers N` adapts (`layers - N`; 0 for
+/// every layer), or the error for an N the model does not have.
+pub fn lora_first_layer(cfg: &ModelConfig, num_layers: Option<usize>) -> Result<usize> {
+    match num_layers {
+        None => Ok(0),
+        Some(n) if n >= 1 && n <= cfg.layers => Ok(cfg.layers - n),
+        Some(n) => Err(Error::invalid(
+            "--num-layers",
+            format!("{n} is not between 1 and the model's {} layers", cfg.layers),
+        )),
+    }
+}
+
+/// What a training step of `method` keeps for backward (the trainer's
+/// `Trainer::keep` once the adapter exists): LoRA on the top N layers keeps
+/// nothing below them.
+pub fn plan_keep(cfg: &ModelConfig, method: &MethodOptions, grad_checkpoint: bool) -> Result<Keep> {
+    let from = match method {
+        MethodOptions::Lora(l) => lora_first_layer(cfg, l.num_layers)?,
+        _ => 0,
+    };
+    Ok(Keep {
+        from,
+        recompute: grad_checkpoint,
+    })
+}
 
 /// A config's `torch_dtype` / `dtype` as a stored type (f32 when absent or
 /// unknown).
@@ -209,7 +236,8 @@ fn packed_operand_bytes(
         // `adapter_tensors` has already reported targets that cannot resolve.
         let targets =
             resolve_targets(&l.targets, lins.iter().map(|l| l.name.as_str())).unwrap_or_default();
-        for lin in lins {
+        let from = lora_first_layer(cfg, l.num_layers).unwrap_or(0);
+        for lin in spec.blocks.iter().skip(from).flat_map(|b| b.linears()) {
             if all || targets.iter().any(|t| module_matches(&lin.name, t)) {
                 add(lin.in_f, 1, n);
             }
@@ -255,7 +283,8 @@ fn adapter_tensors(
                 }
             }
             let mut v = Vec::new();
-            for lin in lins {
+            let from = lora_first_layer(cfg, l.num_layers)?;
+            for lin in spec.blocks.iter().skip(from).flat_map(|b| b.linears()) {
                 if all || targets.iter().any(|t| module_matches(&lin.name, t)) {
                     v.push(l.r * lin.in_f);
                     v.push(lin.out_f * l.r);
@@ -354,6 +383,8 @@ pub struct PlanInput<'a> {
     /// Virtual tokens (prompt tuning) and K/V rows in front (prefix).
     pub nv: usize,
     pub p: usize,
+    /// The activations kept for backward ([`plan_keep`]).
+    pub keep: Keep,
 }
 
 /// One line of the plan.
@@ -395,7 +426,7 @@ impl MemoryPlan {
             n_virtual: i.nv,
             p: i.p,
         };
-        let specs = step_specs(cfg, shape, i.r);
+        let specs = step_specs_kept(cfg, shape, i.r, i.keep);
         let weights = frozen_weight_bytes(cfg, &i.frozen.tensors, i.mode);
         let rc = crate::model::buffers::logits_chunk_rows(i.r, cfg.vocab, cfg.hidden);
         let packed = packed_operand_bytes(cfg, i.method, shape, rc);
@@ -454,7 +485,7 @@ impl MemoryPlan {
                 bytes: specs_bytes(&specs, Some(BufKind::Activation))
                     + specs_bytes(&specs, Some(BufKind::Input)),
                 note: format!(
-                    "{} layers x {} rows ({} x {} tokens{})",
+                    "{} layers x {} rows ({} x {} tokens{}){}",
                     cfg.layers,
                     shape.rows(),
                     i.b,
@@ -463,6 +494,15 @@ impl MemoryPlan {
                         format!(" + {} virtual", i.nv)
                     } else {
                         String::new()
+                    },
+                    match i.keep {
+                        Keep {
+                            recompute: true, ..
+                        } => "; checkpointed: layer inputs + one layer's set".to_string(),
+                        Keep { from: 0, .. } => String::new(),
+                        Keep { from, .. } => {
+                            format!("; layers below {from} keep only their inputs")
+                        }
                     }
                 ),
             },

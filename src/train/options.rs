@@ -71,6 +71,9 @@ pub struct LoraOptions {
     pub targets: Vec<String>,
     pub rslora: bool,
     pub init: LoraInit,
+    /// Adapt only the top N layers (saved as PEFT's `layers_to_transform`);
+    /// `None`: every layer.
+    pub num_layers: Option<usize>,
 }
 
 /// Prompt tuning's settings.
@@ -161,6 +164,8 @@ pub struct TrainOptions {
     pub record: Option<serde_json::Value>,
     /// Stop with an error after this many skipped (non-finite) steps in a row.
     pub max_bad_steps: usize,
+    /// Recompute each layer's activations in backward instead of keeping them.
+    pub grad_checkpoint: bool,
     /// The options the user gave (clap ids, i.e. field names): on a resume
     /// or with an initial adapter, only these can contradict it.
     pub explicit: BTreeSet<String>,

@@ -78,6 +78,11 @@ pub fn adapter_conflicts(o: &TrainOptions, model: &Model, cfg: &AdapterConfig) -
                 ),
                 ("rslora", s(l.rslora), s(c.use_rslora)),
                 ("lora_init", lora_init_name(l.init).into(), new()),
+                (
+                    "num_layers",
+                    s(l.num_layers.unwrap_or(model.cfg.layers)),
+                    recorded_num_layers(model, c),
+                ),
             ]
         }
         (MethodOptions::Prompt(p), AdapterConfig::Prompt(c)) => vec![
@@ -125,6 +130,26 @@ pub fn adapter_conflicts(o: &TrainOptions, model: &Model, cfg: &AdapterConfig) -
         }
     };
     given_and_different(o, rows)
+}
+
+/// `--num-layers` as an adapter records it: N when it adapts the top N
+/// layers, else its list of layers.
+fn recorded_num_layers(model: &Model, c: &crate::adapters::peft_io::LoraConfig) -> String {
+    let n = model.cfg.layers;
+    match c.layers_to_transform.as_deref() {
+        None | Some([]) => n.to_string(),
+        Some(l) => {
+            let mut v = l.to_vec();
+            v.sort_unstable();
+            v.dedup();
+            let top: Option<Vec<usize>> = n.checked_sub(v.len()).map(|f| (f..n).collect());
+            if top.as_ref() == Some(&v) {
+                v.len().to_string()
+            } else {
+                format!("layers_to_transform {v:?}")
+            }
+        }
+    }
 }
 
 fn s(x: impl ToString) -> String {

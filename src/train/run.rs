@@ -22,7 +22,8 @@ use crate::train::base_id::base_model_id;
 use crate::train::checkpoint::{self, Checkpoint, EvalState, Position, RunSettings};
 use crate::train::data::{Batch, Dataset};
 use crate::train::memory::{
-    does_not_fit, suggestions, Budget, FrozenTensors, MemoryPlan, PlanInput,
+    does_not_fit, lora_first_layer, plan_keep, suggestions, Budget, FrozenTensors, MemoryPlan,
+    PlanInput,
 };
 use crate::train::options::Method;
 use crate::train::options::{MethodOptions, PrefixInitKind, PromptInitKind, TrainOptions};
@@ -52,6 +53,11 @@ fn fresh_adapter<'m>(
             // Matched once: the init, the saved target list and the adapter use it.
             layers = match_targets(model, &l.targets)?;
             let mut lc = LoraConfig::new(l.r, l.alpha, &[]);
+            if l.num_layers.is_some() {
+                // The top N layers, as PEFT's list of indices.
+                let from = lora_first_layer(cfg, l.num_layers)?;
+                lc.layers_to_transform = Some((from..cfg.layers).collect());
+            }
             lc.target_modules = if l.targets.iter().any(|t| t == "all-linear") {
                 // Saved resolved to module names, as PEFT saves it; sorted.
                 let mut names: Vec<String> = layers
@@ -67,6 +73,7 @@ fn fresh_adapter<'m>(
                     model.linears().iter().map(|(_, l)| l.name.as_str()),
                 )?
             };
+            layers.retain(|lin| lc.transforms_layer(&lin.name));
             lc.lora_dropout = l.dropout;
             lc.use_rslora = l.rslora;
             lc.base_model_name_or_path = Some(base.to_string());
@@ -535,6 +542,7 @@ pub fn train(
         total_steps: total,
     };
     let mut tr = Trainer::new(ctx, &model, &adapter, opt)?;
+    tr.set_grad_checkpoint(o.grad_checkpoint);
     // The step buffers for the data's largest shape, once (what the plan counted).
     tr.reserve(memory.b, memory.t, memory.r)?;
     if let Some((m, v)) = &moments {
@@ -682,6 +690,7 @@ fn plan_memory(
         r,
         nv,
         p,
+        keep: plan_keep(cfg, &o.method, o.grad_checkpoint)?,
     };
     let budget = Budget::of(Some(ctx.info.device_type), Some(ctx.limits.max_buffer_size));
     let plan = MemoryPlan::new(&input, budget.clone())?;

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::gpu::ops::adamw;
 use crate::gpu::{Context, DType, Plan, Tensor};
 use crate::model::buffers::{
-    logits_workspace, logits_workspace_within, position_ids, BufKind, BufSpec, Pool,
+    logits_workspace, logits_workspace_within, position_ids, BufKind, BufSpec, Keep, Pool,
     LOGITS_BUDGET_BYTES,
 };
 use crate::model::config::ModelConfig;
@@ -116,6 +116,11 @@ pub fn bucket_shape(
 /// trainer allocates these (once, for the largest shape) and the memory
 /// plan counts them.
 pub fn step_specs(cfg: &ModelConfig, shape: FwdShape, r: usize) -> Vec<BufSpec> {
+    step_specs_kept(cfg, shape, r, Keep::default())
+}
+
+/// [`step_specs`] with the activations `keep` says.
+pub fn step_specs_kept(cfg: &ModelConfig, shape: FwdShape, r: usize, keep: Keep) -> Vec<BufSpec> {
     let i = BufKind::Input;
     let mut v = vec![
         BufSpec::new("ids", &[shape.b, shape.t], DType::I32, i),
@@ -124,7 +129,7 @@ pub fn step_specs(cfg: &ModelConfig, shape: FwdShape, r: usize) -> Vec<BufSpec> 
         BufSpec::new("dlosses", &[r], DType::F32, i),
         BufSpec::new("losses", &[r], DType::F32, i),
     ];
-    v.extend(Acts::specs(cfg, shape, true, false));
+    v.extend(Acts::specs_kept(cfg, shape, Some(keep), false));
     v.extend(Grads::specs(cfg, shape, r));
     v.extend(
         logits_workspace(cfg, r)
@@ -155,6 +160,8 @@ pub struct Trainer<'a> {
     pub last_flops: f64,
     /// Bytes of the LM head's logits workspace (see [`Trainer::set_logits_budget`]).
     logits_budget: u64,
+    /// Gradient checkpointing (see [`Trainer::set_grad_checkpoint`]).
+    recompute: bool,
 }
 
 impl<'a> Trainer<'a> {
@@ -212,7 +219,28 @@ impl<'a> Trainer<'a> {
             step: 0,
             last_flops: 0.0,
             logits_budget: LOGITS_BUDGET_BYTES,
+            recompute: false,
         })
+    }
+
+    /// Gradient checkpointing: keep only each layer's input and recompute
+    /// the rest in backward (one more forward per step, one layer's
+    /// activations instead of all). Plans and buffers already built are
+    /// dropped.
+    pub fn set_grad_checkpoint(&mut self, on: bool) {
+        self.recompute = on;
+        self.plans.clear();
+        self.pool = Pool::default();
+        self.pool_max = (0, 0, 0);
+    }
+
+    /// What the step keeps: nothing below the lowest layer backward
+    /// reaches, and with checkpointing only the layer inputs.
+    pub fn keep(&self) -> Keep {
+        Keep {
+            from: self.model.backward_floor(self.adapter).unwrap_or(0),
+            recompute: self.recompute,
+        }
     }
 
     /// Bound the LM head's logits workspace to `bytes` (default
@@ -263,7 +291,8 @@ impl<'a> Trainer<'a> {
         self.model.check_positions(shape)?;
         // Packed operands too are sized once for the largest shape.
         self.ctx.reserve_scratch_rows(shape.rows());
-        self.pool = Pool::alloc(self.ctx, &step_specs(&self.model.cfg, shape, want.2))?;
+        let specs = step_specs_kept(&self.model.cfg, shape, want.2, self.keep());
+        self.pool = Pool::alloc(self.ctx, &specs)?;
         self.pool_max = want;
         Ok(())
     }
@@ -275,9 +304,10 @@ impl<'a> Trainer<'a> {
         let shape = self.shape(b, t);
         model.check_positions(shape)?;
         let pool = &self.pool;
-        let acts = Acts::in_pool(pool, cfg, shape, true, false)?;
+        let keep = self.keep();
+        let acts = Acts::in_pool_kept(pool, cfg, shape, Some(keep), false)?;
         let grads = Grads::in_pool(pool, cfg, shape, r)?;
-        let v = pool.views(&step_specs(cfg, shape, r))?;
+        let v = pool.views(&step_specs_kept(cfg, shape, r, keep))?;
         let (ids, rows, targets) = (v.get("ids")?, v.get("target_rows")?, v.get("targets")?);
         let (dlosses, losses) = (v.get("dlosses")?, v.get("losses")?);
         // The pool's logits chunk is sized for the default budget; a smaller
