@@ -122,6 +122,7 @@ fn batch(r: &Arrays) -> Batch {
         lens: vec![t; b],
         n_targets,
         first: (0..b).map(|i| labels[i * t]).collect(),
+        starts: Vec::new(),
     }
 }
 

@@ -120,6 +120,7 @@ impl TrainArgs {
             init_adapter: self.init_adapter.clone(),
             resume: self.resume,
             max_bad_steps: self.max_bad_steps,
+            packing: self.packing,
             explicit: self.explicit.clone(),
         })
     }

@@ -18,6 +18,7 @@ pub mod data;
 pub mod eval;
 pub mod memory;
 pub mod options;
+pub mod packing;
 pub mod plot;
 pub mod progress;
 pub mod report;

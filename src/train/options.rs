@@ -149,6 +149,9 @@ pub struct TrainOptions {
     pub resume: bool,
     /// Stop with an error after this many skipped (non-finite) steps in a row.
     pub max_bad_steps: usize,
+    /// Pack short rows into full sequences, attention kept inside each row
+    /// (see `train::packing`).
+    pub packing: bool,
     /// The options the user gave (clap ids, i.e. field names): on a resume
     /// or with an initial adapter, only these can contradict it.
     pub explicit: BTreeSet<String>,
