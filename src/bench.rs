@@ -378,6 +378,7 @@ pub fn train(
         lens: vec![t; b],
         n_targets,
         first: vec![-100; b],
+        starts: Vec::new(),
     };
     for &method in methods {
         let n = 20;

@@ -66,8 +66,8 @@ fn losses(metrics: &Path) -> Vec<f64> {
 fn every_method_trains_on_the_sample_data_and_the_adapter_is_usable() {
     let _ctx = gpu!();
     let model = root().join("tests/reference/data/tiny-llama");
-    let data = root().join("assets/data/pirate-train.jsonl");
-    let val = root().join("assets/data/pirate-val.jsonl");
+    let data = root().join("assets/data/pirate/train.jsonl");
+    let val = root().join("assets/data/pirate/valid.jsonl");
     // Projection, all-linear and dropout are covered by train_parity; each
     // extra run here costs CI a cold pipeline build in a new process.
     for (method, extra) in [
@@ -155,7 +155,7 @@ fn every_method_trains_on_the_sample_data_and_the_adapter_is_usable() {
 fn resume_continues_from_the_checkpoint() {
     let _ctx = gpu!();
     let model = root().join("tests/reference/data/tiny-llama");
-    let data = root().join("assets/data/pirate-train.jsonl");
+    let data = root().join("assets/data/pirate/train.jsonl");
     let out = tmp("resume");
     let base = |steps: &str| {
         vec![
@@ -258,7 +258,7 @@ fn gguf_import_and_gguf_as_model() {
         !cached[0].join("model.safetensors").exists(),
         "no converted weights"
     );
-    let val = root().join("assets/data/pirate-val.jsonl");
+    let val = root().join("assets/data/pirate/valid.jsonl");
     let (ok, text) = wgtune_env(
         &["eval", "--model", m, "--data", val.to_str().unwrap()],
         &env,
@@ -368,7 +368,7 @@ fn bad_input_is_a_clear_error() {
         eprintln!("{}", text.lines().last().unwrap_or(""));
     }
     // An unknown target module lists the model's linear modules.
-    let good = root().join("assets/data/pirate-train.jsonl");
+    let good = root().join("assets/data/pirate/train.jsonl");
     let (ok, text) = wgtune(&[
         "--method",
         "lora",
@@ -657,7 +657,7 @@ fn export_merge_modelfile_and_refusals() {
         "--model",
         &s(&base),
         "--data",
-        &s(&root().join("assets/data/pirate-train.jsonl")),
+        &s(&root().join("assets/data/pirate/train.jsonl")),
         "--out",
         &s(&never),
         "--export",

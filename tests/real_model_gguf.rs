@@ -122,6 +122,7 @@ fn batch(r: &Arrays) -> Batch {
         lens: vec![t; b],
         n_targets,
         first: (0..b).map(|i| labels[i * t]).collect(),
+        starts: Vec::new(),
     }
 }
 
@@ -433,6 +434,7 @@ fn gemma3_gguf_sliding_window_matches_transformers() {
         targets,
         lens: vec![t],
         first: vec![ids[0]],
+        starts: Vec::new(),
     };
     // Logits of the reference positions only (full (640, 262144) logits
     // would be a 640 MiB buffer), and every position's loss in 128-row

@@ -676,7 +676,7 @@ fn errors_leave_nothing_behind_and_name_the_cause() {
     assert!(!stale.exists() && !stale2.exists());
 
     // The last step's validation is written once, with --eval-every too.
-    let val = root().join("assets/data/pirate-val.jsonl");
+    let val = root().join("assets/data/pirate/valid.jsonl");
     let r = wgtune(
         &[
             &["--method", "lora", "--steps", "2", "--batch-size", "2"],

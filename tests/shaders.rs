@@ -50,6 +50,9 @@ fn attention_sources_validate() {
             let text = wgtune::gpu::ops::attention::source(src, sg).expect("attention source");
             validate(&format!("attention {src:?} sg{sg}"), &text);
         }
+        // The segmented build (packed rows).
+        let text = wgtune::gpu::ops::attention::segmented_source(src, 8).expect("segmented");
+        validate(&format!("attention {src:?} segmented"), &text);
     }
 }
 

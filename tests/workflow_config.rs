@@ -67,7 +67,7 @@ fn model() -> String {
 
 fn data() -> String {
     root()
-        .join("assets/data/pirate-train.jsonl")
+        .join("assets/data/pirate/train.jsonl")
         .display()
         .to_string()
 }
@@ -439,4 +439,47 @@ fn shell_completions_name_the_commands_and_options() {
     }
     let r = wgtune(&["completions", "tcsh"]);
     assert_eq!(r.code, Some(2), "{}", r.text);
+}
+
+/// The README's example runs (`assets/runs/*.toml`, one per method, on the
+/// `assets/data/pirate` folder) are complete runs: each trains, from the
+/// repository root, with only the model, the length and `--out` overridden.
+#[test]
+fn the_shipped_run_files_train() {
+    let dir = tmp("shipped");
+    let m = model();
+    for method in ["lora", "prompt", "prefix"] {
+        let file = format!("assets/runs/pirate-{method}.toml");
+        let out = dir.join(method).display().to_string();
+        let args = [
+            "train",
+            "-c",
+            &file,
+            "--model",
+            &m,
+            "--steps",
+            "2",
+            "--eval-every",
+            "1",
+            "--out",
+            &out,
+            "--no-progress",
+        ];
+        let r = wgtune_at(Some(&root()), &args, &[]);
+        assert!(r.ok(), "{file}: {}", r.text);
+        let rec = json(&Path::new(&out).join("train_args.json"));
+        assert_eq!(rec["method"], method, "{file}: {rec}");
+        let cfg = json(&Path::new(&out).join("adapter_config.json"));
+        let want = match method {
+            "lora" => "LORA",
+            "prompt" => "PROMPT_TUNING",
+            _ => "PREFIX_TUNING",
+        };
+        assert_eq!(cfg["peft_type"], want, "{file}");
+        // The folder's valid.jsonl is the validation data.
+        let metrics = std::fs::read_to_string(Path::new(&out).join("metrics.jsonl")).unwrap();
+        assert!(metrics.contains("val_loss"), "{file}: {metrics}");
+    }
+    // keep_best in the LoRA file: best/ holds an adapter.
+    assert!(dir.join("lora/best/adapter_model.safetensors").is_file());
 }

@@ -73,7 +73,7 @@ fn examples(tok: &Tokenizer, path: &Path, chat: ChatTemplateMode) -> Vec<Example
 
 /// The first pirate rows, as chat rows.
 fn pirate(n: usize) -> Vec<String> {
-    std::fs::read_to_string(root().join("assets/data/pirate-train.jsonl"))
+    std::fs::read_to_string(root().join("assets/data/pirate/train.jsonl"))
         .unwrap()
         .lines()
         .take(n)

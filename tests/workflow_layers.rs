@@ -250,8 +250,8 @@ fn layers_to_transform_forms_and_patterns() {
 fn num_layers_trains_the_top_layers_and_loads_back() {
     let _ctx = gpu!();
     let model = root().join("tests/reference/data/tiny-llama");
-    let data = root().join("assets/data/pirate-train.jsonl");
-    let val = root().join("assets/data/pirate-val.jsonl");
+    let data = root().join("assets/data/pirate/train.jsonl");
+    let val = root().join("assets/data/pirate/valid.jsonl");
     let out = tmp("num-layers");
     let args = |steps: &'static str| {
         vec![
@@ -336,7 +336,7 @@ fn num_layers_trains_the_top_layers_and_loads_back() {
 fn num_layers_refusals() {
     let _ctx = gpu!();
     let model = root().join("tests/reference/data/tiny-llama");
-    let data = root().join("assets/data/pirate-train.jsonl");
+    let data = root().join("assets/data/pirate/train.jsonl");
     for (method, n, want) in [
         ("lora", "3", "not between 1 and the model's 2 layers"),
         ("prompt", "1", "applies to --method lora only"),
@@ -371,7 +371,7 @@ fn num_layers_refusals() {
 #[test]
 fn grad_checkpoint_gives_identical_adapters() {
     let _ctx = gpu!();
-    let data = root().join("assets/data/pirate-train.jsonl");
+    let data = root().join("assets/data/pirate/train.jsonl");
     for (model, method, extra) in [
         (
             "tiny-llama",

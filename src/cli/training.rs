@@ -135,6 +135,7 @@ impl TrainArgs {
             record: Some(super::record::to_json(self)),
             max_bad_steps: self.max_bad_steps,
             grad_checkpoint: self.grad_checkpoint,
+            packing: self.packing,
             explicit: self.explicit.clone(),
         })
     }

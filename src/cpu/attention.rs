@@ -7,6 +7,10 @@
 //! Query head h reads KV head h / (NH / KVH). Query t sees keys s < P + t + 1,
 //! and with a sliding window W only those with (P + t) - s < W: key rows are
 //! positions, prefix rows included.
+//!
+//! Packed rows (the `_segs` twins): `starts` (B, T) gives each token's row
+//! start st; query t sees the prefix keys and the real keys st..=t, and its
+//! position for the window is P + t - st, as if its row were alone.
 
 /// Score scale and sliding window of one attention.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -27,6 +31,21 @@ impl Mask {
     pub fn first_key(&self, p: usize, ti: usize) -> usize {
         self.window.map_or(0, |w| (p + ti + 1).saturating_sub(w))
     }
+    /// The keys query row `ti` of a row starting at `st` sees, ascending
+    /// (with `st` = 0: `first_key(p, ti)..p + ti + 1`).
+    pub fn keys(&self, p: usize, ti: usize, st: usize) -> Vec<usize> {
+        // Positions: prefix key j at j, real key P + i at P + i - st.
+        let near = |pos: usize| self.window.is_none_or(|w| p + ti - st - pos < w);
+        (0..p)
+            .filter(|&j| near(j))
+            .chain((p + st..p + ti + 1).filter(|&j| near(j - st)))
+            .collect()
+    }
+}
+
+/// Row start of token `ti` of batch `bi` (0 without packing).
+fn start(starts: Option<&[usize]>, bi: usize, ti: usize, t: usize) -> usize {
+    starts.map_or(0, |s| s[bi * t + ti])
 }
 
 /// Index of element (b, t, h, 0) in a (B, T, H, HD) tensor.
@@ -74,6 +93,27 @@ pub fn attention_forward_masked(
     p: usize,
     mask: Mask,
 ) {
+    attention_forward_segs(out, lse, q, k, v, b, t, nh, kvh, hd, p, mask, None);
+}
+
+/// [`attention_forward_masked`] over packed rows with row starts `starts`
+/// (B, T); `None` is one row per sequence.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_segs(
+    out: &mut [f64],
+    lse: &mut [f64],
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    b: usize,
+    t: usize,
+    nh: usize,
+    kvh: usize,
+    hd: usize,
+    p: usize,
+    mask: Mask,
+    starts: Option<&[usize]>,
+) {
     let s = p + t;
     let g = nh / kvh; // query heads per KV head
     let scale = mask.scale;
@@ -82,11 +122,12 @@ pub fn attention_forward_masked(
             let kh = h / g;
             for ti in 0..t {
                 let qr = &q[row(bi, ti, h, t, nh, hd)..][..hd];
-                // Every prefix key and the real keys up to ti (in the window).
-                let (lo, nk) = (mask.first_key(p, ti), p + ti + 1);
+                // Every prefix key and the real keys of its row up to ti (in
+                // the window).
+                let keys = mask.keys(p, ti, start(starts, bi, ti, t));
                 // Scores, then a max-subtracted softmax.
-                let sc: Vec<f64> = (lo..nk)
-                    .map(|j| scale * dot(qr, &k[row(bi, j, kh, s, kvh, hd)..][..hd]))
+                let sc: Vec<f64> = (keys.iter())
+                    .map(|&j| scale * dot(qr, &k[row(bi, j, kh, s, kvh, hd)..][..hd]))
                     .collect();
                 let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
@@ -94,7 +135,7 @@ pub fn attention_forward_masked(
                 // out = sum_j p_j v_j with p_j = exp(sc_j - m) / z.
                 let o = &mut out[row(bi, ti, h, t, nh, hd)..][..hd];
                 o.fill(0.0);
-                for (j, x) in (lo..).zip(&sc) {
+                for (&j, x) in keys.iter().zip(&sc) {
                     let pj = (x - m).exp() / z;
                     let vr = &v[row(bi, j, kh, s, kvh, hd)..][..hd];
                     for d in 0..hd {
@@ -154,6 +195,32 @@ pub fn attention_backward_masked(
     p: usize,
     mask: Mask,
 ) {
+    attention_backward_segs(
+        dq, dk, dv, dout, q, k, v, out, lse, b, t, nh, kvh, hd, p, mask, None,
+    );
+}
+
+/// [`attention_backward_masked`] of [`attention_forward_segs`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_segs(
+    dq: &mut [f64],
+    dk: &mut [f64],
+    dv: &mut [f64],
+    dout: &[f64],
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    out: &[f64],
+    lse: &[f64],
+    b: usize,
+    t: usize,
+    nh: usize,
+    kvh: usize,
+    hd: usize,
+    p: usize,
+    mask: Mask,
+    starts: Option<&[usize]>,
+) {
     let s = p + t;
     let g = nh / kvh;
     let scale = mask.scale;
@@ -166,7 +233,7 @@ pub fn attention_backward_masked(
                 let l = lse[(bi * nh + h) * t + ti];
                 // sum_j p_j dp_j = dout . sum_j p_j v_j = dout . out.
                 let delta = dot(go, &out[qi..][..hd]);
-                for j in mask.first_key(p, ti)..p + ti + 1 {
+                for j in mask.keys(p, ti, start(starts, bi, ti, t)) {
                     let ki = row(bi, j, kh, s, kvh, hd);
                     // Recompute the probability from lse, as the kernels do.
                     let pj = (scale * dot(qr, &k[ki..][..hd]) - l).exp();

@@ -242,6 +242,8 @@ pub struct Acts {
     /// The final residual (B*S, C) and the final norm.
     pub resid_out: Tensor,
     pub lnf: NormActs,
+    /// Packed rows' starts and positions (train --packing); set by the trainer.
+    pub pack: Option<crate::model::packing::PackBufs>,
 }
 
 /// The norm `label` when the spec list has it.
@@ -354,6 +356,7 @@ impl Acts {
             layers,
             resid_out,
             lnf: NormActs::from_views(&v, "lnf")?,
+            pack: None,
         })
     }
 

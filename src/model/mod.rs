@@ -28,6 +28,7 @@ pub mod import;
 pub mod kv;
 pub mod layers;
 pub mod names;
+pub mod packing;
 pub mod tokenizer;
 pub mod transformer;
 pub mod weights;

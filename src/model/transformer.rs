@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::gpu::ops::attention::{attention_forward_masked, AttnMask, MAX_HEAD_DIM};
+use crate::gpu::ops::attention::{attention_forward_segs, AttnMask, MAX_HEAD_DIM};
 use crate::gpu::ops::copy::{copy_rows, scatter_rows, Layout};
 use crate::gpu::ops::{activation, embedding, expect_shape, loss, matmul, rope};
 use crate::gpu::{Context, Plan, Tensor};
@@ -25,6 +25,7 @@ use crate::model::compact::WeightsMode;
 use crate::model::config::{Arch, GluAct, LayerAttn, ModelConfig};
 use crate::model::kv::{attention_backward_kv, kv_backward, kv_forward, overwrite, Front};
 use crate::model::names::ModelSpec;
+use crate::model::packing::PackBufs;
 use crate::model::weights::Weights;
 
 // The types of the model's public surface, at their historical paths.
@@ -367,7 +368,8 @@ impl Model {
         for l in 0..self.blocks.len() {
             plan.push_group(&format!("layer {l}"));
             let next = acts.layer_output(l);
-            self.layer_forward(ctx, plan, hooks, l, &acts.layers[l], Some(next), sh, front)?;
+            let (a, pack) = (&acts.layers[l], acts.pack.as_ref());
+            self.layer_forward(ctx, plan, hooks, l, a, Some(next), sh, front, pack)?;
             plan.pop_group();
         }
         let last = acts.layers.last().map_or(&acts.x0, |_| &acts.resid_out);
@@ -388,6 +390,7 @@ impl Model {
         next: Option<&Tensor>,
         sh: FwdShape,
         front: Front,
+        pack: Option<&PackBufs>,
     ) -> Result<()> {
         let (cfg, blk) = (&self.cfg, &self.blocks[l]);
         let att2 = a.att.reshape(&[sh.rows(), cfg.heads * cfg.head_dim])?;
@@ -396,9 +399,10 @@ impl Model {
         let (q_out, k_out) = qk_outputs(a);
         qkv.forward(ctx, plan, hooks, l, a, q_out, k_out)?;
         blk.qk_norm_forward(ctx, plan, a)?;
-        self.rope_forward(ctx, plan, l, &a.q, &a.k, sh)?;
+        self.rope_forward(ctx, plan, l, &a.q, &a.k, sh, pack)?;
         let (k, v) = kv_forward(ctx, plan, cfg, l, a, sh, front)?;
-        attention_forward_masked(ctx, plan, &a.att, &a.lse, &a.q, &k, &v, self.mask(l))?;
+        let segs = pack.map(|pk| &pk.starts);
+        attention_forward_segs(ctx, plan, &a.att, &a.lse, &a.q, &k, &v, self.mask(l), segs)?;
         o.forward_hooked(ctx, plan, hooks, l, &a.proj, &att2)?;
         let attn_out = post_norm_forward(ctx, plan, &blk.post_attn, &a.post_attn, &a.proj)?;
         residual(ctx, plan, &a.resid_mid, &a.resid, attn_out)?;
@@ -609,7 +613,8 @@ impl Model {
             // input (the top layer's is still there from forward).
             if acts.recompute && l + 1 < self.blocks.len() {
                 plan.push_group(&format!("layer {l} recompute"));
-                self.layer_forward(ctx, plan, hooks, l, a, None, sh, front)?;
+                let pack = acts.pack.as_ref();
+                self.layer_forward(ctx, plan, hooks, l, a, None, sh, front, pack)?;
                 plan.pop_group();
             }
             plan.push_group(&format!("layer {l} backward"));
@@ -637,11 +642,12 @@ impl Model {
                 &g.dresid,
             )?;
             o.backward_hooked(ctx, plan, hooks, l, Some(&datt2), dproj, &att2)?;
-            attention_backward_kv(ctx, plan, a, g, p, self.mask(l))?;
+            let segs = acts.pack.as_ref().map(|pk| &pk.starts);
+            attention_backward_kv(ctx, plan, a, g, p, self.mask(l), segs)?;
             kv_backward(ctx, plan, cfg, l, g, sh, dprefix)?;
             // At the floor layer q/k/v's backward serves only their adapters.
             if below || qkv.all().iter().any(|x| hooks.adapts(l, x)) {
-                self.rope_backward(ctx, plan, l, &g.dq, &g.dk, sh)?;
+                self.rope_backward(ctx, plan, l, &g.dq, &g.dk, sh, acts.pack.as_ref())?;
                 let (dq, dk) = blk.qk_norm_backward(ctx, plan, a, g)?;
                 qkv.backward(ctx, plan, hooks, l, a, g, dq, dk, below.then_some(&g.dln1))?;
                 if below {
@@ -678,7 +684,9 @@ impl Model {
     }
 
     /// Rotate q and k (B, S, *, HD) of layer `l` at positions P.. (llama
-    /// family).
+    /// family); packed rows at their own positions, from tables gathered
+    /// per token (one table row per row of q and k).
+    #[allow(clippy::too_many_arguments)]
     fn rope_forward(
         &self,
         ctx: &Context,
@@ -687,7 +695,18 @@ impl Model {
         q: &Tensor,
         k: &Tensor,
         sh: FwdShape,
+        pack: Option<&PackBufs>,
     ) -> Result<()> {
+        if let Some(pk) = pack {
+            if let Some((cos, sin)) = pk.rope_of(&self.cfg, l) {
+                let (n, hd) = (sh.rows(), self.cfg.head_dim);
+                for x in [q, k] {
+                    let x = x.reshape(&[n, x.numel() / (n * hd), hd])?;
+                    rope::rope_forward(ctx, plan, &x, cos, sin, 1, n, 0)?;
+                }
+            }
+            return Ok(());
+        }
         if let Some((cos, sin)) = self.rope_of(l) {
             rope::rope_forward(ctx, plan, q, cos, sin, sh.b, sh.s(), sh.p)?;
             rope::rope_forward(ctx, plan, k, cos, sin, sh.b, sh.s(), sh.p)?;
@@ -696,6 +715,7 @@ impl Model {
     }
 
     /// Backward of [`Model::rope_forward`], in place on dq and dk.
+    #[allow(clippy::too_many_arguments)]
     fn rope_backward(
         &self,
         ctx: &Context,
@@ -704,7 +724,18 @@ impl Model {
         dq: &Tensor,
         dk: &Tensor,
         sh: FwdShape,
+        pack: Option<&PackBufs>,
     ) -> Result<()> {
+        if let Some(pk) = pack {
+            if let Some((cos, sin)) = pk.rope_of(&self.cfg, l) {
+                let (n, hd) = (sh.rows(), self.cfg.head_dim);
+                for x in [dq, dk] {
+                    let x = x.reshape(&[n, x.numel() / (n * hd), hd])?;
+                    rope::rope_backward(ctx, plan, &x, cos, sin, 1, n, 0)?;
+                }
+            }
+            return Ok(());
+        }
         if let Some((cos, sin)) = self.rope_of(l) {
             rope::rope_backward(ctx, plan, dq, cos, sin, sh.b, sh.s(), sh.p)?;
             rope::rope_backward(ctx, plan, dk, cos, sin, sh.b, sh.s(), sh.p)?;

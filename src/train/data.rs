@@ -510,6 +510,10 @@ pub struct Batch {
     /// virtual tokens' -100 labels in front, so the last virtual token's
     /// position is trained to predict it.
     pub first: Vec<i32>,
+    /// (B, T) packed rows (train --packing): the index of the first token of
+    /// each token's data row in its sequence; empty when every sequence is
+    /// one row. See `train::packing`.
+    pub starts: Vec<u32>,
 }
 
 impl Batch {
@@ -587,6 +591,7 @@ impl Batch {
             lens,
             n_targets,
             first,
+            starts: Vec::new(),
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod eval;
 pub mod memory;
 pub mod options;
 pub mod outdir;
+pub mod packing;
 pub mod plot;
 pub mod progress;
 pub mod report;

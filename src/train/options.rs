@@ -166,6 +166,9 @@ pub struct TrainOptions {
     pub max_bad_steps: usize,
     /// Recompute each layer's activations in backward instead of keeping them.
     pub grad_checkpoint: bool,
+    /// Pack short rows into full sequences, attention kept inside each row
+    /// (see `train::packing`).
+    pub packing: bool,
     /// The options the user gave (clap ids, i.e. field names): on a resume
     /// or with an initial adapter, only these can contradict it.
     pub explicit: BTreeSet<String>,

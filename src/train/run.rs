@@ -28,6 +28,7 @@ use crate::train::memory::{
 use crate::train::options::Method;
 use crate::train::options::{MethodOptions, PrefixInitKind, PromptInitKind, TrainOptions};
 use crate::train::outdir;
+use crate::train::packing;
 use crate::train::plot::write_loss_plot;
 use crate::train::progress::{Progress, StepLog};
 use crate::train::report::{self, MetricsLog, TrainRecord, ValRecord};
@@ -293,19 +294,24 @@ pub fn train(
     }
     // A new run never silently replaces an earlier one.
     outdir::check(&o.out, o.resume, o.overwrite)?;
-    if o.keep_best && o.val_data.is_none() {
+    // A data folder's valid file counts as validation data.
+    let (train_path, val_path) =
+        crate::train::rows::train_and_valid(&o.data, o.val_data.as_deref())?;
+    if o.keep_best && val_path.is_none() {
         return Err(Error::invalid(
             "--keep-best",
-            "needs --val-data: the best adapter is the one with the lowest validation loss",
+            "needs validation data (--val-data, or valid.jsonl in the --data folder): the best \
+             adapter is the one with the lowest validation loss",
         ));
     }
     if let Some(k) = o.early_stopping_patience {
-        if o.val_data.is_none() || o.eval_every == 0 {
+        if val_path.is_none() || o.eval_every == 0 {
             return Err(Error::invalid(
                 "--early-stopping-patience",
                 format!(
-                    "needs --val-data and --eval-every N: the run stops after {k} evaluations \
-                     without a lower validation loss"
+                    "needs validation data (--val-data, or valid.jsonl in the --data folder) and \
+                     --eval-every N: the run stops after {k} evaluations without a lower \
+                     validation loss"
                 ),
             ));
         }
@@ -371,12 +377,17 @@ pub fn train(
             ),
         ));
     }
+    if o.packing && matches!(o_eff.method.method(), Method::Prompt) {
+        return Err(Error::invalid(
+            "train",
+            "--packing does not work with --method prompt: its virtual tokens go in front of \
+             one row, not of each packed row; use --method lora or prefix, or drop --packing",
+        ));
+    }
     let room = cfg.max_positions - adapter_rows;
     let mut dopts = o_eff.data_opts.clone();
     let limit = dopts.max_seq_len.unwrap_or(room).min(room);
     dopts.max_seq_len = Some(limit);
-    let (train_path, val_path) =
-        crate::train::rows::train_and_valid(&o.data, o.val_data.as_deref())?;
     let data = Dataset::load(&train_path, &tok, &dopts)?;
     if data.truncated > 0 || data.dropped > 0 {
         log::warn!(
@@ -411,6 +422,20 @@ pub fn train(
         println!(
             "chat template for prompt/completion and alpaca rows: {} (--chat-template)",
             o_eff.data_opts.chat_template.name()
+        );
+    }
+    if o.packing {
+        let cap = pack_len(&o_eff, &data, room);
+        let st = packing::stats(&data, o_eff.batch_size, 0, o_eff.seed, cap);
+        println!(
+            "packing: {} rows into {} sequences of up to {cap} tokens; batches {} -> {}, \
+             padding tokens {} -> {}",
+            st.rows,
+            st.sequences,
+            st.batches_before,
+            st.batches_after,
+            st.padded_before,
+            st.padded_after
         );
     }
     if let Some(s) = signalled(stop) {
@@ -490,7 +515,15 @@ pub fn train(
     };
     let lr = o.lr();
     let settings = o.settings(model.fingerprint, lr);
-    let steps_per_epoch = data.len().div_ceil(o.batch_size).div_ceil(o.grad_accum);
+    // Packed: the first epoch's sequences (first-fit varies a little with
+    // the shuffle; the loop moves on when an epoch runs out).
+    let rows_per_epoch = if o.packing {
+        let cap = pack_len(&o, &data, room);
+        packing::epoch_sequences(&data, 0, o.seed, cap).len()
+    } else {
+        data.len()
+    };
+    let steps_per_epoch = rows_per_epoch.div_ceil(o.batch_size).div_ceil(o.grad_accum);
     let total = o.steps.unwrap_or(o.epochs * steps_per_epoch);
     if o.resume {
         if pos.step >= total {
@@ -543,6 +576,7 @@ pub fn train(
     };
     let mut tr = Trainer::new(ctx, &model, &adapter, opt)?;
     tr.set_grad_checkpoint(o.grad_checkpoint);
+    tr.set_packing(o.packing)?;
     // The step buffers for the data's largest shape, once (what the plan counted).
     tr.reserve(memory.b, memory.t, memory.r)?;
     if let Some((m, v)) = &moments {
@@ -678,7 +712,16 @@ fn plan_memory(
         Method::Lora => (0, 0),
     };
     let cap_t = cfg.max_positions.saturating_sub(nv + p);
-    let (b, t, r) = largest_step(data, o.batch_size, nv, cap_t);
+    let (b, t, r) = if o.packing {
+        // Packed sequences: up to the pack length, every token a target.
+        let (b, t) = (
+            o.batch_size.min(data.len()).max(1),
+            pack_len(o, data, cap_t),
+        );
+        bucket_shape(b, t, b * t, nv, cap_t)
+    } else {
+        largest_step(data, o.batch_size, nv, cap_t)
+    };
     let frozen = FrozenTensors::of_folder(cfg, dir)?;
     let input = PlanInput {
         cfg,
@@ -706,6 +749,16 @@ fn plan_memory(
         t,
         r,
     })
+}
+
+/// The length packed sequences fill: --max-seq-len (within the `room` the
+/// model leaves), else the longest row, so memory stays that of the
+/// unpacked run.
+fn pack_len(o: &TrainOptions, data: &Dataset, room: usize) -> usize {
+    let longest = data.max_len().max(1);
+    o.data_opts
+        .max_seq_len
+        .map_or(longest, |m| m.min(room).max(1))
 }
 
 fn virtual_tokens(cfg: &AdapterConfig) -> usize {
@@ -842,7 +895,12 @@ impl Loop<'_> {
         let mut last_finite: Option<(usize, f64)> = None;
         let mut ep = pos.epoch as f64;
         while tr.step < total {
-            let batches: Vec<Batch> = self.data.batches(o.batch_size, pos.epoch, o.seed);
+            let batches: Vec<Batch> = if o.packing {
+                let cap = pack_len(o, self.data, tr.max_tokens());
+                packing::packed_batches(self.data, o.batch_size, pos.epoch, o.seed, cap)
+            } else {
+                self.data.batches(o.batch_size, pos.epoch, o.seed)
+            };
             let groups: Vec<&[Batch]> = batches.chunks(o.grad_accum).collect();
             if pos.batch_in_epoch >= groups.len() {
                 pos.epoch += 1;

@@ -14,6 +14,7 @@ use crate::model::buffers::{
     LOGITS_BUDGET_BYTES,
 };
 use crate::model::config::ModelConfig;
+use crate::model::packing::{PackBufs, PackTables};
 use crate::model::transformer::{Acts, FwdShape, Grads, HeadBufs, Model};
 use crate::train::data::Batch;
 
@@ -70,6 +71,8 @@ struct StepPlan {
     nv: usize,
     /// GPT-2's position ids, rewritten per step: buckets share the buffer.
     pos_ids: Option<(Tensor, Vec<i32>)>,
+    /// Packed rows' per-step starts and positions (with packing on).
+    pack: Option<PackBufs>,
     /// Kept alive for the plan's bindings.
     _acts: Acts,
     _grads: Grads,
@@ -162,6 +165,8 @@ pub struct Trainer<'a> {
     logits_budget: u64,
     /// Gradient checkpointing (see [`Trainer::set_grad_checkpoint`]).
     recompute: bool,
+    /// The host RoPE tables when batches are packed (see [`Trainer::set_packing`]).
+    packing: Option<PackTables>,
 }
 
 impl<'a> Trainer<'a> {
@@ -220,6 +225,7 @@ impl<'a> Trainer<'a> {
             last_flops: 0.0,
             logits_budget: LOGITS_BUDGET_BYTES,
             recompute: false,
+            packing: None,
         })
     }
 
@@ -241,6 +247,23 @@ impl<'a> Trainer<'a> {
             from: self.model.backward_floor(self.adapter).unwrap_or(0),
             recompute: self.recompute,
         }
+    }
+
+    /// Train on packed batches (`Batch::starts`): every plan then keeps
+    /// attention inside each row and puts each row at its own positions.
+    /// Prompt tuning's virtual tokens belong in front of one row, so it is
+    /// refused. Plans already built are dropped.
+    pub fn set_packing(&mut self, on: bool) -> Result<()> {
+        if on && self.adapter_rows().0 > 0 {
+            return Err(Error::invalid(
+                "train",
+                "--packing does not work with prompt tuning: its virtual tokens go in front \
+                 of one row, not of each packed row; use --method lora or prefix",
+            ));
+        }
+        self.packing = on.then(|| PackTables::new(&self.model.cfg));
+        self.plans.clear();
+        Ok(())
     }
 
     /// Bound the LM head's logits workspace to `bytes` (default
@@ -305,7 +328,12 @@ impl<'a> Trainer<'a> {
         model.check_positions(shape)?;
         let pool = &self.pool;
         let keep = self.keep();
-        let acts = Acts::in_pool_kept(pool, cfg, shape, Some(keep), false)?;
+        let mut acts = Acts::in_pool_kept(pool, cfg, shape, Some(keep), false)?;
+        let pack = match &self.packing {
+            Some(tables) => Some(PackBufs::new(ctx, tables, b, shape.s())?),
+            None => None,
+        };
+        acts.pack = pack.clone();
         let grads = Grads::in_pool(pool, cfg, shape, r)?;
         let v = pool.views(&step_specs_kept(cfg, shape, r, keep))?;
         let (ids, rows, targets) = (v.get("ids")?, v.get("target_rows")?, v.get("targets")?);
@@ -341,6 +369,7 @@ impl<'a> Trainer<'a> {
             s: nv + t,
             nv,
             pos_ids: acts.pos_ids.clone().map(|t| (t, position_ids(shape))),
+            pack,
             _acts: acts,
             _grads: grads,
             _head: head,
@@ -442,8 +471,26 @@ impl<'a> Trainer<'a> {
             .iter()
             .map(|&x| if x == -100 { 0.0 } else { weight })
             .collect();
-        if let Some((pid, pos)) = &sp.pos_ids {
-            pid.write_i32(self.ctx, pos)?;
+        match (&sp.pack, &self.packing) {
+            (Some(pk), Some(tables)) => {
+                let starts = padded_starts(batch, b, t)?;
+                let pos = pk.write(self.ctx, tables, &starts, self.adapter_rows().1)?;
+                if let Some((pid, _)) = &sp.pos_ids {
+                    let pos: Vec<i32> = pos.iter().map(|&x| x as i32).collect();
+                    pid.write_i32(self.ctx, &pos)?;
+                }
+            }
+            _ => {
+                if batch.starts.iter().any(|&s| s != 0) {
+                    return Err(Error::invalid(
+                        "train",
+                        "a packed batch on a trainer without packing (Trainer::set_packing)",
+                    ));
+                }
+                if let Some((pid, pos)) = &sp.pos_ids {
+                    pid.write_i32(self.ctx, pos)?;
+                }
+            }
         }
         sp.ids.write_i32(self.ctx, &ids)?;
         sp.rows.write_i32(self.ctx, &rows)?;
@@ -544,6 +591,37 @@ impl<'a> Trainer<'a> {
         let f = &self.adapter.flat;
         Ok((f.read(self.ctx, &f.m)?, f.read(self.ctx, &f.v)?))
     }
+}
+
+/// A batch's row starts re-padded to the plan's (B, T): none (one row per
+/// sequence) are zeros; the bucket's extra tokens are padding, a row of their
+/// own from the batch's end.
+fn padded_starts(batch: &Batch, b: usize, t: usize) -> Result<Vec<u32>> {
+    let mut starts = vec![0u32; b * t];
+    if batch.starts.is_empty() {
+        return Ok(starts);
+    }
+    if batch.starts.len() != batch.b * batch.t {
+        return Err(Error::invalid(
+            "train",
+            format!(
+                "a packed batch has {} row starts for (B={}, T={})",
+                batch.starts.len(),
+                batch.b,
+                batch.t
+            ),
+        ));
+    }
+    for row in 0..batch.b {
+        for j in 0..t {
+            starts[row * t + j] = if j < batch.t {
+                batch.starts[row * batch.t + j]
+            } else {
+                batch.t as u32
+            };
+        }
+    }
+    Ok(starts)
 }
 
 fn plan_label(b: usize, t: usize, r: usize) -> String {

@@ -189,6 +189,7 @@ pub fn peft_batch(rel: &str) -> wgtune::train::data::Batch {
         lens,
         n_targets,
         first: (0..b).map(|r| labels[r * t]).collect(),
+        starts: Vec::new(),
     }
 }
 

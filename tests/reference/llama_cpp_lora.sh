@@ -35,8 +35,8 @@ fi
 
 train() { # name, targets
   [ -f "$work/$1/adapter_model.safetensors" ] && return
-  "$wg" train --method lora --model "$hf" --data assets/data/pirate-train.jsonl --steps 12 \
-    --lora-targets "$2" --out "$work/$1" --no-progress >&2
+  "$wg" train --method lora --model "$hf" --data assets/data/pirate/train.jsonl --steps 12 \
+    --lora-targets "$2" --out "$work/$1" --overwrite --no-progress >&2
 }
 train qv q_proj,v_proj
 train all all-linear

@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::gpu::context::Context;
 use crate::gpu::kernels::{Access, KernelSpec, Source};
 use crate::gpu::plan::Bind;
-use crate::gpu::tensor::{Tensor, TexMatrix};
+use crate::gpu::tensor::{DType, Tensor, TexMatrix};
 
 /// Largest head dim supported (Gemma 3's 256). Head dims over 128 get a
 /// shader build with larger register rows (`MAXC`).
@@ -57,6 +57,27 @@ impl AttnMask {
 }
 
 const TEMPLATE: &str = include_str!("../../../shaders/attention.wgsl");
+
+/// The plain build's row-start bodies and flag, and their segmented
+/// (packed rows) replacements: each kernel reads its own binding.
+const SEG_SWAPS: [(&str, &str); 4] = [
+    (
+        "const SEG: bool = false; // SEG_BUILD",
+        "const SEG: bool = true;",
+    ),
+    (
+        "return 0u; // FW_SEG",
+        "return fw_seg[b * p.t + min(t, p.t - 1u)];",
+    ),
+    (
+        "return 0u; // DQ_SEG",
+        "return dq_seg[b * p.t + min(t, p.t - 1u)];",
+    ),
+    (
+        "return 0u; // KV_SEG",
+        "return kv_seg[b * p.t + min(t, p.t - 1u)];",
+    ),
+];
 
 /// The portable `lane_get` body and its subgroup replacement.
 const LANE_PORTABLE: &str = "return v; // LANE_GET";
@@ -214,13 +235,30 @@ fn wg_for(ctx: &Context, sg: u32, invocations: usize) -> u32 {
 /// when `sg > 1`.
 #[doc(hidden)]
 pub fn source(src: Source, sg: u32) -> Result<String> {
-    source_for(src, sg, MAXC_DEFAULT)
+    source_for(src, sg, MAXC_DEFAULT, false)
 }
 
-/// [`source`] with register rows of `maxc` vec4s.
-fn source_for(src: Source, sg: u32, maxc: usize) -> Result<String> {
+/// The segmented build's module text (packed rows; for validation in tests).
+#[doc(hidden)]
+pub fn segmented_source(src: Source, sg: u32) -> Result<String> {
+    source_for(src, sg, MAXC_DEFAULT, true)
+}
+
+/// [`source`] with register rows of `maxc` vec4s, segmented when `seg`.
+fn source_for(src: Source, sg: u32, maxc: usize, seg: bool) -> Result<String> {
     let text = format!("{}\n{TEMPLATE}", crate::gpu::kernels::COMMON);
-    let text = text.replace("{{SRC}}", src.tag());
+    let mut text = text.replace("{{SRC}}", src.tag());
+    if seg {
+        for (plain, segmented) in SEG_SWAPS {
+            if !text.contains(plain) {
+                return Err(Error::invalid(
+                    "attention",
+                    format!("attention.wgsl lost its `{plain}` line"),
+                ));
+            }
+            text = text.replace(plain, segmented);
+        }
+    }
     if maxc != MAXC_DEFAULT {
         if !text.contains(MAXC_LINE) {
             return Err(Error::invalid(
@@ -250,7 +288,9 @@ fn source_tail(text: String, sg: u32) -> Result<String> {
 }
 
 /// `entry` built for streamed operands from `src`; `layout` lists the
-/// other bindings, with `None` at the streamed ones.
+/// other bindings, with `None` at the streamed ones. The segmented build
+/// (`seg`) takes the row starts as one more binding, after the others.
+#[allow(clippy::too_many_arguments)]
 fn spec(
     entry: &'static str,
     layout: &[Option<Access>],
@@ -259,22 +299,27 @@ fn spec(
     sg: u32,
     rows: u32,
     wg: u32,
+    seg: bool,
 ) -> Result<KernelSpec> {
     let maxc = d.maxc();
     let module = format!(
-        "attention{}_{}{}",
+        "attention{}_{}{}{}",
         if sg > 1 { "_subgroup" } else { "" },
         src.tag(),
         if maxc == MAXC_DEFAULT {
             String::new()
         } else {
             format!("_c{maxc}")
-        }
+        },
+        if seg { "_seg" } else { "" }
     );
-    let layout = layout.iter().map(|a| a.unwrap_or(src.access())).collect();
+    let mut layout: Vec<Access> = layout.iter().map(|a| a.unwrap_or(src.access())).collect();
+    if seg {
+        layout.push(R);
+    }
     Ok(KernelSpec {
         module: Cow::Owned(module),
-        source: Cow::Owned(source_for(src, sg, maxc)?),
+        source: Cow::Owned(source_for(src, sg, maxc, seg)?),
         entry,
         constants: Vec::new(),
         layout,
@@ -473,18 +518,86 @@ pub fn attention_forward_with(
     mask: AttnMask,
     cfg: AttnConfig,
 ) -> Result<()> {
+    attention_forward_seg_with(ctx, plan, out, lse, q, k, v, mask, cfg, None)
+}
+
+/// [`attention_forward_masked`] over packed rows: `segs` (B, T) u32 holds
+/// each token's row start (see the shader header); `None` is one row per
+/// sequence, the plain build.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_segs(
+    ctx: &Context,
+    plan: &mut Plan,
+    out: &Tensor,
+    lse: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: AttnMask,
+    segs: Option<&Tensor>,
+) -> Result<()> {
+    let d = attn_dims("attention_forward", q, k, v)?;
+    let cfg = AttnConfig::for_context(ctx, &d);
+    attention_forward_seg_with(ctx, plan, out, lse, q, k, v, mask, cfg, segs)
+}
+
+/// Check the row starts `segs` against (B, T).
+fn check_segs(op: &str, segs: Option<&Tensor>, d: &AttnDims) -> Result<()> {
+    if let Some(t) = segs {
+        expect_shape(op, t, &[d.b, d.t])?;
+        if t.dtype() != DType::U32 {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "row starts `{}` must be u32, got {:?}",
+                    t.label(),
+                    t.dtype()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// [`attention_forward_segs`] with an explicit kernel configuration.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_seg_with(
+    ctx: &Context,
+    plan: &mut Plan,
+    out: &Tensor,
+    lse: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: AttnMask,
+    cfg: AttnConfig,
+    segs: Option<&Tensor>,
+) -> Result<()> {
     let op = "attention_forward";
     let d = attn_dims(op, q, k, v)?;
     expect_shape(op, out, &[d.b, d.t, d.nh, d.hd])?;
     expect_shape(op, lse, &[d.b, d.nh, d.t])?;
+    check_segs(op, segs, &d)?;
     cfg.check(op)?;
+    let seg = segs.is_some();
     let l = layout(ctx, d.b * d.nh, d.t, cfg.lanes, cfg.fwd_rows);
     plan.add_flops(4.0 * d.pairs() * d.hd as f64);
     let kv = Streamed::new(ctx, plan, cfg.textures, k, v, d.hd)?;
     let lay = [Some(W), Some(W), Some(R), None, None];
-    let spec = spec(op, &lay, kv.source(), &d, cfg.lanes, cfg.fwd_rows, l.wg)?;
+    let spec = spec(
+        op,
+        &lay,
+        kv.source(),
+        &d,
+        cfg.lanes,
+        cfg.fwd_rows,
+        l.wg,
+        seg,
+    )?;
     let [kb, vb] = kv.binds();
-    let b = [Bind::T(out), Bind::T(lse), Bind::T(q), kb, vb];
+    let mut b = vec![Bind::T(out), Bind::T(lse), Bind::T(q), kb, vb];
+    b.extend(segs.map(Bind::T));
     let per = iters_per_row(&d, cfg.lanes, cfg.fwd_rows);
     let p = params(&d, &mask, l.groups, kv.shift());
     dispatch_blocks(ctx, plan, &spec, p, &b, l.grid, d.s(), per)
@@ -556,8 +669,61 @@ pub fn attention_backward_with(
     mask: AttnMask,
     cfg: AttnConfig,
 ) -> Result<()> {
+    attention_backward_seg_with(
+        ctx, plan, dq, dk, dv, delta, dout, q, k, v, out, lse, mask, cfg, None,
+    )
+}
+
+/// [`attention_backward_masked`] of [`attention_forward_segs`] (the same
+/// row starts `segs`).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_segs(
+    ctx: &Context,
+    plan: &mut Plan,
+    dq: &Tensor,
+    dk: &Tensor,
+    dv: &Tensor,
+    delta: &Tensor,
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    mask: AttnMask,
+    segs: Option<&Tensor>,
+) -> Result<()> {
+    let d = attn_dims("attention_backward", q, k, v)?;
+    let cfg = AttnConfig::for_context(ctx, &d);
+    attention_backward_seg_with(
+        ctx, plan, dq, dk, dv, delta, dout, q, k, v, out, lse, mask, cfg, segs,
+    )
+}
+
+/// [`attention_backward_segs`] with an explicit kernel configuration.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_seg_with(
+    ctx: &Context,
+    plan: &mut Plan,
+    dq: &Tensor,
+    dk: &Tensor,
+    dv: &Tensor,
+    delta: &Tensor,
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    mask: AttnMask,
+    cfg: AttnConfig,
+    segs: Option<&Tensor>,
+) -> Result<()> {
     let op = "attention_backward";
     let d = attn_dims(op, q, k, v)?;
+    check_segs(op, segs, &d)?;
+    let seg = segs.is_some();
     let qs = [d.b, d.t, d.nh, d.hd];
     let ks = [d.b, d.s(), d.kvh, d.hd];
     for (t, s) in [(dq, &qs[..]), (dout, &qs), (out, &qs), (dk, &ks), (dv, &ks)] {
@@ -575,7 +741,7 @@ pub fn attention_backward_with(
     let lay = [Some(W), Some(R), Some(R)];
     plan.dispatch(
         ctx,
-        &spec(e, &lay, Source::Storage, &d, 1, 1, l.wg)?,
+        &spec(e, &lay, Source::Storage, &d, 1, 1, l.wg, false)?,
         &params(&d, &mask, rows, 31),
         &[delta, dout, out],
         l.grid,
@@ -586,9 +752,9 @@ pub fn attention_backward_with(
     let kv = Streamed::new(ctx, plan, cfg.textures, k, v, d.hd)?;
     let lay = [Some(W), Some(R), Some(R), None, None, Some(R), Some(R)];
     let e = "attention_backward_dq";
-    let spec_dq = spec(e, &lay, kv.source(), &d, cfg.lanes, cfg.dq_rows, l.wg)?;
+    let spec_dq = spec(e, &lay, kv.source(), &d, cfg.lanes, cfg.dq_rows, l.wg, seg)?;
     let [kb, vb] = kv.binds();
-    let b = [
+    let mut b = vec![
         Bind::T(dq),
         Bind::T(dout),
         Bind::T(q),
@@ -597,6 +763,7 @@ pub fn attention_backward_with(
         Bind::T(lse),
         Bind::T(delta),
     ];
+    b.extend(segs.map(Bind::T));
     let per = iters_per_row(&d, cfg.lanes, cfg.dq_rows);
     let p = params(&d, &mask, l.groups, kv.shift());
     dispatch_blocks(ctx, plan, &spec_dq, p, &b, l.grid, d.s(), per)?;
@@ -615,9 +782,9 @@ pub fn attention_backward_with(
         Some(R),
     ];
     let e = "attention_backward_dkv";
-    let spec_dkv = spec(e, &lay, gq.source(), &d, cfg.lanes, cfg.dkv_rows, l.wg)?;
+    let spec_dkv = spec(e, &lay, gq.source(), &d, cfg.lanes, cfg.dkv_rows, l.wg, seg)?;
     let [gb, qb] = gq.binds();
-    let b = [
+    let mut b = vec![
         Bind::T(dk),
         Bind::T(dv),
         gb,
@@ -627,6 +794,7 @@ pub fn attention_backward_with(
         Bind::T(lse),
         Bind::T(delta),
     ];
+    b.extend(segs.map(Bind::T));
     // Each query is walked once per query head of the group.
     let per = iters_per_row(&d, cfg.lanes, cfg.dkv_rows) * (d.nh / d.kvh);
     let p = params(&d, &mask, l.groups, gq.shift());
