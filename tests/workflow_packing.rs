@@ -17,9 +17,9 @@ use common::reference::{data_dir, gradients_only};
 use common::{assert_close, dot, fd_check, read, run, to64, up, zeros, Rng};
 use wgtune::adapters::peft_io::load_adapter;
 use wgtune::adapters::Adapter;
-use wgtune::cpu::attention::{attention_backward_segs, attention_forward_segs, Mask};
+use wgtune::cpu::attention::{attention_backward_masked, attention_forward_masked, Mask};
 use wgtune::gpu::ops::attention::{
-    attention_backward_seg_with, attention_forward_seg_with, AttnConfig, AttnDims, AttnMask,
+    attention_backward_with, attention_forward_with, AttnConfig, AttnDims, AttnMask,
 };
 use wgtune::gpu::{Context, Plan, Tensor};
 use wgtune::model::Model;
@@ -79,7 +79,7 @@ fn gpu_run(
     );
     let segs = u32_tensor(ctx, starts, &[b, t]);
     let mut plan = Plan::new("segmented attention");
-    attention_forward_seg_with(
+    attention_forward_with(
         ctx,
         &mut plan,
         &out,
@@ -92,7 +92,7 @@ fn gpu_run(
         Some(&segs),
     )
     .unwrap();
-    attention_backward_seg_with(
+    attention_backward_with(
         ctx,
         &mut plan,
         &dq,
@@ -133,7 +133,7 @@ fn check_segments(ctx: &Context, shape: Shape, rows: &[&[usize]], window: Option
     let cm = Mask { scale: 0.4, window };
     let (q64, k64, v64, g64) = (to64(&q), to64(&k), to64(&v), to64(&dout));
     let (mut ro, mut rl) = (vec![0.0; nq], vec![0.0; b * nh * t]);
-    attention_forward_segs(
+    attention_forward_masked(
         &mut ro,
         &mut rl,
         &q64,
@@ -149,7 +149,7 @@ fn check_segments(ctx: &Context, shape: Shape, rows: &[&[usize]], window: Option
         Some(&starts),
     );
     let (mut rdq, mut rdk, mut rdv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
-    attention_backward_segs(
+    attention_backward_masked(
         &mut rdq,
         &mut rdk,
         &mut rdv,
@@ -263,7 +263,7 @@ fn segmented_attention_backward_matches_finite_differences() {
         );
         let fwd = |q: &[f64], k: &[f64], v: &[f64]| {
             let (mut o, mut l) = (vec![0.0; nq], vec![0.0; b * nh * t]);
-            attention_forward_segs(
+            attention_forward_masked(
                 &mut o,
                 &mut l,
                 q,
@@ -282,7 +282,7 @@ fn segmented_attention_backward_matches_finite_differences() {
         };
         let (o, l) = fwd(&q, &k, &v);
         let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
-        attention_backward_segs(
+        attention_backward_masked(
             &mut dq,
             &mut dk,
             &mut dv,

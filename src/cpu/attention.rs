@@ -74,32 +74,14 @@ pub fn attention_forward(
     p: usize,
 ) {
     let m = Mask::causal(hd);
-    attention_forward_masked(out, lse, q, k, v, b, t, nh, kvh, hd, p, m);
+    attention_forward_masked(out, lse, q, k, v, b, t, nh, kvh, hd, p, m, None);
 }
 
-/// [`attention_forward`] with another scale and a sliding window.
+/// [`attention_forward`] with another scale and a sliding window, over
+/// packed rows with row starts `starts` (B, T); `None` is one row per
+/// sequence.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward_masked(
-    out: &mut [f64],
-    lse: &mut [f64],
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    b: usize,
-    t: usize,
-    nh: usize,
-    kvh: usize,
-    hd: usize,
-    p: usize,
-    mask: Mask,
-) {
-    attention_forward_segs(out, lse, q, k, v, b, t, nh, kvh, hd, p, mask, None);
-}
-
-/// [`attention_forward_masked`] over packed rows with row starts `starts`
-/// (B, T); `None` is one row per sequence.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_forward_segs(
     out: &mut [f64],
     lse: &mut [f64],
     q: &[f64],
@@ -172,37 +154,15 @@ pub fn attention_backward(
     p: usize,
 ) {
     let m = Mask::causal(hd);
-    attention_backward_masked(dq, dk, dv, dout, q, k, v, out, lse, b, t, nh, kvh, hd, p, m);
-}
-
-/// [`attention_backward`] with another scale and a sliding window.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_backward_masked(
-    dq: &mut [f64],
-    dk: &mut [f64],
-    dv: &mut [f64],
-    dout: &[f64],
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    out: &[f64],
-    lse: &[f64],
-    b: usize,
-    t: usize,
-    nh: usize,
-    kvh: usize,
-    hd: usize,
-    p: usize,
-    mask: Mask,
-) {
-    attention_backward_segs(
-        dq, dk, dv, dout, q, k, v, out, lse, b, t, nh, kvh, hd, p, mask, None,
+    attention_backward_masked(
+        dq, dk, dv, dout, q, k, v, out, lse, b, t, nh, kvh, hd, p, m, None,
     );
 }
 
-/// [`attention_backward_masked`] of [`attention_forward_segs`].
+/// [`attention_backward`] of [`attention_forward_masked`] (the same mask
+/// and row starts).
 #[allow(clippy::too_many_arguments)]
-pub fn attention_backward_segs(
+pub fn attention_backward_masked(
     dq: &mut [f64],
     dk: &mut [f64],
     dv: &mut [f64],

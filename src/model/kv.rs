@@ -3,7 +3,7 @@
 //! forward's own `S`. Assembly, its backward, and PEFT's prefix layout.
 
 use crate::error::{Error, Result};
-use crate::gpu::ops::attention::{attention_backward_segs, AttnMask};
+use crate::gpu::ops::attention::{attention_backward_masked, AttnMask};
 use crate::gpu::ops::copy::{copy_rows, Layout, RowBlock};
 use crate::gpu::{Context, Plan, Tensor};
 use crate::model::buffers::{FwdShape, Grads, KvCache, LayerActs};
@@ -100,7 +100,7 @@ fn cat(a: &LayerActs) -> (&Tensor, &Tensor) {
 
 /// Backward of attention over the K/V rows [`kv_forward`] assembled: dq,
 /// and dk/dv of those rows (the assembled (B, P + S) ones when P > 0);
-/// `segs`: packed rows' starts (see [`attention_backward_segs`]).
+/// `segs`: packed rows' starts (see [`attention_backward_masked`]).
 pub fn attention_backward_kv(
     ctx: &Context,
     plan: &mut Plan,
@@ -115,7 +115,7 @@ pub fn attention_backward_kv(
         _ => (cat(a), dcat(g)),
     };
     let (q, att, lse) = (&a.q, &a.att, &a.lse);
-    attention_backward_segs(
+    attention_backward_masked(
         ctx, plan, &g.dq, dk, dv, &g.delta, &g.datt, q, k, v, att, lse, mask, segs,
     )
 }

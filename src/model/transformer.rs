@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::gpu::ops::attention::{attention_forward_segs, AttnMask, MAX_HEAD_DIM};
+use crate::gpu::ops::attention::{attention_forward_masked, AttnMask, MAX_HEAD_DIM};
 use crate::gpu::ops::copy::{copy_rows, scatter_rows, Layout};
 use crate::gpu::ops::{activation, embedding, expect_shape, loss, matmul, rope};
 use crate::gpu::{Context, Plan, Tensor};
@@ -402,7 +402,7 @@ impl Model {
         self.rope_forward(ctx, plan, l, &a.q, &a.k, sh, pack)?;
         let (k, v) = kv_forward(ctx, plan, cfg, l, a, sh, front)?;
         let segs = pack.map(|pk| &pk.starts);
-        attention_forward_segs(ctx, plan, &a.att, &a.lse, &a.q, &k, &v, self.mask(l), segs)?;
+        attention_forward_masked(ctx, plan, &a.att, &a.lse, &a.q, &k, &v, self.mask(l), segs)?;
         o.forward_hooked(ctx, plan, hooks, l, &a.proj, &att2)?;
         let attn_out = post_norm_forward(ctx, plan, &blk.post_attn, &a.post_attn, &a.proj)?;
         residual(ctx, plan, &a.resid_mid, &a.resid, attn_out)?;

@@ -16,7 +16,7 @@ fn forward_masked(
     m: Mask,
 ) -> (Vec<f64>, Vec<f64>) {
     let (mut out, mut lse) = (vec![0.0; b * t * nh * hd], vec![0.0; b * nh * t]);
-    attention_forward_masked(&mut out, &mut lse, q, k, v, b, t, nh, kvh, hd, p, m);
+    attention_forward_masked(&mut out, &mut lse, q, k, v, b, t, nh, kvh, hd, p, m, None);
     (out, lse)
 }
 
@@ -39,7 +39,7 @@ fn check_masked(tag: &str, dims: Dims, seed: u64, m: Mask) {
     let (out, lse) = forward(&q, &k, &v, dims);
     let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
     attention_backward_masked(
-        &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, b, t, nh, kvh, hd, p, m,
+        &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, b, t, nh, kvh, hd, p, m, None,
     );
     fd_check(&format!("{tag} dq"), &q, &dq, |x| {
         dot(&forward(x, &k, &v, dims).0, &dout)
@@ -55,7 +55,7 @@ fn check_masked(tag: &str, dims: Dims, seed: u64, m: Mask) {
     let g0 = r.vec64(nk, 1.0);
     let (mut dq2, mut dk2, mut dv2) = (vec![0.0; nq], g0.clone(), vec![0.0; nk]);
     attention_backward_masked(
-        &mut dq2, &mut dk2, &mut dv2, &dout, &q, &k, &v, &out, &lse, b, t, nh, kvh, hd, p, m,
+        &mut dq2, &mut dk2, &mut dv2, &dout, &q, &k, &v, &out, &lse, b, t, nh, kvh, hd, p, m, None,
     );
     for i in 0..nk {
         assert!(

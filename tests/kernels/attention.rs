@@ -85,17 +85,18 @@ fn check_masked(ctx: &Context, cfg: Option<AttnConfig>, shape: Shape, mask: Opti
             .unwrap();
         }
         (None, Some(m)) => {
-            attention::attention_forward_masked(ctx, &mut plan, &out, &lse, &tq, &tk, &tv, m)
+            attention::attention_forward_masked(ctx, &mut plan, &out, &lse, &tq, &tk, &tv, m, None)
                 .unwrap();
             attention::attention_backward_masked(
-                ctx, &mut plan, &dq, &dk, &dv, &delta, &tdout, &tq, &tk, &tv, &out, &lse, m,
+                ctx, &mut plan, &dq, &dk, &dv, &delta, &tdout, &tq, &tk, &tv, &out, &lse, m, None,
             )
             .unwrap();
         }
         (Some(c), _) => {
-            attention_forward_with(ctx, &mut plan, &out, &lse, &tq, &tk, &tv, m, c).unwrap();
+            attention_forward_with(ctx, &mut plan, &out, &lse, &tq, &tk, &tv, m, c, None).unwrap();
             attention_backward_with(
                 ctx, &mut plan, &dq, &dk, &dv, &delta, &tdout, &tq, &tk, &tv, &out, &lse, m, c,
+                None,
             )
             .unwrap();
         }
@@ -110,11 +111,12 @@ fn check_masked(ctx: &Context, cfg: Option<AttnConfig>, shape: Shape, mask: Opti
         window: m.window,
     };
     cpu::attention::attention_forward_masked(
-        &mut ro, &mut rl, &q64, &k64, &v64, b, t, nh, kvh, hd, p, cm,
+        &mut ro, &mut rl, &q64, &k64, &v64, b, t, nh, kvh, hd, p, cm, None,
     );
     let (mut rdq, mut rdk, mut rdv) = (to64(&dq0), to64(&dk0), to64(&dv0));
     cpu::attention::attention_backward_masked(
-        &mut rdq, &mut rdk, &mut rdv, &dout64, &q64, &k64, &v64, &ro, &rl, b, t, nh, kvh, hd, p, cm,
+        &mut rdq, &mut rdk, &mut rdv, &dout64, &q64, &k64, &v64, &ro, &rl, b, t, nh, kvh, hd, p,
+        cm, None,
     );
     // delta (B, NH, T) = rowsum(dout * out) of the (B, T, NH, HD) rows.
     let rdelta: Vec<f64> = (0..nl)

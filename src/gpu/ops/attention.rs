@@ -484,48 +484,14 @@ pub fn attention_forward(
     v: &Tensor,
 ) -> Result<()> {
     let d = attn_dims("attention_forward", q, k, v)?;
-    attention_forward_masked(ctx, plan, out, lse, q, k, v, AttnMask::causal(d.hd))
+    attention_forward_masked(ctx, plan, out, lse, q, k, v, AttnMask::causal(d.hd), None)
 }
 
-/// [`attention_forward`] with the model's score scale and sliding window.
+/// [`attention_forward`] with the model's score scale and sliding window,
+/// over packed rows: `segs` (B, T) u32 holds each token's row start (see the
+/// shader header); `None` is one row per sequence, the plain build.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward_masked(
-    ctx: &Context,
-    plan: &mut Plan,
-    out: &Tensor,
-    lse: &Tensor,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: AttnMask,
-) -> Result<()> {
-    let d = attn_dims("attention_forward", q, k, v)?;
-    let cfg = AttnConfig::for_context(ctx, &d);
-    attention_forward_with(ctx, plan, out, lse, q, k, v, mask, cfg)
-}
-
-/// [`attention_forward`] with an explicit kernel configuration.
-#[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
-pub fn attention_forward_with(
-    ctx: &Context,
-    plan: &mut Plan,
-    out: &Tensor,
-    lse: &Tensor,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: AttnMask,
-    cfg: AttnConfig,
-) -> Result<()> {
-    attention_forward_seg_with(ctx, plan, out, lse, q, k, v, mask, cfg, None)
-}
-
-/// [`attention_forward_masked`] over packed rows: `segs` (B, T) u32 holds
-/// each token's row start (see the shader header); `None` is one row per
-/// sequence, the plain build.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_forward_segs(
     ctx: &Context,
     plan: &mut Plan,
     out: &Tensor,
@@ -538,7 +504,7 @@ pub fn attention_forward_segs(
 ) -> Result<()> {
     let d = attn_dims("attention_forward", q, k, v)?;
     let cfg = AttnConfig::for_context(ctx, &d);
-    attention_forward_seg_with(ctx, plan, out, lse, q, k, v, mask, cfg, segs)
+    attention_forward_with(ctx, plan, out, lse, q, k, v, mask, cfg, segs)
 }
 
 /// Check the row starts `segs` against (B, T).
@@ -559,10 +525,10 @@ fn check_segs(op: &str, segs: Option<&Tensor>, d: &AttnDims) -> Result<()> {
     Ok(())
 }
 
-/// [`attention_forward_segs`] with an explicit kernel configuration.
+/// [`attention_forward_masked`] with an explicit kernel configuration.
 #[doc(hidden)]
 #[allow(clippy::too_many_arguments)]
-pub fn attention_forward_seg_with(
+pub fn attention_forward_with(
     ctx: &Context,
     plan: &mut Plan,
     out: &Tensor,
@@ -623,61 +589,15 @@ pub fn attention_backward(
 ) -> Result<()> {
     let d = attn_dims("attention_backward", q, k, v)?;
     let m = AttnMask::causal(d.hd);
-    attention_backward_masked(ctx, plan, dq, dk, dv, delta, dout, q, k, v, out, lse, m)
+    attention_backward_masked(
+        ctx, plan, dq, dk, dv, delta, dout, q, k, v, out, lse, m, None,
+    )
 }
 
-/// [`attention_backward`] of [`attention_forward_masked`].
+/// [`attention_backward`] of [`attention_forward_masked`] (the same mask
+/// and row starts `segs`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_masked(
-    ctx: &Context,
-    plan: &mut Plan,
-    dq: &Tensor,
-    dk: &Tensor,
-    dv: &Tensor,
-    delta: &Tensor,
-    dout: &Tensor,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    out: &Tensor,
-    lse: &Tensor,
-    mask: AttnMask,
-) -> Result<()> {
-    let d = attn_dims("attention_backward", q, k, v)?;
-    let cfg = AttnConfig::for_context(ctx, &d);
-    attention_backward_with(
-        ctx, plan, dq, dk, dv, delta, dout, q, k, v, out, lse, mask, cfg,
-    )
-}
-
-/// [`attention_backward`] with an explicit kernel configuration.
-#[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
-pub fn attention_backward_with(
-    ctx: &Context,
-    plan: &mut Plan,
-    dq: &Tensor,
-    dk: &Tensor,
-    dv: &Tensor,
-    delta: &Tensor,
-    dout: &Tensor,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    out: &Tensor,
-    lse: &Tensor,
-    mask: AttnMask,
-    cfg: AttnConfig,
-) -> Result<()> {
-    attention_backward_seg_with(
-        ctx, plan, dq, dk, dv, delta, dout, q, k, v, out, lse, mask, cfg, None,
-    )
-}
-
-/// [`attention_backward_masked`] of [`attention_forward_segs`] (the same
-/// row starts `segs`).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_backward_segs(
     ctx: &Context,
     plan: &mut Plan,
     dq: &Tensor,
@@ -695,15 +615,15 @@ pub fn attention_backward_segs(
 ) -> Result<()> {
     let d = attn_dims("attention_backward", q, k, v)?;
     let cfg = AttnConfig::for_context(ctx, &d);
-    attention_backward_seg_with(
+    attention_backward_with(
         ctx, plan, dq, dk, dv, delta, dout, q, k, v, out, lse, mask, cfg, segs,
     )
 }
 
-/// [`attention_backward_segs`] with an explicit kernel configuration.
+/// [`attention_backward_masked`] with an explicit kernel configuration.
 #[doc(hidden)]
 #[allow(clippy::too_many_arguments)]
-pub fn attention_backward_seg_with(
+pub fn attention_backward_with(
     ctx: &Context,
     plan: &mut Plan,
     dq: &Tensor,
