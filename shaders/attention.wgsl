@@ -635,3 +635,100 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_wor
     }
     kv_end(&x0, &x1, &x2, &x3, &y0, &y1, &y2, &y3, g);
 }
+
+// ---------------------------------------------------------------------------
+// Decode: one new query row per head against a KV cache whose length is in
+// a buffer, so one recorded step serves every position (a plan recorded
+// once per cache capacity; generation replays it per token). The query sits
+// at position pos = dc_pos[0] and sees cache rows 0..=pos (prefix rows
+// included, as in attention_forward with P = pos, T = 1), or with a window
+// W only those with pos - j < W. Split-K ("flash decoding"): the keys are
+// cut in chunks of DCH rows, each (head, chunk) invocation keeps an online
+// softmax state, and attention_decode_combine merges the chunks in order.
+// Chunks past pos do nothing. Uses p.nh, p.kvh, p.s (cache rows, CAP),
+// p.groups (chunks = ceil(CAP / DCH)), p.scale, p.window; storage only.
+override DCH: u32 = 64u; // keys per chunk
+
+@group(0) @binding(1) var<storage, read_write> dp_part: array<vec4<f32>>; // (NH, CHUNKS, HD4 + 1): acc, then (max, sum, 0, 0)
+@group(0) @binding(2) var<storage, read> dp_q: array<vec4<f32>>;          // (1, 1, NH, HD)
+@group(0) @binding(3) var<storage, read> dp_k: array<vec4<f32>>;          // (1, CAP, KVH, HD)
+@group(0) @binding(4) var<storage, read> dp_v: array<vec4<f32>>;          // (1, CAP, KVH, HD)
+@group(0) @binding(5) var<storage, read> dp_pos: array<u32>;              // (1): the query's position
+
+@compute @workgroup_size(WG)
+fn attention_decode(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let gi = flat_wg(wg, nwg) * WG + lid;
+    if (gi >= p.nh * p.groups) { return; }
+    let h = gi / p.groups;
+    let ch = gi % p.groups;
+    let kh = h / (p.nh / p.kvh);
+    let pos = min(dp_pos[0], p.s - 1u);
+    var lo = ch * DCH;
+    if (p.window > 0u && pos + 1u > p.window) { lo = max(lo, pos + 1u - p.window); }
+    let hi = min(ch * DCH + DCH, pos + 1u);
+    var q: Row;
+    var acc: Row;
+    let c2 = p.scale * LOG2E;
+    for (var c = 0u; c < HD4; c++) {
+        q[c] = dp_q[h * HD4 + c] * c2;
+        acc[c] = vec4<f32>(0.0);
+    }
+    var m = NEG_BIG;
+    var l = 0.0;
+    for (var j = lo; j < hi; j++) {
+        let base = (j * p.kvh + kh) * HD4;
+        var sc = 0.0;
+        for (var c = 0u; c < HD4; c++) {
+            sc += dot(q[c], dp_k[base + c]);
+        }
+        let m_new = max(m, sc);
+        let corr = exp2(m - m_new);
+        let pj = exp2(sc - m_new);
+        l = l * corr + pj;
+        for (var c = 0u; c < HD4; c++) {
+            acc[c] = acc[c] * corr + pj * dp_v[base + c];
+        }
+        m = m_new;
+    }
+    let out = gi * (HD4 + 1u);
+    for (var c = 0u; c < HD4; c++) {
+        dp_part[out + c] = acc[c];
+    }
+    dp_part[out + HD4] = vec4<f32>(m, l, 0.0, 0.0);
+}
+
+// attention_decode_combine: out[h] = sum_c acc_c 2^(m_c - M) / L and
+// lse[h] = (M + log2 L) ln 2, with M = max_c m_c, L = sum_c l_c 2^(m_c - M),
+// chunks in ascending order. One invocation per (head, vec4 of the row).
+@group(0) @binding(1) var<storage, read_write> dm_out: array<vec4<f32>>;  // (1, 1, NH, HD)
+@group(0) @binding(2) var<storage, read_write> dm_lse: array<f32>;        // (1, NH, 1)
+@group(0) @binding(3) var<storage, read> dm_part: array<vec4<f32>>;       // (NH, CHUNKS, HD4 + 1)
+
+@compute @workgroup_size(WG)
+fn attention_decode_combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                            @builtin(local_invocation_index) lid: u32) {
+    let gi = flat_wg(wg, nwg) * WG + lid;
+    if (gi >= p.nh * HD4) { return; }
+    let h = gi / HD4;
+    let c = gi % HD4;
+    let first = h * p.groups;
+    var mx = NEG_BIG;
+    for (var ch = 0u; ch < p.groups; ch++) {
+        mx = max(mx, dm_part[(first + ch) * (HD4 + 1u) + HD4].x);
+    }
+    var l = 0.0;
+    var acc = vec4<f32>(0.0);
+    for (var ch = 0u; ch < p.groups; ch++) {
+        let at = (first + ch) * (HD4 + 1u);
+        let ml = dm_part[at + HD4];
+        // Empty chunks hold (NEG_BIG, 0) and weigh 0.
+        let w = select(0.0, exp2(ml.x - mx), ml.y > 0.0);
+        l += ml.y * w;
+        acc += dm_part[at + c] * w;
+    }
+    dm_out[gi] = acc / l;
+    if (c == 0u) {
+        dm_lse[h] = (mx + log2(l)) * LN2;
+    }
+}

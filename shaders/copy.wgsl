@@ -35,22 +35,41 @@ override WG: u32 = 64u;
 @group(0) @binding(1) var<storage, read_write> cp_dst: array<f32>; // strided (NB, T, D) view, see header
 @group(0) @binding(2) var<storage, read> cp_src: array<f32>;       // strided (NB, T, D) view, see header
 
-@compute @workgroup_size(WG)
-fn copy_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-             @builtin(local_invocation_index) lid: u32) {
-    let e = flat_wg(wg, nwg) * WG + lid;
-    if (e >= p.nb * p.t * p.d) { return; }
+// Element e of the (NB, T, D) block, its destination moved down `shift` rows.
+fn copy_elem(e: u32, shift: u32) {
     let j = e % p.d;
     let r = e / p.d;
     let i = r % p.t;
     let n = r / p.t;
     let s = cp_src[p.src_off + n * p.src_bs + i * p.src_rs + j];
-    let di = p.dst_off + n * p.dst_bs + i * p.dst_rs + j;
+    let di = p.dst_off + n * p.dst_bs + (i + shift) * p.dst_rs + j;
     if (p.acc != 0u) {
         cp_dst[di] = cp_dst[di] + s;
     } else {
         cp_dst[di] = s;
     }
+}
+
+@compute @workgroup_size(WG)
+fn copy_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let e = flat_wg(wg, nwg) * WG + lid;
+    if (e >= p.nb * p.t * p.d) { return; }
+    copy_elem(e, 0u);
+}
+
+// copy_rows_at: copy_rows with the destination rows moved down by the
+// count in cp_pos[0], read on the GPU (a KV cache append at the current
+// length, recorded once for every token). The host checks that the last
+// row fits for every count up to ROWS - T.
+@group(0) @binding(3) var<storage, read> cp_pos: array<u32>;       // (1)
+
+@compute @workgroup_size(WG)
+fn copy_rows_at(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let e = flat_wg(wg, nwg) * WG + lid;
+    if (e >= p.nb * p.t * p.d) { return; }
+    copy_elem(e, cp_pos[0]);
 }
 
 // scatter_rows: dst[idx[i], :] += src[i, :] for i < R. Indices must be

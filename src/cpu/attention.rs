@@ -129,6 +129,40 @@ pub fn attention_forward_masked(
     }
 }
 
+/// One query row per head at position `pos` against rows 0..=pos of a
+/// (1, CAP, KVH, HD) cache: [`attention_forward_masked`] with P = pos, T = 1
+/// (the twin of the GPU's split-K `attention_decode`).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode(
+    out: &mut [f64],
+    lse: &mut [f64],
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    pos: usize,
+    nh: usize,
+    kvh: usize,
+    hd: usize,
+    mask: Mask,
+) {
+    let rows = (pos + 1) * kvh * hd;
+    attention_forward_masked(
+        out,
+        lse,
+        q,
+        &k[..rows],
+        &v[..rows],
+        1,
+        1,
+        nh,
+        kvh,
+        hd,
+        pos,
+        mask,
+        None,
+    );
+}
+
 /// Differentiates, for every (b, h, t) and visible key s,
 ///     sc_s = scale * q.k_s;  p_s = exp(sc_s - lse);  out = sum_s p_s v_s
 /// with delta = dout.out, dp_s = dout.v_s, ds_s = p_s (dp_s - delta):

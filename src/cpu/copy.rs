@@ -55,6 +55,26 @@ pub fn copy_rows(
     }
 }
 
+/// [`copy_rows`] with the destination moved down `pos` rows of `dl`
+/// (`pos` read from a buffer on the GPU: a KV cache append).
+#[allow(clippy::too_many_arguments)]
+pub fn copy_rows_at(
+    dst: &mut [f64],
+    src: &[f64],
+    nb: usize,
+    t: usize,
+    d: usize,
+    dl: Layout,
+    sl: Layout,
+    pos: usize,
+) {
+    let dl = Layout {
+        off: dl.off + pos * dl.rs,
+        ..dl
+    };
+    copy_rows(dst, src, nb, t, d, dl, sl, false);
+}
+
 /// dst[idx[i], :] += src[i, :] (rows of width d; out-of-range indices skipped).
 pub fn scatter_rows(dst: &mut [f64], idx: &[i32], src: &[f64], rows: usize, d: usize) {
     for (i, &row) in idx.iter().enumerate() {

@@ -232,6 +232,11 @@ impl Tensor {
         self.write_raw(ctx, bytemuck::cast_slice(data), data.len())
     }
 
+    /// Queue a write of u32 data (positions, row starts) over the whole tensor.
+    pub fn write_u32(&self, ctx: &Context, data: &[u32]) -> Result<()> {
+        self.write_raw(ctx, bytemuck::cast_slice(data), data.len())
+    }
+
     fn write_raw(&self, ctx: &Context, bytes: &[u8], len: usize) -> Result<()> {
         if len != self.numel() {
             return Err(Error::Shape {

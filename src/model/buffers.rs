@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 use crate::gpu::tensor::alloc_bytes;
+use crate::gpu::ops::attention::decode_part_shape;
 use crate::gpu::{Context, DType, Tensor};
 use crate::model::config::{Arch, ModelConfig};
 
@@ -464,6 +465,11 @@ pub struct KvCache {
     pub cap: usize,
     /// Rows filled so far (prefix rows included).
     pub len: usize,
+    /// (1) u32: where a decode step's token goes (the rows before it),
+    /// written before each replay of the recorded step.
+    pub pos: Tensor,
+    /// `attention_decode`'s scratch, shared by the layers.
+    pub part: Tensor,
 }
 
 impl KvCache {
@@ -480,6 +486,12 @@ impl KvCache {
             v: (0..cfg.layers).map(|l| mk("v", l)).collect::<Result<_>>()?,
             cap,
             len: 0,
+            pos: Tensor::zeros(ctx, &[1], DType::U32, "cache.pos")?,
+            part: f32s(
+                ctx,
+                &decode_part_shape(cfg.heads, cfg.head_dim, cap),
+                "cache.decode_part",
+            )?,
         })
     }
 }

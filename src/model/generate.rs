@@ -14,7 +14,8 @@ use crate::gpu::ops::copy::{copy_rows, Layout};
 use crate::gpu::{Context, DType, Plan, Tensor};
 use crate::model::kv::{overwrite, prefix_layout};
 use crate::model::tokenizer::{ChatMessage, Tokenizer};
-use crate::model::transformer::{Acts, FwdShape, Hooks, KvCache, Model};
+use crate::model::packing::{PackBufs, PackTables};
+use crate::model::transformer::{Acts, Cached, FwdShape, Hooks, KvCache, Model};
 use crate::rng::Rng;
 
 /// Sampling settings. `temperature == 0` is greedy decoding; the
@@ -340,7 +341,77 @@ pub struct Session<'m> {
     primed: bool,
     /// The token ids in the cache after the adapter rows.
     ids: Vec<u32>,
-    decode_acts: Acts,
+    /// The one-token step, recorded at the first token after a prefill.
+    decoder: Option<Decoder>,
+}
+
+/// The one-token step recorded once per session (its cache capacity fixes
+/// every shape): before each replay the token, its position and its RoPE
+/// rows (or GPT-2 position id) are written, so a token costs one
+/// submission and one readback of its logits row.
+struct Decoder {
+    plan: Plan,
+    acts: Acts,
+    ids: Tensor,
+    logits: Tensor,
+    tables: PackTables,
+}
+
+impl Decoder {
+    fn new(ctx: &Context, model: &Model, hooks: &dyn Hooks, cache: &KvCache) -> Result<Decoder> {
+        let cfg = &model.cfg;
+        let one = FwdShape {
+            b: 1,
+            t: 1,
+            n_virtual: 0,
+            p: 0,
+        };
+        let mut acts = Acts::new(ctx, cfg, one, false, true)?;
+        let tables = PackTables::new(cfg);
+        acts.pack = Some(PackBufs::new(ctx, &tables, 1, 1)?);
+        let ids = Tensor::zeros(ctx, &[1, 1], DType::I32, "decode.ids")?;
+        let last = Tensor::from_i32(ctx, &[0], &[1, 1], "decode.last_row")?;
+        let gathered = Tensor::zeros(ctx, &[1, 1, cfg.hidden], DType::F32, "decode.hidden")?;
+        let logits = Tensor::zeros(ctx, &[1, cfg.vocab], DType::F32, "decode.logits")?;
+        let t = Stopwatch::start();
+        let mut plan = Plan::new("decode step");
+        model.forward(ctx, &mut plan, &acts, &ids, hooks, Some(Cached::Decode(cache)))?;
+        model.logits_rows(ctx, &mut plan, &logits, &gathered, &acts, &last)?;
+        log::debug!(
+            "decode step recorded in {:.1} ms: {} dispatches",
+            t.secs() * 1e3,
+            plan.dispatches()
+        );
+        Ok(Decoder {
+            plan,
+            acts,
+            ids,
+            logits,
+            tables,
+        })
+    }
+
+    /// Run token `tok` at position `pos` (the cache rows before it).
+    fn run(&self, ctx: &Context, cache: &KvCache, tok: u32, pos: usize) -> Result<Vec<f32>> {
+        let t = Stopwatch::start();
+        self.ids.write_i32(ctx, &[tok as i32])?;
+        cache.pos.write_u32(ctx, &[pos as u32])?;
+        if let Some(pk) = &self.acts.pack {
+            pk.write(ctx, &self.tables, &[0], pos)?;
+        }
+        if let Some(pid) = &self.acts.pos_ids {
+            pid.write_i32(ctx, &[pos as i32])?;
+        }
+        if std::env::var("WGTUNE_PROFILE").is_ok_and(|v| v == "1") {
+            for (name, secs, n) in self.plan.profile(ctx)?.iter().take(8) {
+                log::info!("profile decode: {name} {n}x {:.1} ms", secs * 1e3);
+            }
+        }
+        self.plan.submit(ctx)?;
+        let out = self.logits.read_f32(ctx)?;
+        log::trace!("decode at {pos}: {:.1} ms", t.secs() * 1e3);
+        Ok(out)
+    }
 }
 
 impl<'m> Session<'m> {
@@ -382,13 +453,6 @@ impl<'m> Session<'m> {
             plan.run(ctx)?;
             cache.len = np;
         }
-        let one = FwdShape {
-            b: 1,
-            t: 1,
-            n_virtual: 0,
-            p: 0,
-        };
-        let decode_acts = Acts::new(ctx, cfg, one, false, true)?;
         Ok(Session {
             ctx,
             model,
@@ -398,7 +462,7 @@ impl<'m> Session<'m> {
             nv,
             primed: false,
             ids: Vec::new(),
-            decode_acts,
+            decoder: None,
         })
     }
 
@@ -480,7 +544,6 @@ impl<'m> Session<'m> {
             &mut self.cache,
             shape,
             &ids,
-            None,
         )?;
         self.primed = true;
         self.ids.extend_from_slice(new);
@@ -489,21 +552,23 @@ impl<'m> Session<'m> {
 
     /// Run one token after the cached ones; returns its logits.
     fn feed(&mut self, tok: u32) -> Result<Vec<f32>> {
-        let shape = FwdShape {
-            b: 1,
-            t: 1,
-            n_virtual: 0,
-            p: self.cache.len,
-        };
-        let logits = step(
-            self.ctx,
-            self.model,
-            self.hooks,
-            &mut self.cache,
-            shape,
-            &[tok as i32],
-            Some(&self.decode_acts),
-        )?;
+        let pos = self.cache.len;
+        if pos >= self.cache.cap {
+            return Err(Error::invalid(
+                "generate",
+                format!("the context of {} positions is full", self.cache.cap),
+            ));
+        }
+        if self.decoder.is_none() {
+            let d = Decoder::new(self.ctx, self.model, self.hooks, &self.cache)?;
+            self.decoder = Some(d);
+        }
+        let dec = self
+            .decoder
+            .as_ref()
+            .expect("invariant: the decoder was recorded just above");
+        let logits = dec.run(self.ctx, &self.cache, tok, pos)?;
+        self.cache.len += 1;
         self.ids.push(tok);
         Ok(logits)
     }
@@ -565,28 +630,16 @@ fn step(
     cache: &mut KvCache,
     shape: FwdShape,
     ids: &[i32],
-    acts: Option<&Acts>,
 ) -> Result<Vec<f32>> {
     let cfg = &model.cfg;
-    let owned;
-    let acts = match acts {
-        Some(a) => {
-            // Decode buffers do not depend on the cache length.
-            owned = Acts { shape, ..a.clone() };
-            &owned
-        }
-        None => {
-            owned = Acts::new(ctx, cfg, shape, false, true)?;
-            &owned
-        }
-    };
+    let acts = &Acts::new(ctx, cfg, shape, false, true)?;
     let idt = Tensor::from_i32(ctx, ids, &[1, ids.len()], "ids")?;
     let last = Tensor::from_i32(ctx, &[(shape.s() - 1) as i32], &[1, 1], "last_row")?;
     let gathered = Tensor::zeros(ctx, &[1, 1, cfg.hidden], DType::F32, "last_hidden")?;
     let logits = Tensor::zeros(ctx, &[1, cfg.vocab], DType::F32, "logits")?;
     let mut t = Stopwatch::start();
     let mut plan = Plan::new("generate step");
-    model.forward(ctx, &mut plan, acts, &idt, hooks, Some(cache))?;
+    model.forward(ctx, &mut plan, acts, &idt, hooks, Some(Cached::Fill(cache)))?;
     model.logits_rows(ctx, &mut plan, &logits, &gathered, acts, &last)?;
     if std::env::var("WGTUNE_PROFILE").is_ok_and(|v| v == "1") {
         for (name, secs, n) in plan.profile(ctx)?.iter().take(8) {

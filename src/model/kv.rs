@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::ops::attention::{attention_backward_masked, AttnMask};
-use crate::gpu::ops::copy::{copy_rows, Layout, RowBlock};
+use crate::gpu::ops::copy::{copy_rows, copy_rows_at, Layout, RowBlock};
 use crate::gpu::{Context, Plan, Tensor};
 use crate::model::buffers::{FwdShape, Grads, KvCache, LayerActs};
 use crate::model::config::ModelConfig;
@@ -30,6 +30,9 @@ pub enum Front<'a> {
     Prefix(Option<&'a Tensor>),
     /// A cache holding P rows; new rows are appended to it.
     Cache(&'a KvCache),
+    /// A cache and one token at the position in its `pos` buffer, read when
+    /// the plan runs (a decode step recorded once, replayed per token).
+    Decode(&'a KvCache),
 }
 
 /// Overwrite `t` rows of width `d` in each of `nb` blocks (no accumulate).
@@ -66,6 +69,13 @@ pub fn kv_forward(
                 kc.k[l].view(0, &shape, "cache.k")?,
                 kc.v[l].view(0, &shape, "cache.v")?,
             ))
+        }
+        Front::Decode(kc) => {
+            let at = Layout::rows(kc.cap, kvd, 0, 0);
+            for (dst, src) in [(&kc.k[l], &a.k), (&kc.v[l], &a.v)] {
+                copy_rows_at(ctx, plan, dst, at, src, own, overwrite(1, s, kvd), &kc.pos, kc.cap - s)?;
+            }
+            Ok((kc.k[l].clone(), kc.v[l].clone()))
         }
         Front::Prefix(prefix) => {
             let pre = prefix

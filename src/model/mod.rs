@@ -34,5 +34,5 @@ pub mod transformer;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};
-pub use transformer::{Acts, FwdShape, Hooks, KvCache, Model, NoHooks};
+pub use transformer::{Acts, Cached, FwdShape, Hooks, KvCache, Model, NoHooks};
 pub use weights::Weights;

@@ -17,7 +17,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::gpu::ops::attention::{attention_forward_masked, AttnMask, MAX_HEAD_DIM};
+use crate::gpu::ops::attention::{
+    attention_decode, attention_forward_masked, AttnMask, MAX_HEAD_DIM,
+};
 use crate::gpu::ops::copy::{copy_rows, scatter_rows, Layout};
 use crate::gpu::ops::{activation, embedding, expect_shape, loss, matmul, rope};
 use crate::gpu::{Context, Plan, Tensor};
@@ -96,6 +98,17 @@ pub trait Hooks {
 /// The frozen model alone.
 pub struct NoHooks;
 impl Hooks for NoHooks {}
+
+/// How a forward uses a KV cache.
+#[derive(Clone, Copy)]
+pub enum Cached<'a> {
+    /// Append the forward's rows after the cache's `len` rows.
+    Fill(&'a KvCache),
+    /// One token at the position in the cache's `pos` buffer, read when the
+    /// plan runs: recorded once per cache, replayed for every token (the
+    /// caller writes `pos` and the token's RoPE rows or position id).
+    Decode(&'a KvCache),
+}
 
 /// A model on the GPU.
 pub struct Model {
@@ -310,7 +323,8 @@ impl Model {
     /// normalized hidden state of every row. `ids` (B, T) i32. With a cache,
     /// new K/V rows go to rows `cache.len..` and attention reads rows
     /// `0..cache.len + S` (the caller advances `cache.len` afterwards);
-    /// `acts.shape.p` must equal `cache.len`.
+    /// `acts.shape.p` must equal `cache.len`. [`Cached::Decode`] instead
+    /// records one token whose position is read when the plan runs.
     pub fn forward(
         &self,
         ctx: &Context,
@@ -318,14 +332,24 @@ impl Model {
         acts: &Acts,
         ids: &Tensor,
         hooks: &dyn Hooks,
-        cache: Option<&KvCache>,
+        cache: Option<Cached>,
     ) -> Result<()> {
         let cfg = &self.cfg;
         let sh = acts.shape;
         let (b, s, nv, p) = (sh.b, sh.s(), sh.n_virtual, sh.p);
         let c = cfg.hidden;
         self.check_positions(sh)?;
-        if let Some(kc) = cache {
+        if let Some(Cached::Decode(kc)) = cache {
+            // RoPE rows come gathered at the position (PackBufs of 1 x 1).
+            let rope_rows = acts.pack.is_some() || cfg.arch == Arch::Gpt2;
+            if b != 1 || s != 1 || !rope_rows || kc.cap < 2 {
+                return Err(Error::invalid(
+                    "forward",
+                    format!("a decode step is one token with gathered RoPE rows, got {sh:?}"),
+                ));
+            }
+        }
+        if let Some(Cached::Fill(kc)) = cache {
             if kc.len != p || b != 1 || p + s > kc.cap {
                 return Err(Error::invalid(
                     "forward",
@@ -361,7 +385,8 @@ impl Model {
         plan.pop_group();
         // K/V rows in front: a cache's, or the adapter's prefix (unrotated).
         let front = match cache {
-            Some(kc) => Front::Cache(kc),
+            Some(Cached::Fill(kc)) => Front::Cache(kc),
+            Some(Cached::Decode(kc)) => Front::Decode(kc),
             None if p > 0 => Front::Prefix(hooks.prefix()),
             None => Front::None,
         };
@@ -401,8 +426,14 @@ impl Model {
         blk.qk_norm_forward(ctx, plan, a)?;
         self.rope_forward(ctx, plan, l, &a.q, &a.k, sh, pack)?;
         let (k, v) = kv_forward(ctx, plan, cfg, l, a, sh, front)?;
-        let segs = pack.map(|pk| &pk.starts);
-        attention_forward_masked(ctx, plan, &a.att, &a.lse, &a.q, &k, &v, self.mask(l), segs)?;
+        let mask = self.mask(l);
+        if let Front::Decode(kc) = front {
+            let (q, part) = (&a.q, &kc.part);
+            attention_decode(ctx, plan, &a.att, &a.lse, part, q, &k, &v, &kc.pos, mask)?;
+        } else {
+            let segs = pack.map(|pk| &pk.starts);
+            attention_forward_masked(ctx, plan, &a.att, &a.lse, &a.q, &k, &v, mask, segs)?;
+        }
         o.forward_hooked(ctx, plan, hooks, l, &a.proj, &att2)?;
         let attn_out = post_norm_forward(ctx, plan, &blk.post_attn, &a.post_attn, &a.proj)?;
         residual(ctx, plan, &a.resid_mid, &a.resid, attn_out)?;

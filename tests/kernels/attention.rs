@@ -420,3 +420,61 @@ fn attention_rejects_wrong_shapes() {
     .unwrap_err();
     shape_err(e, "delta");
 }
+
+/// attention_decode: one plan recorded for a cache of CAP rows, replayed at
+/// several positions (the position is read on the GPU), against the CPU
+/// twin; GQA and MHA, odd head dims, chunk boundaries (64 keys) crossed,
+/// with and without a sliding window.
+#[test]
+fn attention_decode_reads_the_position_when_replayed() {
+    let ctx = gpu!();
+    // (CAP, NH, KVH, HD, window)
+    for (cap, nh, kvh, hd, window) in [
+        (5, 2, 1, 8, None),
+        (150, 6, 2, 12, None),
+        (150, 3, 3, 64, Some(70)),
+        (70, 4, 2, 128, Some(3)),
+    ] {
+        let mut r = Rng::new((cap * 10 + hd) as u64);
+        let nk = cap * kvh * hd;
+        let (k, v) = (r.vec(nk, 1.5), r.vec(nk, 1.0));
+        let ks = [1, cap, kvh, hd];
+        let (tk, tv) = (up(ctx, &k, &ks, "k"), up(ctx, &v, &ks, "v"));
+        let q = r.vec(nh * hd, 1.5);
+        let tq = up(ctx, &q, &[1, 1, nh, hd], "q");
+        let (out, lse) = (zeros(ctx, &[1, 1, nh, hd], "out"), zeros(ctx, &[1, nh, 1], "lse"));
+        let part = zeros(ctx, &attention::decode_part_shape(nh, hd, cap), "part");
+        let pos = wgtune::gpu::Tensor::zeros(ctx, &[1], wgtune::gpu::DType::U32, "pos").unwrap();
+        let mask = AttnMask {
+            scale: 0.3,
+            window,
+        };
+        let mut plan = Plan::new("decode");
+        attention::attention_decode(ctx, &mut plan, &out, &lse, &part, &tq, &tk, &tv, &pos, mask)
+            .unwrap();
+        for p in [0, 1, cap / 2, cap - 1] {
+            pos.write_u32(ctx, &[p as u32]).unwrap();
+            run(ctx, &plan);
+            let (mut wo, mut wl) = (vec![0.0; nh * hd], vec![0.0; nh]);
+            let m = cpu::attention::Mask {
+                scale: 0.3,
+                window,
+            };
+            cpu::attention::attention_decode(
+                &mut wo,
+                &mut wl,
+                &to64(&q),
+                &to64(&k),
+                &to64(&v),
+                p,
+                nh,
+                kvh,
+                hd,
+                m,
+            );
+            let tag = format!("cap {cap} hd {hd} window {window:?} pos {p}");
+            assert_close(&format!("{tag} out"), &read(ctx, &out), &wo, 1e-5, 1e-4);
+            assert_close(&format!("{tag} lse"), &read(ctx, &lse), &wl, 1e-5, 1e-4);
+        }
+    }
+}

@@ -124,3 +124,35 @@ fn scatter_rows_matches_cpu() {
     cpu::copy::scatter_rows(&mut want, &idx, &to64(&s0), rows, d);
     assert_close("scatter_rows", &read(ctx, &dst), &want, 0.0, 1e-7);
 }
+
+/// copy_rows_at: one recorded plan replayed at several row counts (a KV
+/// cache append), each against the CPU twin; odd widths.
+#[test]
+fn copy_rows_at_reads_the_position_when_replayed() {
+    let ctx = gpu!();
+    let (cap, d, t) = (11, 7, 1);
+    let mut r = Rng::new(5);
+    let d0 = r.vec(cap * d, 1.0);
+    let s0 = r.vec(t * d, 1.0);
+    let (dst, src) = (up(ctx, &d0, &[cap, d], "cache"), up(ctx, &s0, &[t, d], "row"));
+    let pos = wgtune::gpu::Tensor::zeros(ctx, &[1], wgtune::gpu::DType::U32, "pos").unwrap();
+    let mut plan = Plan::new("append");
+    let rows = RowBlock {
+        nb: 1,
+        t,
+        d,
+        acc: false,
+    };
+    let (dl, sl) = (Layout::dense(cap, d), Layout::dense(t, d));
+    copy::copy_rows_at(ctx, &mut plan, &dst, dl, &src, sl, rows, &pos, cap - t).unwrap();
+    let mut want = to64(&d0);
+    for p in [0usize, 3, 4, cap - 1] {
+        pos.write_u32(ctx, &[p as u32]).unwrap();
+        run(ctx, &plan);
+        cpu::copy::copy_rows_at(&mut want, &to64(&s0), 1, t, d, dl, sl, p);
+        assert_close(&format!("append at {p}"), &read(ctx, &dst), &want, 0.0, 1e-7);
+    }
+    // A shift the destination cannot hold is refused when recorded.
+    let err = copy::copy_rows_at(ctx, &mut plan, &dst, dl, &src, sl, rows, &pos, cap).unwrap_err();
+    assert!(err.to_string().contains("`cache`"), "{err}");
+}

@@ -569,6 +569,82 @@ pub fn attention_forward_with(
     dispatch_blocks(ctx, plan, &spec, p, &b, l.grid, d.s(), per)
 }
 
+/// Keys per chunk of [`attention_decode`] (the shader's `DCH`).
+pub const DECODE_CHUNK: usize = 64;
+
+/// Shape of [`attention_decode`]'s scratch for `nh` heads of dim `hd` over a
+/// cache of `cap` rows: per (head, chunk) an accumulator row and (max, sum).
+pub fn decode_part_shape(nh: usize, hd: usize, cap: usize) -> [usize; 3] {
+    [nh, cap.div_ceil(DECODE_CHUNK), hd + 4]
+}
+
+/// One query row per head at the position in `pos` (1) u32, against cache
+/// rows 0..=pos of `k`, `v` (1, CAP, KVH, HD): out (1, 1, NH, HD) and lse
+/// (1, NH, 1) as [`attention_forward_masked`] gives with P = pos and T = 1.
+/// The position is read on the GPU, so the recorded dispatches serve every
+/// token of a generation. `part` ([`decode_part_shape`]) is scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode(
+    ctx: &Context,
+    plan: &mut Plan,
+    out: &Tensor,
+    lse: &Tensor,
+    part: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pos: &Tensor,
+    mask: AttnMask,
+) -> Result<()> {
+    let op = "attention_decode";
+    let d = attn_dims(op, q, k, v)?;
+    if d.b != 1 || d.t != 1 {
+        return Err(Error::invalid(
+            op,
+            format!("one query row of batch 1, got q {:?}", q.shape()),
+        ));
+    }
+    let cap = d.s();
+    expect_shape(op, out, &[1, 1, d.nh, d.hd])?;
+    expect_shape(op, lse, &[1, d.nh, 1])?;
+    expect_shape(op, part, &decode_part_shape(d.nh, d.hd, cap))?;
+    expect_shape(op, pos, &[1])?;
+    if pos.dtype() != DType::U32 {
+        return Err(Error::invalid(
+            op,
+            format!("position `{}` must be u32", pos.label()),
+        ));
+    }
+    let chunks = cap.div_ceil(DECODE_CHUNK);
+    // A window as wide as the cache is none (`params` drops it).
+    let p = params(&d, &mask, chunks, 31);
+    // Every position up to the cap, half of the cache on average.
+    plan.add_flops(2.0 * d.nh as f64 * cap as f64 * d.hd as f64);
+    let n_part = d.nh * chunks;
+    let wg = wg_for(ctx, 1, n_part);
+    let lay = [Some(W), Some(R), Some(R), Some(R), Some(R)];
+    let part_spec = spec(op, &lay, Source::Storage, &d, 1, 1, wg, false)?
+        .with("DCH", DECODE_CHUNK as f64);
+    let grid = grid_1d(ctx, n_part.div_ceil(wg as usize) as u32);
+    let b = [Bind::T(part), Bind::T(q), Bind::T(k), Bind::T(v), Bind::T(pos)];
+    plan.dispatch_with(ctx, &part_spec, &p, &b, grid)?;
+    let n_out = d.nh * d.hd / 4;
+    let wg = wg_for(ctx, 1, n_out);
+    let lay = [Some(W), Some(W), Some(R)];
+    let comb = spec(
+        "attention_decode_combine",
+        &lay,
+        Source::Storage,
+        &d,
+        1,
+        1,
+        wg,
+        false,
+    )?;
+    let grid = grid_1d(ctx, n_out.div_ceil(wg as usize) as u32);
+    plan.dispatch_with(ctx, &comb, &p, &[Bind::T(out), Bind::T(lse), Bind::T(part)], grid)
+}
+
 /// dq (B, T, NH, HD) +=, dk, dv (B, S, KVH, HD) += the attention gradients
 /// for `dout`, using the forward's `out` and `lse`. `delta` (B, NH, T) is
 /// scratch that this call overwrites. Records three dispatches: delta, dq, dkv.

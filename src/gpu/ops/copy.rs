@@ -52,10 +52,54 @@ pub fn copy_rows(
     dl: Layout,
     src: &Tensor,
     sl: Layout,
-    RowBlock { nb, t, d, acc }: RowBlock,
+    block: RowBlock,
 ) -> Result<()> {
-    let op = "copy_rows";
-    for (tn, l) in [(dst, dl), (src, sl)] {
+    copy_impl(ctx, plan, dst, dl, src, sl, block, None)
+}
+
+/// [`copy_rows`] with the destination moved down by the row count in `pos`
+/// (1) u32, read when the plan runs: a KV cache append recorded once for
+/// every position. `max_shift` is the largest count `pos` will hold; the
+/// block must fit in `dst` at that shift.
+#[allow(clippy::too_many_arguments)]
+pub fn copy_rows_at(
+    ctx: &Context,
+    plan: &mut Plan,
+    dst: &Tensor,
+    dl: Layout,
+    src: &Tensor,
+    sl: Layout,
+    block: RowBlock,
+    pos: &Tensor,
+    max_shift: usize,
+) -> Result<()> {
+    super::expect_shape("copy_rows_at", pos, &[1])?;
+    if pos.dtype() != crate::gpu::tensor::DType::U32 {
+        return Err(Error::invalid(
+            "copy_rows_at",
+            format!("row count `{}` must be u32", pos.label()),
+        ));
+    }
+    copy_impl(ctx, plan, dst, dl, src, sl, block, Some((pos, max_shift)))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn copy_impl(
+    ctx: &Context,
+    plan: &mut Plan,
+    dst: &Tensor,
+    dl: Layout,
+    src: &Tensor,
+    sl: Layout,
+    RowBlock { nb, t, d, acc }: RowBlock,
+    at: Option<(&Tensor, usize)>,
+) -> Result<()> {
+    let op = if at.is_some() { "copy_rows_at" } else { "copy_rows" };
+    let far = Layout {
+        off: dl.off + at.map_or(0, |(_, m)| m) * dl.rs,
+        ..dl
+    };
+    for (tn, l) in [(dst, far), (src, sl)] {
         let need = extent(l, nb, t, d);
         if need > tn.numel() {
             return Err(Error::invalid(
@@ -80,7 +124,8 @@ pub fn copy_rows(
             have: u32::MAX as u64,
         });
     }
-    let spec = KernelSpec::family("copy", op, &[W, R])?.with("WG", WG as f64);
+    let layout: &[_] = if at.is_some() { &[W, R, R] } else { &[W, R] };
+    let spec = KernelSpec::family("copy", op, layout)?.with("WG", WG as f64);
     let p = CopyParams {
         nb: nb as u32,
         t: t as u32,
@@ -93,13 +138,11 @@ pub fn copy_rows(
         dst_rs: dl.rs as u32,
         dst_off: dl.off as u32,
     };
-    plan.dispatch(
-        ctx,
-        &spec,
-        &p,
-        &[dst, src],
-        grid_1d(ctx, (n as u32).div_ceil(WG)),
-    )
+    let grid = grid_1d(ctx, (n as u32).div_ceil(WG));
+    match at {
+        Some((pos, _)) => plan.dispatch(ctx, &spec, &p, &[dst, src, pos], grid),
+        None => plan.dispatch(ctx, &spec, &p, &[dst, src], grid),
+    }
 }
 
 /// dst (ROWS, D) rows idx[i] += src (R, D) rows i; idx (R) or (1, R) i32,
