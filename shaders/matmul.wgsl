@@ -206,6 +206,53 @@ fn matmul_gemv_tex(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
     fw_store(m, n, (acc.x + acc.y) + (acc.z + acc.w));
 }
 
+// SUBGROUP_ONLY_BEGIN (src/gpu/ops/matmul.rs drops this block without subgroups)
+// matmul_gemv_split: matmul_gemv_tex with the reduction split over the SGW
+// lanes of a subgroup. Lanes side by side read consecutive texels of one
+// weight row, so a SIMD gather on a CPU adapter touches one contiguous run
+// of memory (one output per lane gathers from SGW rows apart), and
+// subgroupAdd sums the lanes. A subgroup owns GR outputs; SGW is the
+// adapter's fixed subgroup size.
+const SGW: u32 = {{SGW}}u;
+const GR: u32 = 4u;
+@compute @workgroup_size(64)
+fn matmul_gemv_split(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32,
+                     @builtin(subgroup_id) sid: u32) {
+    let n0 = (wg.x * (64u / SGW) + sid) * GR;
+    let m = wg.y;
+    // Uniform over the subgroup: all its lanes leave or none.
+    if (n0 >= p.n || m >= p.m) { return; }
+    let nlast = p.n - 1u;
+    let ca = a_row_{{A}}(m);
+    let cb0 = b_row_{{B}}(n0);
+    let cb1 = b_row_{{B}}(min(n0 + 1u, nlast));
+    let cb2 = b_row_{{B}}(min(n0 + 2u, nlast));
+    let cb3 = b_row_{{B}}(min(n0 + 3u, nlast));
+    var c0 = vec4<f32>(0.0);
+    var c1 = vec4<f32>(0.0);
+    var c2 = vec4<f32>(0.0);
+    var c3 = vec4<f32>(0.0);
+    // Packed rows are zero-padded to whole texels.
+    for (var k = lane * 4u; k < p.k; k += SGW * 4u) {
+        let a = fw_a_{{A}}(ca, k);
+        c0 = fma(a, fw_b_{{B}}(cb0, k), c0);
+        c1 = fma(a, fw_b_{{B}}(cb1, k), c1);
+        c2 = fma(a, fw_b_{{B}}(cb2, k), c2);
+        c3 = fma(a, fw_b_{{B}}(cb3, k), c3);
+    }
+    let s0 = subgroupAdd((c0.x + c0.y) + (c0.z + c0.w));
+    let s1 = subgroupAdd((c1.x + c1.y) + (c1.z + c1.w));
+    let s2 = subgroupAdd((c2.x + c2.y) + (c2.z + c2.w));
+    let s3 = subgroupAdd((c3.x + c3.y) + (c3.z + c3.w));
+    if (lane == 0u) {
+        fw_store(m, n0, s0);
+        fw_store(m, n0 + 1u, s1);
+        fw_store(m, n0 + 2u, s2);
+        fw_store(m, n0 + 3u, s3);
+    }
+}
+// SUBGROUP_ONLY_END
+
 // matmul_gather: the embedding lookup over a weight from any source:
 // out[b, col_off + t, :] = alpha * weight[ids[b, t], :], zero for an id outside
 // 0..a_row0 (= V). p.m = B*T ids, p.n = T, p.ld_out = S, p.k = C.

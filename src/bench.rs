@@ -581,3 +581,88 @@ fn bench_plan(
     let plan = MemoryPlan::new(&input, Budget::of(None, None))?;
     Ok((plan.total(), plan.line("largest temporary")))
 }
+
+/// `wgtune bench generate`: greedy generation on the model's weights with
+/// no adapter: `prompt` random token ids, then `new` tokens (no stop
+/// token), `runs` times on one session. Prints prefill and decode tokens/s
+/// per run (the first run includes building the pipelines and recording
+/// the decode step), the decode step's dispatches and GFLOP/s, GPU bytes
+/// and peak RSS.
+pub fn generate(
+    opts: &ContextOptions,
+    model: &std::path::Path,
+    weights: crate::model::compact::WeightsMode,
+    prompt: usize,
+    new: usize,
+    runs: usize,
+) -> Result<()> {
+    use crate::model::generate::{GenOptions, Session};
+    use crate::model::NoHooks;
+    let t0 = crate::clock::Stopwatch::start();
+    let ctx = Context::new(opts)?;
+    let dir = crate::model::hub::resolve_model(model)?;
+    let m = crate::model::Model::load_with(&ctx, &dir, weights)?;
+    let cfg = m.cfg.clone();
+    let load_s = t0.secs();
+    let cap = (prompt + new + 1).min(cfg.max_positions);
+    println!(
+        "bench generate: {:?} {} layers hidden {} vocab {}, weights {weights} ({:.0} MiB), {prompt} prompt + {new} new tokens, greedy, {} ({:?}); loaded in {load_s:.2} s",
+        cfg.arch,
+        cfg.layers,
+        cfg.hidden,
+        cfg.vocab,
+        mib(m.weight_bytes()),
+        ctx.info.name,
+        ctx.info.backend
+    );
+    let mut rng = crate::rng::Rng::new(11);
+    let ids: Vec<u32> = (0..prompt)
+        .map(|_| rng.below(cfg.vocab as u64) as u32)
+        .collect();
+    let opts = GenOptions {
+        max_new_tokens: new,
+        stop: Vec::new(),
+        ..Default::default()
+    };
+    let mut session = Session::new(&ctx, &m, &NoHooks, cap)?;
+    let mut decode = Vec::new();
+    for run in 0..runs {
+        session.reset();
+        let st = session.generate(&ids, &opts, |_, _| {
+            Ok(crate::model::generate::Flow::Continue)
+        })?;
+        let first = if run == 0 {
+            format!(
+                " (first run: pipelines built; time to first token {:.2} s after start)",
+                t0.secs() - st.decode_s
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "  run {}: prefill {:7.1} tok/s ({:.3} s)   decode {:6.2} tok/s ({:.1} ms/token){first}",
+            run + 1,
+            st.prefilled as f64 / st.prefill_s,
+            st.prefill_s,
+            st.decode_tokens_per_s(),
+            1e3 / st.decode_tokens_per_s().max(1e-9),
+        );
+        if run > 0 || runs == 1 {
+            decode.push(st.decode_tokens_per_s());
+        }
+    }
+    if let Some((n, flops)) = session.decode_step_cost() {
+        let tps = median(decode);
+        println!(
+            "  decode step: {n} dispatches, {:.2} GFLOP/s at {tps:.2} tok/s (median of warm runs)",
+            flops * tps / 1e9
+        );
+    }
+    println!(
+        "  GPU buffers: {:.0} MiB live, {:.0} MiB peak; peak RSS {}",
+        mib(ctx.memory.live()),
+        mib(ctx.memory.peak()),
+        peak_rss_mib().map_or("n/a".into(), |r| format!("{r:.0} MiB"))
+    );
+    Ok(())
+}

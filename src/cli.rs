@@ -247,6 +247,25 @@ pub enum BenchCommand {
         #[arg(long, value_parser = positive)]
         num_layers: Option<usize>,
     },
+    /// Prefill and decode tokens/s of greedy generation (no adapter)
+    Generate {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Model: a folder, a .gguf or ORG/NAME
+        #[arg(long)]
+        model: PathBuf,
+        /// Random prompt tokens
+        #[arg(long, default_value_t = 40, value_parser = positive)]
+        prompt_tokens: usize,
+        /// New tokens per run (no stop token)
+        #[arg(long, default_value_t = 64, value_parser = positive)]
+        new_tokens: usize,
+        /// Runs on one session (the first builds the pipelines)
+        #[arg(long, default_value_t = 3, value_parser = positive)]
+        runs: usize,
+        #[command(flatten)]
+        weights: WeightsArgs,
+    },
 }
 
 /// Adapter method.
@@ -818,6 +837,24 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Bench {
             what: BenchCommand::Kernels { device, iters },
         } => done(crate::bench::kernels(&device.options(), iters)),
+        Command::Bench {
+            what:
+                BenchCommand::Generate {
+                    device,
+                    model,
+                    prompt_tokens,
+                    new_tokens,
+                    runs,
+                    weights,
+                },
+        } => done(crate::bench::generate(
+            &device.options(),
+            &model,
+            weights.weights,
+            prompt_tokens,
+            new_tokens,
+            runs,
+        )),
         Command::Bench {
             what:
                 BenchCommand::Train {

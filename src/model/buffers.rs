@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
-use crate::gpu::tensor::alloc_bytes;
 use crate::gpu::ops::attention::decode_part_shape;
+use crate::gpu::tensor::alloc_bytes;
 use crate::gpu::{Context, DType, Tensor};
 use crate::model::config::{Arch, ModelConfig};
 

@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 use crate::gpu::ops::copy::{copy_rows, Layout};
 use crate::gpu::{Context, DType, Plan, Tensor};
 use crate::model::kv::{overwrite, prefix_layout};
-use crate::model::tokenizer::{ChatMessage, Tokenizer};
 use crate::model::packing::{PackBufs, PackTables};
+use crate::model::tokenizer::{ChatMessage, Tokenizer};
 use crate::model::transformer::{Acts, Cached, FwdShape, Hooks, KvCache, Model};
 use crate::rng::Rng;
 
@@ -375,7 +375,14 @@ impl Decoder {
         let logits = Tensor::zeros(ctx, &[1, cfg.vocab], DType::F32, "decode.logits")?;
         let t = Stopwatch::start();
         let mut plan = Plan::new("decode step");
-        model.forward(ctx, &mut plan, &acts, &ids, hooks, Some(Cached::Decode(cache)))?;
+        model.forward(
+            ctx,
+            &mut plan,
+            &acts,
+            &ids,
+            hooks,
+            Some(Cached::Decode(cache)),
+        )?;
         model.logits_rows(ctx, &mut plan, &logits, &gathered, &acts, &last)?;
         log::debug!(
             "decode step recorded in {:.1} ms: {} dispatches",
@@ -464,6 +471,14 @@ impl<'m> Session<'m> {
             ids: Vec::new(),
             decoder: None,
         })
+    }
+
+    /// Dispatches and floating-point operations of the recorded one-token
+    /// step, once a token was decoded (for benchmarks).
+    pub fn decode_step_cost(&self) -> Option<(usize, f64)> {
+        self.decoder
+            .as_ref()
+            .map(|d| (d.plan.dispatches(), d.plan.flops()))
     }
 
     /// Positions the cache holds, adapter rows included.

@@ -73,7 +73,17 @@ pub fn kv_forward(
         Front::Decode(kc) => {
             let at = Layout::rows(kc.cap, kvd, 0, 0);
             for (dst, src) in [(&kc.k[l], &a.k), (&kc.v[l], &a.v)] {
-                copy_rows_at(ctx, plan, dst, at, src, own, overwrite(1, s, kvd), &kc.pos, kc.cap - s)?;
+                copy_rows_at(
+                    ctx,
+                    plan,
+                    dst,
+                    at,
+                    src,
+                    own,
+                    overwrite(1, s, kvd),
+                    &kc.pos,
+                    kc.cap - s,
+                )?;
             }
             Ok((kc.k[l].clone(), kc.v[l].clone()))
         }

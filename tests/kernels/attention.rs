@@ -442,13 +442,13 @@ fn attention_decode_reads_the_position_when_replayed() {
         let (tk, tv) = (up(ctx, &k, &ks, "k"), up(ctx, &v, &ks, "v"));
         let q = r.vec(nh * hd, 1.5);
         let tq = up(ctx, &q, &[1, 1, nh, hd], "q");
-        let (out, lse) = (zeros(ctx, &[1, 1, nh, hd], "out"), zeros(ctx, &[1, nh, 1], "lse"));
+        let (out, lse) = (
+            zeros(ctx, &[1, 1, nh, hd], "out"),
+            zeros(ctx, &[1, nh, 1], "lse"),
+        );
         let part = zeros(ctx, &attention::decode_part_shape(nh, hd, cap), "part");
         let pos = wgtune::gpu::Tensor::zeros(ctx, &[1], wgtune::gpu::DType::U32, "pos").unwrap();
-        let mask = AttnMask {
-            scale: 0.3,
-            window,
-        };
+        let mask = AttnMask { scale: 0.3, window };
         let mut plan = Plan::new("decode");
         attention::attention_decode(ctx, &mut plan, &out, &lse, &part, &tq, &tk, &tv, &pos, mask)
             .unwrap();
@@ -456,10 +456,7 @@ fn attention_decode_reads_the_position_when_replayed() {
             pos.write_u32(ctx, &[p as u32]).unwrap();
             run(ctx, &plan);
             let (mut wo, mut wl) = (vec![0.0; nh * hd], vec![0.0; nh]);
-            let m = cpu::attention::Mask {
-                scale: 0.3,
-                window,
-            };
+            let m = cpu::attention::Mask { scale: 0.3, window };
             cpu::attention::attention_decode(
                 &mut wo,
                 &mut wl,

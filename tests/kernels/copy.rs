@@ -134,7 +134,10 @@ fn copy_rows_at_reads_the_position_when_replayed() {
     let mut r = Rng::new(5);
     let d0 = r.vec(cap * d, 1.0);
     let s0 = r.vec(t * d, 1.0);
-    let (dst, src) = (up(ctx, &d0, &[cap, d], "cache"), up(ctx, &s0, &[t, d], "row"));
+    let (dst, src) = (
+        up(ctx, &d0, &[cap, d], "cache"),
+        up(ctx, &s0, &[t, d], "row"),
+    );
     let pos = wgtune::gpu::Tensor::zeros(ctx, &[1], wgtune::gpu::DType::U32, "pos").unwrap();
     let mut plan = Plan::new("append");
     let rows = RowBlock {
@@ -150,7 +153,13 @@ fn copy_rows_at_reads_the_position_when_replayed() {
         pos.write_u32(ctx, &[p as u32]).unwrap();
         run(ctx, &plan);
         cpu::copy::copy_rows_at(&mut want, &to64(&s0), 1, t, d, dl, sl, p);
-        assert_close(&format!("append at {p}"), &read(ctx, &dst), &want, 0.0, 1e-7);
+        assert_close(
+            &format!("append at {p}"),
+            &read(ctx, &dst),
+            &want,
+            0.0,
+            1e-7,
+        );
     }
     // A shift the destination cannot hold is refused when recorded.
     let err = copy::copy_rows_at(ctx, &mut plan, &dst, dl, &src, sl, rows, &pos, cap).unwrap_err();

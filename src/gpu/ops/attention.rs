@@ -623,10 +623,16 @@ pub fn attention_decode(
     let n_part = d.nh * chunks;
     let wg = wg_for(ctx, 1, n_part);
     let lay = [Some(W), Some(R), Some(R), Some(R), Some(R)];
-    let part_spec = spec(op, &lay, Source::Storage, &d, 1, 1, wg, false)?
-        .with("DCH", DECODE_CHUNK as f64);
+    let part_spec =
+        spec(op, &lay, Source::Storage, &d, 1, 1, wg, false)?.with("DCH", DECODE_CHUNK as f64);
     let grid = grid_1d(ctx, n_part.div_ceil(wg as usize) as u32);
-    let b = [Bind::T(part), Bind::T(q), Bind::T(k), Bind::T(v), Bind::T(pos)];
+    let b = [
+        Bind::T(part),
+        Bind::T(q),
+        Bind::T(k),
+        Bind::T(v),
+        Bind::T(pos),
+    ];
     plan.dispatch_with(ctx, &part_spec, &p, &b, grid)?;
     let n_out = d.nh * d.hd / 4;
     let wg = wg_for(ctx, 1, n_out);
@@ -642,7 +648,13 @@ pub fn attention_decode(
         false,
     )?;
     let grid = grid_1d(ctx, n_out.div_ceil(wg as usize) as u32);
-    plan.dispatch_with(ctx, &comb, &p, &[Bind::T(out), Bind::T(lse), Bind::T(part)], grid)
+    plan.dispatch_with(
+        ctx,
+        &comb,
+        &p,
+        &[Bind::T(out), Bind::T(lse), Bind::T(part)],
+        grid,
+    )
 }
 
 /// dq (B, T, NH, HD) +=, dk, dv (B, S, KVH, HD) += the attention gradients

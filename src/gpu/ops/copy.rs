@@ -94,7 +94,11 @@ fn copy_impl(
     RowBlock { nb, t, d, acc }: RowBlock,
     at: Option<(&Tensor, usize)>,
 ) -> Result<()> {
-    let op = if at.is_some() { "copy_rows_at" } else { "copy_rows" };
+    let op = if at.is_some() {
+        "copy_rows_at"
+    } else {
+        "copy_rows"
+    };
     let far = Layout {
         off: dl.off + at.map_or(0, |(_, m)| m) * dl.rs,
         ..dl

@@ -199,8 +199,15 @@ pub fn generate(v: &Variant) -> String {
             .replace(&format!("{{{{{tag}_BODY}}}}"), &body)
             .replace(&format!("{{{{{tag}_STORE}}}}"), &store);
     }
+    if sg <= 1 {
+        let (a, b) = ("// SUBGROUP_ONLY_BEGIN", "// SUBGROUP_ONLY_END");
+        if let (Some(i), Some(j)) = (s.find(a), s.find(b)) {
+            s.replace_range(i..j + b.len(), "");
+        }
+    }
     let (qbits, qsub) = v.b_src.quant();
     s.replace("{{LANE_BUILTINS}}", builtins)
+        .replace("{{SGW}}", &sg.to_string())
         .replace("{{A}}", a)
         .replace("{{B}}", b)
         .replace("{{QBITS}}", &qbits.to_string())
@@ -708,7 +715,11 @@ fn forward(
     let v = with_sources(pick_variant(ctx, k % 4 == 0), a, b);
     let (mut tile_m, mut tile_n) = v.tile();
     let both_tex = a.source().is_texture() && b.source().is_texture();
-    let entry = if both_tex && m <= gemv_max_rows() {
+    let entry = if both_tex && m <= gemv_max_rows() && v.sg > 1 && gemv_split() {
+        // 64 / SG subgroups of 4 outputs each.
+        (tile_m, tile_n) = (1, 4 * 64 / v.sg);
+        "matmul_gemv_split"
+    } else if both_tex && m <= gemv_max_rows() {
         (tile_m, tile_n) = (1, 64);
         "matmul_gemv_tex"
     } else {
@@ -1176,3 +1187,10 @@ pub fn gemv_max_rows() -> usize {
         .unwrap_or(GEMV_MAX_ROWS)
 }
 const GEMV_MAX_ROWS: usize = 16;
+
+/// Whether few-row forwards split each output's reduction over a subgroup
+/// (`matmul_gemv_split`); `WGTUNE_GEMV_SPLIT=0` keeps one output per
+/// invocation (`matmul_gemv_tex`), for comparison.
+fn gemv_split() -> bool {
+    std::env::var("WGTUNE_GEMV_SPLIT").map_or(true, |v| v != "0")
+}
