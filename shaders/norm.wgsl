@@ -1,7 +1,11 @@
 // norm.wgsl: RMSNorm (Llama) and LayerNorm (GPT-2), forward and backward.
 // The norm weights are frozen in adapter training, so backward gives dinp only.
-// Geometry for all entries: one workgroup per row; WG threads stride over C,
-// then a fixed-order tree reduction in workgroup memory (deterministic).
+// Geometry of the plain entries: one workgroup per row; WG threads stride
+// over C, then a fixed-order tree reduction in workgroup memory
+// (deterministic). The `_row` entries (software adapters, C % 4 == 0) give
+// each invocation a whole row read as vec4s: on a CPU adapter a barrier
+// switches every invocation of the workgroup, and the tree reduction costs
+// more than the row itself (see src/gpu/ops/norm.rs).
 
 struct Params {
     n: u32,    // rows (B*T)
@@ -194,5 +198,124 @@ fn layernorm_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgro
             let xhat = (lnb_inp[base + i] - mean) * rstd;
             lnb_dinp[base + i] += rstd * (g - mg - xhat * mgx);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The `_row` entries: same maths, one invocation per row, vec4 operands,
+// C4 = C / 4. Sums run in one fixed order per row (deterministic).
+@group(0) @binding(1) var<storage, read_write> rr_out: array<vec4<f32>>; // (N, C)
+@group(0) @binding(2) var<storage, read_write> rr_rstd: array<f32>;      // (N)
+@group(0) @binding(3) var<storage, read> rr_inp: array<vec4<f32>>;       // (N, C)
+@group(0) @binding(4) var<storage, read> rr_weight: array<vec4<f32>>;    // (C)
+
+fn hsum(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
+@compute @workgroup_size(WG)
+fn rmsnorm_forward_row(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let row = flat_wg(wg, nwg) * WG + lid;
+    if (row >= p.n) { return; }
+    let c4 = p.c / 4u;
+    let base = row * c4;
+    var ss = vec4<f32>(0.0);
+    for (var i = 0u; i < c4; i++) {
+        let x = rr_inp[base + i];
+        ss = fma(x, x, ss);
+    }
+    let rstd = inverseSqrt(hsum(ss) / f32(p.c) + p.eps);
+    for (var i = 0u; i < c4; i++) {
+        rr_out[base + i] = rr_weight[i] * (rr_inp[base + i] * rstd);
+    }
+    rr_rstd[row] = rstd;
+}
+
+@group(0) @binding(1) var<storage, read_write> rrb_dinp: array<vec4<f32>>; // (N, C)
+@group(0) @binding(2) var<storage, read> rrb_dout: array<vec4<f32>>;       // (N, C)
+@group(0) @binding(3) var<storage, read> rrb_inp: array<vec4<f32>>;        // (N, C)
+@group(0) @binding(4) var<storage, read> rrb_weight: array<vec4<f32>>;     // (C)
+@group(0) @binding(5) var<storage, read> rrb_rstd: array<f32>;             // (N)
+
+@compute @workgroup_size(WG)
+fn rmsnorm_backward_row(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(local_invocation_index) lid: u32) {
+    let row = flat_wg(wg, nwg) * WG + lid;
+    if (row >= p.n) { return; }
+    let c4 = p.c / 4u;
+    let base = row * c4;
+    var d = vec4<f32>(0.0);
+    for (var i = 0u; i < c4; i++) {
+        d = fma(rrb_weight[i] * rrb_dout[base + i], rrb_inp[base + i], d);
+    }
+    let rstd = rrb_rstd[row];
+    let k = rstd * rstd * hsum(d) / f32(p.c);
+    for (var i = 0u; i < c4; i++) {
+        let g = rrb_weight[i] * rrb_dout[base + i];
+        rrb_dinp[base + i] += rstd * (g - rrb_inp[base + i] * k);
+    }
+}
+
+@group(0) @binding(1) var<storage, read_write> lr_out: array<vec4<f32>>; // (N, C)
+@group(0) @binding(2) var<storage, read_write> lr_mean: array<f32>;      // (N)
+@group(0) @binding(3) var<storage, read_write> lr_rstd: array<f32>;      // (N)
+@group(0) @binding(4) var<storage, read> lr_inp: array<vec4<f32>>;       // (N, C)
+@group(0) @binding(5) var<storage, read> lr_weight: array<vec4<f32>>;    // (C)
+@group(0) @binding(6) var<storage, read> lr_bias: array<vec4<f32>>;      // (C)
+
+@compute @workgroup_size(WG)
+fn layernorm_forward_row(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                         @builtin(local_invocation_index) lid: u32) {
+    let row = flat_wg(wg, nwg) * WG + lid;
+    if (row >= p.n) { return; }
+    let c4 = p.c / 4u;
+    let base = row * c4;
+    var s = vec4<f32>(0.0);
+    for (var i = 0u; i < c4; i++) { s += lr_inp[base + i]; }
+    let mean = hsum(s) / f32(p.c);
+    // Two-pass variance, as the plain entry.
+    var v = vec4<f32>(0.0);
+    for (var i = 0u; i < c4; i++) {
+        let d = lr_inp[base + i] - mean;
+        v = fma(d, d, v);
+    }
+    let rstd = inverseSqrt(hsum(v) / f32(p.c) + p.eps);
+    for (var i = 0u; i < c4; i++) {
+        lr_out[base + i] = (lr_inp[base + i] - mean) * rstd * lr_weight[i] + lr_bias[i];
+    }
+    lr_mean[row] = mean;
+    lr_rstd[row] = rstd;
+}
+
+@group(0) @binding(1) var<storage, read_write> lrb_dinp: array<vec4<f32>>; // (N, C)
+@group(0) @binding(2) var<storage, read> lrb_dout: array<vec4<f32>>;       // (N, C)
+@group(0) @binding(3) var<storage, read> lrb_inp: array<vec4<f32>>;        // (N, C)
+@group(0) @binding(4) var<storage, read> lrb_weight: array<vec4<f32>>;     // (C)
+@group(0) @binding(5) var<storage, read> lrb_mean: array<f32>;             // (N)
+@group(0) @binding(6) var<storage, read> lrb_rstd: array<f32>;             // (N)
+
+@compute @workgroup_size(WG)
+fn layernorm_backward_row(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                          @builtin(local_invocation_index) lid: u32) {
+    let row = flat_wg(wg, nwg) * WG + lid;
+    if (row >= p.n) { return; }
+    let c4 = p.c / 4u;
+    let base = row * c4;
+    let mean = lrb_mean[row];
+    let rstd = lrb_rstd[row];
+    var sg = vec4<f32>(0.0);
+    var sgx = vec4<f32>(0.0);
+    for (var i = 0u; i < c4; i++) {
+        let g = lrb_weight[i] * lrb_dout[base + i];
+        sg += g;
+        sgx = fma(g, (lrb_inp[base + i] - mean) * rstd, sgx);
+    }
+    let mg = hsum(sg) / f32(p.c);
+    let mgx = hsum(sgx) / f32(p.c);
+    for (var i = 0u; i < c4; i++) {
+        let g = lrb_weight[i] * lrb_dout[base + i];
+        let xhat = (lrb_inp[base + i] - mean) * rstd;
+        lrb_dinp[base + i] += rstd * (g - mg - xhat * mgx);
     }
 }

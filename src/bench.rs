@@ -130,6 +130,33 @@ pub fn kernels(opts: &ContextOptions, iters: usize) -> Result<()> {
     }
     weight_formats(&ctx, iters)?;
     attention(&ctx, iters)?;
+    norms(&ctx, iters)?;
+    Ok(())
+}
+
+/// RMSNorm forward and backward at training and decode shapes, in the
+/// build `ops::norm::NormKernel::pick` takes here (`WGTUNE_NORM` forces one).
+pub fn norms(ctx: &Context, iters: usize) -> Result<()> {
+    use crate::gpu::ops::norm::{rmsnorm_backward, rmsnorm_forward, NormKernel};
+    for (n, c) in [(512, 576), (16, 576), (1, 576)] {
+        let x = filled(ctx, &[n, c], "x")?;
+        let w = filled(ctx, &[c], "w")?;
+        let out = filled(ctx, &[n, c], "out")?;
+        let rstd = filled(ctx, &[n], "rstd")?;
+        let mut fwd = Plan::new("rmsnorm fwd");
+        let mut bwd = Plan::new("rmsnorm bwd");
+        for _ in 0..10 {
+            rmsnorm_forward(ctx, &mut fwd, &out, &rstd, &x, &w, 1e-5)?;
+            rmsnorm_backward(ctx, &mut bwd, &out, &x, &x, &w, &rstd)?;
+        }
+        let (tf, tb) = (time_plan(ctx, &fwd, iters)?, time_plan(ctx, &bwd, iters)?);
+        println!(
+            "rmsnorm {:?} N={n} C={c}: forward {:.3} ms, backward {:.3} ms (per dispatch)",
+            NormKernel::pick(ctx, n, c),
+            tf * 1e2,
+            tb * 1e2
+        );
+    }
     Ok(())
 }
 

@@ -16,12 +16,69 @@ fn wg_for(c: usize) -> u32 {
     (c.next_power_of_two() as u32).clamp(32, 256)
 }
 
+/// Which build of the norm kernels to record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormKernel {
+    /// One workgroup per row with a tree reduction in workgroup memory.
+    Workgroup,
+    /// One invocation per row, vec4 operands (C % 4 == 0).
+    Row,
+}
+
+impl NormKernel {
+    /// The build for this adapter and shape: CPU adapters take whole rows
+    /// when there are enough rows to share out (lavapipe, SmolLM2's
+    /// 512 x 576: forward 0.9 ms against 20 ms, backward 3.0 against 36;
+    /// one row alone is faster in a workgroup), GPUs the workgroup build.
+    /// `WGTUNE_NORM=row|workgroup` forces one where it applies.
+    pub fn pick(ctx: &Context, n: usize, c: usize) -> NormKernel {
+        let row_ok = c.is_multiple_of(4);
+        match std::env::var("WGTUNE_NORM").as_deref() {
+            Ok("workgroup") => return NormKernel::Workgroup,
+            Ok("row") if row_ok => return NormKernel::Row,
+            _ => {}
+        }
+        if row_ok && n >= ROWS_MIN && ctx.is_software() {
+            NormKernel::Row
+        } else {
+            NormKernel::Workgroup
+        }
+    }
+}
+
+/// Threads per workgroup of the `_row` builds (rows per workgroup).
+const ROWS_WG: u32 = 16;
+/// Fewest rows for which software adapters take the `_row` build.
+const ROWS_MIN: usize = 16;
+
+/// The pipeline of `entry` in build `k` and its grid for `n` rows.
 fn spec(
+    ctx: &Context,
     entry: &'static str,
     layout: &[crate::gpu::kernels::Access],
+    n: usize,
     c: usize,
-) -> Result<KernelSpec> {
-    Ok(KernelSpec::family("norm", entry, layout)?.with("WG", wg_for(c) as f64))
+    k: NormKernel,
+) -> Result<(KernelSpec, [u32; 3])> {
+    Ok(match k {
+        NormKernel::Workgroup => (
+            KernelSpec::family("norm", entry, layout)?.with("WG", wg_for(c) as f64),
+            grid_1d(ctx, n as u32),
+        ),
+        NormKernel::Row => (
+            KernelSpec::family("norm", row_entry(entry), layout)?.with("WG", ROWS_WG as f64),
+            grid_1d(ctx, (n as u32).div_ceil(ROWS_WG)),
+        ),
+    })
+}
+
+fn row_entry(entry: &str) -> &'static str {
+    match entry {
+        "rmsnorm_forward" => "rmsnorm_forward_row",
+        "rmsnorm_backward" => "rmsnorm_backward_row",
+        "layernorm_forward" => "layernorm_forward_row",
+        _ => "layernorm_backward_row",
+    }
 }
 
 /// out (N, C), rstd (N) <- inp (N, C), weight (C).
@@ -45,13 +102,8 @@ pub fn rmsnorm_forward(
         eps,
         _pad: 0,
     };
-    plan.dispatch(
-        ctx,
-        &spec(op, &[W, W, R, R], c)?,
-        &p,
-        &[out, rstd, inp, weight],
-        grid_1d(ctx, n as u32),
-    )
+    let (spec, grid) = spec(ctx, op, &[W, W, R, R], n, c, NormKernel::pick(ctx, n, c))?;
+    plan.dispatch(ctx, &spec, &p, &[out, rstd, inp, weight], grid)
 }
 
 /// dinp (N, C) += d rmsnorm / d inp . dout.
@@ -75,13 +127,8 @@ pub fn rmsnorm_backward(
         c: c as u32,
         ..Default::default()
     };
-    plan.dispatch(
-        ctx,
-        &spec(op, &[W, R, R, R, R], c)?,
-        &p,
-        &[dinp, dout, inp, weight, rstd],
-        grid_1d(ctx, n as u32),
-    )
+    let (spec, grid) = spec(ctx, op, &[W, R, R, R, R], n, c, NormKernel::pick(ctx, n, c))?;
+    plan.dispatch(ctx, &spec, &p, &[dinp, dout, inp, weight, rstd], grid)
 }
 
 /// out (N, C), mean (N), rstd (N) <- inp (N, C), weight (C), bias (C).
@@ -110,13 +157,15 @@ pub fn layernorm_forward(
         eps,
         _pad: 0,
     };
-    plan.dispatch(
+    let (spec, grid) = spec(
         ctx,
-        &spec(op, &[W, W, W, R, R, R], c)?,
-        &p,
-        &[out, mean, rstd, inp, weight, bias],
-        grid_1d(ctx, n as u32),
-    )
+        op,
+        &[W, W, W, R, R, R],
+        n,
+        c,
+        NormKernel::pick(ctx, n, c),
+    )?;
+    plan.dispatch(ctx, &spec, &p, &[out, mean, rstd, inp, weight, bias], grid)
 }
 
 /// dinp (N, C) += d layernorm / d inp . dout.
@@ -143,11 +192,13 @@ pub fn layernorm_backward(
         c: c as u32,
         ..Default::default()
     };
-    plan.dispatch(
+    let (spec, grid) = spec(
         ctx,
-        &spec(op, &[W, R, R, R, R, R], c)?,
-        &p,
-        &[dinp, dout, inp, weight, mean, rstd],
-        grid_1d(ctx, n as u32),
-    )
+        op,
+        &[W, R, R, R, R, R],
+        n,
+        c,
+        NormKernel::pick(ctx, n, c),
+    )?;
+    plan.dispatch(ctx, &spec, &p, &[dinp, dout, inp, weight, mean, rstd], grid)
 }
