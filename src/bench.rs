@@ -514,6 +514,14 @@ pub fn train(
             for i in 0..steps {
                 tr.train_step(std::slice::from_ref(&batch), i + 1 == steps)?;
             }
+            if std::env::var("WGTUNE_PROFILE").is_ok_and(|v| v == "1") {
+                let (kinds, n) = tr.profile(&batch)?;
+                let total: f64 = kinds.iter().map(|k| k.1).sum();
+                eprintln!("profile {method}: {n} dispatches, {:.2} s run one by one", total);
+                for (name, secs, k) in kinds.iter().take(14) {
+                    eprintln!("  {name:<58} {k:>5}x {:8.1} ms", secs * 1e3);
+                }
+            }
             let secs = t1.secs() / steps.max(1) as f64;
             let label = if gc {
                 format!("{method}+gc")

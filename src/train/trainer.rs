@@ -560,6 +560,16 @@ impl<'a> Trainer<'a> {
         }))
     }
 
+    /// Wall time per kind of GPU step of `batch`'s step plan (largest
+    /// first, see `Plan::profile`), each step run alone, and its dispatch
+    /// count. Runs the forward and backward once more: gradients
+    /// accumulate, so this is for benchmarks, never inside training.
+    pub fn profile(&mut self, batch: &Batch) -> Result<(Vec<(String, f64, usize)>, usize)> {
+        let key = self.prepare(batch, 1.0)?;
+        let sp = &self.plans[&key];
+        Ok((sp.plan.profile(self.ctx)?, sp.plan.dispatches()))
+    }
+
     /// Gradients of one batch without an optimizer step (for tests):
     /// returns the mean loss; the adapter's flat gradient holds the result.
     pub fn gradients(&mut self, batch: &Batch) -> Result<f64> {
