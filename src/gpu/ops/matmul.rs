@@ -418,10 +418,18 @@ fn gen_tiled(tm: usize, tn: usize) -> (String, String, [String; 3], Vec<(String,
     for (x, tag) in [("fw", "FW"), ("bi", "BI"), ("bw", "BW")] {
         let mut stage = String::new();
         for t in 0..tm / 4 {
-            emit!(stage, "        {x}_stage_a(lid + {}u, k0, row0, end);", 256 * t);
+            emit!(
+                stage,
+                "        {x}_stage_a(lid + {}u, k0, row0, end);",
+                256 * t
+            );
         }
         for t in 0..tv {
-            emit!(stage, "        {x}_stage_b(lid + {}u, k0, col0, end);", 256 * t);
+            emit!(
+                stage,
+                "        {x}_stage_b(lid + {}u, k0, col0, end);",
+                256 * t
+            );
         }
         body_stage.push((format!("{{{{TL_STAGE_{tag}}}}}"), stage));
     }
