@@ -83,14 +83,12 @@ pub const TILED_WORKGROUP_BYTES: u32 = 2 * 16 * 128 * 4;
 /// register with a warning.
 fn choose_matmul_kernel(
     forced: Option<MatmulKernel>,
+    env: Option<String>,
     software: bool,
     limits: &wgpu::Limits,
 ) -> MatmulKernel {
     let forced = forced.or_else(|| {
-        let v = std::env::var("WGTUNE_MATMUL_KERNEL").ok()?;
-        if v.is_empty() {
-            return None;
-        }
+        let v = env.filter(|v| !v.is_empty())?;
         let k = MatmulKernel::parse(&v);
         if k.is_none() {
             log::warn!("WGTUNE_MATMUL_KERNEL={v} ignored: expected `register` or `tiled`");
@@ -371,7 +369,8 @@ impl Context {
             && info.subgroup_min_size <= 64)
             .then_some(info.subgroup_min_size);
         let software = info.device_type == wgpu::DeviceType::Cpu;
-        let matmul_kernel = choose_matmul_kernel(opts.matmul_kernel, software, &limits);
+        let env_kernel = std::env::var("WGTUNE_MATMUL_KERNEL").ok();
+        let matmul_kernel = choose_matmul_kernel(opts.matmul_kernel, env_kernel, software, &limits);
         log::info!(
             "limits: storage binding {} MiB (using {} B), buffer {} MiB, workgroup storage {} KiB, {} storage buffers/stage; subgroups: {}; matmul: {:?}",
             limits.max_storage_buffer_binding_size >> 20,
@@ -526,5 +525,43 @@ impl Context {
             .expect("invariant: pipeline lock is held only for a get/insert, never poisoned")
             .insert(key, k.clone());
         Ok(k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use MatmulKernel::{Register, Tiled};
+
+    #[test]
+    fn matmul_kernel_from_device_type_limits_option_and_env() {
+        let ok = wgpu::Limits::default();
+        let small = wgpu::Limits {
+            max_compute_workgroup_storage_size: 8192,
+            ..ok.clone()
+        };
+        let env = |v: &str| Some(v.to_string());
+        // Device type and limits.
+        assert_eq!(choose_matmul_kernel(None, None, false, &ok), Tiled);
+        assert_eq!(choose_matmul_kernel(None, None, true, &ok), Register);
+        assert_eq!(choose_matmul_kernel(None, None, false, &small), Register);
+        // The option wins over the variable; the variable over the default.
+        assert_eq!(
+            choose_matmul_kernel(Some(Tiled), env("register"), true, &ok),
+            Tiled
+        );
+        assert_eq!(choose_matmul_kernel(None, env("tiled"), true, &ok), Tiled);
+        assert_eq!(
+            choose_matmul_kernel(None, env(" Register"), false, &ok),
+            Register
+        );
+        // Unknown or empty values are ignored (with a warning).
+        assert_eq!(choose_matmul_kernel(None, env("fast"), true, &ok), Register);
+        assert_eq!(choose_matmul_kernel(None, env(""), false, &ok), Tiled);
+        // Limits too small for tiled: register even when forced.
+        assert_eq!(
+            choose_matmul_kernel(Some(Tiled), None, false, &small),
+            Register
+        );
     }
 }
