@@ -8,7 +8,9 @@
 // This file is a template: src/gpu/ops/matmul.rs replaces the {{NAME}}
 // markers with a register tile size, the subgroup width and a fully unrolled
 // micro-kernel (naga does not unroll loops, and lavapipe keeps array
-// accumulators in memory), then builds one module per variant.
+// accumulators in memory), then builds one module per variant. Tiled
+// variants (hardware GPUs) also get the `*_tiled` entries near the end,
+// which stage tiles in workgroup memory; register variants leave them out.
 //
 // Why this shape (see docs/software-adapters.md): there is no workgroup memory.
 // On lavapipe every load is a per-lane loop, so the cost is loads per FMA.

@@ -4,7 +4,10 @@
 //! The template's `{{NAME}}` markers get a register tile size, the lane
 //! layout and a fully unrolled micro-kernel. The variant is chosen from the
 //! adapter's features (a fixed subgroup size enables the broadcast path) and
-//! from operand alignment; never from the adapter's name.
+//! from operand alignment; never from the adapter's name. Two families share
+//! the loaders: register tiles for software adapters and workgroup-memory
+//! tiles for hardware GPUs ([`Context::matmul_kernel`],
+//! docs/hardware-kernels.md).
 //!
 //! Tensors larger than the storage binding limit are processed in row chunks:
 //! `matmul_forward` splits the weight rows (output columns) and the token
