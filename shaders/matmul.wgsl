@@ -8,7 +8,9 @@
 // This file is a template: src/gpu/ops/matmul.rs replaces the {{NAME}}
 // markers with a register tile size, the subgroup width and a fully unrolled
 // micro-kernel (naga does not unroll loops, and lavapipe keeps array
-// accumulators in memory), then builds one module per variant.
+// accumulators in memory), then builds one module per variant. Tiled
+// variants (hardware GPUs) also get the `*_tiled` entries near the end,
+// which stage tiles in workgroup memory; register variants leave them out.
 //
 // Why this shape (see docs/software-adapters.md): there is no workgroup memory.
 // On lavapipe every load is a per-lane loop, so the cost is loads per FMA.
@@ -468,6 +470,150 @@ fn matmul_backward_weight_reduce(@builtin(workgroup_id) wg: vec3<u32>, @builtin(
     for (var z = 0u; z < p.splits; z++) { s += rd_partials[z * total + i]; }
     rd_dweight[i] += p.alpha * s;
 }
+
+// {{TILED_BEGIN}} (register variants leave this section out)
+// ---------------------------------------------------------------------------
+// The tiled family (hardware GPUs; docs/hardware-kernels.md): the same three
+// layouts, staged through workgroup memory. A 16 x 16 workgroup owns a
+// BM x BN output tile (BM = 16 TM, BN = 16 TN); per K-step of BK reduction
+// elements it loads an A tile and a B tile with vec4 loads through the SAME
+// per-source loaders as the register kernels (so every source, compact
+// weights included, works), then each invocation accumulates TM x TN outputs
+// from workgroup memory. Its rows and columns are strided by 16 vec4s
+// (row slots ty + 16 s, column slots tx + 16 v) so that neighbouring
+// invocations read neighbouring vec4s: no bank conflicts, coalesced stores.
+// Tiles are kept reduction-major ([BK][BM / 4] vec4s): one vec4 read gives
+// 4 rows (or columns) at one reduction index. Out-of-range rows are clamped
+// (their results are never stored) and reduction indices past the end read
+// zero, so any shape works. Software adapters do not use it: there workgroup
+// memory costs as much as a global load (docs/software-adapters.md).
+const BK: u32 = 16u;         // reduction elements per K-step
+const BM: u32 = 16u * TM;    // output rows per workgroup
+const BN: u32 = 16u * TN;    // output columns per workgroup
+var<workgroup> tl_a: array<vec4<f32>, 256u * TM / 4u>;   // A tile (BK, BM), = BK * BM / 4 vec4s
+var<workgroup> tl_b: array<vec4<f32>, 256u * TN / 4u>;   // B tile (BK, BN)
+
+// v = elements kk..kk+4 of the reduction at tile row r: a transposed store.
+// (Written out: no loop, see the staging note below.)
+fn tl_put_a(kk: u32, r: u32, v: vec4<f32>) {
+    let o = kk * (BM / 4u) + (r >> 2u);
+    let c = r & 3u;
+    tl_a[o][c] = v.x;
+    tl_a[o + BM / 4u][c] = v.y;
+    tl_a[o + 2u * (BM / 4u)][c] = v.z;
+    tl_a[o + 3u * (BM / 4u)][c] = v.w;
+}
+fn tl_put_b(kk: u32, r: u32, v: vec4<f32>) {
+    let o = kk * (BN / 4u) + (r >> 2u);
+    let c = r & 3u;
+    tl_b[o][c] = v.x;
+    tl_b[o + BN / 4u][c] = v.y;
+    tl_b[o + 2u * (BN / 4u)][c] = v.z;
+    tl_b[o + 3u * (BN / 4u)][c] = v.w;
+}
+
+// Staging: invocation lid stores vec4s lid, lid + 256, ... of each tile
+// (TM/4 of A, TN/4 of B; the generated calls are unrolled, and so is the
+// BK loop: llvmpipe ends a shader's loops after 65535 iterations in total,
+// which an inner loop reaches on long reductions). `end` is the reduction
+// length (tokens m1 for backward_weight).
+
+// matmul_forward (NT): A = inp rows along k, B = weight rows along k.
+fn fw_stage_a(l: u32, k0: u32, row0: u32, end: u32) {
+    let r = l / (BK / 4u);
+    let kk = (l % (BK / 4u)) * 4u;
+    var v = vec4<f32>(0.0);
+    if (k0 + kk < end) { v = fw_a_{{A}}(a_row_{{A}}(min(row0 + r, p.m - 1u)), k0 + kk); }
+    tl_put_a(kk, r, v);
+}
+fn fw_stage_b(l: u32, k0: u32, col0: u32, end: u32) {
+    let r = l / (BK / 4u);
+    let kk = (l % (BK / 4u)) * 4u;
+    var v = vec4<f32>(0.0);
+    if (k0 + kk < end) { v = fw_b_{{B}}(b_row_{{B}}(min(col0 + r, p.n - 1u)), k0 + kk); }
+    tl_put_b(kk, r, v);
+}
+
+@compute @workgroup_size(256)
+fn matmul_forward_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let row0 = wg.y * BM;
+    let col0 = wg.x * BN;
+    let end = p.k;
+{{TL_DECL}}
+    for (var k0 = 0u; k0 < end; k0 += BK) {
+{{TL_STAGE_FW}}
+        workgroupBarrier();
+{{TL_BODY}}
+        workgroupBarrier();
+    }
+{{TL_FW_STORE}}
+}
+
+// matmul_backward_input (NN): A = dout rows along n, B = weight[n, cols]
+// (bi_b_* read zero past the last weight row).
+fn bi_stage_a(l: u32, n0: u32, row0: u32, end: u32) {
+    let r = l / (BK / 4u);
+    let kk = (l % (BK / 4u)) * 4u;
+    var v = vec4<f32>(0.0);
+    if (n0 + kk < end) { v = bi_a_{{A}}(a_row_{{A}}(min(row0 + r, p.m - 1u)), n0 + kk); }
+    tl_put_a(kk, r, v);
+}
+fn bi_stage_b(l: u32, n0: u32, col0: u32, end: u32) {
+    tl_b[l] = bi_b_{{B}}(n0 + l / (BN / 4u), col0 + 4u * (l % (BN / 4u)));
+}
+
+@compute @workgroup_size(256)
+fn matmul_backward_input_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let row0 = wg.y * BM;
+    let col0 = wg.x * BN;
+    let end = p.n;
+{{TL_DECL}}
+    for (var k0 = 0u; k0 < end; k0 += BK) {
+{{TL_STAGE_BI}}
+        workgroupBarrier();
+{{TL_BODY}}
+        workgroupBarrier();
+    }
+{{TL_BI_STORE}}
+}
+
+// matmul_backward_weight (TN): A = dout[m, rows], B = inp[m, cols], tokens
+// m0..m1 of split wg.z; tokens past m1 read zero.
+fn bw_stage_a(l: u32, mb: u32, row0: u32, end: u32) {
+    let m = mb + l / (BM / 4u);
+    var v = vec4<f32>(0.0);
+    if (m < end) { v = bw_a_{{A}}(a_row_{{A}}(m), row0 + 4u * (l % (BM / 4u))); }
+    tl_a[l] = v;
+}
+fn bw_stage_b(l: u32, mb: u32, col0: u32, end: u32) {
+    let m = mb + l / (BN / 4u);
+    var v = vec4<f32>(0.0);
+    if (m < end) { v = bw_b_{{BW_B}}(b_row_{{BW_B}}(m), col0 + 4u * (l % (BN / 4u))); }
+    tl_b[l] = v;
+}
+
+@compute @workgroup_size(256)
+fn matmul_backward_weight_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let row0 = wg.y * BM;
+    let col0 = wg.x * BN;
+    let m0 = wg.z * p.m_split;
+    let end = min(p.m, m0 + p.m_split);
+{{TL_DECL}}
+    for (var k0 = m0; k0 < end; k0 += BK) {
+{{TL_STAGE_BW}}
+        workgroupBarrier();
+{{TL_BODY}}
+        workgroupBarrier();
+    }
+{{TL_BW_STORE}}
+}
+// {{TILED_END}}
 
 // ---------------------------------------------------------------------------
 // matmul_pack: dst texel (c, y, layer) of row r = a_row0 + i gets

@@ -8,7 +8,7 @@ use crate::clock::Stopwatch;
 
 use crate::error::Result;
 use crate::gpu::ops::matmul;
-use crate::gpu::{Context, ContextOptions, DType, Plan, Tensor};
+use crate::gpu::{Context, ContextOptions, DType, MatmulKernel, Plan, Tensor};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -96,36 +96,65 @@ pub fn matmul_case(
 /// Run the kernel benchmark and print one line per case.
 pub fn kernels(opts: &ContextOptions, iters: usize) -> Result<()> {
     let ctx = Context::new(opts)?;
-    let v = matmul::pick_variant(&ctx, true);
     println!(
-        "adapter: {} ({:?}, {:?})",
-        ctx.info.name, ctx.info.backend, ctx.info.device_type
+        "adapter: {} ({:?}, {:?}); matmul kernel family in use: {:?}",
+        ctx.info.name,
+        ctx.info.backend,
+        ctx.info.device_type,
+        ctx.matmul_kernel()
     );
+    // Both families on their own contexts, whichever one this adapter picks.
+    let mut families = Vec::new();
+    for kind in [MatmulKernel::Register, MatmulKernel::Tiled] {
+        let c = Context::new(&ContextOptions {
+            matmul_kernel: Some(kind),
+            ..opts.clone()
+        })?;
+        let v = matmul::pick_variant(&c, true);
+        println!(
+            "{:?}: {}x{} outputs per invocation, {}x{} per workgroup, subgroup width {}{}",
+            c.matmul_kernel(),
+            v.tm,
+            v.tn,
+            v.tile().0,
+            v.tile().1,
+            v.sg,
+            if c.matmul_kernel() == kind {
+                ""
+            } else {
+                " (the limits refuse the tiled kernels)"
+            }
+        );
+        families.push(c);
+    }
     println!(
-        "matmul: {}x{} register tile per invocation, subgroup width {}, operands from {} ({} iterations, median; frozen weights packed once, untimed)",
-        v.tm,
-        v.tn,
-        v.sg,
-        if ctx.textures() { "packed textures" } else { "storage buffers" },
+        "operands from {} ({} iterations, median; frozen weights packed once, untimed)",
+        if ctx.textures() {
+            "packed textures"
+        } else {
+            "storage buffers"
+        },
         iters
     );
     println!(
-        "{:<16} {:>6} {:>6} {:>6} {:>10} {:>9}",
-        "layout", "M", "K", "N", "ms", "GFLOP/s"
+        "{:<16} {:>6} {:>6} {:>6} {:>10} {:>9} {:>10} {:>9}",
+        "layout", "M", "K", "N", "reg ms", "GFLOP/s", "tiled ms", "GFLOP/s"
     );
     let shapes = [
         (1024, 1024, 1024),
         (512, 576, 1536),
         (512, 1536, 576),
         (512, 576, 49152),
+        (333, 577, 1031),
     ];
     for layout in ["forward", "backward_input", "backward_weight"] {
         for &(m, k, n) in &shapes {
-            let (secs, gflops) = matmul_case(&ctx, layout, m, k, n, iters)?;
-            println!(
-                "{layout:<16} {m:>6} {k:>6} {n:>6} {:>10.2} {gflops:>9.1}",
-                secs * 1e3
-            );
+            let mut line = format!("{layout:<16} {m:>6} {k:>6} {n:>6}");
+            for c in &families {
+                let (secs, gflops) = matmul_case(c, layout, m, k, n, iters)?;
+                line += &format!(" {:>10.2} {gflops:>9.1}", secs * 1e3);
+            }
+            println!("{line}");
         }
     }
     weight_formats(&ctx, iters)?;

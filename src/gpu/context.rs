@@ -33,6 +33,30 @@ pub struct ContextOptions {
     /// Read matmul and attention operands from storage buffers instead of
     /// packed textures.
     pub disable_textures: bool,
+    /// Force a matmul kernel family; `None` picks from the adapter
+    /// ([`MatmulKernel`]), or from `WGTUNE_MATMUL_KERNEL` when set.
+    pub matmul_kernel: Option<MatmulKernel>,
+}
+
+/// The two matmul kernel families (docs/hardware-kernels.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulKernel {
+    /// Register tiles, no workgroup memory: shaped for software adapters,
+    /// where workgroup memory costs as much as a global load.
+    Register,
+    /// Workgroup-memory tiles staged per K-step: for hardware GPUs.
+    Tiled,
+}
+
+impl MatmulKernel {
+    /// `register` or `tiled` (the `WGTUNE_MATMUL_KERNEL` values).
+    pub fn parse(s: &str) -> Option<MatmulKernel> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "register" => Some(MatmulKernel::Register),
+            "tiled" => Some(MatmulKernel::Tiled),
+            _ => None,
+        }
+    }
 }
 
 impl ContextOptions {
@@ -45,6 +69,45 @@ impl ContextOptions {
             adapter: var("WGPU_ADAPTER_NAME"),
             ..Default::default()
         }
+    }
+}
+
+/// Workgroup invocations and bytes of workgroup memory the tiled matmul
+/// needs at most (16 x 16 invocations; two 16-deep tiles of up to 128 rows).
+pub const TILED_INVOCATIONS: u32 = 256;
+pub const TILED_WORKGROUP_BYTES: u32 = 2 * 16 * 128 * 4;
+
+/// The matmul family: the forced one (option, else `WGTUNE_MATMUL_KERNEL`),
+/// otherwise tiled on hardware whose limits allow it and register on
+/// software adapters. A tiled kernel the limits cannot hold falls back to
+/// register with a warning.
+fn choose_matmul_kernel(
+    forced: Option<MatmulKernel>,
+    env: Option<String>,
+    software: bool,
+    limits: &wgpu::Limits,
+) -> MatmulKernel {
+    let forced = forced.or_else(|| {
+        let v = env.filter(|v| !v.is_empty())?;
+        let k = MatmulKernel::parse(&v);
+        if k.is_none() {
+            log::warn!("WGTUNE_MATMUL_KERNEL={v} ignored: expected `register` or `tiled`");
+        }
+        k
+    });
+    let fits = limits.max_compute_invocations_per_workgroup >= TILED_INVOCATIONS
+        && limits.max_compute_workgroup_size_x >= TILED_INVOCATIONS
+        && limits.max_compute_workgroup_storage_size >= TILED_WORKGROUP_BYTES;
+    match forced {
+        Some(MatmulKernel::Tiled) if !fits => {
+            log::warn!(
+                "tiled matmul needs {TILED_INVOCATIONS} invocations and {TILED_WORKGROUP_BYTES} B of workgroup memory; using the register kernels"
+            );
+            MatmulKernel::Register
+        }
+        Some(k) => k,
+        None if !software && fits => MatmulKernel::Tiled,
+        None => MatmulKernel::Register,
     }
 }
 
@@ -66,6 +129,7 @@ pub struct Context {
     binding_limit: u64,
     subgroup_size: Option<u32>,
     textures: bool,
+    matmul_kernel: MatmulKernel,
     pipelines: Mutex<HashMap<String, Arc<Kernel>>>,
     /// Packed copies of activation operands, one per (columns, slot), shared
     /// by every plan (see [`Context::scratch_texture`]).
@@ -304,14 +368,18 @@ impl Context {
             && info.subgroup_min_size >= 4
             && info.subgroup_min_size <= 64)
             .then_some(info.subgroup_min_size);
+        let software = info.device_type == wgpu::DeviceType::Cpu;
+        let env_kernel = std::env::var("WGTUNE_MATMUL_KERNEL").ok();
+        let matmul_kernel = choose_matmul_kernel(opts.matmul_kernel, env_kernel, software, &limits);
         log::info!(
-            "limits: storage binding {} MiB (using {} B), buffer {} MiB, workgroup storage {} KiB, {} storage buffers/stage; subgroups: {}",
+            "limits: storage binding {} MiB (using {} B), buffer {} MiB, workgroup storage {} KiB, {} storage buffers/stage; subgroups: {}; matmul: {:?}",
             limits.max_storage_buffer_binding_size >> 20,
             binding_limit,
             limits.max_buffer_size >> 20,
             limits.max_compute_workgroup_storage_size >> 10,
             limits.max_storage_buffers_per_shader_stage,
             subgroup_size.map(|s| format!("fixed size {s}")).unwrap_or_else(|| "off".into()),
+            matmul_kernel,
         );
         Ok(Context {
             device,
@@ -321,6 +389,7 @@ impl Context {
             features,
             binding_limit,
             subgroup_size,
+            matmul_kernel,
             textures: !opts.disable_textures
                 && !std::env::var("WGTUNE_NO_TEXTURES").is_ok_and(|v| v == "1"),
             pipelines: Mutex::new(HashMap::new()),
@@ -344,6 +413,11 @@ impl Context {
     /// Whether matmuls may read their operands from packed textures.
     pub fn textures(&self) -> bool {
         self.textures
+    }
+
+    /// The matmul kernel family this context uses (see [`MatmulKernel`]).
+    pub fn matmul_kernel(&self) -> MatmulKernel {
+        self.matmul_kernel
     }
 
     /// Whether the adapter is a CPU implementation (lavapipe, WARP, SwiftShader).
@@ -451,5 +525,43 @@ impl Context {
             .expect("invariant: pipeline lock is held only for a get/insert, never poisoned")
             .insert(key, k.clone());
         Ok(k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use MatmulKernel::{Register, Tiled};
+
+    #[test]
+    fn matmul_kernel_from_device_type_limits_option_and_env() {
+        let ok = wgpu::Limits::default();
+        let small = wgpu::Limits {
+            max_compute_workgroup_storage_size: 8192,
+            ..ok.clone()
+        };
+        let env = |v: &str| Some(v.to_string());
+        // Device type and limits.
+        assert_eq!(choose_matmul_kernel(None, None, false, &ok), Tiled);
+        assert_eq!(choose_matmul_kernel(None, None, true, &ok), Register);
+        assert_eq!(choose_matmul_kernel(None, None, false, &small), Register);
+        // The option wins over the variable; the variable over the default.
+        assert_eq!(
+            choose_matmul_kernel(Some(Tiled), env("register"), true, &ok),
+            Tiled
+        );
+        assert_eq!(choose_matmul_kernel(None, env("tiled"), true, &ok), Tiled);
+        assert_eq!(
+            choose_matmul_kernel(None, env(" Register"), false, &ok),
+            Register
+        );
+        // Unknown or empty values are ignored (with a warning).
+        assert_eq!(choose_matmul_kernel(None, env("fast"), true, &ok), Register);
+        assert_eq!(choose_matmul_kernel(None, env(""), false, &ok), Tiled);
+        // Limits too small for tiled: register even when forced.
+        assert_eq!(
+            choose_matmul_kernel(Some(Tiled), None, false, &small),
+            Register
+        );
     }
 }

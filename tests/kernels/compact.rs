@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use crate::common::{self, assert_close, read, run, to64, up, Rng};
 use wgtune::cpu;
 use wgtune::gpu::ops::matmul;
-use wgtune::gpu::{Context, ContextOptions, Plan};
+use wgtune::gpu::{Context, ContextOptions, MatmulKernel, Plan};
 use wgtune::model::compact::{self, random_blocks, StoredMatrix, WeightsMode};
 use wgtune::model::gguf::GgmlType;
 
@@ -156,6 +156,41 @@ fn compact_weights_without_subgroups_vs_cpu() {
     for (i, &ty) in TYPES.iter().enumerate() {
         let m = stored(ty, 19, 300 + i as u64);
         check(&ctx, "no-subgroups", &m, WeightsMode::Stored, 11);
+    }
+}
+
+/// Both matmul kernel families over every stored format, whatever
+/// `WGTUNE_MATMUL_KERNEL` says; 37 rows take the tiled forward (more than
+/// the few-row gemv path handles), 5 rows the gemv one, and a weight taller
+/// than a texture layer the layered row handles.
+#[test]
+fn compact_weights_each_matmul_kernel_vs_cpu() {
+    for kern in [MatmulKernel::Register, MatmulKernel::Tiled] {
+        let Some(ctx) = common::ctx_with(ContextOptions {
+            matmul_kernel: Some(kern),
+            ..Default::default()
+        }) else {
+            return;
+        };
+        assert_eq!(ctx.matmul_kernel(), kern);
+        assert!(37 > matmul::gemv_max_rows());
+        let tag = format!("{kern:?}");
+        for (i, &ty) in TYPES.iter().enumerate() {
+            let m = stored(ty, 23, 500 + i as u64);
+            check(&ctx, &tag, &m, WeightsMode::Stored, 37);
+            check(&ctx, &tag, &m, WeightsMode::Stored, 5);
+        }
+        let m = stored(GgmlType::Q4K, 21, 600);
+        check(&ctx, &format!("{tag} bf16"), &m, WeightsMode::Bf16, 37);
+        let n = ctx.limits.max_texture_dimension_2d as usize + 77;
+        let m = StoredMatrix {
+            name: "tall.q8_0".into(),
+            ty: GgmlType::Q8_0,
+            data: Cow::Owned(random_blocks(GgmlType::Q8_0, n, 601)),
+            rows: n,
+            cols: 32,
+        };
+        check(&ctx, &format!("{tag} layered"), &m, WeightsMode::Stored, 20);
     }
 }
 

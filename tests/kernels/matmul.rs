@@ -1,7 +1,7 @@
 use crate::common::{self, assert_close, read, run, to64, up, Rng};
 use wgtune::cpu;
 use wgtune::gpu::ops::matmul;
-use wgtune::gpu::{Context, ContextOptions, Plan};
+use wgtune::gpu::{Context, ContextOptions, MatmulKernel, Plan};
 
 // (M, K, N): odd sizes that are no multiple of any tile or of 4, sizes that
 // are multiples of 4 but not of a tile (vec4 path), M = 1, and one LLM-like
@@ -15,6 +15,28 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (130, 96, 70),
     (37, 128, 64),
 ];
+
+/// Run `f` on one context per matmul kernel family (register and tiled)
+/// with `opts`, so that both families are tested on any adapter, whatever
+/// `WGTUNE_MATMUL_KERNEL` says.
+fn each_kernel(opts: ContextOptions, mut f: impl FnMut(&Context, &str)) {
+    for k in [MatmulKernel::Register, MatmulKernel::Tiled] {
+        let Some(ctx) = common::ctx_with(ContextOptions {
+            matmul_kernel: Some(k),
+            ..opts.clone()
+        }) else {
+            return;
+        };
+        // Every WebGPU adapter has the 256 invocations and 16 KiB of
+        // workgroup memory that the tiled kernels need.
+        assert_eq!(ctx.matmul_kernel(), k);
+        assert_eq!(
+            matmul::pick_variant(&ctx, true).tiled,
+            k == MatmulKernel::Tiled
+        );
+        f(&ctx, &format!("{k:?}"));
+    }
+}
 
 fn check_all(ctx: &Context, tag: &str, shapes: &[(usize, usize, usize)]) {
     for &(m, k, n) in shapes {
@@ -69,82 +91,84 @@ fn check_all(ctx: &Context, tag: &str, shapes: &[(usize, usize, usize)]) {
 
 #[test]
 fn matmul_all_layouts_vs_cpu() {
-    let ctx = gpu!();
-    eprintln!("variant: {:?}", matmul::pick_variant(ctx, true));
-    check_all(ctx, "default", SHAPES);
+    each_kernel(ContextOptions::default(), |ctx, k| {
+        eprintln!("variant: {:?}", matmul::pick_variant(ctx, true));
+        check_all(ctx, &format!("{k} default"), SHAPES);
+    });
 }
 
 #[test]
 fn matmul_portable_path_vs_cpu() {
     // No subgroups, operands from storage buffers: the path for adapters
     // without SUBGROUP and for matrices beyond the texture limits.
-    let Some(ctx) = common::ctx_with(ContextOptions {
+    let opts = ContextOptions {
         disable_subgroups: true,
         disable_textures: true,
         ..Default::default()
-    }) else {
-        return;
     };
-    assert_eq!(matmul::pick_variant(&ctx, true).sg, 1);
-    check_all(&ctx, "no-subgroups/storage", SHAPES);
+    each_kernel(opts, |ctx, k| {
+        assert_eq!(matmul::pick_variant(ctx, true).sg, 1);
+        check_all(ctx, &format!("{k} no-subgroups/storage"), SHAPES);
+    });
 }
 
 #[test]
 fn matmul_storage_operands_vs_cpu() {
-    let Some(ctx) = common::ctx_with(ContextOptions {
+    let opts = ContextOptions {
         disable_textures: true,
         ..Default::default()
-    }) else {
-        return;
     };
-    check_all(&ctx, "storage", SHAPES);
+    each_kernel(opts, |ctx, k| {
+        check_all(ctx, &format!("{k} storage"), SHAPES)
+    });
 }
 
 #[test]
 fn matmul_textures_without_subgroups_vs_cpu() {
-    let Some(ctx) = common::ctx_with(ContextOptions {
+    let opts = ContextOptions {
         disable_subgroups: true,
         ..Default::default()
-    }) else {
-        return;
     };
-    check_all(&ctx, "no-subgroups/textures", SHAPES);
+    each_kernel(opts, |ctx, k| {
+        check_all(ctx, &format!("{k} no-subgroups/textures"), SHAPES)
+    });
 }
 
 #[test]
 fn matmul_alpha_accumulate_and_long_reduction_vs_cpu() {
     // Many tokens force several split-K partials in backward_weight.
-    let ctx = gpu!();
-    let (m, k, n) = (1037, 12, 8);
-    assert!(
-        matmul::split_count(ctx, m, n, k) > 1,
-        "this shape should use split-K"
-    );
-    check_all(ctx, "split-k", &[(m, k, n)]);
-    let mut r = Rng::new(3);
-    let (x, w, o0) = (r.vec(m * k, 1.0), r.vec(n * k, 1.0), r.vec(m * n, 1.0));
-    let (tx, tw, out) = (
-        up(ctx, &x, &[m, k], "x"),
-        up(ctx, &w, &[n, k], "w"),
-        up(ctx, &o0, &[m, n], "out"),
-    );
-    let mut plan = Plan::new("alpha");
-    matmul::matmul_forward_ex(ctx, &mut plan, &out, &tx, &tw, None, 0.25, true).unwrap();
-    run(ctx, &plan);
-    let mut ro = vec![0.0; m * n];
-    cpu::matmul::matmul_forward(&mut ro, &to64(&x), &to64(&w), None, m, k, n);
-    let want: Vec<f64> = ro
-        .iter()
-        .zip(&o0)
-        .map(|(v, o)| 0.25 * v + *o as f64)
-        .collect();
-    assert_close(
-        "forward alpha=0.25 accumulate",
-        &read(ctx, &out),
-        &want,
-        1e-5,
-        1e-4,
-    );
+    each_kernel(ContextOptions::default(), |ctx, kern| {
+        let (m, k, n) = (1037, 12, 8);
+        assert!(
+            matmul::split_count(ctx, m, n, k) > 1,
+            "this shape should use split-K"
+        );
+        check_all(ctx, &format!("{kern} split-k"), &[(m, k, n)]);
+        let mut r = Rng::new(3);
+        let (x, w, o0) = (r.vec(m * k, 1.0), r.vec(n * k, 1.0), r.vec(m * n, 1.0));
+        let (tx, tw, out) = (
+            up(ctx, &x, &[m, k], "x"),
+            up(ctx, &w, &[n, k], "w"),
+            up(ctx, &o0, &[m, n], "out"),
+        );
+        let mut plan = Plan::new("alpha");
+        matmul::matmul_forward_ex(ctx, &mut plan, &out, &tx, &tw, None, 0.25, true).unwrap();
+        run(ctx, &plan);
+        let mut ro = vec![0.0; m * n];
+        cpu::matmul::matmul_forward(&mut ro, &to64(&x), &to64(&w), None, m, k, n);
+        let want: Vec<f64> = ro
+            .iter()
+            .zip(&o0)
+            .map(|(v, o)| 0.25 * v + *o as f64)
+            .collect();
+        assert_close(
+            &format!("{kern} forward alpha=0.25 accumulate"),
+            &read(ctx, &out),
+            &want,
+            1e-5,
+            1e-4,
+        );
+    });
 }
 
 #[test]
@@ -153,62 +177,70 @@ fn matmul_chunks_tensors_larger_than_a_binding() {
     // output (70 x 200 floats) and the output gradient are split into row
     // chunks; the input rows (70 x 16) fit whole.
     for textures in [false, true] {
-        let Some(ctx) = common::ctx_with(ContextOptions {
+        let opts = ContextOptions {
             max_binding_bytes: Some(8192),
             disable_textures: !textures,
             ..Default::default()
-        }) else {
-            return;
         };
-        for (m, k, n) in [(70, 16, 200), (23, 17, 192)] {
-            let mut r = Rng::new(11);
-            let (x, w, b, dy) = (
-                r.vec(m * k, 1.0),
-                r.vec(n * k, 1.0),
-                r.vec(n, 1.0),
-                r.vec(m * n, 1.0),
-            );
-            let (tx, tw, tb, tdy) = (
-                up(&ctx, &x, &[m, k], "x"),
-                up(&ctx, &w, &[n, k], "w"),
-                up(&ctx, &b, &[n], "b"),
-                up(&ctx, &dy, &[m, n], "dy"),
-            );
-            let out = up(&ctx, &vec![0.0; m * n], &[m, n], "out");
-            let dx = up(&ctx, &vec![0.0; m * k], &[m, k], "dx");
-            let mut plan = Plan::new("chunked");
-            matmul::matmul_forward(&ctx, &mut plan, &out, &tx, &tw, Some(&tb)).unwrap();
-            matmul::matmul_backward_input(&ctx, &mut plan, &dx, &tdy, &tw).unwrap();
-            assert!(
-                plan.dispatches() >= 6,
-                "expected chunked dispatches, got {}",
-                plan.dispatches()
-            );
-            assert_eq!(matmul::use_textures(&ctx, &[(m, k), (n, k)]), textures);
-            eprintln!(
-                "M={m} K={k} N={n}: chunked into {} dispatches",
-                plan.dispatches()
-            );
-            run(&ctx, &plan);
-            let mut ro = vec![0.0; m * n];
-            cpu::matmul::matmul_forward(&mut ro, &to64(&x), &to64(&w), Some(&to64(&b)), m, k, n);
-            let mut rdx = vec![0.0; m * k];
-            cpu::matmul::matmul_backward_input(&mut rdx, &to64(&dy), &to64(&w), m, k, n);
-            assert_close(
-                &format!("chunked forward M={m} K={k} N={n}"),
-                &read(&ctx, &out),
-                &ro,
-                1e-5,
-                1e-4,
-            );
-            assert_close(
-                &format!("chunked backward_input M={m} K={k} N={n}"),
-                &read(&ctx, &dx),
-                &rdx,
-                1e-5,
-                1e-4,
-            );
-        }
+        each_kernel(opts, |ctx, kern| {
+            for (m, k, n) in [(70, 16, 200), (23, 17, 192)] {
+                let mut r = Rng::new(11);
+                let (x, w, b, dy) = (
+                    r.vec(m * k, 1.0),
+                    r.vec(n * k, 1.0),
+                    r.vec(n, 1.0),
+                    r.vec(m * n, 1.0),
+                );
+                let (tx, tw, tb, tdy) = (
+                    up(ctx, &x, &[m, k], "x"),
+                    up(ctx, &w, &[n, k], "w"),
+                    up(ctx, &b, &[n], "b"),
+                    up(ctx, &dy, &[m, n], "dy"),
+                );
+                let out = up(ctx, &vec![0.0; m * n], &[m, n], "out");
+                let dx = up(ctx, &vec![0.0; m * k], &[m, k], "dx");
+                let mut plan = Plan::new("chunked");
+                matmul::matmul_forward(ctx, &mut plan, &out, &tx, &tw, Some(&tb)).unwrap();
+                matmul::matmul_backward_input(ctx, &mut plan, &dx, &tdy, &tw).unwrap();
+                assert!(
+                    plan.dispatches() >= 6,
+                    "expected chunked dispatches, got {}",
+                    plan.dispatches()
+                );
+                assert_eq!(matmul::use_textures(ctx, &[(m, k), (n, k)]), textures);
+                eprintln!(
+                    "M={m} K={k} N={n}: chunked into {} dispatches",
+                    plan.dispatches()
+                );
+                run(ctx, &plan);
+                let mut ro = vec![0.0; m * n];
+                cpu::matmul::matmul_forward(
+                    &mut ro,
+                    &to64(&x),
+                    &to64(&w),
+                    Some(&to64(&b)),
+                    m,
+                    k,
+                    n,
+                );
+                let mut rdx = vec![0.0; m * k];
+                cpu::matmul::matmul_backward_input(&mut rdx, &to64(&dy), &to64(&w), m, k, n);
+                assert_close(
+                    &format!("{kern} chunked forward M={m} K={k} N={n}"),
+                    &read(ctx, &out),
+                    &ro,
+                    1e-5,
+                    1e-4,
+                );
+                assert_close(
+                    &format!("{kern} chunked backward_input M={m} K={k} N={n}"),
+                    &read(ctx, &dx),
+                    &rdx,
+                    1e-5,
+                    1e-4,
+                );
+            }
+        });
     }
 }
 
@@ -242,23 +274,24 @@ fn matmul_rejects_bad_shapes_and_oversized_bindings() {
 
 #[test]
 fn matmul_is_deterministic() {
-    let ctx = gpu!();
-    let (m, k, n) = (517, 40, 24);
-    let mut r = Rng::new(5);
-    let (x, dy) = (r.vec(m * k, 1.0), r.vec(m * n, 1.0));
-    let (tx, tdy) = (up(ctx, &x, &[m, k], "x"), up(ctx, &dy, &[m, n], "dy"));
-    let go = || {
-        let dw = up(ctx, &vec![0.0; n * k], &[n, k], "dw");
-        let mut plan = Plan::new("det");
-        matmul::matmul_backward_weight(ctx, &mut plan, &dw, &tdy, &tx).unwrap();
-        run(ctx, &plan);
-        read(ctx, &dw)
-    };
-    let (a, b) = (go(), go());
-    assert!(
-        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-        "backward_weight differs between runs"
-    );
+    each_kernel(ContextOptions::default(), |ctx, kern| {
+        let (m, k, n) = (517, 40, 24);
+        let mut r = Rng::new(5);
+        let (x, dy) = (r.vec(m * k, 1.0), r.vec(m * n, 1.0));
+        let (tx, tdy) = (up(ctx, &x, &[m, k], "x"), up(ctx, &dy, &[m, n], "dy"));
+        let go = || {
+            let dw = up(ctx, &vec![0.0; n * k], &[n, k], "dw");
+            let mut plan = Plan::new("det");
+            matmul::matmul_backward_weight(ctx, &mut plan, &dw, &tdy, &tx).unwrap();
+            run(ctx, &plan);
+            read(ctx, &dw)
+        };
+        let (a, b) = (go(), go());
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{kern} backward_weight differs between runs"
+        );
+    });
 }
 
 #[test]
@@ -266,18 +299,20 @@ fn matmul_layered_textures_vs_cpu() {
     // More rows than one texture layer holds (16384 on lavapipe): the packed
     // matrices are split into layers, through the packing kernel (K = 12)
     // and through the buffer-to-texture copy (K = 64).
-    let ctx = gpu!();
-    let rows = ctx.limits.max_texture_dimension_2d as usize + 37;
-    for k in [12, 64] {
-        assert!(
-            matmul::use_textures(ctx, &[(rows, k)]),
-            "texture path expected"
-        );
-        check_all(ctx, "layered", &[(rows, k, 5)]);
-    }
-    // A layered weight read by the few-row (gemv) forward.
-    assert!(3 <= matmul::gemv_max_rows());
-    check_all(ctx, "layered gemv", &[(3, 12, rows)]);
+    each_kernel(ContextOptions::default(), |ctx, kern| {
+        let rows = ctx.limits.max_texture_dimension_2d as usize + 37;
+        for k in [12, 64] {
+            assert!(
+                matmul::use_textures(ctx, &[(rows, k)]),
+                "texture path expected"
+            );
+            check_all(ctx, &format!("{kern} layered"), &[(rows, k, 5)]);
+        }
+        // A layered weight read by the few-row (gemv) forward.
+        assert!(3 <= matmul::gemv_max_rows());
+        check_all(ctx, &format!("{kern} layered gemv"), &[(3, 12, rows)]);
+        check_all(ctx, &format!("{kern} layered weight"), &[(40, 12, rows)]);
+    });
 }
 
 /// A dout too wide for a texture row (a 151,936-token vocabulary's dlogits:
@@ -286,29 +321,30 @@ fn matmul_layered_textures_vs_cpu() {
 /// packing it failed and no model with such a vocabulary could train.
 #[test]
 fn matmul_backward_input_wide_dout_with_packed_weight_vs_cpu() {
-    let ctx = gpu!();
-    let n = 4 * ctx.limits.max_texture_dimension_2d as usize + 13;
-    for (m, k) in [(3, 64), (5, 7)] {
-        assert!(!matmul::use_textures(ctx, &[(m, n)]), "dout must not fit");
-        let mut r = Rng::new((m * 7 + k) as u64);
-        let (w, dy, dx0) = (r.vec(n * k, 1.0), r.vec(m * n, 1.0), r.vec(m * k, 1.0));
-        let (tw, tdy) = (up(ctx, &w, &[n, k], "w"), up(ctx, &dy, &[m, n], "dy"));
-        let dx = up(ctx, &dx0, &[m, k], "dx");
-        let mut plan = Plan::new("wide dout");
-        let packed = matmul::pack(ctx, &mut plan, &tw).unwrap();
-        matmul::matmul_backward_input_packed(ctx, &mut plan, &dx, &tdy, &packed, 1.0).unwrap();
-        run(ctx, &plan);
-        let mut want = to64(&dx0);
-        cpu::matmul::matmul_backward_input(&mut want, &to64(&dy), &to64(&w), m, k, n);
-        let tol = (2e-6 * (n as f64).sqrt()).max(1e-5);
-        assert_close(
-            &format!("wide dout M={m} K={k} N={n}"),
-            &read(ctx, &dx),
-            &want,
-            tol,
-            1e-4,
-        );
-    }
+    each_kernel(ContextOptions::default(), |ctx, kern| {
+        let n = 4 * ctx.limits.max_texture_dimension_2d as usize + 13;
+        for (m, k) in [(3, 64), (5, 7)] {
+            assert!(!matmul::use_textures(ctx, &[(m, n)]), "dout must not fit");
+            let mut r = Rng::new((m * 7 + k) as u64);
+            let (w, dy, dx0) = (r.vec(n * k, 1.0), r.vec(m * n, 1.0), r.vec(m * k, 1.0));
+            let (tw, tdy) = (up(ctx, &w, &[n, k], "w"), up(ctx, &dy, &[m, n], "dy"));
+            let dx = up(ctx, &dx0, &[m, k], "dx");
+            let mut plan = Plan::new("wide dout");
+            let packed = matmul::pack(ctx, &mut plan, &tw).unwrap();
+            matmul::matmul_backward_input_packed(ctx, &mut plan, &dx, &tdy, &packed, 1.0).unwrap();
+            run(ctx, &plan);
+            let mut want = to64(&dx0);
+            cpu::matmul::matmul_backward_input(&mut want, &to64(&dy), &to64(&w), m, k, n);
+            let tol = (2e-6 * (n as f64).sqrt()).max(1e-5);
+            assert_close(
+                &format!("{kern} wide dout M={m} K={k} N={n}"),
+                &read(ctx, &dx),
+                &want,
+                tol,
+                1e-4,
+            );
+        }
+    });
 }
 
 /// A backward_input reduction longer than 65535 steps of 4 (lm_head's
@@ -318,26 +354,27 @@ fn matmul_backward_input_wide_dout_with_packed_weight_vs_cpu() {
 /// weight, aligned and not.
 #[test]
 fn matmul_backward_input_reduction_over_65535_steps_vs_cpu() {
-    let ctx = gpu!();
-    for (m, k, n) in [(2, 8, 262_144), (3, 5, 4 * 65_536 + 9)] {
-        let mut r = Rng::new((m * 31 + k) as u64);
-        let (w, dy) = (r.vec(n * k, 1.0), r.vec(m * n, 1.0));
-        let (tw, tdy) = (up(ctx, &w, &[n, k], "w"), up(ctx, &dy, &[m, n], "dy"));
-        let (dx1, dx2) = (
-            common::zeros(ctx, &[m, k], "dx1"),
-            common::zeros(ctx, &[m, k], "dx2"),
-        );
-        let mut plan = Plan::new("long reduction");
-        matmul::matmul_backward_input(ctx, &mut plan, &dx1, &tdy, &tw).unwrap();
-        let packed = matmul::pack(ctx, &mut plan, &tw).unwrap();
-        matmul::matmul_backward_input_packed(ctx, &mut plan, &dx2, &tdy, &packed, 1.0).unwrap();
-        run(ctx, &plan);
-        let mut want = vec![0f64; m * k];
-        cpu::matmul::matmul_backward_input(&mut want, &to64(&dy), &to64(&w), m, k, n);
-        let tol = 2e-6 * (n as f64).sqrt();
-        for (dx, how) in [(&dx1, "storage"), (&dx2, "packed")] {
-            let what = format!("backward_input {how} M={m} K={k} N={n}");
-            assert_close(&what, &read(ctx, dx), &want, tol, 1e-4);
+    each_kernel(ContextOptions::default(), |ctx, kern| {
+        for (m, k, n) in [(2, 8, 262_144), (3, 5, 4 * 65_536 + 9)] {
+            let mut r = Rng::new((m * 31 + k) as u64);
+            let (w, dy) = (r.vec(n * k, 1.0), r.vec(m * n, 1.0));
+            let (tw, tdy) = (up(ctx, &w, &[n, k], "w"), up(ctx, &dy, &[m, n], "dy"));
+            let (dx1, dx2) = (
+                common::zeros(ctx, &[m, k], "dx1"),
+                common::zeros(ctx, &[m, k], "dx2"),
+            );
+            let mut plan = Plan::new("long reduction");
+            matmul::matmul_backward_input(ctx, &mut plan, &dx1, &tdy, &tw).unwrap();
+            let packed = matmul::pack(ctx, &mut plan, &tw).unwrap();
+            matmul::matmul_backward_input_packed(ctx, &mut plan, &dx2, &tdy, &packed, 1.0).unwrap();
+            run(ctx, &plan);
+            let mut want = vec![0f64; m * k];
+            cpu::matmul::matmul_backward_input(&mut want, &to64(&dy), &to64(&w), m, k, n);
+            let tol = 2e-6 * (n as f64).sqrt();
+            for (dx, how) in [(&dx1, "storage"), (&dx2, "packed")] {
+                let what = format!("{kern} backward_input {how} M={m} K={k} N={n}");
+                assert_close(&what, &read(ctx, dx), &want, tol, 1e-4);
+            }
         }
-    }
+    });
 }

@@ -4,7 +4,10 @@
 //! The template's `{{NAME}}` markers get a register tile size, the lane
 //! layout and a fully unrolled micro-kernel. The variant is chosen from the
 //! adapter's features (a fixed subgroup size enables the broadcast path) and
-//! from operand alignment; never from the adapter's name.
+//! from operand alignment; never from the adapter's name. Two families share
+//! the loaders: register tiles for software adapters and workgroup-memory
+//! tiles for hardware GPUs ([`Context::matmul_kernel`],
+//! docs/hardware-kernels.md).
 //!
 //! Tensors larger than the storage binding limit are processed in row chunks:
 //! `matmul_forward` splits the weight rows (output columns) and the token
@@ -27,7 +30,7 @@ use std::sync::Arc;
 
 use super::{dims, expect_shape, grid_1d, uniform, Plan, R, W};
 use crate::error::{Error, Result};
-use crate::gpu::context::Context;
+use crate::gpu::context::{Context, MatmulKernel};
 use crate::gpu::kernels::Access::StorageTexture as S;
 use crate::gpu::kernels::Access::Texture as T;
 use crate::gpu::kernels::{Access, KernelSpec, Source};
@@ -70,6 +73,10 @@ pub struct Variant {
     /// the texture limit), so row coordinates need a shift and a mask.
     pub a_layered: bool,
     pub b_layered: bool,
+    /// The tiled (workgroup-memory) family: `tm` x `tn` outputs per
+    /// invocation of a 16 x 16 workgroup, no subgroups. Else the register
+    /// family.
+    pub tiled: bool,
 }
 
 impl Variant {
@@ -80,14 +87,28 @@ impl Variant {
             (8, 8)
         }
     }
+    /// The entry point of `layout` (`matmul_forward`, `matmul_backward_input`
+    /// or `matmul_backward_weight`) in this variant's family.
+    pub fn entry(&self, layout: &'static str) -> &'static str {
+        match (self.tiled, layout) {
+            (true, "matmul_forward") => "matmul_forward_tiled",
+            (true, "matmul_backward_input") => "matmul_backward_input_tiled",
+            (true, "matmul_backward_weight") => "matmul_backward_weight_tiled",
+            _ => layout,
+        }
+    }
     /// Output rows and columns covered by one workgroup.
     pub fn tile(&self) -> (u32, u32) {
+        if self.tiled {
+            return (16 * self.tm, 16 * self.tn);
+        }
         let (lc, rg) = self.lanes();
         (rg * self.tm, lc * self.tn)
     }
     fn name(&self) -> String {
         format!(
-            "matmul_t{}x{}_sg{}_{}_{}{}{}{}",
+            "matmul_{}{}x{}_sg{}_{}_{}{}{}{}",
+            if self.tiled { "w" } else { "t" },
             self.tm,
             self.tn,
             self.sg,
@@ -100,60 +121,55 @@ impl Variant {
     }
 }
 
-/// The default variant for this context and alignment (storage operands).
+/// The default variant for this context and alignment (storage operands):
+/// the family from [`Context::matmul_kernel`], the tile from the adapter's
+/// subgroups (register family) or fixed (tiled family).
 pub fn pick_variant(ctx: &Context, aligned: bool) -> Variant {
-    // WGTUNE_MATMUL_TILE=TMxTN overrides the tile (for tuning on new hardware).
+    let tiled = ctx.matmul_kernel() == MatmulKernel::Tiled;
+    let base = |tm: u32, tn: u32, sg: u32| Variant {
+        tm,
+        tn,
+        sg,
+        aligned,
+        a_src: Source::Storage,
+        b_src: Source::Storage,
+        a_layered: false,
+        b_layered: false,
+        tiled,
+    };
+    // WGTUNE_MATMUL_TILE=TMxTN overrides the tile (for tuning on new
+    // hardware); for the tiled family it is the tile of one invocation.
     if let Some((tm, tn)) = std::env::var("WGTUNE_MATMUL_TILE").ok().and_then(|s| {
         let (a, b) = s.split_once('x')?;
         Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?))
     }) {
-        if tm % 4 == 0 && tn % 4 == 0 && tm > 0 && tn > 0 {
-            return Variant {
-                tm,
-                tn,
-                sg: ctx.subgroup_size().unwrap_or(1),
-                aligned,
-                a_src: Source::Storage,
-                b_src: Source::Storage,
-                a_layered: false,
-                b_layered: false,
-            };
+        let ok = tm % 4 == 0 && tn % 4 == 0 && tm > 0 && tn > 0;
+        if tiled && ok && tm <= 8 && tn <= 8 {
+            return base(tm, tn, 1);
         }
-        log::warn!("WGTUNE_MATMUL_TILE={tm}x{tn} ignored: both must be positive multiples of 4");
+        if !tiled && ok {
+            return base(tm, tn, ctx.subgroup_size().unwrap_or(1));
+        }
+        log::warn!(
+            "WGTUNE_MATMUL_TILE={tm}x{tn} ignored: both must be positive multiples of 4{}",
+            if tiled {
+                ", at most 8 for the tiled kernels"
+            } else {
+                ""
+            }
+        );
+    }
+    if tiled {
+        // 8 x 4 per invocation: a 128 x 64 tile, 12 KiB of workgroup memory,
+        // 3 vec4 reads of it per 32 FMAs.
+        return base(8, 4, 1);
     }
     match ctx.subgroup_size() {
         // Narrow subgroups are CPU SIMD lanes (lavapipe, WARP): big register
         // tiles pay, since every load is expensive and registers are not.
-        Some(sg) if sg <= 8 => Variant {
-            tm: 32,
-            tn: 8,
-            sg,
-            aligned,
-            a_src: Source::Storage,
-            b_src: Source::Storage,
-            a_layered: false,
-            b_layered: false,
-        },
-        Some(sg) => Variant {
-            tm: 8,
-            tn: 8,
-            sg,
-            aligned,
-            a_src: Source::Storage,
-            b_src: Source::Storage,
-            a_layered: false,
-            b_layered: false,
-        },
-        None => Variant {
-            tm: 8,
-            tn: 8,
-            sg: 1,
-            aligned,
-            a_src: Source::Storage,
-            b_src: Source::Storage,
-            a_layered: false,
-            b_layered: false,
-        },
+        Some(sg) if sg <= 8 => base(32, 8, sg),
+        Some(sg) => base(8, 8, sg),
+        None => base(8, 8, 1),
     }
 }
 
@@ -166,6 +182,12 @@ pub fn generate(v: &Variant) -> String {
     let sg = v.sg as usize;
     let tv = tn / 4;
     let (a, b) = (v.a_src.tag(), v.b_src.tag());
+    // Compact sources are weights only; backward_weight never reads one.
+    let bw_b = if v.b_src.access() == Access::TextureUint {
+        "st"
+    } else {
+        b
+    };
     let (builtins, setup) = if sg > 1 {
         (
             "@builtin(subgroup_invocation_id) sg_lane: u32, @builtin(subgroup_id) sg_id: u32",
@@ -175,24 +197,17 @@ pub fn generate(v: &Variant) -> String {
         ("", "let lane = lid % LC;\n    let rg = lid / LC;")
     };
     let mut s = format!("{}\n{TEMPLATE}", crate::gpu::kernels::COMMON);
+    if !v.tiled {
+        // Register modules stay as they were: no workgroup memory at all.
+        let (b0, e0) = (s.find("// {{TILED_BEGIN}}"), s.find("// {{TILED_END}}"));
+        if let (Some(b0), Some(e0)) = (b0, e0) {
+            s.replace_range(b0..e0 + "// {{TILED_END}}".len(), "");
+        }
+    }
     for (tag, (decl, body, store)) in [
         ("FW", gen_nt(tm, tn, sg, a, b)),
         ("BI", gen_nn(tm, tv, sg, a, b)),
-        // Compact sources are weights only; backward_weight never reads one.
-        (
-            "BW",
-            gen_tn(
-                tm,
-                tv,
-                sg,
-                a,
-                if v.b_src.access() == Access::TextureUint {
-                    "st"
-                } else {
-                    b
-                },
-            ),
-        ),
+        ("BW", gen_tn(tm, tv, sg, a, bw_b)),
     ] {
         s = s
             .replace(&format!("{{{{{tag}_DECL}}}}"), &decl)
@@ -205,9 +220,20 @@ pub fn generate(v: &Variant) -> String {
             s.replace_range(i..j + b.len(), "");
         }
     }
+    let (decl, body, [fw, bi, bw], stages) = gen_tiled(tm, tn);
+    for (marker, stage) in stages {
+        s = s.replace(&marker, &stage);
+    }
+    s = s
+        .replace("{{TL_DECL}}", &decl)
+        .replace("{{TL_BODY}}", &body)
+        .replace("{{TL_FW_STORE}}", &fw)
+        .replace("{{TL_BI_STORE}}", &bi)
+        .replace("{{TL_BW_STORE}}", &bw);
     let (qbits, qsub) = v.b_src.quant();
     s.replace("{{LANE_BUILTINS}}", builtins)
         .replace("{{SGW}}", &sg.to_string())
+        .replace("{{BW_B}}", bw_b)
         .replace("{{A}}", a)
         .replace("{{B}}", b)
         .replace("{{QBITS}}", &qbits.to_string())
@@ -345,6 +371,81 @@ fn gen_tn(tm: usize, tv: usize, sg: usize, a: &str, b: &str) -> (String, String,
     (decl, body, store)
 }
 
+/// The tiled family's micro-kernel (one reduction index `kk` of the
+/// workgroup tiles) and its stores for the three layouts. Row slot `s` of
+/// an invocation is vec4 `ty + 16 s` of the tile, column slot `v` vec4
+/// `tx + 16 v`; accumulators `c{row}_{v}` are vec4s of 4 columns.
+#[allow(clippy::type_complexity)]
+fn gen_tiled(tm: usize, tn: usize) -> (String, String, [String; 3], Vec<(String, String)>) {
+    let (mut decl, mut body) = (String::new(), String::new());
+    let mut body_stage = Vec::new();
+    let (mut fw, mut bi, mut bw) = (String::new(), String::new(), String::new());
+    let tv = tn / 4;
+    for s in 0..tm / 4 {
+        emit!(decl, "    let tr{s} = row0 + 4u * (ty + {}u);", 16 * s);
+    }
+    for v in 0..tv {
+        emit!(decl, "    let tc{v} = col0 + 4u * (tx + {}u);", 16 * v);
+    }
+    for i in 0..tm {
+        for v in 0..tv {
+            emit!(decl, "    var c{i}_{v} = vec4<f32>(0.0);");
+        }
+    }
+    // Unrolled over the BK reduction indices of a K-step.
+    for kk in 0..16 {
+        emit!(body, "        {{");
+        emit!(body, "            let ka = {kk}u * (BM / 4u) + ty;");
+        emit!(body, "            let kb = {kk}u * (BN / 4u) + tx;");
+        for s in 0..tm / 4 {
+            emit!(body, "            let a{s} = tl_a[ka + {}u];", 16 * s);
+        }
+        for v in 0..tv {
+            emit!(body, "            let b{v} = tl_b[kb + {}u];", 16 * v);
+        }
+        for i in 0..tm {
+            for v in 0..tv {
+                emit!(
+                    body,
+                    "            c{i}_{v} = fma(vec4<f32>(a{}.{}), b{v}, c{i}_{v});",
+                    i / 4,
+                    COMP[i % 4]
+                );
+            }
+        }
+        emit!(body, "        }}");
+    }
+    for i in 0..tm {
+        let row = format!("tr{} + {}u", i / 4, i % 4);
+        for v in 0..tv {
+            for (j, c) in COMP.iter().enumerate() {
+                emit!(fw, "    fw_store({row}, tc{v} + {j}u, c{i}_{v}.{c});");
+            }
+            emit!(bi, "    bi_store({row}, tc{v}, c{i}_{v});");
+            emit!(bw, "    bw_store(wg.z, {row}, tc{v}, c{i}_{v});");
+        }
+    }
+    for (x, tag) in [("fw", "FW"), ("bi", "BI"), ("bw", "BW")] {
+        let mut stage = String::new();
+        for t in 0..tm / 4 {
+            emit!(
+                stage,
+                "        {x}_stage_a(lid + {}u, k0, row0, end);",
+                256 * t
+            );
+        }
+        for t in 0..tv {
+            emit!(
+                stage,
+                "        {x}_stage_b(lid + {}u, k0, col0, end);",
+                256 * t
+            );
+        }
+        body_stage.push((format!("{{{{TL_STAGE_{tag}}}}}"), stage));
+    }
+    (decl, body, [fw, bi, bw], body_stage)
+}
+
 /// Row handles `ca*` of the A rows of one tile (clamped into range).
 fn row_clamps(decl: &mut String, tm: usize, sg: usize, a: &str) {
     if sg > 1 {
@@ -391,14 +492,17 @@ fn a_rows(body: &mut String, tm: usize, sg: usize, load: impl Fn(String) -> Stri
 /// Every variant the wrappers can pick, for naga validation in tests.
 pub fn all_variant_sources() -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for (tm, tn, sg) in [
-        (32, 8, 8),
-        (16, 8, 8),
-        (8, 8, 32),
-        (8, 8, 16),
-        (8, 8, 64),
-        (8, 8, 1),
-        (16, 8, 4),
+    for (tm, tn, sg, tiled) in [
+        (32, 8, 8, false),
+        (16, 8, 8, false),
+        (8, 8, 32, false),
+        (8, 8, 16, false),
+        (8, 8, 64, false),
+        (8, 8, 1, false),
+        (16, 8, 4, false),
+        (8, 4, 1, true),
+        (4, 4, 1, true),
+        (8, 8, 1, true),
     ] {
         for aligned in [true, false] {
             for (a_src, b_src, layered) in [
@@ -421,6 +525,7 @@ pub fn all_variant_sources() -> Vec<(String, String)> {
                     b_src,
                     a_layered: layered,
                     b_layered: layered,
+                    tiled,
                 };
                 out.push((v.name(), generate(&v)));
             }
@@ -723,7 +828,7 @@ fn forward(
         (tile_m, tile_n) = (1, 64);
         "matmul_gemv_tex"
     } else {
-        "matmul_forward"
+        v.entry("matmul_forward")
     };
     let mut layout = vec![W, a.source().access(), b.source().access(), R];
     if b.source().has_scales() {
@@ -878,7 +983,7 @@ fn backward_input(
     if b.source().has_scales() {
         layout.push(T);
     }
-    let kern = spec(&v, op, &layout);
+    let kern = spec(&v, v.entry(op), &layout);
     let nc = operand_chunk(ctx, "matmul_backward_input weight", b, n, &[k], 4)?;
     let mc = match a {
         Bind::T(_) => chunk_rows(ctx, "matmul_backward_input dout", m, &[k, n], 1)?,
@@ -921,7 +1026,7 @@ fn backward_input(
 pub fn weight_variant(ctx: &Context, aligned: bool) -> Variant {
     let v = pick_variant(ctx, aligned);
     let tuned = std::env::var("WGTUNE_MATMUL_TILE").is_ok();
-    if !tuned && v.sg > 1 && v.sg <= 8 {
+    if !tuned && !v.tiled && v.sg > 1 && v.sg <= 8 {
         Variant { tn: 4, ..v }
     } else {
         v
@@ -1006,7 +1111,11 @@ pub fn matmul_backward_weight_ex(
         b_shift: shift(b),
         ..Default::default()
     };
-    let kern = spec(&v, op, &[W, a.source().access(), b.source().access()]);
+    let kern = spec(
+        &v,
+        v.entry(op),
+        &[W, a.source().access(), b.source().access()],
+    );
     if splits == 1 {
         plan.dispatch_with(ctx, &kern, &p, &[Bind::T(dweight), a, b], grid)?;
     } else {
