@@ -210,8 +210,12 @@ pub fn weight_formats(ctx: &Context, iters: usize) -> Result<()> {
         GgmlType::Q6K,
     ];
     // K-quant rows are whole 256-element blocks.
-    for (m, k, n) in [(512, 768, 1536), (512, 1536, 768)] {
+    // M = 1: a decode step's matmuls (the few-row forward).
+    for (m, k, n) in [(512, 768, 1536), (512, 1536, 768), (1, 768, 1536), (1, 1536, 768)] {
         for layout in ["forward", "backward_input"] {
+            if m == 1 && layout != "forward" {
+                continue;
+            }
             let mut base = None;
             for ty in types {
                 let (per, _) = ty.block().unwrap_or((1, 4));

@@ -93,15 +93,18 @@ pub struct StepStats {
     pub skipped_in_a_row: usize,
 }
 
-/// Round up to a multiple of `m`, at most `cap`.
-fn bucket(x: usize, m: usize, cap: usize) -> usize {
+/// Round up to a multiple of 8 up to 64, of 16 above, at most `cap`:
+/// short rows (a prompt/completion pair of ~16 tokens) would otherwise run
+/// mostly padding, and a few more plans cost little.
+fn bucket(x: usize, cap: usize) -> usize {
+    let m = if x <= 64 { 8 } else { 16 };
     (x.div_ceil(m) * m).min(cap).max(x)
 }
 
 /// The plan shape (B, T, R) of a batch of `b` rows of `t` tokens with
 /// `targets` loss targets, `nv` virtual tokens and rows of at most `cap_t`
-/// tokens: T and R rounded up to multiples of 16 so that few plans serve
-/// a data set.
+/// tokens: T and R rounded up (see `bucket`) so that few plans serve a
+/// data set.
 pub fn bucket_shape(
     b: usize,
     t: usize,
@@ -109,8 +112,8 @@ pub fn bucket_shape(
     nv: usize,
     cap_t: usize,
 ) -> (usize, usize, usize) {
-    let t = bucket(t, 16, cap_t);
-    let r = bucket(targets.max(1), 16, b * (nv + t));
+    let t = bucket(t, cap_t);
+    let r = bucket(targets.max(1), b * (nv + t));
     (b, t, r)
 }
 
