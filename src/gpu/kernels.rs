@@ -246,7 +246,7 @@ pub(crate) fn build(ctx: &Context, spec: &KernelSpec) -> Result<Kernel> {
             // Every kernel writes its workgroup arrays before reading them.
             zero_initialize_workgroup_memory: false,
         },
-        cache: None,
+        cache: ctx.pipeline_cache(),
     });
     if let Some(e) = crate::gpu::context::block_on(scope.pop()) {
         return Err(Error::Shader {
