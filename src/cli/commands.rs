@@ -684,7 +684,8 @@ pub(super) fn cache_note(p: &crate::gpu::PipelineStats) -> String {
     match (&p.cache_file, p.cache_loaded_bytes) {
         (None, _) => "pipeline cache off".into(),
         (Some(_), 0) => "pipeline cache cold".into(),
-        (Some(_), n) => format!("pipeline cache warm, {} KiB", n.div_ceil(1024)),
+        (Some(_), n) if n < 1 << 20 => format!("pipeline cache warm, {n} B"),
+        (Some(_), n) => format!("pipeline cache warm, {:.1} MiB", n as f64 / (1 << 20) as f64),
     }
 }
 

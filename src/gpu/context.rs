@@ -99,6 +99,10 @@ struct DiskCache {
     loaded: u64,
     /// [`Context::built`] at the last save (or at start).
     saved_at: AtomicUsize,
+    /// Checksum of the driver bytes in the file as last loaded or saved
+    /// (0: none), so that an unchanged cache is not rewritten, while one
+    /// wgpu silently refused is.
+    on_disk: AtomicU64,
 }
 
 /// Pipeline build counts and times, for speed reports.
@@ -353,6 +357,7 @@ fn open_disk_cache(device: &wgpu::Device, path: PathBuf) -> DiskCache {
         path,
         loaded,
         saved_at: AtomicUsize::new(0),
+        on_disk: AtomicU64::new(data.map_or(0, fnv1a)),
     }
 }
 
@@ -619,6 +624,11 @@ impl Context {
             return None;
         }
         let data = dc.cache.get_data()?;
+        let sum = fnv1a(&data);
+        if dc.on_disk.load(Ordering::Relaxed) == sum {
+            log::debug!("pipeline cache: nothing new to save");
+            return None;
+        }
         let write = || -> Result<()> {
             if let Some(dir) = dc.path.parent() {
                 std::fs::create_dir_all(dir).map_err(|source| Error::Io {
@@ -630,6 +640,7 @@ impl Context {
         };
         match write() {
             Ok(()) => {
+                dc.on_disk.store(sum, Ordering::Relaxed);
                 log::info!(
                     "pipeline cache: saved {} bytes to {}",
                     data.len(),

@@ -254,7 +254,12 @@ pub(crate) fn build(ctx: &Context, spec: &KernelSpec) -> Result<Kernel> {
             message: e.to_string(),
         });
     }
-    log::debug!("built kernel {name} in {:.0} ms", started.secs() * 1e3);
+    // The full key tells apart variants that share a name (constants, layout).
+    log::debug!(
+        "built kernel {} in {:.0} ms",
+        spec.key(),
+        started.secs() * 1e3
+    );
     Ok(Kernel {
         name,
         pipeline,
