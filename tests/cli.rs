@@ -249,7 +249,15 @@ fn gguf_import_and_gguf_as_model() {
     assert!(ok, "{text}");
     assert!(text.contains("first token after"), "{text}");
     // Compiled pipelines are kept in the cache folder for the next run.
-    let gen = ["generate", "--model", m, "--prompt", "hi", "--max-new-tokens", "2"];
+    let gen = [
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+    ];
     if ctx.features.contains(wgpu::Features::PIPELINE_CACHE)
         && wgpu::util::pipeline_cache_key(&ctx.info).is_some()
     {
@@ -257,10 +265,7 @@ fn gguf_import_and_gguf_as_model() {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
             .collect();
-        assert!(
-            files.len() == 1 && files[0].ends_with(".bin"),
-            "{files:?}"
-        );
+        assert!(files.len() == 1 && files[0].ends_with(".bin"), "{files:?}");
         let (ok, text) = wgtune_env(&gen, &env);
         assert!(ok && text.contains("pipeline cache warm"), "{text}");
     }

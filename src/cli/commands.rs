@@ -685,7 +685,10 @@ pub(super) fn cache_note(p: &crate::gpu::PipelineStats) -> String {
         (None, _) => "pipeline cache off".into(),
         (Some(_), 0) => "pipeline cache cold".into(),
         (Some(_), n) if n < 1 << 20 => format!("pipeline cache warm, {n} B"),
-        (Some(_), n) => format!("pipeline cache warm, {:.1} MiB", n as f64 / (1 << 20) as f64),
+        (Some(_), n) => format!(
+            "pipeline cache warm, {:.1} MiB",
+            n as f64 / (1 << 20) as f64
+        ),
     }
 }
 

@@ -309,9 +309,7 @@ fn open_disk_cache(device: &wgpu::Device, path: PathBuf) -> DiskCache {
     };
     let data = file.as_deref().and_then(|f| {
         unwrap_cache(f)
-            .map_err(|why| {
-                log::warn!("pipeline cache {}: {why}; starting empty", path.display())
-            })
+            .map_err(|why| log::warn!("pipeline cache {}: {why}; starting empty", path.display()))
             .ok()
     });
     let create = |data: Option<&[u8]>| {

@@ -89,7 +89,9 @@ fn a_second_context_loads_the_saved_cache() {
 #[test]
 fn damaged_cache_files_mean_a_cold_compile() {
     let dir = fresh_dir("damaged");
-    let Some((file, _)) = saved_file(&dir) else { return };
+    let Some((file, _)) = saved_file(&dir) else {
+        return;
+    };
     let real = std::fs::read(&file).unwrap();
     let inner = &real[24..];
     let mut flipped = real.clone();
@@ -112,7 +114,11 @@ fn damaged_cache_files_mean_a_cold_compile() {
         // wgpu drops data it rejects without a word, so only our own checks
         // can be seen; the result must be right either way.
         if !what.starts_with("wgpu") && !what.starts_with("driver") {
-            assert_eq!(ctx.pipeline_stats().cache_loaded_bytes, 0, "{what}: ignored");
+            assert_eq!(
+                ctx.pipeline_stats().cache_loaded_bytes,
+                0,
+                "{what}: ignored"
+            );
         }
         gelu_matches_cpu(&ctx, what);
         // The damaged file is replaced by a good one.
