@@ -110,7 +110,8 @@ struct DiskCache {
 pub struct PipelineStats {
     /// Distinct pipelines built by this context.
     pub built: usize,
-    /// Seconds spent building them (shader translation and driver compile).
+    /// Seconds spent building them: WGSL translation and what the driver
+    /// compiles at creation (lavapipe compiles at first dispatch instead).
     pub build_secs: f64,
     /// The on-disk cache file, when one is in use.
     pub cache_file: Option<PathBuf>,
