@@ -277,7 +277,7 @@ fn gguf_import_and_gguf_as_model() {
         .unwrap();
     let text = String::from_utf8_lossy(&off.stderr);
     assert!(
-        off.status.success() && text.contains("pipeline cache off"),
+        off.status.success() && text.contains("no pipeline cache"),
         "{text}"
     );
     let cached: Vec<std::path::PathBuf> = std::fs::read_dir(cache.join("gguf"))

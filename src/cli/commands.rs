@@ -682,7 +682,7 @@ pub(super) fn generate(a: &GenerateArgs) -> Result<()> {
 /// What the pipeline cache did, for the stats lines.
 pub(super) fn cache_note(p: &crate::gpu::PipelineStats) -> String {
     match (&p.cache_file, p.cache_loaded_bytes) {
-        (None, _) => "pipeline cache off".into(),
+        (None, _) => "no pipeline cache".into(),
         (Some(_), 0) => "pipeline cache cold".into(),
         (Some(_), n) if n < 1 << 20 => format!("pipeline cache warm, {n} B"),
         (Some(_), n) => format!(
