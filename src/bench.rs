@@ -523,6 +523,7 @@ pub fn train(
                 (num_layers, gc),
             )?;
             ctx.memory.reset_peak();
+            let built = ctx.pipeline_stats();
             let ad = Adapter::new(&ctx, &m, acfg.clone(), tensors.clone())?;
             let opt = OptimConfig {
                 lr: 1e-4,
@@ -543,6 +544,8 @@ pub fn train(
                 .map(|s| s.loss)
                 .unwrap_or(f64::NAN);
             let warm = t0.secs();
+            let after = ctx.pipeline_stats();
+            ctx.save_pipeline_cache();
             let t1 = Stopwatch::start();
             for i in 0..steps {
                 tr.train_step(std::slice::from_ref(&batch), i + 1 == steps)?;
@@ -562,10 +565,14 @@ pub fn train(
                 method.to_string()
             };
             println!(
-            "  {label:<12} {:>8.1} tok/s  {:>7.1} GFLOP/s (matmuls)  {:.2} s/step  (first step {warm:.1} s incl. pipeline builds, loss {first:.3}), {} trainable, GPU bytes allocated {:.0} MiB at peak ({:.0} MiB weights; memory plan {:.0} MiB, {:.0} MiB without the load-time temporary the peak here excludes), peak RSS {:.0} MiB",
+            "  {label:<12} {:>8.1} tok/s  {:>7.1} GFLOP/s (matmuls)  {:.2} s/step  {} dispatches/step  (first step {warm:.1} s incl. building {} new pipelines in {:.1} s, {} distinct in all; loss {first:.3}), {} trainable, GPU bytes allocated {:.0} MiB at peak ({:.0} MiB weights; memory plan {:.0} MiB, {:.0} MiB without the load-time temporary the peak here excludes), peak RSS {:.0} MiB",
             (b * t) as f64 / secs,
             tr.last_flops / secs / 1e9,
             secs,
+            tr.last_dispatches,
+            after.built - built.built,
+            after.build_secs - built.build_secs,
+            after.built,
             ad.num_params(),
             mib(ctx.memory.peak()),
             mib(weights_gpu),

@@ -60,9 +60,19 @@ impl DeviceArgs {
         ContextOptions {
             backend: self.backend.clone(),
             adapter: self.gpu.clone(),
+            pipeline_cache_dir: pipeline_cache_dir(),
             ..Default::default()
         }
     }
+}
+
+/// `pipelines/` in wgtune's cache folder, where compiled pipelines are kept
+/// between runs; `WGTUNE_PIPELINE_CACHE=0` turns it off (cold compiles).
+pub fn pipeline_cache_dir() -> Option<PathBuf> {
+    if std::env::var("WGTUNE_PIPELINE_CACHE").is_ok_and(|v| v == "0") {
+        return None;
+    }
+    Some(crate::model::import::wgtune_cache_dir().join("pipelines"))
 }
 
 #[derive(Subcommand, Debug)]

@@ -200,7 +200,7 @@ fn resume_continues_from_the_checkpoint() {
 
 #[test]
 fn gguf_import_and_gguf_as_model() {
-    let _ctx = gpu!();
+    let ctx = gpu!();
     let gguf = |n: &str| root().join("tests/reference/data/gguf").join(n);
     let dir = tmp("gguf");
     let out = dir.join("imported");
@@ -247,6 +247,39 @@ fn gguf_import_and_gguf_as_model() {
         &env,
     );
     assert!(ok, "{text}");
+    assert!(text.contains("first token after"), "{text}");
+    // Compiled pipelines are kept in the cache folder for the next run.
+    let gen = [
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+    ];
+    if ctx.features.contains(wgpu::Features::PIPELINE_CACHE)
+        && wgpu::util::pipeline_cache_key(&ctx.info).is_some()
+    {
+        let files: Vec<_> = std::fs::read_dir(cache.join("pipelines"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert!(files.len() == 1 && files[0].ends_with(".bin"), "{files:?}");
+        let (ok, text) = wgtune_env(&gen, &env);
+        assert!(ok && text.contains("pipeline cache warm"), "{text}");
+    }
+    let off = Command::new(env!("CARGO_BIN_EXE_wgtune"))
+        .args(gen)
+        .env("WGTUNE_CACHE", &cache)
+        .env("WGTUNE_PIPELINE_CACHE", "0")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&off.stderr);
+    assert!(
+        off.status.success() && text.contains("no pipeline cache"),
+        "{text}"
+    );
     let cached: Vec<std::path::PathBuf> = std::fs::read_dir(cache.join("gguf"))
         .unwrap()
         .map(|e| e.unwrap().path())

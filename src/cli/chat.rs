@@ -123,6 +123,8 @@ pub(super) fn chat(a: &ChatArgs) -> Result<()> {
         let answer = printer.finish()?;
         println!();
         let _ = std::io::stdout().flush();
+        // A no-op once nothing new was built (the first turn builds all).
+        ctx.save_pipeline_cache();
         history.push(ChatMessage::new("assistant", answer));
         eprintln!(
             "[{} prompt tokens: {} run, {} from the cache; {} new tokens, {:.2} tok/s{}]",

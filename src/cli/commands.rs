@@ -605,9 +605,13 @@ pub(super) fn stop_reason(stats: &GenStats, positions: usize, max_new_tokens: us
 pub(super) fn generate(a: &GenerateArgs) -> Result<()> {
     // Read first: a bad pipe fails before the model loads.
     let prompt = read_prompt(&a.prompt)?;
+    // Time to first token counts from here (arguments parsed, prompt read).
+    let mut clock = crate::clock::Stopwatch::start();
     let ctx = Context::new(&a.device.options())?;
+    let device_s = clock.lap();
     let (model, tok) = load_model(&ctx, &a.model, a.weights.weights)?;
     let adapter = load_adapter(&ctx, &model, &a.model, a.adapter.as_ref())?;
+    let load_s = clock.lap();
     let hooks: &dyn Hooks = adapter.as_ref().map_or(&NoHooks, |ad| ad as &dyn Hooks);
     let given = a.template.template.as_deref().map(PromptTemplate::parse);
     let template = prompt_template(
@@ -644,9 +648,16 @@ pub(super) fn generate(a: &GenerateArgs) -> Result<()> {
     }
     let opts = a.sampling.options(a.max_new_tokens, tok.eos_ids());
     let mut printer = Printer::new(&tok, &a.sampling.stop);
-    let stats = generate_until(&ctx, &model, hooks, &ids, &opts, |t, _| printer.push(t))?;
+    let mut first: Option<(f64, crate::gpu::PipelineStats)> = None;
+    let stats = generate_until(&ctx, &model, hooks, &ids, &opts, |t, _| {
+        if first.is_none() {
+            first = Some((device_s + load_s + clock.secs(), ctx.pipeline_stats()));
+        }
+        printer.push(t)
+    })?;
     printer.finish()?;
     println!();
+    ctx.save_pipeline_cache();
     eprintln!(
         "[{} prompt tokens, {} new tokens; prefill {:.2} s, {:.2} tok/s{}]",
         stats.prompt_tokens,
@@ -655,7 +666,30 @@ pub(super) fn generate(a: &GenerateArgs) -> Result<()> {
         stats.decode_tokens_per_s(),
         stop_reason(&stats, model.cfg.max_positions, a.max_new_tokens)
     );
+    if let Some((ttft, p)) = first {
+        eprintln!(
+            "[first token after {ttft:.2} s: device {device_s:.2} s, model load {load_s:.2} s, \
+             prefill {:.2} s; {} pipelines built in {:.2} s ({})]",
+            stats.prefill_s,
+            p.built,
+            p.build_secs,
+            cache_note(&p)
+        );
+    }
     Ok(())
+}
+
+/// What the pipeline cache did, for the stats lines.
+pub(super) fn cache_note(p: &crate::gpu::PipelineStats) -> String {
+    match (&p.cache_file, p.cache_loaded_bytes) {
+        (None, _) => "no pipeline cache".into(),
+        (Some(_), 0) => "pipeline cache cold".into(),
+        (Some(_), n) if n < 1 << 20 => format!("pipeline cache warm, {n} B"),
+        (Some(_), n) => format!(
+            "pipeline cache warm, {:.1} MiB",
+            n as f64 / (1 << 20) as f64
+        ),
+    }
 }
 
 pub(super) fn eval(a: &EvalArgs) -> Result<()> {
@@ -687,6 +721,7 @@ pub(super) fn eval(a: &EvalArgs) -> Result<()> {
     }
     let (sum, n) =
         crate::train::eval::eval_batches(&ctx, &model, hooks, &data.in_order(a.batch_size))?;
+    ctx.save_pipeline_cache();
     if n == 0 {
         return Err(Error::invalid(
             "eval",

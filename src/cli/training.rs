@@ -206,8 +206,16 @@ pub(super) fn train(a: &TrainArgs) -> Result<u8> {
     // A bar redraws one line in place: in a file or a pipe only plain lines survive.
     use std::io::IsTerminal;
     let plain = a.no_progress || !std::io::stderr().is_terminal();
-    let progress: &mut dyn Progress = if plain { &mut lines } else { &mut bar };
-    Ok(match train_run(&ctx, &o, &stop, progress)? {
+    let inner: &mut dyn Progress = if plain { &mut lines } else { &mut bar };
+    let mut progress = SavePipelines {
+        inner,
+        ctx: &ctx,
+        saved: false,
+    };
+    let outcome = train_run(&ctx, &o, &stop, &mut progress);
+    // Validation may have built more since the first step.
+    ctx.save_pipeline_cache();
+    Ok(match outcome? {
         Outcome::Done { .. } | Outcome::NothingToDo { .. } | Outcome::EarlyStopped { .. } => {
             if a.export.is_some() {
                 super::commands::export_as(
@@ -228,4 +236,34 @@ pub(super) fn train(a: &TrainArgs) -> Result<u8> {
             (128 + signal).clamp(1, 255) as u8
         }
     })
+}
+
+/// Saves the pipeline cache after the first step, when every training
+/// pipeline exists, so a run stopped later still leaves it for the next.
+struct SavePipelines<'a> {
+    inner: &'a mut dyn Progress,
+    ctx: &'a Context,
+    saved: bool,
+}
+
+impl Progress for SavePipelines<'_> {
+    fn start(&mut self, start: usize, total: usize) {
+        self.inner.start(start, total)
+    }
+
+    fn step(&mut self, step: usize, total: usize, log: Option<&StepLog>) {
+        self.inner.step(step, total, log);
+        if !self.saved {
+            self.saved = true;
+            self.ctx.save_pipeline_cache();
+        }
+    }
+
+    fn line(&mut self, line: &str) {
+        self.inner.line(line)
+    }
+
+    fn end(&mut self, completed: bool) {
+        self.inner.end(completed)
+    }
 }

@@ -8,6 +8,8 @@
 //! for buffer readback. The rest of `gpu` never blocks on its own.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
@@ -36,6 +38,10 @@ pub struct ContextOptions {
     /// Force a matmul kernel family; `None` picks from the adapter
     /// ([`MatmulKernel`]), or from `WGTUNE_MATMUL_KERNEL` when set.
     pub matmul_kernel: Option<MatmulKernel>,
+    /// Folder of the on-disk pipeline cache (`<key>.bin` per adapter kind),
+    /// read at start and written by [`Context::save_pipeline_cache`]. `None`:
+    /// pipelines are compiled afresh in every process.
+    pub pipeline_cache_dir: Option<PathBuf>,
 }
 
 /// The two matmul kernel families (docs/hardware-kernels.md).
@@ -131,6 +137,12 @@ pub struct Context {
     textures: bool,
     matmul_kernel: MatmulKernel,
     pipelines: Mutex<HashMap<String, Arc<Kernel>>>,
+    /// The driver's pipeline cache, when the adapter has one and a folder
+    /// was given.
+    disk_cache: Option<DiskCache>,
+    /// Pipelines built and nanoseconds spent building them.
+    built: AtomicUsize,
+    build_nanos: AtomicU64,
     /// Packed copies of activation operands, one per (columns, slot), shared
     /// by every plan (see [`Context::scratch_texture`]).
     scratch: Mutex<HashMap<(usize, usize), Arc<TexMatrix>>>,
@@ -141,6 +153,77 @@ pub struct Context {
     pending: Arc<Mutex<Vec<String>>>,
     /// Bytes of every buffer and texture wgtune has created and not dropped.
     pub memory: Arc<MemoryCounter>,
+}
+
+/// The driver pipeline cache and the file it is loaded from and saved to.
+struct DiskCache {
+    cache: wgpu::PipelineCache,
+    path: PathBuf,
+    /// Bytes of driver data loaded at start (0: none, or rejected).
+    loaded: u64,
+    /// [`Context::built`] at the last save (or at start).
+    saved_at: AtomicUsize,
+    /// Checksum of the driver bytes in the file as last loaded or saved
+    /// (0: none), so that an unchanged cache is not rewritten, while one
+    /// wgpu silently refused is.
+    on_disk: AtomicU64,
+}
+
+/// Pipeline build counts and times, for speed reports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PipelineStats {
+    /// Distinct pipelines built by this context.
+    pub built: usize,
+    /// Seconds spent building them: WGSL translation and what the driver
+    /// compiles at creation (lavapipe compiles at first dispatch instead).
+    pub build_secs: f64,
+    /// The on-disk cache file, when one is in use.
+    pub cache_file: Option<PathBuf>,
+    /// Bytes of driver cache data loaded from it at start (0: none).
+    pub cache_loaded_bytes: u64,
+}
+
+/// Our wrapper around the driver's cache bytes: wgpu checks its own header
+/// (version, adapter, driver, length) but not the contents, and a driver
+/// may trust them, so a checksum keeps a damaged file out.
+const CACHE_MAGIC: &[u8; 8] = b"WGTPC\0\0\x01";
+
+/// FNV-1a, 64 bits: enough to catch a damaged file, no dependency.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn wrap_cache(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 24);
+    out.extend_from_slice(CACHE_MAGIC);
+    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    out.extend_from_slice(&fnv1a(data).to_le_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// The driver bytes of a file written by [`wrap_cache`], or why not.
+fn unwrap_cache(file: &[u8]) -> std::result::Result<&[u8], &'static str> {
+    if file.len() < 24 || &file[..8] != CACHE_MAGIC {
+        return Err("not a wgtune pipeline cache");
+    }
+    let word = |i: usize| {
+        u64::from_le_bytes(
+            file[i..i + 8]
+                .try_into()
+                .expect("invariant: an 8-byte slice"),
+        )
+    };
+    let data = &file[24..];
+    if word(8) != data.len() as u64 {
+        return Err("truncated or extended");
+    }
+    if word(16) != fnv1a(data) {
+        return Err("checksum mismatch");
+    }
+    Ok(data)
 }
 
 /// Live and peak bytes of GPU buffers and textures, counted where they are
@@ -277,6 +360,70 @@ pub(crate) fn block_on<F: std::future::Future>(f: F) -> F::Output {
     pollster::block_on(f)
 }
 
+/// A driver pipeline cache seeded from `path` when it holds a usable file.
+/// Anything wrong with the file (missing, damaged, from another driver
+/// version) is logged and costs only a cold compile.
+fn open_disk_cache(device: &wgpu::Device, path: PathBuf) -> DiskCache {
+    let file = match std::fs::read(&path) {
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            log::warn!("pipeline cache {}: {e}; starting empty", path.display());
+            None
+        }
+    };
+    let data = file.as_deref().and_then(|f| {
+        unwrap_cache(f)
+            .map_err(|why| log::warn!("pipeline cache {}: {why}; starting empty", path.display()))
+            .ok()
+    });
+    let create = |data: Option<&[u8]>| {
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        // SAFETY: `data` is only ever bytes that `PipelineCache::get_data`
+        // returned (written by `save_pipeline_cache`, checked by our
+        // checksum); wgpu validates its header against this adapter and
+        // driver and, with `fallback`, ignores data it cannot use.
+        let cache = unsafe {
+            device.create_pipeline_cache(&wgpu::PipelineCacheDescriptor {
+                label: Some("wgtune"),
+                data,
+                fallback: true,
+            })
+        };
+        (cache, block_on(scope.pop()))
+    };
+    let (mut cache, err) = create(data);
+    let mut loaded = data.map_or(0, |d| d.len() as u64);
+    if let Some(e) = err {
+        // Data from another device of the same key: start an empty cache.
+        log::warn!("pipeline cache {}: {e}; starting empty", path.display());
+        (cache, _) = create(None);
+        loaded = 0;
+    }
+    // wgpu drops data it cannot use (outdated driver, damaged header)
+    // without telling: then the cache starts smaller than what was given.
+    if loaded > 0 && cache.get_data().map_or(0, |d| d.len() as u64) < loaded {
+        log::info!(
+            "pipeline cache {}: not usable with this driver; starting empty",
+            path.display()
+        );
+        loaded = 0;
+    }
+    if loaded > 0 {
+        log::info!(
+            "pipeline cache: loaded {loaded} bytes from {}",
+            path.display()
+        );
+    }
+    DiskCache {
+        cache,
+        path,
+        loaded,
+        saved_at: AtomicUsize::new(0),
+        on_disk: AtomicU64::new(data.map_or(0, fnv1a)),
+    }
+}
+
 impl Context {
     /// Open the best adapter (see [`ContextOptions`]).
     pub fn new(opts: &ContextOptions) -> Result<Context> {
@@ -319,7 +466,8 @@ impl Context {
             | wgpu::Features::SHADER_F16
             | wgpu::Features::TIMESTAMP_QUERY
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
-            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
+            | wgpu::Features::PIPELINE_CACHE;
         let features = adapter.features() & wanted;
         // The adapter's real limits, not wgpu's WebGPU defaults (128 MiB
         // bindings, 8 storage buffers, 16 KiB workgroup memory).
@@ -381,7 +529,21 @@ impl Context {
             subgroup_size.map(|s| format!("fixed size {s}")).unwrap_or_else(|| "off".into()),
             matmul_kernel,
         );
+        let disk_cache = opts
+            .pipeline_cache_dir
+            .as_ref()
+            .filter(|_| features.contains(wgpu::Features::PIPELINE_CACHE))
+            .and_then(|dir| {
+                let key = wgpu::util::pipeline_cache_key(&info)?;
+                Some(open_disk_cache(&device, dir.join(format!("{key}.bin"))))
+            });
+        if opts.pipeline_cache_dir.is_some() && disk_cache.is_none() {
+            log::info!("pipeline cache: not supported by this adapter");
+        }
         Ok(Context {
+            disk_cache,
+            built: AtomicUsize::new(0),
+            build_nanos: AtomicU64::new(0),
             device,
             queue,
             info,
@@ -508,6 +670,64 @@ impl Context {
             .fetch_max(rows, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// The driver pipeline cache new pipelines go through, if any.
+    pub(crate) fn pipeline_cache(&self) -> Option<&wgpu::PipelineCache> {
+        self.disk_cache.as_ref().map(|c| &c.cache)
+    }
+
+    /// Pipelines built so far and the time spent on them.
+    pub fn pipeline_stats(&self) -> PipelineStats {
+        PipelineStats {
+            built: self.built.load(Ordering::Relaxed),
+            build_secs: self.build_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+            cache_file: self.disk_cache.as_ref().map(|c| c.path.clone()),
+            cache_loaded_bytes: self.disk_cache.as_ref().map_or(0, |c| c.loaded),
+        }
+    }
+
+    /// Write the driver's pipeline cache to its file when pipelines were
+    /// built since the last save. Best effort: a failure is a logged warning,
+    /// since it only costs the next process a cold compile. Returns the bytes
+    /// written. The write is atomic, so processes saving at once are safe
+    /// (the last rename wins).
+    pub fn save_pipeline_cache(&self) -> Option<usize> {
+        let dc = self.disk_cache.as_ref()?;
+        let built = self.built.load(Ordering::Relaxed);
+        if dc.saved_at.swap(built, Ordering::Relaxed) == built {
+            return None;
+        }
+        let data = dc.cache.get_data()?;
+        let sum = fnv1a(&data);
+        if dc.on_disk.load(Ordering::Relaxed) == sum {
+            log::debug!("pipeline cache: nothing new to save");
+            return None;
+        }
+        let write = || -> Result<()> {
+            if let Some(dir) = dc.path.parent() {
+                std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+            }
+            crate::fsio::write_atomic(&dc.path, &wrap_cache(&data))
+        };
+        match write() {
+            Ok(()) => {
+                dc.on_disk.store(sum, Ordering::Relaxed);
+                log::info!(
+                    "pipeline cache: saved {} bytes to {}",
+                    data.len(),
+                    dc.path.display()
+                );
+                Some(data.len())
+            }
+            Err(e) => {
+                log::warn!("pipeline cache not saved: {e}");
+                None
+            }
+        }
+    }
+
     /// The cached pipeline for `spec`, built on first use.
     pub fn kernel(&self, spec: &kernels::KernelSpec) -> Result<Arc<Kernel>> {
         let key = spec.key();
@@ -519,7 +739,11 @@ impl Context {
         {
             return Ok(k.clone());
         }
+        let started = crate::clock::Stopwatch::start();
         let k = Arc::new(kernels::build(self, spec)?);
+        self.built.fetch_add(1, Ordering::Relaxed);
+        self.build_nanos
+            .fetch_add((started.secs() * 1e9) as u64, Ordering::Relaxed);
         self.pipelines
             .lock()
             .expect("invariant: pipeline lock is held only for a get/insert, never poisoned")

@@ -246,7 +246,7 @@ pub(crate) fn build(ctx: &Context, spec: &KernelSpec) -> Result<Kernel> {
             // Every kernel writes its workgroup arrays before reading them.
             zero_initialize_workgroup_memory: false,
         },
-        cache: None,
+        cache: ctx.pipeline_cache(),
     });
     if let Some(e) = crate::gpu::context::block_on(scope.pop()) {
         return Err(Error::Shader {
@@ -254,7 +254,12 @@ pub(crate) fn build(ctx: &Context, spec: &KernelSpec) -> Result<Kernel> {
             message: e.to_string(),
         });
     }
-    log::debug!("built kernel {name} in {:.0} ms", started.secs() * 1e3);
+    // The full key tells apart variants that share a name (constants, layout).
+    log::debug!(
+        "built kernel {} in {:.0} ms",
+        spec.key(),
+        started.secs() * 1e3
+    );
     Ok(Kernel {
         name,
         pipeline,

@@ -7,7 +7,7 @@ pub mod plan;
 pub mod tensor;
 pub mod uniform;
 
-pub use context::{Context, ContextOptions, MatmulKernel};
+pub use context::{Context, ContextOptions, MatmulKernel, PipelineStats};
 pub use plan::{Bind, Plan};
 pub use tensor::{DType, Tensor, TexMatrix};
 pub use uniform::Uniform;

@@ -164,6 +164,8 @@ pub struct Trainer<'a> {
     pub step: usize,
     /// Matmul FLOPs of the last step's plans (for GFLOP/s reports).
     pub last_flops: f64,
+    /// Dispatches of the last step's plans, optimizer included.
+    pub last_dispatches: usize,
     /// Bytes of the LM head's logits workspace (see [`Trainer::set_logits_budget`]).
     logits_budget: u64,
     /// Gradient checkpointing (see [`Trainer::set_grad_checkpoint`]).
@@ -226,6 +228,7 @@ impl<'a> Trainer<'a> {
             pool_max: (0, 0, 0),
             step: 0,
             last_flops: 0.0,
+            last_dispatches: 0,
             logits_budget: LOGITS_BUDGET_BYTES,
             recompute: false,
             packing: None,
@@ -525,6 +528,7 @@ impl<'a> Trainer<'a> {
         self.scalars.write_f32(self.ctx, &sc)?;
         let mut loss_sum = 0.0;
         self.last_flops = 0.0;
+        self.last_dispatches = self.opt_plan.dispatches();
         for (i, batch) in micro.iter().enumerate() {
             let key = self.prepare(batch, weight)?;
             // A fresh dropout mask per micro-batch, reproducible from the step.
@@ -534,6 +538,7 @@ impl<'a> Trainer<'a> {
             )?;
             let sp = &self.plans[&key];
             self.last_flops += sp.plan.flops();
+            self.last_dispatches += sp.plan.dispatches();
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
             sp.plan.encode(&mut enc);
             if i + 1 == micro.len() {

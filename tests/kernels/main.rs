@@ -17,4 +17,5 @@ mod loss;
 mod matmul;
 mod memory;
 mod norm;
+mod pipeline_cache;
 mod rope;
