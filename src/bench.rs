@@ -211,7 +211,12 @@ pub fn weight_formats(ctx: &Context, iters: usize) -> Result<()> {
     ];
     // K-quant rows are whole 256-element blocks.
     // M = 1: a decode step's matmuls (the few-row forward).
-    for (m, k, n) in [(512, 768, 1536), (512, 1536, 768), (1, 768, 1536), (1, 1536, 768)] {
+    for (m, k, n) in [
+        (512, 768, 1536),
+        (512, 1536, 768),
+        (1, 768, 1536),
+        (1, 1536, 768),
+    ] {
         for layout in ["forward", "backward_input"] {
             if m == 1 && layout != "forward" {
                 continue;
@@ -553,7 +558,10 @@ pub fn train(
             if std::env::var("WGTUNE_PROFILE").is_ok_and(|v| v == "1") {
                 let (kinds, n) = tr.profile(&batch)?;
                 let total: f64 = kinds.iter().map(|k| k.1).sum();
-                eprintln!("profile {method}: {n} dispatches, {:.2} s run one by one", total);
+                eprintln!(
+                    "profile {method}: {n} dispatches, {:.2} s run one by one",
+                    total
+                );
                 for (name, secs, k) in kinds.iter().take(14) {
                     eprintln!("  {name:<58} {k:>5}x {:8.1} ms", secs * 1e3);
                 }

@@ -779,6 +779,23 @@ fn shift(x: Bind) -> u32 {
 }
 
 /// `v` reading `a` and `b` from their sources.
+/// `v` with its register tile's rows halved while a workgroup still covers
+/// `m` rows (not below the subgroup width or 4). A prompt of 41 tokens in
+/// a 256-row workgroup (32 x 8 tiles on lavapipe) computed 215 rows of
+/// padding; with 8-row tiles the workgroup is 64 rows, and the smaller
+/// unrolled kernel also compiles faster the first time.
+fn fit_rows(v: Variant, m: usize) -> Variant {
+    if v.tiled {
+        return v;
+    }
+    let (_, rg) = v.lanes();
+    let mut tm = v.tm;
+    while tm / 2 >= v.sg.max(4) && tm % 8 == 0 && (rg * tm / 2) as usize >= m {
+        tm /= 2;
+    }
+    Variant { tm, ..v }
+}
+
 fn with_sources(v: Variant, a: Bind, b: Bind) -> Variant {
     let layered = |x: Bind| matches!(x, Bind::X(t) | Bind::S(t) if t.layer_shift() < 31);
     Variant {
@@ -817,7 +834,7 @@ fn forward(
     fw: Forward,
     [m, n, k]: [usize; 3],
 ) -> Result<()> {
-    let v = with_sources(pick_variant(ctx, k % 4 == 0), a, b);
+    let v = fit_rows(with_sources(pick_variant(ctx, k % 4 == 0), a, b), m);
     let (mut tile_m, mut tile_n) = v.tile();
     let both_tex = a.source().is_texture() && b.source().is_texture();
     let entry = if both_tex && m <= gemv_max_rows() && v.sg > 1 && gemv_split() {
