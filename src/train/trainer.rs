@@ -569,13 +569,12 @@ impl<'a> Trainer<'a> {
     }
 
     /// Wall time per kind of GPU step of `batch`'s step plan (largest
-    /// first, see `Plan::profile`), each step run alone, and its dispatch
-    /// count. Runs the forward and backward once more: gradients
-    /// accumulate, so this is for benchmarks, never inside training.
-    pub fn profile(&mut self, batch: &Batch) -> Result<(Vec<(String, f64, usize)>, usize)> {
+    /// first, see `Plan::profile`), each step run alone. Runs the forward
+    /// and backward once more: gradients accumulate, so this is for
+    /// benchmarks, never inside training.
+    pub fn profile(&mut self, batch: &Batch) -> Result<Vec<(String, f64, usize)>> {
         let key = self.prepare(batch, 1.0)?;
-        let sp = &self.plans[&key];
-        Ok((sp.plan.profile(self.ctx)?, sp.plan.dispatches()))
+        self.plans[&key].plan.profile(self.ctx)
     }
 
     /// Gradients of one batch without an optimizer step (for tests):

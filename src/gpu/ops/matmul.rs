@@ -790,7 +790,7 @@ fn fit_rows(v: Variant, m: usize) -> Variant {
     }
     let (_, rg) = v.lanes();
     let mut tm = v.tm;
-    while tm / 2 >= v.sg.max(4) && tm % 8 == 0 && (rg * tm / 2) as usize >= m {
+    while tm / 2 >= v.sg.max(4) && tm.is_multiple_of(8) && (rg * tm / 2) as usize >= m {
         tm /= 2;
     }
     Variant { tm, ..v }
