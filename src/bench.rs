@@ -556,12 +556,9 @@ pub fn train(
                 tr.train_step(std::slice::from_ref(&batch), i + 1 == steps)?;
             }
             if std::env::var("WGTUNE_PROFILE").is_ok_and(|v| v == "1") {
-                let (kinds, n) = tr.profile(&batch)?;
+                let kinds = tr.profile(&batch)?;
                 let total: f64 = kinds.iter().map(|k| k.1).sum();
-                eprintln!(
-                    "profile {method}: {n} dispatches, {:.2} s run one by one",
-                    total
-                );
+                eprintln!("profile {method}: {total:.2} s run one by one");
                 for (name, secs, k) in kinds.iter().take(14) {
                     eprintln!("  {name:<58} {k:>5}x {:8.1} ms", secs * 1e3);
                 }
