@@ -31,7 +31,8 @@ token of the batch (prompt and completion), `target_tokens` the tokens the
 loss is computed on (the completion tokens). The rates are over the steps
 since the last logged step (a log every LOG_EVERY steps and at step 1 and the
 last step, as wgtune logs), and the reported rate is the mean over the logged
-intervals after the first one (which holds the first step's warm-up).
+intervals after the first one (which holds the first step's warm-up); the
+median of the same intervals is printed too (steadier on a shared machine).
 """
 import argparse
 import json
@@ -168,9 +169,10 @@ def run_torch(a):
     ttail = trates[1:] or trates
     print(f"  torch padded tokens run: {padded} for {n_tok * a.epochs} real "
           f"({100.0 * n_tok * a.epochs / padded:.0f}% real)")
+    med = sorted(tail)[len(tail) // 2] if len(tail) % 2 else sum(sorted(tail)[len(tail) // 2 - 1 : len(tail) // 2 + 1]) / 2
     print(f"TORCH_RESULT tokens_per_s {sum(tail) / len(tail):.2f} target_tokens_per_s "
           f"{sum(ttail) / len(ttail):.2f} steps {total} elapsed_s {time.perf_counter() - t_start:.1f} "
-          f"threads {a.threads}")
+          f"threads {a.threads} median_tokens_per_s {med:.2f}")
 
 
 def main():

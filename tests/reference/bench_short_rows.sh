@@ -56,14 +56,17 @@ w_tok=$(sed -n 's/^tokens per example:.*total \([0-9]*\).*/\1/p' "$tmp/data.txt"
 w_tgt=$(sed -n 's/^targets per example:.*total \([0-9]*\).*/\1/p' "$tmp/data.txt")
 
 # mean of tokens_per_s and target_tokens_per_s over the metrics lines after
-# the first; then end-to-end tokens/s; then the number of steps
+# the first; then end-to-end tokens/s; the number of steps; loop seconds;
+# the median tokens_per_s of the same lines
 summarize() {
   "$py" - "$1" <<'EOF'
 import json, sys
 L = [json.loads(l) for l in open(sys.argv[1]) if '"tokens_per_s"' in l]
 t = L[1:] or L
 m = lambda k: sum(r[k] for r in t) / len(t)
-print(f"{m('tokens_per_s'):.2f} {m('target_tokens_per_s'):.2f} {L[-1]['tokens'] / L[-1]['elapsed_s']:.2f} {L[-1]['step']} {L[-1]['elapsed_s']:.1f}")
+import statistics
+med = statistics.median(r['tokens_per_s'] for r in t)
+print(f"{m('tokens_per_s'):.2f} {m('target_tokens_per_s'):.2f} {L[-1]['tokens'] / L[-1]['elapsed_s']:.2f} {L[-1]['step']} {L[-1]['elapsed_s']:.1f} {med:.2f}")
 EOF
 }
 
@@ -73,13 +76,13 @@ common=(train --method lora --model "$model" --data "$data" --batch-size "$batch
 echo "== wgtune ($wgtune)"
 "$wgtune" "${common[@]}" --out "$tmp/w" 2>"$tmp/w.log" || { cat "$tmp/w.log" >&2; exit 1; }
 grep -E '^step|^done' "$tmp/w.log" || true
-read -r w_rate w_trate w_wall w_steps w_secs < <(summarize "$tmp/w/metrics.jsonl")
+read -r w_rate w_trate w_wall w_steps w_secs w_med < <(summarize "$tmp/w/metrics.jsonl")
 echo "== wgtune --packing --max-seq-len $pack_len"
 "$wgtune" "${common[@]}" --packing --max-seq-len "$pack_len" --out "$tmp/p" 2>"$tmp/p.log" || { cat "$tmp/p.log" >&2; exit 1; }
 grep -E '^step|^done' "$tmp/p.log" || true
-read -r p_rate p_trate p_wall p_steps p_secs < <(summarize "$tmp/p/metrics.jsonl")
+read -r p_rate p_trate p_wall p_steps p_secs p_med < <(summarize "$tmp/p/metrics.jsonl")
 
-t_rate=; t_trate=; t_wall=; t_steps=; t_secs=
+t_rate=; t_trate=; t_wall=; t_steps=; t_secs=; t_med=
 if [ "${SKIP_TORCH:-0}" != 1 ]; then
   echo "== PyTorch + PEFT ($threads threads)"
   "$py" "$here/bench_short_rows.py" --torch "$model" "$data" --batch-size "$batch" --epochs "$epochs" \
@@ -92,16 +95,17 @@ if [ "${SKIP_TORCH:-0}" != 1 ]; then
     exit 1
   fi
   echo "token counts agree: $w_tok tokens, $w_tgt targets per epoch on both sides"
-  read -r t_rate t_trate t_wall t_steps t_secs < <(sed -n 's/^TORCH_RESULT tokens_per_s \([^ ]*\) target_tokens_per_s \([^ ]*\) steps \([^ ]*\) elapsed_s \([^ ]*\).*/\1 \2 - \3 \4/p' "$tmp/t.log")
+  read -r t_rate t_trate t_wall t_steps t_secs t_med < <(sed -n 's/^TORCH_RESULT tokens_per_s \([^ ]*\) target_tokens_per_s \([^ ]*\) steps \([^ ]*\) elapsed_s \([^ ]*\) threads [^ ]* median_tokens_per_s \([^ ]*\).*/\1 \2 - \3 \4 \5/p' "$tmp/t.log")
   t_wall=$("$py" -c "print(f'{$w_tok * $epochs / $t_secs:.2f}')")
 fi
 
 echo
-echo "$rows rows, batch $batch, $epochs epochs, LoRA q,v r 8, lr 2e-4; rates: mean over logged intervals after the first (every $log_every steps); wall: all tokens / whole loop"
-printf '%-34s %6s %10s %12s %10s %8s %9s\n' side steps tok/s target/s "wall tok/s" "loop s" "vs torch"
-ratio() { [ -n "$t_rate" ] && "$py" -c "print(f'{$1 / $t_rate:.2f}x')" || echo -; }
-printf '%-34s %6s %10s %12s %10s %8s %9s\n' "wgtune" "$w_steps" "$w_rate" "$w_trate" "$w_wall" "$w_secs" "$(ratio "$w_rate")"
-printf '%-34s %6s %10s %12s %10s %8s %9s\n' "wgtune --packing (max $pack_len)" "$p_steps" "$p_rate" "$p_trate" "$p_wall" "$p_secs" "$(ratio "$p_rate")"
+echo "$rows rows, batch $batch, $epochs epochs, LoRA q,v r 8, lr 2e-4; tok/s, target/s: mean over logged intervals after the first (every $log_every steps), p50: their median; wall: all tokens / whole loop"
+f='%-34s %6s %10s %12s %10s %8s %9s %10s %9s\n'
+printf "$f" side steps tok/s target/s "wall tok/s" "loop s" "vs torch" "p50 tok/s" "p50 vs"
+ratio() { [ -n "$2" ] && "$py" -c "print(f'{$1 / $2:.2f}x')" || echo -; }
+printf "$f" "wgtune" "$w_steps" "$w_rate" "$w_trate" "$w_wall" "$w_secs" "$(ratio "$w_rate" "$t_rate")" "$w_med" "$(ratio "$w_med" "$t_med")"
+printf "$f" "wgtune --packing (max $pack_len)" "$p_steps" "$p_rate" "$p_trate" "$p_wall" "$p_secs" "$(ratio "$p_rate" "$t_rate")" "$p_med" "$(ratio "$p_med" "$t_med")"
 if [ -n "$t_rate" ]; then
-  printf '%-34s %6s %10s %12s %10s %8s %9s\n' "PyTorch+PEFT fp32 CPU ${threads}t" "$t_steps" "$t_rate" "$t_trate" "$t_wall" "$t_secs" "1.00x"
+  printf "$f" "PyTorch+PEFT fp32 CPU ${threads}t" "$t_steps" "$t_rate" "$t_trate" "$t_wall" "$t_secs" "1.00x" "$t_med" "1.00x"
 fi
