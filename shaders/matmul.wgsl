@@ -340,6 +340,28 @@ fn bi_b_tq(n: u32, col: u32) -> vec4<f32> {
     return s.x * quant4(q) + s.y;
 }
 
+// The register kernel's B loads through a row handle made once per row and
+// step (bi_bh_row_<src>), instead of per load: on llvmpipe the handle's
+// integer work (layered textures: a shift and a mask) costs about a fetch.
+// Texture rows past the last are clamped to it, not zeroed: the dout
+// columns they meet are zero (zero-padded texels). Storage keeps its check.
+fn bi_bh_row_st(n: u32) -> u32 { return n; }
+fn bi_bh_row_tx(n: u32) -> vec2<u32> { return b_row_tx(min(n, p.n - 1u)); }
+fn bi_bh_row_tb(n: u32) -> vec2<u32> { return bi_bh_row_tx(n); }
+fn bi_bh_row_tq(n: u32) -> vec2<u32> { return bi_bh_row_tx(n); }
+fn bi_bh_st(n: u32, col: u32) -> vec4<f32> { return bi_b_st(n, col); }
+fn bi_bh_tx(c: vec2<u32>, col: u32) -> vec4<f32> {
+    return textureLoad(bit_b, vec2<u32>(col >> 2u, c.x), c.y, 0);
+}
+fn bi_bh_tb(c: vec2<u32>, col: u32) -> vec4<f32> {
+    return bf16x4(textureLoad(biu_b, vec2<u32>(col >> 2u, c.x), c.y, 0));
+}
+fn bi_bh_tq(c: vec2<u32>, col: u32) -> vec4<f32> {
+    let q = textureLoad(biu_b, vec2<u32>(col >> 2u, c.x), c.y, 0).x;
+    let s = textureLoad(biq_s, vec2<u32>(col / QSUB, c.x), c.y, 0);
+    return s.x * quant4(q) + s.y;
+}
+
 fn bi_store(row: u32, col: u32, acc: vec4<f32>) {
     if (row >= p.m) { return; }
     if (ALIGNED) {

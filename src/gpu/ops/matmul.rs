@@ -292,10 +292,11 @@ fn gen_nn(tm: usize, tv: usize, sg: usize, a: &str, b: &str) -> (String, String,
         }
     }
     a_rows(&mut body, tm, sg, |r| format!("bi_a_{a}({r}, n)"));
-    // B rows change every step: its loader takes the row itself.
+    // B rows change every step: one handle per row and step.
     for u in 0..4 {
+        emit!(body, "        let hb{u} = bi_bh_row_{b}(n + {u}u);");
         for c in 0..tv {
-            emit!(body, "        let b{u}_{c} = bi_b_{b}(n + {u}u, cc{c});");
+            emit!(body, "        let b{u}_{c} = bi_bh_{b}(hb{u}, cc{c});");
         }
     }
     for i in 0..tm {
