@@ -23,6 +23,7 @@ pub mod cpu;
 pub mod error;
 pub mod fsio;
 pub mod gpu;
+pub mod hash;
 pub mod model;
 pub mod rng;
 pub mod train;

@@ -190,9 +190,7 @@ const CACHE_MAGIC: &[u8; 8] = b"WGTPC\0\0\x01";
 
 /// FNV-1a, 64 bits: enough to catch a damaged file, no dependency.
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    crate::hash::fnv1a(crate::hash::FNV_OFFSET, bytes)
 }
 
 fn wrap_cache(data: &[u8]) -> Vec<u8> {

@@ -409,11 +409,7 @@ impl Decoder {
         if let Some(pid) = &self.acts.pos_ids {
             pid.write_i32(ctx, &[pos as i32])?;
         }
-        if std::env::var("WGTUNE_PROFILE").is_ok_and(|v| v == "1") {
-            for (name, secs, n) in self.plan.profile(ctx)?.iter().take(8) {
-                log::info!("profile decode: {name} {n}x {:.1} ms", secs * 1e3);
-            }
-        }
+        log_profile(ctx, &self.plan, "decode")?;
         self.plan.submit(ctx)?;
         let out = self.logits.read_f32(ctx)?;
         log::trace!("decode at {pos}: {:.1} ms", t.secs() * 1e3);
@@ -637,6 +633,17 @@ impl<'m> Session<'m> {
     }
 }
 
+/// With `WGTUNE_PROFILE=1`, log the slowest kinds of `plan`'s steps, each
+/// run alone (it runs the plan's work once more: diagnostics only).
+fn log_profile(ctx: &Context, plan: &Plan, what: &str) -> Result<()> {
+    if std::env::var("WGTUNE_PROFILE").is_ok_and(|v| v == "1") {
+        for (name, secs, n) in plan.profile(ctx)?.iter().take(8) {
+            log::info!("profile {what}: {name} {n}x {:.1} ms", secs * 1e3);
+        }
+    }
+    Ok(())
+}
+
 /// One cached forward over `ids`; returns the last row's logits.
 fn step(
     ctx: &Context,
@@ -656,11 +663,7 @@ fn step(
     let mut plan = Plan::new("generate step");
     model.forward(ctx, &mut plan, acts, &idt, hooks, Some(Cached::Fill(cache)))?;
     model.logits_rows(ctx, &mut plan, &logits, &gathered, acts, &last)?;
-    if std::env::var("WGTUNE_PROFILE").is_ok_and(|v| v == "1") {
-        for (name, secs, n) in plan.profile(ctx)?.iter().take(8) {
-            log::info!("profile {shape:?}: {name} {n}x {:.1} ms", secs * 1e3);
-        }
-    }
+    log_profile(ctx, &plan, &format!("{shape:?}"))?;
     let record_s = t.lap();
     plan.submit(ctx)?;
     cache.len += shape.s();

@@ -138,12 +138,8 @@ pub struct Model {
 /// embedding values: cheap, and different for any two checkpoints that are
 /// not copies of each other (fine-tunes of one base included).
 pub fn weights_fingerprint(cfg: &ModelConfig, wte: &[f32]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |x: u64| {
-        for b in x.to_le_bytes() {
-            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
+    let mut h = crate::hash::FNV_OFFSET;
+    let mut eat = |x: u64| h = crate::hash::fnv1a(h, &x.to_le_bytes());
     for d in [cfg.vocab, cfg.hidden, cfg.layers, cfg.heads, cfg.kv_heads] {
         eat(d as u64);
     }
