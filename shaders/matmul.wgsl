@@ -312,14 +312,18 @@ fn bi_b_st(n: u32, col: u32) -> vec4<f32> {
 @group(0) @binding(2) var bit_a: texture_2d_array<f32>;                    // packed dout (rows >= a_row0 + M, N)
 @group(0) @binding(3) var bit_b: texture_2d_array<f32>;                    // packed weight (N, K)
 
+// A reduction in steps (REDUCE_CHUNK_ROWS in src/gpu/ops/matmul.rs) binds
+// whole textures: col_off (a multiple of 4) is the step's first dout column
+// and weight row.
 fn bi_a_tx(c: vec2<u32>, n: u32) -> vec4<f32> {
-    return textureLoad(bit_a, vec2<u32>(n >> 2u, c.x), c.y, 0);
+    return textureLoad(bit_a, vec2<u32>((p.col_off + n) >> 2u, c.x), c.y, 0);
 }
+fn bi_w_row(n: u32) -> vec2<u32> { return b_row_tx(p.col_off + n); }
 // weight[n, col..col+4]; zero past the last row (dout is zero there too, but
 // an out-of-range fetch may return any texel).
 fn bi_b_tx(n: u32, col: u32) -> vec4<f32> {
     if (n >= p.n) { return vec4<f32>(0.0); }
-    let c = b_row_tx(n);
+    let c = bi_w_row(n);
     return textureLoad(bit_b, vec2<u32>(col >> 2u, c.x), c.y, 0);
 }
 
@@ -329,12 +333,12 @@ fn bi_b_tx(n: u32, col: u32) -> vec4<f32> {
 
 fn bi_b_tb(n: u32, col: u32) -> vec4<f32> {
     if (n >= p.n) { return vec4<f32>(0.0); }
-    let c = b_row_tx(n);
+    let c = bi_w_row(n);
     return bf16x4(textureLoad(biu_b, vec2<u32>(col >> 2u, c.x), c.y, 0));
 }
 fn bi_b_tq(n: u32, col: u32) -> vec4<f32> {
     if (n >= p.n) { return vec4<f32>(0.0); }
-    let c = b_row_tx(n);
+    let c = bi_w_row(n);
     let q = textureLoad(biu_b, vec2<u32>(col >> 2u, c.x), c.y, 0).x;
     let s = textureLoad(biq_s, vec2<u32>(col / QSUB, c.x), c.y, 0);
     return s.x * quant4(q) + s.y;
@@ -346,7 +350,7 @@ fn bi_b_tq(n: u32, col: u32) -> vec4<f32> {
 // Texture rows past the last are clamped to it, not zeroed: the dout
 // columns they meet are zero (zero-padded texels). Storage keeps its check.
 fn bi_bh_row_st(n: u32) -> u32 { return n; }
-fn bi_bh_row_tx(n: u32) -> vec2<u32> { return b_row_tx(min(n, p.n - 1u)); }
+fn bi_bh_row_tx(n: u32) -> vec2<u32> { return bi_w_row(min(n, p.n - 1u)); }
 fn bi_bh_row_tb(n: u32) -> vec2<u32> { return bi_bh_row_tx(n); }
 fn bi_bh_row_tq(n: u32) -> vec2<u32> { return bi_bh_row_tx(n); }
 fn bi_bh_st(n: u32, col: u32) -> vec4<f32> { return bi_b_st(n, col); }

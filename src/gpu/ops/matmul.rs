@@ -779,12 +779,13 @@ fn shift(x: Bind) -> u32 {
     }
 }
 
-/// `v` reading `a` and `b` from their sources.
 /// `v` with its register tile's rows halved while a workgroup still covers
 /// `m` rows (not below the subgroup width or 4). A prompt of 41 tokens in
 /// a 256-row workgroup (32 x 8 tiles on lavapipe) computed 215 rows of
 /// padding; with 8-row tiles the workgroup is 64 rows, and the smaller
-/// unrolled kernel also compiles faster the first time.
+/// unrolled kernel also compiles faster the first time. backward_input
+/// fits too: the LM head's gradient over 80 or 128 target rows ran at 15
+/// and 21 GFLOP/s, fitted at 18 and 35 (lavapipe).
 fn fit_rows(v: Variant, m: usize) -> Variant {
     if v.tiled {
         return v;
@@ -797,6 +798,7 @@ fn fit_rows(v: Variant, m: usize) -> Variant {
     Variant { tm, ..v }
 }
 
+/// `v` reading `a` and `b` from their sources.
 fn with_sources(v: Variant, a: Bind, b: Bind) -> Variant {
     let layered = |x: Bind| matches!(x, Bind::X(t) | Bind::S(t) if t.layer_shift() < 31);
     Variant {
@@ -982,6 +984,14 @@ fn matmul_backward_input_op(
     backward_input(ctx, plan, dinp, a, b, alpha, [m, n, k])
 }
 
+/// Weight rows per backward_input dispatch of the register family. The
+/// LM head's reduction over 49,152 rows streamed every operand row from
+/// memory once per tile; in 1,024-row steps (each accumulating into dinp)
+/// the step's rows stay in the CPU's cache. Measured on lavapipe at
+/// 512 x 49,152 -> 576: 22.5 -> 46.7 GFLOP/s (2,048 rows: 42.9; 512: 42.4),
+/// and at 2,048 tokens 23.1 -> 53.2.
+const REDUCE_CHUNK_ROWS: usize = 1024;
+
 /// dinp (M, K) += alpha * a (M, N) . b (N, K), from any sources (shapes checked).
 fn backward_input(
     ctx: &Context,
@@ -996,13 +1006,17 @@ fn backward_input(
     // Buffer rows of dout (N wide) must start on a vec4.
     let aligned = k % 4 == 0 && (a.source() != Source::Storage || n % 4 == 0);
     let v = with_sources(pick_variant(ctx, aligned), a, b);
+    let v = fit_rows(v, m);
     let (tile_m, tile_k) = v.tile();
     let mut layout = vec![W, a.source().access(), b.source().access()];
     if b.source().has_scales() {
         layout.push(T);
     }
     let kern = spec(&v, v.entry(op), &layout);
-    let nc = operand_chunk(ctx, "matmul_backward_input weight", b, n, &[k], 4)?;
+    let mut nc = operand_chunk(ctx, "matmul_backward_input weight", b, n, &[k], 4)?;
+    if !v.tiled {
+        nc = nc.min(REDUCE_CHUNK_ROWS);
+    }
     let mc = match a {
         Bind::T(_) => chunk_rows(ctx, "matmul_backward_input dout", m, &[k, n], 1)?,
         _ => chunk_rows(ctx, "matmul_backward_input dinp", m, &[k], 1)?,
