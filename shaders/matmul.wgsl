@@ -180,6 +180,10 @@ fn matmul_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
     {{LANE_SETUP}}
     let row0 = wg.y * (RG * TM) + rg * TM;
     let col0 = wg.x * (LC * TN) + lane * TN;
+    // A row group past the last row leaves (uniform over its subgroup, and
+    // there are no barriers): a prompt of a few rows in a 64-row workgroup
+    // fetched every weight once per row group, wanted or not.
+    if (row0 >= p.m) { return; }
     let mlast = p.m - 1u;
     let nlast = p.n - 1u;
 {{FW_DECL}}
@@ -383,6 +387,7 @@ fn matmul_backward_input(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
     {{LANE_SETUP}}
     let row0 = wg.y * (RG * TM) + rg * TM;
     let col0 = wg.x * (LC * TN) + lane * TN;
+    if (row0 >= p.m) { return; }  // as matmul_forward
     let mlast = p.m - 1u;
 {{BI_DECL}}
     // 8 columns of the reduction per iteration: llvmpipe (lavapipe) silently
@@ -471,6 +476,7 @@ fn matmul_backward_weight(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
     {{LANE_SETUP}}
     let row0 = wg.y * (RG * TM) + rg * TM;
     let col0 = wg.x * (LC * TN) + lane * TN;
+    if (row0 >= p.n) { return; }  // as matmul_forward (rows here are dout columns)
     let m0 = wg.z * p.m_split;
     let m1 = min(p.m, m0 + p.m_split);
 {{BW_DECL}}

@@ -160,9 +160,9 @@ fn compact_weights_without_subgroups_vs_cpu() {
 }
 
 /// Both matmul kernel families over every stored format, whatever
-/// `WGTUNE_MATMUL_KERNEL` says; 37 rows take the tiled forward (more than
-/// the few-row gemv path handles), 5 rows the gemv one, and a weight taller
-/// than a texture layer the layered row handles.
+/// `WGTUNE_MATMUL_KERNEL` says; 37 and 5 rows take the family's forward
+/// (5: most row groups idle), 1 row the gemv one, and a weight taller than
+/// a texture layer the layered row handles.
 #[test]
 fn compact_weights_each_matmul_kernel_vs_cpu() {
     for kern in [MatmulKernel::Register, MatmulKernel::Tiled] {
@@ -179,6 +179,7 @@ fn compact_weights_each_matmul_kernel_vs_cpu() {
             let m = stored(ty, 23, 500 + i as u64);
             check(&ctx, &tag, &m, WeightsMode::Stored, 37);
             check(&ctx, &tag, &m, WeightsMode::Stored, 5);
+            check(&ctx, &tag, &m, WeightsMode::Stored, 1);
         }
         let m = stored(GgmlType::Q4K, 21, 600);
         check(&ctx, &format!("{tag} bf16"), &m, WeightsMode::Bf16, 37);

@@ -1318,16 +1318,18 @@ pub fn pack(ctx: &Context, plan: &mut Plan, src: &Tensor) -> Result<TexMatrix> {
     Ok(t)
 }
 
-/// Up to this many rows the forward uses the untiled `matmul_gemv_tex`
-/// (measured on lavapipe, SmolLM2-135M: see README); `WGTUNE_GEMV_ROWS`
-/// overrides it.
+/// Up to this many rows the forward uses the untiled GEMV;
+/// `WGTUNE_GEMV_ROWS` overrides it. Once the register tile's idle row groups
+/// returned early, the register kernel won from 2 rows on lavapipe
+/// (576 -> 1536 at 2 rows: 0.82 ms against the GEMV's 1.04; 1 row: 0.84
+/// against 0.56).
 pub fn gemv_max_rows() -> usize {
     std::env::var("WGTUNE_GEMV_ROWS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(GEMV_MAX_ROWS)
 }
-const GEMV_MAX_ROWS: usize = 16;
+const GEMV_MAX_ROWS: usize = 1;
 
 /// Whether few-row forwards split each output's reduction over a subgroup
 /// (`matmul_gemv_split`); `WGTUNE_GEMV_SPLIT=0` keeps one output per
