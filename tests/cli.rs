@@ -11,6 +11,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::cli::root;
+
 fn wgtune(args: &[&str]) -> (bool, String) {
     wgtune_env(args, &[])
 }
@@ -25,32 +27,12 @@ fn wgtune_in(dir: &Path, args: &[&str]) -> (bool, String) {
 }
 
 fn wgtune_at(dir: Option<&Path>, args: &[&str], env: &[(&str, &Path)]) -> (bool, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wgtune"));
-    if let Some(d) = dir {
-        cmd.current_dir(d);
-    }
-    let out = cmd
-        .args(args)
-        .envs(env.iter().copied())
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("run wgtune");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let r = common::cli::run_at(dir, args, env, "error");
+    (r.ok(), r.text)
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{name}"));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    common::cli::tmp("cli", name)
 }
 
 fn losses(metrics: &Path) -> Vec<f64> {

@@ -11,9 +11,7 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use common::cli::{root, Run};
 
 fn model() -> String {
     root()
@@ -23,9 +21,7 @@ fn model() -> String {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("rel-{name}"));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    common::cli::tmp("rel", name)
 }
 
 /// Six short text rows of one length: one plan shape, fast steps.
@@ -84,32 +80,8 @@ impl Setup {
     }
 }
 
-struct Run {
-    code: Option<i32>,
-    text: String,
-}
-
-impl Run {
-    fn ok(&self) -> bool {
-        self.code == Some(0)
-    }
-}
-
 fn wgtune(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_wgtune"))
-        .args(args)
-        .envs(env.iter().copied())
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run wgtune");
-    Run {
-        code: out.status.code(),
-        text: format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    }
+    common::cli::run_at(None, args, env, "warn")
 }
 
 /// Runs wgtune with `WGTUNE_PAUSE_AT=point` and SIGKILLs it as soon as it

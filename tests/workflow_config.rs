@@ -10,52 +10,19 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-struct Run {
-    code: Option<i32>,
-    text: String,
-    stdout: String,
-}
-
-impl Run {
-    fn ok(&self) -> bool {
-        self.code == Some(0)
-    }
-}
+use common::cli::{root, Run};
 
 fn wgtune_at(dir: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wgtune"));
-    if let Some(d) = dir {
-        cmd.current_dir(d);
-    }
-    let out = cmd
-        .args(args)
-        .envs(env.iter().copied())
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run wgtune");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    Run {
-        code: out.status.code(),
-        text: format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)),
-        stdout,
-    }
+    common::cli::run_at(dir, args, env, "warn")
 }
 
 fn wgtune(args: &[&str]) -> Run {
     wgtune_at(None, args, &[])
 }
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn tmp(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("workflow-config-{name}"));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::cli::tmp_created("workflow-config", name)
 }
 
 fn model() -> String {

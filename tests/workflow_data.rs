@@ -9,40 +9,25 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use common::cli::root;
 use wgtune::model::tokenizer::Tokenizer;
 use wgtune::train::data::{ChatTemplateMode, DataOptions, Dataset, Example};
 
 /// `wgtune args` with `RUST_LOG` set: (success, stdout, stderr).
 fn wgtune_log(args: &[&str], log: &str) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_wgtune"))
-        .args(args)
-        .env("RUST_LOG", log)
-        .output()
-        .expect("run wgtune");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let r = common::cli::run(args, log);
+    (r.ok(), r.stdout, r.stderr)
 }
 
 /// `wgtune args`: (success, stdout and stderr).
 fn wgtune(args: &[&str]) -> (bool, String) {
-    let (ok, out, err) = wgtune_log(args, "error");
-    (ok, format!("{out}{err}"))
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let r = common::cli::run(args, "error");
+    (r.ok(), r.text)
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("workflow-data-{name}"));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::cli::tmp_created("workflow-data", name)
 }
 
 fn model(name: &str) -> PathBuf {

@@ -20,9 +20,10 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+
+use common::cli::{root, Run};
 
 const REPO: &str = "Org/Tiny";
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -44,15 +45,8 @@ const WANTED: [&str; 5] = [
     "tokenizer_config.json",
 ];
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn tmp(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("hub-{name}"));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::cli::tmp_created("hub", name)
 }
 
 fn source(file: &str) -> Vec<u8> {
@@ -299,23 +293,24 @@ fn serve(
 /// `wgtune args` with the hub at `url` and the cache in `dir/hub`:
 /// (success, stdout, stderr).
 fn wgtune(url: &str, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_wgtune"))
-        .args(args)
-        .env("HF_ENDPOINT", url)
-        .env("HF_HUB_CACHE", dir.join("hub"))
-        .env("HF_HOME", dir.join("home"))
-        .env_remove("HF_HUB_OFFLINE")
-        .env_remove("HF_TOKEN")
-        .env("RUST_LOG", "warn")
-        .envs(env.iter().copied())
-        .output()
-        .expect("run wgtune");
-    let (o, e) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    let r = Run::from(
+        common::cli::command(args, "warn")
+            .env("HF_ENDPOINT", url)
+            .env("HF_HUB_CACHE", dir.join("hub"))
+            .env("HF_HOME", dir.join("home"))
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("HF_TOKEN")
+            .envs(env.iter().copied())
+            .output()
+            .expect("run wgtune"),
     );
-    assert!(!e.contains("panicked"), "wgtune panicked:\n{o}\n{e}");
-    (out.status.success(), o, e)
+    assert!(
+        !r.stderr.contains("panicked"),
+        "wgtune panicked:\n{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    (r.ok(), r.stdout, r.stderr)
 }
 
 /// `wgtune plan` reads config.json and the weights' headers, no GPU needed.

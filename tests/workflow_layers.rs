@@ -10,8 +10,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use common::cli::root;
 use common::reference::{data_dir, json, Arrays};
 use wgtune::adapters::peft_io::{load_adapter, AdapterConfig};
 use wgtune::adapters::Adapter;
@@ -25,27 +25,12 @@ use wgtune::train::options::{LoraOptions, MethodOptions};
 use wgtune::train::trainer::{bucket_shape, OptimConfig, Schedule, Trainer};
 
 fn wgtune(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_wgtune"))
-        .args(args)
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("run wgtune");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let r = common::cli::run(args, "error");
+    (r.ok(), r.text)
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("layers-{name}"));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    common::cli::tmp("layers", name)
 }
 
 fn s(p: &Path) -> &str {

@@ -13,11 +13,8 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use common::cli::{root, Run};
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn model() -> String {
     root()
@@ -27,10 +24,7 @@ fn model() -> String {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("loop-{name}"));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::cli::tmp_created("loop", name)
 }
 
 /// Six short text rows of one length: one plan shape, fast steps.
@@ -54,33 +48,9 @@ fn unlike_data(dir: &Path) -> String {
     p.display().to_string()
 }
 
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn ok(&self) -> bool {
-        self.code == Some(0)
-    }
-    fn text(&self) -> String {
-        format!("{}{}", self.stdout, self.stderr)
-    }
-}
-
 /// `wgtune args` with stdout and stderr piped (so not a terminal).
 fn wgtune(args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_wgtune"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run wgtune");
-    Run {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into(),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
-    }
+    common::cli::run(args, "warn")
 }
 
 /// Runs wgtune with `WGTUNE_PAUSE_AT=point` and SIGKILLs it as soon as it
@@ -228,7 +198,7 @@ fn plain_log_lines_survive_a_pipe_and_agree_with_metrics() {
         "2",
     ];
     let r = wgtune(&lora(&m, &data, &o, &extra));
-    assert!(r.ok(), "{}", r.text());
+    assert!(r.ok(), "{}", r.text);
     let steps: Vec<_> = r
         .stderr
         .lines()
@@ -287,7 +257,7 @@ fn plain_log_lines_survive_a_pipe_and_agree_with_metrics() {
     let o2 = dir.join("out2").display().to_string();
     let extra = ["--steps", "3", "--log-every", "2", "--no-progress"];
     let r = wgtune(&lora(&m, &data, &o2, &extra));
-    assert!(r.ok(), "{}", r.text());
+    assert!(r.ok(), "{}", r.text);
     let logged: Vec<u64> = r
         .stderr
         .lines()
@@ -317,7 +287,7 @@ fn the_final_validation_is_run_and_logged_once() {
         let mut e = vec!["--val-data", &val, "--eval-every", "2"];
         e.extend(extra);
         let r = wgtune(&lora(&m, &data, &o, &e));
-        assert!(r.ok(), "{}", r.text());
+        assert!(r.ok(), "{}", r.text);
         assert_eq!(steps_with_val(&dir.join(name)), want, "{name}");
         let finals = r.stdout.lines().filter(|l| l.starts_with("val loss"));
         assert_eq!(finals.count(), 1, "{}", r.stdout);
@@ -339,7 +309,7 @@ fn the_final_validation_is_run_and_logged_once() {
     let mut b = a.clone();
     b.push("--resume");
     let r = wgtune(&b);
-    assert!(r.ok(), "{}", r.text());
+    assert!(r.ok(), "{}", r.text);
     assert!(r.stdout.contains("at step 2"), "{}", r.stdout);
     assert_eq!(steps_with_val(&dir.join("killed")), [2, 4]);
 }
@@ -364,7 +334,7 @@ fn numbered_checkpoints_are_pruned_and_resumed_from_the_newest_complete_one() {
         "2",
     ];
     let r = wgtune(&lora(&m, &data, &o, &e));
-    assert!(r.ok(), "{}", r.text());
+    assert!(r.ok(), "{}", r.text);
     assert_eq!(checkpoints(&out), [4, 6]);
     assert!(!out.join("checkpoint").exists());
     let top = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
@@ -390,7 +360,7 @@ fn numbered_checkpoints_are_pruned_and_resumed_from_the_newest_complete_one() {
     std::fs::create_dir_all(out.join("checkpoint-7")).unwrap();
     let e = ["--steps", "8", "--save-total-limit", "2", "--resume"];
     let r = wgtune(&lora(&m, &data, &o, &e));
-    assert!(r.ok(), "{}", r.text());
+    assert!(r.ok(), "{}", r.text);
     assert!(
         r.stdout
             .contains(&format!("resuming from {} at step 6", six.display())),
@@ -407,7 +377,7 @@ fn numbered_checkpoints_are_pruned_and_resumed_from_the_newest_complete_one() {
 
     let lo = legacy.display().to_string();
     let r = wgtune(&lora(&m, &data, &lo, &e));
-    assert!(r.ok(), "{}", r.text());
+    assert!(r.ok(), "{}", r.text);
     assert!(r.stdout.contains("checkpoint at step 6"), "{}", r.stdout);
     assert_eq!(
         std::fs::read(legacy.join("adapter_model.safetensors")).unwrap(),
@@ -437,11 +407,7 @@ fn keep_best_and_early_stopping_on_a_rising_validation_loss() {
         ),
     ] {
         let r = wgtune(&lora(&m, &data, &o, &extra));
-        assert!(
-            !r.ok() && r.text().contains(needle),
-            "{extra:?}: {}",
-            r.text()
-        );
+        assert!(!r.ok() && r.text.contains(needle), "{extra:?}: {}", r.text);
         assert!(!dir.join("refused").exists());
     }
 
@@ -461,7 +427,7 @@ fn keep_best_and_early_stopping_on_a_rising_validation_loss() {
         "--keep-best",
     ];
     let r = wgtune(&lora(&m, &data, &o, &e));
-    assert!(r.ok(), "{}", r.text());
+    assert!(r.ok(), "{}", r.text);
     let v = vals(&out);
     assert_eq!(v.len(), total, "one validation per step: {v:?}");
     let (best_i, &(best_step, best_loss)) = v
@@ -525,7 +491,7 @@ fn keep_best_and_early_stopping_on_a_rising_validation_loss() {
         "--keep-best",
     ];
     let r = wgtune(&lora(&m, &data, &o2, &e2));
-    assert!(r.ok(), "{}", r.text());
+    assert!(r.ok(), "{}", r.text);
     assert!(
         r.stdout.contains(&format!("early stopping at step {want}")),
         "{}",
@@ -551,5 +517,5 @@ fn keep_best_and_early_stopping_on_a_rising_validation_loss() {
     let mut e3 = e2.to_vec();
     e3.push("--resume");
     let r = wgtune(&lora(&m, &data, &o2, &e3));
-    assert!(r.ok() && r.stdout.contains("nothing to do"), "{}", r.text());
+    assert!(r.ok() && r.stdout.contains("nothing to do"), "{}", r.text);
 }

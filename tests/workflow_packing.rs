@@ -11,8 +11,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use common::cli::root;
 use common::reference::{data_dir, gradients_only};
 use common::{assert_close, dot, fd_check, read, run, to64, up, zeros, Rng};
 use wgtune::adapters::peft_io::load_adapter;
@@ -430,27 +430,12 @@ fn packing_refuses_prompt_tuning_in_the_trainer() {
 // ------------------------------------------------------------------- CLI
 
 fn wgtune(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_wgtune"))
-        .args(args)
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("run wgtune");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let r = common::cli::run(args, "error");
+    (r.ok(), r.text)
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("packing-{name}"));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    common::cli::tmp("packing", name)
 }
 
 /// `N steps (M/epoch)` from the adapter line.

@@ -11,8 +11,9 @@ mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
+use common::cli::{root, Run};
 use wgtune::adapters::{peft_io, Adapter};
 use wgtune::gpu::Context;
 use wgtune::model::generate::{chat_prompt_ids, generate, GenOptions};
@@ -20,17 +21,9 @@ use wgtune::model::tokenizer::{ChatMessage, Tokenizer};
 use wgtune::model::{Hooks, Model, NoHooks};
 use wgtune::train::PromptTemplate;
 
-struct Out {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
 /// `wgtune args` with `stdin` piped in.
-fn wgtune_with(args: &[&str], stdin: &str) -> Out {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wgtune"))
-        .args(args)
-        .env("RUST_LOG", "error")
+fn wgtune_with(args: &[&str], stdin: &str) -> Run {
+    let mut child = common::cli::command(args, "error")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -42,26 +35,15 @@ fn wgtune_with(args: &[&str], stdin: &str) -> Out {
         .unwrap()
         .write_all(stdin.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
-    Out {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::from(child.wait_with_output().unwrap())
 }
 
-fn wgtune(args: &[&str]) -> Out {
+fn wgtune(args: &[&str]) -> Run {
     wgtune_with(args, "")
 }
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn tmp(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("talk-{name}"));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    common::cli::tmp("talk", name)
 }
 
 fn tiny() -> PathBuf {
@@ -113,7 +95,7 @@ fn generate_prints_only_the_answer_with_the_chat_template_by_default() {
 
     let base = ["generate", "--model", m, "--max-new-tokens", "12"];
     let r = wgtune(&[&base[..], &["--prompt", "Hello", "--show-prompt"]].concat());
-    assert!(r.ok, "{}", r.stderr);
+    assert!(r.ok(), "{}", r.stderr);
     // stdout: the answer and a newline; the banner and stats are on stderr.
     assert_eq!(r.stdout, format!("{want}\n"), "stderr:\n{}", r.stderr);
     assert!(r.stderr.contains("model: ") && r.stderr.contains("device: "));
@@ -125,7 +107,7 @@ fn generate_prints_only_the_answer_with_the_chat_template_by_default() {
         &[&base[..], &["--prompt", "-", "--raw", "--show-prompt"]].concat(),
         "Hello\n",
     );
-    assert!(r.ok, "{}", r.stderr);
+    assert!(r.ok(), "{}", r.stderr);
     let raw_ids = tok.encode("Hello", true).unwrap();
     assert_eq!(shown_ids(&r.stderr), raw_ids);
     let raw = greedy_text(ctx, &model, &NoHooks, &tok, &raw_ids, 12);
@@ -160,7 +142,7 @@ fn generate_prints_only_the_answer_with_the_chat_template_by_default() {
         "\u{1}",
     ];
     let r = wgtune(&args);
-    assert!(r.ok, "{}", r.stderr);
+    assert!(r.ok(), "{}", r.stderr);
     assert_eq!(r.stdout, format!("{cut}\n"), "stop {stop:?} in {want:?}");
     assert!(r.stderr.contains("--stop string"), "{}", r.stderr);
 
@@ -185,9 +167,9 @@ fn generate_prints_only_the_answer_with_the_chat_template_by_default() {
         wgtune(&[&base[..], &s[..]].concat()),
         wgtune(&[&base[..], &s[..]].concat()),
     );
-    assert!(a.ok && a.stdout == b.stdout, "{}\n{}", a.stderr, b.stderr);
+    assert!(a.ok() && a.stdout == b.stdout, "{}\n{}", a.stderr, b.stderr);
     let r = wgtune(&[&base[..], &["--prompt", "x", "--min-p", "2"]].concat());
-    assert!(!r.ok && r.stderr.contains("[0, 1]"), "{}", r.stderr);
+    assert!(!r.ok() && r.stderr.contains("[0, 1]"), "{}", r.stderr);
 }
 
 #[test]
@@ -219,17 +201,17 @@ fn chat_is_required_only_where_a_template_exists() {
         "2",
     ];
     let r = wgtune(&[&gen[..], &["--show-prompt"]].concat());
-    assert!(r.ok, "{}", r.stderr);
+    assert!(r.ok(), "{}", r.stderr);
     assert_eq!(shown_ids(&r.stderr), tok.encode("Hi", true).unwrap());
     let r = wgtune(&[&gen[..], &["--chat"]].concat());
     assert!(
-        !r.ok && r.stderr.contains("no chat template"),
+        !r.ok() && r.stderr.contains("no chat template"),
         "{}",
         r.stderr
     );
     let r = wgtune_with(&["chat", "--model", m], "Hi\n");
     assert!(
-        !r.ok && r.stderr.contains("no chat template"),
+        !r.ok() && r.stderr.contains("no chat template"),
         "{}",
         r.stderr
     );
@@ -266,7 +248,7 @@ fn train_prompt_adapter(out: &Path, template: Option<&str>) {
         args.extend(["--template", t.to_string().leak()]);
     }
     let r = wgtune(&args);
-    assert!(r.ok, "train: {}{}", r.stdout, r.stderr);
+    assert!(r.ok(), "train: {}{}", r.stdout, r.stderr);
 }
 
 #[test]
@@ -302,7 +284,7 @@ fn the_prompt_template_travels_with_the_adapter() {
             "--show-prompt",
         ];
         let r = wgtune(&[&base[..], extra].concat());
-        assert!(r.ok, "{extra:?}: {}", r.stderr);
+        assert!(r.ok(), "{extra:?}: {}", r.stderr);
         r
     };
     // Not named, yet applied (and said so).
@@ -336,7 +318,7 @@ fn the_prompt_template_travels_with_the_adapter() {
             data.to_str().unwrap(),
         ];
         let r = wgtune(&[&base[..], extra].concat());
-        assert!(r.ok, "{extra:?}: {}", r.stderr);
+        assert!(r.ok(), "{extra:?}: {}", r.stderr);
         r.stdout
             .lines()
             .find_map(|l| l.strip_prefix("loss ")?.split_whitespace().next())
@@ -394,7 +376,7 @@ fn chat_keeps_the_cache_and_answers_as_generate_on_the_whole_conversation() {
         ],
         &format!("{u1}\n{u2}\n/reset\n{u2}\n/exit\nnever read\n"),
     );
-    assert!(r.ok, "{}", r.stderr);
+    assert!(r.ok(), "{}", r.stderr);
     assert_eq!(
         r.stdout,
         format!("{a1}\n{a2}\n{a3}\n"),

@@ -2,6 +2,7 @@
 //! checks that print the max diff, and central finite differences.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod reference;
 
 use std::sync::OnceLock;
