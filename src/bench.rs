@@ -562,6 +562,21 @@ pub fn train(
                 for (name, secs, k) in kinds.iter().take(14) {
                     eprintln!("  {name:<58} {k:>5}x {:8.1} ms", secs * 1e3);
                 }
+                // The step's FLOP rate over only the dispatches that count
+                // FLOPs (matmul, LoRA, attention), to set against `bench
+                // kernels`; the line above divides by the whole step.
+                let counted = |n: &str| {
+                    (n.contains("::matmul_") && !n.ends_with("matmul_gather"))
+                        || n.starts_with("lora::lora_")
+                        || n.starts_with("attention")
+                };
+                let mm: f64 = kinds.iter().filter(|k| counted(&k.0)).map(|k| k.1).sum();
+                eprintln!(
+                    "  matmul, LoRA and attention dispatches: {mm:.2} s of {total:.2} s ({:.0}%), \
+                     {:.1} GFLOP/s",
+                    100.0 * mm / total,
+                    tr.last_flops / mm / 1e9
+                );
             }
             let secs = t1.secs() / steps.max(1) as f64;
             let label = if gc {
