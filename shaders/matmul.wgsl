@@ -257,6 +257,56 @@ fn matmul_gemv_split(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_inv
         fw_store(m, n0 + 3u, s3);
     }
 }
+
+// matmul_gemv_split_q: matmul_gemv_split over 4- or 8-bit weights (tq) when
+// each subgroup step of SGW * 4 columns lies in one (scale, offset) block
+// (QSUB a multiple of SGW * 4). Then the GR rows need one scale each per
+// step: lane r fetches row r's and subgroupBroadcast shares it, one fetch
+// where every lane fetched all GR (per lane and step: 1 + GR + 1 fetches
+// instead of 1 + 2 GR; a fetch is a gather per lane on llvmpipe).
+@compute @workgroup_size(64)
+fn matmul_gemv_split_q(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32,
+                       @builtin(subgroup_id) sid: u32) {
+    let n0 = (wg.x * (64u / SGW) + sid) * GR;
+    let m = wg.y;
+    if (n0 >= p.n || m >= p.m) { return; }
+    let nlast = p.n - 1u;
+    let ca = a_row_{{A}}(m);
+    let cb0 = b_row_tx(n0);
+    let cb1 = b_row_tx(min(n0 + 1u, nlast));
+    let cb2 = b_row_tx(min(n0 + 2u, nlast));
+    let cb3 = b_row_tx(min(n0 + 3u, nlast));
+    let cs = b_row_tx(min(n0 + min(lane, GR - 1u), nlast));
+    var c0 = vec4<f32>(0.0);
+    var c1 = vec4<f32>(0.0);
+    var c2 = vec4<f32>(0.0);
+    var c3 = vec4<f32>(0.0);
+    for (var k0 = 0u; k0 < p.k; k0 += SGW * 4u) {
+        let k = k0 + lane * 4u;
+        let a = fw_a_{{A}}(ca, k);
+        let sc = textureLoad(fwq_s, vec2<u32>(k0 / QSUB, cs.x), cs.y, 0).xy;
+        let s0 = subgroupBroadcast(sc, 0u);
+        let s1 = subgroupBroadcast(sc, 1u);
+        let s2 = subgroupBroadcast(sc, 2u);
+        let s3 = subgroupBroadcast(sc, 3u);
+        // Packed rows are zero-padded to whole texels.
+        let t = k >> 2u;
+        c0 = fma(a, s0.x * quant4(textureLoad(fwu_b, vec2<u32>(t, cb0.x), cb0.y, 0).x) + s0.y, c0);
+        c1 = fma(a, s1.x * quant4(textureLoad(fwu_b, vec2<u32>(t, cb1.x), cb1.y, 0).x) + s1.y, c1);
+        c2 = fma(a, s2.x * quant4(textureLoad(fwu_b, vec2<u32>(t, cb2.x), cb2.y, 0).x) + s2.y, c2);
+        c3 = fma(a, s3.x * quant4(textureLoad(fwu_b, vec2<u32>(t, cb3.x), cb3.y, 0).x) + s3.y, c3);
+    }
+    let r0 = subgroupAdd((c0.x + c0.y) + (c0.z + c0.w));
+    let r1 = subgroupAdd((c1.x + c1.y) + (c1.z + c1.w));
+    let r2 = subgroupAdd((c2.x + c2.y) + (c2.z + c2.w));
+    let r3 = subgroupAdd((c3.x + c3.y) + (c3.z + c3.w));
+    if (lane == 0u) {
+        fw_store(m, n0, r0);
+        fw_store(m, n0 + 1u, r1);
+        fw_store(m, n0 + 2u, r2);
+        fw_store(m, n0 + 3u, r3);
+    }
+}
 // SUBGROUP_ONLY_END
 
 // matmul_gather: the embedding lookup over a weight from any source:

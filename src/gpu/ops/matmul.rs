@@ -843,7 +843,12 @@ fn forward(
     let entry = if both_tex && m <= gemv_max_rows() && v.sg > 1 && gemv_split() {
         // 64 / SG subgroups of 4 outputs each.
         (tile_m, tile_n) = (1, 4 * 64 / v.sg);
-        "matmul_gemv_split"
+        let (_, qsub) = b.source().quant();
+        if b.source().has_scales() && qsub.is_multiple_of(4 * v.sg) {
+            "matmul_gemv_split_q"
+        } else {
+            "matmul_gemv_split"
+        }
     } else if both_tex && m <= gemv_max_rows() {
         (tile_m, tile_n) = (1, 64);
         "matmul_gemv_tex"
