@@ -246,6 +246,12 @@ fn matmul_gemv_split(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_inv
         c2 = fma(a, fw_b_{{B}}(cb2, k), c2);
         c3 = fma(a, fw_b_{{B}}(cb3, k), c3);
     }
+    gemv_store(m, n0, lane, c0, c1, c2, c3);
+}
+
+// The GR = 4 outputs n0.. of a gemv subgroup: each lane's partial sums
+// added over the subgroup, stored by lane 0.
+fn gemv_store(m: u32, n0: u32, lane: u32, c0: vec4<f32>, c1: vec4<f32>, c2: vec4<f32>, c3: vec4<f32>) {
     let s0 = subgroupAdd((c0.x + c0.y) + (c0.z + c0.w));
     let s1 = subgroupAdd((c1.x + c1.y) + (c1.z + c1.w));
     let s2 = subgroupAdd((c2.x + c2.y) + (c2.z + c2.w));
@@ -296,16 +302,7 @@ fn matmul_gemv_split_q(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_i
         c2 = fma(a, s2.x * quant4(textureLoad(fwu_b, vec2<u32>(t, cb2.x), cb2.y, 0).x) + s2.y, c2);
         c3 = fma(a, s3.x * quant4(textureLoad(fwu_b, vec2<u32>(t, cb3.x), cb3.y, 0).x) + s3.y, c3);
     }
-    let r0 = subgroupAdd((c0.x + c0.y) + (c0.z + c0.w));
-    let r1 = subgroupAdd((c1.x + c1.y) + (c1.z + c1.w));
-    let r2 = subgroupAdd((c2.x + c2.y) + (c2.z + c2.w));
-    let r3 = subgroupAdd((c3.x + c3.y) + (c3.z + c3.w));
-    if (lane == 0u) {
-        fw_store(m, n0, r0);
-        fw_store(m, n0 + 1u, r1);
-        fw_store(m, n0 + 2u, r2);
-        fw_store(m, n0 + 3u, r3);
-    }
+    gemv_store(m, n0, lane, c0, c1, c2, c3);
 }
 // SUBGROUP_ONLY_END
 
