@@ -34,9 +34,9 @@
 //
 // Frozen weights (the B operand of forward and backward_input) may also be
 // compact textures: `tb` (bf16 bits in rgba16uint texels) and `tq` (block
-// quantized: 4 values per texel, 4-bit unsigned or 8-bit signed, and a
-// (scale, offset) pair per QSUB elements in an rg32float texture with the
-// same rows; value = scale * q + offset, which reproduces llama.cpp's
+// quantized: 32 4-bit unsigned or 16 8-bit signed values per rgba32uint
+// texel, and a (scale, offset) pair per QSUB elements in an rg32float
+// texture with the same rows; value = scale * q + offset, which reproduces llama.cpp's
 // formula bit for bit, see docs/compact-weights.md). f16 weights are `tx`
 // too: an rgba16float texture reads as f32. They are decoded in registers;
 // no f32 copy of a compact weight exists.
@@ -144,6 +144,14 @@ fn fw_b_tx(c: vec2<u32>, k: u32) -> vec4<f32> {
 // Compact weight sources.
 const QBITS: u32 = {{QBITS}}u;   // 4 or 8 (tq)
 const QSUB: u32 = {{QSUB}}u;     // elements per (scale, offset) pair (tq)
+const TQ_SHIFT: u32 = {{TQ_SHIFT}}u;  // log2 of the quants per tq texel: 5 (4-bit) or 4 (8-bit)
+// The quants of columns k..k+4 (k % 4 == 0) in their wide texel `t`, in
+// the low bits (quant4 masks the rest). Each u32 holds 8 4-bit or 4 8-bit
+// values, lowest column in the lowest bits.
+fn tq_word(t: vec4<u32>, k: u32) -> u32 {
+    if (QBITS == 4u) { return t[(k >> 3u) & 3u] >> ((k & 4u) << 2u); }
+    return t[(k >> 2u) & 3u];
+}
 fn bf16x4(u: vec4<u32>) -> vec4<f32> {
     return bitcast<vec4<f32>>(u << vec4<u32>(16u));
 }
@@ -160,7 +168,7 @@ fn fw_b_tb(c: vec2<u32>, k: u32) -> vec4<f32> {
     return bf16x4(textureLoad(fwu_b, vec2<u32>(k >> 2u, c.x), c.y, 0));
 }
 fn fw_b_tq(c: vec2<u32>, k: u32) -> vec4<f32> {
-    let q = textureLoad(fwu_b, vec2<u32>(k >> 2u, c.x), c.y, 0).x;
+    let q = tq_word(textureLoad(fwu_b, vec2<u32>(k >> TQ_SHIFT, c.x), c.y, 0), k);
     let s = textureLoad(fwq_s, vec2<u32>(k / QSUB, c.x), c.y, 0);
     return s.x * quant4(q) + s.y;
 }
@@ -264,16 +272,63 @@ fn gemv_store(m: u32, n0: u32, lane: u32, c0: vec4<f32>, c1: vec4<f32>, c2: vec4
     }
 }
 
-// matmul_gemv_split_q: matmul_gemv_split over 4- or 8-bit weights (tq) when
-// each subgroup step of SGW * 4 columns lies in one (scale, offset) block
-// (QSUB a multiple of SGW * 4). Then the GR rows need one scale each per
-// step: lane r fetches row r's and subgroupBroadcast shares it, one fetch
-// where every lane fetched all GR (per lane and step: 1 + GR + 1 fetches
-// instead of 1 + 2 GR; a fetch is a gather per lane on llvmpipe).
+// matmul_gemv_wide_q: the one-row forward over 4- or 8-bit weights (tq).
+// Lanes side by side read consecutive wide texels (TQE = 32 or 16 quants,
+// inside one (scale, offset) block since QSUB is a multiple of TQE) of GR
+// rows. Per lane and texel the GR rows share the TQE / 4 fetches of x, and
+// each row adds scale * sum(x q) + offset * sum(x): per lane and step
+// TQE / 4 + 2 GR fetches for TQE * GR weights, where 4-element texels took
+// 1 + GR + 1 fetches for 4 GR (a fetch is a gather per lane on llvmpipe).
+const TQE: u32 = 1u << TQ_SHIFT;
+const GQ: u32 = 8u;   // rows per subgroup: two groups of 4 share each x fetch
+fn gemv_q_word(xa: vec4<f32>, w0: u32, w1: u32, w2: u32, w3: u32, d0: ptr<function, vec4<f32>>,
+               d1: ptr<function, vec4<f32>>, d2: ptr<function, vec4<f32>>, d3: ptr<function, vec4<f32>>) {
+    *d0 = fma(xa, quant4(w0), *d0);
+    *d1 = fma(xa, quant4(w1), *d1);
+    *d2 = fma(xa, quant4(w2), *d2);
+    *d3 = fma(xa, quant4(w3), *d3);
+}
+fn gemv_q_row(d: vec4<f32>, s: vec2<f32>, sx: f32) -> f32 {
+    return s.x * ((d.x + d.y) + (d.z + d.w)) + s.y * sx;
+}
+// Texel t of rows cb0..cb3 against this lane's x (x4..x7 unused for 8-bit).
+fn gemv_q_rows(t: u32, sb: u32, cb0: vec2<u32>, cb1: vec2<u32>, cb2: vec2<u32>, cb3: vec2<u32>,
+               x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>,
+               x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>, sx: f32) -> vec4<f32> {
+    let w0 = textureLoad(fwu_b, vec2<u32>(t, cb0.x), cb0.y, 0);
+    let w1 = textureLoad(fwu_b, vec2<u32>(t, cb1.x), cb1.y, 0);
+    let w2 = textureLoad(fwu_b, vec2<u32>(t, cb2.x), cb2.y, 0);
+    let w3 = textureLoad(fwu_b, vec2<u32>(t, cb3.x), cb3.y, 0);
+    var d0 = vec4<f32>(0.0);
+    var d1 = vec4<f32>(0.0);
+    var d2 = vec4<f32>(0.0);
+    var d3 = vec4<f32>(0.0);
+    if (QBITS == 4u) {
+        // Word j holds columns 8j..8j+8: low half, then high half.
+        gemv_q_word(x0, w0.x, w1.x, w2.x, w3.x, &d0, &d1, &d2, &d3);
+        gemv_q_word(x1, w0.x >> 16u, w1.x >> 16u, w2.x >> 16u, w3.x >> 16u, &d0, &d1, &d2, &d3);
+        gemv_q_word(x2, w0.y, w1.y, w2.y, w3.y, &d0, &d1, &d2, &d3);
+        gemv_q_word(x3, w0.y >> 16u, w1.y >> 16u, w2.y >> 16u, w3.y >> 16u, &d0, &d1, &d2, &d3);
+        gemv_q_word(x4, w0.z, w1.z, w2.z, w3.z, &d0, &d1, &d2, &d3);
+        gemv_q_word(x5, w0.z >> 16u, w1.z >> 16u, w2.z >> 16u, w3.z >> 16u, &d0, &d1, &d2, &d3);
+        gemv_q_word(x6, w0.w, w1.w, w2.w, w3.w, &d0, &d1, &d2, &d3);
+        gemv_q_word(x7, w0.w >> 16u, w1.w >> 16u, w2.w >> 16u, w3.w >> 16u, &d0, &d1, &d2, &d3);
+    } else {
+        gemv_q_word(x0, w0.x, w1.x, w2.x, w3.x, &d0, &d1, &d2, &d3);
+        gemv_q_word(x1, w0.y, w1.y, w2.y, w3.y, &d0, &d1, &d2, &d3);
+        gemv_q_word(x2, w0.z, w1.z, w2.z, w3.z, &d0, &d1, &d2, &d3);
+        gemv_q_word(x3, w0.w, w1.w, w2.w, w3.w, &d0, &d1, &d2, &d3);
+    }
+    return vec4<f32>(
+        gemv_q_row(d0, textureLoad(fwq_s, vec2<u32>(sb, cb0.x), cb0.y, 0).xy, sx),
+        gemv_q_row(d1, textureLoad(fwq_s, vec2<u32>(sb, cb1.x), cb1.y, 0).xy, sx),
+        gemv_q_row(d2, textureLoad(fwq_s, vec2<u32>(sb, cb2.x), cb2.y, 0).xy, sx),
+        gemv_q_row(d3, textureLoad(fwq_s, vec2<u32>(sb, cb3.x), cb3.y, 0).xy, sx));
+}
 @compute @workgroup_size(64)
-fn matmul_gemv_split_q(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32,
-                       @builtin(subgroup_id) sid: u32) {
-    let n0 = (wg.x * (64u / SGW) + sid) * GR;
+fn matmul_gemv_wide_q(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32,
+                      @builtin(subgroup_id) sid: u32) {
+    let n0 = (wg.x * (64u / SGW) + sid) * GQ;
     let m = wg.y;
     if (n0 >= p.n || m >= p.m) { return; }
     let nlast = p.n - 1u;
@@ -282,27 +337,47 @@ fn matmul_gemv_split_q(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_i
     let cb1 = b_row_tx(min(n0 + 1u, nlast));
     let cb2 = b_row_tx(min(n0 + 2u, nlast));
     let cb3 = b_row_tx(min(n0 + 3u, nlast));
-    let cs = b_row_tx(min(n0 + min(lane, GR - 1u), nlast));
+    let cb4 = b_row_tx(min(n0 + 4u, nlast));
+    let cb5 = b_row_tx(min(n0 + 5u, nlast));
+    let cb6 = b_row_tx(min(n0 + 6u, nlast));
+    let cb7 = b_row_tx(min(n0 + 7u, nlast));
     var c0 = vec4<f32>(0.0);
     var c1 = vec4<f32>(0.0);
-    var c2 = vec4<f32>(0.0);
-    var c3 = vec4<f32>(0.0);
-    for (var k0 = 0u; k0 < p.k; k0 += SGW * 4u) {
-        let k = k0 + lane * 4u;
-        let a = fw_a_{{A}}(ca, k);
-        let sc = textureLoad(fwq_s, vec2<u32>(k0 / QSUB, cs.x), cs.y, 0).xy;
-        let s0 = subgroupBroadcast(sc, 0u);
-        let s1 = subgroupBroadcast(sc, 1u);
-        let s2 = subgroupBroadcast(sc, 2u);
-        let s3 = subgroupBroadcast(sc, 3u);
-        // Packed rows are zero-padded to whole texels.
-        let t = k >> 2u;
-        c0 = fma(a, s0.x * quant4(textureLoad(fwu_b, vec2<u32>(t, cb0.x), cb0.y, 0).x) + s0.y, c0);
-        c1 = fma(a, s1.x * quant4(textureLoad(fwu_b, vec2<u32>(t, cb1.x), cb1.y, 0).x) + s1.y, c1);
-        c2 = fma(a, s2.x * quant4(textureLoad(fwu_b, vec2<u32>(t, cb2.x), cb2.y, 0).x) + s2.y, c2);
-        c3 = fma(a, s3.x * quant4(textureLoad(fwu_b, vec2<u32>(t, cb3.x), cb3.y, 0).x) + s3.y, c3);
+    // K is whole texels (whole blocks); lanes past the end skip the step.
+    for (var k0 = lane * TQE; k0 < p.k; k0 += SGW * TQE) {
+        let x0 = fw_a_{{A}}(ca, k0);
+        let x1 = fw_a_{{A}}(ca, k0 + 4u);
+        let x2 = fw_a_{{A}}(ca, k0 + 8u);
+        let x3 = fw_a_{{A}}(ca, k0 + 12u);
+        var x4 = vec4<f32>(0.0);
+        var x5 = vec4<f32>(0.0);
+        var x6 = vec4<f32>(0.0);
+        var x7 = vec4<f32>(0.0);
+        if (QBITS == 4u) {
+            x4 = fw_a_{{A}}(ca, k0 + 16u);
+            x5 = fw_a_{{A}}(ca, k0 + 20u);
+            x6 = fw_a_{{A}}(ca, k0 + 24u);
+            x7 = fw_a_{{A}}(ca, k0 + 28u);
+        }
+        let xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7));
+        let sx = (xs.x + xs.y) + (xs.z + xs.w);
+        let t = k0 >> TQ_SHIFT;
+        let sb = k0 / QSUB;
+        c0 += gemv_q_rows(t, sb, cb0, cb1, cb2, cb3, x0, x1, x2, x3, x4, x5, x6, x7, sx);
+        c1 += gemv_q_rows(t, sb, cb4, cb5, cb6, cb7, x0, x1, x2, x3, x4, x5, x6, x7, sx);
     }
-    gemv_store(m, n0, lane, c0, c1, c2, c3);
+    let s0 = subgroupAdd(c0);
+    let s1 = subgroupAdd(c1);
+    if (lane == 0u) {
+        fw_store(m, n0, s0.x);
+        fw_store(m, n0 + 1u, s0.y);
+        fw_store(m, n0 + 2u, s0.z);
+        fw_store(m, n0 + 3u, s0.w);
+        fw_store(m, n0 + 4u, s1.x);
+        fw_store(m, n0 + 5u, s1.y);
+        fw_store(m, n0 + 6u, s1.z);
+        fw_store(m, n0 + 7u, s1.w);
+    }
 }
 // SUBGROUP_ONLY_END
 
@@ -390,7 +465,7 @@ fn bi_b_tb(n: u32, col: u32) -> vec4<f32> {
 fn bi_b_tq(n: u32, col: u32) -> vec4<f32> {
     if (n >= p.n) { return vec4<f32>(0.0); }
     let c = bi_w_row(n);
-    let q = textureLoad(biu_b, vec2<u32>(col >> 2u, c.x), c.y, 0).x;
+    let q = tq_word(textureLoad(biu_b, vec2<u32>(col >> TQ_SHIFT, c.x), c.y, 0), col);
     let s = textureLoad(biq_s, vec2<u32>(col / QSUB, c.x), c.y, 0);
     return s.x * quant4(q) + s.y;
 }
@@ -412,7 +487,7 @@ fn bi_bh_tb(c: vec2<u32>, col: u32) -> vec4<f32> {
     return bf16x4(textureLoad(biu_b, vec2<u32>(col >> 2u, c.x), c.y, 0));
 }
 fn bi_bh_tq(c: vec2<u32>, col: u32) -> vec4<f32> {
-    let q = textureLoad(biu_b, vec2<u32>(col >> 2u, c.x), c.y, 0).x;
+    let q = tq_word(textureLoad(biu_b, vec2<u32>(col >> TQ_SHIFT, c.x), c.y, 0), col);
     let s = textureLoad(biq_s, vec2<u32>(col / QSUB, c.x), c.y, 0);
     return s.x * quant4(q) + s.y;
 }

@@ -300,16 +300,18 @@ pub enum TexFormat {
     F16,
     /// `rgba16uint` holding bf16 bits, 4 elements per texel.
     Bf16,
-    /// Block-quantized: 4 unsigned 4-bit values per `r16uint` texel, and a
+    /// Block-quantized: 32 unsigned 4-bit values per `rgba32uint` texel (one
+    /// block; each u32 holds 8 in column order, lowest nibble first), and a
     /// (scale, offset) pair per 32 elements in a second `rg32float` texture.
     Q4,
-    /// 4 signed 8-bit values per `r32uint` texel, (scale, offset) per `sub`
-    /// elements (32, or 16 for Q6_K).
+    /// 16 signed 8-bit values per `rgba32uint` texel (lowest byte first),
+    /// (scale, offset) per `sub` elements (32, or 16 for Q6_K).
     Q8 { sub: u32 },
 }
 
 impl TexFormat {
-    /// Bytes of one 4-element texel.
+    /// Bytes of 4 consecutive elements of a row (the host layout's unit;
+    /// one texel of the 4-element formats).
     pub fn texel_bytes(self) -> u64 {
         match self {
             TexFormat::F32 => 16,
@@ -317,6 +319,20 @@ impl TexFormat {
             TexFormat::Q4 => 2,
             TexFormat::Q8 { .. } => 4,
         }
+    }
+    /// Elements per GPU texel. Quants travel in wide `rgba32uint` texels:
+    /// one fetch (a gather per lane on llvmpipe, where the one-row GEMV's
+    /// time is its fetches) brings 32 4-bit or 16 8-bit weights, not 4.
+    pub fn texel_elems(self) -> usize {
+        match self {
+            TexFormat::Q4 => 32,
+            TexFormat::Q8 { .. } => 16,
+            _ => 4,
+        }
+    }
+    /// Bytes of one GPU texel.
+    fn gpu_texel_bytes(self) -> u64 {
+        self.texel_bytes() * self.texel_elems() as u64 / 4
     }
     /// Elements per (scale, offset) pair of block formats.
     pub fn sub_block(self) -> Option<u32> {
@@ -331,8 +347,7 @@ impl TexFormat {
             TexFormat::F32 => wgpu::TextureFormat::Rgba32Float,
             TexFormat::F16 => wgpu::TextureFormat::Rgba16Float,
             TexFormat::Bf16 => wgpu::TextureFormat::Rgba16Uint,
-            TexFormat::Q4 => wgpu::TextureFormat::R16Uint,
-            TexFormat::Q8 { .. } => wgpu::TextureFormat::R32Uint,
+            TexFormat::Q4 | TexFormat::Q8 { .. } => wgpu::TextureFormat::Rgba32Uint,
         }
     }
     /// GPU bytes of a `rows x cols` matrix in this format (both textures).
@@ -384,8 +399,13 @@ impl TexMatrix {
     }
 
     fn geometry(ctx: &Context, rows: usize, cols: usize) -> Option<(u32, u32, u32, u32)> {
+        Self::geometry_of(ctx, rows, cols.div_ceil(4))
+    }
+
+    /// (width, height, layers, layer shift) of `rows` rows of `width` texels.
+    fn geometry_of(ctx: &Context, rows: usize, width: usize) -> Option<(u32, u32, u32, u32)> {
         let max = ctx.limits.max_texture_dimension_2d as usize;
-        let width = cols.div_ceil(4).max(1);
+        let width = width.max(1);
         if width > max || rows == 0 {
             return None;
         }
@@ -416,7 +436,8 @@ impl TexMatrix {
         format: TexFormat,
         label: &str,
     ) -> Result<TexMatrix> {
-        let (w, h, layers, layer_shift) = Self::geometry(ctx, rows, cols).ok_or_else(|| Error::Limits {
+        let gw = cols.div_ceil(format.texel_elems());
+        let (w, h, layers, layer_shift) = Self::geometry_of(ctx, rows, gw).ok_or_else(|| Error::Limits {
             what: format!("packing `{label}` [{rows}, {cols}] into a texture (max dimension {}, {} layers)", ctx.limits.max_texture_dimension_2d, ctx.limits.max_texture_array_layers),
             need: format.matrix_bytes(rows, cols),
             have: 0,
@@ -459,7 +480,7 @@ impl TexMatrix {
             (texture, view)
         };
         let (texture, view) = make(w, format.wgpu(), storage, label);
-        let mut bytes = w as u64 * h as u64 * layers as u64 * format.texel_bytes();
+        let mut bytes = w as u64 * h as u64 * layers as u64 * format.gpu_texel_bytes();
         let scales = format.sub_block().map(|sub| {
             let sw = (cols / sub as usize).max(1) as u32;
             bytes += sw as u64 * h as u64 * layers as u64 * 8;
@@ -557,7 +578,7 @@ impl TexMatrix {
             write(
                 &self.texture,
                 &texels[i * rb..(i + rr) * rb],
-                width,
+                self.cols.div_ceil(self.format.texel_elems()),
                 rb,
                 rr,
                 y,

@@ -238,6 +238,7 @@ pub fn generate(v: &Variant) -> String {
         .replace("{{B}}", b)
         .replace("{{QBITS}}", &qbits.to_string())
         .replace("{{QSUB}}", &qsub.to_string())
+        .replace("{{TQ_SHIFT}}", if qbits == 8 { "4" } else { "5" })
         .replace("{{LANE_SETUP}}", setup)
         .replace("{{TM}}", &v.tm.to_string())
         .replace("{{TN}}", &v.tn.to_string())
@@ -843,9 +844,10 @@ fn forward(
     let entry = if both_tex && m <= gemv_max_rows() && v.sg > 1 && gemv_split() {
         // 64 / SG subgroups of 4 outputs each.
         (tile_m, tile_n) = (1, 4 * 64 / v.sg);
-        let (_, qsub) = b.source().quant();
-        if b.source().has_scales() && qsub.is_multiple_of(4 * v.sg) {
-            "matmul_gemv_split_q"
+        if b.source().has_scales() {
+            // 8 outputs per subgroup.
+            tile_n *= 2;
+            "matmul_gemv_wide_q"
         } else {
             "matmul_gemv_split"
         }
