@@ -11,7 +11,7 @@ use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
-use crate::gpu::kernels::{Kernel, KernelSpec, Source};
+use crate::gpu::kernels::{Access, Kernel, KernelSpec, Source};
 use crate::gpu::tensor::{Tensor, TexFormat, TexMatrix};
 use crate::gpu::uniform::Uniform;
 
@@ -69,6 +69,11 @@ pub struct Plan {
     flops: f64,
     /// The uniform buffers' bytes in `Context::memory`, while the plan lives.
     uniforms: Vec<crate::gpu::context::Allocation>,
+    /// Textures that hold a packed copy of a buffer range at this point of
+    /// the recording: (texture, buffer, offset, bytes). A later pack of the
+    /// same range is skipped (q, k and v read one input); any recorded write
+    /// to the buffer or the texture drops the entry, so a pack is never stale.
+    packed: Vec<(wgpu::Texture, wgpu::Buffer, u64, u64)>,
 }
 
 /// Split `n` workgroups into an x*y grid that respects the per-dimension cap.
@@ -90,7 +95,35 @@ impl Plan {
             steps: Vec::new(),
             flops: 0.0,
             uniforms: Vec::new(),
+            packed: Vec::new(),
         }
+    }
+
+    /// Whether `dst` holds the rows of `src`, packed earlier in this plan
+    /// with no write to either since.
+    pub(crate) fn holds_pack(&self, dst: &TexMatrix, src: &Tensor) -> bool {
+        self.packed.iter().any(|(t, b, o, n)| {
+            t == dst.texture() && b == src.buffer() && *o == src.offset() && *n == src.bytes()
+        })
+    }
+
+    /// Record that `dst` now holds the rows of `src` (after its pack steps).
+    pub(crate) fn note_pack(&mut self, dst: &TexMatrix, src: &Tensor) {
+        self.packed.retain(|(t, ..)| t != dst.texture());
+        self.packed.push((
+            dst.texture().clone(),
+            src.buffer().clone(),
+            src.offset(),
+            src.bytes(),
+        ));
+    }
+
+    fn wrote_buffer(&mut self, buffer: &wgpu::Buffer) {
+        self.packed.retain(|(_, b, ..)| b != buffer);
+    }
+
+    fn wrote_texture(&mut self, texture: &wgpu::Texture) {
+        self.packed.retain(|(t, ..)| t != texture);
     }
 
     /// Number of recorded dispatches.
@@ -119,6 +152,7 @@ impl Plan {
 
     /// Zero a tensor (a gradient buffer, say) at this point of the plan.
     pub fn clear(&mut self, t: &Tensor) {
+        self.wrote_buffer(t.buffer());
         self.steps.push(Step::Clear { tensor: t.clone() });
     }
 
@@ -143,6 +177,7 @@ impl Plan {
                 ),
             ));
         }
+        self.wrote_texture(dst.texture());
         self.steps.push(Step::Copy {
             src: src.clone(),
             texture: dst.texture().clone(),
@@ -260,6 +295,13 @@ impl Plan {
                 kernel.name.clone(),
                 format!("grid {workgroups:?} exceeds {cap} per dimension"),
             ));
+        }
+        for (b, access) in bindings.iter().zip(&spec.layout) {
+            match (b, access) {
+                (Bind::T(t), Access::ReadWrite) => self.wrote_buffer(t.buffer()),
+                (Bind::X(x), Access::StorageTexture) => self.wrote_texture(x.texture()),
+                _ => {}
+            }
         }
         if workgroups.iter().all(|&w| w > 0) {
             self.steps.push(Step::Dispatch {
@@ -416,6 +458,7 @@ impl Plan {
                 }],
                 flops: 0.0,
                 uniforms: Vec::new(),
+                packed: Vec::new(),
             };
             let t0 = crate::clock::Stopwatch::start();
             one.run(ctx)?;

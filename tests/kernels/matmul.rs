@@ -380,3 +380,64 @@ fn matmul_backward_input_reduction_over_65535_steps_vs_cpu() {
         }
     });
 }
+
+/// A plan packs an input once for the matmuls that read it (q, k and v
+/// share one), and packs again after anything wrote the input or another
+/// input took its texture: never a stale pack. K = 64 packs by a copy,
+/// K = 36 by a kernel.
+#[test]
+fn matmul_reuses_a_pack_only_while_it_is_current() {
+    each_kernel(ContextOptions::default(), |ctx, tag| {
+        for (m, k, n) in [(5, 64, 12), (7, 36, 9)] {
+            let mut r = Rng::new((m * 100 + k) as u64);
+            let (x, y, w, wz, z) = (
+                r.vec(m * k, 1.0),
+                r.vec(m * k, 1.0),
+                r.vec(n * k, 1.0),
+                r.vec(k * 20, 1.0),
+                r.vec(m * 20, 1.0),
+            );
+            let (tx, ty, tw) = (
+                up(ctx, &x, &[m, k], "x"),
+                up(ctx, &y, &[m, k], "y"),
+                up(ctx, &w, &[n, k], "w"),
+            );
+            let (twz, tz) = (up(ctx, &wz, &[k, 20], "wz"), up(ctx, &z, &[m, 20], "z"));
+            let outs: Vec<_> = (0..6)
+                .map(|i| common::zeros(ctx, &[m, n], &format!("o{i}")))
+                .collect();
+            let fw = |plan: &mut Plan, o: &wgtune::gpu::Tensor, a: &wgtune::gpu::Tensor| {
+                matmul::matmul_forward(ctx, plan, o, a, &tw, None).unwrap()
+            };
+            let mut plan = Plan::new("pack reuse");
+            fw(&mut plan, &outs[0], &tx);
+            fw(&mut plan, &outs[1], &tx); // the same pack
+            fw(&mut plan, &outs[2], &ty); // y takes the scratch texture
+            fw(&mut plan, &outs[3], &tx); // x again: packed again
+            matmul::matmul_forward(ctx, &mut plan, &tx, &tz, &twz, None).unwrap(); // x = z . wz^T
+            fw(&mut plan, &outs[4], &tx); // the new x
+            plan.clear(&tx);
+            fw(&mut plan, &outs[5], &tx); // zeros
+            run(ctx, &plan);
+
+            let cpu_fw = |a: &[f32], wt: &[f32], kk: usize, nn: usize| {
+                let mut o = vec![0.0; m * nn];
+                cpu::matmul::matmul_forward(&mut o, &to64(a), &to64(wt), None, m, kk, nn);
+                o
+            };
+            let x2: Vec<f32> = cpu_fw(&z, &wz, 20, k).iter().map(|v| *v as f32).collect();
+            let want = [
+                cpu_fw(&x, &w, k, n),
+                cpu_fw(&x, &w, k, n),
+                cpu_fw(&y, &w, k, n),
+                cpu_fw(&x, &w, k, n),
+                cpu_fw(&x2, &w, k, n),
+                vec![0.0; m * n],
+            ];
+            for (i, (o, want)) in outs.iter().zip(&want).enumerate() {
+                let what = format!("{tag} K={k} output {i}");
+                assert_close(&what, &read(ctx, o), want, 1e-4, 1e-4);
+            }
+        }
+    });
+}

@@ -1245,6 +1245,15 @@ pub fn use_textures(ctx: &Context, mats: &[(usize, usize)]) -> bool {
 /// Record the packing of `src` (rows, cols) into the first rows of `dst`.
 /// Source rows are read in chunks that fit a storage binding.
 pub fn matmul_pack(ctx: &Context, plan: &mut Plan, dst: &TexMatrix, src: &Tensor) -> Result<()> {
+    if plan.holds_pack(dst, src) {
+        return Ok(());
+    }
+    pack_rows(ctx, plan, dst, src)?;
+    plan.note_pack(dst, src);
+    Ok(())
+}
+
+fn pack_rows(ctx: &Context, plan: &mut Plan, dst: &TexMatrix, src: &Tensor) -> Result<()> {
     let op = "matmul_pack";
     let [rows, cols] = dims(op, src, "(ROWS, COLS)")?;
     // A scratch texture may have more rows than this operand: the first
