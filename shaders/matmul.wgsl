@@ -33,7 +33,7 @@
 // so a new source adds its bindings and these functions, not another body.
 //
 // Frozen weights (the B operand of forward and backward_input) may also be
-// compact textures: `tb` (bf16 bits in rgba16uint texels) and `tq` (block
+// compact textures: `tb` (bf16 bits, 8 per rgba32uint texel) and `tq` (block
 // quantized: 32 4-bit unsigned or 16 8-bit signed values per rgba32uint
 // texel, and a (scale, offset) pair per QSUB elements in an rg32float
 // texture with the same rows; value = scale * q + offset, which reproduces llama.cpp's
@@ -152,8 +152,17 @@ fn tq_word(t: vec4<u32>, k: u32) -> u32 {
     if (QBITS == 4u) { return t[(k >> 3u) & 3u] >> ((k & 4u) << 2u); }
     return t[(k >> 2u) & 3u];
 }
-fn bf16x4(u: vec4<u32>) -> vec4<f32> {
-    return bitcast<vec4<f32>>(u << vec4<u32>(16u));
+// bf16: 8 per rgba32uint texel, 2 per u32 (the lower column in the low half).
+fn bf16x2(u: u32) -> vec2<f32> {
+    return bitcast<vec2<f32>>(vec2<u32>(u << 16u, u & 0xffff0000u));
+}
+fn bf16x4(u: vec2<u32>) -> vec4<f32> {
+    return vec4<f32>(bf16x2(u.x), bf16x2(u.y));
+}
+// Columns k..k+4 (k % 4 == 0) of their bf16 texel `t`.
+fn tb4(t: vec4<u32>, k: u32) -> vec4<f32> {
+    if ((k & 4u) != 0u) { return bf16x4(t.zw); }
+    return bf16x4(t.xy);
 }
 fn quant4(q: u32) -> vec4<f32> {
     if (QBITS == 4u) {
@@ -165,7 +174,7 @@ fn quant4(q: u32) -> vec4<f32> {
 @group(0) @binding(5) var fwq_s: texture_2d_array<f32>;   // (scale, offset) of weight (N, K / QSUB)
 
 fn fw_b_tb(c: vec2<u32>, k: u32) -> vec4<f32> {
-    return bf16x4(textureLoad(fwu_b, vec2<u32>(k >> 2u, c.x), c.y, 0));
+    return tb4(textureLoad(fwu_b, vec2<u32>(k >> 3u, c.x), c.y, 0), k);
 }
 fn fw_b_tq(c: vec2<u32>, k: u32) -> vec4<f32> {
     let q = tq_word(textureLoad(fwu_b, vec2<u32>(k >> TQ_SHIFT, c.x), c.y, 0), k);
@@ -366,6 +375,12 @@ fn matmul_gemv_wide_q(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_in
         c0 += gemv_q_rows(t, sb, cb0, cb1, cb2, cb3, x0, x1, x2, x3, x4, x5, x6, x7, sx);
         c1 += gemv_q_rows(t, sb, cb4, cb5, cb6, cb7, x0, x1, x2, x3, x4, x5, x6, x7, sx);
     }
+    gemv_store8(m, n0, lane, c0, c1);
+}
+
+// The 8 outputs n0.. of a wide gemv subgroup (one per component of c0, c1):
+// summed over the subgroup, stored by lane 0.
+fn gemv_store8(m: u32, n0: u32, lane: u32, c0: vec4<f32>, c1: vec4<f32>) {
     let s0 = subgroupAdd(c0);
     let s1 = subgroupAdd(c1);
     if (lane == 0u) {
@@ -378,6 +393,49 @@ fn matmul_gemv_wide_q(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_in
         fw_store(m, n0 + 6u, s1.z);
         fw_store(m, n0 + 7u, s1.w);
     }
+}
+
+// matmul_gemv_wide_b: the one-row forward over bf16 weights (tb), as
+// matmul_gemv_wide_q: lanes side by side read consecutive texels (8
+// weights each) of 8 rows, which share the lane's 2 x fetches.
+fn gemv_b_rows(t: u32, cb0: vec2<u32>, cb1: vec2<u32>, cb2: vec2<u32>, cb3: vec2<u32>,
+               x0: vec4<f32>, x1: vec4<f32>) -> vec4<f32> {
+    let w0 = textureLoad(fwu_b, vec2<u32>(t, cb0.x), cb0.y, 0);
+    let w1 = textureLoad(fwu_b, vec2<u32>(t, cb1.x), cb1.y, 0);
+    let w2 = textureLoad(fwu_b, vec2<u32>(t, cb2.x), cb2.y, 0);
+    let w3 = textureLoad(fwu_b, vec2<u32>(t, cb3.x), cb3.y, 0);
+    return vec4<f32>(
+        dot(x0, bf16x4(w0.xy)) + dot(x1, bf16x4(w0.zw)),
+        dot(x0, bf16x4(w1.xy)) + dot(x1, bf16x4(w1.zw)),
+        dot(x0, bf16x4(w2.xy)) + dot(x1, bf16x4(w2.zw)),
+        dot(x0, bf16x4(w3.xy)) + dot(x1, bf16x4(w3.zw)));
+}
+@compute @workgroup_size(64)
+fn matmul_gemv_wide_b(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32,
+                      @builtin(subgroup_id) sid: u32) {
+    let n0 = (wg.x * (64u / SGW) + sid) * 8u;
+    let m = wg.y;
+    if (n0 >= p.n || m >= p.m) { return; }
+    let nlast = p.n - 1u;
+    let ca = a_row_{{A}}(m);
+    let cb0 = b_row_tx(n0);
+    let cb1 = b_row_tx(min(n0 + 1u, nlast));
+    let cb2 = b_row_tx(min(n0 + 2u, nlast));
+    let cb3 = b_row_tx(min(n0 + 3u, nlast));
+    let cb4 = b_row_tx(min(n0 + 4u, nlast));
+    let cb5 = b_row_tx(min(n0 + 5u, nlast));
+    let cb6 = b_row_tx(min(n0 + 6u, nlast));
+    let cb7 = b_row_tx(min(n0 + 7u, nlast));
+    var c0 = vec4<f32>(0.0);
+    var c1 = vec4<f32>(0.0);
+    // Weight texels are zero past K; x's second half past K meets those zeros.
+    for (var k0 = lane * 8u; k0 < p.k; k0 += SGW * 8u) {
+        let x0 = fw_a_{{A}}(ca, k0);
+        let x1 = fw_a_{{A}}(ca, k0 + 4u);
+        c0 += gemv_b_rows(k0 >> 3u, cb0, cb1, cb2, cb3, x0, x1);
+        c1 += gemv_b_rows(k0 >> 3u, cb4, cb5, cb6, cb7, x0, x1);
+    }
+    gemv_store8(m, n0, lane, c0, c1);
 }
 // SUBGROUP_ONLY_END
 
@@ -460,7 +518,7 @@ fn bi_b_tx(n: u32, col: u32) -> vec4<f32> {
 fn bi_b_tb(n: u32, col: u32) -> vec4<f32> {
     if (n >= p.n) { return vec4<f32>(0.0); }
     let c = bi_w_row(n);
-    return bf16x4(textureLoad(biu_b, vec2<u32>(col >> 2u, c.x), c.y, 0));
+    return tb4(textureLoad(biu_b, vec2<u32>(col >> 3u, c.x), c.y, 0), col);
 }
 fn bi_b_tq(n: u32, col: u32) -> vec4<f32> {
     if (n >= p.n) { return vec4<f32>(0.0); }
@@ -484,7 +542,11 @@ fn bi_bh_tx(c: vec2<u32>, col: u32) -> vec4<f32> {
     return textureLoad(bit_b, vec2<u32>(col >> 2u, c.x), c.y, 0);
 }
 fn bi_bh_tb(c: vec2<u32>, col: u32) -> vec4<f32> {
-    return bf16x4(textureLoad(biu_b, vec2<u32>(col >> 2u, c.x), c.y, 0));
+    return tb4(textureLoad(biu_b, vec2<u32>(col >> 3u, c.x), c.y, 0), col);
+}
+// The whole bf16 texel of columns col..col+8 (col % 8 == 0).
+fn bi_bh_tb8(c: vec2<u32>, col: u32) -> vec4<u32> {
+    return textureLoad(biu_b, vec2<u32>(col >> 3u, c.x), c.y, 0);
 }
 fn bi_bh_tq(c: vec2<u32>, col: u32) -> vec4<f32> {
     let q = tq_word(textureLoad(biu_b, vec2<u32>(col >> TQ_SHIFT, c.x), c.y, 0), col);

@@ -298,7 +298,8 @@ pub enum TexFormat {
     F32,
     /// `rgba16float`, 4 elements per texel (the texture unit converts).
     F16,
-    /// `rgba16uint` holding bf16 bits, 4 elements per texel.
+    /// bf16 bits, 8 elements per `rgba32uint` texel (2 per u32, the lower
+    /// column in the low half).
     Bf16,
     /// Block-quantized: 32 unsigned 4-bit values per `rgba32uint` texel (one
     /// block; each u32 holds 8 in column order, lowest nibble first), and a
@@ -320,13 +321,15 @@ impl TexFormat {
             TexFormat::Q8 { .. } => 4,
         }
     }
-    /// Elements per GPU texel. Quants travel in wide `rgba32uint` texels:
-    /// one fetch (a gather per lane on llvmpipe, where the one-row GEMV's
-    /// time is its fetches) brings 32 4-bit or 16 8-bit weights, not 4.
+    /// Elements per GPU texel. bf16 and quants travel in wide `rgba32uint`
+    /// texels: one fetch (a gather per lane on llvmpipe, where the one-row
+    /// GEMV's time is its fetches) brings 8 bf16, 32 4-bit or 16 8-bit
+    /// weights, not 4.
     pub fn texel_elems(self) -> usize {
         match self {
             TexFormat::Q4 => 32,
             TexFormat::Q8 { .. } => 16,
+            TexFormat::Bf16 => 8,
             _ => 4,
         }
     }
@@ -346,8 +349,9 @@ impl TexFormat {
         match self {
             TexFormat::F32 => wgpu::TextureFormat::Rgba32Float,
             TexFormat::F16 => wgpu::TextureFormat::Rgba16Float,
-            TexFormat::Bf16 => wgpu::TextureFormat::Rgba16Uint,
-            TexFormat::Q4 | TexFormat::Q8 { .. } => wgpu::TextureFormat::Rgba32Uint,
+            TexFormat::Bf16 | TexFormat::Q4 | TexFormat::Q8 { .. } => {
+                wgpu::TextureFormat::Rgba32Uint
+            }
         }
     }
     /// GPU bytes of a `rows x cols` matrix in this format (both textures).
@@ -533,6 +537,21 @@ impl TexMatrix {
                 ),
             ));
         }
+        // A wide texel may end past the row's last 4 elements (37 bf16
+        // columns: 10 groups of 4 in 5 texels of 8): pad each row with zeros.
+        let gw = self.cols.div_ceil(self.format.texel_elems());
+        let grb = gw * self.format.gpu_texel_bytes() as usize;
+        let padded;
+        let (texels, rb) = if grb == width * tb {
+            (texels, grb)
+        } else {
+            let mut p = vec![0u8; n * grb];
+            for (d, s) in p.chunks_exact_mut(grb).zip(texels.chunks_exact(width * tb)) {
+                d[..s.len()].copy_from_slice(s);
+            }
+            padded = p;
+            (&padded[..], grb)
+        };
         let h = if self.layer_shift >= 31 {
             self.rows
         } else {
@@ -574,11 +593,10 @@ impl TexMatrix {
             let r = r0 + i;
             let (y, layer) = (r % h, r / h);
             let rr = (n - i).min(h - y);
-            let rb = width * tb;
             write(
                 &self.texture,
                 &texels[i * rb..(i + rr) * rb],
-                self.cols.div_ceil(self.format.texel_elems()),
+                gw,
                 rb,
                 rr,
                 y,

@@ -129,6 +129,14 @@ fn compact_weights_stored_precision_vs_cpu() {
         check(ctx, "stored", &m, WeightsMode::Stored, 13);
         check(ctx, "stored", &m, WeightsMode::Stored, 1);
     }
+    // bf16 rows of 36 end mid-texel (8 per texel): the upload pads them.
+    let m = StoredMatrix {
+        cols: 36,
+        data: Cow::Owned(random_blocks(GgmlType::BF16, 37 * 36, 99)),
+        ..stored(GgmlType::BF16, 37, 99)
+    };
+    check(ctx, "stored", &m, WeightsMode::Stored, 13);
+    check(ctx, "stored", &m, WeightsMode::Stored, 1);
 }
 
 #[test]

@@ -296,6 +296,17 @@ fn gen_nn(tm: usize, tv: usize, sg: usize, a: &str, b: &str) -> (String, String,
     // B rows change every step: one handle per row and step.
     for u in 0..4 {
         emit!(body, "        let hb{u} = bi_bh_row_{b}(n + {u}u);");
+        if b == "tb" && tv.is_multiple_of(2) {
+            // Columns cc{2h}.. start on an 8-element bf16 texel (TN % 8 ==
+            // 0): one fetch serves two column vec4s.
+            for h in 0..tv / 2 {
+                let c = 2 * h;
+                emit!(body, "        let t{u}_{h} = bi_bh_tb8(hb{u}, cc{c});");
+                emit!(body, "        let b{u}_{c} = bf16x4(t{u}_{h}.xy);");
+                emit!(body, "        let b{u}_{} = bf16x4(t{u}_{h}.zw);", c + 1);
+            }
+            continue;
+        }
         for c in 0..tv {
             emit!(body, "        let b{u}_{c} = bi_bh_{b}(hb{u}, cc{c});");
         }
@@ -844,12 +855,17 @@ fn forward(
     let entry = if both_tex && m <= gemv_max_rows() && v.sg > 1 && gemv_split() {
         // 64 / SG subgroups of 4 outputs each.
         (tile_m, tile_n) = (1, 4 * 64 / v.sg);
-        if b.source().has_scales() {
+        match b.source() {
             // 8 outputs per subgroup.
-            tile_n *= 2;
-            "matmul_gemv_wide_q"
-        } else {
-            "matmul_gemv_split"
+            Source::TexQ4 | Source::TexQ8 { .. } => {
+                tile_n *= 2;
+                "matmul_gemv_wide_q"
+            }
+            Source::TexBf16 => {
+                tile_n *= 2;
+                "matmul_gemv_wide_b"
+            }
+            _ => "matmul_gemv_split",
         }
     } else if both_tex && m <= gemv_max_rows() {
         (tile_m, tile_n) = (1, 64);
