@@ -281,15 +281,16 @@ fn gemv_store(m: u32, n0: u32, lane: u32, c0: vec4<f32>, c1: vec4<f32>, c2: vec4
     }
 }
 
-// matmul_gemv_wide_q: the one-row forward over 4- or 8-bit weights (tq).
+// The one-row forward over 4- or 8-bit weights (tq, see matmul_gemv_wide).
 // Lanes side by side read consecutive wide texels (TQE = 32 or 16 quants,
-// inside one (scale, offset) block since QSUB is a multiple of TQE) of GR
-// rows. Per lane and texel the GR rows share the TQE / 4 fetches of x, and
+// inside one (scale, offset) block since QSUB is a multiple of TQE) of 8
+// rows. Per lane and texel the rows share the TQE / 4 fetches of x, and
 // each row adds scale * sum(x q) + offset * sum(x): per lane and step
-// TQE / 4 + 2 GR fetches for TQE * GR weights, where 4-element texels took
+// TQE / 4 + 16 fetches for 8 TQE weights, where 4-element texels took
 // 1 + GR + 1 fetches for 4 GR (a fetch is a gather per lane on llvmpipe).
 const TQE: u32 = 1u << TQ_SHIFT;
-const GQ: u32 = 8u;   // rows per subgroup: two groups of 4 share each x fetch
+// Outputs of 8 rows: rows 0-3 in lo, 4-7 in hi.
+struct GemvPair { lo: vec4<f32>, hi: vec4<f32> }
 fn gemv_q_word(xa: vec4<f32>, w0: u32, w1: u32, w2: u32, w3: u32, d0: ptr<function, vec4<f32>>,
                d1: ptr<function, vec4<f32>>, d2: ptr<function, vec4<f32>>, d3: ptr<function, vec4<f32>>) {
     *d0 = fma(xa, quant4(w0), *d0);
@@ -334,48 +335,31 @@ fn gemv_q_rows(t: u32, sb: u32, cb0: vec2<u32>, cb1: vec2<u32>, cb2: vec2<u32>, 
         gemv_q_row(d2, textureLoad(fwq_s, vec2<u32>(sb, cb2.x), cb2.y, 0).xy, sx),
         gemv_q_row(d3, textureLoad(fwq_s, vec2<u32>(sb, cb3.x), cb3.y, 0).xy, sx));
 }
-@compute @workgroup_size(64)
-fn matmul_gemv_wide_q(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32,
-                      @builtin(subgroup_id) sid: u32) {
-    let n0 = (wg.x * (64u / SGW) + sid) * GQ;
-    let m = wg.y;
-    if (n0 >= p.n || m >= p.m) { return; }
-    let nlast = p.n - 1u;
+// One step of a lane over the texel at column k0 of 8 rows (tq). The A
+// row handle is made here: its type depends on the A source.
+fn gemv_wide_tq(k0: u32, m: u32, cb0: vec2<u32>, cb1: vec2<u32>, cb2: vec2<u32>, cb3: vec2<u32>,
+                cb4: vec2<u32>, cb5: vec2<u32>, cb6: vec2<u32>, cb7: vec2<u32>) -> GemvPair {
     let ca = a_row_{{A}}(m);
-    let cb0 = b_row_tx(n0);
-    let cb1 = b_row_tx(min(n0 + 1u, nlast));
-    let cb2 = b_row_tx(min(n0 + 2u, nlast));
-    let cb3 = b_row_tx(min(n0 + 3u, nlast));
-    let cb4 = b_row_tx(min(n0 + 4u, nlast));
-    let cb5 = b_row_tx(min(n0 + 5u, nlast));
-    let cb6 = b_row_tx(min(n0 + 6u, nlast));
-    let cb7 = b_row_tx(min(n0 + 7u, nlast));
-    var c0 = vec4<f32>(0.0);
-    var c1 = vec4<f32>(0.0);
-    // K is whole texels (whole blocks); lanes past the end skip the step.
-    for (var k0 = lane * TQE; k0 < p.k; k0 += SGW * TQE) {
-        let x0 = fw_a_{{A}}(ca, k0);
-        let x1 = fw_a_{{A}}(ca, k0 + 4u);
-        let x2 = fw_a_{{A}}(ca, k0 + 8u);
-        let x3 = fw_a_{{A}}(ca, k0 + 12u);
-        var x4 = vec4<f32>(0.0);
-        var x5 = vec4<f32>(0.0);
-        var x6 = vec4<f32>(0.0);
-        var x7 = vec4<f32>(0.0);
-        if (QBITS == 4u) {
-            x4 = fw_a_{{A}}(ca, k0 + 16u);
-            x5 = fw_a_{{A}}(ca, k0 + 20u);
-            x6 = fw_a_{{A}}(ca, k0 + 24u);
-            x7 = fw_a_{{A}}(ca, k0 + 28u);
-        }
-        let xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7));
-        let sx = (xs.x + xs.y) + (xs.z + xs.w);
-        let t = k0 >> TQ_SHIFT;
-        let sb = k0 / QSUB;
-        c0 += gemv_q_rows(t, sb, cb0, cb1, cb2, cb3, x0, x1, x2, x3, x4, x5, x6, x7, sx);
-        c1 += gemv_q_rows(t, sb, cb4, cb5, cb6, cb7, x0, x1, x2, x3, x4, x5, x6, x7, sx);
+    let x0 = fw_a_{{A}}(ca, k0);
+    let x1 = fw_a_{{A}}(ca, k0 + 4u);
+    let x2 = fw_a_{{A}}(ca, k0 + 8u);
+    let x3 = fw_a_{{A}}(ca, k0 + 12u);
+    var x4 = vec4<f32>(0.0);
+    var x5 = vec4<f32>(0.0);
+    var x6 = vec4<f32>(0.0);
+    var x7 = vec4<f32>(0.0);
+    if (QBITS == 4u) {
+        x4 = fw_a_{{A}}(ca, k0 + 16u);
+        x5 = fw_a_{{A}}(ca, k0 + 20u);
+        x6 = fw_a_{{A}}(ca, k0 + 24u);
+        x7 = fw_a_{{A}}(ca, k0 + 28u);
     }
-    gemv_store8(m, n0, lane, c0, c1);
+    let xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7));
+    let sx = (xs.x + xs.y) + (xs.z + xs.w);
+    let t = k0 >> TQ_SHIFT;
+    let sb = k0 / QSUB;
+    return GemvPair(gemv_q_rows(t, sb, cb0, cb1, cb2, cb3, x0, x1, x2, x3, x4, x5, x6, x7, sx),
+                    gemv_q_rows(t, sb, cb4, cb5, cb6, cb7, x0, x1, x2, x3, x4, x5, x6, x7, sx));
 }
 
 // The 8 outputs n0.. of a wide gemv subgroup (one per component of c0, c1):
@@ -395,9 +379,7 @@ fn gemv_store8(m: u32, n0: u32, lane: u32, c0: vec4<f32>, c1: vec4<f32>) {
     }
 }
 
-// matmul_gemv_wide_b: the one-row forward over bf16 weights (tb), as
-// matmul_gemv_wide_q: lanes side by side read consecutive texels (8
-// weights each) of 8 rows, which share the lane's 2 x fetches.
+// bf16 weights (tb): texels of 8 weights, sharing the lane's 2 x fetches.
 fn gemv_b_rows(t: u32, cb0: vec2<u32>, cb1: vec2<u32>, cb2: vec2<u32>, cb3: vec2<u32>,
                x0: vec4<f32>, x1: vec4<f32>) -> vec4<f32> {
     let w0 = textureLoad(fwu_b, vec2<u32>(t, cb0.x), cb0.y, 0);
@@ -410,14 +392,28 @@ fn gemv_b_rows(t: u32, cb0: vec2<u32>, cb1: vec2<u32>, cb2: vec2<u32>, cb3: vec2
         dot(x0, bf16x4(w2.xy)) + dot(x1, bf16x4(w2.zw)),
         dot(x0, bf16x4(w3.xy)) + dot(x1, bf16x4(w3.zw)));
 }
+// One step of a lane over the texel at column k0 of 8 rows (tb). Weight
+// texels are zero past K; x's second half past K meets those zeros.
+fn gemv_wide_tb(k0: u32, m: u32, cb0: vec2<u32>, cb1: vec2<u32>, cb2: vec2<u32>, cb3: vec2<u32>,
+                cb4: vec2<u32>, cb5: vec2<u32>, cb6: vec2<u32>, cb7: vec2<u32>) -> GemvPair {
+    let ca = a_row_{{A}}(m);
+    let x0 = fw_a_{{A}}(ca, k0);
+    let x1 = fw_a_{{A}}(ca, k0 + 4u);
+    return GemvPair(gemv_b_rows(k0 >> 3u, cb0, cb1, cb2, cb3, x0, x1),
+                    gemv_b_rows(k0 >> 3u, cb4, cb5, cb6, cb7, x0, x1));
+}
+
+// WIDE_ONLY_BEGIN (modules whose B is tq or tb; the generator drops it elsewhere)
+// matmul_gemv_wide: the one-row forward over wide texels (tq, tb): lanes
+// side by side read consecutive texels (WIDE_E weights each) of 8 rows.
+const WIDE_E: u32 = {{WIDE_E}}u;
 @compute @workgroup_size(64)
-fn matmul_gemv_wide_b(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32,
-                      @builtin(subgroup_id) sid: u32) {
+fn matmul_gemv_wide(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32,
+                    @builtin(subgroup_id) sid: u32) {
     let n0 = (wg.x * (64u / SGW) + sid) * 8u;
     let m = wg.y;
     if (n0 >= p.n || m >= p.m) { return; }
     let nlast = p.n - 1u;
-    let ca = a_row_{{A}}(m);
     let cb0 = b_row_tx(n0);
     let cb1 = b_row_tx(min(n0 + 1u, nlast));
     let cb2 = b_row_tx(min(n0 + 2u, nlast));
@@ -428,15 +424,15 @@ fn matmul_gemv_wide_b(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_in
     let cb7 = b_row_tx(min(n0 + 7u, nlast));
     var c0 = vec4<f32>(0.0);
     var c1 = vec4<f32>(0.0);
-    // Weight texels are zero past K; x's second half past K meets those zeros.
-    for (var k0 = lane * 8u; k0 < p.k; k0 += SGW * 8u) {
-        let x0 = fw_a_{{A}}(ca, k0);
-        let x1 = fw_a_{{A}}(ca, k0 + 4u);
-        c0 += gemv_b_rows(k0 >> 3u, cb0, cb1, cb2, cb3, x0, x1);
-        c1 += gemv_b_rows(k0 >> 3u, cb4, cb5, cb6, cb7, x0, x1);
+    // K is whole texels, zero-padded; lanes past the end skip the step.
+    for (var k0 = lane * WIDE_E; k0 < p.k; k0 += SGW * WIDE_E) {
+        let s = gemv_wide_{{B}}(k0, m, cb0, cb1, cb2, cb3, cb4, cb5, cb6, cb7);
+        c0 += s.lo;
+        c1 += s.hi;
     }
     gemv_store8(m, n0, lane, c0, c1);
 }
+// WIDE_ONLY_END
 // SUBGROUP_ONLY_END
 
 // matmul_gather: the embedding lookup over a weight from any source:

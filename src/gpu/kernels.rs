@@ -61,7 +61,7 @@ pub enum Source {
     Storage,
     /// A packed rgba32float or rgba16float texture (`TexMatrix`).
     Texture,
-    /// bf16 bits in an rgba16uint texture (weights only).
+    /// bf16 bits, 8 per rgba32uint texel (weights only).
     TexBf16,
     /// 4-bit quants with (scale, offset) per 32 (weights only).
     TexQ4,

@@ -3,12 +3,12 @@
 //! type) is re-laid into texture rows a few rows at a time, so no f32 copy
 //! of a whole matrix exists on the host or the GPU.
 //!
-//! Block types become 4 quants per texel plus one (scale, offset) pair per
-//! sub-block, with value = scale * q + offset. For every supported type
+//! Block types become quants (4 per host-layout group of 4 elements, 32 or
+//! 16 per GPU texel) plus one (scale, offset) pair per sub-block, with value = scale * q + offset. For every supported type
 //! that is llama.cpp's formula evaluated in the same f32 operations (the
 //! products are exact, see docs/compact-weights.md), so the GPU reproduces
 //! `gguf.quants.dequantize` bit for bit. 5- and 6-bit quants take a byte
-//! each on the GPU (texels hold 4 values of 4 or 8 bits).
+//! each on the GPU (quants there are 4 or 8 bits wide).
 
 use std::borrow::Cow;
 

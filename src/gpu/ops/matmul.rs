@@ -214,9 +214,17 @@ pub fn generate(v: &Variant) -> String {
             .replace(&format!("{{{{{tag}_BODY}}}}"), &body)
             .replace(&format!("{{{{{tag}_STORE}}}}"), &store);
     }
-    if sg <= 1 {
-        let (a, b) = ("// SUBGROUP_ONLY_BEGIN", "// SUBGROUP_ONLY_END");
-        if let (Some(i), Some(j)) = (s.find(a), s.find(b)) {
+    let wide = match v.b_src {
+        Source::TexQ4 => Some(32),
+        Source::TexQ8 { .. } => Some(16),
+        Source::TexBf16 => Some(8),
+        _ => None,
+    };
+    for (drop, (a, b)) in [
+        (sg <= 1, ("// SUBGROUP_ONLY_BEGIN", "// SUBGROUP_ONLY_END")),
+        (wide.is_none(), ("// WIDE_ONLY_BEGIN", "// WIDE_ONLY_END")),
+    ] {
+        if let (true, Some(i), Some(j)) = (drop, s.find(a), s.find(b)) {
             s.replace_range(i..j + b.len(), "");
         }
     }
@@ -239,6 +247,7 @@ pub fn generate(v: &Variant) -> String {
         .replace("{{QBITS}}", &qbits.to_string())
         .replace("{{QSUB}}", &qsub.to_string())
         .replace("{{TQ_SHIFT}}", if qbits == 8 { "4" } else { "5" })
+        .replace("{{WIDE_E}}", &wide.unwrap_or(4).to_string())
         .replace("{{LANE_SETUP}}", setup)
         .replace("{{TM}}", &v.tm.to_string())
         .replace("{{TN}}", &v.tn.to_string())
@@ -856,14 +865,10 @@ fn forward(
         // 64 / SG subgroups of 4 outputs each.
         (tile_m, tile_n) = (1, 4 * 64 / v.sg);
         match b.source() {
-            // 8 outputs per subgroup.
-            Source::TexQ4 | Source::TexQ8 { .. } => {
+            Source::TexQ4 | Source::TexQ8 { .. } | Source::TexBf16 => {
+                // 8 outputs per subgroup.
                 tile_n *= 2;
-                "matmul_gemv_wide_q"
-            }
-            Source::TexBf16 => {
-                tile_n *= 2;
-                "matmul_gemv_wide_b"
+                "matmul_gemv_wide"
             }
             _ => "matmul_gemv_split",
         }
