@@ -33,13 +33,13 @@
 // so a new source adds its bindings and these functions, not another body.
 //
 // Frozen weights (the B operand of forward and backward_input) may also be
-// compact textures: `tb` (bf16 bits, 8 per rgba32uint texel) and `tq` (block
-// quantized: 32 4-bit unsigned or 16 8-bit signed values per rgba32uint
-// texel, and a (scale, offset) pair per QSUB elements in an rg32float
-// texture with the same rows; value = scale * q + offset, which reproduces llama.cpp's
-// formula bit for bit, see docs/compact-weights.md). f16 weights are `tx`
-// too: an rgba16float texture reads as f32. They are decoded in registers;
-// no f32 copy of a compact weight exists.
+// compact textures: `tb` and `th` (bf16 or f16 bits, 8 per rgba32uint
+// texel) and `tq` (block quantized: 32 4-bit unsigned or 16 8-bit signed
+// values per rgba32uint texel, and a (scale, offset) pair per QSUB elements
+// in an rg32float texture with the same rows; value = scale * q + offset,
+// which reproduces llama.cpp's formula bit for bit, see
+// docs/compact-weights.md). They are decoded in registers; no f32 copy of
+// a compact weight exists.
 
 // Every storage operand is bound as array<vec4<f32>> (buffers are padded to 16 bytes).
 // ALIGNED variants need rows that start on a vec4 (K % 4 == 0 and so on);
@@ -152,17 +152,20 @@ fn tq_word(t: vec4<u32>, k: u32) -> u32 {
     if (QBITS == 4u) { return t[(k >> 3u) & 3u] >> ((k & 4u) << 2u); }
     return t[(k >> 2u) & 3u];
 }
-// bf16: 8 per rgba32uint texel, 2 per u32 (the lower column in the low half).
+// 16-bit floats: 8 per rgba32uint texel, 2 per u32 (the lower column in
+// the low half); bf16 (tb) or, in modules whose B is th, f16.
+const H16_F16: bool = {{H16_F16}};
 fn bf16x2(u: u32) -> vec2<f32> {
     return bitcast<vec2<f32>>(vec2<u32>(u << 16u, u & 0xffff0000u));
 }
-fn bf16x4(u: vec2<u32>) -> vec4<f32> {
+fn h16x4(u: vec2<u32>) -> vec4<f32> {
+    if (H16_F16) { return vec4<f32>(unpack2x16float(u.x), unpack2x16float(u.y)); }
     return vec4<f32>(bf16x2(u.x), bf16x2(u.y));
 }
-// Columns k..k+4 (k % 4 == 0) of their bf16 texel `t`.
+// Columns k..k+4 (k % 4 == 0) of their 16-bit texel `t`.
 fn tb4(t: vec4<u32>, k: u32) -> vec4<f32> {
-    if ((k & 4u) != 0u) { return bf16x4(t.zw); }
-    return bf16x4(t.xy);
+    if ((k & 4u) != 0u) { return h16x4(t.zw); }
+    return h16x4(t.xy);
 }
 fn quant4(q: u32) -> vec4<f32> {
     if (QBITS == 4u) {
@@ -379,7 +382,7 @@ fn gemv_store8(m: u32, n0: u32, lane: u32, c0: vec4<f32>, c1: vec4<f32>) {
     }
 }
 
-// bf16 weights (tb): texels of 8 weights, sharing the lane's 2 x fetches.
+// bf16 or f16 weights (tb, th): texels of 8 weights, sharing the lane's 2 x fetches.
 fn gemv_b_rows(t: u32, cb0: vec2<u32>, cb1: vec2<u32>, cb2: vec2<u32>, cb3: vec2<u32>,
                x0: vec4<f32>, x1: vec4<f32>) -> vec4<f32> {
     let w0 = textureLoad(fwu_b, vec2<u32>(t, cb0.x), cb0.y, 0);
@@ -387,10 +390,10 @@ fn gemv_b_rows(t: u32, cb0: vec2<u32>, cb1: vec2<u32>, cb2: vec2<u32>, cb3: vec2
     let w2 = textureLoad(fwu_b, vec2<u32>(t, cb2.x), cb2.y, 0);
     let w3 = textureLoad(fwu_b, vec2<u32>(t, cb3.x), cb3.y, 0);
     return vec4<f32>(
-        dot(x0, bf16x4(w0.xy)) + dot(x1, bf16x4(w0.zw)),
-        dot(x0, bf16x4(w1.xy)) + dot(x1, bf16x4(w1.zw)),
-        dot(x0, bf16x4(w2.xy)) + dot(x1, bf16x4(w2.zw)),
-        dot(x0, bf16x4(w3.xy)) + dot(x1, bf16x4(w3.zw)));
+        dot(x0, h16x4(w0.xy)) + dot(x1, h16x4(w0.zw)),
+        dot(x0, h16x4(w1.xy)) + dot(x1, h16x4(w1.zw)),
+        dot(x0, h16x4(w2.xy)) + dot(x1, h16x4(w2.zw)),
+        dot(x0, h16x4(w3.xy)) + dot(x1, h16x4(w3.zw)));
 }
 // One step of a lane over the texel at column k0 of 8 rows (tb). Weight
 // texels are zero past K; x's second half past K meets those zeros.
@@ -401,6 +404,11 @@ fn gemv_wide_tb(k0: u32, m: u32, cb0: vec2<u32>, cb1: vec2<u32>, cb2: vec2<u32>,
     let x1 = fw_a_{{A}}(ca, k0 + 4u);
     return GemvPair(gemv_b_rows(k0 >> 3u, cb0, cb1, cb2, cb3, x0, x1),
                     gemv_b_rows(k0 >> 3u, cb4, cb5, cb6, cb7, x0, x1));
+}
+
+fn gemv_wide_th(k0: u32, m: u32, cb0: vec2<u32>, cb1: vec2<u32>, cb2: vec2<u32>, cb3: vec2<u32>,
+                cb4: vec2<u32>, cb5: vec2<u32>, cb6: vec2<u32>, cb7: vec2<u32>) -> GemvPair {
+    return gemv_wide_tb(k0, m, cb0, cb1, cb2, cb3, cb4, cb5, cb6, cb7);
 }
 
 // WIDE_ONLY_BEGIN (modules whose B is tq or tb; the generator drops it elsewhere)
@@ -540,10 +548,18 @@ fn bi_bh_tx(c: vec2<u32>, col: u32) -> vec4<f32> {
 fn bi_bh_tb(c: vec2<u32>, col: u32) -> vec4<f32> {
     return tb4(textureLoad(biu_b, vec2<u32>(col >> 3u, c.x), c.y, 0), col);
 }
-// The whole bf16 texel of columns col..col+8 (col % 8 == 0).
+// The whole 16-bit texel of columns col..col+8 (col % 8 == 0).
 fn bi_bh_tb8(c: vec2<u32>, col: u32) -> vec4<u32> {
     return textureLoad(biu_b, vec2<u32>(col >> 3u, c.x), c.y, 0);
 }
+
+// f16 weights (th) share the bf16 loaders: H16_F16 picks the decode.
+fn b_row_th(row: u32) -> vec2<u32> { return b_row_tx(row); }
+fn fw_b_th(c: vec2<u32>, k: u32) -> vec4<f32> { return fw_b_tb(c, k); }
+fn bi_b_th(n: u32, col: u32) -> vec4<f32> { return bi_b_tb(n, col); }
+fn bi_bh_row_th(n: u32) -> vec2<u32> { return bi_bh_row_tb(n); }
+fn bi_bh_th(c: vec2<u32>, col: u32) -> vec4<f32> { return bi_bh_tb(c, col); }
+fn bi_bh_th8(c: vec2<u32>, col: u32) -> vec4<u32> { return bi_bh_tb8(c, col); }
 fn bi_bh_tq(c: vec2<u32>, col: u32) -> vec4<f32> {
     let q = tq_word(textureLoad(biu_b, vec2<u32>(col >> TQ_SHIFT, c.x), c.y, 0), col);
     let s = textureLoad(biq_s, vec2<u32>(col / QSUB, c.x), c.y, 0);

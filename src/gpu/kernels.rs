@@ -59,10 +59,12 @@ pub enum Access {
 pub enum Source {
     /// A storage buffer (`Tensor`).
     Storage,
-    /// A packed rgba32float or rgba16float texture (`TexMatrix`).
+    /// A packed rgba32float texture (`TexMatrix`).
     Texture,
     /// bf16 bits, 8 per rgba32uint texel (weights only).
     TexBf16,
+    /// f16 bits, 8 per rgba32uint texel (weights only).
+    TexF16,
     /// 4-bit quants with (scale, offset) per 32 (weights only).
     TexQ4,
     /// 8-bit quants with (scale, offset) per `sub` elements (weights only).
@@ -76,6 +78,7 @@ impl Source {
             Source::Storage => "st",
             Source::Texture => "tx",
             Source::TexBf16 => "tb",
+            Source::TexF16 => "th",
             Source::TexQ4 | Source::TexQ8 { .. } => "tq",
         }
     }
@@ -92,7 +95,9 @@ impl Source {
         match self {
             Source::Storage => Access::Read,
             Source::Texture => Access::Texture,
-            Source::TexBf16 | Source::TexQ4 | Source::TexQ8 { .. } => Access::TextureUint,
+            Source::TexBf16 | Source::TexF16 | Source::TexQ4 | Source::TexQ8 { .. } => {
+                Access::TextureUint
+            }
         }
     }
     /// Whether the operand is a texture.

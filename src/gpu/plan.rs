@@ -53,7 +53,8 @@ impl Bind<'_> {
         match self {
             Bind::T(_) => Source::Storage,
             Bind::X(x) | Bind::S(x) => match x.format() {
-                TexFormat::F32 | TexFormat::F16 => Source::Texture,
+                TexFormat::F32 => Source::Texture,
+                TexFormat::F16 => Source::TexF16,
                 TexFormat::Bf16 => Source::TexBf16,
                 TexFormat::Q4 => Source::TexQ4,
                 TexFormat::Q8 { sub } => Source::TexQ8 { sub },

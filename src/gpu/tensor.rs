@@ -296,7 +296,7 @@ impl Tensor {
 pub enum TexFormat {
     /// `rgba32float`, 4 elements per texel.
     F32,
-    /// `rgba16float`, 4 elements per texel (the texture unit converts).
+    /// f16 bits, 8 elements per `rgba32uint` texel (as `Bf16`).
     F16,
     /// bf16 bits, 8 elements per `rgba32uint` texel (2 per u32, the lower
     /// column in the low half).
@@ -321,15 +321,15 @@ impl TexFormat {
             TexFormat::Q8 { .. } => 4,
         }
     }
-    /// Elements per GPU texel. bf16 and quants travel in wide `rgba32uint`
-    /// texels: one fetch (a gather per lane on llvmpipe, where the one-row
-    /// GEMV's time is its fetches) brings 8 bf16, 32 4-bit or 16 8-bit
-    /// weights, not 4.
+    /// Elements per GPU texel. f16, bf16 and quants travel in wide
+    /// `rgba32uint` texels: one fetch (a gather per lane on llvmpipe, where
+    /// the one-row GEMV's time is its fetches) brings 8 f16 or bf16, 32
+    /// 4-bit or 16 8-bit weights, not 4.
     pub fn texel_elems(self) -> usize {
         match self {
             TexFormat::Q4 => 32,
             TexFormat::Q8 { .. } => 16,
-            TexFormat::Bf16 => 8,
+            TexFormat::Bf16 | TexFormat::F16 => 8,
             _ => 4,
         }
     }
@@ -348,8 +348,7 @@ impl TexFormat {
     fn wgpu(self) -> wgpu::TextureFormat {
         match self {
             TexFormat::F32 => wgpu::TextureFormat::Rgba32Float,
-            TexFormat::F16 => wgpu::TextureFormat::Rgba16Float,
-            TexFormat::Bf16 | TexFormat::Q4 | TexFormat::Q8 { .. } => {
+            TexFormat::F16 | TexFormat::Bf16 | TexFormat::Q4 | TexFormat::Q8 { .. } => {
                 wgpu::TextureFormat::Rgba32Uint
             }
         }

@@ -217,7 +217,7 @@ pub fn generate(v: &Variant) -> String {
     let wide = match v.b_src {
         Source::TexQ4 => Some(32),
         Source::TexQ8 { .. } => Some(16),
-        Source::TexBf16 => Some(8),
+        Source::TexBf16 | Source::TexF16 => Some(8),
         _ => None,
     };
     for (drop, (a, b)) in [
@@ -248,6 +248,14 @@ pub fn generate(v: &Variant) -> String {
         .replace("{{QSUB}}", &qsub.to_string())
         .replace("{{TQ_SHIFT}}", if qbits == 8 { "4" } else { "5" })
         .replace("{{WIDE_E}}", &wide.unwrap_or(4).to_string())
+        .replace(
+            "{{H16_F16}}",
+            if v.b_src == Source::TexF16 {
+                "true"
+            } else {
+                "false"
+            },
+        )
         .replace("{{LANE_SETUP}}", setup)
         .replace("{{TM}}", &v.tm.to_string())
         .replace("{{TN}}", &v.tn.to_string())
@@ -305,14 +313,14 @@ fn gen_nn(tm: usize, tv: usize, sg: usize, a: &str, b: &str) -> (String, String,
     // B rows change every step: one handle per row and step.
     for u in 0..4 {
         emit!(body, "        let hb{u} = bi_bh_row_{b}(n + {u}u);");
-        if b == "tb" && tv.is_multiple_of(2) {
-            // Columns cc{2h}.. start on an 8-element bf16 texel (TN % 8 ==
-            // 0): one fetch serves two column vec4s.
+        if (b == "tb" || b == "th") && tv.is_multiple_of(2) {
+            // Columns cc{2h}.. start on an 8-element 16-bit texel (TN % 8
+            // == 0): one fetch serves two column vec4s.
             for h in 0..tv / 2 {
                 let c = 2 * h;
-                emit!(body, "        let t{u}_{h} = bi_bh_tb8(hb{u}, cc{c});");
-                emit!(body, "        let b{u}_{c} = bf16x4(t{u}_{h}.xy);");
-                emit!(body, "        let b{u}_{} = bf16x4(t{u}_{h}.zw);", c + 1);
+                emit!(body, "        let t{u}_{h} = bi_bh_{b}8(hb{u}, cc{c});");
+                emit!(body, "        let b{u}_{c} = h16x4(t{u}_{h}.xy);");
+                emit!(body, "        let b{u}_{} = h16x4(t{u}_{h}.zw);", c + 1);
             }
             continue;
         }
@@ -534,6 +542,7 @@ pub fn all_variant_sources() -> Vec<(String, String)> {
                 (Source::Storage, Source::Texture, true),
                 (Source::Texture, Source::Storage, true),
                 (Source::Texture, Source::TexBf16, true),
+                (Source::Texture, Source::TexF16, false),
                 (Source::Storage, Source::TexQ4, false),
                 (Source::Texture, Source::TexQ8 { sub: 32 }, true),
                 (Source::Texture, Source::TexQ8 { sub: 16 }, false),
@@ -865,7 +874,7 @@ fn forward(
         // 64 / SG subgroups of 4 outputs each.
         (tile_m, tile_n) = (1, 4 * 64 / v.sg);
         match b.source() {
-            Source::TexQ4 | Source::TexQ8 { .. } | Source::TexBf16 => {
+            Source::TexQ4 | Source::TexQ8 { .. } | Source::TexBf16 | Source::TexF16 => {
                 // 8 outputs per subgroup.
                 tile_n *= 2;
                 "matmul_gemv_wide"
