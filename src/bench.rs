@@ -555,6 +555,8 @@ pub fn train(
             for i in 0..steps {
                 tr.train_step(std::slice::from_ref(&batch), i + 1 == steps)?;
             }
+            // Before the profile below, which would otherwise count in the rate.
+            let secs = t1.secs() / steps.max(1) as f64;
             if std::env::var("WGTUNE_PROFILE").is_ok_and(|v| v == "1") {
                 let kinds = tr.profile(&batch)?;
                 let total: f64 = kinds.iter().map(|k| k.1).sum();
@@ -578,7 +580,6 @@ pub fn train(
                     tr.last_flops / mm / 1e9
                 );
             }
-            let secs = t1.secs() / steps.max(1) as f64;
             let label = if gc {
                 format!("{method}+gc")
             } else {
