@@ -355,7 +355,8 @@ impl TexFormat {
     }
     /// GPU bytes of a `rows x cols` matrix in this format (both textures).
     pub fn matrix_bytes(self, rows: usize, cols: usize) -> u64 {
-        let texels = rows as u64 * cols.div_ceil(4) as u64 * self.texel_bytes();
+        let texels =
+            rows as u64 * cols.div_ceil(self.texel_elems()) as u64 * self.gpu_texel_bytes();
         let scales = self
             .sub_block()
             .map_or(0, |s| rows as u64 * cols.div_ceil(s as usize) as u64 * 8);
@@ -536,8 +537,9 @@ impl TexMatrix {
                 ),
             ));
         }
-        // A wide texel may end past the row's last 4 elements (37 bf16
-        // columns: 10 groups of 4 in 5 texels of 8): pad each row with zeros.
+        // A wide texel may end past the row's last 4 elements (36 bf16
+        // columns: 9 groups of 4, 72 bytes, in 5 texels of 8, 80 bytes):
+        // pad each row with zeros.
         let gw = self.cols.div_ceil(self.format.texel_elems());
         let grb = gw * self.format.gpu_texel_bytes() as usize;
         let padded;
