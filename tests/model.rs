@@ -49,7 +49,37 @@ fn forward_all(
 
 #[test]
 fn logits_and_loss_match_transformers() {
-    let ctx = gpu!();
+    check_tiny_models(gpu!());
+}
+
+/// wgpu's GL backend (what a machine without a Vulkan driver gets): the
+/// tiny models and the GGUF block formats give transformers' logits there
+/// too. Texture operands read garbage on GL, so the context must not use
+/// them. Skipped without a GL adapter unless `WGTUNE_REQUIRE_GL=1` (CI).
+#[test]
+fn gl_backend_matches_transformers() {
+    gpu!();
+    let opts = wgtune::gpu::ContextOptions {
+        backend: Some("gl".into()),
+        ..Default::default()
+    };
+    let ctx = match Context::new(&opts) {
+        Ok(c) => c,
+        Err(e) if std::env::var("WGTUNE_REQUIRE_GL").is_ok_and(|v| v == "1") => {
+            panic!("WGTUNE_REQUIRE_GL=1 but no GL adapter: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping: no GL adapter ({e})");
+            return;
+        }
+    };
+    eprintln!("GL adapter: {}", ctx.info.name);
+    assert!(!ctx.textures(), "texture operands on GL");
+    check_tiny_models(&ctx);
+    check_gguf_direct(&ctx);
+}
+
+fn check_tiny_models(ctx: &Context) {
     for name in MODELS {
         let m = Model::load(ctx, &data_dir(name)).unwrap();
         let r = Arrays::open(&format!("{name}/reference.safetensors"));
@@ -116,7 +146,10 @@ fn gguf_imports_match_transformers() {
 /// their block formats on the GPU and the kernels decode them.
 #[test]
 fn gguf_direct_loads_match_transformers() {
-    let ctx = gpu!();
+    check_gguf_direct(gpu!());
+}
+
+fn check_gguf_direct(ctx: &Context) {
     let models = json("gguf/models.json");
     let want = Arrays::open("gguf/models_expected.safetensors");
     for file in models.as_object().unwrap().keys() {

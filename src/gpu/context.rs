@@ -527,6 +527,14 @@ impl Context {
             subgroup_size.map(|s| format!("fixed size {s}")).unwrap_or_else(|| "off".into()),
             matmul_kernel,
         );
+        // wgpu's GL backend fixes a texture's view dimension from its layer
+        // count at creation, so the one-layer `D2Array` views of every
+        // texture operand read wrong there (garbage logits, no error):
+        // operands stay in storage buffers on GL.
+        let gl = info.backend == wgpu::Backend::Gl;
+        if gl {
+            log::info!("GL backend: matmul operands in storage buffers (no texture operands)");
+        }
         let disk_cache = opts
             .pipeline_cache_dir
             .as_ref()
@@ -550,7 +558,8 @@ impl Context {
             binding_limit,
             subgroup_size,
             matmul_kernel,
-            textures: !opts.disable_textures
+            textures: !gl
+                && !opts.disable_textures
                 && !std::env::var("WGTUNE_NO_TEXTURES").is_ok_and(|v| v == "1"),
             pipelines: Mutex::new(HashMap::new()),
             scratch: Mutex::new(HashMap::new()),
