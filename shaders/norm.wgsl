@@ -70,6 +70,44 @@ fn rmsnorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
 }
 
 // ---------------------------------------------------------------------------
+// rmsnorm_add_forward: the residual add fused in front of the norm. sum = a + b
+// is the next residual (stored, bit-equal to residual_forward), then
+// rmsnorm_forward of sum. Each thread reads back only the sums it wrote.
+@group(0) @binding(1) var<storage, read_write> rma_out: array<f32>;  // (N, C)
+@group(0) @binding(2) var<storage, read_write> rma_rstd: array<f32>; // (N)
+@group(0) @binding(3) var<storage, read_write> rma_sum: array<f32>;  // (N, C)
+@group(0) @binding(4) var<storage, read> rma_a: array<f32>;          // (N, C)
+@group(0) @binding(5) var<storage, read> rma_b: array<f32>;          // (N, C)
+@group(0) @binding(6) var<storage, read> rma_weight: array<f32>;     // (C)
+
+@compute @workgroup_size(WG)
+fn rmsnorm_add_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let row = flat_wg(wg, nwg);
+    let live = row < p.n;
+    let base = row * p.c;
+    var ss = 0.0;
+    if (live) {
+        for (var i = lid; i < p.c; i += WG) {
+            let x = rma_a[base + i] + rma_b[base + i];
+            rma_sum[base + i] = x;
+            ss += x * x;
+        }
+    }
+    red_a[lid] = ss;
+    red_b[lid] = 0.0;
+    workgroupBarrier();
+    reduce2(lid);
+    let rstd = inverseSqrt(red_a[0] / f32(p.c) + p.eps);
+    if (live) {
+        for (var i = lid; i < p.c; i += WG) {
+            rma_out[base + i] = rma_weight[i] * (rma_sum[base + i] * rstd);
+        }
+        if (lid == 0u) { rma_rstd[row] = rstd; }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // rmsnorm_backward: differentiates out = w * x * rstd.
 // g = w*dout; dinp += rstd * (g - x * rstd^2 * mean(g*x)).
 @group(0) @binding(1) var<storage, read_write> rmsb_dinp: array<f32>;  // (N, C)
@@ -230,6 +268,33 @@ fn rmsnorm_forward_row(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgr
         rr_out[base + i] = rr_weight[i] * (rr_inp[base + i] * rstd);
     }
     rr_rstd[row] = rstd;
+}
+
+@group(0) @binding(1) var<storage, read_write> rra_out: array<vec4<f32>>; // (N, C)
+@group(0) @binding(2) var<storage, read_write> rra_rstd: array<f32>;      // (N)
+@group(0) @binding(3) var<storage, read_write> rra_sum: array<vec4<f32>>; // (N, C)
+@group(0) @binding(4) var<storage, read> rra_a: array<vec4<f32>>;         // (N, C)
+@group(0) @binding(5) var<storage, read> rra_b: array<vec4<f32>>;         // (N, C)
+@group(0) @binding(6) var<storage, read> rra_weight: array<vec4<f32>>;    // (C)
+
+@compute @workgroup_size(WG)
+fn rmsnorm_add_forward_row(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                           @builtin(local_invocation_index) lid: u32) {
+    let row = flat_wg(wg, nwg) * WG + lid;
+    if (row >= p.n) { return; }
+    let c4 = p.c / 4u;
+    let base = row * c4;
+    var ss = vec4<f32>(0.0);
+    for (var i = 0u; i < c4; i++) {
+        let x = rra_a[base + i] + rra_b[base + i];
+        rra_sum[base + i] = x;
+        ss = fma(x, x, ss);
+    }
+    let rstd = inverseSqrt(hsum(ss) / f32(p.c) + p.eps);
+    for (var i = 0u; i < c4; i++) {
+        rra_out[base + i] = rra_weight[i] * (rra_sum[base + i] * rstd);
+    }
+    rra_rstd[row] = rstd;
 }
 
 @group(0) @binding(1) var<storage, read_write> rrb_dinp: array<vec4<f32>>; // (N, C)

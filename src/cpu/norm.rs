@@ -21,6 +21,27 @@ pub fn rmsnorm_forward(
     }
 }
 
+/// sum (N, C) = a + b, then [`rmsnorm_forward`] of sum (the residual add
+/// fused in front of the norm). Its backward is the norm's: the add passes
+/// the gradient on unchanged.
+#[allow(clippy::too_many_arguments)] // the kernel's bindings
+pub fn rmsnorm_add_forward(
+    out: &mut [f64],
+    rstd: &mut [f64],
+    sum: &mut [f64],
+    a: &[f64],
+    b: &[f64],
+    weight: &[f64],
+    n: usize,
+    c: usize,
+    eps: f64,
+) {
+    for i in 0..n * c {
+        sum[i] = a[i] + b[i];
+    }
+    rmsnorm_forward(out, rstd, sum, weight, n, c, eps);
+}
+
 /// dinp += rstd * (g - x * rstd^2 * mean(g*x)), g = weight * dout.
 pub fn rmsnorm_backward(
     dinp: &mut [f64],

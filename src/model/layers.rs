@@ -3,7 +3,7 @@
 //! (`names.rs`) and recording its own forward and backward kernels.
 
 use crate::error::{Error, Result};
-use crate::gpu::ops::{matmul, norm};
+use crate::gpu::ops::{activation, matmul, norm};
 use std::sync::Arc;
 
 use crate::gpu::{Context, Plan, Tensor, TexMatrix};
@@ -269,6 +269,28 @@ impl Norm {
                 "LayerNorm needs a mean buffer",
             )),
         }
+    }
+
+    /// sum <- a + b (a residual add), then [`Norm::forward`] of sum. RMSNorm
+    /// does both in one dispatch; LayerNorm (GPT-2) in two. Any shapes of
+    /// (N, C) elements, as `out.out`'s.
+    pub fn forward_add(
+        &self,
+        ctx: &Context,
+        plan: &mut Plan,
+        out: &NormActs,
+        sum: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+    ) -> Result<()> {
+        let shape = out.out.shape();
+        let (sum, a, b) = (sum.reshape(shape)?, a.reshape(shape)?, b.reshape(shape)?);
+        if self.b.is_some() {
+            activation::residual_forward(ctx, plan, &sum, &a, &b)?;
+            return self.forward(ctx, plan, out, &sum);
+        }
+        let (y, rstd, w) = (&out.out, &out.rstd, &self.w);
+        norm::rmsnorm_add_forward(ctx, plan, y, rstd, &sum, &a, &b, w, self.eps)
     }
 
     /// dinp += d norm / d inp . dout, from the statistics `saved` by forward.

@@ -417,20 +417,35 @@ impl Model {
             None if p > 0 => Front::Prefix(hooks.prefix()),
             None => Front::None,
         };
-        for l in 0..self.blocks.len() {
+        let nl = self.blocks.len();
+        for l in 0..nl {
             plan.push_group(&format!("layer {l}"));
-            let next = acts.layer_output(l);
+            // Each layer's last residual add also runs the norm that reads
+            // its output: the next layer's ln1, or the final norm.
+            let (norm, nacts) = match self.blocks.get(l + 1) {
+                Some(nb) => (&nb.ln1, &acts.layers[l + 1].ln1),
+                None => (&self.ln_f, &acts.lnf),
+            };
+            let out = acts.layer_output(l);
+            let tail = Tail {
+                out,
+                norm,
+                acts: nacts,
+            };
             let (a, pack) = (&acts.layers[l], acts.pack.as_ref());
-            self.layer_forward(ctx, plan, hooks, l, a, Some(next), sh, front, pack)?;
+            self.layer_forward(ctx, plan, hooks, l, a, Some(tail), l > 0, sh, front, pack)?;
             plan.pop_group();
         }
-        let last = acts.layers.last().map_or(&acts.x0, |_| &acts.resid_out);
-        self.ln_f
-            .forward(ctx, plan, &acts.lnf, &last.reshape(&[n, c])?)
+        if nl == 0 {
+            self.ln_f
+                .forward(ctx, plan, &acts.lnf, &acts.x0.reshape(&[n, c])?)?;
+        }
+        Ok(())
     }
 
     /// Layer `l` from its input `a.resid`; the output residual goes to
-    /// `next` (backward's recompute passes none: the output is kept).
+    /// `tail` (backward's recompute passes none: the output is kept).
+    /// `ln1_done`: the layer below's tail already wrote `a.ln1`.
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
@@ -439,7 +454,8 @@ impl Model {
         hooks: &dyn Hooks,
         l: usize,
         a: &LayerActs,
-        next: Option<&Tensor>,
+        tail: Option<Tail>,
+        ln1_done: bool,
         sh: FwdShape,
         front: Front,
         pack: Option<&PackBufs>,
@@ -447,7 +463,9 @@ impl Model {
         let (cfg, blk) = (&self.cfg, &self.blocks[l]);
         let att2 = a.att.reshape(&[sh.rows(), cfg.heads * cfg.head_dim])?;
         let (ln1, qkv, o, ln2, mlp) = (&blk.ln1, &blk.qkv, &blk.o, &blk.ln2, &blk.mlp);
-        ln1.forward(ctx, plan, &a.ln1, &a.resid)?;
+        if !ln1_done {
+            ln1.forward(ctx, plan, &a.ln1, &a.resid)?;
+        }
         let (q_out, k_out) = qk_outputs(a);
         qkv.forward(ctx, plan, hooks, l, a, q_out, k_out)?;
         blk.qk_norm_forward(ctx, plan, a)?;
@@ -463,12 +481,12 @@ impl Model {
         }
         o.forward_hooked(ctx, plan, hooks, l, &a.proj, &att2)?;
         let attn_out = post_norm_forward(ctx, plan, &blk.post_attn, &a.post_attn, &a.proj)?;
-        residual(ctx, plan, &a.resid_mid, &a.resid, attn_out)?;
-        ln2.forward(ctx, plan, &a.ln2, &a.resid_mid)?;
+        ln2.forward_add(ctx, plan, &a.ln2, &a.resid_mid, &a.resid, attn_out)?;
         mlp.forward(ctx, plan, hooks, l, a, cfg.glu_act)?;
         let mlp_out = post_norm_forward(ctx, plan, &blk.post_mlp, &a.post_mlp, &a.mlp_out)?;
-        if let Some(next) = next {
-            residual(ctx, plan, next, &a.resid_mid, mlp_out)?;
+        if let Some(t) = tail {
+            t.norm
+                .forward_add(ctx, plan, t.acts, t.out, &a.resid_mid, mlp_out)?;
         }
         Ok(())
     }
@@ -672,7 +690,7 @@ impl Model {
             if acts.recompute && l + 1 < self.blocks.len() {
                 plan.push_group(&format!("layer {l} recompute"));
                 let pack = acts.pack.as_ref();
-                self.layer_forward(ctx, plan, hooks, l, a, None, sh, front, pack)?;
+                self.layer_forward(ctx, plan, hooks, l, a, None, false, sh, front, pack)?;
                 plan.pop_group();
             }
             plan.push_group(&format!("layer {l} backward"));
@@ -1085,6 +1103,15 @@ fn post_norm_backward<'a>(
         }
         _ => Ok(dout),
     }
+}
+
+/// Where a layer's output residual goes, and the norm that reads it next
+/// (run in the same dispatch as the add).
+#[derive(Clone, Copy)]
+struct Tail<'a> {
+    out: &'a Tensor,
+    norm: &'a Norm,
+    acts: &'a NormActs,
 }
 
 /// q, k, v (B, S, *, HD) as (B*S, *) matrices for the projections.

@@ -75,6 +75,7 @@ fn spec(
 fn row_entry(entry: &str) -> &'static str {
     match entry {
         "rmsnorm_forward" => "rmsnorm_forward_row",
+        "rmsnorm_add_forward" => "rmsnorm_add_forward_row",
         "rmsnorm_backward" => "rmsnorm_backward_row",
         "layernorm_forward" => "layernorm_forward_row",
         _ => "layernorm_backward_row",
@@ -104,6 +105,39 @@ pub fn rmsnorm_forward(
     };
     let (spec, grid) = spec(ctx, op, &[W, W, R, R], n, c, NormKernel::pick(ctx, n, c))?;
     plan.dispatch(ctx, &spec, &p, &[out, rstd, inp, weight], grid)
+}
+
+/// sum (N, C) <- a + b, then out (N, C), rstd (N) <- rmsnorm(sum): a
+/// residual add and the norm that reads it, in one dispatch. `sum` is
+/// bit-equal to `activation::residual_forward`'s.
+#[allow(clippy::too_many_arguments)] // the kernel's bindings
+pub fn rmsnorm_add_forward(
+    ctx: &Context,
+    plan: &mut Plan,
+    out: &Tensor,
+    rstd: &Tensor,
+    sum: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+) -> Result<()> {
+    let op = "rmsnorm_add_forward";
+    let [n, c] = dims(op, a, "(N, C)")?;
+    for t in [out, sum, b] {
+        expect_shape(op, t, &[n, c])?;
+    }
+    expect_shape(op, rstd, &[n])?;
+    expect_shape(op, weight, &[c])?;
+    let p = NormParams {
+        n: n as u32,
+        c: c as u32,
+        eps,
+        _pad: 0,
+    };
+    let k = NormKernel::pick(ctx, n, c);
+    let (spec, grid) = spec(ctx, op, &[W, W, W, R, R, R], n, c, k)?;
+    plan.dispatch(ctx, &spec, &p, &[out, rstd, sum, a, b, weight], grid)
 }
 
 /// dinp (N, C) += d rmsnorm / d inp . dout.
