@@ -185,6 +185,19 @@ fn fw_b_tq(c: vec2<u32>, k: u32) -> vec4<f32> {
     return s.x * quant4(q) + s.y;
 }
 
+// The register forward over wide quantized texels (gen_nt): one texel and
+// its (scale, offset) pair per column and texel, then its 4-column steps
+// picked out of registers, instead of two fetches per step.
+fn fwt_tq(c: vec2<u32>, k: u32) -> vec4<u32> {
+    return textureLoad(fwu_b, vec2<u32>(k >> TQ_SHIFT, c.x), c.y, 0);
+}
+fn fws_tq(c: vec2<u32>, k: u32) -> vec4<f32> {
+    return textureLoad(fwq_s, vec2<u32>(k / QSUB, c.x), c.y, 0);
+}
+fn fwx_tq(t: vec4<u32>, s: vec4<f32>, k: u32) -> vec4<f32> {
+    return s.x * quant4(tq_word(t, k)) + s.y;
+}
+
 fn fw_store(row: u32, col: u32, acc: f32) {
     if (row >= p.m || col >= p.n) { return; }
     var v = p.alpha * acc;
@@ -207,7 +220,7 @@ fn matmul_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
     let mlast = p.m - 1u;
     let nlast = p.n - 1u;
 {{FW_DECL}}
-    for (var k = 0u; k < p.k; k += 4u) {
+    for (var k = 0u; k < p.k; k += {{FW_STEP}}u) {
 {{FW_BODY}}
     }
 {{FW_STORE}}

@@ -204,8 +204,23 @@ pub fn generate(v: &Variant) -> String {
             s.replace_range(b0..e0 + "// {{TILED_END}}".len(), "");
         }
     }
+    let wide = match v.b_src {
+        Source::TexQ4 => Some(32),
+        Source::TexQ8 { .. } => Some(16),
+        Source::TexBf16 | Source::TexF16 => Some(8),
+        _ => None,
+    };
+    let (qbits, qsub) = v.b_src.quant();
+    // Measured on lavapipe (SmolLM2, LoRA step and 40-token prefill): the
+    // texel-wide forward pays for 4- and 8-bit weights (32 and 16 columns
+    // a texel); for 16-bit ones (8) it was slower as a loop and no faster
+    // unrolled, so they keep one fetch per step.
+    // A (scale, offset) block must span each texel (true of every block
+    // format: QSUB is 16 or 32).
+    let quant = matches!(v.b_src, Source::TexQ4 | Source::TexQ8 { .. });
+    let fw_wide = wide.filter(|&e| quant && (qsub as usize).is_multiple_of(e));
     for (tag, (decl, body, store)) in [
-        ("FW", gen_nt(tm, tn, sg, a, b)),
+        ("FW", gen_nt(tm, tn, sg, a, b, fw_wide)),
         ("BI", gen_nn(tm, tv, sg, a, b)),
         ("BW", gen_tn(tm, tv, sg, a, bw_b)),
     ] {
@@ -214,12 +229,6 @@ pub fn generate(v: &Variant) -> String {
             .replace(&format!("{{{{{tag}_BODY}}}}"), &body)
             .replace(&format!("{{{{{tag}_STORE}}}}"), &store);
     }
-    let wide = match v.b_src {
-        Source::TexQ4 => Some(32),
-        Source::TexQ8 { .. } => Some(16),
-        Source::TexBf16 | Source::TexF16 => Some(8),
-        _ => None,
-    };
     for (drop, (a, b)) in [
         (sg <= 1, ("// SUBGROUP_ONLY_BEGIN", "// SUBGROUP_ONLY_END")),
         (wide.is_none(), ("// WIDE_ONLY_BEGIN", "// WIDE_ONLY_END")),
@@ -238,8 +247,8 @@ pub fn generate(v: &Variant) -> String {
         .replace("{{TL_FW_STORE}}", &fw)
         .replace("{{TL_BI_STORE}}", &bi)
         .replace("{{TL_BW_STORE}}", &bw);
-    let (qbits, qsub) = v.b_src.quant();
     s.replace("{{LANE_BUILTINS}}", builtins)
+        .replace("{{FW_STEP}}", &fw_wide.unwrap_or(4).to_string())
         .replace("{{SGW}}", &sg.to_string())
         .replace("{{BW_B}}", bw_b)
         .replace("{{A}}", a)
@@ -269,7 +278,18 @@ pub fn generate(v: &Variant) -> String {
 
 /// NT micro-kernel (forward): scalar accumulators c_i_j over a TM x TN tile.
 /// `a`, `b`: source tags; row handles are computed once per row.
-fn gen_nt(tm: usize, tn: usize, sg: usize, a: &str, b: &str) -> (String, String, String) {
+/// `wide` (quantized B only): its texels hold E > 4 columns, each within
+/// one (scale, offset) block: the K loop steps a texel at a time and each column
+/// fetches it once, then its E / 4 steps run from registers (an inner loop:
+/// unrolled, the quantized modules were slower).
+fn gen_nt(
+    tm: usize,
+    tn: usize,
+    sg: usize,
+    a: &str,
+    b: &str,
+    wide: Option<usize>,
+) -> (String, String, String) {
     let (mut decl, mut body, mut store) = (String::new(), String::new(), String::new());
     row_clamps(&mut decl, tm, sg, a);
     for j in 0..tn {
@@ -280,14 +300,36 @@ fn gen_nt(tm: usize, tn: usize, sg: usize, a: &str, b: &str) -> (String, String,
             emit!(decl, "    var c{i}_{j} = 0.0;");
         }
     }
-    a_rows(&mut body, tm, sg, |r| format!("fw_a_{a}({r}, k)"));
-    for j in 0..tn {
-        emit!(body, "        let b{j} = fw_b_{b}(cb{j}, k);");
-    }
-    for i in 0..tm {
+    // One 4-column step at `kk`: A rows, B columns, TM x TN dots.
+    let step = |body: &mut String, kk: &str| {
+        a_rows(body, tm, sg, |r| format!("fw_a_{a}({r}, {kk})"));
         for j in 0..tn {
-            emit!(body, "        c{i}_{j} += dot(a{i}, b{j});");
+            match wide {
+                Some(_) => emit!(body, "        let b{j} = fwx_tq(tb{j}, sb{j}, {kk});"),
+                None => emit!(body, "        let b{j} = fw_b_{b}(cb{j}, {kk});"),
+            }
         }
+        for i in 0..tm {
+            for j in 0..tn {
+                emit!(body, "        c{i}_{j} += dot(a{i}, b{j});");
+            }
+        }
+    };
+    match wide {
+        Some(e) => {
+            for j in 0..tn {
+                emit!(body, "        let tb{j} = fwt_tq(cb{j}, k);");
+                emit!(body, "        let sb{j} = fws_tq(cb{j}, k);");
+            }
+            // Block formats make K whole texels; the guard (uniform, as K
+            // is) keeps a step past K from reading A out of bounds anyway.
+            emit!(body, "        for (var u = 0u; u < {e}u; u += 4u) {{");
+            emit!(body, "        let kk = k + u;");
+            emit!(body, "        if (kk >= p.k) {{ break; }}");
+            step(&mut body, "kk");
+            emit!(body, "        }}");
+        }
+        None => step(&mut body, "k"),
     }
     for i in 0..tm {
         for j in 0..tn {
