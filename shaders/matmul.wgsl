@@ -578,6 +578,14 @@ fn bi_bh_tq(c: vec2<u32>, col: u32) -> vec4<f32> {
     let s = textureLoad(biq_s, vec2<u32>(col / QSUB, c.x), c.y, 0);
     return s.x * quant4(q) + s.y;
 }
+// The whole quant texel of `col` and its (scale, offset): gen_nn decodes
+// all of a lane's columns from one fetch of each when they share a texel.
+fn bi_bh_tqt(c: vec2<u32>, col: u32) -> vec4<u32> {
+    return textureLoad(biu_b, vec2<u32>(col >> TQ_SHIFT, c.x), c.y, 0);
+}
+fn bi_bh_tqs(c: vec2<u32>, col: u32) -> vec4<f32> {
+    return textureLoad(biq_s, vec2<u32>(col / QSUB, c.x), c.y, 0);
+}
 
 fn bi_store(row: u32, col: u32, acc: vec4<f32>) {
     if (row >= p.m) { return; }

@@ -219,9 +219,14 @@ pub fn generate(v: &Variant) -> String {
     // format: QSUB is 16 or 32).
     let quant = matches!(v.b_src, Source::TexQ4 | Source::TexQ8 { .. });
     let fw_wide = wide.filter(|&e| quant && (qsub as usize).is_multiple_of(e));
+    // backward_input: a lane's TN columns share one quant texel and block.
+    let bi_shared = quant
+        && tv > 1
+        && wide.is_some_and(|e| e.is_multiple_of(tn))
+        && (qsub as usize).is_multiple_of(tn);
     for (tag, (decl, body, store)) in [
         ("FW", gen_nt(tm, tn, sg, a, b, fw_wide)),
-        ("BI", gen_nn(tm, tv, sg, a, b)),
+        ("BI", gen_nn(tm, tv, sg, a, b, bi_shared)),
         ("BW", gen_tn(tm, tv, sg, a, bw_b)),
     ] {
         s = s
@@ -340,7 +345,14 @@ fn gen_nt(
 }
 
 /// NN micro-kernel (backward_input): vec4 accumulators c_i_v over TV vec4 columns.
-fn gen_nn(tm: usize, tv: usize, sg: usize, a: &str, b: &str) -> (String, String, String) {
+fn gen_nn(
+    tm: usize,
+    tv: usize,
+    sg: usize,
+    a: &str,
+    b: &str,
+    tq_shared: bool,
+) -> (String, String, String) {
     let (mut decl, mut body, mut store) = (String::new(), String::new(), String::new());
     row_clamps(&mut decl, tm, sg, a);
     for c in 0..tv {
@@ -363,6 +375,19 @@ fn gen_nn(tm: usize, tv: usize, sg: usize, a: &str, b: &str) -> (String, String,
                 emit!(body, "        let t{u}_{h} = bi_bh_{b}8(hb{u}, cc{c});");
                 emit!(body, "        let b{u}_{c} = h16x4(t{u}_{h}.xy);");
                 emit!(body, "        let b{u}_{} = h16x4(t{u}_{h}.zw);", c + 1);
+            }
+            continue;
+        }
+        if tq_shared {
+            // A lane's TN = 4 TV columns start on a multiple of TN, so they
+            // lie in one quant texel and one (scale, offset) block.
+            emit!(body, "        let t{u} = bi_bh_tqt(hb{u}, cc0);");
+            emit!(body, "        let s{u} = bi_bh_tqs(hb{u}, cc0);");
+            for c in 0..tv {
+                emit!(
+                    body,
+                    "        let b{u}_{c} = s{u}.x * quant4(tq_word(t{u}, cc{c})) + s{u}.y;"
+                );
             }
             continue;
         }
