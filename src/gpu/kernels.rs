@@ -7,6 +7,7 @@
 //! Pipelines are built once per spec and cached in the `Context`.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
@@ -118,13 +119,44 @@ impl Source {
     }
 }
 
+/// The WGSL text of a [`KernelSpec`], made only when its pipeline is built:
+/// a generated matmul module is tens of KB of text, and making it for every
+/// recorded dispatch cost most of the recording of a prompt's plan.
+#[derive(Clone)]
+pub enum SpecSource {
+    /// `COMMON` + one of the `shaders/` families.
+    Family(&'static str),
+    /// A generated module (the module name identifies it).
+    Generated(Arc<dyn Fn() -> Result<String> + Send + Sync>),
+}
+
+impl SpecSource {
+    /// The complete WGSL text.
+    pub fn text(&self) -> Result<String> {
+        match self {
+            SpecSource::Family(f) => family_source(f)
+                .ok_or_else(|| Error::invalid("kernel", format!("unknown shader family `{f}`"))),
+            SpecSource::Generated(make) => make(),
+        }
+    }
+}
+
+impl std::fmt::Debug for SpecSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpecSource::Family(name) => write!(f, "Family({name})"),
+            SpecSource::Generated(_) => write!(f, "Generated"),
+        }
+    }
+}
+
 /// Everything that identifies a pipeline.
 #[derive(Clone, Debug)]
 pub struct KernelSpec {
     /// Module name for the cache key and labels (`"matmul"` or a generated variant name).
     pub module: Cow<'static, str>,
-    /// Complete WGSL text.
-    pub source: Cow<'static, str>,
+    /// The WGSL text, made on a pipeline-cache miss.
+    pub source: SpecSource,
     pub entry: &'static str,
     pub constants: Vec<(&'static str, f64)>,
     /// Access of bindings 1.. (binding 0 is always the uniform).
@@ -134,11 +166,15 @@ pub struct KernelSpec {
 impl KernelSpec {
     /// A kernel from one of the `shaders/` families.
     pub fn family(family: &'static str, entry: &'static str, layout: &[Access]) -> Result<Self> {
-        let source = family_source(family)
-            .ok_or_else(|| Error::invalid("kernel", format!("unknown shader family `{family}`")))?;
+        if !FAMILIES.iter().any(|(n, _)| *n == family) {
+            return Err(Error::invalid(
+                "kernel",
+                format!("unknown shader family `{family}`"),
+            ));
+        }
         Ok(KernelSpec {
             module: Cow::Borrowed(family),
-            source: Cow::Owned(source),
+            source: SpecSource::Family(family),
             entry,
             constants: Vec::new(),
             layout: layout.to_vec(),
@@ -187,7 +223,7 @@ pub(crate) fn build(ctx: &Context, spec: &KernelSpec) -> Result<Kernel> {
     let scope = dev.push_error_scope(wgpu::ErrorFilter::Validation);
     let desc = wgpu::ShaderModuleDescriptor {
         label: Some(&name),
-        source: wgpu::ShaderSource::Wgsl(spec.source.clone()),
+        source: wgpu::ShaderSource::Wgsl(Cow::Owned(spec.source.text()?)),
     };
     let module = dev.create_shader_module(desc);
     let mut entries = vec![wgpu::BindGroupLayoutEntry {

@@ -21,11 +21,12 @@
 //!   [`AttnConfig::for_context`] for the measurements).
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use super::{dims, expect_shape, grid_1d, matmul, uniform, Plan, R, W};
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
-use crate::gpu::kernels::{Access, KernelSpec, Source};
+use crate::gpu::kernels::{Access, KernelSpec, Source, SpecSource};
 use crate::gpu::plan::Bind;
 use crate::gpu::tensor::{DType, Tensor, TexMatrix};
 
@@ -319,7 +320,7 @@ fn spec(
     }
     Ok(KernelSpec {
         module: Cow::Owned(module),
-        source: Cow::Owned(source_for(src, sg, maxc, seg)?),
+        source: SpecSource::Generated(Arc::new(move || source_for(src, sg, maxc, seg))),
         entry,
         constants: Vec::new(),
         layout,

@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::gpu::context::{Context, MatmulKernel};
 use crate::gpu::kernels::Access::StorageTexture as S;
 use crate::gpu::kernels::Access::Texture as T;
-use crate::gpu::kernels::{Access, KernelSpec, Source};
+use crate::gpu::kernels::{Access, KernelSpec, Source, SpecSource};
 use crate::gpu::plan::Bind;
 use crate::gpu::tensor::{DType, Tensor, TexMatrix};
 
@@ -635,7 +635,10 @@ pub fn all_variant_sources() -> Vec<(String, String)> {
 fn spec(v: &Variant, entry: &'static str, layout: &[crate::gpu::kernels::Access]) -> KernelSpec {
     KernelSpec {
         module: Cow::Owned(v.name()),
-        source: Cow::Owned(generate(v)),
+        source: SpecSource::Generated({
+            let v = *v;
+            Arc::new(move || Ok(generate(&v)))
+        }),
         entry,
         constants: Vec::new(),
         layout: layout.to_vec(),
