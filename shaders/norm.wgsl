@@ -35,6 +35,16 @@ fn reduce2(lid: u32) {
     }
 }
 
+// RMSNorm's 1/sqrt(mean(x^2) + eps) of a row from each thread's partial sum
+// of squares; every thread must call it.
+fn rms_rstd_of(lid: u32, ss: f32) -> f32 {
+    red_a[lid] = ss;
+    red_b[lid] = 0.0;
+    workgroupBarrier();
+    reduce2(lid);
+    return inverseSqrt(red_a[0] / f32(p.c) + p.eps);
+}
+
 // ---------------------------------------------------------------------------
 // rmsnorm_forward: out = weight * x * rstd, rstd = 1/sqrt(mean(x^2) + eps)
 // (HF LlamaRMSNorm). Saves rstd for backward.
@@ -56,11 +66,7 @@ fn rmsnorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
             ss += x * x;
         }
     }
-    red_a[lid] = ss;
-    red_b[lid] = 0.0;
-    workgroupBarrier();
-    reduce2(lid);
-    let rstd = inverseSqrt(red_a[0] / f32(p.c) + p.eps);
+    let rstd = rms_rstd_of(lid, ss);
     if (live) {
         for (var i = lid; i < p.c; i += WG) {
             rms_out[base + i] = rms_weight[i] * (rms_inp[base + i] * rstd);
@@ -94,11 +100,7 @@ fn rmsnorm_add_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgr
             ss += x * x;
         }
     }
-    red_a[lid] = ss;
-    red_b[lid] = 0.0;
-    workgroupBarrier();
-    reduce2(lid);
-    let rstd = inverseSqrt(red_a[0] / f32(p.c) + p.eps);
+    let rstd = rms_rstd_of(lid, ss);
     if (live) {
         for (var i = lid; i < p.c; i += WG) {
             rma_out[base + i] = rma_weight[i] * (rma_sum[base + i] * rstd);

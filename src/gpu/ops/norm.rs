@@ -11,6 +11,15 @@ uniform! { "norm" "Params"
     pub struct NormParams { n: u32, c: u32, eps: f32, _pad: u32 }
 }
 
+fn params(n: usize, c: usize, eps: f32) -> NormParams {
+    NormParams {
+        n: n as u32,
+        c: c as u32,
+        eps,
+        _pad: 0,
+    }
+}
+
 /// Threads per row: enough to cover C in a few strides, at most 256.
 fn wg_for(c: usize) -> u32 {
     (c.next_power_of_two() as u32).clamp(32, 256)
@@ -97,12 +106,7 @@ pub fn rmsnorm_forward(
     expect_shape(op, out, &[n, c])?;
     expect_shape(op, rstd, &[n])?;
     expect_shape(op, weight, &[c])?;
-    let p = NormParams {
-        n: n as u32,
-        c: c as u32,
-        eps,
-        _pad: 0,
-    };
+    let p = params(n, c, eps);
     let (spec, grid) = spec(ctx, op, &[W, W, R, R], n, c, NormKernel::pick(ctx, n, c))?;
     plan.dispatch(ctx, &spec, &p, &[out, rstd, inp, weight], grid)
 }
@@ -129,12 +133,7 @@ pub fn rmsnorm_add_forward(
     }
     expect_shape(op, rstd, &[n])?;
     expect_shape(op, weight, &[c])?;
-    let p = NormParams {
-        n: n as u32,
-        c: c as u32,
-        eps,
-        _pad: 0,
-    };
+    let p = params(n, c, eps);
     let k = NormKernel::pick(ctx, n, c);
     let (spec, grid) = spec(ctx, op, &[W, W, W, R, R, R], n, c, k)?;
     plan.dispatch(ctx, &spec, &p, &[out, rstd, sum, a, b, weight], grid)
@@ -156,11 +155,7 @@ pub fn rmsnorm_backward(
     expect_shape(op, dout, &[n, c])?;
     expect_shape(op, weight, &[c])?;
     expect_shape(op, rstd, &[n])?;
-    let p = NormParams {
-        n: n as u32,
-        c: c as u32,
-        ..Default::default()
-    };
+    let p = params(n, c, 0.0);
     let (spec, grid) = spec(ctx, op, &[W, R, R, R, R], n, c, NormKernel::pick(ctx, n, c))?;
     plan.dispatch(ctx, &spec, &p, &[dinp, dout, inp, weight, rstd], grid)
 }
@@ -185,12 +180,7 @@ pub fn layernorm_forward(
     expect_shape(op, rstd, &[n])?;
     expect_shape(op, weight, &[c])?;
     expect_shape(op, bias, &[c])?;
-    let p = NormParams {
-        n: n as u32,
-        c: c as u32,
-        eps,
-        _pad: 0,
-    };
+    let p = params(n, c, eps);
     let (spec, grid) = spec(
         ctx,
         op,
@@ -221,11 +211,7 @@ pub fn layernorm_backward(
     expect_shape(op, weight, &[c])?;
     expect_shape(op, mean, &[n])?;
     expect_shape(op, rstd, &[n])?;
-    let p = NormParams {
-        n: n as u32,
-        c: c as u32,
-        ..Default::default()
-    };
+    let p = params(n, c, 0.0);
     let (spec, grid) = spec(
         ctx,
         op,
