@@ -211,8 +211,8 @@ fn fw_store(row: u32, col: u32, acc: f32) {
 fn matmul_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32,
                   {{LANE_BUILTINS}}) {
     {{LANE_SETUP}}
-    let row0 = wg.y * (RG * TM) + rg * TM;
-    let col0 = wg.x * (LC * TN) + lane * TN;
+    let row0 = wg.x * (RG * TM) + rg * TM;
+    let col0 = wg.y * (LC * TN) + lane * TN;
     // A row group past the last row leaves (uniform over its subgroup, and
     // there are no barriers): a prompt of a few rows in a 64-row workgroup
     // fetched every weight once per row group, wanted or not.
@@ -602,8 +602,8 @@ fn bi_store(row: u32, col: u32, acc: vec4<f32>) {
 fn matmul_backward_input(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32,
                          {{LANE_BUILTINS}}) {
     {{LANE_SETUP}}
-    let row0 = wg.y * (RG * TM) + rg * TM;
-    let col0 = wg.x * (LC * TN) + lane * TN;
+    let row0 = wg.x * (RG * TM) + rg * TM;
+    let col0 = wg.y * (LC * TN) + lane * TN;
     if (row0 >= p.m) { return; }  // as matmul_forward
     let mlast = p.m - 1u;
 {{BI_DECL}}
@@ -691,8 +691,8 @@ fn bw_store(z: u32, row: u32, col: u32, acc: vec4<f32>) {
 fn matmul_backward_weight(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32,
                           {{LANE_BUILTINS}}) {
     {{LANE_SETUP}}
-    let row0 = wg.y * (RG * TM) + rg * TM;
-    let col0 = wg.x * (LC * TN) + lane * TN;
+    let row0 = wg.x * (RG * TM) + rg * TM;
+    let col0 = wg.y * (LC * TN) + lane * TN;
     if (row0 >= p.n) { return; }  // as matmul_forward (rows here are dout columns)
     let m0 = wg.z * p.m_split;
     let m1 = min(p.m, m0 + p.m_split);

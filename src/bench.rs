@@ -8,7 +8,7 @@ use crate::clock::Stopwatch;
 
 use crate::error::Result;
 use crate::gpu::ops::matmul;
-use crate::gpu::{Context, ContextOptions, DType, MatmulKernel, Plan, Tensor};
+use crate::gpu::{plan::Profile, Context, ContextOptions, DType, MatmulKernel, Plan, Tensor};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -445,6 +445,7 @@ pub fn train(
         first: vec![-100; b],
         starts: Vec::new(),
     };
+    let mut in_step: Vec<(String, f64, bool)> = Vec::new();
     for &method in methods {
         let n = 20;
         let (acfg, tensors) = match method {
@@ -558,33 +559,31 @@ pub fn train(
             // Before the profile below, which would otherwise count in the rate.
             let secs = t1.secs() / steps.max(1) as f64;
             if std::env::var("WGTUNE_PROFILE").is_ok_and(|v| v == "1") {
-                let kinds = tr.profile(&batch)?;
-                let total: f64 = kinds.iter().map(|k| k.1).sum();
-                eprintln!("profile {method}: {total:.2} s run one by one");
-                for (name, secs, k) in kinds.iter().take(14) {
+                let prof = tr.profile(&batch)?;
+                let total: f64 = prof.kinds.iter().map(|k| k.1).sum();
+                eprintln!("profile {method}: {total:.2} s ({})", prof.how());
+                for (name, secs, k) in prof.kinds.iter().take(14) {
                     eprintln!("  {name:<58} {k:>5}x {:8.1} ms", secs * 1e3);
                 }
-                // The step's FLOP rate over only the dispatches that count
-                // FLOPs (matmul, LoRA, attention), to set against `bench
-                // kernels`; the line above divides by the whole step.
-                let counted = |n: &str| {
-                    (n.contains("::matmul_") && !n.ends_with("matmul_gather"))
-                        || n.starts_with("lora::lora_")
-                        || n.starts_with("attention")
-                };
-                let mm: f64 = kinds.iter().filter(|k| counted(&k.0)).map(|k| k.1).sum();
-                eprintln!(
-                    "  matmul, LoRA and attention dispatches: {mm:.2} s of {total:.2} s ({:.0}%), \
-                     {:.1} GFLOP/s",
-                    100.0 * mm / total,
-                    tr.last_flops / mm / 1e9
-                );
+                // Each family's FLOP rate over its own dispatches, to set
+                // against `bench kernels`; the line below divides by the
+                // whole step.
+                for fam in ["matmul", "lora", "attention"] {
+                    let (s, n) = prof.sum(|k| Profile::is_family(k, fam));
+                    let f = prof.flops_of(fam);
+                    if n > 0 && f > 0.0 {
+                        eprintln!(
+                            "  {fam} dispatches: {n}, {s:.2} s of {total:.2} s ({:.0}%), {:.1} GFLOP/s",
+                            100.0 * s / total,
+                            f / s / 1e9
+                        );
+                        if fam == "matmul" {
+                            in_step.push((label_of(method, gc), f / s / 1e9, prof.in_place));
+                        }
+                    }
+                }
             }
-            let label = if gc {
-                format!("{method}+gc")
-            } else {
-                method.to_string()
-            };
+            let label = label_of(method, gc);
             println!(
             "  {label:<12} {:>8.1} tok/s  {:>7.1} GFLOP/s (matmuls)  {:.2} s/step  {} dispatches/step  (first step {warm:.1} s incl. building {} new pipelines in {:.1} s, {} distinct in all; loss {first:.3}), {} trainable, GPU bytes allocated {:.0} MiB at peak ({:.0} MiB weights; memory plan {:.0} MiB, {:.0} MiB without the load-time temporary the peak here excludes), peak RSS {:.0} MiB",
             (b * t) as f64 / secs,
@@ -603,7 +602,49 @@ pub fn train(
         );
         }
     }
+    if !in_step.is_empty() {
+        // The same run's best matmul rate at this model's shapes, with
+        // weights packed once as at load (f32): what the step's matmuls are
+        // set against.
+        let bt = b * t;
+        let (c, i) = (cfg.hidden, cfg.intermediate);
+        let mut best = (0.0, String::new());
+        for (layout, k, n) in [
+            ("forward", c, i),
+            ("forward", i, c),
+            ("backward_input", c, i),
+            ("backward_input", i, c),
+        ] {
+            let (_, g) = matmul_case(&ctx, layout, bt, k, n, 3)?;
+            if g > best.0 {
+                best = (g, format!("{layout} {bt} x {k} x {n}"));
+            }
+        }
+        eprintln!(
+            "best matmul kernel rate at this model's shapes, this run: {:.1} GFLOP/s ({})",
+            best.0, best.1
+        );
+        for (label, g, in_place) in in_step {
+            eprintln!(
+                "  {label:<12} the step's matmul dispatches at {g:.1} GFLOP/s: {:.0}% of it{}",
+                100.0 * g / best.0,
+                if in_place {
+                    ""
+                } else {
+                    " (each step timed alone)"
+                }
+            );
+        }
+    }
     Ok(())
+}
+
+fn label_of(method: &str, gc: bool) -> String {
+    if gc {
+        format!("{method}+gc")
+    } else {
+        method.to_string()
+    }
 }
 
 /// The memory plan's total for one `bench train` method and batch, with

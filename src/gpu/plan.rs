@@ -68,6 +68,8 @@ pub struct Plan {
     label: String,
     steps: Vec<Step>,
     flops: f64,
+    /// FLOPs per op family ("matmul", "lora", "attention").
+    flops_by: Vec<(&'static str, f64)>,
     /// The uniform buffers' bytes in `Context::memory`, while the plan lives.
     uniforms: Vec<crate::gpu::context::Allocation>,
     /// Textures that hold a packed copy of a buffer range at this point of
@@ -95,6 +97,7 @@ impl Plan {
             label: label.to_string(),
             steps: Vec::new(),
             flops: 0.0,
+            flops_by: Vec::new(),
             uniforms: Vec::new(),
             packed: Vec::new(),
         }
@@ -139,8 +142,21 @@ impl Plan {
     pub fn flops(&self) -> f64 {
         self.flops
     }
-    pub(crate) fn add_flops(&mut self, f: f64) {
+    /// FLOPs the ops of one family reported (`"matmul"`, `"lora"`,
+    /// `"attention"`).
+    pub fn flops_of(&self, family: &str) -> f64 {
+        self.flops_by
+            .iter()
+            .filter(|(f, _)| *f == family)
+            .map(|(_, x)| x)
+            .sum()
+    }
+    pub(crate) fn add_flops(&mut self, family: &'static str, f: f64) {
         self.flops += f;
+        match self.flops_by.iter_mut().find(|(k, _)| *k == family) {
+            Some((_, x)) => *x += f,
+            None => self.flops_by.push((family, f)),
+        }
     }
 
     /// Open a debug group (`"layer 3"`), shown by GPU debuggers.
@@ -317,12 +333,24 @@ impl Plan {
     /// Record the plan into `encoder`. Debug groups stay balanced across the
     /// pass breaks that clears force.
     pub fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
+        self.encode_with(encoder, None);
+    }
+
+    /// [`Plan::encode`], with a timestamp after each step when `stamps` is
+    /// given (a profile: see [`Plan::profile`]).
+    fn encode_with(&self, encoder: &mut wgpu::CommandEncoder, stamps: Option<&Stamps>) {
+        if let Some(st) = stamps {
+            st.write(|qs, i| encoder.write_timestamp(qs, i));
+        }
         let mut open: Vec<&str> = Vec::new();
         let mut i = 0;
         while i < self.steps.len() {
             match &self.steps[i] {
                 Step::Clear { tensor } => {
                     encoder.clear_buffer(tensor.buffer(), tensor.offset(), Some(tensor.bytes()));
+                    if let Some(st) = stamps {
+                        st.write(|qs, i| encoder.write_timestamp(qs, i));
+                    }
                     i += 1;
                     continue;
                 }
@@ -359,6 +387,9 @@ impl Plan {
                             depth_or_array_layers: 1,
                         },
                     );
+                    if let Some(st) = stamps {
+                        st.write(|qs, i| encoder.write_timestamp(qs, i));
+                    }
                     i += 1;
                     continue;
                 }
@@ -382,6 +413,9 @@ impl Plan {
                         pass.set_pipeline(&kernel.pipeline);
                         pass.set_bind_group(0, bind_group, &[]);
                         pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+                        if let Some(st) = stamps {
+                            st.write(|qs, i| pass.write_timestamp(qs, i));
+                        }
                     }
                     Step::Group(name) => {
                         pass.push_debug_group(name);
@@ -413,17 +447,63 @@ impl Plan {
         ctx.check(&self.label)
     }
 
-    /// Run every step alone (submit + wait) and return the wall time per
-    /// kind of step, largest first: (name, seconds, count). For finding the
-    /// slow kernels of a schedule (`WGTUNE_PROFILE=1`), never for a result.
-    pub fn profile(&self, ctx: &Context) -> Result<Vec<(String, f64, usize)>> {
-        let mut acc: std::collections::HashMap<String, (f64, usize)> = Default::default();
+    /// Time per kind of step, largest first: (name, seconds, count), for
+    /// finding the slow kernels of a schedule (`WGTUNE_PROFILE=1`), never for
+    /// a result. It runs the plan's work once more. Where the adapter takes
+    /// timestamps inside passes, the plan runs as it always does, in one
+    /// submission, with a timestamp after each step; elsewhere each step
+    /// runs alone (submit + wait), which adds a submission's cost to each.
+    pub fn profile(&self, ctx: &Context) -> Result<Profile> {
+        let inside = wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+        let kinds = if ctx.features.contains(inside) {
+            self.profile_in_place(ctx)?
+        } else {
+            self.profile_one_by_one(ctx)?
+        };
+        let mut kinds: Vec<_> = kinds.into_iter().map(|(k, (s, n))| (k, s, n)).collect();
+        kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(Profile {
+            kinds,
+            in_place: ctx.features.contains(inside),
+            flops_by: self.flops_by.clone(),
+        })
+    }
+
+    fn step_name(step: &Step) -> Option<String> {
+        match step {
+            Step::Dispatch { kernel, .. } => Some(kernel.name.clone()),
+            Step::Clear { .. } => Some("clear".into()),
+            Step::Copy { .. } => Some("copy_to_texture".into()),
+            _ => None,
+        }
+    }
+
+    fn profile_in_place(&self, ctx: &Context) -> Result<Kinds> {
+        let names: Vec<String> = self.steps.iter().filter_map(Self::step_name).collect();
+        let stamps = Stamps::new(ctx, names.len() + 1);
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some(&self.label),
+            });
+        self.encode_with(&mut enc, Some(&stamps));
+        let ticks = stamps.read(ctx, enc)?;
+        let period = ctx.queue.get_timestamp_period() as f64 * 1e-9;
+        let mut acc = Kinds::default();
+        for (name, w) in names.into_iter().zip(ticks.windows(2)) {
+            let e = acc.entry(name).or_default();
+            e.0 += w[1].saturating_sub(w[0]) as f64 * period;
+            e.1 += 1;
+        }
+        Ok(acc)
+    }
+
+    fn profile_one_by_one(&self, ctx: &Context) -> Result<Kinds> {
+        let mut acc = Kinds::default();
         for step in &self.steps {
-            let name = match step {
-                Step::Dispatch { kernel, .. } => kernel.name.clone(),
-                Step::Clear { .. } => "clear".into(),
-                Step::Copy { .. } => "copy_to_texture".into(),
-                _ => continue,
+            let Some(name) = Self::step_name(step) else {
+                continue;
             };
             let one = Plan {
                 label: self.label.clone(),
@@ -458,6 +538,7 @@ impl Plan {
                     _ => unreachable!(),
                 }],
                 flops: 0.0,
+                flops_by: Vec::new(),
                 uniforms: Vec::new(),
                 packed: Vec::new(),
             };
@@ -467,14 +548,144 @@ impl Plan {
             e.0 += t0.secs();
             e.1 += 1;
         }
-        let mut v: Vec<_> = acc.into_iter().map(|(k, (s, n))| (k, s, n)).collect();
-        v.sort_by(|a, b| b.1.total_cmp(&a.1));
-        Ok(v)
+        Ok(acc)
     }
 
     /// Submit and wait for completion.
     pub fn run(&self, ctx: &Context) -> Result<()> {
         self.submit(ctx)?;
         ctx.sync()
+    }
+}
+
+type Kinds = std::collections::HashMap<String, (f64, usize)>;
+
+/// A profile's time per kind of step: (name, seconds, count), largest first.
+pub struct Profile {
+    pub kinds: Vec<(String, f64, usize)>,
+    /// Timed inside one submission (timestamps), not step by step.
+    pub in_place: bool,
+    /// The plan's FLOPs per op family (see [`Plan::flops_of`]).
+    pub flops_by: Vec<(&'static str, f64)>,
+}
+
+impl Profile {
+    /// How the steps were timed, for a report's heading.
+    pub fn how(&self) -> &'static str {
+        if self.in_place {
+            "timestamps inside one submission"
+        } else {
+            "each step run alone"
+        }
+    }
+
+    /// FLOPs of one op family.
+    pub fn flops_of(&self, family: &str) -> f64 {
+        self.flops_by
+            .iter()
+            .filter(|(f, _)| *f == family)
+            .map(|(_, x)| x)
+            .sum()
+    }
+
+    /// The kernels of an op family, by kernel name: matmul modules are
+    /// named `matmul_<variant>::entry`, the others `<family>...::entry`.
+    pub fn is_family(name: &str, family: &str) -> bool {
+        name.starts_with(family)
+    }
+
+    /// Seconds and count of the kinds whose name `pred` accepts.
+    pub fn sum(&self, pred: impl Fn(&str) -> bool) -> (f64, usize) {
+        self.kinds
+            .iter()
+            .filter(|k| pred(&k.0))
+            .fold((0.0, 0), |(s, n), k| (s + k.1, n + k.2))
+    }
+}
+
+/// Timestamp queries written one after another, in sets of at most
+/// wgpu's per-set maximum.
+struct Stamps {
+    sets: Vec<wgpu::QuerySet>,
+    next: std::cell::Cell<u32>,
+    total: u32,
+}
+
+const STAMPS_PER_SET: u32 = wgpu::QUERY_SET_MAX_QUERIES;
+
+impl Stamps {
+    fn new(ctx: &Context, total: usize) -> Stamps {
+        let total = total as u32;
+        let sets = (0..total.div_ceil(STAMPS_PER_SET))
+            .map(|i| {
+                ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("profile timestamps"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: STAMPS_PER_SET.min(total - i * STAMPS_PER_SET),
+                })
+            })
+            .collect();
+        Stamps {
+            sets,
+            next: std::cell::Cell::new(0),
+            total,
+        }
+    }
+
+    /// Write the next timestamp with `f(set, index)`.
+    fn write(&self, f: impl FnOnce(&wgpu::QuerySet, u32)) {
+        let i = self.next.get();
+        if i < self.total {
+            f(
+                &self.sets[(i / STAMPS_PER_SET) as usize],
+                i % STAMPS_PER_SET,
+            );
+            self.next.set(i + 1);
+        }
+    }
+
+    /// Resolve the written timestamps at the end of `enc`, submit, and read
+    /// them back (ticks).
+    fn read(&self, ctx: &Context, mut enc: wgpu::CommandEncoder) -> Result<Vec<u64>> {
+        let n = self.next.get() as u64;
+        let bytes = (n * 8).max(8);
+        let usage = wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC;
+        let resolved = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("profile timestamps"),
+            size: bytes,
+            usage,
+            mapped_at_creation: false,
+        });
+        let host = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("profile timestamps (host)"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        for (i, set) in self.sets.iter().enumerate() {
+            let first = i as u64 * STAMPS_PER_SET as u64;
+            let count = n.saturating_sub(first).min(STAMPS_PER_SET as u64) as u32;
+            if count > 0 {
+                enc.resolve_query_set(set, 0..count, &resolved, first * 8);
+            }
+        }
+        enc.copy_buffer_to_buffer(&resolved, 0, &host, 0, bytes);
+        ctx.queue.submit([enc.finish()]);
+        let slice = host.slice(..);
+        ctx.map_read(slice, "profile timestamps")?;
+        let bytes = slice
+            .get_mapped_range()
+            .map_err(|e| Error::Gpu {
+                context: Some("mapping profile timestamps".into()),
+                message: e.to_string(),
+            })?
+            .to_vec();
+        let ticks = bytes
+            .chunks_exact(8)
+            .take(n as usize)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8-byte chunk")))
+            .collect();
+        host.unmap();
+        Ok(ticks)
     }
 }

@@ -637,8 +637,13 @@ impl<'m> Session<'m> {
 /// run alone (it runs the plan's work once more: diagnostics only).
 fn log_profile(ctx: &Context, plan: &Plan, what: &str) -> Result<()> {
     if std::env::var("WGTUNE_PROFILE").is_ok_and(|v| v == "1") {
-        for (name, secs, n) in plan.profile(ctx)?.iter().take(8) {
-            log::info!("profile {what}: {name} {n}x {:.1} ms", secs * 1e3);
+        let prof = plan.profile(ctx)?;
+        for (name, secs, n) in prof.kinds.iter().take(8) {
+            log::info!(
+                "profile {what} ({}): {name} {n}x {:.1} ms",
+                prof.how(),
+                secs * 1e3
+            );
         }
     }
     Ok(())

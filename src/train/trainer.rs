@@ -572,7 +572,7 @@ impl<'a> Trainer<'a> {
     /// first, see `Plan::profile`), each step run alone. Runs the forward
     /// and backward once more: gradients accumulate, so this is for
     /// benchmarks, never inside training.
-    pub fn profile(&mut self, batch: &Batch) -> Result<Vec<(String, f64, usize)>> {
+    pub fn profile(&mut self, batch: &Batch) -> Result<crate::gpu::plan::Profile> {
         let key = self.prepare(batch, 1.0)?;
         self.plans[&key].plan.profile(self.ctx)
     }

@@ -14,6 +14,9 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (45, 100, 132),
     (130, 96, 70),
     (37, 128, 64),
+    // Two row tiles of the register family (256 rows), the second nearly
+    // empty: its grid puts row tiles first.
+    (261, 37, 70),
 ];
 
 /// Run `f` on one context per matmul kernel family (register and tiled)
@@ -440,4 +443,61 @@ fn matmul_reuses_a_pack_only_while_it_is_current() {
             }
         }
     });
+}
+
+/// The profile times every step of a plan, in one submission where the
+/// adapter takes timestamps inside passes, and carries the plan's FLOPs per
+/// op family.
+#[test]
+fn plan_profile_counts_every_step_and_family() {
+    let Some(ctx) = common::ctx() else { return };
+    let (m, k, n) = (9, 36, 20);
+    let mut r = Rng::new(7);
+    let (x, w) = (
+        up(ctx, &r.vec(m * k, 1.0), &[m, k], "x"),
+        up(ctx, &r.vec(n * k, 1.0), &[n, k], "w"),
+    );
+    let outs: Vec<_> = (0..3)
+        .map(|i| common::zeros(ctx, &[m, n], &format!("o{i}")))
+        .collect();
+    let mut plan = Plan::new("profile");
+    for o in &outs {
+        matmul::matmul_forward(ctx, &mut plan, o, &x, &w, None).unwrap();
+    }
+    plan.clear(&outs[0]);
+    let prof = plan.profile(ctx).unwrap();
+    let inside = wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
+        | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+    assert_eq!(prof.in_place, ctx.features.contains(inside));
+    let (secs, count) = prof.sum(|name| wgtune::gpu::plan::Profile::is_family(name, "matmul"));
+    // The family holds the packs of x too (part of a matmul's cost).
+    assert_eq!(count, plan.dispatches(), "{:?}", prof.kinds);
+    let forwards = prof.sum(|name| name.ends_with("::matmul_forward")).1;
+    assert_eq!(forwards, 3, "{:?}", prof.kinds);
+    assert!(secs.is_finite() && secs >= 0.0, "{secs}");
+    assert_eq!(prof.sum(|name| name == "clear").1, 1, "{:?}", prof.kinds);
+    assert_eq!(prof.flops_of("matmul"), 3.0 * 2.0 * (m * n * k) as f64);
+    assert_eq!(prof.flops_of("attention"), 0.0);
+    // A profile runs the plan's work once more: the outputs are what a run gives.
+    let want = {
+        let mut o = vec![0.0; m * n];
+        cpu::matmul::matmul_forward(
+            &mut o,
+            &to64(&read(ctx, &x)),
+            &to64(&read(ctx, &w)),
+            None,
+            m,
+            k,
+            n,
+        );
+        o
+    };
+    assert_close("profiled output", &read(ctx, &outs[1]), &want, 1e-4, 1e-4);
+    assert_close(
+        "cleared output",
+        &read(ctx, &outs[0]),
+        &vec![0.0; m * n],
+        0.0,
+        0.0,
+    );
 }

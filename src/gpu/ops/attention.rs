@@ -549,7 +549,7 @@ pub fn attention_forward_with(
     cfg.check(op)?;
     let seg = segs.is_some();
     let l = layout(ctx, d.b * d.nh, d.t, cfg.lanes, cfg.fwd_rows);
-    plan.add_flops(4.0 * d.pairs() * d.hd as f64);
+    plan.add_flops("attention", 4.0 * d.pairs() * d.hd as f64);
     let kv = Streamed::new(ctx, plan, cfg.textures, k, v, d.hd)?;
     let lay = [Some(W), Some(W), Some(R), None, None];
     let spec = spec(
@@ -620,7 +620,7 @@ pub fn attention_decode(
     // A window as wide as the cache is none (`params` drops it).
     let p = params(&d, &mask, chunks, 31);
     // Every position up to the cap, half of the cache on average.
-    plan.add_flops(2.0 * d.nh as f64 * cap as f64 * d.hd as f64);
+    plan.add_flops("attention", 2.0 * d.nh as f64 * cap as f64 * d.hd as f64);
     let n_part = d.nh * chunks;
     let wg = wg_for(ctx, 1, n_part);
     let lay = [Some(W), Some(R), Some(R), Some(R), Some(R)];
@@ -810,7 +810,10 @@ pub fn attention_backward_with(
     dispatch_blocks(ctx, plan, &spec_dkv, p, &b, l.grid, d.t, per)?;
 
     // dq: 3 dots per pair (scores, dp, ds k); dkv: 4 (scores, dp, dv, dk).
-    plan.add_flops(14.0 * d.pairs() * d.hd as f64 + 2.0 * (rows * d.hd) as f64);
+    plan.add_flops(
+        "attention",
+        14.0 * d.pairs() * d.hd as f64 + 2.0 * (rows * d.hd) as f64,
+    );
     Ok(())
 }
 

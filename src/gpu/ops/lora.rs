@@ -91,7 +91,7 @@ fn dispatch_small_rank(
     };
     let groups = invocations.div_ceil(WG as usize);
     plan.dispatch(ctx, &spec, &p, bindings, grid_1d(ctx, groups as u32))?;
-    plan.add_flops(2.0 * (m * n * r) as f64);
+    plan.add_flops("lora", 2.0 * (m * n * r) as f64);
     Ok(())
 }
 

@@ -957,6 +957,7 @@ fn forward(
     } else {
         v.entry("matmul_forward")
     };
+    let register = entry == "matmul_forward";
     let mut layout = vec![W, a.source().access(), b.source().access(), R];
     if b.source().has_scales() {
         layout.push(T);
@@ -1006,17 +1007,18 @@ fn forward(
                 a_row0: x.row0(),
                 ..Default::default()
             };
-            let grid = [
+            let grid = grid_of(
+                register,
                 (nr as u32).div_ceil(tile_n),
                 (mr as u32).div_ceil(tile_m),
                 1,
-            ];
+            );
             let mut binds = vec![Bind::T(&o), x.bind(), w.bind(), Bind::T(&bv)];
             binds.extend(scales(b));
             plan.dispatch_with(ctx, &kern, &p, &binds, grid)?;
         }
     }
-    plan.add_flops(2.0 * m as f64 * n as f64 * k as f64);
+    plan.add_flops("matmul", 2.0 * m as f64 * n as f64 * k as f64);
     Ok(())
 }
 
@@ -1149,13 +1151,18 @@ fn backward_input(
                 a_row0: dy.row0(),
                 ..Default::default()
             };
-            let grid = [(k as u32).div_ceil(tile_k), (mr as u32).div_ceil(tile_m), 1];
+            let grid = grid_of(
+                !v.tiled,
+                (k as u32).div_ceil(tile_k),
+                (mr as u32).div_ceil(tile_m),
+                1,
+            );
             let mut binds = vec![Bind::T(&dx), dy.bind(), w.bind()];
             binds.extend(scales(b));
             plan.dispatch_with(ctx, &kern, &p, &binds, grid)?;
         }
     }
-    plan.add_flops(2.0 * m as f64 * n as f64 * k as f64);
+    plan.add_flops("matmul", 2.0 * m as f64 * n as f64 * k as f64);
     Ok(())
 }
 
@@ -1220,11 +1227,12 @@ pub fn matmul_backward_weight_ex(
     let splits = split_count(ctx, m, n, k);
     let m_split = m.div_ceil(splits);
     let splits = m.div_ceil(m_split);
-    let grid = [
+    let grid = grid_of(
+        !v.tiled,
         (k as u32).div_ceil(tile_c),
         (n as u32).div_ceil(tile_r),
         splits as u32,
-    ];
+    );
     let packed = if use_textures(ctx, &[(m, n), (m, k)]) {
         Some((
             pack_scratch(ctx, plan, dout, 0)?,
@@ -1274,7 +1282,7 @@ pub fn matmul_backward_weight_ex(
             grid_1d(ctx, total.div_ceil(64)),
         )?;
     }
-    plan.add_flops(2.0 * m as f64 * n as f64 * k as f64);
+    plan.add_flops("matmul", 2.0 * m as f64 * n as f64 * k as f64);
     Ok(())
 }
 
@@ -1432,6 +1440,20 @@ pub fn pack(ctx: &Context, plan: &mut Plan, src: &Tensor) -> Result<TexMatrix> {
     let t = TexMatrix::new(ctx, rows, cols, &format!("{}.packed", src.label()))?;
     matmul_pack(ctx, plan, &t, src)?;
     Ok(t)
+}
+
+/// The grid of `cols` x `rows` workgroup tiles (x `splits`). The register
+/// family takes row tiles from `workgroup_id.x`, so that they come first:
+/// llvmpipe hands each thread one contiguous run of a dispatch's
+/// workgroups, and a last row tile of few rows (M = 257: one row of 256)
+/// then spreads over the threads instead of leaving one thread all the full
+/// tiles (M = 257 took as long as M = 512).
+fn grid_of(register: bool, cols: u32, rows: u32, splits: u32) -> [u32; 3] {
+    if register {
+        [rows, cols, splits]
+    } else {
+        [cols, rows, splits]
+    }
 }
 
 /// Up to this many rows the forward uses the untiled GEMV;
