@@ -283,18 +283,21 @@ fn matmul_gemv_split(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_inv
 }
 
 // The GR = 4 outputs n0.. of a gemv subgroup: each lane's partial sums
-// added over the subgroup, stored by lane 0.
+// added over the subgroup, then lane j stores output j. One store that all
+// lanes make costs llvmpipe one lane loop, as one lane's store does.
 fn gemv_store(m: u32, n0: u32, lane: u32, c0: vec4<f32>, c1: vec4<f32>, c2: vec4<f32>, c3: vec4<f32>) {
-    let s0 = subgroupAdd((c0.x + c0.y) + (c0.z + c0.w));
-    let s1 = subgroupAdd((c1.x + c1.y) + (c1.z + c1.w));
-    let s2 = subgroupAdd((c2.x + c2.y) + (c2.z + c2.w));
-    let s3 = subgroupAdd((c3.x + c3.y) + (c3.z + c3.w));
-    if (lane == 0u) {
-        fw_store(m, n0, s0);
-        fw_store(m, n0 + 1u, s1);
-        fw_store(m, n0 + 2u, s2);
-        fw_store(m, n0 + 3u, s3);
+    let s = vec4<f32>(subgroupAdd((c0.x + c0.y) + (c0.z + c0.w)),
+                      subgroupAdd((c1.x + c1.y) + (c1.z + c1.w)),
+                      subgroupAdd((c2.x + c2.y) + (c2.z + c2.w)),
+                      subgroupAdd((c3.x + c3.y) + (c3.z + c3.w)));
+    for (var j = lane; j < GR; j += SGW) {
+        fw_store(m, n0 + j, pick4(s, j));
     }
+}
+
+// Component j (< 4) of v, without a dynamic index.
+fn pick4(v: vec4<f32>, j: u32) -> f32 {
+    return select(select(v.x, v.y, j == 1u), select(v.z, v.w, j == 3u), j >= 2u);
 }
 
 // The one-row forward over 4- or 8-bit weights (tq, see matmul_gemv_wide).
@@ -379,19 +382,12 @@ fn gemv_wide_tq(k0: u32, m: u32, cb0: vec2<u32>, cb1: vec2<u32>, cb2: vec2<u32>,
 }
 
 // The 8 outputs n0.. of a wide gemv subgroup (one per component of c0, c1):
-// summed over the subgroup, stored by lane 0.
+// summed over the subgroup, then lane j stores output j (see gemv_store).
 fn gemv_store8(m: u32, n0: u32, lane: u32, c0: vec4<f32>, c1: vec4<f32>) {
     let s0 = subgroupAdd(c0);
     let s1 = subgroupAdd(c1);
-    if (lane == 0u) {
-        fw_store(m, n0, s0.x);
-        fw_store(m, n0 + 1u, s0.y);
-        fw_store(m, n0 + 2u, s0.z);
-        fw_store(m, n0 + 3u, s0.w);
-        fw_store(m, n0 + 4u, s1.x);
-        fw_store(m, n0 + 5u, s1.y);
-        fw_store(m, n0 + 6u, s1.z);
-        fw_store(m, n0 + 7u, s1.w);
+    for (var j = lane; j < 8u; j += SGW) {
+        fw_store(m, n0 + j, select(pick4(s0, j), pick4(s1, j - 4u), j >= 4u));
     }
 }
 
