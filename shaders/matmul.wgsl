@@ -424,14 +424,25 @@ fn gemv_wide_th(k0: u32, m: u32, cb0: vec2<u32>, cb1: vec2<u32>, cb2: vec2<u32>,
 // matmul_gemv_wide: the one-row forward over wide texels (tq, tb): lanes
 // side by side read consecutive texels (WIDE_E weights each) of 8 rows.
 const WIDE_E: u32 = {{WIDE_E}}u;
-@compute @workgroup_size(64)
+// Lanes per set of 8 rows (a power of two dividing SGW): SGW / GEMV_LPR sets
+// per subgroup. Fewer lanes per set leave no lane idle on the last step when
+// a row's texels are no multiple of SGW (K = 576 is 18 Q4 texels: 2 lanes
+// take 9 each, where 8 lanes took 3 steps for 2.25).
+override GEMV_LPR: u32 = SGW;
+override GEMV_WG: u32 = 64u;
+@compute @workgroup_size(GEMV_WG)
 fn matmul_gemv_wide(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32,
                     @builtin(subgroup_id) sid: u32) {
-    let n0 = (wg.x * (64u / SGW) + sid) * 8u;
+    let sets = SGW / GEMV_LPR;
+    let sub0 = (wg.x * (GEMV_WG / SGW) + sid) * sets * 8u;
     let m = wg.y;
-    if (n0 >= p.n || m >= p.m) { return; }
+    // Uniform over the subgroup; a set past the end computes clamped rows
+    // and stores nothing, so its lanes stay for the shuffles.
+    if (sub0 >= p.n || m >= p.m) { return; }
+    let part = lane % GEMV_LPR;
+    let n0 = sub0 + (lane / GEMV_LPR) * 8u;
     let nlast = p.n - 1u;
-    let cb0 = b_row_tx(n0);
+    let cb0 = b_row_tx(min(n0, nlast));
     let cb1 = b_row_tx(min(n0 + 1u, nlast));
     let cb2 = b_row_tx(min(n0 + 2u, nlast));
     let cb3 = b_row_tx(min(n0 + 3u, nlast));
@@ -442,12 +453,24 @@ fn matmul_gemv_wide(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invo
     var c0 = vec4<f32>(0.0);
     var c1 = vec4<f32>(0.0);
     // K is whole texels, zero-padded; lanes past the end skip the step.
-    for (var k0 = lane * WIDE_E; k0 < p.k; k0 += SGW * WIDE_E) {
+    for (var k0 = part * WIDE_E; k0 < p.k; k0 += GEMV_LPR * WIDE_E) {
         let s = gemv_wide_{{B}}(k0, m, cb0, cb1, cb2, cb3, cb4, cb5, cb6, cb7);
         c0 += s.lo;
         c1 += s.hi;
     }
-    gemv_store8(m, n0, lane, c0, c1);
+    if (GEMV_LPR == SGW) {
+        gemv_store8(m, n0, lane, c0, c1);
+        return;
+    }
+    for (var o = 1u; o < GEMV_LPR; o *= 2u) {
+        c0 += subgroupShuffleXor(c0, o);
+        c1 += subgroupShuffleXor(c1, o);
+    }
+    if (n0 < p.n) {
+        for (var j = part; j < 8u; j += GEMV_LPR) {
+            fw_store(m, n0 + j, select(pick4(c0, j), pick4(c1, j - 4u), j >= 4u));
+        }
+    }
 }
 // WIDE_ONLY_END
 // SUBGROUP_ONLY_END

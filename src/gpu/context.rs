@@ -42,6 +42,11 @@ pub struct ContextOptions {
     /// read at start and written by [`Context::save_pipeline_cache`]. `None`:
     /// pipelines are compiled afresh in every process.
     pub pipeline_cache_dir: Option<PathBuf>,
+    /// Force the lanes per 8-row set of the one-row forward over wide
+    /// texels (a power of two up to the subgroup size; see
+    /// `ops::matmul::gemv_wide_shape`); `None`: `WGTUNE_GEMV_LPR`, else
+    /// chosen per shape.
+    pub gemv_lanes: Option<u32>,
 }
 
 /// The two matmul kernel families (docs/hardware-kernels.md).
@@ -136,6 +141,7 @@ pub struct Context {
     subgroup_size: Option<u32>,
     textures: bool,
     matmul_kernel: MatmulKernel,
+    gemv_lanes: Option<u32>,
     pipelines: Mutex<HashMap<String, Arc<Kernel>>>,
     /// The driver's pipeline cache, when the adapter has one and a folder
     /// was given.
@@ -564,6 +570,11 @@ impl Context {
             binding_limit,
             subgroup_size,
             matmul_kernel,
+            gemv_lanes: opts.gemv_lanes.or_else(|| {
+                std::env::var("WGTUNE_GEMV_LPR")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+            }),
             textures: !gl
                 && !opts.disable_textures
                 && !std::env::var("WGTUNE_NO_TEXTURES").is_ok_and(|v| v == "1"),
@@ -593,6 +604,11 @@ impl Context {
     /// The matmul kernel family this context uses (see [`MatmulKernel`]).
     pub fn matmul_kernel(&self) -> MatmulKernel {
         self.matmul_kernel
+    }
+
+    /// The forced lanes per set of the one-row forward, if any.
+    pub fn gemv_lanes(&self) -> Option<u32> {
+        self.gemv_lanes
     }
 
     /// Whether the adapter is a CPU implementation (lavapipe, WARP, SwiftShader).

@@ -261,3 +261,50 @@ fn compact_weights_decode_like_gguf_py() {
         assert_eq!(bad, 0, "{}: GPU decode differs from gguf-py", t.name);
     }
 }
+
+/// The one-row forward over wide texels with every lanes-per-set split
+/// (`ContextOptions::gemv_lanes`, 1 up to the subgroup size) against the
+/// CPU twin: 23 rows (no multiple of a set's 8) and texel counts that no
+/// split divides evenly.
+#[test]
+fn compact_weights_one_row_each_gemv_split_vs_cpu() {
+    let Some(sg) = common::ctx().and_then(|c| c.subgroup_size()) else {
+        return;
+    };
+    let mut lanes = 1;
+    while lanes <= sg {
+        let ctx = common::ctx_with(ContextOptions {
+            gemv_lanes: Some(lanes),
+            ..Default::default()
+        })
+        .expect("a context with the same adapter");
+        assert_eq!(ctx.gemv_lanes(), Some(lanes));
+        for (i, &ty) in [
+            GgmlType::Q4_0,
+            GgmlType::Q8_0,
+            GgmlType::BF16,
+            GgmlType::Q6K,
+        ]
+        .iter()
+        .enumerate()
+        {
+            let m = stored(ty, 23, 700 + i as u64);
+            check(
+                &ctx,
+                &format!("lanes per set {lanes}"),
+                &m,
+                WeightsMode::Stored,
+                1,
+            );
+        }
+        let m = stored(GgmlType::Q4_1, 9, 710);
+        check(
+            &ctx,
+            &format!("lanes per set {lanes} f16"),
+            &m,
+            WeightsMode::F16,
+            1,
+        );
+        lanes *= 2;
+    }
+}

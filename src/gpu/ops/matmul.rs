@@ -940,13 +940,15 @@ fn forward(
     let v = fit_rows(with_sources(pick_variant(ctx, k % 4 == 0), a, b), m);
     let (mut tile_m, mut tile_n) = v.tile();
     let both_tex = a.source().is_texture() && b.source().is_texture();
+    let mut gemv = None;
     let entry = if both_tex && m <= gemv_max_rows() && v.sg > 1 && gemv_split() {
         // 64 / SG subgroups of 4 outputs each.
         (tile_m, tile_n) = (1, 4 * 64 / v.sg);
         match b.source() {
             Source::TexQ4 | Source::TexQ8 { .. } | Source::TexBf16 | Source::TexF16 => {
-                // 8 outputs per subgroup.
-                tile_n *= 2;
+                let g = gemv_wide_shape(ctx, b.source(), k, v.sg);
+                gemv = Some(g);
+                tile_n = g.rows_per_workgroup;
                 "matmul_gemv_wide"
             }
             _ => "matmul_gemv_split",
@@ -962,7 +964,13 @@ fn forward(
     if b.source().has_scales() {
         layout.push(T);
     }
-    let kern = spec(&v, entry, &layout);
+    let mut kern = spec(&v, entry, &layout);
+    if let Some(g) = gemv {
+        kern.constants = vec![
+            ("GEMV_LPR", g.lanes_per_set as f64),
+            ("GEMV_WG", g.workgroup as f64),
+        ];
+    }
     let dummy;
     let bias_t = match fw.bias {
         Some(b) => b,
@@ -1440,6 +1448,50 @@ pub fn pack(ctx: &Context, plan: &mut Plan, src: &Tensor) -> Result<TexMatrix> {
     let t = TexMatrix::new(ctx, rows, cols, &format!("{}.packed", src.label()))?;
     matmul_pack(ctx, plan, &t, src)?;
     Ok(t)
+}
+
+/// How `matmul_gemv_wide` splits a one-row forward.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GemvShape {
+    /// Lanes that share a set of 8 weight rows (splitting its reduction).
+    pub lanes_per_set: u32,
+    /// Invocations per workgroup.
+    pub workgroup: u32,
+    /// Weight rows (outputs) per workgroup.
+    pub rows_per_workgroup: u32,
+}
+
+/// The split of a one-row forward over wide texels (E weights each) of an
+/// `n` x `k` weight, 64 invocations per workgroup. Hardware GPUs keep a
+/// whole subgroup per 8 rows. On a CPU adapter a lane step costs the same
+/// whether or not the lane has a texel left, so a set gets the largest
+/// power of two of lanes that wastes the fewest steps (K = 576 in Q4 is 18
+/// texels: 2 lanes of 9 steps, where 8 lanes took 3 steps for 2.25).
+/// Measured on lavapipe: a 576 x 1536 Q4 forward 242 -> 173 us, the Q4 LM
+/// head 576 x 49152 6.4 -> 4.2 ms. `ContextOptions::gemv_lanes` (or
+/// `WGTUNE_GEMV_LPR`) forces the lanes per set, clamped to the subgroup.
+pub fn gemv_wide_shape(ctx: &Context, b: Source, k: usize, sg: u32) -> GemvShape {
+    let e = match b {
+        Source::TexQ4 => 32,
+        Source::TexQ8 { .. } => 16,
+        _ => 8,
+    };
+    let texels = k.div_ceil(e).max(1);
+    let steps = |l: u32| texels.div_ceil(l as usize) * l as usize;
+    let lanes = match ctx.gemv_lanes() {
+        Some(l) => l.clamp(1, sg).next_power_of_two().min(sg),
+        None if !ctx.is_software() => sg,
+        // Largest lanes per set among the fewest lane steps.
+        None => (0..=sg.trailing_zeros())
+            .map(|i| sg >> i)
+            .fold(sg, |best, l| if steps(l) < steps(best) { l } else { best }),
+    };
+    let per_wg = (64 / sg).max(1);
+    GemvShape {
+        lanes_per_set: lanes,
+        workgroup: per_wg * sg,
+        rows_per_workgroup: per_wg * 8 * sg / lanes,
+    }
 }
 
 /// The grid of `cols` x `rows` workgroup tiles (x `splits`). The register
