@@ -145,11 +145,7 @@ impl Plan {
     /// FLOPs the ops of one family reported (`"matmul"`, `"lora"`,
     /// `"attention"`).
     pub fn flops_of(&self, family: &str) -> f64 {
-        self.flops_by
-            .iter()
-            .filter(|(f, _)| *f == family)
-            .map(|(_, x)| x)
-            .sum()
+        family_flops(&self.flops_by, family)
     }
     pub(crate) fn add_flops(&mut self, family: &'static str, f: f64) {
         self.flops += f;
@@ -560,6 +556,13 @@ impl Plan {
 
 type Kinds = std::collections::HashMap<String, (f64, usize)>;
 
+fn family_flops(by: &[(&'static str, f64)], family: &str) -> f64 {
+    by.iter()
+        .filter(|(f, _)| *f == family)
+        .map(|(_, x)| x)
+        .sum()
+}
+
 /// A profile's time per kind of step: (name, seconds, count), largest first.
 pub struct Profile {
     pub kinds: Vec<(String, f64, usize)>,
@@ -581,11 +584,7 @@ impl Profile {
 
     /// FLOPs of one op family.
     pub fn flops_of(&self, family: &str) -> f64 {
-        self.flops_by
-            .iter()
-            .filter(|(f, _)| *f == family)
-            .map(|(_, x)| x)
-            .sum()
+        family_flops(&self.flops_by, family)
     }
 
     /// The kernels of an op family, by kernel name: matmul modules are
