@@ -1461,8 +1461,8 @@ pub struct GemvShape {
     pub rows_per_workgroup: u32,
 }
 
-/// The split of a one-row forward over wide texels (E weights each) of an
-/// `n` x `k` weight, 64 invocations per workgroup. Hardware GPUs keep a
+/// The split of a one-row forward over wide texels (E weights each) of a
+/// weight with `k` columns, 64 invocations per workgroup. Hardware GPUs keep a
 /// whole subgroup per 8 rows. On a CPU adapter a lane step costs the same
 /// whether or not the lane has a texel left, so a set gets the largest
 /// power of two of lanes that wastes the fewest steps (K = 576 in Q4 is 18
